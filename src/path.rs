@@ -1,0 +1,171 @@
+//! Request path normalisation.
+//!
+//! Scope checks compare path *prefixes*, so the path a token is checked
+//! against must be the path the upstream will act on. We normalise once and
+//! then both authorize and forward the normalised form: tricks such as
+//! `/v1/chat/../files`, `%2e%2e`, `//` cannot make the two differ. Anything we
+//! cannot normalise unambiguously (encoded `/` or `\`, control characters,
+//! `..` above the root) is rejected: deny when unsure.
+
+use thiserror::Error;
+
+/// Why a path was refused.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum PathError {
+    #[error("path must start with '/'")]
+    NotAbsolute,
+    #[error("path contains an encoded '/' or '\\' ({0}), which upstreams may decode differently")]
+    EncodedSeparator(String),
+    #[error("path contains a backslash or a control character")]
+    BadCharacter,
+    #[error("path contains a malformed percent escape")]
+    BadEscape,
+    #[error("path climbs above the root with '..'")]
+    AboveRoot,
+    #[error("path is longer than {0} bytes")]
+    TooLong(usize),
+}
+
+/// Longest path accepted, in bytes.
+pub const MAX_PATH: usize = 4096;
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Decodes percent escapes of unreserved characters (RFC 3986 §6.2.2.2),
+/// upper-cases the others, and refuses encoded separators.
+fn decode_unreserved(raw: &str) -> Result<String, PathError> {
+    let bytes = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let (h, l) = match (bytes.get(i + 1), bytes.get(i + 2)) {
+                (Some(h), Some(l)) => (*h, *l),
+                _ => return Err(PathError::BadEscape),
+            };
+            let v = match (hex_val(h), hex_val(l)) {
+                (Some(h), Some(l)) => h * 16 + l,
+                _ => return Err(PathError::BadEscape),
+            };
+            if v == b'/' || v == b'\\' {
+                return Err(PathError::EncodedSeparator(format!(
+                    "%{}{}",
+                    h as char, l as char
+                )));
+            }
+            if v < 0x20 || v == 0x7f {
+                return Err(PathError::BadCharacter);
+            }
+            if is_unreserved(v) {
+                out.push(v as char);
+            } else {
+                out.push_str(&format!("%{v:02X}"));
+            }
+            i += 3;
+        } else {
+            if b == b'\\' || b < 0x20 || b == 0x7f {
+                return Err(PathError::BadCharacter);
+            }
+            // Non-ASCII bytes are part of valid UTF-8 (the input is a &str);
+            // copy the whole character.
+            let ch = raw[i..].chars().next().ok_or(PathError::BadCharacter)?;
+            out.push(ch);
+            i += ch.len_utf8();
+        }
+    }
+    Ok(out)
+}
+
+/// Returns the normalised form of an absolute path (no query string).
+///
+/// ```
+/// assert_eq!(till::path::normalize("/v1/chat/../files").unwrap(), "/v1/files");
+/// assert_eq!(till::path::normalize("/v1//chat/%2e%2e/files").unwrap(), "/v1/files");
+/// assert!(till::path::normalize("/v1/chat%2f..%2ffiles").is_err());
+/// ```
+pub fn normalize(raw: &str) -> Result<String, PathError> {
+    if raw.len() > MAX_PATH {
+        return Err(PathError::TooLong(MAX_PATH));
+    }
+    if !raw.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let decoded = decode_unreserved(raw)?;
+    let mut segs: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    for seg in decoded.split('/') {
+        trailing = false;
+        match seg {
+            "" => trailing = true,
+            "." => trailing = true,
+            ".." => {
+                if segs.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+                trailing = true;
+            }
+            s => segs.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segs {
+        out.push('/');
+        out.push_str(s);
+    }
+    if trailing || segs.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_dot_segments_and_duplicate_slashes() {
+        assert_eq!(normalize("/").unwrap(), "/");
+        assert_eq!(normalize("/v1/chat/").unwrap(), "/v1/chat/");
+        assert_eq!(normalize("/v1/chat").unwrap(), "/v1/chat");
+        assert_eq!(normalize("//v1///chat//x").unwrap(), "/v1/chat/x");
+        assert_eq!(normalize("/v1/chat/../files").unwrap(), "/v1/files");
+        assert_eq!(normalize("/v1/chat/./x").unwrap(), "/v1/chat/x");
+        assert_eq!(normalize("/v1/chat/..").unwrap(), "/v1/");
+        assert_eq!(normalize("/v1/chat/.").unwrap(), "/v1/chat/");
+    }
+
+    #[test]
+    fn decodes_encoded_dots_before_resolving() {
+        assert_eq!(normalize("/v1/chat/%2e%2e/files").unwrap(), "/v1/files");
+        assert_eq!(normalize("/v1/chat/%2E%2E/files").unwrap(), "/v1/files");
+        assert_eq!(normalize("/v1/chat/.%2e/files").unwrap(), "/v1/files");
+        assert_eq!(normalize("/v1/%63hat/x").unwrap(), "/v1/chat/x");
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_normalise() {
+        assert!(matches!(normalize("/a%2f..%2fb"), Err(PathError::EncodedSeparator(_))));
+        assert!(matches!(normalize("/a%5C..%5Cb"), Err(PathError::EncodedSeparator(_))));
+        assert_eq!(normalize("/a\\..\\b"), Err(PathError::BadCharacter));
+        assert_eq!(normalize("/a%00"), Err(PathError::BadCharacter));
+        assert_eq!(normalize("/a%zz"), Err(PathError::BadEscape));
+        assert_eq!(normalize("/a%2"), Err(PathError::BadEscape));
+        assert_eq!(normalize("/.."), Err(PathError::AboveRoot));
+        assert_eq!(normalize("/a/../../b"), Err(PathError::AboveRoot));
+        assert_eq!(normalize("a/b"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn keeps_other_escapes_canonical() {
+        assert_eq!(normalize("/a%20b").unwrap(), "/a%20b");
+        assert_eq!(normalize("/a%3a").unwrap(), "/a%3A");
+        assert_eq!(normalize("/é").unwrap(), "/é");
+    }
+}

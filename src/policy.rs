@@ -1,0 +1,136 @@
+//! Authorizer policies: `policies/*.datalog`, parsed once at start.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use biscuit_auth::{AuthorizerBuilder, AuthorizerLimits};
+use thiserror::Error;
+
+/// The policy shipped in `policies/default.datalog`, embedded so `till up`
+/// works from any directory.
+pub const DEFAULT_POLICY: &str = include_str!("../policies/default.datalog");
+
+/// Why the policies could not be loaded.
+#[derive(Debug, Error)]
+pub enum PolicyError {
+    #[error("cannot read policies from {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid Datalog: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}: no *.datalog files; an empty policy set would deny everything")]
+    Empty(PathBuf),
+}
+
+/// Datalog run limits used for every authorization.
+///
+/// The time limit is generous on purpose: biscuit's 1 ms default gives false
+/// denials on a loaded 2-core machine, and the work a token can cause is
+/// bounded by the token size, block count and fact limits instead.
+pub fn run_limits() -> AuthorizerLimits {
+    AuthorizerLimits {
+        max_facts: 1000,
+        max_iterations: 100,
+        max_time: Duration::from_millis(500),
+    }
+}
+
+/// Parsed policies, ready to be cloned into each authorization.
+#[derive(Clone, Debug)]
+pub struct Policies {
+    builder: AuthorizerBuilder,
+    /// Where they came from, for logs.
+    pub source: String,
+}
+
+impl Policies {
+    /// The embedded default policy.
+    pub fn default_policy() -> Self {
+        Self::from_sources(&[("default.datalog".into(), DEFAULT_POLICY.into())])
+            .expect("embedded default policy parses (covered by tests)")
+    }
+
+    /// Parses `(name, source)` pairs.
+    pub fn from_sources(sources: &[(PathBuf, String)]) -> Result<Self, PolicyError> {
+        let mut b = AuthorizerBuilder::new().set_limits(run_limits());
+        for (path, code) in sources {
+            b = b.code(code).map_err(|e| PolicyError::Parse {
+                path: path.clone(),
+                message: describe(&e),
+            })?;
+        }
+        Ok(Policies {
+            builder: b,
+            source: sources
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    /// Loads every `*.datalog` file of `dir`, in name order.
+    pub fn load_dir(dir: &Path) -> Result<Self, PolicyError> {
+        let io = |source| PolicyError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "datalog"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(PolicyError::Empty(dir.to_path_buf()));
+        }
+        let mut sources = Vec::new();
+        for f in files {
+            let code = std::fs::read_to_string(&f).map_err(|source| PolicyError::Io {
+                path: f.clone(),
+                source,
+            })?;
+            sources.push((f, code));
+        }
+        Self::from_sources(&sources)
+    }
+
+    /// Loads `dir` when it exists; falls back to the embedded default when it
+    /// does not and `dir` is the default location.
+    pub fn load_or_default(dir: &Path, is_default_location: bool) -> Result<Self, PolicyError> {
+        if !dir.exists() && is_default_location {
+            return Ok(Self::default_policy());
+        }
+        Self::load_dir(dir)
+    }
+
+    pub(crate) fn builder(&self) -> AuthorizerBuilder {
+        self.builder.clone()
+    }
+}
+
+fn describe(e: &biscuit_auth::error::Token) -> String {
+    match e {
+        biscuit_auth::error::Token::Language(l) => l.to_string(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_policy_parses() {
+        let p = Policies::default_policy();
+        assert!(p.builder.dump_code().contains("allow if"));
+    }
+
+    #[test]
+    fn bad_policy_names_the_file() {
+        let err = Policies::from_sources(&[("x.datalog".into(), "allow if (".into())]).unwrap_err();
+        assert!(err.to_string().starts_with("x.datalog: invalid Datalog"), "{err}");
+    }
+}

@@ -1,0 +1,517 @@
+//! Reading a token back: per-block source, revocation ids, and the Till
+//! vocabulary each block carries.
+//!
+//! biscuit's printer writes strings between quotes without escaping them, so
+//! a label such as `x"); right("github", "*", "/` would print as if the block
+//! held a second right. We print every block with a symbol table whose
+//! strings are escaped, and we flag names (predicates, variables) that are not
+//! identifiers, so the output cannot lie about what the block contains.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use biscuit_auth::builder::CheckKind;
+use biscuit_auth::datalog::{Check, Predicate, Rule, SymbolTable, Term};
+use biscuit_auth::format::convert::proto_block_to_token_block;
+use biscuit_auth::format::schema;
+use biscuit_auth::PublicKey;
+use prost::Message;
+use serde::Serialize;
+
+use super::vocab::names;
+use super::{format_time, RawToken, TokenError};
+
+/// What one check of a block means in Till's vocabulary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CheckMeaning {
+    /// `check if uses(block, $u), $u <= limit`
+    UseLimit { block: usize, limit: u64 },
+    /// `check if time($t), $t <= expires`
+    Expires { at: String, unix: u64 },
+    Services { allowed: Vec<String> },
+    Methods { allowed: Vec<String> },
+    PathPrefixes { allowed: Vec<String> },
+    Models { allowed: Vec<String> },
+    /// Anything else; `source` is escaped.
+    Custom { source: String },
+}
+
+/// One block, read back.
+#[derive(Clone, Debug, Serialize)]
+pub struct BlockView {
+    pub index: usize,
+    /// Hex revocation id: revoking it revokes this block and all below it.
+    pub revocation_id: String,
+    /// Public key of a third-party block's signer.
+    pub third_party_key: Option<String>,
+    /// Datalog source with every string escaped.
+    pub source: String,
+    pub labels: Vec<String>,
+    /// `(service, method, path prefix)`; only honoured in block 0.
+    pub rights: Vec<(String, String, String)>,
+    /// Own use limit (`check if uses(index, ..)` in this block), if any.
+    pub use_limit: Option<u64>,
+    /// Earliest expiry among this block's checks.
+    pub expires: Option<String>,
+    #[serde(skip)]
+    pub expires_at: Option<SystemTime>,
+    pub checks: Vec<CheckMeaning>,
+    /// Reasons the printed source might be misleading (hostile tokens).
+    pub warnings: Vec<String>,
+}
+
+/// A whole token, read back without checking signatures.
+#[derive(Clone, Debug, Serialize)]
+pub struct TokenView {
+    pub blocks: Vec<BlockView>,
+    /// Revocation id of the authority block: the token family.
+    pub family: String,
+}
+
+impl TokenView {
+    /// Smallest use limit on each block, whichever block imposed it.
+    pub fn effective_limits(&self) -> Vec<Option<u64>> {
+        let mut out = vec![None; self.blocks.len()];
+        for b in &self.blocks {
+            for c in &b.checks {
+                if let CheckMeaning::UseLimit { block, limit } = c {
+                    if let Some(slot) = out.get_mut(*block) {
+                        *slot = Some(slot.map_or(*limit, |l: u64| l.min(*limit)));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Earliest expiry over all blocks.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.blocks.iter().filter_map(|b| b.expires_at).min()
+    }
+
+    /// Labels of all blocks, outermost first.
+    pub fn labels(&self) -> Vec<String> {
+        self.blocks.iter().flat_map(|b| b.labels.clone()).collect()
+    }
+}
+
+struct Decoded {
+    facts: Vec<biscuit_auth::datalog::Fact>,
+    rules: Vec<Rule>,
+    checks: Vec<Check>,
+    symbols: SymbolTable,
+    public_keys: Vec<PublicKey>,
+}
+
+fn escape(s: &str) -> String {
+    s.escape_debug().to_string()
+}
+
+fn is_ident(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// Decodes every block of `raw` and describes it.
+pub fn inspect(raw: &RawToken) -> Result<TokenView, TokenError> {
+    let proto = raw.proto();
+    let signed: Vec<&schema::SignedBlock> = std::iter::once(&proto.authority)
+        .chain(proto.blocks.iter())
+        .collect();
+    let mut blocks = Vec::with_capacity(signed.len());
+    for (i, sb) in signed.iter().enumerate() {
+        let ext = match &sb.external_signature {
+            Some(e) => Some(
+                PublicKey::from_proto(&e.public_key)
+                    .map_err(|e| TokenError::Malformed(format!("block {i}: {e}")))?,
+            ),
+            None => None,
+        };
+        let pb = schema::Block::decode(sb.block.as_slice())
+            .map_err(|e| TokenError::Malformed(format!("block {i}: {e}")))?;
+        let b = proto_block_to_token_block(&pb, ext)
+            .map_err(|e| TokenError::Malformed(format!("block {i}: {e}")))?;
+        // The block type is not exported by biscuit-auth; keep what we need.
+        let decoded = Decoded {
+            facts: b.facts,
+            rules: b.rules,
+            checks: b.checks,
+            symbols: b.symbols,
+            public_keys: b.public_keys.into_inner(),
+        };
+        blocks.push((decoded, ext));
+    }
+
+    // First-party blocks share one symbol table, appended block by block;
+    // third-party blocks carry their own.
+    let mut strings = Vec::new();
+    let mut keys = Vec::new();
+    for (b, ext) in &blocks {
+        if ext.is_none() {
+            strings.extend(b.symbols.strings());
+            keys.extend(b.public_keys.iter().cloned());
+        }
+    }
+    let shared = SymbolTable::from_symbols_and_public_keys(strings.clone(), keys.clone())
+        .map_err(|e| TokenError::Malformed(format!("symbol table: {e}")))?;
+    let shared_escaped = SymbolTable::from_symbols_and_public_keys(
+        strings.iter().map(|s| escape(s)).collect(),
+        keys,
+    )
+    .map_err(|e| TokenError::Malformed(format!("symbol table: {e}")))?;
+
+    let ids = raw.revocation_ids();
+    let mut views = Vec::with_capacity(blocks.len());
+    for (i, (block, ext)) in blocks.iter().enumerate() {
+        let (syms, esc) = match ext {
+            None => (shared.clone(), shared_escaped.clone()),
+            Some(_) => {
+                let s = block.symbols.strings();
+                let k = block.public_keys.clone();
+                let plain = SymbolTable::from_symbols_and_public_keys(s.clone(), k.clone())
+                    .map_err(|e| TokenError::Malformed(format!("block {i}: {e}")))?;
+                let e = SymbolTable::from_symbols_and_public_keys(
+                    s.iter().map(|s| escape(s)).collect(),
+                    k,
+                )
+                .map_err(|e| TokenError::Malformed(format!("block {i}: {e}")))?;
+                (plain, e)
+            }
+        };
+        views.push(describe(i, block, &syms, &esc, ids.get(i).cloned().unwrap_or_default(), *ext));
+    }
+    Ok(TokenView {
+        family: ids.first().cloned().unwrap_or_default(),
+        blocks: views,
+    })
+}
+
+fn sym(t: &SymbolTable, i: u64) -> String {
+    t.print_symbol_default(i)
+}
+
+fn term_str(t: &SymbolTable, term: &Term) -> Option<String> {
+    match term {
+        Term::Str(i) => Some(sym(t, *i)),
+        _ => None,
+    }
+}
+
+fn collect_names(preds: &mut Vec<u64>, vars: &mut Vec<u32>, rule: &Rule) {
+    for p in std::iter::once(&rule.head).chain(rule.body.iter()) {
+        preds.push(p.name);
+        for t in &p.terms {
+            if let Term::Variable(v) = t {
+                vars.push(*v);
+            }
+        }
+    }
+}
+
+fn describe(
+    index: usize,
+    block: &Decoded,
+    syms: &SymbolTable,
+    esc: &SymbolTable,
+    revocation_id: String,
+    ext: Option<PublicKey>,
+) -> BlockView {
+    let mut warnings = Vec::new();
+    let mut pred_names: Vec<u64> = block.facts.iter().map(|f| f.predicate.name).collect();
+    let mut var_names = Vec::new();
+    for r in &block.rules {
+        collect_names(&mut pred_names, &mut var_names, r);
+    }
+    for c in &block.checks {
+        for q in &c.queries {
+            collect_names(&mut pred_names, &mut var_names, q);
+        }
+    }
+    for n in pred_names.iter().copied().chain(var_names.iter().map(|v| *v as u64)) {
+        let s = sym(syms, n);
+        if !is_ident(&s) {
+            warnings.push(format!(
+                "block {index} uses the name {s:?}, which is not an identifier: the source below may be misleading"
+            ));
+        }
+    }
+
+    let mut source = String::new();
+    for f in &block.facts {
+        source.push_str(&esc.print_fact(f));
+        source.push_str(";\n");
+    }
+    for r in &block.rules {
+        source.push_str(&esc.print_rule(r));
+        source.push_str(";\n");
+    }
+    for c in &block.checks {
+        source.push_str(&esc.print_check(c));
+        source.push_str(";\n");
+    }
+
+    let mut labels = Vec::new();
+    let mut rights = Vec::new();
+    for f in &block.facts {
+        let name = sym(syms, f.predicate.name);
+        let strs: Vec<Option<String>> = f.predicate.terms.iter().map(|t| term_str(syms, t)).collect();
+        match (name.as_str(), strs.as_slice()) {
+            (names::LABEL, [Some(l)]) => labels.push(l.clone()),
+            (names::RIGHT, [Some(s), Some(m), Some(p)]) => {
+                rights.push((s.clone(), m.clone(), p.clone()))
+            }
+            _ => {}
+        }
+    }
+
+    let checks: Vec<CheckMeaning> = block
+        .checks
+        .iter()
+        .map(|c| meaning(c, syms, esc))
+        .collect();
+    let use_limit = checks
+        .iter()
+        .filter_map(|c| match c {
+            CheckMeaning::UseLimit { block, limit } if *block == index => Some(*limit),
+            _ => None,
+        })
+        .min();
+    let expires_unix = checks
+        .iter()
+        .filter_map(|c| match c {
+            CheckMeaning::Expires { unix, .. } => Some(*unix),
+            _ => None,
+        })
+        .min();
+    let expires_at = expires_unix.map(|u| UNIX_EPOCH + Duration::from_secs(u));
+    BlockView {
+        index,
+        revocation_id,
+        third_party_key: ext.map(|k| k.to_string()),
+        source,
+        labels,
+        rights,
+        use_limit,
+        expires: expires_at.map(format_time),
+        expires_at,
+        checks,
+        warnings,
+    }
+}
+
+fn body_names(syms: &SymbolTable, body: &[Predicate]) -> Vec<String> {
+    body.iter().map(|p| sym(syms, p.name)).collect()
+}
+
+/// Strings and integers and dates appearing as constants in a rule's expressions.
+fn constants(rule: &Rule) -> Vec<Term> {
+    use biscuit_auth::datalog::Op;
+    fn walk(ops: &[Op], out: &mut Vec<Term>) {
+        for op in ops {
+            match op {
+                Op::Value(Term::Set(s)) => out.extend(s.iter().cloned()),
+                Op::Value(Term::Variable(_)) => {}
+                Op::Value(t) => out.push(t.clone()),
+                Op::Closure(_, inner) => walk(inner, out),
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for e in &rule.expressions {
+        walk(&e.ops, &mut out);
+    }
+    out
+}
+
+fn has_op(rule: &Rule, op: biscuit_auth::datalog::Binary) -> bool {
+    use biscuit_auth::datalog::Op;
+    rule.expressions
+        .iter()
+        .any(|e| e.ops.iter().any(|o| matches!(o, Op::Binary(b) if *b == op)))
+}
+
+fn has_prefix_op(rule: &Rule) -> bool {
+    has_op(rule, biscuit_auth::datalog::Binary::Prefix)
+}
+
+/// `$x <= constant`, the only comparison a use limit or expiry may use.
+fn is_at_most(rule: &Rule) -> bool {
+    use biscuit_auth::datalog::{Binary, Op};
+    rule.expressions.len() == 1
+        && matches!(
+            rule.expressions[0].ops.as_slice(),
+            [Op::Value(Term::Variable(_)), Op::Value(_), Op::Binary(Binary::LessOrEqual)]
+        )
+}
+
+fn meaning(check: &Check, syms: &SymbolTable, esc: &SymbolTable) -> CheckMeaning {
+    let custom = || CheckMeaning::Custom {
+        source: esc.print_check(check),
+    };
+    if check.kind != CheckKind::One || check.queries.is_empty() {
+        return custom();
+    }
+    let q0 = &check.queries[0];
+    let names0 = body_names(syms, &q0.body);
+    // Single-predicate checks on one of our facts.
+    let only = |n: &str| {
+        check.queries.iter().all(|q| {
+            q.body.len() == 1 && sym(syms, q.body[0].name) == n && q.scopes.is_empty()
+        })
+    };
+    let strings = || {
+        let mut v: Vec<String> = check
+            .queries
+            .iter()
+            .flat_map(constants)
+            .filter_map(|t| term_str(syms, &t))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    if check.queries.len() == 1 && names0 == [names::USES] && is_at_most(q0) {
+        if let ([Term::Integer(k), Term::Variable(_)], [Term::Integer(n)]) =
+            (q0.body[0].terms.as_slice(), constants(q0).as_slice())
+        {
+            if *k >= 0 && *n >= 0 {
+                return CheckMeaning::UseLimit {
+                    block: *k as usize,
+                    limit: *n as u64,
+                };
+            }
+        }
+        return custom();
+    }
+    if check.queries.len() == 1 && names0 == [names::TIME] && is_at_most(q0) {
+        if let [Term::Date(d)] = constants(q0).as_slice() {
+            let at = format_time(UNIX_EPOCH + Duration::from_secs(*d));
+            return CheckMeaning::Expires { at, unix: *d };
+        }
+        return custom();
+    }
+    if only(names::PATH) && check.queries.iter().all(has_prefix_op) {
+        return CheckMeaning::PathPrefixes { allowed: strings() };
+    }
+    if only(names::SERVICE) {
+        return CheckMeaning::Services { allowed: strings() };
+    }
+    if only(names::METHOD) {
+        return CheckMeaning::Methods { allowed: strings() };
+    }
+    if only(names::MODEL) {
+        return CheckMeaning::Models { allowed: strings() };
+    }
+    custom()
+}
+
+impl CheckMeaning {
+    /// Plain-words explanation of why this check failed in block `index`.
+    pub fn explain(&self, index: usize) -> String {
+        let list = |v: &[String]| {
+            v.iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        };
+        match self {
+            CheckMeaning::UseLimit { block, limit } if *block == index => {
+                format!("block {index} allows at most {limit} uses and they are used up")
+            }
+            CheckMeaning::UseLimit { block, limit } => {
+                format!("block {index} limits block {block} to {limit} uses and they are used up")
+            }
+            CheckMeaning::Expires { at, .. } => format!("block {index} expired at {at}"),
+            CheckMeaning::Services { allowed } => {
+                format!("block {index} only allows service {}", list(allowed))
+            }
+            CheckMeaning::Methods { allowed } => {
+                format!("block {index} only allows method {}", list(allowed))
+            }
+            CheckMeaning::PathPrefixes { allowed } => {
+                format!("block {index} only allows path prefix {}", list(allowed))
+            }
+            CheckMeaning::Models { allowed } => format!(
+                "block {index} only allows model {} (the request must name it in the JSON body's \"model\" field)",
+                list(allowed)
+            ),
+            CheckMeaning::Custom { source } => format!("block {index} check failed: {source}"),
+        }
+    }
+
+    /// Whether this is an activation limit (429) rather than a scope denial (403).
+    pub fn is_use_limit(&self) -> bool {
+        matches!(self, CheckMeaning::UseLimit { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::{attenuate, issue, keys, Scope};
+
+    #[test]
+    fn hostile_label_cannot_forge_output() {
+        let root = keys::generate();
+        let scope = Scope {
+            services: vec!["openai".into()],
+            label: Some("x\"); right(\"github\", \"*\", \"/\"); //".into()),
+            ..Scope::default()
+        };
+        let t = issue(&root, &scope).unwrap();
+        let v = inspect(&RawToken::parse(&t).unwrap()).unwrap();
+        let src = &v.blocks[0].source;
+        assert!(!src.contains("right(\"github\""), "{src}");
+        assert!(src.contains(r#"label("x\"); right(\"github\", \"*\", \"/\"); //")"#), "{src}");
+        assert_eq!(v.blocks[0].rights.len(), 1);
+        assert_eq!(v.blocks[0].labels[0], "x\"); right(\"github\", \"*\", \"/\"); //");
+    }
+
+    #[test]
+    fn vocabulary_round_trips() {
+        let root = keys::generate();
+        let scope = Scope {
+            services: vec!["openai".into()],
+            methods: vec!["POST".into()],
+            paths: vec!["/v1/chat/".into()],
+            models: vec!["gpt-4o-mini".into()],
+            max_uses: Some(100),
+            expires: Some(UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
+            label: Some("ci-bot".into()),
+            datalog: None,
+        };
+        let t = issue(&root, &scope).unwrap();
+        let child = attenuate(
+            &t,
+            &Scope {
+                paths: vec!["/v1/chat/completions".into(), "/v1/x".into()],
+                methods: vec!["POST".into()],
+                services: vec!["openai".into()],
+                max_uses: Some(5),
+                ..Scope::default()
+            },
+        )
+        .unwrap();
+        let v = inspect(&RawToken::parse(&child).unwrap()).unwrap();
+        assert_eq!(v.blocks.len(), 2);
+        let b0 = &v.blocks[0];
+        assert_eq!(b0.rights, vec![("openai".into(), "POST".into(), "/v1/chat/".into())]);
+        assert_eq!(b0.use_limit, Some(100));
+        assert_eq!(b0.expires.as_deref(), Some("2027-01-15T08:00:00Z"));
+        assert!(b0.checks.contains(&CheckMeaning::Models {
+            allowed: vec!["gpt-4o-mini".into()]
+        }));
+        let b1 = &v.blocks[1];
+        assert_eq!(b1.use_limit, Some(5));
+        assert!(b1.checks.contains(&CheckMeaning::PathPrefixes {
+            allowed: vec!["/v1/chat/completions".into(), "/v1/x".into()]
+        }));
+        assert!(b1.checks.contains(&CheckMeaning::Services {
+            allowed: vec!["openai".into()]
+        }));
+        assert_eq!(v.effective_limits(), vec![Some(100), Some(5)]);
+        assert_eq!(v.family, v.blocks[0].revocation_id);
+    }
+}

@@ -1,0 +1,253 @@
+//! The Datalog vocabulary of Till tokens: the one place that knows fact names.
+//!
+//! Every string that comes from a user (a path, a label, a model name) enters
+//! the Datalog through a typed parameter, never by string concatenation, so a
+//! label such as `x"); right("github"` stays one string.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::SystemTime;
+
+use biscuit_auth::builder::{self, BlockBuilder, Term};
+
+use super::TokenError;
+
+/// Predicate names. Policies in `policies/*.datalog` and the proxy's ambient
+/// facts use exactly these.
+pub mod names {
+    /// `right($service, $method, $path_prefix)`: authority block only.
+    pub const RIGHT: &str = "right";
+    /// `label($text)`: free text naming who a token (or block) is for.
+    pub const LABEL: &str = "label";
+    /// `use_limit($block, $n)`: informational twin of the `uses` check.
+    pub const USE_LIMIT: &str = "use_limit";
+    /// `uses($block, $n)`: supplied by the verifier for every block.
+    pub const USES: &str = "uses";
+    pub const SERVICE: &str = "service";
+    pub const METHOD: &str = "method";
+    pub const PATH: &str = "path";
+    pub const MODEL: &str = "model";
+    pub const TIME: &str = "time";
+}
+
+/// Wildcard accepted in the service and method positions of `right`.
+pub const ANY: &str = "*";
+
+/// The service name reserved for the proxy's admin API. It cannot be a route
+/// (it contains a colon) and `*` does not cover it.
+pub const ADMIN_SERVICE: &str = "till:admin";
+
+/// What a block allows. Empty lists mean "no restriction at this level" for an
+/// attenuation block; for an authority block, `services` must not be empty.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    /// Upstream names, e.g. `openai`. Any of these.
+    pub services: Vec<String>,
+    /// HTTP methods, upper case. Any of these; empty means any method.
+    pub methods: Vec<String>,
+    /// Normalised path prefixes. Any of these; empty means any path.
+    pub paths: Vec<String>,
+    /// Model allow-list. When set, requests must name one of these models.
+    pub models: Vec<String>,
+    /// Maximum number of activations of this block (and everything under it).
+    pub max_uses: Option<u64>,
+    /// The block stops being valid at this instant.
+    pub expires: Option<SystemTime>,
+    /// Free text shown in `inspect`, usage and audit logs.
+    pub label: Option<String>,
+    /// Extra Datalog for experts, appended verbatim to the block.
+    pub datalog: Option<String>,
+}
+
+/// Upper-cases and validates a method name (letters only).
+pub fn normalize_method(m: &str) -> Result<String, TokenError> {
+    let up = m.trim().to_ascii_uppercase();
+    if up == ANY || (!up.is_empty() && up.len() <= 16 && up.bytes().all(|b| b.is_ascii_uppercase()))
+    {
+        Ok(up)
+    } else {
+        Err(TokenError::InvalidScope(format!(
+            "method {m:?} is not an HTTP method (use e.g. GET, POST, or * for any)"
+        )))
+    }
+}
+
+/// Validates a service name: lower-case letters, digits, `-` and `_`.
+pub fn validate_service(s: &str) -> Result<(), TokenError> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(TokenError::InvalidScope(format!(
+            "service {s:?} must be lower-case letters, digits, '-' or '_' (it is the first path segment of the proxy route)"
+        )))
+    }
+}
+
+/// Validates and normalises a path prefix so that it matches how the proxy
+/// normalises request paths.
+pub fn normalize_prefix(p: &str) -> Result<String, TokenError> {
+    if !p.starts_with('/') {
+        return Err(TokenError::InvalidScope(format!(
+            "path prefix {p:?} must start with '/'"
+        )));
+    }
+    crate::path::normalize(p).map_err(|e| TokenError::InvalidScope(format!("path prefix {p:?}: {e}")))
+}
+
+fn str_set(items: &[String]) -> Term {
+    Term::Set(items.iter().cloned().map(Term::Str).collect::<BTreeSet<_>>())
+}
+
+fn params(pairs: Vec<(&str, Term)>) -> HashMap<String, Term> {
+    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+fn add_code(b: BlockBuilder, code: &str, p: Vec<(&str, Term)>) -> Result<BlockBuilder, TokenError> {
+    b.code_with_params(code, params(p), HashMap::new())
+        .map_err(TokenError::from_biscuit)
+}
+
+/// Checks shared by authority and attenuation blocks: models, expiry, label,
+/// and the use limit of block `index`.
+fn common(mut b: BlockBuilder, scope: &Scope, index: usize) -> Result<BlockBuilder, TokenError> {
+    if !scope.models.is_empty() {
+        b = add_code(
+            b,
+            "check if model($m), {models}.contains($m)",
+            vec![("models", str_set(&scope.models))],
+        )?;
+    }
+    if let Some(exp) = scope.expires {
+        b = add_code(
+            b,
+            "check if time($t), $t <= {exp}",
+            vec![("exp", builder::date(&exp))],
+        )?;
+    }
+    if let Some(label) = &scope.label {
+        b = add_code(b, "label({l})", vec![("l", Term::Str(label.clone()))])?;
+    }
+    if let Some(n) = scope.max_uses {
+        let n = i64::try_from(n)
+            .map_err(|_| TokenError::InvalidScope(format!("--max-uses {n} is too large")))?;
+        let k = index as i64;
+        b = add_code(
+            b,
+            "use_limit({k}, {n}); check if uses({k}, $u), $u <= {n}",
+            vec![("k", Term::Integer(k)), ("n", Term::Integer(n))],
+        )?;
+    }
+    if let Some(code) = &scope.datalog {
+        b = b.code(code).map_err(TokenError::from_biscuit)?;
+    }
+    Ok(b)
+}
+
+/// Builds the authority block: one `right` per service × method × path.
+pub fn authority_block(scope: &Scope) -> Result<BlockBuilder, TokenError> {
+    if scope.services.is_empty() {
+        return Err(TokenError::InvalidScope(
+            "a root token needs at least one --service (or the dangerous --any-service)".into(),
+        ));
+    }
+    let methods = if scope.methods.is_empty() {
+        vec![ANY.to_string()]
+    } else {
+        scope.methods.clone()
+    };
+    let paths = if scope.paths.is_empty() {
+        vec!["/".to_string()]
+    } else {
+        scope.paths.clone()
+    };
+    let mut b = BlockBuilder::new();
+    for s in &scope.services {
+        for m in &methods {
+            for p in &paths {
+                b = b
+                    .fact(builder::fact(
+                        names::RIGHT,
+                        &[builder::string(s), builder::string(m), builder::string(p)],
+                    ))
+                    .map_err(TokenError::from_biscuit)?;
+            }
+        }
+    }
+    common(b, scope, 0)
+}
+
+/// Builds an attenuation block (checks only) that will sit at `index`.
+pub fn attenuation_block(scope: &Scope, index: usize) -> Result<BlockBuilder, TokenError> {
+    let mut b = BlockBuilder::new();
+    if !scope.services.is_empty() {
+        b = add_code(
+            b,
+            "check if service($s), {set}.contains($s)",
+            vec![("set", str_set(&scope.services))],
+        )?;
+    }
+    if !scope.methods.is_empty() && !scope.methods.iter().any(|m| m == ANY) {
+        b = add_code(
+            b,
+            "check if method($m), {set}.contains($m)",
+            vec![("set", str_set(&scope.methods))],
+        )?;
+    }
+    if !scope.paths.is_empty() {
+        // One alternative per prefix: `check if A or B` is satisfied by any.
+        let code = (0..scope.paths.len())
+            .map(|i| format!("path($p), $p.starts_with({{p{i}}})"))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        let names: Vec<String> = (0..scope.paths.len()).map(|i| format!("p{i}")).collect();
+        let p = names
+            .iter()
+            .zip(&scope.paths)
+            .map(|(n, v)| (n.as_str(), Term::Str(v.clone())))
+            .collect();
+        b = add_code(b, &format!("check if {code}"), p)?;
+    }
+    common(b, scope, index)
+}
+
+/// Facts describing one request, added by the verifier to the authorizer.
+#[derive(Clone, Debug)]
+pub struct RequestFacts {
+    pub service: String,
+    pub method: String,
+    /// Already normalised with [`crate::path::normalize`].
+    pub path: String,
+    pub model: Option<String>,
+    pub time: SystemTime,
+}
+
+impl RequestFacts {
+    /// Appends the ambient facts and `uses(k, n)` for each block.
+    pub(crate) fn add_to(
+        &self,
+        mut a: biscuit_auth::AuthorizerBuilder,
+        uses: &[u64],
+    ) -> Result<biscuit_auth::AuthorizerBuilder, TokenError> {
+        use builder::{fact, string};
+        let e = TokenError::from_biscuit;
+        a = a.fact(fact(names::SERVICE, &[string(&self.service)])).map_err(e)?;
+        a = a.fact(fact(names::METHOD, &[string(&self.method)])).map_err(e)?;
+        a = a.fact(fact(names::PATH, &[string(&self.path)])).map_err(e)?;
+        if let Some(m) = &self.model {
+            a = a.fact(fact(names::MODEL, &[string(m)])).map_err(e)?;
+        }
+        a = a
+            .fact(fact(names::TIME, &[builder::date(&self.time)]))
+            .map_err(e)?;
+        for (k, n) in uses.iter().enumerate() {
+            let n = i64::try_from(*n).unwrap_or(i64::MAX);
+            a = a
+                .fact(fact(names::USES, &[builder::int(k as i64), builder::int(n)]))
+                .map_err(e)?;
+        }
+        Ok(a)
+    }
+}
