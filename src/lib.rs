@@ -50,7 +50,10 @@
 //! assert_eq!(denial.kind, till::verify::DenialKind::Exhausted);
 //! ```
 
+pub mod cli;
 pub mod path;
 pub mod policy;
+pub mod proxy;
+pub mod store;
 pub mod token;
 pub mod verify;

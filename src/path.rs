@@ -151,8 +151,14 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_normalise() {
-        assert!(matches!(normalize("/a%2f..%2fb"), Err(PathError::EncodedSeparator(_))));
-        assert!(matches!(normalize("/a%5C..%5Cb"), Err(PathError::EncodedSeparator(_))));
+        assert!(matches!(
+            normalize("/a%2f..%2fb"),
+            Err(PathError::EncodedSeparator(_))
+        ));
+        assert!(matches!(
+            normalize("/a%5C..%5Cb"),
+            Err(PathError::EncodedSeparator(_))
+        ));
         assert_eq!(normalize("/a\\..\\b"), Err(PathError::BadCharacter));
         assert_eq!(normalize("/a%00"), Err(PathError::BadCharacter));
         assert_eq!(normalize("/a%zz"), Err(PathError::BadEscape));

@@ -131,6 +131,9 @@ mod tests {
     #[test]
     fn bad_policy_names_the_file() {
         let err = Policies::from_sources(&[("x.datalog".into(), "allow if (".into())]).unwrap_err();
-        assert!(err.to_string().starts_with("x.datalog: invalid Datalog"), "{err}");
+        assert!(
+            err.to_string().starts_with("x.datalog: invalid Datalog"),
+            "{err}"
+        );
     }
 }

@@ -13,7 +13,7 @@ use biscuit_auth::{Biscuit, PublicKey};
 use serde::Serialize;
 
 use crate::policy::Policies;
-use crate::token::inspect::{inspect, CheckMeaning, TokenView};
+use crate::token::inspect::{CheckMeaning, TokenView, inspect};
 use crate::token::{RawToken, RequestFacts, TokenError};
 
 /// A token whose signatures have been checked, with what the verifier needs
@@ -125,13 +125,20 @@ impl Verifier {
         let mut authorizer = builder
             .build(&token.biscuit)
             .map_err(|e| explain(e, token, req))?;
-        authorizer.authorize().map(|_| ()).map_err(|e| explain(e, token, req))
+        authorizer
+            .authorize()
+            .map(|_| ())
+            .map_err(|e| explain(e, token, req))
     }
 
     /// Authorizes a request to the admin API: the token's authority block must
     /// hold `right("till:admin", "*", "/")`. Policies in `policies/` do not
     /// apply, so no operator policy can open the admin API by accident.
-    pub fn authorize_admin(&self, token: &VerifiedToken, now: std::time::SystemTime) -> Result<(), Denial> {
+    pub fn authorize_admin(
+        &self,
+        token: &VerifiedToken,
+        now: std::time::SystemTime,
+    ) -> Result<(), Denial> {
         let facts = RequestFacts {
             service: crate::token::vocab::ADMIN_SERVICE.into(),
             method: "*".into(),
@@ -191,14 +198,16 @@ fn explain(e: BToken, token: &VerifiedToken, req: &RequestFacts) -> Denial {
         BToken::RunLimit(l) => {
             return Denial {
                 kind: DenialKind::Limits,
-                reason: format!("authorization stopped at its run limits ({l}); the token's Datalog is too expensive"),
-            }
+                reason: format!(
+                    "authorization stopped at its run limits ({l}); the token's Datalog is too expensive"
+                ),
+            };
         }
         other => {
             return Denial {
                 kind: DenialKind::Scope,
                 reason: format!("authorization error: {other}"),
-            }
+            };
         }
     };
     let mut reasons = Vec::new();

@@ -9,31 +9,47 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use biscuit_auth::PublicKey;
 use biscuit_auth::builder::CheckKind;
 use biscuit_auth::datalog::{Check, Predicate, Rule, SymbolTable, Term};
 use biscuit_auth::format::convert::proto_block_to_token_block;
 use biscuit_auth::format::schema;
-use biscuit_auth::PublicKey;
 use prost::Message;
 use serde::Serialize;
 
 use super::vocab::names;
-use super::{format_time, RawToken, TokenError};
+use super::{RawToken, TokenError, format_time};
 
 /// What one check of a block means in Till's vocabulary.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CheckMeaning {
     /// `check if uses(block, $u), $u <= limit`
-    UseLimit { block: usize, limit: u64 },
+    UseLimit {
+        block: usize,
+        limit: u64,
+    },
     /// `check if time($t), $t <= expires`
-    Expires { at: String, unix: u64 },
-    Services { allowed: Vec<String> },
-    Methods { allowed: Vec<String> },
-    PathPrefixes { allowed: Vec<String> },
-    Models { allowed: Vec<String> },
+    Expires {
+        at: String,
+        unix: u64,
+    },
+    Services {
+        allowed: Vec<String>,
+    },
+    Methods {
+        allowed: Vec<String>,
+    },
+    PathPrefixes {
+        allowed: Vec<String>,
+    },
+    Models {
+        allowed: Vec<String>,
+    },
     /// Anything else; `source` is escaped.
-    Custom { source: String },
+    Custom {
+        source: String,
+    },
 }
 
 /// One block, read back.
@@ -74,10 +90,10 @@ impl TokenView {
         let mut out = vec![None; self.blocks.len()];
         for b in &self.blocks {
             for c in &b.checks {
-                if let CheckMeaning::UseLimit { block, limit } = c {
-                    if let Some(slot) = out.get_mut(*block) {
-                        *slot = Some(slot.map_or(*limit, |l: u64| l.min(*limit)));
-                    }
+                if let CheckMeaning::UseLimit { block, limit } = c
+                    && let Some(slot) = out.get_mut(*block)
+                {
+                    *slot = Some(slot.map_or(*limit, |l: u64| l.min(*limit)));
                 }
             }
         }
@@ -179,7 +195,14 @@ pub fn inspect(raw: &RawToken) -> Result<TokenView, TokenError> {
                 (plain, e)
             }
         };
-        views.push(describe(i, block, &syms, &esc, ids.get(i).cloned().unwrap_or_default(), *ext));
+        views.push(describe(
+            i,
+            block,
+            &syms,
+            &esc,
+            ids.get(i).cloned().unwrap_or_default(),
+            *ext,
+        ));
     }
     Ok(TokenView {
         family: ids.first().cloned().unwrap_or_default(),
@@ -228,7 +251,11 @@ fn describe(
             collect_names(&mut pred_names, &mut var_names, q);
         }
     }
-    for n in pred_names.iter().copied().chain(var_names.iter().map(|v| *v as u64)) {
+    for n in pred_names
+        .iter()
+        .copied()
+        .chain(var_names.iter().map(|v| *v as u64))
+    {
         let s = sym(syms, n);
         if !is_ident(&s) {
             warnings.push(format!(
@@ -255,7 +282,12 @@ fn describe(
     let mut rights = Vec::new();
     for f in &block.facts {
         let name = sym(syms, f.predicate.name);
-        let strs: Vec<Option<String>> = f.predicate.terms.iter().map(|t| term_str(syms, t)).collect();
+        let strs: Vec<Option<String>> = f
+            .predicate
+            .terms
+            .iter()
+            .map(|t| term_str(syms, t))
+            .collect();
         match (name.as_str(), strs.as_slice()) {
             (names::LABEL, [Some(l)]) => labels.push(l.clone()),
             (names::RIGHT, [Some(s), Some(m), Some(p)]) => {
@@ -265,11 +297,7 @@ fn describe(
         }
     }
 
-    let checks: Vec<CheckMeaning> = block
-        .checks
-        .iter()
-        .map(|c| meaning(c, syms, esc))
-        .collect();
+    let checks: Vec<CheckMeaning> = block.checks.iter().map(|c| meaning(c, syms, esc)).collect();
     let use_limit = checks
         .iter()
         .filter_map(|c| match c {
@@ -342,7 +370,11 @@ fn is_at_most(rule: &Rule) -> bool {
     rule.expressions.len() == 1
         && matches!(
             rule.expressions[0].ops.as_slice(),
-            [Op::Value(Term::Variable(_)), Op::Value(_), Op::Binary(Binary::LessOrEqual)]
+            [
+                Op::Value(Term::Variable(_)),
+                Op::Value(_),
+                Op::Binary(Binary::LessOrEqual)
+            ]
         )
 }
 
@@ -357,9 +389,10 @@ fn meaning(check: &Check, syms: &SymbolTable, esc: &SymbolTable) -> CheckMeaning
     let names0 = body_names(syms, &q0.body);
     // Single-predicate checks on one of our facts.
     let only = |n: &str| {
-        check.queries.iter().all(|q| {
-            q.body.len() == 1 && sym(syms, q.body[0].name) == n && q.scopes.is_empty()
-        })
+        check
+            .queries
+            .iter()
+            .all(|q| q.body.len() == 1 && sym(syms, q.body[0].name) == n && q.scopes.is_empty())
     };
     let strings = || {
         let mut v: Vec<String> = check
@@ -375,13 +408,13 @@ fn meaning(check: &Check, syms: &SymbolTable, esc: &SymbolTable) -> CheckMeaning
     if check.queries.len() == 1 && names0 == [names::USES] && is_at_most(q0) {
         if let ([Term::Integer(k), Term::Variable(_)], [Term::Integer(n)]) =
             (q0.body[0].terms.as_slice(), constants(q0).as_slice())
+            && *k >= 0
+            && *n >= 0
         {
-            if *k >= 0 && *n >= 0 {
-                return CheckMeaning::UseLimit {
-                    block: *k as usize,
-                    limit: *n as u64,
-                };
-            }
+            return CheckMeaning::UseLimit {
+                block: *k as usize,
+                limit: *n as u64,
+            };
         }
         return custom();
     }
@@ -450,7 +483,7 @@ impl CheckMeaning {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::{attenuate, issue, keys, Scope};
+    use crate::token::{Scope, attenuate, issue, keys};
 
     #[test]
     fn hostile_label_cannot_forge_output() {
@@ -464,9 +497,15 @@ mod tests {
         let v = inspect(&RawToken::parse(&t).unwrap()).unwrap();
         let src = &v.blocks[0].source;
         assert!(!src.contains("right(\"github\""), "{src}");
-        assert!(src.contains(r#"label("x\"); right(\"github\", \"*\", \"/\"); //")"#), "{src}");
+        assert!(
+            src.contains(r#"label("x\"); right(\"github\", \"*\", \"/\"); //")"#),
+            "{src}"
+        );
         assert_eq!(v.blocks[0].rights.len(), 1);
-        assert_eq!(v.blocks[0].labels[0], "x\"); right(\"github\", \"*\", \"/\"); //");
+        assert_eq!(
+            v.blocks[0].labels[0],
+            "x\"); right(\"github\", \"*\", \"/\"); //"
+        );
     }
 
     #[test]
@@ -497,7 +536,10 @@ mod tests {
         let v = inspect(&RawToken::parse(&child).unwrap()).unwrap();
         assert_eq!(v.blocks.len(), 2);
         let b0 = &v.blocks[0];
-        assert_eq!(b0.rights, vec![("openai".into(), "POST".into(), "/v1/chat/".into())]);
+        assert_eq!(
+            b0.rights,
+            vec![("openai".into(), "POST".into(), "/v1/chat/".into())]
+        );
         assert_eq!(b0.use_limit, Some(100));
         assert_eq!(b0.expires.as_deref(), Some("2027-01-15T08:00:00Z"));
         assert!(b0.checks.contains(&CheckMeaning::Models {

@@ -58,7 +58,9 @@ impl TokenError {
         match e {
             Token::Base64(_) => TokenError::Base64,
             Token::Format(Format::Signature(_)) => TokenError::WrongRootKey,
-            Token::Format(f @ Format::InvalidSignatureSize(_)) => TokenError::Malformed(f.to_string()),
+            Token::Format(f @ Format::InvalidSignatureSize(_)) => {
+                TokenError::Malformed(f.to_string())
+            }
             Token::Format(f) => TokenError::Malformed(f.to_string()),
             Token::Language(l) => TokenError::Datalog(l.to_string()),
             other => TokenError::Biscuit(other.to_string()),
@@ -87,7 +89,8 @@ impl RawToken {
                 max: MAX_TOKEN_LEN,
             });
         }
-        let bytes = base64::decode_config(text, base64::URL_SAFE).map_err(|_| TokenError::Base64)?;
+        let bytes =
+            base64::decode_config(text, base64::URL_SAFE).map_err(|_| TokenError::Base64)?;
         let proto = schema::Biscuit::decode(bytes.as_slice())
             .map_err(|e| TokenError::Malformed(format!("envelope: {e}")))?;
         let n = proto.blocks.len() + 1;
@@ -180,11 +183,19 @@ pub fn attenuate(parent: &str, scope: &Scope) -> Result<String, TokenError> {
 }
 
 /// Same as [`attenuate`] with a caller-chosen ephemeral key (golden tokens).
-pub fn attenuate_with_key(parent: &str, scope: &Scope, key: &KeyPair) -> Result<String, TokenError> {
+pub fn attenuate_with_key(
+    parent: &str,
+    scope: &Scope,
+    key: &KeyPair,
+) -> Result<String, TokenError> {
     attenuate_inner(parent, scope, Some(key))
 }
 
-fn attenuate_inner(parent: &str, scope: &Scope, key: Option<&KeyPair>) -> Result<String, TokenError> {
+fn attenuate_inner(
+    parent: &str,
+    scope: &Scope,
+    key: Option<&KeyPair>,
+) -> Result<String, TokenError> {
     let raw = RawToken::parse(parent)?;
     if raw.block_count() >= MAX_BLOCKS {
         return Err(TokenError::TooManyBlocks {
@@ -211,7 +222,11 @@ fn attenuate_inner(parent: &str, scope: &Scope, key: Option<&KeyPair>) -> Result
 /// Parses an RFC 3339 instant.
 pub fn parse_time(s: &str) -> Result<SystemTime, TokenError> {
     let t = time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
-        .map_err(|e| TokenError::InvalidScope(format!("{s:?} is not an RFC 3339 time ({e}); example: 2026-12-01T00:00:00Z")))?;
+        .map_err(|e| {
+        TokenError::InvalidScope(format!(
+            "{s:?} is not an RFC 3339 time ({e}); example: 2026-12-01T00:00:00Z"
+        ))
+    })?;
     Ok(SystemTime::from(t))
 }
 
@@ -280,8 +295,14 @@ mod tests {
         assert!(matches!(RawToken::parse("!!!"), Err(TokenError::Base64)));
         assert!(matches!(RawToken::parse(""), Err(TokenError::Empty)));
         let huge = "A".repeat(MAX_TOKEN_LEN + 1);
-        assert!(matches!(RawToken::parse(&huge), Err(TokenError::TooLarge { .. })));
-        assert!(matches!(RawToken::parse("AAAA"), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            RawToken::parse(&huge),
+            Err(TokenError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            RawToken::parse("AAAA"),
+            Err(TokenError::Malformed(_))
+        ));
     }
 
     #[test]

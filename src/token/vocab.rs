@@ -94,11 +94,18 @@ pub fn normalize_prefix(p: &str) -> Result<String, TokenError> {
             "path prefix {p:?} must start with '/'"
         )));
     }
-    crate::path::normalize(p).map_err(|e| TokenError::InvalidScope(format!("path prefix {p:?}: {e}")))
+    crate::path::normalize(p)
+        .map_err(|e| TokenError::InvalidScope(format!("path prefix {p:?}: {e}")))
 }
 
 fn str_set(items: &[String]) -> Term {
-    Term::Set(items.iter().cloned().map(Term::Str).collect::<BTreeSet<_>>())
+    Term::Set(
+        items
+            .iter()
+            .cloned()
+            .map(Term::Str)
+            .collect::<BTreeSet<_>>(),
+    )
 }
 
 fn params(pairs: Vec<(&str, Term)>) -> HashMap<String, Term> {
@@ -233,9 +240,15 @@ impl RequestFacts {
     ) -> Result<biscuit_auth::AuthorizerBuilder, TokenError> {
         use builder::{fact, string};
         let e = TokenError::from_biscuit;
-        a = a.fact(fact(names::SERVICE, &[string(&self.service)])).map_err(e)?;
-        a = a.fact(fact(names::METHOD, &[string(&self.method)])).map_err(e)?;
-        a = a.fact(fact(names::PATH, &[string(&self.path)])).map_err(e)?;
+        a = a
+            .fact(fact(names::SERVICE, &[string(&self.service)]))
+            .map_err(e)?;
+        a = a
+            .fact(fact(names::METHOD, &[string(&self.method)]))
+            .map_err(e)?;
+        a = a
+            .fact(fact(names::PATH, &[string(&self.path)]))
+            .map_err(e)?;
         if let Some(m) = &self.model {
             a = a.fact(fact(names::MODEL, &[string(m)])).map_err(e)?;
         }
@@ -245,7 +258,10 @@ impl RequestFacts {
         for (k, n) in uses.iter().enumerate() {
             let n = i64::try_from(*n).unwrap_or(i64::MAX);
             a = a
-                .fact(fact(names::USES, &[builder::int(k as i64), builder::int(n)]))
+                .fact(fact(
+                    names::USES,
+                    &[builder::int(k as i64), builder::int(n)],
+                ))
                 .map_err(e)?;
         }
         Ok(a)

@@ -1,0 +1,252 @@
+//! `till up` (defaults, one command) and `till serve --config FILE`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::policy::Policies;
+use crate::proxy::{self, AppState, Config, config};
+use crate::store::EmbeddedStore;
+use crate::token::{self, Scope, keys, vocab};
+use crate::verify::Verifier;
+
+/// File name of the admin token inside the state directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// File name of the config `till up` writes.
+pub const CONFIG_FILE: &str = "till.toml";
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Address to listen on (overrides till.toml), e.g. 127.0.0.1:8787; port 0 picks a free one.
+    #[arg(long, env = "TILL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The TOML config file (see README, "Configuration reference").
+    #[arg(long, env = "TILL_CONFIG")]
+    pub config: PathBuf,
+    /// Address to listen on (overrides the config).
+    #[arg(long, env = "TILL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+}
+
+fn env(var: &str) -> Option<String> {
+    std::env::var(var).ok()
+}
+
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Creates what is missing in `home`: root key, admin token, till.toml.
+fn bootstrap(home: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
+    let key_path = home.join(keys::ROOT_KEY_FILE);
+    let root = if key_path.exists() {
+        keys::load(&key_path)?
+    } else {
+        let k = keys::generate();
+        keys::save(&key_path, &k, false)?;
+        eprintln!("till: created root key {}", key_path.display());
+        k
+    };
+    let admin_path = home.join(ADMIN_TOKEN_FILE);
+    if !admin_path.exists() {
+        let t = token::issue(
+            &root,
+            &Scope {
+                services: vec![vocab::ADMIN_SERVICE.into()],
+                label: Some("admin".into()),
+                ..Scope::default()
+            },
+        )?;
+        write_secret(&admin_path, &t)?;
+        eprintln!("till: created admin token {}", admin_path.display());
+    }
+    let cfg_path = home.join(CONFIG_FILE);
+    if !cfg_path.exists() {
+        std::fs::write(&cfg_path, config::default_file(home))
+            .with_context(|| format!("cannot write {}", cfg_path.display()))?;
+        eprintln!("till: created config {}", cfg_path.display());
+    }
+    Ok(())
+}
+
+pub fn up(home: &Path, a: UpArgs) -> anyhow::Result<ExitCode> {
+    bootstrap(home)?;
+    let mut cfg = Config::load(&home.join(CONFIG_FILE))?;
+    cfg.state_dir = home.to_path_buf();
+    cfg.add_well_known_from_env(&env);
+    if let Some(l) = a.listen {
+        cfg.listen = l;
+    }
+    start(cfg)
+}
+
+pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = Config::load(&a.config)?;
+    if let Some(l) = a.listen {
+        cfg.listen = l;
+    }
+    start(cfg)
+}
+
+fn init_logging() {
+    let level = match std::env::var("TILL_LOG").as_deref() {
+        Ok("debug") => tracing::Level::DEBUG,
+        Ok("trace") => tracing::Level::TRACE,
+        Ok("warn") => tracing::Level::WARN,
+        Ok("error") => tracing::Level::ERROR,
+        _ => tracing::Level::INFO,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Everything that can fail is checked before the listener is bound, so a
+/// bad config exits 2 without ever listening.
+fn start(cfg: Config) -> anyhow::Result<ExitCode> {
+    init_logging();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let key_path = cfg.state_dir.join(keys::ROOT_KEY_FILE);
+    if !key_path.exists() {
+        bail!(
+            "no root key at {}; run `till keygen` with TILL_HOME={} (or use `till up`)",
+            key_path.display(),
+            cfg.state_dir.display()
+        );
+    }
+    let root = keys::load(&key_path)?;
+    let default_policies = cfg.policies == Path::new("policies");
+    let policies = Policies::load_or_default(&cfg.policies, default_policies)
+        .with_context(|| format!("{}: policies", cfg.file))?;
+    let credentials = cfg.resolve_credentials(&env)?;
+    let store = EmbeddedStore::open(&cfg.state_dir)?;
+    let removed = store.gc_expired(crate::store::now_unix())?;
+    if removed > 0 {
+        tracing::info!(removed, "dropped counters of long-expired tokens");
+    }
+    let verifier = Verifier::new(root.public(), policies);
+    let state = AppState::new(
+        &cfg,
+        &credentials,
+        verifier,
+        Arc::new(store.clone()),
+        Arc::new(store.clone()),
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        banner(&cfg, addr, &keys::public_string(&root.public()));
+        let gc_store = store.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let s = gc_store.clone();
+                let _ = tokio::task::spawn_blocking(move || s.gc_expired(crate::store::now_unix()))
+                    .await;
+            }
+        });
+        proxy::run(
+            listener,
+            state,
+            Duration::from_secs(cfg.limits.shutdown_grace_secs),
+            shutdown_signal(),
+        )
+        .await
+        .context("server error")
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    store.close().context("closing the counter store")?;
+    tracing::info!("stopped; counters flushed");
+    result.map(|_| ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: no new connections; finishing in-flight requests");
+}
+
+fn banner(cfg: &Config, addr: SocketAddr, public_key: &str) {
+    let base = format!("http://{addr}");
+    let admin = cfg.state_dir.join(ADMIN_TOKEN_FILE);
+    println!("till: listening on {base}");
+    println!("  public key:  {public_key}");
+    println!("  admin token: {}", admin.display());
+    if cfg.upstreams.is_empty() {
+        println!(
+            "  upstreams:   none yet. Set OPENAI_API_KEY / ANTHROPIC_API_KEY / GITHUB_TOKEN and restart, or add [upstreams.NAME] to the config"
+        );
+    } else {
+        for (name, u) in &cfg.upstreams {
+            println!("  upstream:    {base}/{name}/ -> {}", u.url);
+        }
+    }
+    let svc = cfg
+        .upstreams
+        .keys()
+        .next()
+        .map(String::as_str)
+        .unwrap_or("openai");
+    println!("  try it:");
+    println!(
+        "    till issue --service {svc} --max-uses 100 --ttl 24h --label my-agent > agent.token"
+    );
+    println!(
+        "    curl {base}/openai/v1/chat/completions -H \"Authorization: Bearer $(cat agent.token)\" -H 'content-type: application/json' -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
+    );
+    println!(
+        "    python: OpenAI(base_url=\"{base}/openai/v1\", api_key=open(\"agent.token\").read().strip())"
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+}

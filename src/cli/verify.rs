@@ -1,0 +1,151 @@
+//! `till verify`: offline verification with the root public key.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use super::EXIT_DENIED;
+use super::input::TokenInput;
+use crate::policy::Policies;
+use crate::token::{self, RequestFacts, TokenError, keys, vocab};
+use crate::verify::{Verifier, first_revoked, revoked_denial};
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub input: TokenInput,
+    /// Root public key, "ed25519/<hex>" (default: derived from TILL_HOME/root.key).
+    #[arg(long, env = "TILL_PUBLIC_KEY")]
+    pub public_key: Option<String>,
+    /// Service of the request to check, e.g. openai.
+    #[arg(long)]
+    pub service: String,
+    /// HTTP method of the request.
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// Path of the request inside the upstream, e.g. /v1/chat/completions.
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    /// Model named by the request body, if any.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Directory of *.datalog policies (default: ./policies, or the built-in default policy).
+    #[arg(long, env = "TILL_POLICIES")]
+    pub policies: Option<PathBuf>,
+    /// File of revoked ids, one hex revocation id per line.
+    #[arg(long, value_name = "FILE")]
+    pub revocations: Option<PathBuf>,
+    /// Evaluate as if block K had been used N times, this request included (repeatable).
+    /// Blocks not named count 1.
+    #[arg(long = "uses", value_name = "K=N")]
+    pub uses: Vec<String>,
+    /// Evaluate at this instant (RFC 3339) instead of now.
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+}
+
+fn parse_uses(specs: &[String], blocks: usize) -> anyhow::Result<Vec<u64>> {
+    let mut uses = vec![1u64; blocks];
+    for s in specs {
+        let (k, n) = s
+            .split_once('=')
+            .with_context(|| format!("--uses {s:?}: expected K=N, e.g. --uses 0=10"))?;
+        let k: usize = k
+            .trim()
+            .parse()
+            .with_context(|| format!("--uses {s:?}: K must be a block index"))?;
+        let n: u64 = n
+            .trim()
+            .parse()
+            .with_context(|| format!("--uses {s:?}: N must be a whole number"))?;
+        if k >= blocks {
+            bail!(
+                "--uses {s:?}: the token has only {blocks} blocks (0..{})",
+                blocks - 1
+            );
+        }
+        uses[k] = n;
+    }
+    Ok(uses)
+}
+
+fn read_revocations(path: &Path) -> anyhow::Result<HashSet<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read revocation list {}", path.display()))?;
+    let mut set = HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        if hex::decode(l).is_err() {
+            bail!(
+                "{}:{}: {l:?} is not a hex revocation id",
+                path.display(),
+                i + 1
+            );
+        }
+        set.insert(l.to_ascii_lowercase());
+    }
+    Ok(set)
+}
+
+pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let root = match &a.public_key {
+        Some(k) => keys::parse_public(k)?,
+        None => keys::load(&home.join(keys::ROOT_KEY_FILE))
+            .context("no --public-key given and no root key in TILL_HOME")?
+            .public(),
+    };
+    let policies = match &a.policies {
+        Some(dir) => Policies::load_dir(dir)?,
+        None => Policies::load_or_default(Path::new("policies"), true)?,
+    };
+    let revoked = match &a.revocations {
+        Some(f) => read_revocations(f)?,
+        None => HashSet::new(),
+    };
+    vocab::validate_service(&a.service)?;
+    let method = vocab::normalize_method(&a.method)?;
+    let path = crate::path::normalize(&a.path).with_context(|| format!("--path {:?}", a.path))?;
+    let time = match &a.at {
+        Some(t) => token::parse_time(t)?,
+        None => SystemTime::now(),
+    };
+    let text = a.input.read()?;
+    let verifier = Verifier::new(root, policies);
+    let verified = match verifier.verify_token(&text) {
+        Ok(v) => v,
+        Err(e @ TokenError::WrongRootKey) => {
+            println!("denied: {e}");
+            return Ok(ExitCode::from(EXIT_DENIED));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(b) = first_revoked(&verified.ids, &revoked) {
+        println!("denied: {}", revoked_denial(b));
+        return Ok(ExitCode::from(EXIT_DENIED));
+    }
+    let uses = parse_uses(&a.uses, verified.ids.len())?;
+    let req = RequestFacts {
+        service: a.service,
+        method,
+        path,
+        model: a.model,
+        time,
+    };
+    match verifier.authorize(&verified, &req, &uses) {
+        Ok(()) => {
+            println!("allowed");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(d) => {
+            println!("denied: {d}");
+            Ok(ExitCode::from(EXIT_DENIED))
+        }
+    }
+}

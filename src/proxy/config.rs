@@ -1,0 +1,383 @@
+//! `till.toml`: the proxy's configuration.
+//!
+//! Relative paths are relative to the working directory. Unknown keys are
+//! errors (a typo must not silently fall back to a default), and every error
+//! names the file and the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::token::vocab;
+
+/// A configuration problem; the CLI exits 2 on it before listening.
+#[derive(Debug, Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8787))
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(".till")
+}
+fn default_policies() -> PathBuf {
+    PathBuf::from("policies")
+}
+fn default_header() -> String {
+    "authorization".into()
+}
+fn default_prefix() -> String {
+    "Bearer ".into()
+}
+
+/// Where an upstream's real credential comes from. It is read at start and
+/// kept in memory only; it never reaches a token, a log or a response.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub enum CredentialSource {
+    /// Name of an environment variable of the proxy.
+    #[serde(rename = "env")]
+    Env(String),
+    /// Path of a file holding the credential (trailing newline ignored).
+    #[serde(rename = "file")]
+    File(PathBuf),
+}
+
+/// One upstream API.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL, e.g. `https://api.openai.com`.
+    pub url: String,
+    /// Where the real credential comes from; none for public APIs.
+    pub credential: Option<CredentialSource>,
+    /// Header the credential goes in.
+    #[serde(default = "default_header")]
+    pub header: String,
+    /// Text before the credential, e.g. `"Bearer "`; `""` for none.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+/// Size and time limits. The defaults suit LLM APIs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest JSON request body read to find the `model` field (bytes).
+    pub max_body_bytes: usize,
+    /// Seconds to connect to an upstream before answering 504.
+    pub connect_timeout_secs: u64,
+    /// Seconds an upstream may stay silent (between bytes) before the
+    /// response is cut (504 before the first byte).
+    pub idle_timeout_secs: u64,
+    /// Seconds in-flight requests and streams get to finish on shutdown.
+    pub shutdown_grace_secs: u64,
+    /// Seconds during which a failed request can be retried with the same
+    /// `Idempotency-Key` without counting again.
+    pub idempotency_window_secs: u64,
+    /// Most concurrent connections; more wait in the accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 8 * 1024 * 1024,
+            connect_timeout_secs: 10,
+            idle_timeout_secs: 300,
+            shutdown_grace_secs: 30,
+            idempotency_window_secs: 600,
+            max_connections: 4096,
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_policies")]
+    pub policies: PathBuf,
+    /// DANGEROUS: serve the admin API to non-loopback clients too.
+    #[serde(default)]
+    pub danger_admin_remote: bool,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Where the config came from, for error messages.
+    #[serde(skip)]
+    pub file: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_listen(),
+            state_dir: default_state_dir(),
+            policies: default_policies(),
+            danger_admin_remote: false,
+            limits: Limits::default(),
+            upstreams: BTreeMap::new(),
+            file: "<defaults>".into(),
+        }
+    }
+}
+
+/// The well-known upstreams `till up` configures from the environment.
+pub const WELL_KNOWN: &[(&str, &str, &str, &str, &str)] = &[
+    // (service, env var, url, header, prefix)
+    (
+        "openai",
+        "OPENAI_API_KEY",
+        "https://api.openai.com",
+        "authorization",
+        "Bearer ",
+    ),
+    (
+        "anthropic",
+        "ANTHROPIC_API_KEY",
+        "https://api.anthropic.com",
+        "x-api-key",
+        "",
+    ),
+    (
+        "github",
+        "GITHUB_TOKEN",
+        "https://api.github.com",
+        "authorization",
+        "Bearer ",
+    ),
+];
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_string(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        cfg.file = file.to_string();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn err(&self, key: &str, message: impl std::fmt::Display) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            message: format!("{key}: {message}"),
+        }
+    }
+
+    /// Checks what serde cannot: names, URLs, header names.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (name, u) in &self.upstreams {
+            let key = format!("upstreams.{name}");
+            vocab::validate_service(name).map_err(|e| self.err(&key, e))?;
+            let url = reqwest::Url::parse(&u.url).map_err(|e| {
+                self.err(
+                    &format!("{key}.url"),
+                    format!("{:?} is not a URL ({e})", u.url),
+                )
+            })?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(self.err(
+                    &format!("{key}.url"),
+                    format!("{:?} must be an http(s) URL with a host", u.url),
+                ));
+            }
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err(self.err(&format!("{key}.url"), "must not have a query or fragment"));
+            }
+            http::HeaderName::from_bytes(u.header.as_bytes()).map_err(|_| {
+                self.err(
+                    &format!("{key}.header"),
+                    format!("{:?} is not a header name", u.header),
+                )
+            })?;
+            if let Some(CredentialSource::Env(v)) = &u.credential
+                && v.is_empty()
+            {
+                return Err(self.err(&format!("{key}.credential.env"), "empty variable name"));
+            }
+        }
+        if self.limits.max_connections == 0 {
+            return Err(self.err("limits.max_connections", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Adds an upstream for each well-known credential present in `env`,
+    /// unless the config already names that service.
+    pub fn add_well_known_from_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+        let mut added = Vec::new();
+        for (svc, var, url, header, prefix) in WELL_KNOWN {
+            if self.upstreams.contains_key(*svc) {
+                continue;
+            }
+            if env(var).is_some_and(|v| !v.is_empty()) {
+                self.upstreams.insert(
+                    svc.to_string(),
+                    UpstreamConfig {
+                        url: url.to_string(),
+                        credential: Some(CredentialSource::Env(var.to_string())),
+                        header: header.to_string(),
+                        prefix: prefix.to_string(),
+                    },
+                );
+                added.push(svc.to_string());
+            }
+        }
+        added
+    }
+
+    /// Reads every credential now, so a missing one fails at start (exit 2)
+    /// rather than on the first request.
+    pub fn resolve_credentials(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<BTreeMap<String, Option<String>>, ConfigError> {
+        let mut out = BTreeMap::new();
+        for (name, u) in &self.upstreams {
+            let key = format!("upstreams.{name}.credential");
+            let cred = match &u.credential {
+                None => None,
+                Some(CredentialSource::Env(var)) => {
+                    Some(env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                        self.err(&key, format!("environment variable {var} is not set"))
+                    })?)
+                }
+                Some(CredentialSource::File(p)) => {
+                    let v = std::fs::read_to_string(p)
+                        .map_err(|e| self.err(&key, format!("cannot read {}: {e}", p.display())))?;
+                    let v = v.trim_end_matches(['\n', '\r']).to_string();
+                    if v.is_empty() {
+                        return Err(self.err(&key, format!("{} is empty", p.display())));
+                    }
+                    Some(v)
+                }
+            };
+            if let Some(c) = &cred {
+                http::HeaderValue::from_str(&format!("{}{c}", u.prefix)).map_err(|_| {
+                    self.err(
+                        &key,
+                        "the credential contains characters not allowed in a header",
+                    )
+                })?;
+            }
+            out.insert(name.clone(), cred);
+        }
+        Ok(out)
+    }
+}
+
+/// The `till.toml` that `till up` writes on first start.
+pub fn default_file(state_dir: &Path) -> String {
+    format!(
+        r#"# Till proxy configuration (created by `till up`; edit freely).
+# Relative paths are relative to the directory you run till from.
+listen = "127.0.0.1:8787"
+state_dir = {state:?}
+# Directory of *.datalog policies; the built-in default policy is used if it does not exist.
+policies = "policies"
+
+# `till up` also adds openai / anthropic / github upstreams automatically when
+# OPENAI_API_KEY / ANTHROPIC_API_KEY / GITHUB_TOKEN are set in its environment.
+# Declare others (or override those) like this:
+#
+# [upstreams.openai]
+# url = "https://api.openai.com"
+# credential = {{ env = "OPENAI_API_KEY" }}   # or {{ file = "/run/secrets/openai" }}
+# header = "authorization"                  # header the credential goes in
+# prefix = "Bearer "                        # text before the credential, "" for none
+
+[limits]
+max_body_bytes = 8388608
+connect_timeout_secs = 10
+idle_timeout_secs = 300
+shutdown_grace_secs = 30
+idempotency_window_secs = 600
+max_connections = 4096
+"#,
+        state = state_dir.display().to_string()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_from_the_issue_parses() {
+        let c = Config::parse(
+            r#"
+listen = "127.0.0.1:8787"
+state_dir = ".till"
+policies = "policies"
+[upstreams.openai]
+url = "https://api.openai.com"
+credential = { env = "OPENAI_API_KEY" }
+header = "authorization"
+prefix = "Bearer "
+"#,
+            "till.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.upstreams["openai"].credential,
+            Some(CredentialSource::Env("OPENAI_API_KEY".into()))
+        );
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = Config::parse("listen = 5", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("x.toml:") && e.contains("listen"), "{e}");
+        let e = Config::parse("[upstreams.openai]\nurl = \"ftp://x\"", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstreams.openai.url"), "{e}");
+        let e = Config::parse("lissten = \"1.2.3.4:1\"", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lissten"), "{e}");
+        let c = Config::parse(
+            "[upstreams.a]\nurl = \"http://x\"\ncredential = { env = \"TILL_SURELY_UNSET\" }",
+            "x.toml",
+        )
+        .unwrap();
+        let e = c.resolve_credentials(&|_| None).unwrap_err().to_string();
+        assert!(
+            e.contains("upstreams.a.credential") && e.contains("TILL_SURELY_UNSET"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn default_file_parses() {
+        Config::parse(&default_file(Path::new(".till")), "till.toml").unwrap();
+    }
+}

@@ -1,0 +1,134 @@
+//! Every way a proxied request can fail, and the response each gives.
+//!
+//! Bodies use the OpenAI error shape, `{"error":{"message","type","code"}}`,
+//! so the official SDKs surface the reason. Messages never contain a token
+//! or a credential.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::verify::{Denial, DenialKind};
+
+/// An error answer from the proxy.
+#[derive(Debug)]
+pub enum ProxyError {
+    /// 401: no token in `Authorization: Bearer` or `x-api-key`.
+    MissingToken,
+    /// 401: the token does not parse or its signature fails.
+    InvalidToken(String),
+    /// 403 / 429 from authorization or revocation.
+    Denied(Denial),
+    /// 400: the request itself is malformed (path tricks, bad header).
+    BadRequest(String),
+    /// 404: no such upstream.
+    UnknownService(String),
+    /// 409: a request with this Idempotency-Key is still in flight.
+    IdempotencyConflict,
+    /// 413: body over the limit.
+    TooLarge(usize),
+    /// 502: upstream unreachable or broken.
+    BadGateway(String),
+    /// 504: upstream too slow.
+    GatewayTimeout(String),
+    /// 503: counter store unavailable; nothing was forwarded.
+    StoreUnavailable(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::MissingToken | ProxyError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::Denied(d) if d.kind == DenialKind::Exhausted => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ProxyError::Denied(_) => StatusCode::FORBIDDEN,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownService(_) => StatusCode::NOT_FOUND,
+            ProxyError::IdempotencyConflict => StatusCode::CONFLICT,
+            ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Short machine-readable code, also used in metrics and the audit log.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::MissingToken => "missing_token",
+            ProxyError::InvalidToken(_) => "invalid_token",
+            ProxyError::Denied(d) => match d.kind {
+                DenialKind::Exhausted => "activations_exhausted",
+                DenialKind::Expired => "token_expired",
+                DenialKind::Revoked => "token_revoked",
+                DenialKind::Limits => "authorization_limits",
+                DenialKind::Scope => "out_of_scope",
+            },
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::UnknownService(_) => "unknown_service",
+            ProxyError::IdempotencyConflict => "idempotency_conflict",
+            ProxyError::TooLarge(_) => "body_too_large",
+            ProxyError::BadGateway(_) => "upstream_error",
+            ProxyError::GatewayTimeout(_) => "upstream_timeout",
+            ProxyError::StoreUnavailable(_) => "store_unavailable",
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::MissingToken | ProxyError::InvalidToken(_) => "authentication_error",
+            ProxyError::Denied(d) if d.kind == DenialKind::Exhausted => "rate_limit_error",
+            ProxyError::Denied(_) => "permission_error",
+            ProxyError::BadRequest(_)
+            | ProxyError::TooLarge(_)
+            | ProxyError::IdempotencyConflict => "invalid_request_error",
+            ProxyError::UnknownService(_) => "not_found_error",
+            _ => "api_error",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ProxyError::MissingToken => {
+                "no Till token: send it as `Authorization: Bearer <token>` or `x-api-key: <token>`"
+                    .into()
+            }
+            ProxyError::InvalidToken(m) => format!("invalid Till token: {m}"),
+            ProxyError::Denied(d) => format!("denied: {}", d.reason),
+            ProxyError::BadRequest(m) => format!("bad request: {m}"),
+            ProxyError::UnknownService(s) => {
+                format!("no upstream named {s:?} is configured on this proxy")
+            }
+            ProxyError::IdempotencyConflict => {
+                "a request with this Idempotency-Key is still in progress".into()
+            }
+            ProxyError::TooLarge(n) => format!("request body is larger than {n} bytes"),
+            ProxyError::BadGateway(m) => format!("upstream error: {m}"),
+            ProxyError::GatewayTimeout(m) => format!("upstream timed out: {m}"),
+            ProxyError::StoreUnavailable(m) => {
+                format!("counter store unavailable, request not forwarded: {m}")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "error": {
+                "message": self.message(),
+                "type": self.kind(),
+                "code": self.code(),
+            }
+        });
+        let mut resp = (self.status(), axum::Json(body)).into_response();
+        if self.status() == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                "www-authenticate",
+                HeaderValue::from_static("Bearer realm=\"till\""),
+            );
+        }
+        resp
+    }
+}

@@ -1,0 +1,195 @@
+//! The verifier proxy (`till serve` / `till up`).
+//!
+//! [`router`] builds the axum app from an [`AppState`], so tests can drive it
+//! without a socket; [`run`] serves it on a listener until `shutdown`
+//! resolves, then drains in-flight requests and streams for the grace period
+//! and flushes the counter store.
+//!
+//! The request path (see [`handler`]): bound the input → verify the token
+//! (cached) → revocation → reserve activations → authorize → await
+//! durability → forward and stream back ([`forward`]).
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod handler;
+pub mod idempotency;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{any, get, post};
+use http::{HeaderName, HeaderValue};
+use moka::sync::Cache;
+use tokio::net::TcpListener;
+
+use crate::store::{CounterStore, RevocationList};
+use crate::token::TokenError;
+use crate::verify::{VerifiedToken, Verifier};
+pub use config::Config;
+
+/// An upstream, ready to forward to.
+pub struct Upstream {
+    /// Base URL without a trailing slash.
+    pub base: String,
+    pub header: HeaderName,
+    /// The real credential, marked sensitive so it is never printed.
+    pub credential: Option<HeaderValue>,
+}
+
+/// Everything the request path needs, shared by all requests.
+pub struct Inner {
+    pub verifier: Verifier,
+    /// Verified tokens keyed by their full text: equality on the whole token
+    /// means no hash collision can ever pass an unverified token.
+    pub cache: Cache<String, Arc<VerifiedToken>>,
+    pub counters: Arc<dyn CounterStore>,
+    pub revocations: Arc<dyn RevocationList>,
+    pub upstreams: HashMap<String, Upstream>,
+    pub client: reqwest::Client,
+    pub limits: config::Limits,
+    pub idempotency: idempotency::Idempotency,
+    pub admin_remote: bool,
+}
+
+/// Cheap-to-clone handle on the shared state.
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// Verified-token cache size (entries).
+const CACHE_ENTRIES: u64 = 100_000;
+
+impl AppState {
+    /// Builds the state from a validated config and resolved credentials.
+    pub fn new(
+        cfg: &Config,
+        credentials: &std::collections::BTreeMap<String, Option<String>>,
+        verifier: Verifier,
+        counters: Arc<dyn CounterStore>,
+        revocations: Arc<dyn RevocationList>,
+    ) -> Result<Self, config::ConfigError> {
+        let mut upstreams = HashMap::new();
+        for (name, u) in &cfg.upstreams {
+            let header =
+                HeaderName::from_bytes(u.header.as_bytes()).map_err(|_| config::ConfigError {
+                    file: cfg.file.clone(),
+                    message: format!("upstreams.{name}.header: not a header name"),
+                })?;
+            let credential = match credentials.get(name).cloned().flatten() {
+                Some(c) => {
+                    let mut v =
+                        HeaderValue::from_str(&format!("{}{c}", u.prefix)).map_err(|_| {
+                            config::ConfigError {
+                                file: cfg.file.clone(),
+                                message: format!(
+                                    "upstreams.{name}.credential: not a valid header value"
+                                ),
+                            }
+                        })?;
+                    v.set_sensitive(true);
+                    Some(v)
+                }
+                None => None,
+            };
+            upstreams.insert(
+                name.clone(),
+                Upstream {
+                    base: u.url.trim_end_matches('/').to_string(),
+                    header,
+                    credential,
+                },
+            );
+        }
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(cfg.limits.connect_timeout_secs))
+            .read_timeout(Duration::from_secs(cfg.limits.idle_timeout_secs))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| config::ConfigError {
+                file: cfg.file.clone(),
+                message: format!("cannot build the HTTP client: {e}"),
+            })?;
+        Ok(AppState(Arc::new(Inner {
+            verifier,
+            cache: Cache::builder().max_capacity(CACHE_ENTRIES).build(),
+            counters,
+            revocations,
+            upstreams,
+            client,
+            idempotency: idempotency::Idempotency::new(Duration::from_secs(
+                cfg.limits.idempotency_window_secs,
+            )),
+            limits: cfg.limits.clone(),
+            admin_remote: cfg.danger_admin_remote,
+        })))
+    }
+
+    /// Verifies a token, or returns the cached verification. Only successes
+    /// are cached.
+    pub fn verify_cached(&self, text: &str) -> Result<Arc<VerifiedToken>, TokenError> {
+        if let Some(t) = self.cache.get(text) {
+            return Ok(t);
+        }
+        let t = Arc::new(self.verifier.verify_token(text)?);
+        self.cache.insert(text.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+/// The app: health checks, admin API, and everything else proxied.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(handler::readyz))
+        .route("/admin/revoke", post(admin::revoke))
+        .route("/admin/revocations", get(admin::revocations))
+        .route("/admin/usage", get(admin::usage))
+        .route("/admin/usage/{id}", get(admin::usage_one))
+        .route("/admin", any(admin::not_found))
+        .route("/admin/{*rest}", any(admin::not_found))
+        .fallback(handler::proxy)
+        .with_state(state)
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then gives
+/// in-flight requests `grace` to finish and flushes the counter store.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    grace: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let deadline = async move {
+        let _ = rx.wait_for(|v| *v).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = server => r?,
+        _ = deadline => {
+            tracing::warn!(grace_secs = grace.as_secs(), "grace period over; closing remaining connections");
+        }
+    }
+    if let Err(e) = state.counters.flush().await {
+        tracing::error!(error = %e, "final flush of the counter store failed");
+    }
+    Ok(())
+}
