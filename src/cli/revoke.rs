@@ -49,6 +49,7 @@ impl AdminArgs {
             .enable_all()
             .build()?;
         rt.block_on(async {
+            crate::proxy::install_crypto();
             let client = reqwest::Client::new();
             let mut req = match method {
                 "POST" => client.post(&url),

@@ -131,7 +131,6 @@ fn init_logging() {
 /// bad config exits 2 without ever listening.
 fn start(cfg: Config) -> anyhow::Result<ExitCode> {
     init_logging();
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let key_path = cfg.state_dir.join(keys::ROOT_KEY_FILE);
     if !key_path.exists() {
         bail!(

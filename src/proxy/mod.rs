@@ -68,6 +68,12 @@ impl std::ops::Deref for AppState {
     }
 }
 
+/// Installs the process-wide TLS crypto provider (ring) once. reqwest is
+/// built without a default provider to avoid compiling a second one.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Verified-token cache size (entries).
 const CACHE_ENTRIES: u64 = 100_000;
 
@@ -112,6 +118,7 @@ impl AppState {
                 },
             );
         }
+        install_crypto();
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(cfg.limits.connect_timeout_secs))

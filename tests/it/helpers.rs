@@ -1,0 +1,505 @@
+//! Fluent helpers: run the real `till` binary, start local upstreams that
+//! behave like the real APIs, and start the proxy on an ephemeral port.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use biscuit_auth::KeyPair;
+use till::token::{self, keys, Scope};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_till");
+
+/// Output of one run of the binary.
+#[derive(Debug)]
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    #[track_caller]
+    pub fn success(&self) -> &Self {
+        self.code(0)
+    }
+    #[track_caller]
+    pub fn code(&self, c: i32) -> &Self {
+        assert_eq!(self.code, c, "exit code; stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert!(!self.stderr.contains("panicked"), "panic: {}", self.stderr);
+        self
+    }
+    #[track_caller]
+    pub fn stdout_has(&self, s: &str) -> &Self {
+        assert!(self.stdout.contains(s), "stdout lacks {s:?}:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+    #[track_caller]
+    pub fn stderr_has(&self, s: &str) -> &Self {
+        assert!(self.stderr.contains(s), "stderr lacks {s:?}:\n{}", self.stderr);
+        self
+    }
+    /// The one-line error contract: exactly one line on stderr, no backtrace.
+    #[track_caller]
+    pub fn one_line_error(&self) -> &Self {
+        assert_eq!(self.stderr.trim_end().lines().count(), 1, "stderr: {}", self.stderr);
+        self
+    }
+    pub fn out(&self) -> String {
+        self.stdout.trim().to_string()
+    }
+}
+
+/// A `till` invocation, built fluently.
+pub struct Cmd {
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    stdin: Option<String>,
+    dir: Option<PathBuf>,
+}
+
+pub fn till<I: IntoIterator<Item = S>, S: AsRef<str>>(args: I) -> Cmd {
+    Cmd {
+        args: args.into_iter().map(|s| s.as_ref().to_string()).collect(),
+        env: BTreeMap::new(),
+        stdin: None,
+        dir: None,
+    }
+}
+
+impl Cmd {
+    pub fn home(self, h: &Home) -> Self {
+        self.env("TILL_HOME", h.path().to_str().unwrap())
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.insert(k.into(), v.into());
+        self
+    }
+    pub fn stdin(mut self, s: &str) -> Self {
+        self.stdin = Some(s.into());
+        self
+    }
+    pub fn dir(mut self, d: &Path) -> Self {
+        self.dir = Some(d.to_path_buf());
+        self
+    }
+    pub fn run(self) -> Out {
+        let mut c = Command::new(BIN);
+        c.args(&self.args)
+            .env_remove("TILL_HOME")
+            .env_remove("TILL_TOKEN")
+            .env_remove("TILL_PUBLIC_KEY")
+            .env_remove("TILL_URL")
+            .env_remove("TILL_ADMIN_TOKEN")
+            .envs(&self.env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(d) = &self.dir {
+            c.current_dir(d);
+        }
+        let mut child = c.spawn().expect("spawn till");
+        {
+            let mut stdin = child.stdin.take().unwrap();
+            if let Some(s) = &self.stdin {
+                let _ = stdin.write_all(s.as_bytes());
+            }
+        }
+        let o = child.wait_with_output().unwrap();
+        Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into(),
+            stderr: String::from_utf8_lossy(&o.stderr).into(),
+        }
+    }
+}
+
+/// A state directory with a root key.
+pub struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    /// A home with a root key, created through the library (fast).
+    pub fn new() -> Home {
+        let h = Home::empty();
+        keys::save(&h.path().join(keys::ROOT_KEY_FILE), &keys::generate(), false).unwrap();
+        h
+    }
+    pub fn empty() -> Home {
+        Home {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn key(&self) -> KeyPair {
+        keys::load(&self.path().join(keys::ROOT_KEY_FILE)).unwrap()
+    }
+    pub fn public(&self) -> String {
+        keys::public_string(&self.key().public())
+    }
+    pub fn issue(&self, scope: Scope) -> String {
+        token::issue(&self.key(), &scope).unwrap()
+    }
+    /// A root token for `service` with `max_uses`.
+    pub fn token(&self, service: &str, max_uses: Option<u64>) -> String {
+        self.issue(Scope {
+            services: vec![service.into()],
+            max_uses,
+            ..Scope::default()
+        })
+    }
+    pub fn admin(&self) -> String {
+        self.issue(Scope {
+            services: vec![till::token::vocab::ADMIN_SERVICE.into()],
+            ..Scope::default()
+        })
+    }
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+pub fn child(parent: &str, scope: Scope) -> String {
+    token::attenuate(parent, &scope).unwrap()
+}
+
+pub fn limit(n: u64) -> Scope {
+    Scope {
+        max_uses: Some(n),
+        ..Scope::default()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Local upstream
+
+/// One request as the upstream received it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+#[derive(Default)]
+pub struct UpstreamState {
+    pub seen: Mutex<Vec<Seen>>,
+    /// Answer 500 to this many requests before behaving.
+    pub fail_next: AtomicUsize,
+    /// Released by the test to let a gated SSE stream finish.
+    pub gate: tokio::sync::Notify,
+}
+
+/// A local server that behaves like OpenAI / Anthropic: JSON, SSE, errors,
+/// redirects, and a route that hangs.
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub state: Arc<UpstreamState>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let state = Arc::new(UpstreamState::default());
+        let app = Router::new().fallback(upstream_handler).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Upstream { addr, state }
+    }
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+    pub fn count(&self) -> usize {
+        self.state.seen.lock().unwrap().len()
+    }
+}
+
+async fn upstream_handler(State(st): State<Arc<UpstreamState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let body = String::from_utf8_lossy(&bytes).to_string();
+    st.seen.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    if st
+        .fail_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(serde_json::json!({"error": {"message": "upstream broke", "type": "server_error"}}))).into_response();
+    }
+    let path = parts.uri.path().to_string();
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+    match path.as_str() {
+        "/redirect" => Response::builder()
+            .status(302)
+            .header("location", "/v1/elsewhere")
+            .body(Body::empty())
+            .unwrap(),
+        "/hang" => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "late".into_response()
+        }
+        p if p.starts_with("/status/") => {
+            let code: u16 = p["/status/".len()..].parse().unwrap_or(500);
+            (StatusCode::from_u16(code).unwrap(), axum::Json(serde_json::json!({"error": {"message": "as requested", "type": "test"}}))).into_response()
+        }
+        "/v1/chat/completions" if json["stream"] == true => {
+            let gated = json["gated"] == true;
+            let st2 = st.clone();
+            let stream = async_stream(st2, gated);
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .header("cache-control", "no-cache")
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
+        "/v1/chat/completions" => axum::Json(serde_json::json!({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 0,
+            "model": json["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        }))
+        .into_response(),
+        "/v1/messages" => axum::Json(serde_json::json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": json["model"],
+            "content": [{"type": "text", "text": "hello"}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": 1, "output_tokens": 1}
+        }))
+        .into_response(),
+        _ => axum::Json(serde_json::json!({"path": path})).into_response(),
+    }
+}
+
+fn async_stream(
+    st: Arc<UpstreamState>,
+    gated: bool,
+) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> {
+    futures_util::stream::unfold(0u32, move |i| {
+        let st = st.clone();
+        async move {
+            let chunk = match i {
+                0 => "data: {\"choices\":[{\"delta\":{\"content\":\"one\"}}]}\n\n",
+                1 => {
+                    if gated {
+                        st.gate.notified().await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    "data: {\"choices\":[{\"delta\":{\"content\":\"two\"}}]}\n\n"
+                }
+                2 => "data: [DONE]\n\n",
+                _ => return None,
+            };
+            Some((Ok(axum::body::Bytes::from(chunk)), i + 1))
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The proxy as a real process
+
+/// A running `till serve`.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+/// Upstream entry for the config: (name, url, header, prefix, env var).
+pub struct Up<'a> {
+    pub name: &'a str,
+    pub url: String,
+    pub header: &'a str,
+    pub prefix: &'a str,
+    pub env: &'a str,
+}
+
+pub fn openai(u: &Upstream) -> Up<'static> {
+    Up {
+        name: "openai",
+        url: u.url(),
+        header: "authorization",
+        prefix: "Bearer ",
+        env: "TEST_OPENAI_KEY",
+    }
+}
+
+pub fn anthropic(u: &Upstream) -> Up<'static> {
+    Up {
+        name: "anthropic",
+        url: u.url(),
+        header: "x-api-key",
+        prefix: "",
+        env: "TEST_ANTHROPIC_KEY",
+    }
+}
+
+/// The real credentials the test proxy injects.
+pub const OPENAI_SECRET: &str = "sk-real-openai-secret-0123456789";
+pub const ANTHROPIC_SECRET: &str = "sk-ant-real-secret-9876543210";
+
+impl Proxy {
+    /// Writes a config for `ups` (plus `extra` TOML) and starts the proxy.
+    pub fn start(home: &Home, ups: &[Up], extra: &str) -> Proxy {
+        let mut cfg = format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n{extra}\n",
+            home.path().to_str().unwrap(),
+            home.path().join("no-such-policies").to_str().unwrap(),
+        );
+        for u in ups {
+            cfg.push_str(&format!(
+                "[upstreams.{}]\nurl = {:?}\ncredential = {{ env = {:?} }}\nheader = {:?}\nprefix = {:?}\n",
+                u.name, u.url, u.env, u.header, u.prefix
+            ));
+        }
+        let config = home.write("till.toml", &cfg);
+        Self::start_config(home, &config).expect("proxy starts")
+    }
+
+    /// Starts `till serve --config` and waits for its listening line.
+    pub fn start_config(home: &Home, config: &Path) -> Result<Proxy, String> {
+        Self::spawn(home, &["serve", "--config", config.to_str().unwrap()], config)
+    }
+
+    pub fn spawn(home: &Home, args: &[&str], config: &Path) -> Result<Proxy, String> {
+        let log = home.path().join(format!("proxy-{}.log", rand_suffix()));
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("TILL_HOME", home.path())
+            .env("TEST_OPENAI_KEY", OPENAI_SECRET)
+            .env("TEST_ANTHROPIC_KEY", ANTHROPIC_SECRET)
+            .env("TILL_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let stdout = child.stdout.take().unwrap();
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                let _ = child.wait();
+                return Err(std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            if let Some(rest) = line.trim().strip_prefix("till: listening on http://") {
+                let addr: SocketAddr = rest.parse().unwrap();
+                // Keep draining stdout so the proxy never blocks on it.
+                std::thread::spawn(move || {
+                    let mut sink = String::new();
+                    while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+                        sink.clear();
+                    }
+                });
+                return Ok(Proxy {
+                    addr,
+                    child: Some(child),
+                    config: config.to_path_buf(),
+                    log,
+                });
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no flush, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit code.
+    pub fn terminate(&mut self) -> i32 {
+        let mut c = self.child.take().expect("running");
+        Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        c.wait().unwrap().code().unwrap_or(-1)
+    }
+
+    /// Restarts with the same config (after kill9 or terminate).
+    pub fn restart(&mut self, home: &Home) {
+        assert!(self.child.is_none(), "stop the proxy first");
+        let p = Self::start_config(home, &self.config).expect("proxy restarts");
+        *self = p;
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn rand_suffix() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+/// An HTTP client for talking to the proxy.
+pub fn client() -> reqwest::Client {
+    till::proxy::install_crypto();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// POST a chat completion with `token` as Bearer; returns (status, body).
+pub async fn chat(proxy: &Proxy, token: &str, model: &str) -> (u16, serde_json::Value) {
+    let r = client()
+        .post(proxy.url("/openai/v1/chat/completions"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.json().await.unwrap_or(serde_json::Value::Null);
+    (status, body)
+}
