@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Router;
 use biscuit_auth::KeyPair;
-use till::token::{self, keys, Scope};
+use till::token::{self, Scope, keys};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_till");
 
@@ -37,24 +37,42 @@ impl Out {
     }
     #[track_caller]
     pub fn code(&self, c: i32) -> &Self {
-        assert_eq!(self.code, c, "exit code; stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, c,
+            "exit code; stdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         assert!(!self.stderr.contains("panicked"), "panic: {}", self.stderr);
         self
     }
     #[track_caller]
     pub fn stdout_has(&self, s: &str) -> &Self {
-        assert!(self.stdout.contains(s), "stdout lacks {s:?}:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert!(
+            self.stdout.contains(s),
+            "stdout lacks {s:?}:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
         self
     }
     #[track_caller]
     pub fn stderr_has(&self, s: &str) -> &Self {
-        assert!(self.stderr.contains(s), "stderr lacks {s:?}:\n{}", self.stderr);
+        assert!(
+            self.stderr.contains(s),
+            "stderr lacks {s:?}:\n{}",
+            self.stderr
+        );
         self
     }
     /// The one-line error contract: exactly one line on stderr, no backtrace.
     #[track_caller]
     pub fn one_line_error(&self) -> &Self {
-        assert_eq!(self.stderr.trim_end().lines().count(), 1, "stderr: {}", self.stderr);
+        assert_eq!(
+            self.stderr.trim_end().lines().count(),
+            1,
+            "stderr: {}",
+            self.stderr
+        );
         self
     }
     pub fn out(&self) -> String {
@@ -135,7 +153,12 @@ impl Home {
     /// A home with a root key, created through the library (fast).
     pub fn new() -> Home {
         let h = Home::empty();
-        keys::save(&h.path().join(keys::ROOT_KEY_FILE), &keys::generate(), false).unwrap();
+        keys::save(
+            &h.path().join(keys::ROOT_KEY_FILE),
+            &keys::generate(),
+            false,
+        )
+        .unwrap();
         h
     }
     pub fn empty() -> Home {
@@ -219,7 +242,9 @@ pub struct Upstream {
 impl Upstream {
     pub async fn start() -> Upstream {
         let state = Arc::new(UpstreamState::default());
-        let app = Router::new().fallback(upstream_handler).with_state(state.clone());
+        let app = Router::new()
+            .fallback(upstream_handler)
+            .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -240,7 +265,9 @@ impl Upstream {
 
 async fn upstream_handler(State(st): State<Arc<UpstreamState>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
     let body = String::from_utf8_lossy(&bytes).to_string();
     st.seen.lock().unwrap().push(Seen {
         method: parts.method.to_string(),
@@ -253,7 +280,13 @@ async fn upstream_handler(State(st): State<Arc<UpstreamState>>, req: Request) ->
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
     {
-        return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(serde_json::json!({"error": {"message": "upstream broke", "type": "server_error"}}))).into_response();
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(
+                serde_json::json!({"error": {"message": "upstream broke", "type": "server_error"}}),
+            ),
+        )
+            .into_response();
     }
     let path = parts.uri.path().to_string();
     let json: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
@@ -387,7 +420,11 @@ impl Proxy {
 
     /// Starts `till serve --config` and waits for its listening line.
     pub fn start_config(home: &Home, config: &Path) -> Result<Proxy, String> {
-        Self::spawn(home, &["serve", "--config", config.to_str().unwrap()], config)
+        Self::spawn(
+            home,
+            &["serve", "--config", config.to_str().unwrap()],
+            config,
+        )
     }
 
     pub fn spawn(home: &Home, args: &[&str], config: &Path) -> Result<Proxy, String> {
@@ -477,7 +514,11 @@ impl Drop for Proxy {
 
 fn rand_suffix() -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// An HTTP client for talking to the proxy.
@@ -495,11 +536,15 @@ pub async fn chat(proxy: &Proxy, token: &str, model: &str) -> (u16, serde_json::
         .post(proxy.url("/openai/v1/chat/completions"))
         .bearer_auth(token)
         .header("content-type", "application/json")
-        .body(serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string())
+        .body(
+            serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+                .to_string(),
+        )
         .send()
         .await
         .unwrap();
     let status = r.status().as_u16();
-    let body = r.json().await.unwrap_or(serde_json::Value::Null);
+    let text = r.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
     (status, body)
 }
