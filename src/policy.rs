@@ -13,11 +13,8 @@ pub const DEFAULT_POLICY: &str = include_str!("../policies/default.datalog");
 /// Why the policies could not be loaded.
 #[derive(Debug, Error)]
 pub enum PolicyError {
-    #[error("cannot read policies from {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot read policies from {path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: invalid Datalog: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0}: no *.datalog files; an empty policy set would deny everything")]
@@ -73,9 +70,9 @@ impl Policies {
 
     /// Loads every `*.datalog` file of `dir`, in name order.
     pub fn load_dir(dir: &Path) -> Result<Self, PolicyError> {
-        let io = |source| PolicyError::Io {
+        let io = |err| PolicyError::Io {
             path: dir.to_path_buf(),
-            source,
+            err,
         };
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(io)?
@@ -88,9 +85,9 @@ impl Policies {
         }
         let mut sources = Vec::new();
         for f in files {
-            let code = std::fs::read_to_string(&f).map_err(|source| PolicyError::Io {
+            let code = std::fs::read_to_string(&f).map_err(|err| PolicyError::Io {
                 path: f.clone(),
-                source,
+                err,
             })?;
             sources.push((f, code));
         }

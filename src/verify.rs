@@ -247,8 +247,8 @@ fn explain(e: BToken, token: &VerifiedToken, req: &RequestFacts) -> Denial {
         reasons.insert(
             0,
             format!(
-                "no right of the authority block covers {} {}{}",
-                req.method, req.service, req.path
+                "no right of the authority block covers {} {} on service {:?}",
+                req.method, req.path, req.service
             ),
         );
     }

@@ -406,7 +406,7 @@ impl Proxy {
         let mut cfg = format!(
             "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n{extra}\n",
             home.path().to_str().unwrap(),
-            home.path().join("no-such-policies").to_str().unwrap(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
         );
         for u in ups {
             cfg.push_str(&format!(
@@ -547,4 +547,22 @@ pub async fn chat(proxy: &Proxy, token: &str, model: &str) -> (u16, serde_json::
     let text = r.text().await.unwrap_or_default();
     let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
     (status, body)
+}
+
+/// Sends a request line exactly as given (no client-side normalisation of
+/// `..` or `%2e`), returns the status code.
+pub async fn raw_request(addr: std::net::SocketAddr, target: &str, extra_headers: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {target} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n{extra_headers}\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"))
 }
