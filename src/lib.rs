@@ -51,6 +51,7 @@
 //! ```
 
 pub mod cli;
+pub mod monitor;
 pub mod path;
 pub mod policy;
 pub mod proxy;

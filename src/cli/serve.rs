@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 
+use crate::monitor::Monitor;
 use crate::policy::Policies;
 use crate::proxy::{self, AppState, Config, config};
 use crate::store::EmbeddedStore;
@@ -150,18 +151,26 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
         tracing::info!(removed, "dropped counters of long-expired tokens");
     }
     let verifier = Verifier::new(root.public(), policies);
-    let state = AppState::new(
-        &cfg,
-        &credentials,
-        verifier,
-        Arc::new(store.clone()),
-        Arc::new(store.clone()),
-    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let result = rt.block_on(async {
+        let monitor = Monitor::start(&cfg.audit, &cfg.state_dir, cfg.alerts.clone())
+            .context("cannot open the audit log")?;
+        let m = monitor.metrics.clone();
+        store.set_commit_observer(Box::new(move |d, n| {
+            m.commit_seconds.observe(d.as_secs_f64());
+            m.commit_batch.observe(n as f64);
+        }));
+        let state = AppState::with_monitor(
+            &cfg,
+            &credentials,
+            verifier,
+            Arc::new(store.clone()),
+            Arc::new(store.clone()),
+            monitor,
+        )?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;

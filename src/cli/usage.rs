@@ -1,4 +1,4 @@
-//! `till usage`: per-block use counts from the running proxy.
+//! `till usage`: use counts per token family, from the running proxy.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -10,7 +10,7 @@ use super::revoke::AdminArgs;
 
 #[derive(Args, Debug)]
 pub struct UsageArgs {
-    /// A token (its blocks are shown) or a revocation id; default: every counter.
+    /// A token or a revocation id: show that token's family in detail. Default: every family.
     #[arg(value_name = "TOKEN|ID")]
     pub target: Option<String>,
     /// Print JSON instead of a table.
@@ -20,62 +20,74 @@ pub struct UsageArgs {
     pub admin: AdminArgs,
 }
 
+fn time(v: &Value) -> String {
+    v.as_u64()
+        .map(|s| {
+            crate::token::format_time(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+fn num(v: &Value) -> String {
+    v.as_u64()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
 pub fn run(home: &Path, a: UsageArgs) -> anyhow::Result<ExitCode> {
-    let rows: Vec<Value> = match &a.target {
-        None => a.admin.call(home, "GET", "/admin/usage", None)?["counters"]
+    let families: Vec<Value> = match &a.target {
+        None => a.admin.call(home, "GET", "/admin/usage", None)?["families"]
             .as_array()
             .cloned()
             .unwrap_or_default(),
         Some(t) => {
             let t = t.trim();
-            let ids = if t.len() == 128 && hex::decode(t).is_ok() {
-                vec![t.to_ascii_lowercase()]
+            let id = if t.len() == 128 && hex::decode(t).is_ok() {
+                t.to_ascii_lowercase()
             } else {
-                crate::token::RawToken::parse(t)?.revocation_ids()
+                // The last block of a token identifies its family and itself.
+                crate::token::RawToken::parse(t)?
+                    .revocation_ids()
+                    .pop()
+                    .unwrap_or_default()
             };
-            let mut out = Vec::new();
-            for id in ids {
-                out.push(
-                    a.admin
-                        .call(home, "GET", &format!("/admin/usage/{id}"), None)?,
-                );
-            }
-            out
+            vec![
+                a.admin
+                    .call(home, "GET", &format!("/admin/usage/{id}"), None)?,
+            ]
         }
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(&families)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<18} {:>8} {:>8} {:>9}  {:<20}  revoked",
-        "block id", "uses", "limit", "remaining", "expires"
+        "{:<22} {:>8} {:>8} {:>9}  {:<20}  {:<20}  label",
+        "block", "uses", "limit", "remaining", "expires", "last use"
     );
-    for r in rows {
-        let id = r["id"].as_str().unwrap_or("");
-        let short = &id[..id.len().min(16)];
-        let num = |k: &str| {
-            r[k].as_u64()
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "-".into())
-        };
-        let exp = r["expires"]
-            .as_u64()
-            .map(|s| {
-                crate::token::format_time(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
-            })
-            .unwrap_or_else(|| "-".into());
-        println!(
-            "{short:<16}.. {:>8} {:>8} {:>9}  {exp:<20}  {}",
-            num("uses"),
-            num("limit"),
-            num("remaining"),
-            if r["revoked"].as_bool() == Some(true) {
-                "yes"
+    for f in &families {
+        for b in f["blocks"].as_array().into_iter().flatten() {
+            let id = b["id"].as_str().unwrap_or("");
+            let depth = b["index"].as_u64().unwrap_or(0) as usize;
+            let name = format!("{}{}..", "  ".repeat(depth), &id[..id.len().min(12)]);
+            let revoked = if b["revoked"].as_bool() == Some(true) {
+                " [revoked]"
             } else {
-                "no"
-            }
-        );
+                ""
+            };
+            println!(
+                "{name:<22} {:>8} {:>8} {:>9}  {:<20}  {:<20}  {}{revoked}",
+                num(&b["uses"]),
+                num(&b["limit"]),
+                num(&b["remaining"]),
+                time(&b["expires"]),
+                time(&b["last_use"]),
+                b["label"]
+                    .as_str()
+                    .map(|l| format!("{l:?}"))
+                    .unwrap_or_default(),
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -127,6 +127,91 @@ pub async fn revocations(
     }
 }
 
+/// Builds the usage view: counters grouped into token families, with
+/// what the proxy has seen of each block. Numbers come from the counter
+/// store.
+pub async fn usage_view(st: &AppState) -> Result<serde_json::Value, ProxyError> {
+    use std::collections::HashMap;
+    let unavailable = |e: crate::store::StoreError| ProxyError::StoreUnavailable(e.to_string());
+    let counters = st.counters.list().await.map_err(unavailable)?;
+    let metas = st.counters.blocks().await.map_err(unavailable)?;
+    let meta: HashMap<&str, &crate::store::BlockMeta> =
+        metas.iter().map(|m| (m.id.as_str(), m)).collect();
+    let mut children: HashMap<&str, usize> = HashMap::new();
+    for m in &metas {
+        if let Some(p) = &m.parent {
+            *children.entry(p.as_str()).or_default() += 1;
+        }
+    }
+    let is_revoked = |id: &str| -> bool {
+        // A block is revoked when it or any ancestor is.
+        let mut cur = Some(id.to_string());
+        let mut hops = 0;
+        while let Some(c) = cur {
+            if matches!(
+                st.revocations.first_revoked(std::slice::from_ref(&c)),
+                Ok(Some(_))
+            ) {
+                return true;
+            }
+            hops += 1;
+            cur = meta
+                .get(c.as_str())
+                .and_then(|m| m.parent.clone())
+                .filter(|_| hops < 64);
+        }
+        false
+    };
+    let mut families: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
+    for c in &counters {
+        let m = meta.get(c.id.as_str());
+        let family = m.map(|m| m.family.clone()).unwrap_or_else(|| c.id.clone());
+        let limit = c.limit.or(m.and_then(|m| m.limit));
+        families.entry(family).or_default().push(json!({
+            "id": c.id,
+            "index": m.map(|m| m.index),
+            "parent": m.and_then(|m| m.parent.clone()),
+            "label": m.and_then(|m| m.label.clone()),
+            "uses": c.uses,
+            "limit": limit,
+            "remaining": limit.map(|l| l.saturating_sub(c.uses)),
+            "expires": c.expires.or(m.and_then(|m| m.expires)),
+            "last_use": c.last_use,
+            "children_seen": children.get(c.id.as_str()).copied().unwrap_or(0),
+            "revoked": is_revoked(&c.id),
+        }));
+    }
+    let mut out: Vec<serde_json::Value> = families
+        .into_iter()
+        .map(|(family, mut blocks)| {
+            blocks.sort_by_key(|b| b["index"].as_u64().unwrap_or(0));
+            let root = blocks
+                .iter()
+                .find(|b| b["id"] == family.as_str())
+                .cloned()
+                .unwrap_or(serde_json::Value::Null);
+            let last_use = blocks.iter().filter_map(|b| b["last_use"].as_u64()).max();
+            json!({
+                "family": family,
+                "label": root["label"], "uses": root["uses"], "limit": root["limit"],
+                "remaining": root["remaining"], "expires": root["expires"],
+                "revoked": root["revoked"], "last_use": last_use,
+                "blocks": blocks,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b["last_use"]
+            .as_u64()
+            .cmp(&a["last_use"].as_u64())
+            .then(a["family"].as_str().cmp(&b["family"].as_str()))
+    });
+    Ok(json!({
+        "families": out,
+        "recent_denials": st.monitor.recent(true, 50),
+    }))
+}
+
 pub async fn usage(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -135,35 +220,13 @@ pub async fn usage(
     if let Err(e) = authenticate(&st, peer, &headers) {
         return e.into_response();
     }
-    match st.counters.list().await {
-        Ok(mut list) => {
-            list.sort_by(|a, b| b.last_use.cmp(&a.last_use).then(a.id.cmp(&b.id)));
-            let revoked: Vec<bool> = list
-                .iter()
-                .map(|c| {
-                    matches!(
-                        st.revocations.first_revoked(std::slice::from_ref(&c.id)),
-                        Ok(Some(_))
-                    )
-                })
-                .collect();
-            let items: Vec<_> = list
-                .iter()
-                .zip(revoked)
-                .map(|(c, r)| {
-                    json!({
-                        "id": c.id, "uses": c.uses, "limit": c.limit,
-                        "remaining": c.limit.map(|l| l.saturating_sub(c.uses)),
-                        "expires": c.expires, "last_use": c.last_use, "revoked": r,
-                    })
-                })
-                .collect();
-            Json(json!({ "counters": items })).into_response()
-        }
-        Err(e) => ProxyError::StoreUnavailable(e.to_string()).into_response(),
+    match usage_view(&st).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
+/// One family in detail, by the id of any of its blocks.
 pub async fn usage_one(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -174,22 +237,82 @@ pub async fn usage_one(
         return e.into_response();
     }
     let id = id.to_ascii_lowercase();
-    match st.counters.get(std::slice::from_ref(&id)).await {
-        Ok(v) => {
-            let c = &v[0];
-            let revoked = matches!(
-                st.revocations.first_revoked(std::slice::from_ref(&id)),
-                Ok(Some(_))
-            );
-            Json(json!({
-                "id": c.id, "uses": c.uses, "limit": c.limit,
-                "remaining": c.limit.map(|l| l.saturating_sub(c.uses)),
-                "expires": c.expires, "last_use": c.last_use, "revoked": revoked,
-            }))
-            .into_response()
-        }
-        Err(e) => ProxyError::StoreUnavailable(e.to_string()).into_response(),
+    let view = match usage_view(&st).await {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let found = view["families"].as_array().into_iter().flatten().find(|f| {
+        f["family"] == id.as_str()
+            || f["blocks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|b| b["id"] == id.as_str())
+    });
+    match found {
+        Some(f) => Json(f.clone()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {"message": "no counter for this id: the proxy has not seen it used", "type": "not_found_error", "code": "not_found"}})),
+        )
+            .into_response(),
     }
+}
+
+#[derive(Deserialize)]
+pub struct DecisionQuery {
+    #[serde(default)]
+    pub denied: bool,
+    pub limit: Option<usize>,
+}
+
+/// Recent decisions (newest first), optionally denials only.
+pub async fn decisions(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<DecisionQuery>,
+) -> Response {
+    if let Err(e) = authenticate(&st, peer, &headers) {
+        return e.into_response();
+    }
+    Json(json!({"decisions": st.monitor.recent(q.denied, q.limit.unwrap_or(100).min(500))}))
+        .into_response()
+}
+
+/// Recent alerts (newest first).
+pub async fn alerts(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = authenticate(&st, peer, &headers) {
+        return e.into_response();
+    }
+    Json(json!({"alerts": st.monitor.alerts.history()})).into_response()
+}
+
+/// Prometheus metrics. No token (scrapers rarely carry one), but loopback
+/// only unless `danger_admin_remote` is set.
+pub async fn metrics(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    if !st.admin_remote && !peer.ip().is_loopback() {
+        return forbidden("metrics are served to loopback clients only").into_response();
+    }
+    st.monitor
+        .metrics
+        .revocations
+        .set(st.revocations.len() as i64);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.monitor.metrics.encode(),
+    )
+        .into_response()
 }
 
 pub async fn not_found() -> Response {

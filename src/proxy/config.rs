@@ -116,6 +116,10 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    #[serde(default)]
+    pub audit: crate::monitor::AuditConfig,
+    #[serde(default)]
+    pub alerts: crate::monitor::AlertConfig,
     /// Where the config came from, for error messages.
     #[serde(skip)]
     pub file: String,
@@ -130,6 +134,8 @@ impl Default for Config {
             danger_admin_remote: false,
             limits: Limits::default(),
             upstreams: BTreeMap::new(),
+            audit: Default::default(),
+            alerts: Default::default(),
             file: "<defaults>".into(),
         }
     }
@@ -220,6 +226,25 @@ impl Config {
                 && v.is_empty()
             {
                 return Err(self.err(&format!("{key}.credential.env"), "empty variable name"));
+            }
+        }
+        for (i, t) in self.alerts.thresholds.iter().enumerate() {
+            if !(*t > 0.0 && *t <= 1.0) {
+                return Err(self.err(
+                    &format!("alerts.thresholds[{i}]"),
+                    format!("{t} must be a fraction in (0, 1], e.g. 0.8"),
+                ));
+            }
+        }
+        for (i, h) in self.alerts.webhooks.iter().enumerate() {
+            let u = reqwest::Url::parse(&h.url).map_err(|e| {
+                self.err(
+                    &format!("alerts.webhooks[{i}].url"),
+                    format!("{:?} is not a URL ({e})", h.url),
+                )
+            })?;
+            if !matches!(u.scheme(), "http" | "https") {
+                return Err(self.err(&format!("alerts.webhooks[{i}].url"), "must be http(s)"));
             }
         }
         if self.limits.max_connections == 0 {
@@ -319,6 +344,20 @@ idle_timeout_secs = 300
 shutdown_grace_secs = 30
 idempotency_window_secs = 600
 max_connections = 4096
+
+[audit]
+# One JSON line per decision. Default file: <state_dir>/audit.jsonl
+enabled = true
+stdout = false
+# file = "/var/log/till/audit.jsonl"
+
+[alerts]
+thresholds = [0.8, 1.0]          # fractions of a block's use limit
+denial_burst_count = 20          # denials of one family ...
+denial_burst_window_secs = 60    # ... within this window
+# [[alerts.webhooks]]
+# url = "https://hooks.slack.com/services/..."
+# format = "slack"               # or "json"
 "#,
         state = state_dir.display().to_string()
     )

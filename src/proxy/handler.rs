@@ -3,7 +3,7 @@
 //! wrong; nothing is forwarded unless every step passed.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -16,6 +16,7 @@ use super::AppState;
 use super::error::ProxyError;
 use super::forward::{Outgoing, forward};
 use super::idempotency::{Claim, MAX_KEY_LEN};
+use crate::monitor::Observation;
 use crate::store::{CounterSpec, Reservation};
 use crate::token::{MAX_TOKEN_LEN, RequestFacts};
 use crate::verify::{VerifiedToken, revoked_denial};
@@ -35,13 +36,30 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
 
 /// Every request not handled by another route.
 pub async fn proxy(State(st): State<AppState>, req: Request) -> Response {
-    match handle(&st, req).await {
-        Ok(r) => r,
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.to_string());
+    let request_id = format!("{:016x}", rand::random::<u64>());
+    let mut obs = Observation::new(request_id.clone(), peer, req.method().as_str(), "");
+    let (mut resp, code, reason) = match handle(&st, req, &mut obs).await {
+        Ok(r) => (r, "ok", None),
         Err(e) => {
             tracing::debug!(status = %e.status(), code = e.code(), "request refused");
-            e.into_response()
+            if let ProxyError::Denied(d) = &e {
+                obs.denial = Some(d.kind);
+            }
+            let code = e.code();
+            let reason = e.message();
+            (e.into_response(), code, Some(reason))
         }
+    };
+    st.monitor
+        .record(&obs, resp.status().as_u16(), code, reason);
+    if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-till-request-id", v);
     }
+    resp
 }
 
 /// Reads the token from `Authorization: Bearer` or `x-api-key`.
@@ -153,16 +171,22 @@ fn specs(t: &VerifiedToken) -> Vec<CounterSpec> {
         .collect()
 }
 
-async fn handle(st: &AppState, req: Request) -> Result<Response, ProxyError> {
+async fn handle(
+    st: &AppState,
+    req: Request,
+    obs: &mut Observation,
+) -> Result<Response, ProxyError> {
     let (parts, body) = req.into_parts();
 
     // 1. Bound and parse the request before any cryptography.
     let (service, rest) = split_service(parts.uri.path())?;
+    obs.service = service.chars().take(64).collect();
     let upstream = st
         .upstreams
         .get(service)
         .ok_or_else(|| ProxyError::UnknownService(service.to_string()))?;
     let path = crate::path::normalize(rest).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    obs.path = path.clone();
     let token_text = extract_token(&parts.headers)?;
     if let Some(len) = parts
         .headers
@@ -176,9 +200,13 @@ async fn handle(st: &AppState, req: Request) -> Result<Response, ProxyError> {
     }
 
     // 2. Signature (cached).
+    let t0 = Instant::now();
     let token = st
         .verify_cached(token_text)
-        .map_err(|e| ProxyError::InvalidToken(e.to_string()))?;
+        .map_err(|e| ProxyError::InvalidToken(e.to_string()));
+    obs.verify = Some(t0.elapsed());
+    let token = token?;
+    obs.token = Some(token.clone());
 
     // 3. Revocation.
     match st.revocations.first_revoked(&token.ids) {
@@ -195,6 +223,7 @@ async fn handle(st: &AppState, req: Request) -> Result<Response, ProxyError> {
     } else {
         (Outgoing::Stream(body), None)
     };
+    obs.model = model.clone();
     let facts = RequestFacts {
         service: service.to_string(),
         method: parts.method.as_str().to_ascii_uppercase(),
@@ -228,6 +257,7 @@ async fn handle(st: &AppState, req: Request) -> Result<Response, ProxyError> {
     };
 
     let result = authorize_and_forward(
+        obs,
         st,
         &token,
         facts,
@@ -250,6 +280,7 @@ async fn handle(st: &AppState, req: Request) -> Result<Response, ProxyError> {
 
 #[allow(clippy::too_many_arguments)]
 async fn authorize_and_forward(
+    obs: &mut Observation,
     st: &AppState,
     token: &Arc<VerifiedToken>,
     facts: RequestFacts,
@@ -262,19 +293,24 @@ async fn authorize_and_forward(
     let path = facts.path.clone();
     match replay {
         Some(uses) => {
+            obs.uses = Some(uses.clone());
             st.verifier
                 .authorize(token, &facts, &uses)
                 .map_err(ProxyError::Denied)?;
         }
         None => {
             // 4. Reserve activations on every block.
+            let t0 = Instant::now();
             let Reservation { uses, durable } = st
                 .counters
                 .reserve(&specs(token))
                 .await
                 .map_err(|e| ProxyError::StoreUnavailable(e.to_string()))?;
+            obs.uses = Some(uses.clone());
             // 5. Authorize with this request's own post-increment counts.
             if let Err(d) = st.verifier.authorize(token, &facts, &uses) {
+                // Report the counts as they stand after the rollback.
+                obs.uses = Some(uses.iter().map(|u| u.saturating_sub(1)).collect());
                 if let Err(e) = st.counters.release(&token.ids).await {
                     tracing::error!(error = %e, "rollback of a denied reservation failed");
                 }
@@ -284,13 +320,16 @@ async fn authorize_and_forward(
             durable
                 .await
                 .map_err(|e| ProxyError::StoreUnavailable(e.to_string()))?;
+            obs.reserve = Some(t0.elapsed());
             if let Some(k) = idem_key {
                 st.idempotency.start(k, uses);
             }
         }
     }
     // 6. Forward and stream back.
-    forward(st, upstream, parts, &path, body).await
+    let resp = forward(st, upstream, parts, &path, body).await?;
+    obs.upstream_status = Some(resp.status().as_u16());
+    Ok(resp)
 }
 
 #[cfg(test)]

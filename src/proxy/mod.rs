@@ -55,6 +55,7 @@ pub struct Inner {
     pub limits: config::Limits,
     pub idempotency: idempotency::Idempotency,
     pub admin_remote: bool,
+    pub monitor: Arc<crate::monitor::Monitor>,
 }
 
 /// Cheap-to-clone handle on the shared state.
@@ -78,13 +79,33 @@ pub fn install_crypto() {
 const CACHE_ENTRIES: u64 = 100_000;
 
 impl AppState {
-    /// Builds the state from a validated config and resolved credentials.
+    /// Builds the state from a validated config and resolved credentials,
+    /// with monitoring limited to metrics (no audit file, no webhooks).
     pub fn new(
         cfg: &Config,
         credentials: &std::collections::BTreeMap<String, Option<String>>,
         verifier: Verifier,
         counters: Arc<dyn CounterStore>,
         revocations: Arc<dyn RevocationList>,
+    ) -> Result<Self, config::ConfigError> {
+        Self::with_monitor(
+            cfg,
+            credentials,
+            verifier,
+            counters,
+            revocations,
+            crate::monitor::Monitor::disabled(),
+        )
+    }
+
+    /// Same as [`AppState::new`] with a configured [`crate::monitor::Monitor`].
+    pub fn with_monitor(
+        cfg: &Config,
+        credentials: &std::collections::BTreeMap<String, Option<String>>,
+        verifier: Verifier,
+        counters: Arc<dyn CounterStore>,
+        revocations: Arc<dyn RevocationList>,
+        monitor: crate::monitor::Monitor,
     ) -> Result<Self, config::ConfigError> {
         let mut upstreams = HashMap::new();
         for (name, u) in &cfg.upstreams {
@@ -141,6 +162,7 @@ impl AppState {
             )),
             limits: cfg.limits.clone(),
             admin_remote: cfg.danger_admin_remote,
+            monitor: Arc::new(monitor),
         })))
     }
 
@@ -148,12 +170,39 @@ impl AppState {
     /// are cached.
     pub fn verify_cached(&self, text: &str) -> Result<Arc<VerifiedToken>, TokenError> {
         if let Some(t) = self.cache.get(text) {
+            self.monitor.metrics.cache_hits.inc();
             return Ok(t);
         }
+        self.monitor.metrics.cache_misses.inc();
         let t = Arc::new(self.verifier.verify_token(text)?);
         self.cache.insert(text.to_string(), t.clone());
+        self.counters.register(&block_meta(&t));
         Ok(t)
     }
+}
+
+/// What the usage view needs to know about each block of a token.
+fn block_meta(t: &VerifiedToken) -> Vec<crate::store::BlockMeta> {
+    t.ids
+        .iter()
+        .enumerate()
+        .map(|(k, id)| {
+            let b = t.view.blocks.get(k);
+            crate::store::BlockMeta {
+                id: id.clone(),
+                family: t.family().to_string(),
+                parent: k.checked_sub(1).and_then(|p| t.ids.get(p)).cloned(),
+                index: k,
+                label: b.and_then(|b| b.labels.first().cloned()),
+                limit: t.limits.get(k).copied().flatten(),
+                expires: b.and_then(|b| b.expires_at).and_then(|e| {
+                    e.duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_secs())
+                }),
+            }
+        })
+        .collect()
 }
 
 /// The app: health checks, admin API, and everything else proxied.
@@ -165,6 +214,9 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/revocations", get(admin::revocations))
         .route("/admin/usage", get(admin::usage))
         .route("/admin/usage/{id}", get(admin::usage_one))
+        .route("/admin/decisions", get(admin::decisions))
+        .route("/admin/alerts", get(admin::alerts))
+        .route("/metrics", get(admin::metrics))
         .route("/admin", any(admin::not_found))
         .route("/admin/{*rest}", any(admin::not_found))
         .fallback(handler::proxy)

@@ -34,11 +34,14 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
 use super::{
-    CounterInfo, CounterSpec, CounterStore, Reservation, RevocationList, StoreError, now_unix,
+    BlockMeta, CounterInfo, CounterSpec, CounterStore, Reservation, RevocationList, StoreError,
+    now_unix,
 };
 
 /// id → (durable mark, expiry in Unix seconds or 0 for none).
 const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counters");
+/// id → JSON of [`BlockMeta`].
+const BLOCKS: TableDefinition<&str, &str> = TableDefinition::new("blocks");
 /// id → revocation time (Unix seconds).
 const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked");
 
@@ -84,6 +87,8 @@ struct Pending {
 struct State {
     counters: HashMap<String, Entry>,
     pending: HashMap<String, Pending>,
+    meta: HashMap<String, BlockMeta>,
+    pending_meta: Vec<BlockMeta>,
     /// Epoch of the batch being gathered.
     next_epoch: u64,
     failed: Option<String>,
@@ -104,7 +109,11 @@ pub struct CommitStats {
     pub commit_micros_total: AtomicU64,
 }
 
+/// Called after each group commit with its duration and batch size.
+pub type CommitObserver = Box<dyn Fn(std::time::Duration, usize) + Send + Sync>;
+
 struct Shared {
+    observer: RwLock<Option<CommitObserver>>,
     db: Database,
     path: PathBuf,
     state: Mutex<State>,
@@ -161,10 +170,13 @@ impl EmbeddedStore {
                 .map_err(|e| open_err(e.to_string()))?;
             txn.open_table(REVOKED)
                 .map_err(|e| open_err(e.to_string()))?;
+            txn.open_table(BLOCKS)
+                .map_err(|e| open_err(e.to_string()))?;
         }
         txn.commit().map_err(|e| open_err(e.to_string()))?;
         let mut counters = HashMap::new();
         let mut revoked = HashSet::new();
+        let mut meta = HashMap::new();
         {
             let r = db.begin_read().map_err(|e| open_err(e.to_string()))?;
             let t = r
@@ -184,6 +196,14 @@ impl EmbeddedStore {
                     },
                 );
             }
+            let t = r.open_table(BLOCKS).map_err(|e| open_err(e.to_string()))?;
+            for item in t.iter().map_err(|e| open_err(e.to_string()))? {
+                let (k, v) = item.map_err(|e| open_err(e.to_string()))?;
+                // Metadata is informational: a row we cannot read is skipped.
+                if let Ok(m) = serde_json::from_str::<BlockMeta>(v.value()) {
+                    meta.insert(k.value().to_string(), m);
+                }
+            }
             let t = r.open_table(REVOKED).map_err(|e| open_err(e.to_string()))?;
             for item in t.iter().map_err(|e| open_err(e.to_string()))? {
                 let (k, _) = item.map_err(|e| open_err(e.to_string()))?;
@@ -195,11 +215,14 @@ impl EmbeddedStore {
             failed: None,
         });
         let shared = Arc::new(Shared {
+            observer: RwLock::new(None),
             db,
             path: path.to_path_buf(),
             state: Mutex::new(State {
                 counters,
                 pending: HashMap::new(),
+                meta,
+                pending_meta: Vec::new(),
                 next_epoch: 1,
                 failed: None,
                 shutdown: false,
@@ -223,6 +246,15 @@ impl EmbeddedStore {
     /// Where the store lives.
     pub fn path(&self) -> &Path {
         &self.shared.path
+    }
+
+    /// Sets the function told about every group commit (metrics).
+    pub fn set_commit_observer(&self, f: CommitObserver) {
+        *self
+            .shared
+            .observer
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
     /// Commit statistics (for metrics).
@@ -252,11 +284,16 @@ impl EmbeddedStore {
             for id in &dead {
                 t.remove(id.as_str()).map_err(io)?;
             }
+            let mut t = txn.open_table(BLOCKS).map_err(io)?;
+            for id in &dead {
+                t.remove(id.as_str()).map_err(io)?;
+            }
         }
         txn.commit().map_err(io)?;
         let mut st = lock(&self.shared.state);
         for id in &dead {
             st.counters.remove(id);
+            st.meta.remove(id);
         }
         Ok(dead.len())
     }
@@ -319,21 +356,30 @@ fn queue_exact(st: &mut State) {
 
 fn writer_loop(s: &Shared) {
     loop {
-        let (batch, epoch) = {
+        let (batch, meta, epoch) = {
             let mut st = lock(&s.state);
-            while st.pending.is_empty() && !st.shutdown {
+            while st.pending.is_empty() && st.pending_meta.is_empty() && !st.shutdown {
                 st = s.wake.wait(st).unwrap_or_else(|p| p.into_inner());
             }
-            if st.pending.is_empty() {
+            if st.pending.is_empty() && st.pending_meta.is_empty() {
                 return;
             }
             let batch = std::mem::take(&mut st.pending);
+            let meta = std::mem::take(&mut st.pending_meta);
             let epoch = st.next_epoch;
             st.next_epoch += 1;
-            (batch, epoch)
+            (batch, meta, epoch)
         };
         let started = std::time::Instant::now();
-        let result = write_batch(&s.db, &batch);
+        let result = write_batch(&s.db, &batch, &meta);
+        if let Some(f) = s
+            .observer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            f(started.elapsed(), batch.len() + meta.len());
+        }
         s.stats.commits.fetch_add(1, Ordering::Relaxed);
         s.stats
             .marks_written
@@ -375,8 +421,20 @@ fn writer_loop(s: &Shared) {
     }
 }
 
-fn write_batch(db: &Database, batch: &HashMap<String, Pending>) -> Result<(), String> {
+fn write_batch(
+    db: &Database,
+    batch: &HashMap<String, Pending>,
+    meta: &[BlockMeta],
+) -> Result<(), String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
+    if !meta.is_empty() {
+        let mut t = txn.open_table(BLOCKS).map_err(|e| e.to_string())?;
+        for m in meta {
+            let json = serde_json::to_string(m).map_err(|e| e.to_string())?;
+            t.insert(m.id.as_str(), json.as_str())
+                .map_err(|e| e.to_string())?;
+        }
+    }
     {
         let mut t = txn.open_table(COUNTERS).map_err(|e| e.to_string())?;
         for (id, p) in batch {
@@ -513,6 +571,26 @@ impl CounterStore for EmbeddedStore {
     fn healthy(&self) -> bool {
         let st = lock(&self.shared.state);
         st.failed.is_none() && !st.shutdown
+    }
+    fn register(&self, blocks: &[BlockMeta]) {
+        let mut st = lock(&self.shared.state);
+        let mut added = false;
+        for b in blocks {
+            if !st.meta.contains_key(&b.id) {
+                st.meta.insert(b.id.clone(), b.clone());
+                st.pending_meta.push(b.clone());
+                added = true;
+            }
+        }
+        drop(st);
+        if added {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    fn blocks(&self) -> BoxFuture<'_, Result<Vec<BlockMeta>, StoreError>> {
+        let out = lock(&self.shared.state).meta.values().cloned().collect();
+        async move { Ok(out) }.boxed()
     }
 }
 

@@ -65,6 +65,21 @@ pub struct CounterInfo {
     pub last_use: Option<u64>,
 }
 
+/// What the proxy knows about a block, from the tokens it has seen. Used by
+/// the usage view to group counters into families; never for decisions.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct BlockMeta {
+    pub id: String,
+    /// Revocation id of the authority block of the token family.
+    pub family: String,
+    /// Revocation id of the block before this one.
+    pub parent: Option<String>,
+    pub index: usize,
+    pub label: Option<String>,
+    pub limit: Option<u64>,
+    pub expires: Option<u64>,
+}
+
 /// Activation counters keyed by block revocation id.
 pub trait CounterStore: Send + Sync + 'static {
     /// Atomically adds one to every counter and returns the new values.
@@ -79,6 +94,10 @@ pub trait CounterStore: Send + Sync + 'static {
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Whether the store can take reservations (for `/readyz`).
     fn healthy(&self) -> bool;
+    /// Remembers block metadata (fire and forget, never waits on disk).
+    fn register(&self, blocks: &[BlockMeta]);
+    /// Every block registered so far.
+    fn blocks(&self) -> BoxFuture<'_, Result<Vec<BlockMeta>, StoreError>>;
 }
 
 /// Revoked block ids.

@@ -755,6 +755,15 @@ impl till::store::CounterStore for BrokenStore {
     fn healthy(&self) -> bool {
         false
     }
+    fn register(&self, _: &[till::store::BlockMeta]) {}
+    fn blocks(
+        &self,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<Vec<till::store::BlockMeta>, till::store::StoreError>,
+    > {
+        Box::pin(async { Ok(vec![]) })
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

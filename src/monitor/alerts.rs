@@ -1,0 +1,270 @@
+//! Alerts: webhooks fired on usage thresholds, use of revoked or expired
+//! tokens, and bursts of denials.
+//!
+//! Alerts are queued (bounded) and delivered by a background task with
+//! retries and exponential backoff, never on the request path. A slow or
+//! failing receiver cannot grow memory: when the queue is full, alerts are
+//! dropped and counted (`till_alerts_dropped_total`). Each alert has a
+//! deduplication key so the same event is not sent twice.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::metrics::{KindLabels, Metrics};
+
+/// Payload format of a webhook.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// `{"kind", "message", "time", "family", "block", "labels", "details"}`
+    #[default]
+    Json,
+    /// `{"text": message}`, accepted by Slack incoming webhooks.
+    Slack,
+}
+
+/// One webhook receiver.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub url: String,
+    #[serde(default)]
+    pub format: Format,
+}
+
+fn default_thresholds() -> Vec<f64> {
+    vec![0.8, 1.0]
+}
+fn default_burst_count() -> u32 {
+    20
+}
+fn default_burst_window() -> u64 {
+    60
+}
+
+/// `[alerts]` in till.toml.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// Fractions of a block's use limit that fire an alert when crossed.
+    #[serde(default = "default_thresholds")]
+    pub thresholds: Vec<f64>,
+    /// Denials of one family within the window that make a burst.
+    #[serde(default = "default_burst_count")]
+    pub denial_burst_count: u32,
+    #[serde(default = "default_burst_window")]
+    pub denial_burst_window_secs: u64,
+    #[serde(default)]
+    pub webhooks: Vec<Webhook>,
+}
+
+impl Default for AlertConfig {
+    fn default() -> Self {
+        AlertConfig {
+            thresholds: default_thresholds(),
+            denial_burst_count: default_burst_count(),
+            denial_burst_window_secs: default_burst_window(),
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+/// One alert.
+#[derive(Clone, Debug, Serialize)]
+pub struct Alert {
+    /// `usage_threshold`, `revoked_token_used`, `denial_burst`, `expired_token_used`.
+    pub kind: &'static str,
+    pub message: String,
+    pub time: String,
+    pub family: Option<String>,
+    pub block: Option<String>,
+    pub labels: Vec<String>,
+    pub details: serde_json::Value,
+}
+
+/// Queue length before alerts are dropped.
+const QUEUE: usize = 1024;
+/// Alerts kept for the dashboard.
+const HISTORY: usize = 200;
+/// Delivery attempts per webhook.
+const ATTEMPTS: u32 = 4;
+
+struct Burst {
+    start: Instant,
+    count: u32,
+    fired: bool,
+}
+
+/// The alert dispatcher.
+pub struct Alerts {
+    cfg: AlertConfig,
+    tx: Option<mpsc::Sender<Alert>>,
+    once: Cache<String, ()>,
+    recent: Cache<String, ()>,
+    bursts: Cache<String, Arc<Mutex<Burst>>>,
+    history: Mutex<VecDeque<Alert>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Alerts {
+    /// Starts the delivery task (only when webhooks are configured).
+    pub fn start(cfg: AlertConfig, metrics: Arc<Metrics>) -> Self {
+        let tx = if cfg.webhooks.is_empty() {
+            None
+        } else {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            tokio::spawn(deliver(cfg.webhooks.clone(), rx, metrics.clone()));
+            Some(tx)
+        };
+        Alerts {
+            tx,
+            once: Cache::builder()
+                .max_capacity(200_000)
+                .time_to_live(Duration::from_secs(30 * 86400))
+                .build(),
+            recent: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(300))
+                .build(),
+            bursts: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(cfg.denial_burst_window_secs.max(1) * 2))
+                .build(),
+            history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            cfg,
+            metrics,
+        }
+    }
+
+    pub fn thresholds(&self) -> &[f64] {
+        &self.cfg.thresholds
+    }
+
+    /// Recent alerts, newest first.
+    pub fn history(&self) -> Vec<Alert> {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        h.iter().rev().cloned().collect()
+    }
+
+    fn emit(&self, a: Alert) {
+        tracing::warn!(kind = a.kind, message = %a.message, "alert");
+        {
+            let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            if h.len() == HISTORY {
+                h.pop_front();
+            }
+            h.push_back(a.clone());
+        }
+        if let Some(tx) = &self.tx
+            && tx.try_send(a).is_err()
+        {
+            self.metrics.alerts_dropped.inc();
+        }
+    }
+
+    /// Fires `a` unless an alert with `key` fired before (for good).
+    pub fn fire_once(&self, key: String, a: Alert) {
+        if self.once.contains_key(&key) {
+            return;
+        }
+        self.once.insert(key, ());
+        self.emit(a);
+    }
+
+    /// Fires `a` unless an alert with `key` fired in the last five minutes.
+    pub fn fire_recent(&self, key: String, a: Alert) {
+        if self.recent.contains_key(&key) {
+            return;
+        }
+        self.recent.insert(key, ());
+        self.emit(a);
+    }
+
+    /// Counts a denial for `family`; returns true when this one makes a burst
+    /// (once per window).
+    pub fn count_denial(&self, family: &str) -> Option<u32> {
+        let window = Duration::from_secs(self.cfg.denial_burst_window_secs.max(1));
+        let b = self.bursts.get_with(family.to_string(), || {
+            Arc::new(Mutex::new(Burst {
+                start: Instant::now(),
+                count: 0,
+                fired: false,
+            }))
+        });
+        let mut b = b.lock().unwrap_or_else(|p| p.into_inner());
+        if b.start.elapsed() > window {
+            *b = Burst {
+                start: Instant::now(),
+                count: 0,
+                fired: false,
+            };
+        }
+        b.count += 1;
+        if !b.fired && b.count >= self.cfg.denial_burst_count {
+            b.fired = true;
+            return Some(b.count);
+        }
+        None
+    }
+}
+
+async fn deliver(hooks: Vec<Webhook>, mut rx: mpsc::Receiver<Alert>, metrics: Arc<Metrics>) {
+    crate::proxy::install_crypto();
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the alert HTTP client; alerts disabled");
+            return;
+        }
+    };
+    while let Some(a) = rx.recv().await {
+        for h in &hooks {
+            let body = match h.format {
+                Format::Json => serde_json::to_string(&a),
+                Format::Slack => serde_json::to_string(&serde_json::json!({
+                    "text": format!(":rotating_light: Till: {}", a.message)
+                })),
+            }
+            .unwrap_or_default();
+            let labels = KindLabels {
+                kind: a.kind.to_string(),
+            };
+            let mut delivered = false;
+            for attempt in 0..ATTEMPTS {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+                }
+                let r = client
+                    .post(&h.url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().is_success() => {
+                        delivered = true;
+                        break;
+                    }
+                    Ok(r) => {
+                        tracing::warn!(status = %r.status(), "alert webhook refused the alert")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "alert webhook unreachable"),
+                }
+            }
+            if delivered {
+                metrics.alerts_sent.get_or_create(&labels).inc();
+            } else {
+                metrics.alerts_failed.get_or_create(&labels).inc();
+            }
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! Seeing what keys do: metrics, the audit log, alerts, and the recent
+//! decisions the usage API and dashboard show.
+//!
+//! The request path fills an [`Observation`] as it goes; [`Monitor::record`]
+//! turns it into a metric update, an audit line, and alerts. None of it can
+//! block or fail a request.
+
+pub mod alerts;
+pub mod audit;
+pub mod metrics;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Deserialize;
+
+use crate::verify::{DenialKind, VerifiedToken};
+pub use alerts::{Alert, AlertConfig};
+pub use audit::{AuditRecord, AuditSink, BlockUse};
+pub use metrics::Metrics;
+
+/// `[audit]` in till.toml.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub enabled: bool,
+    /// JSON-lines file; default `<state_dir>/audit.jsonl`.
+    pub file: Option<std::path::PathBuf>,
+    /// Also write each line to stdout.
+    pub stdout: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            file: None,
+            stdout: false,
+        }
+    }
+}
+
+/// What the request path learned about one request.
+pub struct Observation {
+    pub started: Instant,
+    pub request_id: String,
+    pub peer: Option<String>,
+    pub service: String,
+    pub method: String,
+    pub path: String,
+    pub model: Option<String>,
+    pub token: Option<Arc<VerifiedToken>>,
+    pub uses: Option<Vec<u64>>,
+    pub verify: Option<Duration>,
+    pub reserve: Option<Duration>,
+    pub upstream_status: Option<u16>,
+    pub denial: Option<DenialKind>,
+}
+
+impl Observation {
+    pub fn new(request_id: String, peer: Option<String>, method: &str, service: &str) -> Self {
+        Observation {
+            started: Instant::now(),
+            request_id,
+            peer,
+            service: service.to_string(),
+            method: method.to_string(),
+            path: String::new(),
+            model: None,
+            token: None,
+            uses: None,
+            verify: None,
+            reserve: None,
+            upstream_status: None,
+            denial: None,
+        }
+    }
+}
+
+/// Decisions kept in memory for the usage API and the dashboard.
+const RECENT: usize = 500;
+
+/// Metrics, audit, alerts and recent decisions.
+pub struct Monitor {
+    pub metrics: Arc<Metrics>,
+    pub audit: AuditSink,
+    pub alerts: alerts::Alerts,
+    recent: Mutex<VecDeque<AuditRecord>>,
+}
+
+impl Monitor {
+    /// Must be called inside a tokio runtime (it starts background tasks).
+    pub fn start(
+        audit: &AuditConfig,
+        state_dir: &std::path::Path,
+        alerts: AlertConfig,
+    ) -> std::io::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let sink = if audit.enabled {
+            let file = audit
+                .file
+                .clone()
+                .unwrap_or_else(|| state_dir.join("audit.jsonl"));
+            AuditSink::start(Some(file), audit.stdout, metrics.clone())?
+        } else {
+            AuditSink::start(None, false, metrics.clone())?
+        };
+        Ok(Monitor {
+            alerts: alerts::Alerts::start(alerts, metrics.clone()),
+            metrics,
+            audit: sink,
+            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+        })
+    }
+
+    /// A monitor that records metrics and recent decisions only.
+    pub fn disabled() -> Self {
+        let metrics = Arc::new(Metrics::new());
+        Monitor {
+            alerts: alerts::Alerts::start(AlertConfig::default(), metrics.clone()),
+            audit: AuditSink::start(None, false, metrics.clone())
+                .unwrap_or_else(|_| unreachable!("a disabled sink opens nothing")),
+            metrics,
+            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+        }
+    }
+
+    /// Recent decisions, newest first; only denials when `denied_only`.
+    pub fn recent(&self, denied_only: bool, limit: usize) -> Vec<AuditRecord> {
+        let r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        r.iter()
+            .rev()
+            .filter(|d| !denied_only || d.decision == "deny")
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Records the outcome of one request.
+    pub fn record(&self, o: &Observation, status: u16, code: &str, reason: Option<String>) {
+        let allowed = code == "ok";
+        let latency = o.started.elapsed();
+        let m = &self.metrics;
+        m.requests
+            .get_or_create(&metrics::RequestLabels {
+                service: o.service.clone(),
+                decision: if allowed { "allow" } else { "deny" }.into(),
+                code: code.into(),
+            })
+            .inc();
+        m.request_seconds.observe(latency.as_secs_f64());
+        if let Some(v) = o.verify {
+            m.verify_seconds.observe(v.as_secs_f64());
+        }
+        if let Some(r) = o.reserve {
+            m.reserve_seconds.observe(r.as_secs_f64());
+        }
+
+        let token = o.token.as_deref();
+        let blocks: Vec<BlockUse> = token
+            .map(|t| {
+                t.ids
+                    .iter()
+                    .enumerate()
+                    .map(|(k, id)| BlockUse {
+                        id: id.clone(),
+                        uses: o.uses.as_ref().and_then(|u| u.get(k).copied()),
+                        limit: t.limits.get(k).copied().flatten(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let labels = token.map(|t| t.view.labels()).unwrap_or_default();
+        let family = token.map(|t| t.family().to_string());
+        let rec = AuditRecord {
+            time: crate::token::format_time(SystemTime::now()),
+            request_id: o.request_id.clone(),
+            peer: o.peer.clone(),
+            family: family.clone(),
+            blocks: blocks.clone(),
+            labels: labels.clone(),
+            service: o.service.clone(),
+            method: o.method.clone(),
+            path: o.path.clone(),
+            model: o.model.clone(),
+            decision: if allowed { "allow" } else { "deny" },
+            code: code.to_string(),
+            reason: reason.clone(),
+            status,
+            upstream_status: o.upstream_status,
+            latency_ms: (latency.as_secs_f64() * 1e6).round() / 1e3,
+        };
+        self.audit.log(&rec);
+        {
+            let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if r.len() == RECENT {
+                r.pop_front();
+            }
+            r.push_back(rec);
+        }
+        self.alert(o, &blocks, &labels, family, allowed, reason);
+    }
+
+    fn alert(
+        &self,
+        o: &Observation,
+        blocks: &[BlockUse],
+        labels: &[String],
+        family: Option<String>,
+        allowed: bool,
+        reason: Option<String>,
+    ) {
+        let now = crate::token::format_time(SystemTime::now());
+        let who = if labels.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({})",
+                labels
+                    .iter()
+                    .map(|l| format!("{l:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let a = |kind: &'static str,
+                 message: String,
+                 block: Option<String>,
+                 details: serde_json::Value| Alert {
+            kind,
+            message,
+            time: now.clone(),
+            family: family.clone(),
+            block,
+            labels: labels.to_vec(),
+            details,
+        };
+        if allowed {
+            for (k, b) in blocks.iter().enumerate() {
+                let (Some(uses), Some(limit)) = (b.uses, b.limit) else {
+                    continue;
+                };
+                for &t in self.alerts.thresholds() {
+                    let mark = ((limit as f64) * t).ceil() as u64;
+                    if mark > 0 && uses >= mark {
+                        self.alerts.fire_once(
+                            format!("threshold:{}:{t}", b.id),
+                            a(
+                                "usage_threshold",
+                                format!("block {k}{who} of family {} reached {}% of its use limit: {uses}/{limit}", short(&family), (t * 100.0).round()),
+                                Some(b.id.clone()),
+                                serde_json::json!({"block_index": k, "uses": uses, "limit": limit, "threshold": t}),
+                            ),
+                        );
+                    }
+                }
+            }
+            return;
+        }
+        let Some(fam) = family.clone() else { return };
+        let last = blocks.last().map(|b| b.id.clone());
+        let details = serde_json::json!({
+            "peer": o.peer, "service": o.service, "method": o.method, "path": o.path,
+            "reason": reason, "request_id": o.request_id,
+        });
+        match o.denial {
+            Some(DenialKind::Revoked) => self.alerts.fire_recent(
+                format!("revoked:{fam}:{}", o.peer.as_deref().unwrap_or("")),
+                a(
+                    "revoked_token_used",
+                    format!(
+                        "a revoked token{who} of family {} was used from {} for {} /{}{}",
+                        short(&family),
+                        o.peer.as_deref().unwrap_or("?"),
+                        o.method,
+                        o.service,
+                        o.path
+                    ),
+                    last.clone(),
+                    details.clone(),
+                ),
+            ),
+            Some(DenialKind::Expired) => self.alerts.fire_recent(
+                format!("expired:{}", last.clone().unwrap_or_default()),
+                a(
+                    "expired_token_used",
+                    format!(
+                        "an expired token{who} of family {} is still being used (from {})",
+                        short(&family),
+                        o.peer.as_deref().unwrap_or("?")
+                    ),
+                    last.clone(),
+                    details.clone(),
+                ),
+            ),
+            _ => {}
+        }
+        if let Some(n) = self.alerts.count_denial(&fam) {
+            self.alerts.fire_recent(
+                format!("burst:{fam}"),
+                a(
+                    "denial_burst",
+                    format!(
+                        "{n} denials for family {}{who} within the burst window; last: {}",
+                        short(&family),
+                        reason.unwrap_or_default()
+                    ),
+                    last,
+                    details,
+                ),
+            );
+        }
+    }
+}
+
+fn short(family: &Option<String>) -> String {
+    family
+        .as_deref()
+        .map(|f| f.chars().take(16).collect())
+        .unwrap_or_else(|| "?".into())
+}
