@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod forward;
 pub mod handler;
@@ -219,6 +220,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(admin::metrics))
         .route("/admin", any(admin::not_found))
         .route("/admin/{*rest}", any(admin::not_found))
+        .merge(dashboard::routes())
         .fallback(handler::proxy)
         .with_state(state)
 }

@@ -4,4 +4,5 @@ mod helpers;
 
 mod cli;
 mod golden;
+mod monitor;
 mod proxy;

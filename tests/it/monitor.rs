@@ -1,0 +1,365 @@
+//! Monitoring: audit log, metrics, alerts to a local webhook receiver, and
+//! the usage view.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use till::token::Scope;
+
+use crate::helpers::*;
+
+/// A webhook receiver that records what it got.
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Receiver {
+    async fn start() -> (Receiver, String) {
+        let r = Receiver::default();
+        let app = Router::new()
+            .fallback(|State(r): State<Receiver>, body: String| async move {
+                r.got
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&body).unwrap_or(serde_json::Value::Null));
+                "ok"
+            })
+            .with_state(r.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        (r, url)
+    }
+    fn kinds(&self) -> Vec<String> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["kind"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+    /// Waits until `pred` holds on what was received (delivery is async).
+    async fn wait_for(&self, what: &str, pred: impl Fn(&[serde_json::Value]) -> bool) {
+        for _ in 0..100 {
+            if pred(&self.got.lock().unwrap()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("receiver never got {what}: {:?}", self.got.lock().unwrap());
+    }
+}
+
+async fn admin_get(proxy: &Proxy, home: &Home, path: &str) -> serde_json::Value {
+    let r = client()
+        .get(proxy.url(path))
+        .bearer_auth(home.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    serde_json::from_str(&r.text().await.unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_log_has_one_line_per_decision_and_no_secrets() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        max_uses: Some(2),
+        label: Some("audit-bot".into()),
+        ..Scope::default()
+    });
+    let kid = child(&token, limit(1));
+    assert_eq!(chat(&proxy, &kid, "gpt-4o-mini").await.0, 200);
+    assert_eq!(chat(&proxy, &kid, "gpt-4o-mini").await.0, 429);
+    assert_eq!(chat(&proxy, "garbage", "m").await.0, 401);
+    let path = home.path().join("audit.jsonl");
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect();
+        if lines.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let text = lines.join("\n");
+    assert!(!text.contains(&kid[..30]), "token in the audit log");
+    assert!(!text.contains(OPENAI_SECRET), "credential in the audit log");
+    let ok: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(ok["decision"], "allow");
+    assert_eq!(ok["service"], "openai");
+    assert_eq!(ok["method"], "POST");
+    assert_eq!(ok["path"], "/v1/chat/completions");
+    assert_eq!(ok["model"], "gpt-4o-mini");
+    assert_eq!(ok["upstream_status"], 200);
+    assert_eq!(ok["labels"][0], "audit-bot");
+    let ids = till::token::RawToken::parse(&kid).unwrap().revocation_ids();
+    assert_eq!(ok["family"], ids[0].as_str());
+    assert_eq!(ok["blocks"][0]["uses"], 1);
+    assert_eq!(ok["blocks"][0]["limit"], 2);
+    assert_eq!(ok["blocks"][1]["id"], ids[1].as_str());
+    assert_eq!(ok["blocks"][1]["limit"], 1);
+    assert!(ok["latency_ms"].as_f64().unwrap() > 0.0);
+    assert!(ok["request_id"].as_str().unwrap().len() >= 8);
+    let denied: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(denied["decision"], "deny");
+    assert_eq!(denied["code"], "activations_exhausted");
+    assert_eq!(denied["status"], 429);
+    assert!(denied["reason"].as_str().unwrap().contains("block 1"));
+    assert_eq!(denied["blocks"][1]["uses"], 1, "counts after the rollback");
+    let bad: serde_json::Value = serde_json::from_str(&lines[2]).unwrap();
+    assert_eq!(bad["code"], "invalid_token");
+    assert!(bad["family"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_exposed_in_prometheus_format() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.token("openai", Some(1));
+    assert_eq!(chat(&proxy, &token, "m").await.0, 200);
+    assert_eq!(chat(&proxy, &token, "m").await.0, 429);
+    let r = client().get(proxy.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    for needle in [
+        "till_requests_total{service=\"openai\",decision=\"allow\",code=\"ok\"} 1",
+        "till_requests_total{service=\"openai\",decision=\"deny\",code=\"activations_exhausted\"} 1",
+        "till_verify_cache_hits_total 1",
+        "till_verify_cache_misses_total 1",
+        "till_request_seconds_count",
+        "till_verify_seconds_bucket",
+        "till_reserve_seconds_count",
+        "till_store_commit_seconds_count",
+        "till_store_commit_batch_size_bucket",
+        "till_revocations 0",
+        "till_audit_dropped_total 0",
+        "till_alerts_dropped_total 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alerts_fire_once_per_threshold_on_revoked_and_expired_use_and_bursts() {
+    let up = Upstream::start().await;
+    let (json_hook, json_url) = Receiver::start().await;
+    let (slack_hook, slack_url) = Receiver::start().await;
+    let home = Home::new();
+    let extra = format!(
+        "[alerts]\nthresholds = [0.8, 1.0]\ndenial_burst_count = 3\ndenial_burst_window_secs = 60\n\
+         [[alerts.webhooks]]\nurl = {json_url:?}\n[[alerts.webhooks]]\nurl = {slack_url:?}\nformat = \"slack\"\n"
+    );
+    let proxy = Proxy::start(&home, &[openai(&up)], &extra);
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        max_uses: Some(5),
+        label: Some("alert-bot".into()),
+        ..Scope::default()
+    });
+    for _ in 0..5 {
+        assert_eq!(chat(&proxy, &token, "m").await.0, 200);
+    }
+    json_hook
+        .wait_for("two threshold alerts", |g| g.len() >= 2)
+        .await;
+    // Denials after the limit: no new threshold alert, but a burst (3).
+    for _ in 0..3 {
+        assert_eq!(chat(&proxy, &token, "m").await.0, 429);
+    }
+    json_hook.wait_for("a burst", |g| g.len() >= 3).await;
+    let got = json_hook.got.lock().unwrap().clone();
+    let thresholds: Vec<_> = got
+        .iter()
+        .filter(|a| a["kind"] == "usage_threshold")
+        .collect();
+    assert_eq!(thresholds.len(), 2, "{got:?}");
+    assert_eq!(thresholds[0]["details"]["uses"], 4);
+    assert_eq!(thresholds[1]["details"]["uses"], 5);
+    assert_eq!(thresholds[0]["labels"][0], "alert-bot");
+    assert!(thresholds[1]["message"].as_str().unwrap().contains("100%"));
+    assert_eq!(
+        json_hook
+            .kinds()
+            .iter()
+            .filter(|k| *k == "denial_burst")
+            .count(),
+        1
+    );
+
+    // A revoked token being used: the signal of a leaked key.
+    let leaked = home.token("openai", None);
+    assert_eq!(chat(&proxy, &leaked, "m").await.0, 200);
+    let url = proxy.url("");
+    till(["revoke", &leaked, "--url", &url])
+        .home(&home)
+        .env("TILL_ADMIN_TOKEN", &home.admin())
+        .run()
+        .success();
+    assert_eq!(chat(&proxy, &leaked, "m").await.0, 403);
+    json_hook
+        .wait_for("revoked_token_used", |g| {
+            g.iter().any(|a| a["kind"] == "revoked_token_used")
+        })
+        .await;
+    let got = json_hook.got.lock().unwrap().clone();
+    let rev = got
+        .iter()
+        .find(|a| a["kind"] == "revoked_token_used")
+        .unwrap();
+    assert!(
+        rev["details"]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{rev}"
+    );
+
+    // An expired token still being tried.
+    let expired = home.issue(Scope {
+        services: vec!["openai".into()],
+        expires: Some(std::time::SystemTime::now() - Duration::from_secs(3600)),
+        ..Scope::default()
+    });
+    assert_eq!(chat(&proxy, &expired, "m").await.0, 403);
+    json_hook
+        .wait_for("expired_token_used", |g| {
+            g.iter().any(|a| a["kind"] == "expired_token_used")
+        })
+        .await;
+
+    // The Slack-compatible receiver got the same alerts as text.
+    slack_hook.wait_for("slack text", |g| g.len() >= 5).await;
+    assert!(
+        slack_hook
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|a| a["text"].as_str().is_some_and(|t| t.contains("Till")))
+    );
+
+    // The admin API keeps the alert history.
+    let hist = admin_get(&proxy, &home, "/admin/alerts").await;
+    assert!(hist["alerts"].as_array().unwrap().len() >= 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_webhook_never_slows_requests_and_is_counted() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/hook", l.local_addr().unwrap())
+    };
+    let extra = format!("[alerts]\nthresholds = [0.5]\n[[alerts.webhooks]]\nurl = {dead:?}\n");
+    let proxy = Proxy::start(&home, &[openai(&up)], &extra);
+    let token = home.token("openai", Some(2));
+    assert_eq!(chat(&proxy, &token, "m").await.0, 200);
+    assert_eq!(chat(&proxy, &token, "m").await.0, 200);
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = client()
+            .get(proxy.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("till_alerts_failed_total{kind=\"usage_threshold\"} 1") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("failed alert not counted:\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_view_groups_blocks_into_families() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let root = home.issue(Scope {
+        services: vec!["openai".into()],
+        max_uses: Some(100),
+        label: Some("team-root".into()),
+        ..Scope::default()
+    });
+    let a = child(
+        &root,
+        Scope {
+            max_uses: Some(10),
+            label: Some("sub-a".into()),
+            ..Scope::default()
+        },
+    );
+    let b = child(&root, limit(10));
+    let a1 = child(&a, limit(3));
+    for t in [&a, &a, &b, &a1] {
+        assert_eq!(chat(&proxy, t, "m").await.0, 200);
+    }
+    assert_eq!(chat(&proxy, &root, "m").await.0, 200);
+    let ids = till::token::RawToken::parse(&a1).unwrap().revocation_ids();
+    let v = admin_get(&proxy, &home, "/admin/usage").await;
+    let fams = v["families"].as_array().unwrap();
+    assert_eq!(fams.len(), 1, "{v}");
+    let f = &fams[0];
+    assert_eq!(f["family"], ids[0].as_str());
+    assert_eq!(f["label"], "team-root");
+    assert_eq!(f["uses"], 5);
+    assert_eq!(f["limit"], 100);
+    assert_eq!(f["remaining"], 95);
+    let blocks = f["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 4);
+    let find = |id: &str| blocks.iter().find(|b| b["id"] == id).unwrap().clone();
+    assert_eq!(find(&ids[0])["children_seen"], 2);
+    assert_eq!(find(&ids[1])["uses"], 3);
+    assert_eq!(find(&ids[1])["label"], "sub-a");
+    assert_eq!(find(&ids[1])["children_seen"], 1);
+    assert_eq!(find(&ids[2])["uses"], 1);
+    assert_eq!(find(&ids[2])["remaining"], 2);
+    assert_eq!(find(&ids[2])["parent"], ids[1].as_str());
+    // One family in detail, by any block id; the CLI reads the same.
+    let one = admin_get(&proxy, &home, &format!("/admin/usage/{}", ids[2])).await;
+    assert_eq!(one["family"], ids[0].as_str());
+    let out = till(["usage", "--url", &proxy.url("")])
+        .home(&home)
+        .env("TILL_ADMIN_TOKEN", &home.admin())
+        .run();
+    out.success()
+        .stdout_has("\"team-root\"")
+        .stdout_has("\"sub-a\"");
+    // Recent denials are listed.
+    assert_eq!(chat(&proxy, &a1, "m").await.0, 200);
+    assert_eq!(chat(&proxy, &a1, "m").await.0, 200);
+    assert_eq!(chat(&proxy, &a1, "m").await.0, 429);
+    let d = admin_get(&proxy, &home, "/admin/decisions?denied=true").await;
+    assert_eq!(d["decisions"].as_array().unwrap().len(), 1);
+    // The admin API wants an admin token.
+    let r = client()
+        .get(proxy.url("/admin/usage"))
+        .bearer_auth(&root)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = client()
+        .get(proxy.url("/admin/usage"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
