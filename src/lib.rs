@@ -51,6 +51,7 @@
 //! ```
 
 pub mod cli;
+pub mod clock;
 pub mod monitor;
 pub mod path;
 pub mod policy;

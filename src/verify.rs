@@ -89,6 +89,8 @@ impl Verifier {
     /// cacheable part).
     pub fn verify_token(&self, text: &str) -> Result<VerifiedToken, TokenError> {
         let raw = RawToken::parse(text)?;
+        // Shape first: it is cheaper than the signatures it protects.
+        crate::token::shape::check(&raw)?;
         let biscuit = raw.verify(&self.root)?;
         let view = inspect(&raw)?;
         let ids = raw.revocation_ids();

@@ -187,12 +187,7 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
                     .await;
             }
         });
-        proxy::run(
-            listener,
-            state,
-            Duration::from_secs(cfg.limits.shutdown_grace_secs),
-            shutdown_signal(),
-        )
+        proxy::run(listener, state, shutdown_signal())
         .await
         .context("server error")
     });

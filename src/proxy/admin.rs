@@ -4,7 +4,7 @@
 //! unless `danger_admin_remote` is set.
 
 use std::net::SocketAddr;
-use std::time::SystemTime;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{ConnectInfo, Path, State};
@@ -17,7 +17,7 @@ use super::AppState;
 use super::error::ProxyError;
 use super::handler::extract_token;
 use crate::token::RawToken;
-use crate::verify::{Denial, DenialKind, revoked_denial};
+use crate::verify::{Denial, DenialKind, VerifiedToken, revoked_denial};
 
 fn forbidden(reason: &str) -> ProxyError {
     ProxyError::Denied(Denial {
@@ -28,12 +28,27 @@ fn forbidden(reason: &str) -> ProxyError {
 
 /// Checks the caller: loopback (unless allowed remote) and an admin token.
 fn authenticate(st: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ProxyError> {
+    check_peer(st, peer)?;
+    authenticate_token(st, extract_token(headers)?).map(|_| ())
+}
+
+/// Admin endpoints (API and dashboard) answer loopback clients only, unless
+/// `danger_admin_remote` is set.
+pub(crate) fn check_peer(st: &AppState, peer: SocketAddr) -> Result<(), ProxyError> {
     if !st.admin_remote && !peer.ip().is_loopback() {
         return Err(forbidden(
             "the admin API only answers loopback clients (set danger_admin_remote to change this)",
         ));
     }
-    let text = extract_token(headers)?;
+    Ok(())
+}
+
+/// Verifies an admin token: signature (cached), not revoked, admin right.
+/// Shared by the admin API and the dashboard login.
+pub(crate) fn authenticate_token(
+    st: &AppState,
+    text: &str,
+) -> Result<Arc<VerifiedToken>, ProxyError> {
     let token = st
         .verify_cached(text)
         .map_err(|e| ProxyError::InvalidToken(e.to_string()))?;
@@ -41,8 +56,9 @@ fn authenticate(st: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Result<
         return Err(ProxyError::Denied(revoked_denial(b)));
     }
     st.verifier
-        .authorize_admin(&token, SystemTime::now())
-        .map_err(ProxyError::Denied)
+        .authorize_admin(&token, st.clock.now())
+        .map_err(ProxyError::Denied)?;
+    Ok(token)
 }
 
 /// Body of `POST /admin/revoke`: a revocation id, or a token whose last

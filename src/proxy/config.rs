@@ -84,6 +84,12 @@ pub struct Limits {
     pub idempotency_window_secs: u64,
     /// Most concurrent connections; more wait in the accept queue.
     pub max_connections: usize,
+    /// Seconds a client gets to send a complete request head (slowloris).
+    pub header_timeout_secs: u64,
+    /// Largest request head in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Most header lines per request; more gets 431.
+    pub max_headers: usize,
 }
 
 impl Default for Limits {
@@ -95,6 +101,9 @@ impl Default for Limits {
             shutdown_grace_secs: 30,
             idempotency_window_secs: 600,
             max_connections: 4096,
+            header_timeout_secs: 10,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
         }
     }
 }
@@ -344,6 +353,9 @@ idle_timeout_secs = 300
 shutdown_grace_secs = 30
 idempotency_window_secs = 600
 max_connections = 4096
+header_timeout_secs = 10
+max_header_bytes = 65536
+max_headers = 100
 
 [audit]
 # One JSON line per decision. Default file: <state_dir>/audit.jsonl

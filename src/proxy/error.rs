@@ -25,6 +25,8 @@ pub enum ProxyError {
     UnknownService(String),
     /// 409: a request with this Idempotency-Key is still in flight.
     IdempotencyConflict,
+    /// 431: token (header) over the limit, refused before any signature work.
+    TokenTooLarge(usize),
     /// 413: body over the limit.
     TooLarge(usize),
     /// 502: upstream unreachable or broken.
@@ -47,6 +49,7 @@ impl ProxyError {
             ProxyError::UnknownService(_) => StatusCode::NOT_FOUND,
             ProxyError::IdempotencyConflict => StatusCode::CONFLICT,
             ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::TokenTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ProxyError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -69,6 +72,7 @@ impl ProxyError {
             ProxyError::UnknownService(_) => "unknown_service",
             ProxyError::IdempotencyConflict => "idempotency_conflict",
             ProxyError::TooLarge(_) => "body_too_large",
+            ProxyError::TokenTooLarge(_) => "token_too_large",
             ProxyError::BadGateway(_) => "upstream_error",
             ProxyError::GatewayTimeout(_) => "upstream_timeout",
             ProxyError::StoreUnavailable(_) => "store_unavailable",
@@ -82,6 +86,7 @@ impl ProxyError {
             ProxyError::Denied(_) => "permission_error",
             ProxyError::BadRequest(_)
             | ProxyError::TooLarge(_)
+            | ProxyError::TokenTooLarge(_)
             | ProxyError::IdempotencyConflict => "invalid_request_error",
             ProxyError::UnknownService(_) => "not_found_error",
             _ => "api_error",
@@ -104,6 +109,7 @@ impl ProxyError {
                 "a request with this Idempotency-Key is still in progress".into()
             }
             ProxyError::TooLarge(n) => format!("request body is larger than {n} bytes"),
+            ProxyError::TokenTooLarge(n) => format!("token is longer than {n} bytes"),
             ProxyError::BadGateway(m) => format!("upstream error: {m}"),
             ProxyError::GatewayTimeout(m) => format!("upstream timed out: {m}"),
             ProxyError::StoreUnavailable(m) => {

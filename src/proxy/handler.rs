@@ -3,7 +3,7 @@
 //! wrong; nothing is forwarded unless every step passed.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -83,9 +83,7 @@ pub fn extract_token(headers: &HeaderMap) -> Result<&str, ProxyError> {
         return Err(ProxyError::MissingToken);
     }
     if token.len() > MAX_TOKEN_LEN {
-        return Err(ProxyError::InvalidToken(format!(
-            "token is longer than {MAX_TOKEN_LEN} bytes"
-        )));
+        return Err(ProxyError::TokenTooLarge(MAX_TOKEN_LEN));
     }
     Ok(token)
 }
@@ -229,7 +227,7 @@ async fn handle(
         method: parts.method.as_str().to_ascii_uppercase(),
         path: path.clone(),
         model,
-        time: SystemTime::now(),
+        time: st.clock.now(),
     };
 
     // Idempotency: a free retry of a failed attempt reuses its counts.

@@ -16,10 +16,10 @@ pub mod error;
 pub mod forward;
 pub mod handler;
 pub mod idempotency;
+pub mod server;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +57,7 @@ pub struct Inner {
     pub idempotency: idempotency::Idempotency,
     pub admin_remote: bool,
     pub monitor: Arc<crate::monitor::Monitor>,
+    pub clock: crate::clock::MonotonicClock,
 }
 
 /// Cheap-to-clone handle on the shared state.
@@ -164,6 +165,7 @@ impl AppState {
             limits: cfg.limits.clone(),
             admin_remote: cfg.danger_admin_remote,
             monitor: Arc::new(monitor),
+            clock: crate::clock::MonotonicClock::default(),
         })))
     }
 
@@ -226,31 +228,24 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then gives
-/// in-flight requests `grace` to finish and flushes the counter store.
+/// in-flight requests the configured grace period to finish and flushes the
+/// counter store.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
-    grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (tx, mut rx) = tokio::sync::watch::channel(false);
-    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    let deadline = async move {
-        let _ = rx.wait_for(|v| *v).await;
-        tokio::time::sleep(grace).await;
+    let l = &state.limits;
+    let limits = server::ServerLimits {
+        max_connections: l.max_connections,
+        header_timeout: Duration::from_secs(l.header_timeout_secs.max(1)),
+        max_header_bytes: l.max_header_bytes,
+        max_headers: l.max_headers,
+        grace: Duration::from_secs(l.shutdown_grace_secs),
     };
-    tokio::select! {
-        r = server => r?,
-        _ = deadline => {
-            tracing::warn!(grace_secs = grace.as_secs(), "grace period over; closing remaining connections");
-        }
-    }
+    let result = server::serve(listener, router(state.clone()), limits, shutdown).await;
     if let Err(e) = state.counters.flush().await {
         tracing::error!(error = %e, "final flush of the counter store failed");
     }
-    Ok(())
+    result
 }

@@ -113,6 +113,10 @@ pub struct CommitStats {
 pub type CommitObserver = Box<dyn Fn(std::time::Duration, usize) + Send + Sync>;
 
 struct Shared {
+    /// Identity of the file at open, to notice it being deleted or replaced
+    /// while we hold it open (writes would then go to an unlinked inode and
+    /// vanish on restart).
+    file_id: Option<(u64, u64)>,
     observer: RwLock<Option<CommitObserver>>,
     db: Database,
     path: PathBuf,
@@ -215,6 +219,7 @@ impl EmbeddedStore {
             failed: None,
         });
         let shared = Arc::new(Shared {
+            file_id: file_id(path),
             observer: RwLock::new(None),
             db,
             path: path.to_path_buf(),
@@ -335,6 +340,17 @@ impl EmbeddedStore {
     }
 }
 
+#[cfg(unix)]
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|_| (0, 0))
+}
+
 fn queue_exact(st: &mut State) {
     let mut writes = Vec::new();
     for (id, e) in st.counters.iter() {
@@ -371,7 +387,14 @@ fn writer_loop(s: &Shared) {
             (batch, meta, epoch)
         };
         let started = std::time::Instant::now();
-        let result = write_batch(&s.db, &batch, &meta);
+        let result = if file_id(&s.path) != s.file_id {
+            Err(format!(
+                "the store file {} was deleted or replaced while the proxy was running; restart the proxy after restoring it",
+                s.path.display()
+            ))
+        } else {
+            write_batch(&s.db, &batch, &meta)
+        };
         if let Some(f) = s
             .observer
             .read()

@@ -6,6 +6,7 @@
 
 pub mod inspect;
 pub mod keys;
+pub mod shape;
 pub mod vocab;
 
 use std::time::SystemTime;
@@ -26,7 +27,7 @@ pub const MAX_BLOCKS: usize = 16;
 /// Everything that can go wrong with a token or a key.
 #[derive(Debug, Error)]
 pub enum TokenError {
-    #[error("token is not valid URL-safe base64")]
+    #[error("token is not valid URL-safe base64 (is it truncated, or mangled in copying?)")]
     Base64,
     #[error("token is malformed or truncated ({0})")]
     Malformed(String),
@@ -42,6 +43,8 @@ pub enum TokenError {
     UnsupportedAlgorithm(&'static str),
     #[error("token is empty")]
     Empty,
+    #[error("{0}")]
+    Shape(String),
     #[error("invalid scope: {0}")]
     InvalidScope(String),
     #[error("invalid Datalog: {0}")]
@@ -216,7 +219,11 @@ fn attenuate_inner(
         }
         other => other,
     })?;
-    child.to_base64().map_err(TokenError::from_biscuit)
+    let text = child.to_base64().map_err(TokenError::from_biscuit)?;
+    // Refuse to hand out a block the verifier would refuse (e.g. a rule
+    // given with --datalog).
+    shape::check(&RawToken::parse(&text)?)?;
+    Ok(text)
 }
 
 /// Parses an RFC 3339 instant.

@@ -3,6 +3,8 @@
 mod helpers;
 
 mod cli;
+mod dashboard;
 mod golden;
+mod hostile;
 mod monitor;
 mod proxy;

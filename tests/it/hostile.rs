@@ -1,0 +1,519 @@
+//! Hostile input and faults: what an attacker holding a token, or a broken
+//! disk or upstream, can do to the proxy — and what it cannot.
+
+use std::time::{Duration, SystemTime};
+
+use biscuit_auth::{Biscuit, BlockBuilder, KeyPair};
+use prost::Message;
+use till::policy::Policies;
+use till::store::{CounterSpec, CounterStore, EmbeddedStore};
+use till::token::{self, RawToken, RequestFacts, Scope, TokenError};
+use till::verify::{DenialKind, Verifier};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::*;
+
+fn req(path: &str) -> RequestFacts {
+    RequestFacts {
+        service: "openai".into(),
+        method: "POST".into(),
+        path: path.into(),
+        model: None,
+        time: SystemTime::now(),
+    }
+}
+
+/// Appends a raw Datalog block as another Biscuit library would (no Till
+/// shape check on the way).
+fn append_raw(token: &str, code: &str) -> String {
+    let u = biscuit_auth::UnverifiedBiscuit::from_base64(token).unwrap();
+    u.append(BlockBuilder::new().code(code).unwrap())
+        .unwrap()
+        .to_base64()
+        .unwrap()
+}
+
+#[test]
+fn attenuation_blocks_outside_the_accepted_shape_are_refused_before_signatures() {
+    let home = Home::new();
+    let v = Verifier::new(home.key().public(), Policies::default_policy());
+    let parent = home.token("openai", Some(10));
+    for (code, what) in [
+        // A cross-product rule: the classic Datalog denial of service.
+        ("x($a, $b, $c) <- uses($a, $b), uses($c, $d)", "rule"),
+        (
+            "check if path($p), $p.matches(\"^(a+)+$\")",
+            "regular expression",
+        ),
+        ("check if path($p), [1,2,3].all($x -> $x > 0)", "closure"),
+        (
+            "check if uses($a, $b), uses($c, $d), uses($e, $f), uses($g, $h)",
+            "joining 4 predicates",
+        ),
+    ] {
+        let t = append_raw(&parent, code);
+        match v.verify_token(&t) {
+            Err(TokenError::Shape(m)) => assert!(m.contains(what) && m.contains("block 1"), "{m}"),
+            other => panic!("{code}: expected a shape error, got {other:?}"),
+        }
+    }
+    // The usual narrowing checks written by other libraries are accepted.
+    let ok = append_raw(
+        &parent,
+        "check if path($p), $p.starts_with(\"/v1/chat/\"); check if time($t), $t <= 2100-01-01T00:00:00Z",
+    );
+    assert!(v.verify_token(&ok).is_ok());
+    // `till attenuate --datalog` refuses to mint what the verifier would refuse.
+    till(["attenuate", "--datalog", "x($a) <- uses($a, $b)"])
+        .stdin(&parent)
+        .run()
+        .code(2)
+        .stderr_has("rules are not allowed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn normal_requests_keep_succeeding_during_a_flood_of_pathological_tokens() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let parent = home.token("openai", None);
+    let evil: Vec<String> = (0..20)
+        .map(|i| {
+            append_raw(
+                &parent,
+                &format!("x{i}($a, $b, $c, $d) <- uses($a, $b), uses($c, $d), uses($e, $f)"),
+            )
+        })
+        .collect();
+    let good = home.token("openai", None);
+    let c = client();
+    let mut attackers = Vec::new();
+    for i in 0..400 {
+        let c = c.clone();
+        let url = proxy.url("/openai/v1/chat/completions");
+        let t = evil[i % evil.len()].clone();
+        attackers.push(tokio::spawn(async move {
+            c.post(url)
+                .bearer_auth(t)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for _ in 0..30 {
+        assert_eq!(chat(&proxy, &good, "m").await.0, 200);
+    }
+    for a in attackers {
+        assert_eq!(a.await.unwrap(), 401);
+    }
+    assert_eq!(up.count(), 30);
+}
+
+#[tokio::test]
+async fn a_thousand_children_of_a_ten_use_token_get_ten_uses_in_total() {
+    let home = Home::new();
+    let v = Verifier::new(home.key().public(), Policies::default_policy());
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let root = home.token("openai", Some(10));
+    let mut allowed = 0;
+    for i in 0..1000 {
+        let kid = child(&root, limit(1000 + i));
+        let t = v.verify_token(&kid).unwrap();
+        let specs: Vec<CounterSpec> = t
+            .ids
+            .iter()
+            .zip(&t.limits)
+            .map(|(id, l)| CounterSpec {
+                id: id.clone(),
+                limit: *l,
+                expires: None,
+            })
+            .collect();
+        let r = store.reserve(&specs).await.unwrap();
+        match v.authorize(&t, &req("/v1/chat/completions"), &r.uses) {
+            Ok(()) => {
+                r.durable.await.unwrap();
+                allowed += 1;
+            }
+            Err(d) => {
+                assert_eq!(d.kind, DenialKind::Exhausted);
+                store.release(&t.ids).await.unwrap();
+            }
+        }
+    }
+    assert_eq!(allowed, 10);
+}
+
+#[test]
+fn reordered_duplicated_and_transplanted_blocks_are_rejected() {
+    let home = Home::new();
+    let v = Verifier::new(home.key().public(), Policies::default_policy());
+    let root = home.token("openai", Some(10));
+    let three = child(&child(&root, limit(5)), limit(2));
+    let bytes = base64::decode_config(&three, base64::URL_SAFE).unwrap();
+    let proto = biscuit_auth::format::schema::Biscuit::decode(bytes.as_slice()).unwrap();
+    let encode = |p: &biscuit_auth::format::schema::Biscuit| {
+        let mut out = Vec::new();
+        p.encode(&mut out).unwrap();
+        base64::encode_config(out, base64::URL_SAFE)
+    };
+    // Swap blocks 1 and 2 (e.g. to put the looser limit last).
+    let mut swapped = proto.clone();
+    swapped.blocks.swap(0, 1);
+    assert!(v.verify_token(&encode(&swapped)).is_err());
+    // Drop the last block (to shed its limit): the proof no longer matches.
+    let mut dropped = proto.clone();
+    dropped.blocks.pop();
+    assert!(v.verify_token(&encode(&dropped)).is_err());
+    // Duplicate a block.
+    let mut dup = proto.clone();
+    dup.blocks.push(dup.blocks[0].clone());
+    assert!(v.verify_token(&encode(&dup)).is_err());
+    // A third-party block made for another token cannot be transplanted.
+    let other = home.token("openai", None);
+    let other_b = Biscuit::from_base64(&other, home.key().public()).unwrap();
+    let tp = KeyPair::new();
+    let block = other_b
+        .third_party_request()
+        .unwrap()
+        .create_block(
+            &tp.private(),
+            BlockBuilder::new()
+                .code("check if time($t), $t <= 2100-01-01T00:00:00Z")
+                .unwrap(),
+        )
+        .unwrap();
+    let with_tp = other_b
+        .append_third_party(tp.public(), block)
+        .unwrap()
+        .to_base64()
+        .unwrap();
+    assert!(
+        v.verify_token(&with_tp).is_ok(),
+        "on its own token the block is fine"
+    );
+    // Splice that signed block (and its proof) onto another token.
+    let donor = biscuit_auth::format::schema::Biscuit::decode(
+        base64::decode_config(&with_tp, base64::URL_SAFE)
+            .unwrap()
+            .as_slice(),
+    )
+    .unwrap();
+    let mut target = biscuit_auth::format::schema::Biscuit::decode(
+        base64::decode_config(&root, base64::URL_SAFE)
+            .unwrap()
+            .as_slice(),
+    )
+    .unwrap();
+    target.blocks.push(donor.blocks[0].clone());
+    target.proof = donor.proof.clone();
+    assert!(
+        v.verify_token(&encode(&target)).is_err(),
+        "transplanted third-party block accepted"
+    );
+    // biscuit itself refuses to append it to another token.
+    let other_block = Biscuit::from_base64(&other, home.key().public())
+        .unwrap()
+        .third_party_request()
+        .unwrap()
+        .create_block(&tp.private(), BlockBuilder::new())
+        .unwrap();
+    let target_b = Biscuit::from_base64(&root, home.key().public()).unwrap();
+    assert!(
+        target_b
+            .append_third_party(tp.public(), other_block)
+            .is_err()
+    );
+    // A token for another root key.
+    assert!(matches!(
+        v.verify_token(&Home::new().token("openai", None)),
+        Err(TokenError::WrongRootKey)
+    ));
+}
+
+#[test]
+fn sealed_tokens_verify_but_cannot_be_attenuated() {
+    let home = Home::new();
+    let v = Verifier::new(home.key().public(), Policies::default_policy());
+    let t = home.token("openai", Some(3));
+    let sealed = Biscuit::from_base64(&t, home.key().public())
+        .unwrap()
+        .seal()
+        .unwrap()
+        .to_base64()
+        .unwrap();
+    let vt = v.verify_token(&sealed).unwrap();
+    assert!(v.authorize(&vt, &req("/v1/x"), &[1]).is_ok());
+    assert!(
+        v.authorize(&vt, &req("/v1/x"), &[4]).is_err(),
+        "sealing does not lift the limit"
+    );
+    assert!(token::attenuate(&sealed, &limit(1)).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_tokens_and_headers_get_431_before_any_signature_work() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(
+        &home,
+        &[openai(&up)],
+        "[limits]\nmax_header_bytes = 32768\nmax_headers = 50\n",
+    );
+    let c = client();
+    let huge = "A".repeat(token::MAX_TOKEN_LEN + 1);
+    let r = c
+        .get(proxy.url("/openai/v1/x"))
+        .bearer_auth(&huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    let mut rb = c
+        .get(proxy.url("/openai/v1/x"))
+        .bearer_auth(home.token("openai", None));
+    for i in 0..80 {
+        rb = rb.header(format!("x-pad-{i}"), "1");
+    }
+    assert_eq!(rb.send().await.unwrap().status(), 431, "too many headers");
+    let r = c
+        .get(proxy.url("/openai/v1/x"))
+        .header("x-big", "b".repeat(64 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431, "header block over the limit");
+    assert_eq!(up.count(), 0);
+    // Still healthy.
+    assert_eq!(chat(&proxy, &home.token("openai", None), "m").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_are_cut_off_and_the_connection_cap_holds() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(
+        &home,
+        &[openai(&up)],
+        "[limits]\nheader_timeout_secs = 1\nmax_connections = 3\n",
+    );
+    // Slowloris: a request head that never completes is closed.
+    let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET /openai/v1/x HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf))
+        .await
+        .expect("the proxy closes a slow client")
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || text.contains("408"), "{text}");
+    // Three idle connections fill the cap; a fourth waits in the backlog.
+    let proxy2 = Proxy::start(
+        &Home::new(),
+        &[openai(&up)],
+        "[limits]\nheader_timeout_secs = 30\nmax_connections = 3\n",
+    );
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let s = tokio::net::TcpStream::connect(proxy2.addr).await.unwrap();
+        idle.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_millis(700))
+        .build()
+        .unwrap();
+    assert!(
+        quick.get(proxy2.url("/healthz")).send().await.is_err(),
+        "served over the cap"
+    );
+    idle.pop();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        client().get(proxy2.url("/healthz")).send(),
+    )
+    .await
+    .expect("served once a slot frees")
+    .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_file_deleted_while_running_fails_closed() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    // A 5-use token has no lease: every use is committed.
+    let t = home.token("openai", Some(5));
+    assert_eq!(chat(&proxy, &t, "m").await.0, 200);
+    std::fs::remove_file(home.path().join(till::store::embedded::STORE_FILE)).unwrap();
+    let (s, v) = chat(&proxy, &t, "m").await;
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["error"]["code"], "store_unavailable");
+    assert_eq!(
+        client()
+            .get(proxy.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(up.count(), 1, "nothing forwarded without a durable count");
+    assert!(proxy.logs().contains("deleted or replaced"));
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_upstreams_give_clean_errors_and_leak_nothing() {
+    // An upstream that answers garbage, and one that resets mid-stream.
+    let garbage = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gaddr = garbage.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = garbage.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"\x00\x01garbage not http\r\n\r\n").await;
+            });
+        }
+    });
+    let reset = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let raddr = reset.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = reset.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n10\r\ndata: one\n\n\r\n")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Drop the connection in the middle of the stream.
+            });
+        }
+    });
+    let home = Home::new();
+    let ups = [
+        Up {
+            name: "garbage",
+            url: format!("http://{gaddr}"),
+            header: "authorization",
+            prefix: "Bearer ",
+            env: "TEST_OPENAI_KEY",
+        },
+        Up {
+            name: "reset",
+            url: format!("http://{raddr}"),
+            header: "authorization",
+            prefix: "Bearer ",
+            env: "TEST_OPENAI_KEY",
+        },
+    ];
+    let proxy = Proxy::start(&home, &ups, "");
+    let t = home.issue(Scope {
+        services: vec!["garbage".into(), "reset".into()],
+        max_uses: Some(1000),
+        ..Scope::default()
+    });
+    let c = client();
+    // Warm up, then take the fd baseline.
+    let _ = c.get(proxy.url("/garbage/x")).bearer_auth(&t).send().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = open_fds(proxy.pid());
+    for _ in 0..20 {
+        let r = c
+            .get(proxy.url("/garbage/x"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502);
+        let body = r.text().await.unwrap();
+        assert!(!body.contains(OPENAI_SECRET));
+        let r = c
+            .get(proxy.url("/reset/stream"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // The client sees the stream end with an error, not a hang.
+        let res = tokio::time::timeout(Duration::from_secs(10), r.bytes())
+            .await
+            .expect("stream terminates");
+        assert!(
+            res.is_err(),
+            "a reset mid-stream must not look like a clean end"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = open_fds(proxy.pid());
+    assert!(
+        after <= before + 2,
+        "file descriptors leak: {before} -> {after}"
+    );
+    // Counts stay consistent: 41 requests were forwarded.
+    let out = till(["usage", "--json", &t, "--url", &proxy.url("")])
+        .home(&home)
+        .env("TILL_ADMIN_TOKEN", &home.admin())
+        .run();
+    out.success();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v[0]["uses"], 41);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_credential_never_appears_in_responses_logs_or_metrics() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "[audit]\nstdout = true\n");
+    let t = home.token("openai", Some(2));
+    let c = client();
+    let mut bodies = String::new();
+    for path in [
+        "/openai/v1/chat/completions",
+        "/openai/status/500",
+        "/openai/redirect",
+        "/openai/nope",
+    ] {
+        let r = c
+            .post(proxy.url(path))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        bodies.push_str(&format!("{:?}", r.headers()));
+        bodies.push_str(&r.text().await.unwrap());
+    }
+    bodies.push_str(
+        &c.get(proxy.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert!(!bodies.contains(OPENAI_SECRET));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!proxy.logs().contains(OPENAI_SECRET));
+    let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).unwrap();
+    assert!(!audit.contains(OPENAI_SECRET) && !audit.contains(&t[..30]));
+    // The upstream did get it, in the configured header only.
+    assert!(
+        up.seen()
+            .iter()
+            .all(|s| s.headers["authorization"] == format!("Bearer {OPENAI_SECRET}"))
+    );
+}
