@@ -256,7 +256,7 @@ fn explain(e: BToken, token: &VerifiedToken, req: &RequestFacts) -> Denial {
     }
     if let Some(p) = deny_policy {
         all_limits = false;
-        reasons.insert(0, format!("a deny policy matched ({p})"));
+        reasons.insert(0, p.to_string());
     }
     let kind = if expired {
         DenialKind::Expired

@@ -35,7 +35,7 @@ till issue --service openai --max-uses 100 --ttl 24h --label my-agent\n  \
 till attenuate --max-uses 5 --ttl 10m < parent.token > child.token\n  \
 till inspect child.token\n\n\
 Exit codes: 0 success/allowed, 1 denied, 2 usage or configuration error.",
-    after_help = "Every flag can also be set through the environment variable shown in its help."
+    after_help = "Flags shown with [env: NAME] can also be set through that environment variable.\nRun `till <command> --help` for each command's flags and examples."
 )]
 pub struct Cli {
     /// State directory holding the root key, admin token, config and counters.

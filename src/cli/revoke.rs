@@ -85,7 +85,7 @@ pub struct RevokeArgs {
     #[arg(value_name = "TOKEN", conflicts_with_all = ["id", "list"])]
     pub token: Option<String>,
     /// Revoke the token's whole family (its root block) instead of its last block.
-    #[arg(long, requires = "token")]
+    #[arg(long, visible_alias = "all", requires = "token")]
     pub root: bool,
     /// Revoke this revocation id (hex, from `till inspect`).
     #[arg(long, value_name = "HEX", conflicts_with = "list")]
@@ -97,7 +97,7 @@ pub struct RevokeArgs {
     pub admin: AdminArgs,
 }
 
-fn read_token_arg(arg: &str) -> anyhow::Result<String> {
+pub(crate) fn read_token_arg(arg: &str) -> anyhow::Result<String> {
     if arg == "-" {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;

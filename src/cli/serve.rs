@@ -188,8 +188,8 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
             }
         });
         proxy::run(listener, state, shutdown_signal())
-        .await
-        .context("server error")
+            .await
+            .context("server error")
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     store.close().context("closing the counter store")?;
@@ -244,11 +244,20 @@ fn banner(cfg: &Config, addr: SocketAddr, public_key: &str) {
     println!(
         "    till issue --service {svc} --max-uses 100 --ttl 24h --label my-agent > agent.token"
     );
+    let curl = match svc {
+        "anthropic" => format!(
+            "curl {base}/anthropic/v1/messages -H \"x-api-key: $(cat agent.token)\" -H 'anthropic-version: 2023-06-01' -H 'content-type: application/json' -d '{{\"model\":\"claude-3-5-haiku-latest\",\"max_tokens\":64,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
+        ),
+        "github" => {
+            format!("curl {base}/github/user -H \"Authorization: Bearer $(cat agent.token)\"")
+        }
+        _ => format!(
+            "curl {base}/{svc}/v1/chat/completions -H \"Authorization: Bearer $(cat agent.token)\" -H 'content-type: application/json' -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
+        ),
+    };
+    println!("    {curl}");
     println!(
-        "    curl {base}/openai/v1/chat/completions -H \"Authorization: Bearer $(cat agent.token)\" -H 'content-type: application/json' -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
-    );
-    println!(
-        "    python: OpenAI(base_url=\"{base}/openai/v1\", api_key=open(\"agent.token\").read().strip())"
+        "    python: OpenAI(base_url=\"{base}/openai/v1\", api_key=open(\"agent.token\").read().strip())  # with an openai upstream"
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();

@@ -10,7 +10,8 @@ use super::revoke::AdminArgs;
 
 #[derive(Args, Debug)]
 pub struct UsageArgs {
-    /// A token or a revocation id: show that token's family in detail. Default: every family.
+    /// A token (text, a file holding it, or "-" for stdin) or a revocation id: show that
+    /// token's family in detail. Default: every family.
     #[arg(value_name = "TOKEN|ID")]
     pub target: Option<String>,
     /// Print JSON instead of a table.
@@ -41,6 +42,7 @@ pub fn run(home: &Path, a: UsageArgs) -> anyhow::Result<ExitCode> {
             .cloned()
             .unwrap_or_default(),
         Some(t) => {
+            let t = super::revoke::read_token_arg(t)?;
             let t = t.trim();
             let id = if t.len() == 128 && hex::decode(t).is_ok() {
                 t.to_ascii_lowercase()

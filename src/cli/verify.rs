@@ -120,7 +120,12 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let verifier = Verifier::new(root, policies);
     let verified = match verifier.verify_token(&text) {
         Ok(v) => v,
-        Err(e @ TokenError::WrongRootKey) => {
+        // The token is readable but not acceptable: a denial, not bad input.
+        Err(
+            e @ (TokenError::WrongRootKey
+            | TokenError::Shape(_)
+            | TokenError::UnsupportedAlgorithm(_)),
+        ) => {
             println!("denied: {e}");
             return Ok(ExitCode::from(EXIT_DENIED));
         }

@@ -150,6 +150,9 @@ impl Default for Config {
     }
 }
 
+/// Names taken by the proxy's own routes.
+pub const RESERVED: &[&str] = &["admin", "healthz", "readyz", "metrics", "dashboard"];
+
 /// The well-known upstreams `till up` configures from the environment.
 pub const WELL_KNOWN: &[(&str, &str, &str, &str, &str)] = &[
     // (service, env var, url, header, prefix)
@@ -210,6 +213,12 @@ impl Config {
         for (name, u) in &self.upstreams {
             let key = format!("upstreams.{name}");
             vocab::validate_service(name).map_err(|e| self.err(&key, e))?;
+            if RESERVED.contains(&name.as_str()) {
+                return Err(self.err(
+                    &key,
+                    format!("{name:?} is reserved for the proxy's own routes; choose another name"),
+                ));
+            }
             let url = reqwest::Url::parse(&u.url).map_err(|e| {
                 self.err(
                     &format!("{key}.url"),
@@ -332,6 +341,7 @@ pub fn default_file(state_dir: &Path) -> String {
         r#"# Till proxy configuration (created by `till up`; edit freely).
 # Relative paths are relative to the directory you run till from.
 listen = "127.0.0.1:8787"
+# `till up` keeps its state in TILL_HOME ({state}); `till serve --config` uses:
 state_dir = {state:?}
 # Directory of *.datalog policies; the built-in default policy is used if it does not exist.
 policies = "policies"
