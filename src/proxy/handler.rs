@@ -119,12 +119,20 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// The `model` field of a JSON body. Duplicate `model` keys or malformed
 /// JSON give no model fact, which fails any model check (deny when unsure).
-fn model_of(body: &[u8]) -> Option<String> {
+/// So do a body that is not an object (serde reads a struct from an array
+/// too: `["gpt-4o-mini"]` would name a model the upstream never sees) and
+/// invalid UTF-8 anywhere (serde skips unknown fields without checking it,
+/// and an upstream may decode such a body differently).
+pub fn model_of(body: &[u8]) -> Option<String> {
     #[derive(Deserialize)]
     struct M {
         model: Option<String>,
     }
-    serde_json::from_slice::<M>(body).ok().and_then(|m| m.model)
+    let text = std::str::from_utf8(body).ok()?;
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    serde_json::from_str::<M>(text).ok().and_then(|m| m.model)
 }
 
 async fn read_body(body: Body, max: usize) -> Result<Bytes, ProxyError> {
@@ -254,8 +262,10 @@ async fn handle(
         None => None,
     };
 
+    let mut started = false;
     let result = authorize_and_forward(
         obs,
+        &mut started,
         st,
         &token,
         facts,
@@ -268,8 +278,11 @@ async fn handle(
     .await;
     if let Some(k) = &idem_key {
         let answered = matches!(&result, Ok(r) if r.status().as_u16() < 500);
-        // A denial before forwarding leaves a replayed entry retryable.
-        if replay.is_some() || result.is_ok() {
+        // Only an attempt this request started (or replayed) is settled
+        // here: settling an older entry after a denial could turn a used
+        // key into a free retry. A replay denied before forwarding stays
+        // retryable.
+        if replay.is_some() || started {
             st.idempotency.finish(k, answered);
         }
     }
@@ -279,6 +292,7 @@ async fn handle(
 #[allow(clippy::too_many_arguments)]
 async fn authorize_and_forward(
     obs: &mut Observation,
+    started: &mut bool,
     st: &AppState,
     token: &Arc<VerifiedToken>,
     facts: RequestFacts,
@@ -321,6 +335,7 @@ async fn authorize_and_forward(
             obs.reserve = Some(t0.elapsed());
             if let Some(k) = idem_key {
                 st.idempotency.start(k, uses);
+                *started = true;
             }
         }
     }
@@ -359,5 +374,8 @@ mod tests {
         assert_eq!(model_of(br#"{"model":"a","model":"b"}"#), None);
         assert_eq!(model_of(b"not json"), None);
         assert_eq!(model_of(br#"{"model":5}"#), None);
+        // Found by fuzzing (tests/fuzz-regressions/request/).
+        assert_eq!(model_of(br#"["gpt-4o-mini"]"#), None);
+        assert_eq!(model_of(b"{\"model\":\"a\",\"x\":\"\xff\"}"), None);
     }
 }

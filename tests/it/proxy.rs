@@ -818,3 +818,33 @@ async fn a_failing_counter_store_gives_503_and_forwards_nothing() {
         "nothing may be forwarded without a durable count"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_idempotent_retry_after_a_502_is_free_not_409() {
+    let home = Home::new();
+    let down = Up {
+        name: "openai",
+        url: {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        },
+        header: "authorization",
+        prefix: "Bearer ",
+        env: "TEST_OPENAI_KEY",
+    };
+    let proxy = Proxy::start(&home, &[down], "");
+    let token = home.token("openai", Some(1));
+    let send = |key: &'static str| {
+        client()
+            .get(proxy.url("/openai/v1/models"))
+            .bearer_auth(&token)
+            .header("idempotency-key", key)
+            .send()
+    };
+    assert_eq!(send("k").await.unwrap().status(), 502);
+    // Retries of the failed attempt neither conflict nor count.
+    assert_eq!(send("k").await.unwrap().status(), 502);
+    assert_eq!(send("k").await.unwrap().status(), 502);
+    // The one use was spent by the first attempt.
+    assert_eq!(send("other").await.unwrap().status(), 429);
+}
