@@ -63,7 +63,8 @@ pub struct BlockView {
     /// Datalog source with every string escaped.
     pub source: String,
     pub labels: Vec<String>,
-    /// `(service, method, path prefix)`; only honoured in block 0.
+    /// `(service, method, path prefix)`; only block 0 grants rights, so a
+    /// `right` fact in any other block is listed under `warnings` instead.
     pub rights: Vec<(String, String, String)>,
     /// Own use limit (`check if uses(index, ..)` in this block), if any.
     pub use_limit: Option<u64>,
@@ -290,9 +291,14 @@ fn describe(
             .collect();
         match (name.as_str(), strs.as_slice()) {
             (names::LABEL, [Some(l)]) => labels.push(l.clone()),
-            (names::RIGHT, [Some(s), Some(m), Some(p)]) => {
+            (names::RIGHT, [Some(s), Some(m), Some(p)]) if index == 0 => {
                 rights.push((s.clone(), m.clone(), p.clone()))
             }
+            // Policies only trust the authority block: showing these as
+            // rights would make a forged child look more powerful than it is.
+            (names::RIGHT, [Some(s), Some(m), Some(p)]) => warnings.push(format!(
+                "block {index} declares right({s:?}, {m:?}, {p:?}), which grants nothing: only the authority block's rights count"
+            )),
             _ => {}
         }
     }
@@ -353,15 +359,54 @@ fn constants(rule: &Rule) -> Vec<Term> {
     out
 }
 
-fn has_op(rule: &Rule, op: biscuit_auth::datalog::Binary) -> bool {
-    use biscuit_auth::datalog::Op;
-    rule.expressions
-        .iter()
-        .any(|e| e.ops.iter().any(|o| matches!(o, Op::Binary(b) if *b == op)))
-}
-
-fn has_prefix_op(rule: &Rule) -> bool {
-    has_op(rule, biscuit_auth::datalog::Binary::Prefix)
+/// The strings a scope check allows, when every alternative of `check` is
+/// exactly one of the forms Till (or a careful agent) writes on the variable
+/// of its single predicate: `{"a", "b"}.contains($v)` or `$v == "a"`, or, for
+/// paths (`prefix`), `$v.starts_with("a")`. Anything else (`$v != "a"`,
+/// `!$v.starts_with("a")`, `"abc".contains($v)`, ...) is not an allow-list
+/// and must not be shown as one.
+fn allow_list(check: &Check, syms: &SymbolTable, prefix: bool) -> Option<Vec<String>> {
+    use biscuit_auth::datalog::{Binary, Op};
+    let mut out = Vec::new();
+    for q in &check.queries {
+        let [pred] = q.body.as_slice() else {
+            return None;
+        };
+        let [Term::Variable(v)] = pred.terms.as_slice() else {
+            return None;
+        };
+        let [e] = q.expressions.as_slice() else {
+            return None;
+        };
+        let is_var = |op: &Op| matches!(op, Op::Value(Term::Variable(x)) if x == v);
+        match (prefix, e.ops.as_slice()) {
+            (true, [a, Op::Value(Term::Str(s)), Op::Binary(Binary::Prefix)]) if is_var(a) => {
+                out.push(sym(syms, *s))
+            }
+            (false, [Op::Value(Term::Set(set)), a, Op::Binary(Binary::Contains)]) if is_var(a) => {
+                for t in set {
+                    out.push(term_str(syms, t)?);
+                }
+            }
+            (
+                false,
+                [
+                    a,
+                    Op::Value(Term::Str(s)),
+                    Op::Binary(Binary::Equal | Binary::HeterogeneousEqual),
+                ]
+                | [
+                    Op::Value(Term::Str(s)),
+                    a,
+                    Op::Binary(Binary::Equal | Binary::HeterogeneousEqual),
+                ],
+            ) if is_var(a) => out.push(sym(syms, *s)),
+            _ => return None,
+        }
+    }
+    out.sort();
+    out.dedup();
+    Some(out)
 }
 
 /// `$x <= constant`, the only comparison a use limit or expiry may use.
@@ -394,17 +439,6 @@ fn meaning(check: &Check, syms: &SymbolTable, esc: &SymbolTable) -> CheckMeaning
             .iter()
             .all(|q| q.body.len() == 1 && sym(syms, q.body[0].name) == n && q.scopes.is_empty())
     };
-    let strings = || {
-        let mut v: Vec<String> = check
-            .queries
-            .iter()
-            .flat_map(constants)
-            .filter_map(|t| term_str(syms, &t))
-            .collect();
-        v.sort();
-        v.dedup();
-        v
-    };
     if check.queries.len() == 1 && names0 == [names::USES] && is_at_most(q0) {
         if let ([Term::Integer(k), Term::Variable(_)], [Term::Integer(n)]) =
             (q0.body[0].terms.as_slice(), constants(q0).as_slice())
@@ -425,17 +459,26 @@ fn meaning(check: &Check, syms: &SymbolTable, esc: &SymbolTable) -> CheckMeaning
         }
         return custom();
     }
-    if only(names::PATH) && check.queries.iter().all(has_prefix_op) {
-        return CheckMeaning::PathPrefixes { allowed: strings() };
+    let list = |prefix| allow_list(check, syms, prefix);
+    if only(names::PATH)
+        && let Some(allowed) = list(true)
+    {
+        return CheckMeaning::PathPrefixes { allowed };
     }
-    if only(names::SERVICE) {
-        return CheckMeaning::Services { allowed: strings() };
+    if only(names::SERVICE)
+        && let Some(allowed) = list(false)
+    {
+        return CheckMeaning::Services { allowed };
     }
-    if only(names::METHOD) {
-        return CheckMeaning::Methods { allowed: strings() };
+    if only(names::METHOD)
+        && let Some(allowed) = list(false)
+    {
+        return CheckMeaning::Methods { allowed };
     }
-    if only(names::MODEL) {
-        return CheckMeaning::Models { allowed: strings() };
+    if only(names::MODEL)
+        && let Some(allowed) = list(false)
+    {
+        return CheckMeaning::Models { allowed };
     }
     custom()
 }
@@ -555,5 +598,54 @@ mod tests {
         }));
         assert_eq!(v.effective_limits(), vec![Some(100), Some(5)]);
         assert_eq!(v.family, v.blocks[0].revocation_id);
+    }
+
+    #[test]
+    fn only_exact_allow_lists_are_read_as_scope() {
+        let root = keys::generate();
+        let t = issue(
+            &root,
+            &Scope {
+                services: vec!["openai".into()],
+                ..Scope::default()
+            },
+        )
+        .unwrap();
+        let child = attenuate(
+            &t,
+            &Scope {
+                datalog: Some(
+                    r#"check if service($s), $s != "openai";
+                       check if path($p), !$p.starts_with("/v1/");
+                       check if model($m), "abc".contains($m);
+                       check if method($m), $m.starts_with("G");
+                       check if service($s), $s == "openai";
+                       right("github", "*", "/");"#
+                        .into(),
+                ),
+                ..Scope::default()
+            },
+        )
+        .unwrap();
+        let v = inspect(&RawToken::parse(&child).unwrap()).unwrap();
+        let c = &v.blocks[1].checks;
+        assert!(
+            c[..4]
+                .iter()
+                .all(|m| matches!(m, CheckMeaning::Custom { .. })),
+            "{c:?}"
+        );
+        assert_eq!(
+            c[4],
+            CheckMeaning::Services {
+                allowed: vec!["openai".into()]
+            }
+        );
+        assert!(v.blocks[1].rights.is_empty());
+        assert!(
+            v.blocks[1].warnings[0].contains("grants nothing"),
+            "{:?}",
+            v.blocks[1].warnings
+        );
     }
 }

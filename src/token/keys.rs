@@ -82,8 +82,16 @@ pub fn save(path: &Path, key: &KeyPair, force: bool) -> Result<(), TokenError> {
     }
     let io = |e: std::io::Error| TokenError::Key(format!("cannot write {}: {e}", path.display()));
     let tmp = path.with_extension("key.tmp");
+    // A leftover temporary file (from a crash) keeps its old mode, since the
+    // mode below only applies to a file we create, and it may be a symlink
+    // planted elsewhere: remove it and insist on creating a fresh file.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
     let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
