@@ -13,8 +13,9 @@
 //! * each check has at most [`MAX_QUERIES`] alternatives (`or`), each with at
 //!   most [`MAX_BODY`] predicates and [`MAX_EXPRESSIONS`] expressions of at
 //!   most [`MAX_OPS`] operations;
-//! * no regular expressions, no closures (`.all`, `.any`), no extern
-//!   functions, and collections of at most [`MAX_COLLECTION`] elements.
+//! * no regular expressions, no closures over collections (`.all`, `.any`),
+//!   no extern functions, and collections of at most [`MAX_COLLECTION`]
+//!   elements. `&&` and `||` are fine.
 //!
 //! Everything Till's own `attenuate` writes, and the usual checks other
 //! Biscuit libraries write (`check if path($p), $p.starts_with("/v1/")`,
@@ -70,27 +71,40 @@ fn rule_ok(q: &Rule) -> Result<(), String> {
         ));
     }
     for e in &q.expressions {
-        if e.ops.len() > MAX_OPS {
+        let n = ops_ok(&e.ops)?;
+        if n > MAX_OPS {
             return Err(format!(
-                "an expression of {} operations (at most {MAX_OPS})",
-                e.ops.len()
+                "an expression of {n} operations (at most {MAX_OPS})"
             ));
-        }
-        for op in &e.ops {
-            match op {
-                Op::Value(t) => term_ok(t)?,
-                Op::Binary(Binary::Regex) => return Err("a regular expression".into()),
-                Op::Binary(Binary::Ffi(_)) | Op::Unary(Unary::Ffi(_)) => {
-                    return Err("an extern function call".into());
-                }
-                Op::Binary(Binary::All | Binary::Any) | Op::Closure(..) => {
-                    return Err("a closure (.all / .any)".into());
-                }
-                _ => {}
-            }
         }
     }
     Ok(())
+}
+
+/// Checks a list of operations and returns how many there are, nested ones
+/// included. `&&` and `||` are compiled to parameterless closures (lazy
+/// evaluation): those are fine. Closures with parameters are `.all` /
+/// `.any`, which iterate over collections: refused.
+fn ops_ok(ops: &[Op]) -> Result<usize, String> {
+    let mut n = ops.len();
+    for op in ops {
+        match op {
+            Op::Value(t) => term_ok(t)?,
+            Op::Binary(Binary::Regex) => return Err("a regular expression".into()),
+            Op::Binary(Binary::Ffi(_)) | Op::Unary(Unary::Ffi(_)) => {
+                return Err("an extern function call".into());
+            }
+            Op::Binary(Binary::All | Binary::Any) => {
+                return Err("a closure (.all / .any)".into());
+            }
+            Op::Closure(params, _) if !params.is_empty() => {
+                return Err("a closure (.all / .any)".into());
+            }
+            Op::Closure(_, inner) => n += ops_ok(inner)?,
+            _ => {}
+        }
+    }
+    Ok(n)
 }
 
 /// Why block `index` (≥ 1) is refused, if it is.
@@ -140,4 +154,47 @@ pub fn check(raw: &RawToken) -> Result<(), TokenError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::{Scope, issue, keys};
+
+    fn with_block(code: &str) -> RawToken {
+        let root = keys::generate();
+        let t = issue(
+            &root,
+            &Scope {
+                services: vec!["openai".into()],
+                ..Scope::default()
+            },
+        )
+        .unwrap();
+        let u = biscuit_auth::UnverifiedBiscuit::from_base64(&t).unwrap();
+        let c = u
+            .append(biscuit_auth::BlockBuilder::new().code(code).unwrap())
+            .unwrap();
+        RawToken::parse(&c.to_base64().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn lazy_boolean_operators_are_accepted() {
+        let t = with_block(r#"check if method($m), $m == "GET" || $m == "POST" && true"#);
+        assert!(check(&t).is_ok(), "{:?}", check(&t));
+    }
+
+    #[test]
+    fn iterating_closures_and_regexes_are_refused() {
+        for code in [
+            r#"check if path($p), ["a", "b"].any($x -> $p.starts_with($x))"#,
+            r#"check if path($p), $p.matches("^/v1/(a+)+$")"#,
+            r#"check if path($p), $p == "a" || $p.matches("(a+)+")"#,
+        ] {
+            assert!(
+                matches!(check(&with_block(code)), Err(TokenError::Shape(_))),
+                "{code}"
+            );
+        }
+    }
 }
