@@ -1,11 +1,537 @@
-//! The operator dashboard (`/dashboard`). Placeholder wiring; the page
-//! itself is built in this module.
+//! The operator dashboard (`/dashboard`): token families with usage bars,
+//! tokens expiring soon, a live feed of decisions, alert history, and a
+//! revoke button.
+//!
+//! One server-rendered HTML shell plus a small script and stylesheet served
+//! from their own routes (embedded with `include_str!`, no build step, no
+//! external resource), so the Content-Security-Policy can forbid inline
+//! script. The script polls `/dashboard/api/state` every two seconds and
+//! builds the DOM with `textContent`/`createElement` only: labels come from
+//! tokens and tokens come from agents, so every label is hostile.
+//!
+//! Authentication: the operator pastes the admin token into a form once. It
+//! is checked exactly like the admin API checks it ([`admin::check_peer`],
+//! [`admin::authenticate_token`]) and then forgotten: the browser gets an
+//! `HttpOnly`, `SameSite=Strict` cookie holding a random session id, never
+//! the token. Sessions live in memory, expire (at the latest with the admin
+//! token), and die when any block of the admin token is revoked. State
+//! changes (revoke, logout) also need the session's CSRF token in the
+//! `x-csrf-token` header, which a cross-site form cannot send.
 
-use axum::Router;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::FormRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Extension, Form, Json, Router};
+use serde::Deserialize;
+use serde_json::json;
 
 use super::AppState;
+use super::admin;
+use super::error::ProxyError;
+
+const PAGE: &str = include_str!("dashboard/page.html");
+const LOGIN: &str = include_str!("dashboard/login.html");
+const SCRIPT: &str = include_str!("dashboard/app.js");
+const STYLE: &str = include_str!("dashboard/app.css");
+const ICON: &str = include_str!("dashboard/favicon.svg");
+
+/// Name of the session cookie.
+const COOKIE: &str = "till_session";
+/// Header that carries the per-session CSRF token on state changes.
+const CSRF_HEADER: &str = "x-csrf-token";
+/// A session lasts at most this long (less if the admin token expires first).
+const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
+/// Sessions kept at once; the one closest to expiry is dropped beyond this.
+const MAX_SESSIONS: usize = 256;
+/// Bodies of dashboard requests are small: a token in a form, an id.
+const MAX_BODY: usize = 64 * 1024;
+/// How many decisions and alerts the page shows.
+const FEED: usize = 50;
 
 /// Routes of the dashboard, merged into the main router.
 pub fn routes() -> Router<AppState> {
     Router::new()
+        .route("/dashboard", get(page))
+        .route("/dashboard/", get(page))
+        .route("/dashboard/app.js", get(script))
+        .route("/dashboard/app.css", get(style))
+        .route("/dashboard/favicon.svg", get(icon))
+        .route("/dashboard/login", post(login))
+        .route("/dashboard/logout", post(logout))
+        .route("/dashboard/api/state", get(state))
+        .route("/dashboard/api/revoke", post(revoke))
+        .route("/dashboard/{*rest}", any(not_found))
+        .layer(Extension(Arc::new(Sessions::default())))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(security_headers))
+}
+
+// ---------------------------------------------------------------------------
+// Sessions
+
+struct Session {
+    csrf: String,
+    /// Revocation ids of the admin token that opened the session (not the
+    /// token): revoking any of them ends the session.
+    admin_ids: Vec<String>,
+    expires: Instant,
+}
+
+/// What a request learns from a valid session.
+struct Authed {
+    csrf: String,
+}
+
+#[derive(Default)]
+struct Sessions {
+    // A std Mutex: held for a map lookup, never across an await.
+    map: Mutex<HashMap<String, Session>>,
+}
+
+impl Sessions {
+    fn create(&self, admin_ids: Vec<String>, ttl: Duration) -> (String, String) {
+        let id = random_hex();
+        let csrf = random_hex();
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, s| s.expires > now);
+        if map.len() >= MAX_SESSIONS
+            && let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, s)| s.expires)
+                .map(|(k, _)| k.clone())
+        {
+            map.remove(&oldest);
+        }
+        map.insert(
+            id.clone(),
+            Session {
+                csrf: csrf.clone(),
+                admin_ids,
+                expires: now + ttl,
+            },
+        );
+        (id, csrf)
+    }
+
+    /// The session named by the request's cookie, if it is still good.
+    fn get(&self, st: &AppState, headers: &HeaderMap) -> Option<Authed> {
+        let id = session_cookie(headers)?;
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let s = map.get(id)?;
+        let revoked = !matches!(st.revocations.first_revoked(&s.admin_ids), Ok(None));
+        if s.expires <= Instant::now() || revoked {
+            map.remove(id);
+            return None;
+        }
+        Some(Authed {
+            csrf: s.csrf.clone(),
+        })
+    }
+
+    fn remove(&self, headers: &HeaderMap) {
+        if let Some(id) = session_cookie(headers) {
+            self.map
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+        }
+    }
+}
+
+/// 32 random bytes from the OS, hex.
+fn random_hex() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.trim())
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Equality that does not stop at the first differing byte.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A state-changing request must carry the session's CSRF token.
+fn csrf_ok(s: &Authed, headers: &HeaderMap) -> bool {
+    headers
+        .get(CSRF_HEADER)
+        .is_some_and(|v| ct_eq(v.as_bytes(), s.csrf.as_bytes()))
+}
+
+/// A browser's `Origin`, when sent, must be this host: refuses cross-site
+/// posts even from browsers that ignore SameSite.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, h)| h);
+    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
+// ---------------------------------------------------------------------------
+// Pages
+
+/// Headers on every dashboard response.
+async fn security_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; \
+             form-action 'self'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    // Not `no-referrer`: with it Chrome sends `Origin: null` on the
+    // page's own form posts, which `same_origin` refuses.
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    r
+}
+
+/// Escapes text for HTML content and double-quoted attributes.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+fn login_page(status: StatusCode, error: Option<&str>) -> Response {
+    let error = error
+        .map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e)))
+        .unwrap_or_default();
+    html(status, LOGIN.replace("{{error}}", &error))
+}
+
+async fn page(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(sessions): Extension<Arc<Sessions>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = admin::check_peer(&st, peer) {
+        return login_page(StatusCode::FORBIDDEN, Some(&e.message()));
+    }
+    match sessions.get(&st, &headers) {
+        // The CSRF token is hex made here: nothing from a token reaches the
+        // shell, which is why it can be rendered without a template engine.
+        Some(s) => html(StatusCode::OK, PAGE.replace("{{csrf}}", &escape(&s.csrf))),
+        None => login_page(StatusCode::OK, None),
+    }
+}
+
+async fn script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        SCRIPT,
+    )
+        .into_response()
+}
+
+async fn style() -> Response {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE).into_response()
+}
+
+/// Linked from the pages so browsers do not ask the proxy for
+/// `/favicon.ico` (which would be a denied request in the feed).
+async fn icon() -> Response {
+    ([(header::CONTENT_TYPE, "image/svg+xml")], ICON).into_response()
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({"error": {"message": "no such dashboard page", "type": "not_found_error", "code": "not_found"}}))).into_response()
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(sessions): Extension<Arc<Sessions>>,
+    headers: HeaderMap,
+    form: Result<Form<LoginForm>, FormRejection>,
+) -> Response {
+    if let Err(e) = admin::check_peer(&st, peer) {
+        return login_page(StatusCode::FORBIDDEN, Some(&e.message()));
+    }
+    if !same_origin(&headers) {
+        return login_page(StatusCode::FORBIDDEN, Some("cross-origin login refused"));
+    }
+    let Ok(Form(form)) = form else {
+        return login_page(StatusCode::BAD_REQUEST, Some("paste the admin token"));
+    };
+    let text = form.token.trim();
+    if text.is_empty() {
+        return login_page(StatusCode::UNAUTHORIZED, Some("paste the admin token"));
+    }
+    let token = match admin::authenticate_token(&st, text) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::info!(peer = %peer, code = e.code(), "dashboard login refused");
+            let msg = match &e {
+                ProxyError::Denied(_) => format!(
+                    "not accepted as an admin token ({}); issue one with `till issue --admin`",
+                    e.message()
+                ),
+                _ => e.message(),
+            };
+            return login_page(e.status(), Some(&msg));
+        }
+    };
+    let ttl = match token.expires_unix {
+        Some(exp) => SESSION_TTL.min(Duration::from_secs(exp.saturating_sub(now_unix(&st)))),
+        None => SESSION_TTL,
+    };
+    let (id, _) = sessions.create(token.ids.clone(), ttl);
+    tracing::info!(peer = %peer, "dashboard login");
+    let cookie = format!(
+        "{COOKIE}={id}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={}",
+        ttl.as_secs()
+    );
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "/dashboard".to_string()),
+            (header::SET_COOKIE, cookie),
+        ],
+    )
+        .into_response()
+}
+
+/// The proxy's own clock (the one token expiry is checked against).
+fn now_unix(st: &AppState) -> u64 {
+    st.clock
+        .now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Why a session-authenticated call was refused.
+fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
+    let kind = if status == StatusCode::UNAUTHORIZED {
+        "authentication_error"
+    } else {
+        "permission_error"
+    };
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "code": code}})),
+    )
+        .into_response()
+}
+
+/// Peer, session and, for state changes, origin and CSRF token.
+fn check(
+    st: &AppState,
+    peer: SocketAddr,
+    sessions: &Sessions,
+    headers: &HeaderMap,
+    changes_state: bool,
+) -> Result<Authed, Box<Response>> {
+    admin::check_peer(st, peer).map_err(|e| Box::new(e.into_response()))?;
+    let s = sessions.get(st, headers).ok_or_else(|| {
+        Box::new(refuse(
+            StatusCode::UNAUTHORIZED,
+            "no_session",
+            "log in at /dashboard first",
+        ))
+    })?;
+    if changes_state && !(same_origin(headers) && csrf_ok(&s, headers)) {
+        return Err(Box::new(refuse(
+            StatusCode::FORBIDDEN,
+            "csrf",
+            "missing or wrong x-csrf-token header",
+        )));
+    }
+    Ok(s)
+}
+
+async fn logout(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(sessions): Extension<Arc<Sessions>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = check(&st, peer, &sessions, &headers, true) {
+        return *r;
+    }
+    sessions.remove(&headers);
+    (
+        [(
+            header::SET_COOKIE,
+            format!("{COOKIE}=; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age=0"),
+        )],
+        Json(json!({"logged_out": true})),
+    )
+        .into_response()
+}
+
+/// Everything the page shows, in one answer.
+async fn state(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(sessions): Extension<Arc<Sessions>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = check(&st, peer, &sessions, &headers, false) {
+        return *r;
+    }
+    let usage = match admin::usage_view(&st).await {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let mut alerts = st.monitor.alerts.history();
+    alerts.truncate(FEED);
+    Json(json!({
+        "now": now_unix(&st),
+        "families": usage["families"],
+        "decisions": st.monitor.recent(false, FEED),
+        "alerts": alerts,
+        "revocations": st.revocations.len(),
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    id: String,
+}
+
+async fn revoke(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(sessions): Extension<Arc<Sessions>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = check(&st, peer, &sessions, &headers, true) {
+        return *r;
+    }
+    let req: RevokeBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return ProxyError::BadRequest(format!("expected {{\"id\": HEX}}: {e}"))
+                .into_response();
+        }
+    };
+    let id = match admin::target_id(&admin::RevokeRequest {
+        id: Some(req.id),
+        token: None,
+        root: false,
+    }) {
+        Ok(id) => id,
+        Err(e) => return ProxyError::BadRequest(e).into_response(),
+    };
+    match st.revocations.revoke(&id).await {
+        Ok(new) => {
+            tracing::info!(revocation_id = %id, new, peer = %peer, "revoked from the dashboard");
+            Json(json!({"revoked": id, "already_revoked": !new})).into_response()
+        }
+        Err(e) => ProxyError::StoreUnavailable(e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(
+            escape("<img src=x onerror=\"alert('1')\">&"),
+            "&lt;img src=x onerror=&quot;alert(&#39;1&#39;)&quot;&gt;&amp;"
+        );
+    }
+
+    #[test]
+    fn reads_only_a_well_formed_session_cookie() {
+        let mut h = HeaderMap::new();
+        let id = "ab".repeat(32);
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("a=b; {COOKIE}={id}; c=d")).unwrap(),
+        );
+        assert_eq!(session_cookie(&h), Some(id.as_str()));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("till_session=short"),
+        );
+        assert_eq!(session_cookie(&h), None);
+    }
+
+    #[test]
+    fn origin_must_match_host() {
+        let mut h = HeaderMap::new();
+        assert!(same_origin(&h), "no Origin: not a cross-site browser post");
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:8080"),
+        );
+        assert!(same_origin(&h));
+        h.insert(header::ORIGIN, HeaderValue::from_static("http://evil.test"));
+        assert!(!same_origin(&h));
+    }
+
+    #[test]
+    fn constant_time_equality() {
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"abc", b"abd"));
+        assert!(!ct_eq(b"abc", b"ab"));
+    }
 }

@@ -1,0 +1,285 @@
+// Till dashboard: polls /dashboard/api/state and redraws.
+//
+// Safety rule for this file: everything from the server may come from a
+// token (labels are chosen by whoever holds one), so the DOM is built with
+// createElement and textContent only: no string is ever parsed as markup
+// (the tests grep this file for the HTML sinks).
+"use strict";
+
+(function () {
+  const POLL_MS = 2000;
+  const EXPIRING_SOON_SECS = 72 * 3600;
+  const csrf = document.querySelector('meta[name="csrf-token"]').content;
+  let timer = null;
+
+  // el("div", {class: "x", title: t}, child, "text", ...): children that
+  // are strings become text nodes.
+  function el(tag, attrs) {
+    const e = document.createElement(tag);
+    for (const k in attrs || {}) {
+      const v = attrs[k];
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") e.className = v;
+      else if (k === "text") e.textContent = String(v);
+      else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+      else e.setAttribute(k, String(v));
+    }
+    for (let i = 2; i < arguments.length; i++) {
+      const c = arguments[i];
+      if (c === null || c === undefined || c === false) continue;
+      e.appendChild(typeof c === "string" ? document.createTextNode(c) : c);
+    }
+    return e;
+  }
+
+  function replace(id, nodes) {
+    const box = document.getElementById(id);
+    box.replaceChildren(...nodes);
+  }
+
+  function short(id) {
+    return id ? String(id).slice(0, 8) + "…" : "?";
+  }
+
+  function ago(now, t) {
+    if (t === null || t === undefined) return "never";
+    return span(now - t) + " ago";
+  }
+
+  function span(secs) {
+    const s = Math.max(0, Math.round(secs));
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.round(s / 60) + " min";
+    if (s < 172800) return Math.round(s / 3600) + " h";
+    return Math.round(s / 86400) + " d";
+  }
+
+  function expiry(now, exp) {
+    if (exp === null || exp === undefined) return null;
+    return exp <= now ? "expired " + span(now - exp) + " ago" : "expires in " + span(exp - now);
+  }
+
+  function clock(iso) {
+    const d = new Date(iso);
+    return isNaN(d) ? String(iso) : d.toLocaleTimeString();
+  }
+
+  function bar(uses, limit) {
+    if (limit === null || limit === undefined) {
+      return el("div", { class: "bar none", title: "no use limit" });
+    }
+    const pct = limit > 0 ? Math.min(100, (100 * uses) / limit) : 100;
+    const fill = el("div", { class: "fill" });
+    // CSSOM, not a style attribute: allowed by the CSP.
+    fill.style.width = pct + "%";
+    const level = pct >= 100 ? "full" : pct >= 80 ? "high" : "ok";
+    return el(
+      "div",
+      { class: "bar " + level, role: "meter", "aria-valuemin": 0, "aria-valuemax": limit, "aria-valuenow": uses },
+      fill
+    );
+  }
+
+  function count(uses, limit) {
+    return limit === null || limit === undefined ? uses + " uses" : uses + " / " + limit;
+  }
+
+  async function revoke(id, what, label) {
+    const name = label ? "“" + label + "”" : short(id);
+    if (!window.confirm("Revoke " + what + " " + name + "?\n\nEvery token derived from it is refused from now on. This cannot be undone.")) {
+      return;
+    }
+    try {
+      const r = await fetch("/dashboard/api/revoke", {
+        method: "POST",
+        headers: { "content-type": "application/json", "x-csrf-token": csrf },
+        body: JSON.stringify({ id: id }),
+      });
+      if (r.status === 401) return window.location.reload();
+      if (!r.ok) {
+        const body = await r.json().catch(() => ({}));
+        setStatus("revoke failed: " + ((body.error && body.error.message) || r.status), true);
+      }
+    } catch (e) {
+      setStatus("revoke failed: " + e, true);
+    }
+    refresh();
+  }
+
+  function revokeButton(id, what, label) {
+    return el("button", {
+      type: "button",
+      class: "revoke",
+      "data-revoke": id,
+      text: what === "family" ? "Revoke family" : "Revoke",
+      onclick: () => revoke(id, what, label),
+    });
+  }
+
+  // Orders a family's blocks as a tree: each block under its parent.
+  function tree(blocks) {
+    const byParent = new Map();
+    const ids = new Set(blocks.map((b) => b.id));
+    const roots = [];
+    for (const b of blocks) {
+      if (b.parent && ids.has(b.parent)) {
+        if (!byParent.has(b.parent)) byParent.set(b.parent, []);
+        byParent.get(b.parent).push(b);
+      } else {
+        roots.push(b);
+      }
+    }
+    const out = [];
+    const walk = (b, depth) => {
+      if (out.length > 1000) return;
+      out.push([b, depth]);
+      for (const c of byParent.get(b.id) || []) walk(c, depth + 1);
+    };
+    for (const r of roots) walk(r, r.index || 0);
+    return out;
+  }
+
+  function family(now, f) {
+    const exp = expiry(now, f.expires);
+    const head = el(
+      "header",
+      { class: "family-head" },
+      el("span", { class: "label", title: f.label || "", text: f.label || "(no label)" }),
+      el("code", { class: "id", title: f.family, text: short(f.family) }),
+      f.revoked ? el("span", { class: "badge revoked", text: "revoked" }) : null,
+      exp ? el("span", { class: "badge " + (f.expires <= now ? "revoked" : "soon"), text: exp }) : null,
+      el("span", { class: "spacer" }),
+      el("span", { class: "family-uses count", text: count(f.uses, f.limit) }),
+      f.revoked ? null : revokeButton(f.family, "family", f.label)
+    );
+    const rows = tree(f.blocks || []).map(([b, depth]) => {
+      const bexp = expiry(now, b.expires);
+      const name = el(
+        "span",
+        { class: "block-name" },
+        el("span", { class: "label", title: b.label || "", text: b.label || (depth === 0 ? "root" : "block " + b.index) }),
+        " ",
+        el("code", { class: "id", title: b.id, text: short(b.id) })
+      );
+      name.style.paddingLeft = depth * 1.4 + "em";
+      return el(
+        "div",
+        { class: "block" + (b.revoked ? " is-revoked" : ""), "data-id": b.id, "data-depth": depth },
+        name,
+        bar(b.uses, b.limit),
+        el("span", { class: "uses count", text: count(b.uses, b.limit) }),
+        el(
+          "span",
+          { class: "meta muted" },
+          "last use " + ago(now, b.last_use),
+          b.children_seen ? " · " + b.children_seen + " child" + (b.children_seen === 1 ? "" : "ren") : "",
+          bexp ? " · " + bexp : ""
+        ),
+        b.revoked
+          ? el("span", { class: "badge revoked", text: "revoked" })
+          : depth === 0
+            ? el("span")
+            : revokeButton(b.id, "block", b.label)
+      );
+    });
+    return el(
+      "article",
+      { class: "family" + (f.revoked ? " is-revoked" : ""), "data-family": f.family },
+      head,
+      el("div", { class: "blocks" }, ...rows)
+    );
+  }
+
+  function expiring(now, families) {
+    const soon = [];
+    for (const f of families) {
+      for (const b of f.blocks || []) {
+        if (b.revoked || b.expires === null || b.expires === undefined) continue;
+        if (b.expires - now <= EXPIRING_SOON_SECS) soon.push([b, f]);
+      }
+    }
+    soon.sort((x, y) => x[0].expires - y[0].expires);
+    if (!soon.length) return [el("li", { class: "empty", text: "Nothing expires in the next 72 hours." })];
+    return soon.slice(0, 50).map(([b, f]) =>
+      el(
+        "li",
+        { class: b.expires <= now ? "deny" : "" },
+        el("span", { class: "label", text: b.label || f.label || "(no label)" }),
+        " ",
+        el("code", { class: "id", text: short(b.id) }),
+        " ",
+        el("span", { class: "muted", text: expiry(now, b.expires) })
+      )
+    );
+  }
+
+  function decision(d) {
+    const deny = d.decision === "deny";
+    const who = (d.labels || []).join(" › ");
+    return el(
+      "li",
+      { class: "decision " + (deny ? "deny" : "allow") },
+      el("span", { class: "time muted", text: clock(d.time) }),
+      el("span", { class: "badge " + (deny ? "revoked" : "ok"), text: deny ? d.code : String(d.status) }),
+      el("span", { class: "what", text: d.method + " /" + d.service + d.path + (d.model ? " · " + d.model : "") }),
+      who ? el("span", { class: "label", text: who }) : null,
+      deny && d.reason ? el("div", { class: "reason", text: d.reason }) : null
+    );
+  }
+
+  function alert(a) {
+    return el(
+      "li",
+      { class: "alert-item " + (a.kind === "usage_threshold" ? "warn" : "deny") },
+      el("span", { class: "time muted", text: clock(a.time) }),
+      el("span", { class: "badge", text: a.kind }),
+      el("div", { class: "message", text: a.message })
+    );
+  }
+
+  function render(s) {
+    const now = s.now;
+    const fams = s.families || [];
+    replace(
+      "families",
+      fams.length ? fams.map((f) => family(now, f)) : [el("p", { class: "empty", text: "No token has been used through this proxy yet." })]
+    );
+    replace("expiring", expiring(now, fams));
+    const ds = s.decisions || [];
+    replace("decisions", ds.length ? ds.map(decision) : [el("li", { class: "empty", text: "No requests yet." })]);
+    const as = s.alerts || [];
+    replace("alerts", as.length ? as.map(alert) : [el("li", { class: "empty", text: "No alerts." })]);
+    const denied = ds.filter((d) => d.decision === "deny").length;
+    document.getElementById("summary").textContent =
+      fams.length + " famil" + (fams.length === 1 ? "y" : "ies") + " · " + s.revocations + " revoked ids · " + denied + " of the last " + ds.length + " decisions denied";
+  }
+
+  function setStatus(text, bad) {
+    const s = document.getElementById("status");
+    s.textContent = text;
+    s.className = "status" + (bad ? " bad" : "");
+  }
+
+  async function refresh() {
+    clearTimeout(timer);
+    try {
+      const r = await fetch("/dashboard/api/state", { cache: "no-store" });
+      if (r.status === 401) {
+        window.location.reload();
+        return;
+      }
+      if (!r.ok) throw new Error("HTTP " + r.status);
+      render(await r.json());
+      setStatus("live · " + new Date().toLocaleTimeString(), false);
+    } catch (e) {
+      setStatus("offline: " + e.message, true);
+    }
+    timer = setTimeout(refresh, POLL_MS);
+  }
+
+  document.getElementById("logout").addEventListener("click", async () => {
+    await fetch("/dashboard/logout", { method: "POST", headers: { "x-csrf-token": csrf } }).catch(() => {});
+    window.location.reload();
+  });
+  refresh();
+})();
