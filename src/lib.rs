@@ -14,7 +14,10 @@
 //! | [`policy`] | `policies/*.datalog`, parsed once; Datalog run limits |
 //! | [`verify`] | [`verify::Verifier`]: token + request facts + use counts → allow or a [`verify::Denial`] |
 //! | [`store`] | [`store::CounterStore`] and [`store::RevocationList`] traits; the embedded durable store |
-//! | [`proxy`] | `till serve`: config, router, the request path, forwarding, admin API |
+//! | [`proxy`] | `till serve`: config, accept loop, router, the request path, forwarding, admin API, dashboard |
+//! | [`monitor`] | metrics, audit log, alerts, recent decisions |
+//! | [`feed`] | the signed revocation feed for services that verify offline |
+//! | [`clock`] | the wall clock tokens are checked against, never going backwards |
 //! | [`cli`] | the `till` command, a thin layer over the above |
 //!
 //! ## Quickstart (library)
@@ -52,6 +55,9 @@
 
 pub mod cli;
 pub mod clock;
+pub mod feed;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod monitor;
 pub mod path;
 pub mod policy;

@@ -9,6 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 
+use biscuit_auth::KeyPair;
+
 use crate::monitor::Monitor;
 use crate::policy::Policies;
 use crate::proxy::{self, AppState, Config, config};
@@ -171,6 +173,9 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
             Arc::new(store.clone()),
             monitor,
         )?;
+        let _ = state
+            .feed_signer
+            .set(Arc::new(KeyPair::from(&root.private())));
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;

@@ -36,9 +36,13 @@ pub struct VerifyArgs {
     /// Directory of *.datalog policies (default: ./policies, or the built-in default policy).
     #[arg(long, env = "TILL_POLICIES")]
     pub policies: Option<PathBuf>,
-    /// File of revoked ids, one hex revocation id per line.
+    /// Revoked ids: a file with one hex revocation id per line, or the signed
+    /// feed saved from the proxy's GET /revocations (its signature and age are checked).
     #[arg(long, value_name = "FILE")]
     pub revocations: Option<PathBuf>,
+    /// Oldest signed revocation feed accepted, e.g. 10m, 1h.
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    pub max_feed_age: String,
     /// Evaluate as if block K had been used N times, this request included (repeatable).
     /// Blocks not named count 1.
     #[arg(long = "uses", value_name = "K=N")]
@@ -73,9 +77,19 @@ fn parse_uses(specs: &[String], blocks: usize) -> anyhow::Result<Vec<u64>> {
     Ok(uses)
 }
 
-fn read_revocations(path: &Path) -> anyhow::Result<HashSet<String>> {
+fn read_revocations(
+    path: &Path,
+    root: &biscuit_auth::PublicKey,
+    max_age: std::time::Duration,
+) -> anyhow::Result<HashSet<String>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read revocation list {}", path.display()))?;
+    if text.trim_start().starts_with('{') {
+        let feed =
+            crate::feed::Feed::verify(&text, root, crate::store::now_unix(), max_age.as_secs())
+                .with_context(|| format!("{}", path.display()))?;
+        return Ok(feed.ids.into_iter().collect());
+    }
     let mut set = HashSet::new();
     for (i, line) in text.lines().enumerate() {
         let l = line.trim();
@@ -106,7 +120,7 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
         None => Policies::load_or_default(Path::new("policies"), true)?,
     };
     let revoked = match &a.revocations {
-        Some(f) => read_revocations(f)?,
+        Some(f) => read_revocations(f, &root, token::parse_duration(&a.max_feed_age)?)?,
         None => HashSet::new(),
     };
     vocab::validate_service(&a.service)?;

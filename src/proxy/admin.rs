@@ -334,3 +334,19 @@ pub async fn metrics(
 pub async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, Json(json!({"error": {"message": "no such admin endpoint", "type": "not_found_error", "code": "not_found"}}))).into_response()
 }
+
+/// The signed revocation feed. Revocation ids are not secrets (they are in
+/// every token), so this needs no token and answers any client.
+pub async fn feed(State(st): State<AppState>) -> Response {
+    let Some(key) = st.feed_signer.get() else {
+        return not_found().await;
+    };
+    let ids = match st.revocations.list().await {
+        Ok(l) => l.into_iter().map(|(id, _)| id).collect(),
+        Err(e) => return ProxyError::StoreUnavailable(e.to_string()).into_response(),
+    };
+    match crate::feed::Feed::sign(key, ids, crate::store::now_unix()) {
+        Ok(f) => ([(axum::http::header::CACHE_CONTROL, "no-store")], Json(f)).into_response(),
+        Err(e) => ProxyError::StoreUnavailable(e.to_string()).into_response(),
+    }
+}

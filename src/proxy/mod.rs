@@ -58,6 +58,8 @@ pub struct Inner {
     pub admin_remote: bool,
     pub monitor: Arc<crate::monitor::Monitor>,
     pub clock: crate::clock::MonotonicClock,
+    /// Signs the revocation feed (`GET /revocations`); unset, no feed.
+    pub feed_signer: std::sync::OnceLock<Arc<biscuit_auth::KeyPair>>,
 }
 
 /// Cheap-to-clone handle on the shared state.
@@ -166,6 +168,7 @@ impl AppState {
             admin_remote: cfg.danger_admin_remote,
             monitor: Arc::new(monitor),
             clock: crate::clock::MonotonicClock::default(),
+            feed_signer: std::sync::OnceLock::new(),
         })))
     }
 
@@ -220,6 +223,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/decisions", get(admin::decisions))
         .route("/admin/alerts", get(admin::alerts))
         .route("/metrics", get(admin::metrics))
+        .route("/revocations", get(admin::feed))
         .route("/admin", any(admin::not_found))
         .route("/admin/{*rest}", any(admin::not_found))
         .merge(dashboard::routes())

@@ -848,3 +848,75 @@ async fn regression_idempotent_retry_after_a_502_is_free_not_409() {
     // The one use was spent by the first attempt.
     assert_eq!(send("other").await.unwrap().status(), 429);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_services_get_a_signed_revocation_feed() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let root = home.token("openai", None);
+    let a = child(&root, limit(5));
+    let b = child(&root, limit(5));
+    let url = proxy.url("");
+    till(["revoke", &a, "--url", &url])
+        .home(&home)
+        .env("TILL_ADMIN_TOKEN", &home.admin())
+        .run()
+        .success();
+    let feed = client()
+        .get(proxy.url("/revocations"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(feed.status(), 200);
+    let text = feed.text().await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["version"], 1);
+    let path = home.write("feed.json", &text);
+    let verify = |t: &str, file: &std::path::Path| {
+        till([
+            "verify",
+            "--public-key",
+            &home.public(),
+            "--service",
+            "openai",
+            "--path",
+            "/v1/x",
+            "--revocations",
+            file.to_str().unwrap(),
+            "--token",
+            t,
+        ])
+        .run()
+    };
+    verify(&a, &path).code(1).stdout_has("revoked");
+    verify(&b, &path).success();
+    // A feed with the id removed (to un-revoke `a`) is detected.
+    let mut forged = v.clone();
+    forged["ids"] = serde_json::json!([]);
+    forged["version"] = serde_json::json!(0);
+    let bad = home.write("forged.json", &forged.to_string());
+    verify(&a, &bad)
+        .code(2)
+        .stderr_has("signature does not verify");
+    // So is a stale one.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    till([
+        "verify",
+        "--public-key",
+        &home.public(),
+        "--service",
+        "openai",
+        "--path",
+        "/v1/x",
+        "--revocations",
+        path.to_str().unwrap(),
+        "--max-feed-age",
+        "1s",
+        "--token",
+        &b,
+    ])
+    .run()
+    .code(2)
+    .stderr_has("stale");
+}

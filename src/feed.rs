@@ -1,0 +1,150 @@
+//! The signed revocation feed, for services that verify tokens offline.
+//!
+//! The proxy publishes its revocation list at `GET /revocations` as JSON
+//! signed with the root key (Ed25519, via `ed25519-dalek`): services already
+//! trust the root public key, so they can check that a list is genuine, and
+//! its `version` (the number of ids; the list only grows) and `issued_at`
+//! tell them whether it is stale. `till verify --revocations FILE` accepts
+//! either a plain list (one hex id per line) or this feed.
+
+use biscuit_auth::{KeyPair, PublicKey};
+use ed25519_dalek::Signer;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A signed, versioned list of revoked block ids.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Feed {
+    /// Number of revoked ids. Revocations are never undone, so a newer list
+    /// always has a higher or equal version.
+    pub version: u64,
+    /// When the proxy signed this list (seconds since the Unix epoch).
+    pub issued_at: u64,
+    /// Revoked ids, hex, sorted.
+    pub ids: Vec<String>,
+    /// Hex Ed25519 signature of [`Feed::signed_bytes`] by the root key.
+    pub signature: String,
+}
+
+/// Why a feed was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FeedError {
+    #[error("revocation feed is not valid JSON: {0}")]
+    Json(String),
+    #[error(
+        "revocation feed signature does not verify with this root public key (forged, altered, or from another installation)"
+    )]
+    BadSignature,
+    #[error(
+        "revocation feed is stale: issued {age} s ago, more than the allowed {max} s; fetch a fresh one from the proxy's /revocations"
+    )]
+    Stale { age: u64, max: u64 },
+    #[error("revocation feed is inconsistent: version {version} but {ids} ids")]
+    Inconsistent { version: u64, ids: usize },
+    #[error("the root key is not an Ed25519 key")]
+    Key,
+}
+
+impl Feed {
+    /// The exact bytes the signature covers.
+    pub fn signed_bytes(version: u64, issued_at: u64, ids: &[String]) -> Vec<u8> {
+        let mut s = format!("till-revocations-v1\n{version}\n{issued_at}\n");
+        for id in ids {
+            s.push_str(id);
+            s.push('\n');
+        }
+        s.into_bytes()
+    }
+
+    /// Signs `ids` with the root key.
+    pub fn sign(root: &KeyPair, mut ids: Vec<String>, issued_at: u64) -> Result<Feed, FeedError> {
+        ids.sort();
+        ids.dedup();
+        let secret: [u8; 32] = root
+            .private()
+            .to_bytes()
+            .as_slice()
+            .try_into()
+            .map_err(|_| FeedError::Key)?;
+        let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+        let version = ids.len() as u64;
+        let sig = key.sign(&Self::signed_bytes(version, issued_at, &ids));
+        Ok(Feed {
+            version,
+            issued_at,
+            ids,
+            signature: hex::encode(sig.to_bytes()),
+        })
+    }
+
+    /// Parses and verifies a feed; refuses one older than `max_age` seconds
+    /// at `now`.
+    pub fn verify(text: &str, root: &PublicKey, now: u64, max_age: u64) -> Result<Feed, FeedError> {
+        let feed: Feed = serde_json::from_str(text).map_err(|e| FeedError::Json(e.to_string()))?;
+        let pk: [u8; 32] = root
+            .to_bytes()
+            .as_slice()
+            .try_into()
+            .map_err(|_| FeedError::Key)?;
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(&pk).map_err(|_| FeedError::Key)?;
+        let sig_bytes: [u8; 64] = hex::decode(&feed.signature)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or(FeedError::BadSignature)?;
+        let sig = ed25519_dalek::Signature::from_bytes(&sig_bytes);
+        vk.verify_strict(
+            &Self::signed_bytes(feed.version, feed.issued_at, &feed.ids),
+            &sig,
+        )
+        .map_err(|_| FeedError::BadSignature)?;
+        if feed.version != feed.ids.len() as u64 {
+            return Err(FeedError::Inconsistent {
+                version: feed.version,
+                ids: feed.ids.len(),
+            });
+        }
+        let age = now.saturating_sub(feed.issued_at);
+        if age > max_age {
+            return Err(FeedError::Stale { age, max: max_age });
+        }
+        Ok(feed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signed_feed_verifies_and_tampering_is_detected() {
+        let root = crate::token::keys::generate();
+        let feed = Feed::sign(&root, vec!["bb".into(), "aa".into()], 1000).unwrap();
+        assert_eq!(feed.ids, vec!["aa", "bb"]);
+        let text = serde_json::to_string(&feed).unwrap();
+        assert_eq!(Feed::verify(&text, &root.public(), 1010, 60).unwrap(), feed);
+        // Dropping an id (to un-revoke a token) breaks the signature.
+        let mut forged = feed.clone();
+        forged.ids.pop();
+        forged.version = 1;
+        let t = serde_json::to_string(&forged).unwrap();
+        assert_eq!(
+            Feed::verify(&t, &root.public(), 1010, 60),
+            Err(FeedError::BadSignature)
+        );
+        // Another root key.
+        let other = crate::token::keys::generate();
+        assert_eq!(
+            Feed::verify(&text, &other.public(), 1010, 60),
+            Err(FeedError::BadSignature)
+        );
+        // Stale.
+        assert!(matches!(
+            Feed::verify(&text, &root.public(), 5000, 60),
+            Err(FeedError::Stale { .. })
+        ));
+        assert!(matches!(
+            Feed::verify("nope", &root.public(), 0, 60),
+            Err(FeedError::Json(_))
+        ));
+    }
+}
