@@ -1,0 +1,1427 @@
+//! Load benchmark: Till against a minimal forwarding proxy, in one run.
+//!
+//! ```text
+//! cargo bench --bench load -- --seconds 10          # HTTP + SSE comparison
+//! cargo bench --bench load -- --families 1000000    # store size and RSS
+//! ```
+//!
+//! The HTTP run starts three processes on 127.0.0.1 (this binary re-executed
+//! with `--role upstream` and `--role baseline`, and the real `till serve`)
+//! and drives each of them with the same closed-loop load from this process:
+//!
+//! * **direct**: the local upstream itself (a small JSON answer, or an SSE
+//!   stream of `--sse-chunks` events `--sse-interval-ms` apart);
+//! * **baseline**: a minimal forwarding proxy written for this benchmark, no
+//!   authorization: axum + reqwest, forwarding like `src/proxy/forward.rs`
+//!   (same hop-by-hop filtering, credential injection, streamed answer);
+//! * **till**: `till serve` with durable counters (group commit), the
+//!   default policy and the default audit log, and a 3-block token with
+//!   large use limits (`till issue` + `till attenuate` twice).
+//!
+//! Phases: `--connections` (64) keep-alive connections for `--seconds`, then
+//! 1 connection for `--seconds` (latency), then SSE streams over 1
+//! connection, then (unless `--no-overload`) Till at 4× the connections to
+//! count false denials. Each phase first runs `--warmup` seconds unrecorded.
+//! Latencies go into HdrHistograms; CPU per request comes from
+//! `/proc/PID/stat` of each server process. Only 127.0.0.1 is ever a target;
+//! every loop stops at its deadline or after `MAX_REQUESTS_PER_PHASE`.
+//!
+//! The `--families N` mode reserves one activation for each of N distinct
+//! token families in an embedded store (as the proxy does: counters plus
+//! block metadata), then reopens the store in a fresh process and reports
+//! the file size, the RSS of both processes and the reopen time.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::response::Response;
+use axum::serve::ListenerExt;
+use futures_util::TryStreamExt;
+use hdrhistogram::Histogram;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use till::store::{BlockMeta, CounterSpec, CounterStore, EmbeddedStore};
+
+/// Hard cap on the requests of one phase (the loops are also time-bounded).
+const MAX_REQUESTS_PER_PHASE: u64 = 20_000_000;
+/// Time allowed for one request or one SSE stream before it counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const CHAT_PATH: &str = "/v1/chat/completions";
+const REQUEST_BODY: &str =
+    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi"}],"max_tokens":16}"#;
+const RESPONSE_BODY: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hi!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}"#;
+/// The credential the proxies inject (the upstream ignores it).
+const UPSTREAM_KEY_ENV: &str = "TILL_BENCH_UPSTREAM_KEY";
+
+// ---------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct Args {
+    role: Option<String>,
+    upstream: Option<String>,
+    seconds: f64,
+    warmup: f64,
+    connections: usize,
+    sse_chunks: u32,
+    sse_interval_ms: u64,
+    overload: bool,
+    audit: bool,
+    families: Option<u64>,
+    family_blocks: usize,
+    dir: Option<PathBuf>,
+    till: Option<PathBuf>,
+    perf: Option<PathBuf>,
+    baseline_nodelay: bool,
+    cache_mib: Option<usize>,
+}
+
+const HELP: &str = "\
+load benchmark: direct upstream vs minimal proxy vs till serve
+
+USAGE: cargo bench --bench load -- [OPTIONS]
+
+  --seconds S          measured seconds per phase (default 10)
+  --warmup S           unrecorded seconds before each phase (default 1)
+  --connections N      connections of the throughput phase (default 64)
+  --sse-chunks N       events per SSE stream (default 20)
+  --sse-interval-ms M  delay between SSE events at the upstream (default 5)
+  --no-overload        skip the overload phase (till at 4x the connections)
+  --no-audit           run till with its audit log disabled
+  --baseline-no-nodelay  leave TCP_NODELAY off on the baseline's accepted
+                       sockets, as till serve does (default: on, as a
+                       well-configured minimal proxy would)
+  --till PATH          till binary (default: the one cargo built for this bench)
+  --perf FILE          `perf record --call-graph dwarf` of till during its
+                       throughput phase (read with `perf report -i FILE`)
+  --families N         instead: counters for N token families, store size and RSS
+  --family-blocks K    blocks (counters) per family in --families mode (default 1)
+";
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        role: None,
+        upstream: None,
+        seconds: 10.0,
+        warmup: 1.0,
+        connections: 64,
+        sse_chunks: 20,
+        sse_interval_ms: 5,
+        overload: true,
+        audit: true,
+        families: None,
+        family_blocks: 1,
+        dir: None,
+        till: None,
+        perf: None,
+        baseline_nodelay: true,
+        cache_mib: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = |name: &str| {
+            it.next()
+                .unwrap_or_else(|| die(&format!("{name} needs a value")))
+        };
+        let num = |name: &str, v: String| -> f64 {
+            v.parse()
+                .unwrap_or_else(|_| die(&format!("{name}: {v:?} is not a number")))
+        };
+        match arg.as_str() {
+            // cargo bench passes --bench to harness = false targets.
+            "--bench" => {}
+            "--role" => a.role = Some(val("--role")),
+            "--upstream" => a.upstream = Some(val("--upstream")),
+            "--dir" => a.dir = Some(val("--dir").into()),
+            "--cache-mib" => a.cache_mib = Some(num("--cache-mib", val("--cache-mib")) as usize),
+            "--seconds" => a.seconds = num("--seconds", val("--seconds")),
+            "--warmup" => a.warmup = num("--warmup", val("--warmup")),
+            "--connections" => a.connections = num("--connections", val("--connections")) as usize,
+            "--sse-chunks" => a.sse_chunks = num("--sse-chunks", val("--sse-chunks")) as u32,
+            "--sse-interval-ms" => {
+                a.sse_interval_ms = num("--sse-interval-ms", val("--sse-interval-ms")) as u64
+            }
+            "--no-overload" => a.overload = false,
+            "--no-audit" => a.audit = false,
+            "--baseline-no-nodelay" => a.baseline_nodelay = false,
+            "--till" => a.till = Some(val("--till").into()),
+            "--perf" => a.perf = Some(val("--perf").into()),
+            "--families" => a.families = Some(num("--families", val("--families")) as u64),
+            "--family-blocks" => {
+                a.family_blocks = num("--family-blocks", val("--family-blocks")) as usize
+            }
+            "-h" | "--help" => {
+                print!("{HELP}");
+                std::process::exit(0);
+            }
+            other => die(&format!("unknown argument {other:?}\n\n{HELP}")),
+        }
+    }
+    if !(a.seconds > 0.0 && a.seconds <= 600.0) {
+        die("--seconds must be in (0, 600]");
+    }
+    if a.connections == 0 || a.connections > 1024 {
+        die("--connections must be in [1, 1024]");
+    }
+    if a.family_blocks == 0 || a.family_blocks > 16 {
+        die("--family-blocks must be in [1, 16]");
+    }
+    a
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("load: {msg}");
+    std::process::exit(2);
+}
+
+fn main() {
+    let args = parse_args();
+    match args.role.as_deref() {
+        // A real API answers with TCP_NODELAY set, so the upstream does too.
+        Some("upstream") => serve_role(upstream_router(), true),
+        Some("baseline") => {
+            let up = args
+                .upstream
+                .clone()
+                .unwrap_or_else(|| die("--role baseline needs --upstream URL"));
+            serve_role(baseline_router(up), args.baseline_nodelay)
+        }
+        Some("reopen") => reopen_role(args.dir.as_deref().unwrap_or_else(|| die("--dir"))),
+        Some("scan") => scan_role(
+            args.dir.as_deref().unwrap_or_else(|| die("--dir")),
+            args.cache_mib,
+        ),
+        Some(other) => die(&format!("unknown role {other:?}")),
+        None if args.families.is_some() => families_mode(&args),
+        None => http_mode(&args),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    // Same shape as `till serve`: a multi-thread runtime, one worker per core.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Child process: serve `app` on 127.0.0.1:0, print the address, run until
+/// killed (or until stdin closes, so no child outlives a crashed parent).
+fn serve_role(app: axum::Router, nodelay: bool) {
+    runtime().block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        println!("listening on {}", listener.local_addr().unwrap());
+        std::io::stdout().flush().unwrap();
+        tokio::spawn(async {
+            let _ = tokio::task::spawn_blocking(|| {
+                let mut sink = Vec::new();
+                let _ = std::io::stdin().read_to_end(&mut sink);
+            })
+            .await;
+            std::process::exit(0);
+        });
+        let listener = listener.tap_io(move |tcp| {
+            if nodelay {
+                let _ = tcp.set_nodelay(true);
+            }
+        });
+        axum::serve(listener, app).await.expect("serve");
+    });
+}
+
+// ---------------------------------------------------------------------------
+// The local upstream
+// ---------------------------------------------------------------------------
+
+fn upstream_router() -> axum::Router {
+    axum::Router::new().fallback(upstream)
+}
+
+/// Any path: a small JSON answer, or with `?sse=N&ms=M` an event stream of N
+/// events M ms apart (the first one at once), then `data: [DONE]`.
+async fn upstream(req: Request) -> Response {
+    let query = req.uri().query().unwrap_or("").to_string();
+    // Read the request body, as a real API would.
+    let _ = axum::body::to_bytes(req.into_body(), 1 << 20).await;
+    let param = |k: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(n, _)| *n == k)
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+    };
+    match param("sse") {
+        None => Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(RESPONSE_BODY))
+            .unwrap(),
+        Some(n) => {
+            let interval = Duration::from_millis(param("ms").unwrap_or(5));
+            let stream = futures_util::stream::unfold(0u64, move |i| async move {
+                if i > n {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(interval).await;
+                }
+                let chunk = if i == n {
+                    "data: [DONE]\n\n".to_string()
+                } else {
+                    format!(
+                        "data: {{\"id\":\"chatcmpl-bench\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i}\"}}}}]}}\n\n"
+                    )
+                };
+                Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), i + 1))
+            });
+            Response::builder()
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .header(header::CACHE_CONTROL, "no-cache")
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The baseline: a minimal forwarding proxy without authorization
+// ---------------------------------------------------------------------------
+
+struct Baseline {
+    base: String,
+    client: reqwest::Client,
+    credential: HeaderValue,
+}
+
+fn baseline_router(upstream: String) -> axum::Router {
+    till::proxy::install_crypto();
+    // The same client settings as `AppState::with_monitor`.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(300))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let mut credential = HeaderValue::from_static("Bearer sk-bench-upstream-key");
+    credential.set_sensitive(true);
+    axum::Router::new()
+        .fallback(baseline)
+        .with_state(Arc::new(Baseline {
+            base: upstream.trim_end_matches('/').to_string(),
+            client,
+            credential,
+        }))
+}
+
+fn skip_request_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "authorization"
+            | "x-api-key"
+    )
+}
+
+fn skip_response_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// `/service/rest?query` → upstream `rest?query`, body read (it is small
+/// JSON here, as Till reads JSON bodies to find the model), answer streamed.
+async fn baseline(State(b): State<Arc<Baseline>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let rest = path
+        .strip_prefix('/')
+        .and_then(|p| p.find('/').map(|i| &p[i..]))
+        .unwrap_or("/");
+    let mut url = String::with_capacity(b.base.len() + rest.len() + 64);
+    url.push_str(&b.base);
+    url.push_str(rest);
+    if let Some(q) = parts.uri.query() {
+        url.push('?');
+        url.push_str(q);
+    }
+    let mut headers = HeaderMap::with_capacity(parts.headers.len() + 1);
+    for (name, value) in parts.headers.iter() {
+        if !skip_request_header(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers.insert(header::AUTHORIZATION, b.credential.clone());
+    let Ok(body) = axum::body::to_bytes(body, 8 << 20).await else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let resp = match b
+        .client
+        .request(parts.method, url)
+        .headers(headers)
+        .body(body)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(_) => return status(StatusCode::BAD_GATEWAY),
+    };
+    let mut out = Response::builder().status(resp.status());
+    if let Some(h) = out.headers_mut() {
+        for (name, value) in resp.headers().iter() {
+            if !skip_response_header(name) {
+                h.append(name.clone(), value.clone());
+            }
+        }
+    }
+    let stream = resp.bytes_stream().map_err(std::io::Error::other);
+    out.body(Body::from_stream(stream))
+        .unwrap_or_else(|_| status(StatusCode::BAD_GATEWAY))
+}
+
+fn status(s: StatusCode) -> Response {
+    Response::builder().status(s).body(Body::empty()).unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------
+
+/// A server process, killed on drop.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// utime + stime of a process, from /proc/PID/stat (USER_HZ is 100 on Linux).
+fn proc_cpu(pid: u32) -> Duration {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which may hold spaces) start at ")".
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after ")".
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Reads lines from a child's stdout until one contains `marker`, returning
+/// the rest of that line; keeps draining stdout afterwards.
+fn wait_for_line(child: &mut Child, marker: &str, what: &str) -> String {
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let m = marker.to_string();
+    std::thread::spawn(move || {
+        let mut found = false;
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if !found && let Some(i) = line.find(&m) {
+                found = true;
+                let _ = tx.send(line[i + m.len()..].trim().to_string());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| {
+            die(&format!(
+                "{what} did not start (no {marker:?} line within 30 s)"
+            ))
+        })
+}
+
+fn spawn_role(name: &'static str, role: &str, extra: &[&str]) -> Server {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut child = Command::new(exe)
+        .arg("--role")
+        .arg(role)
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| die(&format!("cannot start the {name}: {e}")));
+    let addr = wait_for_line(&mut child, "listening on ", name)
+        .parse()
+        .unwrap_or_else(|e| die(&format!("{name}: bad address: {e}")));
+    Server { child, addr }
+}
+
+fn till_binary(args: &Args) -> PathBuf {
+    if let Some(p) = &args.till {
+        return p.clone();
+    }
+    // Set by cargo for benches: the `till` binary built with this profile.
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_till"));
+    if built.exists() {
+        return built;
+    }
+    let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/till");
+    if !release.exists() {
+        eprintln!("load: building the release binary (cargo build --release)");
+        let ok = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--bin", "till"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            die("cargo build --release failed");
+        }
+    }
+    release
+}
+
+/// Runs `till ARGS` in `home`, with `stdin`, and returns its trimmed stdout.
+fn till_cmd(bin: &Path, home: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let mut c = Command::new(bin)
+        .args(args)
+        .env("TILL_HOME", home)
+        .env_remove("TILL_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| die(&format!("cannot run {}: {e}", bin.display())));
+    {
+        let mut i = c.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            i.write_all(s.as_bytes()).unwrap();
+        }
+    }
+    let out = c.wait_with_output().unwrap();
+    if !out.status.success() {
+        die(&format!(
+            "till {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Sets up a TILL_HOME (root key, config) and a 3-block token, starts
+/// `till serve`, and returns the server and the token.
+fn start_till(args: &Args, home: &Path, upstream: SocketAddr) -> (Server, String) {
+    let bin = till_binary(args);
+    till_cmd(&bin, home, &["keygen"], None);
+    let root = till_cmd(
+        &bin,
+        home,
+        &[
+            "issue",
+            "--service",
+            "openai",
+            "--method",
+            "POST",
+            "--path",
+            "/v1/",
+            "--max-uses",
+            "1000000000",
+            "--ttl",
+            "24h",
+            "--label",
+            "bench-operator",
+        ],
+        None,
+    );
+    let child = till_cmd(
+        &bin,
+        home,
+        &[
+            "attenuate",
+            "--path",
+            "/v1/chat/",
+            "--max-uses",
+            "100000000",
+            "--label",
+            "bench-agent",
+        ],
+        Some(&root),
+    );
+    let token = till_cmd(
+        &bin,
+        home,
+        &[
+            "attenuate",
+            "--model",
+            "gpt-4o-mini",
+            "--max-uses",
+            "10000000",
+            "--ttl",
+            "12h",
+        ],
+        Some(&child),
+    );
+    let config = home.join("till.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {home:?}\n\n[upstreams.openai]\nurl = \"http://{upstream}\"\ncredential = {{ env = \"{UPSTREAM_KEY_ENV}\" }}\n\n[audit]\nenabled = {audit}\n",
+            home = home.display().to_string(),
+            audit = args.audit,
+        ),
+    )
+    .unwrap();
+    let stderr = std::fs::File::create(home.join("till.stderr")).unwrap();
+    // The working directory has no policies/ folder: the built-in default
+    // policy applies.
+    let mut c = Command::new(&bin)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .current_dir(home)
+        .env("TILL_HOME", home)
+        .env(UPSTREAM_KEY_ENV, "sk-bench-upstream-key")
+        .env("TILL_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|e| die(&format!("cannot start till serve: {e}")));
+    let url = wait_for_line(&mut c, "till: listening on http://", "till serve");
+    let addr = url
+        .parse()
+        .unwrap_or_else(|e| die(&format!("till serve: bad address {url:?}: {e}")));
+    (Server { child: c, addr }, token)
+}
+
+// ---------------------------------------------------------------------------
+// The load generator: hyper HTTP/1.1 connections, closed loop
+// ---------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    /// Path prefix of the upstream through this target ("" or "/openai").
+    prefix: &'static str,
+    token: Option<Arc<str>>,
+    /// The server process, for CPU accounting.
+    pid: u32,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+fn request(t: &Target, query: &str) -> http::Request<Full<Bytes>> {
+    let mut b = http::Request::post(format!("{}{CHAT_PATH}{query}", t.prefix))
+        .header(header::HOST, t.addr.to_string())
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(tok) = &t.token {
+        b = b.header(header::AUTHORIZATION, format!("Bearer {tok}"));
+    }
+    b.body(Full::new(Bytes::from_static(REQUEST_BODY.as_bytes())))
+        .unwrap()
+}
+
+fn histogram() -> Histogram<u64> {
+    // Nanoseconds, 1 ns to 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap()
+}
+
+#[derive(Default)]
+struct Errors {
+    /// Answers other than 200, by status.
+    statuses: BTreeMap<u16, u64>,
+    /// Connection failures and timeouts.
+    transport: u64,
+    first: Option<String>,
+}
+
+impl Errors {
+    fn total(&self) -> u64 {
+        self.statuses.values().sum::<u64>() + self.transport
+    }
+    fn merge(&mut self, o: Errors) {
+        for (k, v) in o.statuses {
+            *self.statuses.entry(k).or_default() += v;
+        }
+        self.transport += o.transport;
+        if self.first.is_none() {
+            self.first = o.first;
+        }
+    }
+    fn describe(&self) -> String {
+        if self.total() == 0 {
+            return "0".into();
+        }
+        let mut parts: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(s, n)| format!("{n}x{s}"))
+            .collect();
+        if self.transport > 0 {
+            parts.push(format!("{}x transport", self.transport));
+        }
+        parts.join(" ")
+    }
+}
+
+struct PhaseResult {
+    target: &'static str,
+    connections: usize,
+    requests: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+    errors: Errors,
+    server_cpu: Duration,
+    client_cpu: Duration,
+}
+
+impl PhaseResult {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+    fn q_us(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+    fn cpu_per_req_us(&self) -> f64 {
+        self.server_cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64
+    }
+}
+
+/// One connection's closed loop: send, read the whole answer, record, repeat
+/// until `deadline`. Requests before `record_from` are not recorded.
+async fn worker(
+    t: Target,
+    record_from: Instant,
+    deadline: Instant,
+    budget: Arc<AtomicU64>,
+) -> (Histogram<u64>, u64, Errors) {
+    let mut hist = histogram();
+    let mut n = 0u64;
+    let mut errors = Errors::default();
+    let mut sender: Option<Sender> = None;
+    while Instant::now() < deadline {
+        if budget.fetch_sub(1, Ordering::Relaxed) == 0 {
+            break;
+        }
+        let s = match &mut sender {
+            Some(s) => s,
+            None => match connect(t.addr).await {
+                Ok(s) => sender.insert(s),
+                Err(e) => {
+                    errors.transport += 1;
+                    errors.first.get_or_insert(format!("connect: {e}"));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let started = Instant::now();
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            s.ready().await.map_err(|e| e.to_string())?;
+            let resp = s
+                .send_request(request(&t, ""))
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, body))
+        })
+        .await;
+        let done = Instant::now();
+        let recording = started >= record_from;
+        match result {
+            Ok(Ok((status, body))) => {
+                if status == StatusCode::OK {
+                    if recording {
+                        hist.saturating_record(done.duration_since(started).as_nanos() as u64);
+                        n += 1;
+                    }
+                } else {
+                    *errors.statuses.entry(status.as_u16()).or_default() += 1;
+                    errors.first.get_or_insert_with(|| {
+                        format!("{status}: {}", String::from_utf8_lossy(&body))
+                    });
+                }
+            }
+            Ok(Err(e)) => {
+                errors.transport += 1;
+                errors.first.get_or_insert(e);
+                sender = None;
+            }
+            Err(_) => {
+                errors.transport += 1;
+                errors.first.get_or_insert("timeout".into());
+                sender = None;
+            }
+        }
+    }
+    (hist, n, errors)
+}
+
+async fn run_phase(t: &Target, connections: usize, warmup: f64, seconds: f64) -> PhaseResult {
+    let start = Instant::now();
+    let record_from = start + Duration::from_secs_f64(warmup);
+    let deadline = record_from + Duration::from_secs_f64(seconds);
+    let budget = Arc::new(AtomicU64::new(MAX_REQUESTS_PER_PHASE));
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| tokio::spawn(worker(t.clone(), record_from, deadline, budget.clone())))
+        .collect();
+    // CPU is sampled over the recorded window only.
+    tokio::time::sleep_until(record_from.into()).await;
+    let (s0, c0) = (proc_cpu(t.pid), proc_cpu(std::process::id()));
+    let mut hist = histogram();
+    let mut requests = 0;
+    let mut errors = Errors::default();
+    let mut sampled = None;
+    for task in tasks {
+        let (h, n, e) = task.await.expect("worker");
+        if sampled.is_none() {
+            // The first worker ends at the deadline: sample CPU there.
+            sampled = Some((
+                proc_cpu(t.pid),
+                proc_cpu(std::process::id()),
+                Instant::now(),
+            ));
+        }
+        hist.add(&h).unwrap();
+        requests += n;
+        errors.merge(e);
+    }
+    let (s1, c1, end) = sampled.unwrap_or((s0, c0, Instant::now()));
+    PhaseResult {
+        target: t.name,
+        connections,
+        requests,
+        elapsed: end.max(deadline).duration_since(record_from),
+        hist,
+        errors,
+        server_cpu: s1.saturating_sub(s0),
+        client_cpu: c1.saturating_sub(c0),
+    }
+}
+
+struct SseResult {
+    target: &'static str,
+    streams: u64,
+    ttfc: Histogram<u64>,
+    gaps: Histogram<u64>,
+    /// Data frames received per stream (chunks merged by buffering lower it).
+    frames: u64,
+    errors: Errors,
+}
+
+/// Sequential SSE streams over one connection for `seconds` (at most 10,000).
+async fn run_sse(t: &Target, args: &Args) -> SseResult {
+    let query = format!("?sse={}&ms={}", args.sse_chunks, args.sse_interval_ms);
+    let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let mut r = SseResult {
+        target: t.name,
+        streams: 0,
+        ttfc: histogram(),
+        gaps: histogram(),
+        frames: 0,
+        errors: Errors::default(),
+    };
+    let mut sender: Option<Sender> = None;
+    let mut warm = 3; // first streams unrecorded
+    while Instant::now() < deadline && r.streams < 10_000 {
+        let s = match &mut sender {
+            Some(s) => s,
+            None => match connect(t.addr).await {
+                Ok(s) => sender.insert(s),
+                Err(e) => {
+                    r.errors.transport += 1;
+                    r.errors.first.get_or_insert(e);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            s.ready().await.map_err(|e| e.to_string())?;
+            let resp = s
+                .send_request(request(t, &query))
+                .await
+                .map_err(|e| e.to_string())?;
+            if resp.status() != StatusCode::OK {
+                return Ok(Err(resp.status().as_u16()));
+            }
+            let mut body = resp.into_body();
+            let mut times = Vec::with_capacity(args.sse_chunks as usize + 2);
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| e.to_string())?;
+                if frame.data_ref().is_some_and(|d| !d.is_empty()) {
+                    times.push(Instant::now());
+                }
+            }
+            Ok::<_, String>(Ok(times))
+        })
+        .await;
+        match outcome {
+            Ok(Ok(Ok(times))) => {
+                if warm > 0 {
+                    warm -= 1;
+                    continue;
+                }
+                r.streams += 1;
+                r.frames += times.len() as u64;
+                if let Some(first) = times.first() {
+                    r.ttfc
+                        .saturating_record(first.duration_since(started).as_nanos() as u64);
+                }
+                for w in times.windows(2) {
+                    r.gaps
+                        .saturating_record(w[1].duration_since(w[0]).as_nanos() as u64);
+                }
+            }
+            Ok(Ok(Err(status))) => {
+                *r.errors.statuses.entry(status).or_default() += 1;
+            }
+            Ok(Err(e)) => {
+                r.errors.transport += 1;
+                r.errors.first.get_or_insert(e);
+                sender = None;
+            }
+            Err(_) => {
+                r.errors.transport += 1;
+                r.errors.first.get_or_insert("timeout".into());
+                sender = None;
+            }
+        }
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------
+// The HTTP run
+// ---------------------------------------------------------------------------
+
+fn http_mode(args: &Args) {
+    let home = tempfile::tempdir().expect("tempdir");
+    let upstream = spawn_role("upstream", "upstream", &[]);
+    let upstream_url = format!("http://{}", upstream.addr);
+    let mut extra = vec!["--upstream", upstream_url.as_str()];
+    if !args.baseline_nodelay {
+        extra.push("--baseline-no-nodelay");
+    }
+    let baseline = spawn_role("baseline proxy", "baseline", &extra);
+    let (till, token) = start_till(args, home.path(), upstream.addr);
+    let token: Arc<str> = token.into();
+    println!(
+        "# load benchmark ({} cores; load average at start: {})",
+        available_cores(),
+        loadavg()
+    );
+    println!(
+        "upstream {}  baseline {}  till {}  (token: 3 blocks, large limits; audit log {})",
+        upstream.addr,
+        baseline.addr,
+        till.addr,
+        if args.audit { "on" } else { "off" }
+    );
+    println!(
+        "phases: {} s measured after {} s warm-up; throughput at {} connections, latency at 1",
+        args.seconds, args.warmup, args.connections
+    );
+    let targets = [
+        Target {
+            name: "direct",
+            addr: upstream.addr,
+            prefix: "",
+            token: None,
+            pid: upstream.child.id(),
+        },
+        Target {
+            name: "baseline",
+            addr: baseline.addr,
+            prefix: "/openai",
+            token: Some(token.clone()),
+            pid: baseline.child.id(),
+        },
+        Target {
+            name: "till",
+            addr: till.addr,
+            prefix: "/openai",
+            token: Some(token.clone()),
+            pid: till.child.id(),
+        },
+    ];
+    let rt = runtime();
+    rt.block_on(async {
+        // Sanity: one request through each before measuring.
+        for t in &targets {
+            let r = run_phase(t, 1, 0.0, 0.2).await;
+            if r.errors.total() > 0 || r.requests == 0 {
+                die(&format!(
+                    "{} does not answer 200: {}",
+                    t.name,
+                    r.errors.first.clone().unwrap_or_default()
+                ));
+            }
+        }
+
+        let mut throughput = Vec::new();
+        for t in &targets {
+            let perf = if t.name == "till" {
+                args.perf.as_ref().map(|f| start_perf(t.pid, f))
+            } else {
+                None
+            };
+            eprintln!("running: {} x{} ...", t.name, args.connections);
+            throughput.push(run_phase(t, args.connections, args.warmup, args.seconds).await);
+            if let Some(p) = perf {
+                stop_perf(p);
+            }
+        }
+        let mut latency = Vec::new();
+        for t in &targets {
+            eprintln!("running: {} x1 ...", t.name);
+            latency.push(run_phase(t, 1, args.warmup, args.seconds).await);
+        }
+        let mut sse = Vec::new();
+        for t in &targets {
+            eprintln!("running: {} SSE ...", t.name);
+            sse.push(run_sse(t, args).await);
+        }
+        let overload = if args.overload {
+            eprintln!("running: till x{} (overload) ...", args.connections * 4);
+            Some(run_phase(&targets[2], args.connections * 4, args.warmup, args.seconds).await)
+        } else {
+            None
+        };
+        report(args, &throughput, &latency, &sse, overload.as_ref());
+    });
+    report_till_store(home.path());
+    for (name, s) in [("till", &till), ("baseline", &baseline)] {
+        let pid = s.child.id().to_string();
+        println!(
+            "{name} process memory after the run: VmRSS {:.1} MiB, VmHWM {:.1} MiB",
+            mib(status_kb(&pid, "VmRSS:")),
+            mib(status_kb(&pid, "VmHWM:"))
+        );
+    }
+    println!("load average at the end: {}", loadavg());
+    drop(till);
+    drop(baseline);
+    drop(upstream);
+}
+
+/// The 1, 5 and 15 minute load averages: other work on the machine skews
+/// every figure, so the report shows them.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn start_perf(pid: u32, out: &Path) -> Child {
+    eprintln!("perf: recording till (pid {pid}) into {}", out.display());
+    let c = Command::new("perf")
+        .args(["record", "--call-graph", "dwarf,16384", "-F", "499", "-o"])
+        .arg(out)
+        .args(["-p", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| die(&format!("cannot run perf: {e}")));
+    std::thread::sleep(Duration::from_millis(300));
+    c
+}
+
+fn stop_perf(mut c: Child) {
+    // perf writes its file on SIGINT.
+    let _ = Command::new("kill")
+        .args(["-INT", &c.id().to_string()])
+        .status();
+    let _ = c.wait();
+}
+
+fn report(
+    args: &Args,
+    throughput: &[PhaseResult],
+    latency: &[PhaseResult],
+    sse: &[SseResult],
+    overload: Option<&PhaseResult>,
+) {
+    println!();
+    println!(
+        "{:<9} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}  errors",
+        "target",
+        "conns",
+        "req/s",
+        "p50 µs",
+        "p99 µs",
+        "p999 µs",
+        "max µs",
+        "srv CPU/req",
+        "cli CPU/req"
+    );
+    for r in throughput.iter().chain(latency).chain(overload) {
+        println!(
+            "{:<9} {:>5} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.1}µs {:>9.1}µs  {}",
+            r.target,
+            r.connections,
+            r.rps(),
+            r.q_us(0.50),
+            r.q_us(0.99),
+            r.q_us(0.999),
+            r.hist.max() as f64 / 1000.0,
+            r.cpu_per_req_us(),
+            r.client_cpu.as_secs_f64() * 1e6 / r.requests.max(1) as f64,
+            r.errors.describe()
+        );
+        if let Some(e) = &r.errors.first {
+            println!(
+                "          first error: {}",
+                e.chars().take(200).collect::<String>()
+            );
+        }
+    }
+    let (b, t) = (&throughput[1], &throughput[2]);
+    let (bl, tl) = (&latency[1], &latency[2]);
+    println!();
+    println!("Till / baseline:");
+    println!(
+        "  throughput at {} connections: {:.1}% of baseline ({:.0} vs {:.0} req/s)   target >= 70%: {}",
+        args.connections,
+        100.0 * t.rps() / b.rps(),
+        t.rps(),
+        b.rps(),
+        verdict(t.rps() / b.rps() >= 0.70)
+    );
+    let (d50, d99) = (tl.q_us(0.5) - bl.q_us(0.5), tl.q_us(0.99) - bl.q_us(0.99));
+    println!(
+        "  added latency at 1 connection: p50 {d50:+.0} µs (target <= 100: {}), p99 {d99:+.0} µs (target <= 500: {}), p999 {:+.0} µs",
+        verdict(d50 <= 100.0),
+        verdict(d99 <= 500.0),
+        tl.q_us(0.999) - bl.q_us(0.999)
+    );
+    println!(
+        "  server CPU per request at {} connections: till {:.1} µs, baseline {:.1} µs, difference {:+.1} µs",
+        args.connections,
+        t.cpu_per_req_us(),
+        b.cpu_per_req_us(),
+        t.cpu_per_req_us() - b.cpu_per_req_us()
+    );
+    let denials: u64 = [t, tl]
+        .into_iter()
+        .chain(overload)
+        .map(|r| r.errors.total())
+        .sum();
+    println!("  non-200 answers from till over all phases: {denials}");
+
+    println!();
+    println!(
+        "SSE: {} events {} ms apart per stream, 1 connection, sequential streams",
+        args.sse_chunks, args.sse_interval_ms
+    );
+    println!(
+        "{:<9} {:>7} {:>13} {:>13} {:>12} {:>12} {:>12} {:>13}  errors",
+        "target",
+        "streams",
+        "1st chunk p50",
+        "1st chunk p99",
+        "gap p50",
+        "gap p99",
+        "gap max",
+        "frames/stream"
+    );
+    for r in sse {
+        println!(
+            "{:<9} {:>7} {:>10.0} µs {:>10.0} µs {:>9.0} µs {:>9.0} µs {:>9.0} µs {:>13.1}  {}",
+            r.target,
+            r.streams,
+            r.ttfc.value_at_quantile(0.5) as f64 / 1e3,
+            r.ttfc.value_at_quantile(0.99) as f64 / 1e3,
+            r.gaps.value_at_quantile(0.5) as f64 / 1e3,
+            r.gaps.value_at_quantile(0.99) as f64 / 1e3,
+            r.gaps.max() as f64 / 1e3,
+            r.frames as f64 / r.streams.max(1) as f64,
+            r.errors.describe()
+        );
+    }
+    let (bs, ts) = (&sse[1], &sse[2]);
+    println!(
+        "  till vs baseline: first chunk p50 {:+.0} µs, p99 {:+.0} µs; gap p50 {:+.0} µs, p99 {:+.0} µs",
+        (ts.ttfc.value_at_quantile(0.5) as f64 - bs.ttfc.value_at_quantile(0.5) as f64) / 1e3,
+        (ts.ttfc.value_at_quantile(0.99) as f64 - bs.ttfc.value_at_quantile(0.99) as f64) / 1e3,
+        (ts.gaps.value_at_quantile(0.5) as f64 - bs.gaps.value_at_quantile(0.5) as f64) / 1e3,
+        (ts.gaps.value_at_quantile(0.99) as f64 - bs.gaps.value_at_quantile(0.99) as f64) / 1e3,
+    );
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+/// Counter store size after the run, and till's memory.
+fn report_till_store(home: &Path) {
+    let f = home.join(till::store::embedded::STORE_FILE);
+    if let Ok(m) = std::fs::metadata(&f) {
+        println!();
+        println!(
+            "till store after the run: {} ({} bytes)",
+            f.display(),
+            m.len()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// --families: store size and RSS with many token families
+// ---------------------------------------------------------------------------
+
+fn status_kb(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn mib(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+fn random_id() -> String {
+    // A revocation id is a 64-byte ed25519 signature, 128 hex characters.
+    let bytes: [u8; 64] = std::array::from_fn(|_| rand::random());
+    hex::encode(bytes)
+}
+
+fn families_mode(args: &Args) {
+    let n = args.families.unwrap_or(0);
+    let k = args.family_blocks;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rss0 = status_kb("self", "VmRSS:");
+    let store = EmbeddedStore::open(dir.path()).expect("open store");
+    let rt = runtime();
+    let started = Instant::now();
+    let concurrency = 256u64;
+    let expires = till::store::now_unix() + 86400;
+    rt.block_on(async {
+        let next = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let store = store.clone();
+                let next = next.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        let ids: Vec<String> = (0..k).map(|_| random_id()).collect();
+                        // What the proxy does on the first request of a token.
+                        let meta: Vec<BlockMeta> = ids
+                            .iter()
+                            .enumerate()
+                            .map(|(b, id)| BlockMeta {
+                                id: id.clone(),
+                                family: ids[0].clone(),
+                                parent: b.checked_sub(1).map(|p| ids[p].clone()),
+                                index: b,
+                                label: Some(format!("agent-{i}")),
+                                limit: Some(1000),
+                                expires: Some(expires),
+                            })
+                            .collect();
+                        store.register(&meta);
+                        let specs: Vec<CounterSpec> = ids
+                            .iter()
+                            .map(|id| CounterSpec {
+                                id: id.clone(),
+                                limit: Some(1000),
+                                expires: Some(expires),
+                            })
+                            .collect();
+                        let r = store.reserve(&specs).await.expect("reserve");
+                        r.durable.await.expect("durable");
+                        if (i + 1).is_multiple_of(100_000) {
+                            eprintln!("  {} families ...", i + 1);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let fill = started.elapsed();
+    let rss1 = status_kb("self", "VmRSS:");
+    let hwm1 = status_kb("self", "VmHWM:");
+    let commits = store.stats().commits.load(Ordering::Relaxed);
+    store.close().expect("close");
+    drop(store);
+    let file = dir.path().join(till::store::embedded::STORE_FILE);
+    let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+
+    // Reopen in a fresh process: what a restarted proxy holds.
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--role", "reopen", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("reopen");
+    let mut reopen = String::from_utf8_lossy(&out.stdout).to_string();
+    // The same file read by redb alone, to split RSS between redb's page
+    // cache and Till's in-memory maps.
+    for cache in [None, Some("16")] {
+        let mut c = Command::new(std::env::current_exe().unwrap());
+        c.args(["--role", "scan", "--dir"]).arg(dir.path());
+        if let Some(m) = cache {
+            c.args(["--cache-mib", m]);
+        }
+        let out = c.output().expect("scan");
+        reopen.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+
+    println!(
+        "# counter store with {n} token families ({k} block(s) each, {} counters)",
+        n * k as u64
+    );
+    println!(
+        "fill: {:.1} s ({:.0} families/s, {commits} group commits, {:.1} reservations per commit)",
+        fill.as_secs_f64(),
+        n as f64 / fill.as_secs_f64(),
+        n as f64 / commits.max(1) as f64
+    );
+    println!(
+        "store file: {:.1} MiB ({:.0} bytes per family)",
+        size as f64 / 1048576.0,
+        size as f64 / n.max(1) as f64
+    );
+    println!(
+        "RSS of the filling process: {:.1} MiB before opening the store, {:.1} MiB after ({:.0} bytes per family; peak {:.1} MiB)",
+        mib(rss0),
+        mib(rss1),
+        (rss1.saturating_sub(rss0) * 1024) as f64 / n.max(1) as f64,
+        mib(hwm1)
+    );
+    print!("{reopen}");
+}
+
+/// Child of `--families`: reads every row of the store file with redb alone
+/// (its default cache, or `cache_mib`) and reports RSS, to show how much of
+/// the proxy's RSS is redb's page cache. The table layouts mirror
+/// `src/store/embedded.rs`.
+fn scan_role(dir: &Path, cache_mib: Option<usize>) {
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+    const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counters");
+    const BLOCKS: TableDefinition<&str, &str> = TableDefinition::new("blocks");
+    let path = dir.join(till::store::embedded::STORE_FILE);
+    {
+        let cache = cache_mib.map(|m| m << 20);
+        let rss0 = status_kb("self", "VmRSS:");
+        let mut b = redb::Builder::new();
+        if let Some(c) = cache {
+            b.set_cache_size(c);
+        }
+        let db = b.open(&path).expect("open");
+        let r = db.begin_read().unwrap();
+        let mut bytes = 0usize;
+        let (mut n_counters, mut n_blocks) = (0u64, 0u64);
+        if let Ok(t) = r.open_table(COUNTERS) {
+            for item in t.iter().unwrap() {
+                let (k, _) = item.unwrap();
+                bytes += k.value().len();
+                n_counters += 1;
+            }
+        }
+        if let Ok(t) = r.open_table(BLOCKS) {
+            for item in t.iter().unwrap() {
+                let (k, v) = item.unwrap();
+                bytes += k.value().len() + v.value().len();
+                n_blocks += 1;
+            }
+        }
+        let rss1 = status_kb("self", "VmRSS:");
+        println!(
+            "redb alone, {} cache: scanned {n_counters} counters + {n_blocks} block rows ({:.1} MiB of keys and values); RSS +{:.1} MiB",
+            cache.map_or("default".to_string(), |c| format!("{} MiB", c >> 20)),
+            bytes as f64 / 1048576.0,
+            mib(rss1.saturating_sub(rss0))
+        );
+        drop(r);
+        drop(db);
+    }
+}
+
+/// Child of `--families`: opens the store cold and reports time and RSS.
+fn reopen_role(dir: &Path) {
+    let rss0 = status_kb("self", "VmRSS:");
+    let t = Instant::now();
+    let store = EmbeddedStore::open(dir).expect("reopen");
+    let took = t.elapsed();
+    let rss1 = status_kb("self", "VmRSS:");
+    let counters = runtime()
+        .block_on(store.list())
+        .map(|l| l.len())
+        .unwrap_or(0);
+    println!(
+        "reopen in a fresh process: {:.2} s to load {counters} counters; RSS {:.1} MiB -> {:.1} MiB (+{:.1} MiB)",
+        took.as_secs_f64(),
+        mib(rss0),
+        mib(rss1),
+        mib(rss1.saturating_sub(rss0))
+    );
+    let _ = store.close();
+}

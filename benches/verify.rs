@@ -1,0 +1,206 @@
+//! Criterion benches of the CPU side of the request path.
+//!
+//! * `verify/cold/{1,3,8}`: `Verifier::verify_token` (base64, envelope,
+//!   every block's signature, inspection). What a cache miss costs.
+//! * `verify/warm/{1,3,8}`: `AppState::verify_cached` on a token already in
+//!   the moka cache. What every later request with that token costs.
+//! * `authorize/3`: `Verifier::authorize` alone (policies + every block's
+//!   checks, with `uses` facts) for a 3-block token.
+//! * `monitor_record/3`: `Monitor::record` for an allowed request (metrics,
+//!   an audit line queued to a file, recent decisions, threshold alerts).
+//! * `request_path/warm/3`: the handler's steps minus HTTP and forwarding:
+//!   verify (cache hit) → revocation → reserve in the embedded store (large
+//!   limits, so leases make most reservations free) → authorize → await
+//!   durability → monitor record. Compared with the issue's 40 µs target.
+//!
+//! Run: `cargo bench --bench verify` (add `-- --quick` for a fast pass).
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use till::monitor::{AlertConfig, AuditConfig, Monitor, Observation};
+use till::policy::Policies;
+use till::proxy::{AppState, Config};
+use till::store::{CounterSpec, EmbeddedStore};
+use till::token::{self, RequestFacts, Scope, keys};
+use till::verify::{VerifiedToken, Verifier};
+
+/// A token of `blocks` blocks shaped like real use: an authority block with
+/// rights and a large use limit, then attenuation blocks narrowing path and
+/// model, each with its own (large) use limit and an expiry.
+fn token_with_blocks(root: &biscuit_auth::KeyPair, blocks: usize) -> String {
+    let expires = Some(SystemTime::now() + Duration::from_secs(24 * 3600));
+    let mut t = token::issue(
+        root,
+        &Scope {
+            services: vec!["openai".into()],
+            methods: vec!["POST".into()],
+            paths: vec!["/v1/".into()],
+            max_uses: Some(1_000_000_000),
+            expires,
+            label: Some("bench".into()),
+            ..Scope::default()
+        },
+    )
+    .expect("issue");
+    for k in 1..blocks {
+        let scope = if k % 2 == 1 {
+            Scope {
+                paths: vec!["/v1/chat/".into()],
+                max_uses: Some(1_000_000_000 / 10u64.pow(k as u32).max(1)),
+                expires,
+                ..Scope::default()
+            }
+        } else {
+            Scope {
+                models: vec!["gpt-4o-mini".into(), "gpt-4o".into()],
+                max_uses: Some((1_000_000_000 / 10u64.pow(k as u32)).max(1_000_000)),
+                expires,
+                label: Some(format!("agent-{k}")),
+                ..Scope::default()
+            }
+        };
+        t = token::attenuate(&t, &scope).expect("attenuate");
+    }
+    t
+}
+
+fn request() -> RequestFacts {
+    RequestFacts {
+        service: "openai".into(),
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        model: Some("gpt-4o-mini".into()),
+        time: SystemTime::now(),
+    }
+}
+
+/// The counter specs the handler builds (`handler::specs`, private there).
+fn specs(t: &VerifiedToken) -> Vec<CounterSpec> {
+    t.ids
+        .iter()
+        .enumerate()
+        .map(|(k, id)| CounterSpec {
+            id: id.clone(),
+            limit: t.limits.get(k).copied().flatten(),
+            expires: t.expires_unix,
+        })
+        .collect()
+}
+
+fn app_state(verifier: Verifier, store: EmbeddedStore) -> AppState {
+    AppState::new(
+        &Config::default(),
+        &BTreeMap::new(),
+        verifier,
+        Arc::new(store.clone()),
+        Arc::new(store),
+    )
+    .expect("app state")
+}
+
+fn bench_verify(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let root = keys::generate();
+    let verifier = Verifier::new(root.public(), Policies::default_policy());
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let state = app_state(verifier.clone(), store);
+
+    let mut g = c.benchmark_group("verify");
+    for n in [1usize, 3, 8] {
+        let t = token_with_blocks(&root, n);
+        g.bench_with_input(BenchmarkId::new("cold", n), &t, |b, t| {
+            b.iter(|| verifier.verify_token(black_box(t)).unwrap())
+        });
+        state.verify_cached(&t).unwrap();
+        g.bench_with_input(BenchmarkId::new("warm", n), &t, |b, t| {
+            b.iter(|| state.verify_cached(black_box(t)).unwrap())
+        });
+    }
+    g.finish();
+
+    let t3 = verifier.verify_token(&token_with_blocks(&root, 3)).unwrap();
+    let req = request();
+    let mut g = c.benchmark_group("authorize");
+    g.bench_function("3", |b| {
+        b.iter(|| {
+            verifier
+                .authorize(black_box(&t3), black_box(&req), black_box(&[1, 1, 1]))
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+fn bench_request_path(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let root = keys::generate();
+    let verifier = Verifier::new(root.public(), Policies::default_policy());
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let state = app_state(verifier.clone(), store.clone());
+    let text = token_with_blocks(&root, 3);
+    let token = state.verify_cached(&text).unwrap();
+    let req = request();
+
+    // The default `till up` monitor: audit lines appended to a file.
+    let monitor =
+        Monitor::start(&AuditConfig::default(), dir.path(), AlertConfig::default()).unwrap();
+    let mut g = c.benchmark_group("monitor_record");
+    g.bench_function("3", |b| {
+        b.iter(|| {
+            let mut o = Observation::new(
+                "0123456789abcdef".into(),
+                Some("127.0.0.1:50000".into()),
+                "POST",
+                "",
+            );
+            o.service = "openai".into();
+            o.path = req.path.clone();
+            o.model = req.model.clone();
+            o.token = Some(token.clone());
+            o.uses = Some(vec![1, 1, 1]);
+            o.upstream_status = Some(200);
+            monitor.record(black_box(&o), 200, "ok", None);
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("request_path");
+    g.bench_function("warm/3", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let t = state.verify_cached(black_box(&text)).unwrap();
+                assert_eq!(state.revocations.first_revoked(&t.ids).unwrap(), None);
+                let r = state.counters.reserve(&specs(&t)).await.unwrap();
+                state.verifier.authorize(&t, &req, &r.uses).unwrap();
+                r.durable.await.unwrap();
+            })
+        })
+    });
+    g.finish();
+    drop(store);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = bench_verify, bench_request_path
+}
+criterion_main!(benches);
