@@ -83,7 +83,6 @@ struct Args {
     dir: Option<PathBuf>,
     till: Option<PathBuf>,
     perf: Option<PathBuf>,
-    baseline_nodelay: bool,
     cache_mib: Option<usize>,
 }
 
@@ -99,9 +98,6 @@ USAGE: cargo bench --bench load -- [OPTIONS]
   --sse-interval-ms M  delay between SSE events at the upstream (default 5)
   --no-overload        skip the overload phase (till at 4x the connections)
   --no-audit           run till with its audit log disabled
-  --baseline-no-nodelay  leave TCP_NODELAY off on the baseline's accepted
-                       sockets, as till serve does (default: on, as a
-                       well-configured minimal proxy would)
   --till PATH          till binary (default: the one cargo built for this bench)
   --perf FILE          `perf record --call-graph dwarf` of till during its
                        throughput phase (read with `perf report -i FILE`)
@@ -125,7 +121,6 @@ fn parse_args() -> Args {
         dir: None,
         till: None,
         perf: None,
-        baseline_nodelay: true,
         cache_mib: None,
     };
     let mut it = std::env::args().skip(1);
@@ -154,7 +149,6 @@ fn parse_args() -> Args {
             }
             "--no-overload" => a.overload = false,
             "--no-audit" => a.audit = false,
-            "--baseline-no-nodelay" => a.baseline_nodelay = false,
             "--till" => a.till = Some(val("--till").into()),
             "--perf" => a.perf = Some(val("--perf").into()),
             "--families" => a.families = Some(num("--families", val("--families")) as u64),
@@ -188,14 +182,13 @@ fn die(msg: &str) -> ! {
 fn main() {
     let args = parse_args();
     match args.role.as_deref() {
-        // A real API answers with TCP_NODELAY set, so the upstream does too.
-        Some("upstream") => serve_role(upstream_router(), true),
+        Some("upstream") => serve_role(upstream_router()),
         Some("baseline") => {
             let up = args
                 .upstream
                 .clone()
                 .unwrap_or_else(|| die("--role baseline needs --upstream URL"));
-            serve_role(baseline_router(up), args.baseline_nodelay)
+            serve_role(baseline_router(up))
         }
         Some("reopen") => reopen_role(args.dir.as_deref().unwrap_or_else(|| die("--dir"))),
         Some("scan") => scan_role(
@@ -218,7 +211,11 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Child process: serve `app` on 127.0.0.1:0, print the address, run until
 /// killed (or until stdin closes, so no child outlives a crashed parent).
-fn serve_role(app: axum::Router, nodelay: bool) {
+///
+/// Accepted sockets get TCP_NODELAY, as in `till serve` (src/proxy/server.rs)
+/// and any real API: without it, SSE events can wait up to 40 ms for a
+/// delayed ACK (Nagle).
+fn serve_role(app: axum::Router) {
     runtime().block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -234,9 +231,7 @@ fn serve_role(app: axum::Router, nodelay: bool) {
             std::process::exit(0);
         });
         let listener = listener.tap_io(move |tcp| {
-            if nodelay {
-                let _ = tcp.set_nodelay(true);
-            }
+            let _ = tcp.set_nodelay(true);
         });
         axum::serve(listener, app).await.expect("serve");
     });
@@ -948,11 +943,7 @@ fn http_mode(args: &Args) {
     let home = tempfile::tempdir().expect("tempdir");
     let upstream = spawn_role("upstream", "upstream", &[]);
     let upstream_url = format!("http://{}", upstream.addr);
-    let mut extra = vec!["--upstream", upstream_url.as_str()];
-    if !args.baseline_nodelay {
-        extra.push("--baseline-no-nodelay");
-    }
-    let baseline = spawn_role("baseline proxy", "baseline", &extra);
+    let baseline = spawn_role("baseline proxy", "baseline", &["--upstream", &upstream_url]);
     let (till, token) = start_till(args, home.path(), upstream.addr);
     let token: Arc<str> = token.into();
     println!(

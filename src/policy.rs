@@ -43,6 +43,9 @@ pub struct Policies {
     builder: AuthorizerBuilder,
     /// Where they came from, for logs.
     pub source: String,
+    /// The policies never mention `time` or `uses`: their outcome depends
+    /// only on the request's service, method, path and model.
+    pub(crate) request_only: bool,
 }
 
 impl Policies {
@@ -61,7 +64,10 @@ impl Policies {
                 message: describe(&e),
             })?;
         }
+        let code = b.dump_code();
+        let request_only = !code.contains("time(") && !code.contains("uses(");
         Ok(Policies {
+            request_only,
             builder: b,
             source: sources
                 .iter()

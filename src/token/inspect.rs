@@ -75,6 +75,9 @@ pub struct BlockView {
     pub checks: Vec<CheckMeaning>,
     /// Reasons the printed source might be misleading (hostile tokens).
     pub warnings: Vec<String>,
+    /// Rules in the block, or scope annotations on any rule or check.
+    #[serde(skip)]
+    pub has_rules_or_scopes: bool,
 }
 
 /// A whole token, read back without checking signatures.
@@ -118,6 +121,8 @@ struct Decoded {
     checks: Vec<Check>,
     symbols: SymbolTable,
     public_keys: Vec<PublicKey>,
+    /// The block has block-level `trusting` annotations.
+    scoped: bool,
 }
 
 fn escape(s: &str) -> String {
@@ -156,6 +161,7 @@ pub fn inspect(raw: &RawToken) -> Result<TokenView, TokenError> {
             checks: b.checks,
             symbols: b.symbols,
             public_keys: b.public_keys.into_inner(),
+            scoped: !b.scopes.is_empty(),
         };
         blocks.push((decoded, ext));
     }
@@ -331,6 +337,12 @@ fn describe(
         expires_at,
         checks,
         warnings,
+        has_rules_or_scopes: !block.rules.is_empty()
+            || block.scoped
+            || block
+                .checks
+                .iter()
+                .any(|c| c.queries.iter().any(|q| !q.scopes.is_empty())),
     }
 }
 

@@ -15,19 +15,36 @@
 //!   most [`MAX_OPS`] operations;
 //! * no regular expressions, no closures over collections (`.all`, `.any`),
 //!   no extern functions, and collections of at most [`MAX_COLLECTION`]
-//!   elements. `&&` and `||` are fine.
+//!   elements. `&&` and `||` are fine;
+//! * no `+`: on strings it concatenates, and a chain of concatenations of a
+//!   long string costs time and memory quadratic in its length, on every
+//!   combination of facts the check visits;
+//! * a work budget: for every alternative of every check, the number of fact
+//!   combinations its predicates can match (counting the facts of the blocks
+//!   it can see, and the request's facts: up to [`crate::token::MAX_BLOCKS`]
+//!   `uses`, one each of `service`, `method`, `path`, `model`, `time`) times
+//!   its operations plus one, summed over all attenuation blocks, is at most
+//!   [`MAX_WORK`]. A check joining three predicates over 31 facts each is
+//!   29,791 combinations: without this bound such a 6 KB token held a CPU for
+//!   18 s, as biscuit-auth checks its time limit only between queries.
+//!
+//! Facts the operator's policies add are not counted: `policies/` is trusted
+//! not to define thousands of facts of one name.
 //!
 //! Everything Till's own `attenuate` writes, and the usual checks other
 //! Biscuit libraries write (`check if path($p), $p.starts_with("/v1/")`,
 //! `check if time($t), $t <= ...`), fits. The authority block is written by
 //! the operator and is not restricted.
 
-use biscuit_auth::datalog::{Binary, Op, Rule, Term, Unary};
+use std::collections::HashMap;
+
+use biscuit_auth::datalog::{Binary, Check, Fact, Op, Rule, SymbolTable, Term, Unary};
 use biscuit_auth::format::convert::proto_block_to_token_block;
 use biscuit_auth::format::schema;
 use prost::Message;
 
-use super::{RawToken, TokenError};
+use super::vocab::names;
+use super::{MAX_BLOCKS, RawToken, TokenError};
 
 pub const MAX_FACTS: usize = 32;
 pub const MAX_CHECKS: usize = 32;
@@ -36,6 +53,10 @@ pub const MAX_BODY: usize = 3;
 pub const MAX_EXPRESSIONS: usize = 8;
 pub const MAX_OPS: usize = 64;
 pub const MAX_COLLECTION: usize = 256;
+/// Datalog work all attenuation blocks of a token may cause, in evaluations
+/// (fact combinations × (operations + 1), see the module docs). Till's own
+/// blocks cost about 100 each.
+pub const MAX_WORK: u64 = 16_384;
 
 fn term_ok(t: &Term) -> Result<(), String> {
     let n = match t {
@@ -94,6 +115,9 @@ fn ops_ok(ops: &[Op]) -> Result<usize, String> {
             Op::Binary(Binary::Ffi(_)) | Op::Unary(Unary::Ffi(_)) => {
                 return Err("an extern function call".into());
             }
+            Op::Binary(Binary::Add) => {
+                return Err("a '+' (it concatenates strings; use checks that compare)".into());
+            }
             Op::Binary(Binary::All | Binary::Any) => {
                 return Err("a closure (.all / .any)".into());
             }
@@ -107,15 +131,38 @@ fn ops_ok(ops: &[Op]) -> Result<usize, String> {
     Ok(n)
 }
 
-/// Why block `index` (≥ 1) is refused, if it is.
-fn block_violation(sb: &schema::SignedBlock) -> Result<(), String> {
+/// One block, decoded: what the shape and work checks need.
+struct Decoded {
+    facts: Vec<Fact>,
+    rules: usize,
+    checks: Vec<Check>,
+    /// Symbols this block introduces.
+    symbols: SymbolTable,
+    third_party: bool,
+    /// Block-level `trusting ...` scopes.
+    scoped: bool,
+}
+
+fn decode(sb: &schema::SignedBlock) -> Result<Decoded, String> {
     let pb =
         schema::Block::decode(sb.block.as_slice()).map_err(|e| format!("undecodable ({e})"))?;
     let b = proto_block_to_token_block(&pb, None).map_err(|e| format!("undecodable ({e})"))?;
-    if !b.rules.is_empty() {
+    Ok(Decoded {
+        facts: b.facts,
+        rules: b.rules.len(),
+        checks: b.checks,
+        symbols: b.symbols,
+        third_party: sb.external_signature.is_some(),
+        scoped: !b.scopes.is_empty(),
+    })
+}
+
+/// Why block `index` (≥ 1) is refused, if it is.
+fn block_violation(b: &Decoded) -> Result<(), String> {
+    if b.rules > 0 {
         return Err(format!(
             "{} rule(s); rules are not allowed in attenuation blocks (use checks)",
-            b.rules.len()
+            b.rules
         ));
     }
     if b.facts.len() > MAX_FACTS {
@@ -143,14 +190,113 @@ fn block_violation(sb: &schema::SignedBlock) -> Result<(), String> {
     Ok(())
 }
 
+/// How many facts of `name`/`arity` the verifier adds to every request.
+fn ambient(name: &str, arity: usize) -> u64 {
+    match (name, arity) {
+        (names::USES, 2) => MAX_BLOCKS as u64,
+        (names::SERVICE | names::METHOD | names::PATH | names::MODEL | names::TIME, 1) => 1,
+        _ => 0,
+    }
+}
+
+/// Facts of one block, counted by (predicate name, arity).
+type FactCounts = HashMap<(String, usize), u64>;
+
+/// Facts of each block, counted, and each block's symbol table (first-party
+/// blocks share one; third-party blocks have their own).
+fn fact_counts(blocks: &[Decoded]) -> Result<(Vec<FactCounts>, Vec<SymbolTable>), String> {
+    let table = |strings: Vec<String>| {
+        SymbolTable::from_symbols_and_public_keys(strings, Vec::new())
+            .map_err(|e| format!("an invalid symbol table ({e})"))
+    };
+    let shared = table(
+        blocks
+            .iter()
+            .filter(|b| !b.third_party)
+            .flat_map(|b| b.symbols.strings())
+            .collect(),
+    )?;
+    let mut counts = Vec::with_capacity(blocks.len());
+    let mut tables = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        let t = if b.third_party {
+            table(b.symbols.strings())?
+        } else {
+            shared.clone()
+        };
+        let mut c = FactCounts::new();
+        for f in &b.facts {
+            let key = (
+                t.print_symbol_default(f.predicate.name),
+                f.predicate.terms.len(),
+            );
+            *c.entry(key).or_default() += 1;
+        }
+        counts.push(c);
+        tables.push(t);
+    }
+    Ok((counts, tables))
+}
+
+/// Work of the checks of block `i` (≥ 1): for each alternative, the fact
+/// combinations its predicates can match times (operations + 1). A check
+/// sees the authority block, its own block and the request's facts, or every
+/// block when it (or its block) has a `trusting` scope.
+fn block_work(i: usize, b: &Decoded, counts: &[FactCounts], table: &SymbolTable) -> u64 {
+    let mut work: u64 = 0;
+    for q in b.checks.iter().flat_map(|c| c.queries.iter()) {
+        let wide = b.scoped || !q.scopes.is_empty();
+        let mut combos: u64 = 1;
+        for p in &q.body {
+            let key = (table.print_symbol_default(p.name), p.terms.len());
+            let mut n = ambient(&key.0, key.1);
+            for (j, c) in counts.iter().enumerate() {
+                if wide || j == 0 || j == i {
+                    n += c.get(&key).copied().unwrap_or(0);
+                }
+            }
+            combos = combos.saturating_mul(n);
+        }
+        let ops: u64 = q
+            .expressions
+            .iter()
+            .map(|e| ops_ok(&e.ops).unwrap_or(MAX_OPS) as u64)
+            .sum();
+        work = work.saturating_add(combos.saturating_mul(ops + 1).max(1));
+    }
+    work
+}
+
 /// Refuses a token whose attenuation blocks are outside the accepted shape.
 pub fn check(raw: &RawToken) -> Result<(), TokenError> {
-    for (i, sb) in raw.proto().blocks.iter().enumerate() {
-        if let Err(why) = block_violation(sb) {
-            return Err(TokenError::Shape(format!(
-                "block {} is not accepted by Till: it contains {why}. Attenuation blocks may hold facts and bounded checks only (see policies/README.md)",
-                i + 1
-            )));
+    let refuse = |i: usize, why: String| {
+        TokenError::Shape(format!(
+            "block {i} is not accepted by Till: it contains {why}. Attenuation blocks may hold facts and bounded checks only (see policies/README.md)"
+        ))
+    };
+    let proto = raw.proto();
+    let mut blocks = Vec::with_capacity(proto.blocks.len() + 1);
+    for (i, sb) in std::iter::once(&proto.authority)
+        .chain(proto.blocks.iter())
+        .enumerate()
+    {
+        let b = decode(sb).map_err(|why| refuse(i, why))?;
+        if i > 0 {
+            block_violation(&b).map_err(|why| refuse(i, why))?;
+        }
+        blocks.push(b);
+    }
+    let (counts, tables) = fact_counts(&blocks).map_err(|why| refuse(0, why))?;
+    let mut work: u64 = 0;
+    for (i, b) in blocks.iter().enumerate().skip(1) {
+        work = work.saturating_add(block_work(i, b, &counts, &tables[i]));
+        if work > MAX_WORK {
+            return Err(refuse(
+                i,
+                format!(
+                    "checks that, with the blocks before it, may take {work} evaluations (at most {MAX_WORK}): joining predicates multiplies the facts each one matches"
+                ),
+            ));
         }
     }
     Ok(())

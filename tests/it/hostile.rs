@@ -7,7 +7,7 @@ use biscuit_auth::{Biscuit, BlockBuilder, KeyPair};
 use prost::Message;
 use till::policy::Policies;
 use till::store::{CounterSpec, CounterStore, EmbeddedStore};
-use till::token::{self, RawToken, RequestFacts, Scope, TokenError};
+use till::token::{self, RequestFacts, Scope, TokenError};
 use till::verify::{DenialKind, Verifier};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

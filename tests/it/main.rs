@@ -4,7 +4,10 @@ mod helpers;
 
 mod cli;
 mod dashboard;
+mod fuzz_smoke;
 mod golden;
 mod hostile;
 mod monitor;
+mod props;
 mod proxy;
+mod spec_samples;
