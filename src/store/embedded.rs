@@ -39,6 +39,8 @@ use super::{
 };
 
 /// id → (durable mark, expiry in Unix seconds or 0 for none).
+/// redb's page cache (see `open_file`).
+const REDB_CACHE_BYTES: usize = 32 << 20;
 const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counters");
 /// id → JSON of [`BlockMeta`].
 const BLOCKS: TableDefinition<&str, &str> = TableDefinition::new("blocks");
@@ -162,7 +164,14 @@ impl EmbeddedStore {
             path: path.display().to_string(),
             message: m,
         };
-        let db = Database::create(path).map_err(|e| {
+        // Every counter and block row lives in this process's maps after
+        // open, so redb's page cache only serves the writer: its default
+        // (1 GiB, filled by the opening scan) would double the memory held
+        // for a large store without speeding anything up.
+        let db = Database::builder()
+            .set_cache_size(REDB_CACHE_BYTES)
+            .create(path)
+            .map_err(|e| {
             open_err(format!(
                 "{e}. The file is corrupt or unreadable; Till will not start from zero. Restore it from a backup, or move it aside to start with fresh counters"
             ))

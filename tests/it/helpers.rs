@@ -428,13 +428,34 @@ impl Proxy {
     }
 
     pub fn spawn(home: &Home, args: &[&str], config: &Path) -> Result<Proxy, String> {
+        Self::spawn_via(home, &[], "debug", args, config)
+    }
+
+    /// Like [`Proxy::spawn`], with `till` run through `wrapper` (a command
+    /// that execs its arguments, e.g. `prlimit ... --`) and the log level
+    /// `log`.
+    pub fn spawn_via(
+        home: &Home,
+        wrapper: &[&str],
+        log_level: &str,
+        args: &[&str],
+        config: &Path,
+    ) -> Result<Proxy, String> {
         let log = home.path().join(format!("proxy-{}.log", rand_suffix()));
-        let mut child = Command::new(BIN)
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = cmd
             .args(args)
             .env("TILL_HOME", home.path())
             .env("TEST_OPENAI_KEY", OPENAI_SECRET)
             .env("TEST_ANTHROPIC_KEY", ANTHROPIC_SECRET)
-            .env("TILL_LOG", "debug")
+            .env("TILL_LOG", log_level)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())

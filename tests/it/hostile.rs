@@ -517,3 +517,98 @@ async fn the_credential_never_appears_in_responses_logs_or_metrics() {
             .all(|s| s.headers["authorization"] == format!("Bearer {OPENAI_SECRET}"))
     );
 }
+
+/// A full disk, made real with a file-size limit on the proxy process
+/// (`prlimit --fsize`; writes past it fail with EFBIG as they would with
+/// ENOSPC; SIGXFSZ is ignored so the write error is what Till sees).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_gives_503_forwards_nothing_and_loses_no_count() {
+    const LIMIT: u64 = 384 * 1024;
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let store = home.path().join(till::store::embedded::STORE_FILE);
+    let u = openai(&up);
+    let cfg = format!(
+        "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n[audit]\nenabled = false\n\
+         [upstreams.{}]\nurl = {:?}\ncredential = {{ env = {:?} }}\nheader = {:?}\nprefix = {:?}\n",
+        home.path().to_str().unwrap(),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+        u.name,
+        u.url,
+        u.env,
+        u.header,
+        u.prefix
+    );
+    let config = home.write("till.toml", &cfg);
+    let fsize = format!("--fsize={LIMIT}");
+    let wrapper = [
+        "sh",
+        "-c",
+        r#"trap "" XFSZ; exec prlimit "$0" -- "$@""#,
+        fsize.as_str(),
+    ];
+    let mut proxy = Proxy::spawn_via(
+        &home,
+        &wrapper,
+        "info",
+        &["serve", "--config", config.to_str().unwrap()],
+        &config,
+    )
+    .expect("proxy starts under a file-size limit");
+
+    // One-use tokens of distinct families: every use is a committed row.
+    let mut served = Vec::new();
+    let mut refused = None;
+    for _ in 0..4000 {
+        let t = home.token("openai", Some(1));
+        let (s, v) = chat(&proxy, &t, "m").await;
+        match s {
+            200 => served.push(t),
+            503 => {
+                refused = Some((t, v));
+                break;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    let (last, v) = refused.unwrap_or_else(|| {
+        panic!(
+            "the store never hit the {LIMIT}-byte limit after {} families ({} bytes)",
+            served.len(),
+            std::fs::metadata(&store).map(|m| m.len()).unwrap_or(0)
+        )
+    });
+    assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
+    eprintln!("disk full after {} one-use families", served.len());
+    assert!(
+        served.len() > 10,
+        "the disk filled too early to mean anything"
+    );
+    assert_eq!(
+        up.count(),
+        served.len(),
+        "exactly the requests with a durable count were forwarded"
+    );
+    // Fail closed from then on, also for tokens that were fine before.
+    assert_eq!(chat(&proxy, &home.token("openai", None), "m").await.0, 503);
+    assert!(
+        proxy.logs().contains("counter store commit failed"),
+        "{}",
+        proxy.logs()
+    );
+
+    // Space is freed: the operator restarts. Nothing committed was lost,
+    // and the store opens.
+    proxy.kill9();
+    let proxy = Proxy::start_config(&home, &config).expect("the store opens after a full disk");
+    for t in &served {
+        let (s, v) = chat(&proxy, t, "m").await;
+        assert_eq!(s, 429, "a one-use token served before the disk filled: {v}");
+    }
+    assert_eq!(
+        chat(&proxy, &last, "m").await.0,
+        200,
+        "the refused use was not counted"
+    );
+    assert_eq!(up.count(), served.len() + 1);
+}
