@@ -4,8 +4,12 @@
 //!   every block's signature, inspection). What a cache miss costs.
 //! * `verify/warm/{1,3,8}`: `AppState::verify_cached` on a token already in
 //!   the moka cache. What every later request with that token costs.
-//! * `authorize/3`: `Verifier::authorize` alone (policies + every block's
-//!   checks, with `uses` facts) for a 3-block token.
+//! * `authorize/3`: `Verifier::authorize` alone for a 3-block token, asked
+//!   the same request again: the decision cache answers (expiry and use
+//!   limits compared natively).
+//! * `authorize/4_datalog`: the same token with a fourth block holding a
+//!   check Till does not recognise, so every call runs Datalog (policies +
+//!   every block's checks, with `uses` facts).
 //! * `monitor_record/3`: `Monitor::record` for an allowed request (metrics,
 //!   an audit line queued to a file, recent decisions, threshold alerts).
 //! * `request_path/warm/3`: the handler's steps minus HTTP and forwarding:
@@ -129,12 +133,37 @@ fn bench_verify(c: &mut Criterion) {
     g.finish();
 
     let t3 = verifier.verify_token(&token_with_blocks(&root, 3)).unwrap();
+    // The same token plus a check Till does not recognise, which turns the
+    // decision cache off: every call runs Datalog.
+    let t3_datalog = verifier
+        .verify_token(
+            &token::attenuate(
+                &token_with_blocks(&root, 3),
+                &Scope {
+                    datalog: Some(r#"check if method($m), $m != "DELETE";"#.into()),
+                    ..Scope::default()
+                },
+            )
+            .unwrap(),
+        )
+        .unwrap();
     let req = request();
     let mut g = c.benchmark_group("authorize");
     g.bench_function("3", |b| {
         b.iter(|| {
             verifier
                 .authorize(black_box(&t3), black_box(&req), black_box(&[1, 1, 1]))
+                .unwrap()
+        })
+    });
+    g.bench_function("4_datalog", |b| {
+        b.iter(|| {
+            verifier
+                .authorize(
+                    black_box(&t3_datalog),
+                    black_box(&req),
+                    black_box(&[1, 1, 1, 1]),
+                )
                 .unwrap()
         })
     });
