@@ -179,6 +179,12 @@ fn die(msg: &str) -> ! {
     std::process::exit(2);
 }
 
+// Every process of the benchmark (upstream, baseline proxy, load client)
+// uses the allocator `till` uses, so the comparison is of the proxies, not
+// of allocators.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args = parse_args();
     match args.role.as_deref() {
