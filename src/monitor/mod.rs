@@ -177,21 +177,29 @@ impl Monitor {
             time: crate::token::format_time(SystemTime::now()),
             request_id: o.request_id.clone(),
             peer: o.peer.clone(),
-            family: family.clone(),
-            blocks: blocks.clone(),
-            labels: labels.clone(),
+            family,
+            blocks,
+            labels,
             service: o.service.clone(),
             method: o.method.clone(),
             path: o.path.clone(),
             model: o.model.clone(),
             decision: if allowed { "allow" } else { "deny" },
             code: code.to_string(),
-            reason: reason.clone(),
+            reason,
             status,
             upstream_status: o.upstream_status,
             latency_ms: (latency.as_secs_f64() * 1e6).round() / 1e3,
         };
         self.audit.log(&rec);
+        self.alert(
+            o,
+            &rec.blocks,
+            &rec.labels,
+            rec.family.clone(),
+            allowed,
+            rec.reason.clone(),
+        );
         {
             let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             if r.len() == RECENT {
@@ -199,7 +207,6 @@ impl Monitor {
             }
             r.push_back(rec);
         }
-        self.alert(o, &blocks, &labels, family, allowed, reason);
     }
 
     fn alert(
@@ -211,18 +218,20 @@ impl Monitor {
         allowed: bool,
         reason: Option<String>,
     ) {
-        let now = crate::token::format_time(SystemTime::now());
-        let who = if labels.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " ({})",
-                labels
-                    .iter()
-                    .map(|l| format!("{l:?}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
+        // Built only when an alert may fire: this runs on every request.
+        let who = || {
+            if labels.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({})",
+                    labels
+                        .iter()
+                        .map(|l| format!("{l:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
         };
         let a = |kind: &'static str,
                  message: String,
@@ -230,7 +239,7 @@ impl Monitor {
                  details: serde_json::Value| Alert {
             kind,
             message,
-            time: now.clone(),
+            time: crate::token::format_time(SystemTime::now()),
             family: family.clone(),
             block,
             labels: labels.to_vec(),
@@ -244,6 +253,7 @@ impl Monitor {
                 for &t in self.alerts.thresholds() {
                     let mark = ((limit as f64) * t).ceil() as u64;
                     if mark > 0 && uses >= mark {
+                        let who = who();
                         self.alerts.fire_once(
                             format!("threshold:{}:{t}", b.id),
                             a(
@@ -258,6 +268,7 @@ impl Monitor {
             }
             return;
         }
+        let who = who();
         let Some(fam) = family.clone() else { return };
         let last = blocks.last().map(|b| b.id.clone());
         let details = serde_json::json!({
