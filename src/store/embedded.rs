@@ -171,11 +171,16 @@ impl EmbeddedStore {
         let db = Database::builder()
             .set_cache_size(REDB_CACHE_BYTES)
             .create(path)
-            .map_err(|e| {
-            open_err(format!(
-                "{e}. The file is corrupt or unreadable; Till will not start from zero. Restore it from a backup, or move it aside to start with fresh counters"
-            ))
-        })?;
+            .map_err(|e| match e {
+                // Not corruption: moving the file aside would give the
+                // running process's tokens fresh budgets.
+                redb::DatabaseError::DatabaseAlreadyOpen => open_err(
+                    "another process (another till serve?) has it open. Stop that process, or give this one its own state_dir".into(),
+                ),
+                e => open_err(format!(
+                    "{e}. The file is corrupt or unreadable; Till will not start from zero. Restore it from a backup, or move it aside to start with fresh counters"
+                )),
+            })?;
         // Make sure both tables exist, and read everything back.
         let txn = db.begin_write().map_err(|e| open_err(e.to_string()))?;
         {

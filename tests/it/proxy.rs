@@ -601,6 +601,26 @@ fn a_corrupt_store_refuses_to_start() {
         .stderr_has("will not start from zero");
 }
 
+/// Two proxies on one store would each hand out the full budget: the second
+/// refuses to start, and does not suggest moving the file aside.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_proxy_on_the_same_store_refuses_to_start() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let first = Proxy::start(&home, &[openai(&up)], "");
+    let cfg = first.config.clone();
+    till(["serve", "--config", cfg.to_str().unwrap()])
+        .home(&home)
+        .env("TEST_OPENAI_KEY", OPENAI_SECRET)
+        .run()
+        .code(2)
+        .stderr_has("another process")
+        .one_line_error();
+    // The first one is unaffected.
+    let t = home.token("openai", Some(3));
+    assert_eq!(chat(&first, &t, "m").await.0, 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn till_up_bootstraps_a_fresh_directory_and_reuses_it() {
     let home = Home::empty();
