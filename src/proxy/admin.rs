@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
@@ -26,10 +27,23 @@ fn forbidden(reason: &str) -> ProxyError {
     })
 }
 
-/// Checks the caller: loopback (unless allowed remote) and an admin token.
-fn authenticate(st: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ProxyError> {
-    check_peer(st, peer)?;
-    authenticate_token(st, extract_token(headers)?).map(|_| ())
+/// Extractor for admin endpoints: the caller is an allowed peer (loopback
+/// unless `danger_admin_remote`) holding a valid admin token. Put it before
+/// any extractor that reads the request, so nothing is parsed for strangers.
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Response> {
+        let ConnectInfo(peer) = ConnectInfo::<SocketAddr>::from_request_parts(parts, st)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        check_peer(st, peer).map_err(IntoResponse::into_response)?;
+        let text = extract_token(&parts.headers).map_err(IntoResponse::into_response)?;
+        authenticate_token(st, text).map_err(IntoResponse::into_response)?;
+        Ok(Admin)
+    }
 }
 
 /// Admin endpoints (API and dashboard) answer loopback clients only, unless
@@ -52,8 +66,12 @@ pub(crate) fn authenticate_token(
     let token = st
         .verify_cached(text)
         .map_err(|e| ProxyError::InvalidToken(e.to_string()))?;
-    if let Ok(Some(b)) = st.revocations.first_revoked(&token.ids) {
-        return Err(ProxyError::Denied(revoked_denial(b)));
+    // An unreadable revocation list denies: an admin token is the one token
+    // that can undo revocations.
+    match st.revocations.first_revoked(&token.ids) {
+        Ok(None) => {}
+        Ok(Some(b)) => return Err(ProxyError::Denied(revoked_denial(b))),
+        Err(e) => return Err(ProxyError::StoreUnavailable(e.to_string())),
     }
     st.verifier
         .authorize_admin(&token, st.clock.now())
@@ -92,15 +110,7 @@ pub fn target_id(req: &RevokeRequest) -> Result<String, String> {
     }
 }
 
-pub async fn revoke(
-    State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Err(e) = authenticate(&st, peer, &headers) {
-        return e.into_response();
-    }
+pub async fn revoke(_: Admin, State(st): State<AppState>, body: axum::body::Bytes) -> Response {
     let req: RevokeRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -123,14 +133,7 @@ pub async fn revoke(
     }
 }
 
-pub async fn revocations(
-    State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(e) = authenticate(&st, peer, &headers) {
-        return e.into_response();
-    }
+pub async fn revocations(_: Admin, State(st): State<AppState>) -> Response {
     match st.revocations.list().await {
         Ok(list) => {
             let items: Vec<_> = list
@@ -228,14 +231,7 @@ pub async fn usage_view(st: &AppState) -> Result<serde_json::Value, ProxyError> 
     }))
 }
 
-pub async fn usage(
-    State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(e) = authenticate(&st, peer, &headers) {
-        return e.into_response();
-    }
+pub async fn usage(_: Admin, State(st): State<AppState>) -> Response {
     match usage_view(&st).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
@@ -243,15 +239,7 @@ pub async fn usage(
 }
 
 /// One family in detail, by the id of any of its blocks.
-pub async fn usage_one(
-    State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(e) = authenticate(&st, peer, &headers) {
-        return e.into_response();
-    }
+pub async fn usage_one(_: Admin, State(st): State<AppState>, Path(id): Path<String>) -> Response {
     let id = id.to_ascii_lowercase();
     let view = match usage_view(&st).await {
         Ok(v) => v,
@@ -284,27 +272,16 @@ pub struct DecisionQuery {
 
 /// Recent decisions (newest first), optionally denials only.
 pub async fn decisions(
+    _: Admin,
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<DecisionQuery>,
 ) -> Response {
-    if let Err(e) = authenticate(&st, peer, &headers) {
-        return e.into_response();
-    }
     Json(json!({"decisions": st.monitor.recent(q.denied, q.limit.unwrap_or(100).min(500))}))
         .into_response()
 }
 
 /// Recent alerts (newest first).
-pub async fn alerts(
-    State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(e) = authenticate(&st, peer, &headers) {
-        return e.into_response();
-    }
+pub async fn alerts(_: Admin, State(st): State<AppState>) -> Response {
     Json(json!({"alerts": st.monitor.alerts.history()})).into_response()
 }
 

@@ -362,4 +362,28 @@ async fn usage_view_groups_blocks_into_families() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    // Every admin endpoint checks the token before reading the request: a
+    // malformed revoke body from a stranger is a 401, not a 400.
+    for (method, path) in [
+        ("POST", "/admin/revoke"),
+        ("GET", "/admin/revocations"),
+        ("GET", "/admin/usage"),
+        ("GET", &format!("/admin/usage/{}", ids[0])),
+        ("GET", "/admin/decisions?limit=not-a-number"),
+        ("GET", "/admin/alerts"),
+    ] {
+        let req = |token: Option<&str>| {
+            let mut r = client()
+                .request(method.parse().unwrap(), proxy.url(path))
+                .body("not json");
+            if let Some(t) = token {
+                r = r.bearer_auth(t);
+            }
+            r
+        };
+        let s = req(None).send().await.unwrap().status();
+        assert_eq!(s, 401, "{method} {path} without a token");
+        let s = req(Some(&root)).send().await.unwrap().status();
+        assert_eq!(s, 403, "{method} {path} with a non-admin token");
+    }
 }
