@@ -196,7 +196,6 @@ fn bench_request_path(c: &mut Criterion) {
                 "0123456789abcdef".into(),
                 Some("127.0.0.1:50000".into()),
                 "POST",
-                "",
             );
             o.service = "openai".into();
             o.path = req.path.clone();

@@ -167,22 +167,21 @@ impl Alerts {
         }
     }
 
-    /// Fires `a` unless an alert with `key` fired before (for good).
-    pub fn fire_once(&self, key: String, a: Alert) {
-        if self.once.contains_key(&key) {
-            return;
+    /// Fires the alert `a` builds unless one with `key` fired before (for good).
+    pub fn fire_once(&self, key: String, a: impl FnOnce() -> Alert) {
+        // Claimed atomically, and the alert is built only by the claimer:
+        // past a threshold, every request of the family comes through here.
+        if self.once.entry(key).or_insert(()).is_fresh() {
+            self.emit(a());
         }
-        self.once.insert(key, ());
-        self.emit(a);
     }
 
-    /// Fires `a` unless an alert with `key` fired in the last five minutes.
-    pub fn fire_recent(&self, key: String, a: Alert) {
-        if self.recent.contains_key(&key) {
-            return;
+    /// Fires the alert `a` builds unless an alert with `key` fired in the
+    /// last five minutes.
+    pub fn fire_recent(&self, key: String, a: impl FnOnce() -> Alert) {
+        if self.recent.entry(key).or_insert(()).is_fresh() {
+            self.emit(a());
         }
-        self.recent.insert(key, ());
-        self.emit(a);
     }
 
     /// Counts a denial for `family`; returns true when this one makes a burst

@@ -86,16 +86,25 @@ impl AuditSink {
             let mut out = tokio::io::stdout();
             while let Some(line) = rx.recv().await {
                 let mut batch = line;
+                let mut lines = 1;
                 // Drain what is queued so one write carries many lines.
                 while let Ok(more) = rx.try_recv() {
                     batch.push_str(&more);
-                    m.audit_written.inc();
+                    lines += 1;
                 }
-                m.audit_written.inc();
-                if let Some(f) = file.as_mut()
-                    && let Err(e) = f.write_all(batch.as_bytes()).await
-                {
-                    tracing::error!(error = %e, "audit log write failed");
+                match file.as_mut() {
+                    Some(f) => match f.write_all(batch.as_bytes()).await {
+                        Ok(()) => {
+                            m.audit_written.inc_by(lines);
+                        }
+                        Err(e) => {
+                            m.audit_dropped.inc_by(lines);
+                            tracing::error!(error = %e, "audit log write failed");
+                        }
+                    },
+                    None => {
+                        m.audit_written.inc_by(lines);
+                    }
                 }
                 if stdout {
                     let _ = out.write_all(batch.as_bytes()).await;

@@ -59,12 +59,12 @@ pub struct Observation {
 }
 
 impl Observation {
-    pub fn new(request_id: String, peer: Option<String>, method: &str, service: &str) -> Self {
+    pub fn new(request_id: String, peer: Option<String>, method: &str) -> Self {
         Observation {
             started: Instant::now(),
             request_id,
             peer,
-            service: service.to_string(),
+            service: String::new(),
             method: method.to_string(),
             path: String::new(),
             model: None,
@@ -253,74 +253,79 @@ impl Monitor {
                 for &t in self.alerts.thresholds() {
                     let mark = ((limit as f64) * t).ceil() as u64;
                     if mark > 0 && uses >= mark {
-                        let who = who();
-                        self.alerts.fire_once(
-                            format!("threshold:{}:{t}", b.id),
+                        self.alerts.fire_once(format!("threshold:{}:{t}", b.id), || {
                             a(
                                 "usage_threshold",
-                                format!("block {k}{who} of family {} reached {}% of its use limit: {uses}/{limit}", short(&family), (t * 100.0).round()),
+                                format!("block {k}{} of family {} reached {}% of its use limit: {uses}/{limit}", who(), short(&family), (t * 100.0).round()),
                                 Some(b.id.clone()),
                                 serde_json::json!({"block_index": k, "uses": uses, "limit": limit, "threshold": t}),
-                            ),
-                        );
+                            )
+                        });
                     }
                 }
             }
             return;
         }
-        let who = who();
         let Some(fam) = family.clone() else { return };
-        let last = blocks.last().map(|b| b.id.clone());
-        let details = serde_json::json!({
-            "peer": o.peer, "service": o.service, "method": o.method, "path": o.path,
-            "reason": reason, "request_id": o.request_id,
-        });
+        let last = || blocks.last().map(|b| b.id.clone());
+        let details = || {
+            serde_json::json!({
+                "peer": o.peer, "service": o.service, "method": o.method, "path": o.path,
+                "reason": reason, "request_id": o.request_id,
+            })
+        };
         match o.denial {
             Some(DenialKind::Revoked) => self.alerts.fire_recent(
                 format!("revoked:{fam}:{}", o.peer.as_deref().unwrap_or("")),
-                a(
-                    "revoked_token_used",
-                    format!(
-                        "a revoked token{who} of family {} was used from {} for {} /{}{}",
-                        short(&family),
-                        o.peer.as_deref().unwrap_or("?"),
-                        o.method,
-                        o.service,
-                        o.path
-                    ),
-                    last.clone(),
-                    details.clone(),
-                ),
+                || {
+                    a(
+                        "revoked_token_used",
+                        format!(
+                            "a revoked token{} of family {} was used from {} for {} /{}{}",
+                            who(),
+                            short(&family),
+                            o.peer.as_deref().unwrap_or("?"),
+                            o.method,
+                            o.service,
+                            o.path
+                        ),
+                        last(),
+                        details(),
+                    )
+                },
             ),
-            Some(DenialKind::Expired) => self.alerts.fire_recent(
-                format!("expired:{}", last.clone().unwrap_or_default()),
-                a(
-                    "expired_token_used",
-                    format!(
-                        "an expired token{who} of family {} is still being used (from {})",
-                        short(&family),
-                        o.peer.as_deref().unwrap_or("?")
-                    ),
-                    last.clone(),
-                    details.clone(),
-                ),
-            ),
+            Some(DenialKind::Expired) => {
+                self.alerts
+                    .fire_recent(format!("expired:{}", last().unwrap_or_default()), || {
+                        a(
+                            "expired_token_used",
+                            format!(
+                                "an expired token{} of family {} is still being used (from {})",
+                                who(),
+                                short(&family),
+                                o.peer.as_deref().unwrap_or("?")
+                            ),
+                            last(),
+                            details(),
+                        )
+                    })
+            }
             _ => {}
         }
         if let Some(n) = self.alerts.count_denial(&fam) {
-            self.alerts.fire_recent(
-                format!("burst:{fam}"),
+            self.alerts.fire_recent(format!("burst:{fam}"), || {
                 a(
                     "denial_burst",
                     format!(
-                        "{n} denials for family {}{who} within the burst window; last: {}",
+                        "{n} denials for family {}{} within the burst window; last: {}",
                         short(&family),
-                        reason.unwrap_or_default()
+                        who(),
+                        reason.as_deref().unwrap_or_default()
                     ),
-                    last,
-                    details,
-                ),
-            );
+                    last(),
+                    details(),
+                )
+            });
         }
     }
 }

@@ -41,7 +41,7 @@ pub async fn proxy(State(st): State<AppState>, req: Request) -> Response {
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.to_string());
     let request_id = format!("{:016x}", rand::random::<u64>());
-    let mut obs = Observation::new(request_id.clone(), peer, req.method().as_str(), "");
+    let mut obs = Observation::new(request_id.clone(), peer, req.method().as_str());
     let (mut resp, code, reason) = match handle(&st, req, &mut obs).await {
         Ok(r) => (r, "ok", None),
         Err(e) => {
@@ -186,20 +186,23 @@ async fn handle(
 
     // 1. Bound and parse the request before any cryptography.
     let (service, rest) = split_service(parts.uri.path())?;
-    obs.service = service.chars().take(64).collect();
+    // Only configured names reach the observation: it becomes a metric
+    // label, and labels made up by strangers would grow without bound.
     let upstream = st
         .upstreams
         .get(service)
-        .ok_or_else(|| ProxyError::UnknownService(service.to_string()))?;
+        .ok_or_else(|| ProxyError::UnknownService(service.chars().take(64).collect()))?;
+    obs.service = service.to_string();
     let path = crate::path::normalize(rest).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     obs.path = path.clone();
     let token_text = extract_token(&parts.headers)?;
+    let json = is_json(&parts.headers);
     if let Some(len) = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        && is_json(&parts.headers)
+        && json
         && len > st.limits.max_body_bytes as u64
     {
         return Err(ProxyError::TooLarge(st.limits.max_body_bytes));
@@ -222,7 +225,7 @@ async fn handle(
     }
 
     // The body is read only when it can name a model.
-    let (body, model) = if is_json(&parts.headers) {
+    let (body, model) = if json {
         let bytes = read_body(body, st.limits.max_body_bytes).await?;
         let model = model_of(&bytes);
         (Outgoing::Buffered(bytes), model)
@@ -232,8 +235,10 @@ async fn handle(
     obs.model = model.clone();
     let facts = RequestFacts {
         service: service.to_string(),
-        method: parts.method.as_str().to_ascii_uppercase(),
-        path: path.clone(),
+        // As sent: the method authorized is the method forwarded (HTTP
+        // methods are case-sensitive; a lower-case `get` is not `GET`).
+        method: parts.method.as_str().to_string(),
+        path,
         model,
         time: st.clock.now(),
     };
@@ -263,13 +268,14 @@ async fn handle(
     };
 
     let mut started = false;
+    let replayed = replay.is_some();
     let result = authorize_and_forward(
         obs,
         &mut started,
         st,
         &token,
         facts,
-        replay.clone(),
+        replay,
         idem_key.as_deref(),
         upstream,
         &parts,
@@ -282,7 +288,7 @@ async fn handle(
         // here: settling an older entry after a denial could turn a used
         // key into a free retry. A replay denied before forwarding stays
         // retryable.
-        if replay.is_some() || started {
+        if replayed || started {
             st.idempotency.finish(k, answered);
         }
     }
@@ -302,7 +308,6 @@ async fn authorize_and_forward(
     parts: &http::request::Parts,
     body: Outgoing,
 ) -> Result<Response, ProxyError> {
-    let path = facts.path.clone();
     match replay {
         Some(uses) => {
             obs.uses = Some(uses.clone());
@@ -340,7 +345,7 @@ async fn authorize_and_forward(
         }
     }
     // 6. Forward and stream back.
-    let resp = forward(st, upstream, parts, &path, body).await?;
+    let resp = forward(st, upstream, parts, &facts.path, body).await?;
     obs.upstream_status = Some(resp.status().as_u16());
     Ok(resp)
 }

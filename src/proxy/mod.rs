@@ -79,8 +79,17 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Verified-token cache size (entries).
-const CACHE_ENTRIES: u64 = 100_000;
+/// Verified-token cache budget, in (estimated) bytes. Weighed, not
+/// counted: anyone holding one token can mint any number of distinct valid
+/// children offline, each up to 16 KiB.
+const CACHE_BYTES: u64 = 256 << 20;
+
+/// Estimated memory of one cache entry with a token of `len` bytes: the key
+/// (the token text) and the parsed token, about three times the text, plus
+/// fixed overhead.
+fn cache_weight(len: usize) -> u32 {
+    u32::try_from(len * 4 + 1024).unwrap_or(u32::MAX)
+}
 
 impl AppState {
     /// Builds the state from a validated config and resolved credentials,
@@ -156,7 +165,10 @@ impl AppState {
             })?;
         Ok(AppState(Arc::new(Inner {
             verifier,
-            cache: Cache::builder().max_capacity(CACHE_ENTRIES).build(),
+            cache: Cache::builder()
+                .max_capacity(CACHE_BYTES)
+                .weigher(|k: &String, _| cache_weight(k.len()))
+                .build(),
             counters,
             revocations,
             upstreams,

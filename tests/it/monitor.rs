@@ -131,6 +131,16 @@ async fn metrics_are_exposed_in_prometheus_format() {
     let token = home.token("openai", Some(1));
     assert_eq!(chat(&proxy, &token, "m").await.0, 200);
     assert_eq!(chat(&proxy, &token, "m").await.0, 429);
+    // Names a stranger makes up do not become label values (one series
+    // each, kept forever).
+    for i in 0..3 {
+        let r = client()
+            .get(proxy.url(&format!("/made-up-{i}/x")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+    }
     let r = client().get(proxy.url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
@@ -150,6 +160,13 @@ async fn metrics_are_exposed_in_prometheus_format() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
+    assert!(!text.contains("made-up"), "{text}");
+    assert!(
+        text.contains(
+            "till_requests_total{service=\"\",decision=\"deny\",code=\"unknown_service\"} 3"
+        ),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -522,6 +522,28 @@ async fn path_tricks_cannot_escape_a_prefix() {
     assert_eq!(r.status(), 200);
     assert_eq!(up.count(), 2);
     assert!(up.seen()[1].headers.get("x-forwarded-host").is_none());
+    // Methods are case-sensitive: a GET-only token does not cover `get`,
+    // which would otherwise reach the upstream as a different method.
+    let get_only = home.issue(Scope {
+        methods: vec!["GET".into()],
+        ..scoped(&["openai"], &["/v1/"], None)
+    });
+    let lower = reqwest::Method::from_bytes(b"get").unwrap();
+    let r = c
+        .request(lower, proxy.url("/openai/v1/models"))
+        .bearer_auth(&get_only)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(up.count(), 2, "nothing forwarded");
+    let r = c
+        .get(proxy.url("/openai/v1/models"))
+        .bearer_auth(&get_only)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
