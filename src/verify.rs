@@ -132,6 +132,14 @@ impl FastPath {
 }
 
 impl VerifiedToken {
+    /// Request shapes the decision cache holds (tests and benchmarks).
+    #[doc(hidden)]
+    pub fn cached_shapes(&self) -> usize {
+        self.fast.as_ref().map_or(0, |f| {
+            f.allowed.read().unwrap_or_else(|p| p.into_inner()).len()
+        })
+    }
+
     /// The token family: the authority block's revocation id.
     pub fn family(&self) -> &str {
         &self.ids[0]
@@ -433,12 +441,6 @@ mod tests {
         }
     }
 
-    fn cached_shapes(t: &VerifiedToken) -> usize {
-        t.fast
-            .as_ref()
-            .map_or(0, |f| f.allowed.read().unwrap().len())
-    }
-
     #[test]
     fn a_cached_shape_still_obeys_use_limits_and_expiry() {
         let root = keys::generate();
@@ -449,7 +451,7 @@ mod tests {
         let now = SystemTime::now();
         let r = req("/v1/chat", now);
         v.authorize(&t, &r, &[1]).unwrap();
-        assert_eq!(cached_shapes(&t), 1, "an allowed plain request is cached");
+        assert_eq!(t.cached_shapes(), 1, "an allowed plain request is cached");
         v.authorize(&t, &r, &[2]).unwrap();
         let over = v.authorize(&t, &r, &[3]).unwrap_err();
         assert_eq!(over.kind, DenialKind::Exhausted, "{over:?}");
@@ -478,6 +480,7 @@ mod tests {
         let t = v.verify_token(&child).unwrap();
         let r = req("/v1/chat", SystemTime::now());
         v.authorize(&t, &r, &[1, 1]).unwrap();
+        assert_eq!(t.cached_shapes(), 1, "the cache is in play");
         v.authorize(&t, &r, &[2, 2]).unwrap();
         let over = v.authorize(&t, &r, &[3, 3]).unwrap_err();
         assert_eq!(over.kind, DenialKind::Exhausted, "{over:?}");

@@ -247,6 +247,7 @@ fn fuzz_regressions_replay() {
         }
     }
     eprintln!("replayed {replayed} kept fuzz inputs");
+    assert!(replayed > 0, "no kept inputs found under {}", dir.display());
 }
 
 /// `fuzz/seeds/` is what cargo-fuzz starts from; regenerate it with

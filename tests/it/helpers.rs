@@ -547,8 +547,21 @@ pub fn client() -> reqwest::Client {
     till::proxy::install_crypto();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // A hang fails the test instead of stalling CI.
+        .timeout(Duration::from_secs(60))
         .build()
         .unwrap()
+}
+
+/// A port on 127.0.0.1 where connections are refused, held for as long as
+/// the returned socket lives (bound, never listening), so that no other
+/// test's ephemeral listener can take it over. Returns the socket and
+/// `http://127.0.0.1:PORT`.
+pub fn dead_port() -> (tokio::net::TcpSocket, String) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = format!("http://{}", sock.local_addr().unwrap());
+    (sock, url)
 }
 
 /// POST a chat completion with `token` as Bearer; returns (status, body).

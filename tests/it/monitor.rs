@@ -277,10 +277,8 @@ async fn alerts_fire_once_per_threshold_on_revoked_and_expired_use_and_bursts() 
 async fn a_failing_webhook_never_slows_requests_and_is_counted() {
     let up = Upstream::start().await;
     let home = Home::new();
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}/hook", l.local_addr().unwrap())
-    };
+    let (_held, dead) = dead_port();
+    let dead = format!("{dead}/hook");
     let extra = format!("[alerts]\nthresholds = [0.5]\n[[alerts.webhooks]]\nurl = {dead:?}\n");
     let proxy = Proxy::start(&home, &[openai(&up)], &extra);
     let token = home.token("openai", Some(2));

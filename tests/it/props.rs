@@ -176,6 +176,7 @@ proptest! {
         }
         let warm = v.verify_token(&t).unwrap();
         let depth = blocks.len() + 1;
+        let mut any_allowed = false;
         // Each request is asked three times: as generated, with every count
         // one higher, and two days later: a shape cached by the first answer
         // meets a count past its limit or a time past an expiry.
@@ -193,7 +194,13 @@ proptest! {
                     "cached answer differs for {:?} with uses {:?}\nauthority: {:?}\nblocks: {:?}",
                     req, uses, authority, blocks
                 );
+                any_allowed |= got;
             }
+        }
+        // Till's own blocks under the default policy are what the cache is
+        // for: whatever was allowed was cached, so hits were compared too.
+        if any_allowed {
+            prop_assert!(warm.cached_shapes() > 0, "the decision cache was never used");
         }
     }
 
@@ -367,7 +374,9 @@ fn the_costliest_accepted_block_authorizes_quickly() {
     let took = start.elapsed();
     let d = r.expect_err("the last expression is false");
     assert_eq!(d.kind, till::verify::DenialKind::Scope, "{d:?}");
-    assert!(took < Duration::from_millis(500), "took {took:?}");
+    // Generous for a loaded 2-core machine; the bombs this guards against
+    // took 18 s.
+    assert!(took < Duration::from_secs(3), "took {took:?}");
     eprintln!("costliest accepted block: {took:?}");
 }
 
@@ -475,6 +484,6 @@ proptest! {
             !matches!(&r, Err(d) if d.kind == till::verify::DenialKind::Limits),
             "accepted block hit the run limits: {r:?}\n{blocks:#?}"
         );
-        prop_assert!(took < Duration::from_millis(500), "took {took:?}\n{blocks:#?}");
+        prop_assert!(took < Duration::from_secs(3), "took {took:?}\n{blocks:#?}");
     }
 }

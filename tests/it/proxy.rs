@@ -120,13 +120,11 @@ async fn sse_chunks_reach_the_client_before_the_stream_ends() {
 async fn every_status_code_has_a_clear_json_error() {
     let up = Upstream::start().await;
     let home = Home::new();
+    // A port where connections are refused.
+    let (_held, down_url) = dead_port();
     let down = Up {
         name: "down",
-        // A port nothing listens on: bind, read it, close.
-        url: {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            format!("http://{}", l.local_addr().unwrap())
-        },
+        url: down_url,
         header: "authorization",
         prefix: "Bearer ",
         env: "TEST_OPENAI_KEY",
@@ -864,12 +862,11 @@ async fn a_failing_counter_store_gives_503_and_forwards_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn regression_idempotent_retry_after_a_502_is_free_not_409() {
     let home = Home::new();
+    // A port where connections are refused.
+    let (_held, down_url) = dead_port();
     let down = Up {
         name: "openai",
-        url: {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            format!("http://{}", l.local_addr().unwrap())
-        },
+        url: down_url,
         header: "authorization",
         prefix: "Bearer ",
         env: "TEST_OPENAI_KEY",
