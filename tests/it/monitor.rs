@@ -295,11 +295,28 @@ async fn a_failing_webhook_never_slows_requests_and_is_counted() {
             .await
             .unwrap();
         if text.contains("till_alerts_failed_total{kind=\"usage_threshold\"} 1") {
-            return;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("failed alert not counted:\n{text}");
+    assert!(
+        text.contains("till_alerts_failed_total{kind=\"usage_threshold\"} 1"),
+        "failed alert not counted:\n{text}"
+    );
+
+    // A receiver that accepts and never answers: requests do not wait for it.
+    let home = Home::new();
+    let hang = format!("{}/hang", up.url());
+    let extra =
+        format!("[alerts]\nthresholds = [0.25, 0.5, 0.75]\n[[alerts.webhooks]]\nurl = {hang:?}\n");
+    let proxy = Proxy::start(&home, &[openai(&up)], &extra);
+    let token = home.token("openai", Some(4));
+    for _ in 0..4 {
+        let (s, _) = tokio::time::timeout(Duration::from_secs(3), chat(&proxy, &token, "m"))
+            .await
+            .expect("a request waited for a hanging webhook");
+        assert_eq!(s, 200);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
