@@ -1281,13 +1281,18 @@ fn families_mode(args: &Args) {
                                 expires: Some(expires),
                             })
                             .collect();
-                        store.register(&meta);
-                        let specs: Vec<CounterSpec> = ids
+                        // What a first allowed request records: the
+                        // counters and the blocks' metadata.
+                        let specs: Vec<CounterSpec> = meta
                             .iter()
-                            .map(|id| CounterSpec {
-                                id: id.clone(),
-                                limit: Some(1000),
-                                expires: Some(expires),
+                            .map(|m| CounterSpec {
+                                id: m.id.clone(),
+                                limit: m.limit,
+                                expires: m.expires,
+                                family: m.family.clone(),
+                                parent: m.parent.clone(),
+                                index: m.index,
+                                label: m.label.clone(),
                             })
                             .collect();
                         let r = store.reserve(&specs).await.expect("reserve");

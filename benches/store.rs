@@ -28,11 +28,15 @@ const CONCURRENCY: u64 = 64;
 fn family(name: &str, limits: [u64; 3]) -> Vec<CounterSpec> {
     let expires = till::store::now_unix() + 86400;
     (0..3)
-        .map(|k| CounterSpec {
+        .map(|k: usize| {
             // Real ids are 128 hex characters (an ed25519 signature).
-            id: format!("{name}-{k}-{}", "ab".repeat(60)),
-            limit: Some(limits[k]),
-            expires: Some(expires),
+            let id = |k: usize| format!("{name}-{k}-{}", "ab".repeat(60));
+            CounterSpec {
+                family: id(0),
+                parent: k.checked_sub(1).map(id),
+                index: k,
+                ..CounterSpec::standalone(&id(k), Some(limits[k]), Some(expires))
+            }
         })
         .collect()
 }

@@ -25,12 +25,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use till::decide::{Stage, decide, recheck};
 use till::monitor::{AlertConfig, AuditConfig, Monitor, Observation};
 use till::policy::Policies;
 use till::proxy::{AppState, Config};
-use till::store::{CounterSpec, EmbeddedStore};
+use till::store::EmbeddedStore;
 use till::token::{self, RequestFacts, Scope, keys};
-use till::verify::{VerifiedToken, Verifier};
+use till::verify::Verifier;
 
 /// A token of `blocks` blocks shaped like real use: an authority block with
 /// rights and a large use limit, then attenuation blocks narrowing path and
@@ -80,19 +81,6 @@ fn request() -> RequestFacts {
         model: Some("gpt-4o-mini".into()),
         time: SystemTime::now(),
     }
-}
-
-/// The counter specs the handler builds (`handler::specs`, private there).
-fn specs(t: &VerifiedToken) -> Vec<CounterSpec> {
-    t.ids
-        .iter()
-        .enumerate()
-        .map(|(k, id)| CounterSpec {
-            id: id.clone(),
-            limit: t.limits.get(k).copied().flatten(),
-            expires: t.expires_unix,
-        })
-        .collect()
 }
 
 fn app_state(verifier: Verifier, store: EmbeddedStore) -> AppState {
@@ -212,10 +200,13 @@ fn bench_request_path(c: &mut Criterion) {
     g.bench_function("warm/3", |b| {
         b.iter(|| {
             rt.block_on(async {
+                // What the handler does: decide, reserve, re-check.
                 let t = state.verify_cached(black_box(&text)).unwrap();
-                assert_eq!(state.revocations.first_revoked(&t.ids).unwrap(), None);
-                let r = state.counters.reserve(&specs(&t)).await.unwrap();
-                state.verifier.authorize(&t, &req, &r.uses).unwrap();
+                let revoked = state.revocations.first_revoked(&t.ids).unwrap();
+                let counts = state.counters.peek(&t.ids).await.unwrap();
+                decide(&state.verifier, &t, revoked, &req, &counts, Stage::Final).unwrap();
+                let r = state.counters.reserve(&t.specs).await.unwrap();
+                recheck(&state.verifier, &t, &req, &r.uses).unwrap();
                 r.durable.await.unwrap();
             })
         })

@@ -111,8 +111,10 @@ fn authorize_all(t: &crate::verify::VerifiedToken) {
             time: SystemTime::now(),
         };
         let _ = v.authorize(t, &req, &vec![uses; n]);
+        let before_body = RequestFacts { model: None, ..req };
+        let _ = v.authorize_before_body(t, &before_body, &vec![uses; n]);
     }
-    let _ = v.authorize_admin(t, SystemTime::now());
+    let _ = v.authorize_admin(t, "GET", "/admin/usage", SystemTime::now(), &vec![1; n]);
 }
 
 fn datalog_block(code: &str) {
@@ -158,7 +160,7 @@ pub fn request(data: &[u8]) {
         let _ = RawToken::parse(t);
     }
 
-    if let Some(m) = model_of(body) {
+    if let Ok(Some(m)) = model_of(body) {
         // The model fact must be what the upstream reads: the `model`
         // string of a JSON object.
         // serde_json's `Value` refuses numbers beyond f64 (`1e999`) that the

@@ -55,6 +55,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod decide;
 pub mod feed;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -46,6 +46,9 @@ pub struct Policies {
     /// The policies never mention `time` or `uses`: their outcome depends
     /// only on the request's service, method, path and model.
     pub(crate) request_only: bool,
+    /// The policies read the `model` fact: their outcome may change once a
+    /// request body names a model.
+    pub(crate) mentions_model: bool,
 }
 
 impl Policies {
@@ -66,8 +69,10 @@ impl Policies {
         }
         let code = b.dump_code();
         let request_only = !code.contains("time(") && !code.contains("uses(");
+        let mentions_model = code.contains("model(");
         Ok(Policies {
             request_only,
+            mentions_model,
             builder: b,
             source: sources
                 .iter()

@@ -28,8 +28,13 @@ pub struct VerifiedToken {
     pub view: TokenView,
     /// Revocation id of each block, authority first (hex).
     pub ids: Vec<String>,
-    /// Effective use limit of each block, when it has one.
+    /// Each block's own use limit (the one it sets on itself), when it has
+    /// one: what usage, alerts, leases and the dashboard show. A limit a
+    /// child writes about an ancestor is enforced by Datalog only, so a child
+    /// cannot change what is shared about its parent.
     pub limits: Vec<Option<u64>>,
+    /// The counters a request with this token reserves, one per block.
+    pub specs: Vec<crate::store::CounterSpec>,
     /// Earliest expiry of any block, as seconds since the Unix epoch.
     pub expires_unix: Option<u64>,
     /// Present when the decision cache is sound for this token.
@@ -58,6 +63,9 @@ struct FastPath {
     expires: Vec<u64>,
     /// Request shapes Datalog allowed.
     allowed: std::sync::RwLock<Vec<Shape>>,
+    /// Shapes (model not yet known) that can only be decided by the model:
+    /// the body is worth reading.
+    pending: std::sync::RwLock<Vec<Shape>>,
 }
 
 /// A request without its time: service, method, path, model.
@@ -93,6 +101,7 @@ fn fast_path(view: &TokenView, policies: &Policies) -> Option<FastPath> {
         limits,
         expires,
         allowed: std::sync::RwLock::new(Vec::new()),
+        pending: std::sync::RwLock::new(Vec::new()),
     })
 }
 
@@ -100,8 +109,9 @@ impl FastPath {
     fn same(k: &Shape, req: &RequestFacts) -> bool {
         k.0 == req.service && k.1 == req.method && k.2 == req.path && k.3 == req.model
     }
-    /// True when the cached decision applies and allows the request.
-    fn allows(&self, req: &RequestFacts, uses: &[u64]) -> bool {
+    /// True when the cached decision applies and allows the request (or,
+    /// with `pending`, lets it go on to read its body).
+    fn allows(&self, req: &RequestFacts, uses: &[u64], pending: bool) -> bool {
         let now = match req.time.duration_since(std::time::UNIX_EPOCH) {
             Ok(d) => d.as_secs(),
             Err(_) => return false,
@@ -111,15 +121,23 @@ impl FastPath {
                 .limits
                 .iter()
                 .all(|&(k, n)| uses.get(k).is_some_and(|&u| u <= n))
-            && self
-                .allowed
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .any(|k| Self::same(k, req))
+            && if pending {
+                &self.pending
+            } else {
+                &self.allowed
+            }
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|k| Self::same(k, req))
     }
-    fn remember(&self, req: &RequestFacts) {
-        let mut a = self.allowed.write().unwrap_or_else(|p| p.into_inner());
+    fn remember(&self, req: &RequestFacts, pending: bool) {
+        let list = if pending {
+            &self.pending
+        } else {
+            &self.allowed
+        };
+        let mut a = list.write().unwrap_or_else(|p| p.into_inner());
         if a.len() < FAST_PATH_SHAPES && !a.iter().any(|k| Self::same(k, req)) {
             a.push((
                 req.service.clone(),
@@ -203,7 +221,8 @@ impl Verifier {
         let biscuit = raw.verify(&self.root)?;
         let view = inspect(&raw)?;
         let ids = raw.revocation_ids();
-        let limits = view.effective_limits();
+        let limits: Vec<Option<u64>> = view.blocks.iter().map(|b| b.use_limit).collect();
+        let specs = counter_specs(&view, &ids, &limits);
         let expires_unix = view.expires_at().and_then(|t| {
             t.duration_since(std::time::UNIX_EPOCH)
                 .ok()
@@ -215,6 +234,7 @@ impl Verifier {
             view,
             ids,
             limits,
+            specs,
             expires_unix,
             fast,
         })
@@ -229,10 +249,82 @@ impl Verifier {
         uses: &[u64],
     ) -> Result<(), Denial> {
         if let Some(f) = &token.fast
-            && f.allows(req, uses)
+            && f.allows(req, uses, false)
         {
             return Ok(());
         }
+        match self.run(token, req, uses)? {
+            Ok(()) => {
+                if let Some(f) = &token.fast {
+                    f.remember(req, false);
+                }
+                Ok(())
+            }
+            Err(e) => Err(explain(e, token, req)),
+        }
+    }
+
+    /// Decides a request whose body has not been read yet (`req.model` is
+    /// unknown): denies only what no model could make acceptable, so a
+    /// request that cannot pass never gets its body read. Passing here is
+    /// not an allow: [`Verifier::authorize`] decides again with the model.
+    pub fn authorize_before_body(
+        &self,
+        token: &VerifiedToken,
+        req: &RequestFacts,
+        uses: &[u64],
+    ) -> Result<(), Denial> {
+        if let Some(f) = &token.fast
+            && f.allows(req, uses, true)
+        {
+            return Ok(());
+        }
+        let outcome = match self.run(token, req, uses)? {
+            Ok(()) => Ok(()),
+            Err(e) if self.model_could_change(&e, token) => Ok(()),
+            // What the model would decide is not the reason: leave it out.
+            Err(e) => Err(explain_with(e, token, req, true)),
+        };
+        if outcome.is_ok()
+            && let Some(f) = &token.fast
+        {
+            f.remember(req, true);
+        }
+        outcome
+    }
+
+    /// Whether adding a `model` fact could turn this failure into an allow:
+    /// every failed check and the policy outcome must depend on `model`.
+    /// Datalog is monotonic apart from `reject if`/`check all`/deny
+    /// policies, and those are decided again once the model is known.
+    fn model_could_change(&self, e: &BToken, token: &VerifiedToken) -> bool {
+        // A rule can derive any fact from `model`.
+        let rules_read_model = token
+            .view
+            .blocks
+            .iter()
+            .any(|b| b.has_rules_or_scopes && b.source.contains("model("));
+        let check_reads_model = |c: &FailedCheck| rules_read_model || reads_model(c, token);
+        let policy_reads_model = self.policies.mentions_model || rules_read_model;
+        match e {
+            BToken::FailedLogic(Logic::Unauthorized { policy, checks }) => {
+                (matches!(policy, MatchedPolicy::Allow(_)) || policy_reads_model)
+                    && checks.iter().all(check_reads_model)
+            }
+            BToken::FailedLogic(Logic::NoMatchingPolicy { checks }) => {
+                policy_reads_model && checks.iter().all(check_reads_model)
+            }
+            _ => false,
+        }
+    }
+
+    /// Runs the Datalog: `Err` is a denial before Datalog could answer.
+    fn run(
+        &self,
+        token: &VerifiedToken,
+        req: &RequestFacts,
+        uses: &[u64],
+    ) -> Result<Result<(), BToken>, Denial> {
         let internal = |e: TokenError| Denial {
             kind: DenialKind::Scope,
             reason: format!("authorization error: {e}"),
@@ -262,35 +354,37 @@ impl Verifier {
         let builder = req
             .add_to(self.policies.builder(), uses)
             .map_err(internal)?;
-        let mut authorizer = builder
-            .build(&token.biscuit)
-            .map_err(|e| explain(e, token, req))?;
-        authorizer
-            .authorize()
-            .map(|_| ())
-            .map_err(|e| explain(e, token, req))?;
-        if let Some(f) = &token.fast {
-            f.remember(req);
-        }
-        Ok(())
+        let mut authorizer = match builder.build(&token.biscuit) {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(authorizer.authorize().map(|_| ()))
     }
 
-    /// Authorizes a request to the admin API: the token's authority block must
-    /// hold `right("till:admin", "*", "/")`. Policies in `policies/` do not
-    /// apply, so no operator policy can open the admin API by accident.
+    /// Authorizes a request to the admin plane (admin API, `/metrics`,
+    /// dashboard): the token's authority block must hold
+    /// `right("till:admin", "*", "/")`, and every block's checks must pass
+    /// with the facts `service("till:admin")`, the request's `method` and
+    /// `path` (e.g. `GET` `/admin/usage`), `time` and `uses`. So an
+    /// attenuated admin token can be read-only (`--method GET`), limited to
+    /// some endpoints (`--path /admin/usage`), short-lived, or limited in
+    /// uses. Policies in `policies/` do not apply, so no operator policy can
+    /// open the admin plane by accident.
     pub fn authorize_admin(
         &self,
         token: &VerifiedToken,
+        method: &str,
+        path: &str,
         now: std::time::SystemTime,
+        uses: &[u64],
     ) -> Result<(), Denial> {
         let facts = RequestFacts {
             service: crate::token::vocab::ADMIN_SERVICE.into(),
-            method: "*".into(),
-            path: "/".into(),
+            method: method.into(),
+            path: path.into(),
             model: None,
             time: now,
         };
-        let uses = vec![1; token.ids.len()];
         let base = biscuit_auth::AuthorizerBuilder::new()
             .set_limits(crate::policy::run_limits())
             .code("allow if right(\"till:admin\", \"*\", \"/\")")
@@ -298,7 +392,7 @@ impl Verifier {
                 kind: DenialKind::Scope,
                 reason: e.to_string(),
             })?;
-        let builder = facts.add_to(base, &uses).map_err(|e| Denial {
+        let builder = facts.add_to(base, uses).map_err(|e| Denial {
             kind: DenialKind::Scope,
             reason: e.to_string(),
         })?;
@@ -313,6 +407,41 @@ impl Verifier {
             d
         })
     }
+}
+
+/// The counters of a token's blocks: each block's own limit, the earliest
+/// expiry of it and its ancestors (a block cannot outlive them), and what the
+/// usage view shows.
+fn counter_specs(
+    view: &TokenView,
+    ids: &[String],
+    limits: &[Option<u64>],
+) -> Vec<crate::store::CounterSpec> {
+    let mut exp: Option<u64> = None;
+    ids.iter()
+        .enumerate()
+        .map(|(k, id)| {
+            let b = view.blocks.get(k);
+            let own = b.and_then(|b| b.expires_at).and_then(|e| {
+                e.duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs())
+            });
+            exp = match (exp, own) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            crate::store::CounterSpec {
+                id: id.clone(),
+                limit: limits.get(k).copied().flatten(),
+                expires: exp,
+                family: ids[0].clone(),
+                parent: k.checked_sub(1).and_then(|p| ids.get(p)).cloned(),
+                index: k,
+                label: b.and_then(|b| b.labels.first().cloned()),
+            }
+        })
+        .collect()
 }
 
 /// Returns the first revoked block of the token, if any.
@@ -332,7 +461,30 @@ pub fn revoked_denial(block: usize) -> Denial {
     }
 }
 
+/// Whether a failed check reads the `model` fact.
+fn reads_model(c: &FailedCheck, token: &VerifiedToken) -> bool {
+    match c {
+        FailedCheck::Block(b) => match token
+            .view
+            .blocks
+            .get(b.block_id as usize)
+            .and_then(|blk| blk.checks.get(b.check_id as usize))
+        {
+            Some(CheckMeaning::Models { .. }) => true,
+            Some(CheckMeaning::Custom { .. }) | None => b.rule.contains("model("),
+            Some(_) => false,
+        },
+        FailedCheck::Authorizer(a) => a.rule.contains("model("),
+    }
+}
+
 fn explain(e: BToken, token: &VerifiedToken, req: &RequestFacts) -> Denial {
+    explain_with(e, token, req, false)
+}
+
+/// A denial in plain words; `skip_model` leaves out the checks that read
+/// a model not known yet.
+fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model: bool) -> Denial {
     let (checks, no_policy, deny_policy) = match e {
         BToken::FailedLogic(Logic::Unauthorized { policy, checks }) => {
             let deny = matches!(policy, MatchedPolicy::Deny(_)).then_some(policy);
@@ -355,6 +507,10 @@ fn explain(e: BToken, token: &VerifiedToken, req: &RequestFacts) -> Denial {
         }
     };
     let mut reasons = Vec::new();
+    let checks: Vec<FailedCheck> = checks
+        .into_iter()
+        .filter(|c| !(skip_model && reads_model(c, token)))
+        .collect();
     let mut all_limits = !checks.is_empty();
     let mut expired = false;
     for c in &checks {

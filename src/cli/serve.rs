@@ -148,10 +148,9 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("{}: policies", cfg.file))?;
     let credentials = cfg.resolve_credentials(&env)?;
     let store = EmbeddedStore::open(&cfg.state_dir)?;
-    let removed = store.gc_expired(crate::store::now_unix())?;
-    if removed > 0 {
-        tracing::info!(removed, "dropped counters of long-expired tokens");
-    }
+    store.set_max_blocks_per_family(cfg.limits.max_blocks_per_family);
+    // No garbage collection at start: the clock has not yet had a chance to
+    // be noticed as wrong. The collector runs an hour in, then hourly.
     let verifier = Verifier::new(root.public(), policies);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -188,8 +187,17 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
             loop {
                 tick.tick().await;
                 let s = gc_store.clone();
-                let _ = tokio::task::spawn_blocking(move || s.gc_expired(crate::store::now_unix()))
-                    .await;
+                match tokio::task::spawn_blocking(move || s.gc_expired(crate::store::now_unix()))
+                    .await
+                {
+                    Ok(Ok(removed)) if removed > 0 => {
+                        tracing::info!(removed, "retired the counters of long-expired tokens");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "garbage collection of counters failed")
+                    }
+                    _ => {}
+                }
             }
         });
         proxy::run(listener, state, shutdown_signal())

@@ -16,7 +16,8 @@ use serde_json::json;
 
 use super::AppState;
 use super::error::ProxyError;
-use super::handler::extract_token;
+use super::handler::{extract_token, store_error};
+use crate::store::{Reservation, ReservationGuard};
 use crate::token::RawToken;
 use crate::verify::{Denial, DenialKind, VerifiedToken, revoked_denial};
 
@@ -41,7 +42,9 @@ impl FromRequestParts<AppState> for Admin {
             .map_err(IntoResponse::into_response)?;
         check_peer(st, peer).map_err(IntoResponse::into_response)?;
         let text = extract_token(&parts.headers).map_err(IntoResponse::into_response)?;
-        authenticate_token(st, text).map_err(IntoResponse::into_response)?;
+        authenticate_token(st, text, parts.method.as_str(), parts.uri.path())
+            .await
+            .map_err(IntoResponse::into_response)?;
         Ok(Admin)
     }
 }
@@ -57,11 +60,17 @@ pub(crate) fn check_peer(st: &AppState, peer: SocketAddr) -> Result<(), ProxyErr
     Ok(())
 }
 
-/// Verifies an admin token: signature (cached), not revoked, admin right.
-/// Shared by the admin API and the dashboard login.
-pub(crate) fn authenticate_token(
+/// Verifies an admin token for one admin request (`method` and `path` as
+/// sent, e.g. `GET /admin/usage`): signature (cached), not revoked, admin
+/// right, every block's checks (so an attenuated admin token can be
+/// read-only, limited to some paths, or short-lived), and its use limits —
+/// an admin request is counted like any other. Shared by the admin API and
+/// the dashboard login.
+pub(crate) async fn authenticate_token(
     st: &AppState,
     text: &str,
+    method: &str,
+    path: &str,
 ) -> Result<Arc<VerifiedToken>, ProxyError> {
     let token = st
         .verify_cached(text)
@@ -73,9 +82,31 @@ pub(crate) fn authenticate_token(
         Ok(Some(b)) => return Err(ProxyError::Denied(revoked_denial(b))),
         Err(e) => return Err(ProxyError::StoreUnavailable(e.to_string())),
     }
+    // Decide before counting, then count and re-check, as for proxied
+    // requests (ARCHITECTURE.md, "The request path").
+    let now = st.clock.now();
+    let counts = st.counters.peek(&token.ids).await.map_err(store_error)?;
+    let next: Vec<u64> = counts.iter().map(|c| c.saturating_add(1)).collect();
     st.verifier
-        .authorize_admin(&token, st.clock.now())
+        .authorize_admin(&token, method, path, now, &next)
         .map_err(ProxyError::Denied)?;
+    let Reservation { uses, durable } = st
+        .counters
+        .reserve(&token.specs)
+        .await
+        .map_err(store_error)?;
+    let guard = ReservationGuard::new(st.counters.clone(), token.ids.clone());
+    if let Err(d) = st
+        .verifier
+        .authorize_admin(&token, method, path, now, &uses)
+    {
+        if let Err(e) = guard.release().await {
+            tracing::error!(error = %e, "rollback of a denied admin reservation failed");
+        }
+        return Err(ProxyError::Denied(d));
+    }
+    durable.await.map_err(store_error)?;
+    guard.spend();
     Ok(token)
 }
 

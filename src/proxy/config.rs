@@ -90,6 +90,16 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most header lines per request; more gets 431.
     pub max_headers: usize,
+    /// Seconds a client gets to send a JSON request body once its request
+    /// was found acceptable (408 after that).
+    pub body_timeout_secs: u64,
+    /// Most bytes of request bodies buffered at once across all requests;
+    /// past it, requests get 503 with `Retry-After` instead of memory.
+    pub max_buffered_bytes: usize,
+    /// Most blocks (a root token and the children minted from it) of one
+    /// token family the proxy tracks; a request that would add another gets
+    /// 403 `family_too_large`.
+    pub max_blocks_per_family: usize,
 }
 
 impl Default for Limits {
@@ -104,6 +114,9 @@ impl Default for Limits {
             header_timeout_secs: 10,
             max_header_bytes: 64 * 1024,
             max_headers: 100,
+            body_timeout_secs: 30,
+            max_buffered_bytes: 256 * 1024 * 1024,
+            max_blocks_per_family: crate::store::embedded::DEFAULT_MAX_BLOCKS_PER_FAMILY,
         }
     }
 }
@@ -267,6 +280,21 @@ impl Config {
         }
         if self.limits.max_connections == 0 {
             return Err(self.err("limits.max_connections", "must be at least 1"));
+        }
+        if self.limits.max_blocks_per_family == 0 {
+            return Err(self.err("limits.max_blocks_per_family", "must be at least 1"));
+        }
+        if self.limits.body_timeout_secs == 0 {
+            return Err(self.err("limits.body_timeout_secs", "must be at least 1"));
+        }
+        if self.limits.max_buffered_bytes < self.limits.max_body_bytes {
+            return Err(self.err(
+                "limits.max_buffered_bytes",
+                format!(
+                    "must be at least limits.max_body_bytes ({}), or no JSON body of the largest size could ever be read",
+                    self.limits.max_body_bytes
+                ),
+            ));
         }
         Ok(())
     }

@@ -317,7 +317,9 @@ async fn login(
     if text.is_empty() {
         return login_page(StatusCode::UNAUTHORIZED, Some("paste the admin token"));
     }
-    let token = match admin::authenticate_token(&st, text) {
+    // The dashboard can revoke: its login needs an admin token that allows
+    // `POST /dashboard/login` (the whole dashboard), and counts one use.
+    let token = match admin::authenticate_token(&st, text, "POST", "/dashboard/login").await {
         Ok(t) => t,
         Err(e) => {
             tracing::info!(peer = %peer, code = e.code(), "dashboard login refused");

@@ -25,6 +25,14 @@ pub enum ProxyError {
     UnknownService(String),
     /// 409: a request with this Idempotency-Key is still in flight.
     IdempotencyConflict,
+    /// 422: this Idempotency-Key was used for a different request.
+    IdempotencyMismatch,
+    /// 408: the body did not arrive within `body_timeout_secs`.
+    BodyTimeout(u64),
+    /// 503 with `Retry-After`: too many request bodies are buffered at once.
+    Busy(String),
+    /// 403: the token family has as many tracked blocks as allowed.
+    FamilyFull(usize),
     /// 431: token (header) over the limit, refused before any signature work.
     TokenTooLarge(usize),
     /// 413: body over the limit.
@@ -48,6 +56,10 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UnknownService(_) => StatusCode::NOT_FOUND,
             ProxyError::IdempotencyConflict => StatusCode::CONFLICT,
+            ProxyError::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::FamilyFull(_) => StatusCode::FORBIDDEN,
             ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::TokenTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -71,6 +83,10 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::UnknownService(_) => "unknown_service",
             ProxyError::IdempotencyConflict => "idempotency_conflict",
+            ProxyError::IdempotencyMismatch => "idempotency_key_reused",
+            ProxyError::BodyTimeout(_) => "body_timeout",
+            ProxyError::Busy(_) => "busy",
+            ProxyError::FamilyFull(_) => "family_too_large",
             ProxyError::TooLarge(_) => "body_too_large",
             ProxyError::TokenTooLarge(_) => "token_too_large",
             ProxyError::BadGateway(_) => "upstream_error",
@@ -87,7 +103,10 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::TooLarge(_)
             | ProxyError::TokenTooLarge(_)
-            | ProxyError::IdempotencyConflict => "invalid_request_error",
+            | ProxyError::IdempotencyConflict
+            | ProxyError::IdempotencyMismatch
+            | ProxyError::BodyTimeout(_) => "invalid_request_error",
+            ProxyError::FamilyFull(_) => "permission_error",
             ProxyError::UnknownService(_) => "not_found_error",
             _ => "api_error",
         }
@@ -108,6 +127,16 @@ impl ProxyError {
             ProxyError::IdempotencyConflict => {
                 "a request with this Idempotency-Key is still in progress".into()
             }
+            ProxyError::IdempotencyMismatch => {
+                "this Idempotency-Key was already used for a different request (method, path or body differ); use a new key for a new request".into()
+            }
+            ProxyError::BodyTimeout(n) => {
+                format!("the request body did not arrive within {n} seconds (limits.body_timeout_secs)")
+            }
+            ProxyError::Busy(m) => format!("the proxy is busy, retry shortly: {m}"),
+            ProxyError::FamilyFull(n) => format!(
+                "this key's family already has {n} keys in use (limits.max_blocks_per_family); use an existing key, or ask the operator to raise the limit or revoke unused keys"
+            ),
             ProxyError::TooLarge(n) => format!("request body is larger than {n} bytes"),
             ProxyError::TokenTooLarge(n) => format!("token is longer than {n} bytes"),
             ProxyError::BadGateway(m) => format!("upstream error: {m}"),
@@ -129,6 +158,10 @@ impl IntoResponse for ProxyError {
             }
         });
         let mut resp = (self.status(), axum::Json(body)).into_response();
+        if matches!(self, ProxyError::Busy(_)) {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+        }
         if self.status() == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 "www-authenticate",

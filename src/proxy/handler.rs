@@ -1,8 +1,18 @@
-//! The request path: bound → verify → revocation → reserve → authorize →
-//! durable → forward. Each step returns a [`ProxyError`] that says what was
-//! wrong; nothing is forwarded unless every step passed.
+//! The request path: **decide → reserve → forward → record**, so a request
+//! that cannot pass is refused with the least work and spends nothing.
+//!
+//! 1. Head: bound and parse (service, path, token header, sizes); no crypto.
+//! 2. Decide on what the head says ([`crate::decide`]): signature (cached),
+//!    revocation, expiry, scope on service/method/path, and the current use
+//!    counts, *without* reserving. A refused request stops here: it never
+//!    reads its body, reserves, or creates state.
+//! 3. Only then read a JSON body (deadline `body_timeout_secs`, global cap
+//!    `max_buffered_bytes`) and decide again with its `model`.
+//! 4. Reserve every block's counter, re-check the limits with this
+//!    request's own post-increment counts, await durability. The
+//!    reservation is a guard: dropped before forwarding, it is released.
+//! 5. Forward and stream back; the caller records (audit, metrics, alerts).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
@@ -10,16 +20,18 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
-use serde::Deserialize;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::AppState;
 use super::error::ProxyError;
 use super::forward::{Outgoing, forward};
-use super::idempotency::{Claim, MAX_KEY_LEN};
+use super::idempotency::{Claim, MAX_KEY_LEN, digest};
+use crate::decide::{Stage, decide, recheck};
 use crate::monitor::Observation;
-use crate::store::{CounterSpec, Reservation};
+use crate::store::{Reservation, ReservationGuard, StoreError};
 use crate::token::{MAX_TOKEN_LEN, RequestFacts};
-use crate::verify::{VerifiedToken, revoked_denial};
+use crate::verify::{Denial, DenialKind};
 
 /// `/readyz`: ready when the counter store takes reservations.
 pub async fn readyz(State(st): State<AppState>) -> Response {
@@ -117,64 +129,142 @@ fn is_json(headers: &HeaderMap) -> bool {
         .unwrap_or(false)
 }
 
-/// The `model` field of a JSON body. Duplicate `model` keys or malformed
-/// JSON give no model fact, which fails any model check (deny when unsure).
-/// So do a body that is not an object (serde reads a struct from an array
-/// too: `["gpt-4o-mini"]` would name a model the upstream never sees) and
-/// invalid UTF-8 anywhere (serde skips unknown fields without checking it,
-/// and an upstream may decode such a body differently).
-pub fn model_of(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct M {
-        model: Option<String>,
-    }
-    let text = std::str::from_utf8(body).ok()?;
-    if !text.trim_start().starts_with('{') {
-        return None;
-    }
-    serde_json::from_str::<M>(text).ok().and_then(|m| m.model)
-}
-
-async fn read_body(body: Body, max: usize) -> Result<Bytes, ProxyError> {
-    let limited = http_body_util::Limited::new(body, max);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::TooLarge(max)),
-        Err(e) => Err(ProxyError::BadRequest(format!(
-            "cannot read request body: {e}"
-        ))),
-    }
-}
-
-/// Counter specs for every block: id, effective limit, and the expiry of
-/// that block and its ancestors (a block cannot outlive them).
-fn specs(t: &VerifiedToken) -> Vec<CounterSpec> {
-    let mut exp: Option<u64> = None;
-    t.ids
-        .iter()
-        .enumerate()
-        .map(|(k, id)| {
-            let own = t
-                .view
-                .blocks
-                .get(k)
-                .and_then(|b| b.expires_at)
-                .and_then(|e| {
-                    e.duration_since(std::time::UNIX_EPOCH)
-                        .ok()
-                        .map(|d| d.as_secs())
-                });
-            exp = match (exp, own) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            CounterSpec {
-                id: id.clone(),
-                limit: t.limits.get(k).copied().flatten(),
-                expires: exp,
+/// The `model` field of a JSON body, or why the body is refused.
+///
+/// `Ok(None)` (no model fact, which fails any model check: deny when unsure)
+/// for malformed JSON, a body that is not an object (serde would read a
+/// struct from an array too: `["gpt-4o-mini"]` would name a model the
+/// upstream never sees), a `model` that is not a string, and invalid UTF-8
+/// anywhere (an upstream may decode such a body differently).
+///
+/// `Err` for a body an upstream could read as naming another model: `model`
+/// twice, or another top-level key that case-folds to `model` (`MODEL`,
+/// `Model`, escapes such as `"\u004dodel"`), which Go's `encoding/json`,
+/// ASP.NET and others match case-insensitively, taking the last one.
+pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
+    struct Scan(Result<Option<String>, String>);
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Scan;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Scan, A::Error> {
+            let mut model: Option<Option<String>> = None;
+            let mut problem = None;
+            while let Some(k) = m.next_key::<String>()? {
+                if k == "model" {
+                    if model.is_some() {
+                        problem.get_or_insert_with(|| {
+                            "the JSON body has the key \"model\" twice; send it once".to_string()
+                        });
+                    }
+                    let v = m.next_value::<serde_json::Value>()?;
+                    model = Some(match v {
+                        serde_json::Value::String(s) => Some(s),
+                        _ => None,
+                    });
+                } else {
+                    if k.to_lowercase() == "model" {
+                        problem.get_or_insert_with(|| {
+                            format!(
+                                "the JSON body has a key {k:?} besides or instead of \"model\"; upstreams that match keys case-insensitively would read it as the model, so Till refuses it: send the model only as \"model\""
+                            )
+                        });
+                    }
+                    m.next_value::<IgnoredAny>()?;
+                }
             }
-        })
-        .collect()
+            Ok(Scan(match problem {
+                Some(p) => Err(p),
+                None => Ok(model.flatten()),
+            }))
+        }
+    }
+    impl<'de> serde::Deserialize<'de> for Scan {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(V)
+        }
+    }
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Ok(None);
+    };
+    if !text.trim_start().starts_with('{') {
+        return Ok(None);
+    }
+    match serde_json::from_str::<Scan>(text) {
+        Ok(Scan(r)) => r,
+        Err(_) => Ok(None),
+    }
+}
+
+/// Reads a JSON body within the size limit, the deadline and the global
+/// buffer budget. The permit returned holds the body's bytes of the budget
+/// until the request is forwarded.
+async fn read_body(
+    st: &AppState,
+    mut body: Body,
+    content_length: Option<u64>,
+) -> Result<(Bytes, OwnedSemaphorePermit), ProxyError> {
+    let max = st.limits.max_body_bytes;
+    let busy = || {
+        ProxyError::Busy(format!(
+            "more than limits.max_buffered_bytes ({} bytes) of request bodies are being read right now",
+            st.limits.max_buffered_bytes
+        ))
+    };
+    // Known length: take its share of the budget before reading anything.
+    let upfront = content_length.unwrap_or(0);
+    let mut permit = st
+        .body_budget
+        .clone()
+        .try_acquire_many_owned(u32::try_from(upfront).unwrap_or(u32::MAX))
+        .map_err(|_| busy())?;
+    let deadline =
+        tokio::time::Instant::now() + std::time::Duration::from_secs(st.limits.body_timeout_secs);
+    let mut buf = bytes::BytesMut::with_capacity(upfront.min(max as u64) as usize);
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(ProxyError::BodyTimeout(st.limits.body_timeout_secs)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ProxyError::BadRequest(format!(
+                    "cannot read request body: {e}"
+                )));
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buf.len() + data.len() > max {
+            return Err(ProxyError::TooLarge(max));
+        }
+        let have = permit.num_permits() as u64;
+        let need = (buf.len() + data.len()) as u64;
+        if need > have {
+            let more = st
+                .body_budget
+                .clone()
+                .try_acquire_many_owned(u32::try_from(need - have).unwrap_or(u32::MAX))
+                .map_err(|_| busy())?;
+            permit.merge(more);
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok((buf.freeze(), permit))
+}
+
+/// Store errors that are decisions, not faults, become denials.
+pub(crate) fn store_error(e: StoreError) -> ProxyError {
+    match e {
+        StoreError::FamilyFull { limit } => ProxyError::FamilyFull(limit),
+        StoreError::Retired => ProxyError::Denied(Denial {
+            kind: DenialKind::Expired,
+            reason: "this key expired and its use counter was retired; ask whoever gave it to you for a new one".into(),
+        }),
+        e => ProxyError::StoreUnavailable(e.to_string()),
+    }
 }
 
 async fn handle(
@@ -184,7 +274,7 @@ async fn handle(
 ) -> Result<Response, ProxyError> {
     let (parts, body) = req.into_parts();
 
-    // 1. Bound and parse the request before any cryptography.
+    // 1. Bound and parse the head before any cryptography.
     let (service, rest) = split_service(parts.uri.path())?;
     // Only configured names reach the observation: it becomes a metric
     // label, and labels made up by strangers would grow without bound.
@@ -197,18 +287,28 @@ async fn handle(
     obs.path = path.clone();
     let token_text = extract_token(&parts.headers)?;
     let json = is_json(&parts.headers);
-    if let Some(len) = parts
+    let content_length = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && json
-        && len > st.limits.max_body_bytes as u64
-    {
+        .and_then(|v| v.parse::<u64>().ok());
+    if json && content_length.is_some_and(|len| len > st.limits.max_body_bytes as u64) {
         return Err(ProxyError::TooLarge(st.limits.max_body_bytes));
     }
+    let idem_key = match parts.headers.get("idempotency-key") {
+        Some(v) if v.len() > MAX_KEY_LEN => {
+            return Err(ProxyError::BadRequest(format!(
+                "Idempotency-Key is longer than {MAX_KEY_LEN} bytes"
+            )));
+        }
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ProxyError::BadRequest("Idempotency-Key is not visible ASCII text".into())
+        })?),
+        None => None,
+    };
 
-    // 2. Signature (cached).
+    // 2. Decide on the head: signature (cached), revocation, expiry, scope
+    // and current counts. Nothing is reserved, read or recorded yet.
     let t0 = Instant::now();
     let token = st
         .verify_cached(token_text)
@@ -216,138 +316,138 @@ async fn handle(
     obs.verify = Some(t0.elapsed());
     let token = token?;
     obs.token = Some(token.clone());
-
-    // 3. Revocation.
-    match st.revocations.first_revoked(&token.ids) {
-        Ok(Some(b)) => return Err(ProxyError::Denied(revoked_denial(b))),
-        Ok(None) => {}
-        Err(e) => return Err(ProxyError::StoreUnavailable(e.to_string())),
-    }
-
-    // The body is read only when it can name a model.
-    let (body, model) = if json {
-        let bytes = read_body(body, st.limits.max_body_bytes).await?;
-        let model = model_of(&bytes);
-        (Outgoing::Buffered(bytes), model)
-    } else {
-        (Outgoing::Stream(body), None)
+    let revoked = st
+        .revocations
+        .first_revoked(&token.ids)
+        .map_err(|e| ProxyError::StoreUnavailable(e.to_string()))?;
+    let idem_key = idem_key.map(|k| {
+        format!(
+            "{}\n{k}",
+            token.ids.last().map(String::as_str).unwrap_or("")
+        )
+    });
+    // A free retry is judged by the counts of the attempt it repeats.
+    let counts = match idem_key
+        .as_deref()
+        .and_then(|k| st.idempotency.replay_counts(k))
+    {
+        Some(uses) => uses.iter().map(|u| u.saturating_sub(1)).collect(),
+        None => st.counters.peek(&token.ids).await.map_err(store_error)?,
     };
-    obs.model = model.clone();
-    let facts = RequestFacts {
+    let mut facts = RequestFacts {
         service: service.to_string(),
         // As sent: the method authorized is the method forwarded (HTTP
         // methods are case-sensitive; a lower-case `get` is not `GET`).
         method: parts.method.as_str().to_string(),
         path,
-        model,
+        model: None,
         time: st.clock.now(),
     };
-
-    // Idempotency: a free retry of a failed attempt reuses its counts.
-    let idem_key = match parts.headers.get("idempotency-key") {
-        Some(v) if v.len() <= MAX_KEY_LEN => v.to_str().ok().map(|k| {
-            format!(
-                "{}\n{k}",
-                token.ids.last().map(String::as_str).unwrap_or("")
-            )
-        }),
-        Some(_) => {
-            return Err(ProxyError::BadRequest(format!(
-                "Idempotency-Key is longer than {MAX_KEY_LEN} bytes"
-            )));
-        }
-        None => None,
+    let stage = if json {
+        Stage::BeforeBody
+    } else {
+        Stage::Final
     };
-    let replay = match &idem_key {
-        Some(k) => match st.idempotency.claim(k) {
-            Claim::Conflict => return Err(ProxyError::IdempotencyConflict),
-            Claim::Replay(uses) => Some(uses),
-            Claim::Fresh => None,
-        },
-        None => None,
-    };
-
-    let mut started = false;
-    let replayed = replay.is_some();
-    let result = authorize_and_forward(
-        obs,
-        &mut started,
-        st,
-        &token,
-        facts,
-        replay,
-        idem_key.as_deref(),
-        upstream,
-        &parts,
-        body,
-    )
-    .await;
-    if let Some(k) = &idem_key {
-        let answered = matches!(&result, Ok(r) if r.status().as_u16() < 500);
-        // Only an attempt this request started (or replayed) is settled
-        // here: settling an older entry after a denial could turn a used
-        // key into a free retry. A replay denied before forwarding stays
-        // retryable.
-        if replayed || started {
-            st.idempotency.finish(k, answered);
-        }
+    if let Err(d) = decide(&st.verifier, &token, revoked, &facts, &counts, stage) {
+        obs.uses = Some(counts);
+        return Err(ProxyError::Denied(d));
     }
-    result
-}
 
-#[allow(clippy::too_many_arguments)]
-async fn authorize_and_forward(
-    obs: &mut Observation,
-    started: &mut bool,
-    st: &AppState,
-    token: &Arc<VerifiedToken>,
-    facts: RequestFacts,
-    replay: Option<Vec<u64>>,
-    idem_key: Option<&str>,
-    upstream: &super::Upstream,
-    parts: &http::request::Parts,
-    body: Outgoing,
-) -> Result<Response, ProxyError> {
+    // 3. The body, read only now and only when it can name a model.
+    let (body, permit, body_digest) = if json {
+        let (bytes, permit) = read_body(st, body, content_length).await?;
+        facts.model = model_of(&bytes).map_err(ProxyError::BadRequest)?;
+        obs.model = facts.model.clone();
+        if let Err(d) = decide(&st.verifier, &token, None, &facts, &counts, Stage::Final) {
+            obs.uses = Some(counts);
+            return Err(ProxyError::Denied(d));
+        }
+        let d = idem_key
+            .as_ref()
+            .map(|_| digest(parts.method.as_str(), request_target(&parts), &bytes));
+        (Outgoing::Buffered(bytes), Some(permit), d)
+    } else {
+        // A streamed body cannot be compared with an earlier attempt's, so
+        // only requests without one get free retries.
+        let bodiless = content_length == Some(0)
+            || (content_length.is_none() && !parts.headers.contains_key(header::TRANSFER_ENCODING));
+        let d = idem_key
+            .as_ref()
+            .filter(|_| bodiless)
+            .map(|_| digest(parts.method.as_str(), request_target(&parts), b""));
+        (Outgoing::Stream(body), None, d)
+    };
+
+    // Idempotency: a retry of the same failed request reuses its counts.
+    let claim = match (idem_key, body_digest) {
+        (Some(key), Some(d)) => match st.idempotency.claim(&key, d) {
+            Claim::Conflict => return Err(ProxyError::IdempotencyConflict),
+            Claim::Mismatch => return Err(ProxyError::IdempotencyMismatch),
+            c => Some(c),
+        },
+        _ => None,
+    };
+    let (replay, mut ticket) = match claim {
+        Some(Claim::Replay(uses, t)) => (Some(uses), Some(t)),
+        Some(Claim::Fresh(t)) => (None, Some(t)),
+        _ => (None, None),
+    };
+
     match replay {
         Some(uses) => {
             obs.uses = Some(uses.clone());
-            st.verifier
-                .authorize(token, &facts, &uses)
-                .map_err(ProxyError::Denied)?;
+            recheck(&st.verifier, &token, &facts, &uses).map_err(ProxyError::Denied)?;
+            if let Some(t) = &mut ticket {
+                t.started(None);
+            }
         }
         None => {
-            // 4. Reserve activations on every block.
+            // 4. Reserve every block, re-check with this request's counts.
             let t0 = Instant::now();
             let Reservation { uses, durable } = st
                 .counters
-                .reserve(&specs(token))
+                .reserve(&token.specs)
                 .await
-                .map_err(|e| ProxyError::StoreUnavailable(e.to_string()))?;
+                .map_err(store_error)?;
+            let guard = ReservationGuard::new(st.counters.clone(), token.ids.clone());
             obs.uses = Some(uses.clone());
-            // 5. Authorize with this request's own post-increment counts.
-            if let Err(d) = st.verifier.authorize(token, &facts, &uses) {
+            if let Err(d) = recheck(&st.verifier, &token, &facts, &uses) {
                 // Report the counts as they stand after the rollback.
                 obs.uses = Some(uses.iter().map(|u| u.saturating_sub(1)).collect());
-                if let Err(e) = st.counters.release(&token.ids).await {
+                if let Err(e) = guard.release().await {
                     tracing::error!(error = %e, "rollback of a denied reservation failed");
                 }
                 return Err(ProxyError::Denied(d));
             }
-            // The count must be on disk before anything leaves.
-            durable
-                .await
-                .map_err(|e| ProxyError::StoreUnavailable(e.to_string()))?;
+            // The count must be on disk before anything leaves; if this
+            // future is dropped meanwhile, the guard gives the use back.
+            durable.await.map_err(store_error)?;
             obs.reserve = Some(t0.elapsed());
-            if let Some(k) = idem_key {
-                st.idempotency.start(k, uses);
-                *started = true;
+            if let Some(t) = &mut ticket {
+                t.started(Some(uses));
             }
+            guard.spend();
         }
     }
-    // 6. Forward and stream back.
-    let resp = forward(st, upstream, parts, &facts.path, body).await?;
+
+    // 5. Forward and stream back.
+    let result = forward(st, upstream, &parts, &facts.path, body).await;
+    drop(permit);
+    if let Some(t) = ticket {
+        t.finish(matches!(&result, Ok(r) if r.status().as_u16() < 500));
+    }
+    let resp = result?;
     obs.upstream_status = Some(resp.status().as_u16());
     Ok(resp)
+}
+
+/// The path and query as sent: what makes two retries the same request.
+fn request_target(parts: &http::request::Parts) -> &str {
+    parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
 }
 
 #[cfg(test)]
@@ -375,12 +475,38 @@ mod tests {
 
     #[test]
     fn model_extraction_denies_when_unsure() {
-        assert_eq!(model_of(br#"{"model":"a","x":1}"#).as_deref(), Some("a"));
-        assert_eq!(model_of(br#"{"model":"a","model":"b"}"#), None);
-        assert_eq!(model_of(b"not json"), None);
-        assert_eq!(model_of(br#"{"model":5}"#), None);
+        assert_eq!(
+            model_of(br#"{"model":"a","x":1}"#).unwrap().as_deref(),
+            Some("a")
+        );
+        assert!(model_of(br#"{"model":"a","model":"b"}"#).is_err());
+        assert_eq!(model_of(b"not json"), Ok(None));
+        assert_eq!(model_of(br#"{"model":5}"#), Ok(None));
         // Found by fuzzing (tests/fuzz-regressions/request/).
-        assert_eq!(model_of(br#"["gpt-4o-mini"]"#), None);
-        assert_eq!(model_of(b"{\"model\":\"a\",\"x\":\"\xff\"}"), None);
+        assert_eq!(model_of(br#"["gpt-4o-mini"]"#), Ok(None));
+        assert_eq!(model_of(b"{\"model\":\"a\",\"x\":\"\xff\"}"), Ok(None));
+    }
+
+    /// Regression: the allow-list read only the exact key `model`, and
+    /// case-insensitive upstreams (Go's encoding/json) used the last
+    /// `MODEL`.
+    #[test]
+    fn a_key_that_case_folds_to_model_is_refused() {
+        for body in [
+            r#"{"model":"gpt-4o-mini","MODEL":"gpt-4"}"#,
+            r#"{"Model":"gpt-4","model":"gpt-4o-mini"}"#,
+            r#"{"model":"gpt-4o-mini","\u004dODEL":"gpt-4"}"#,
+            r#"{"MoDeL":"gpt-4"}"#,
+        ] {
+            let e = model_of(body.as_bytes()).expect_err(body);
+            assert!(e.contains("\"model\""), "{e}");
+        }
+        // Nested keys do not name the model.
+        assert_eq!(
+            model_of(br#"{"model":"a","meta":{"MODEL":"b"}}"#)
+                .unwrap()
+                .as_deref(),
+            Some("a")
+        );
     }
 }

@@ -5,9 +5,10 @@
 //! resolves, then drains in-flight requests and streams for the grace period
 //! and flushes the counter store.
 //!
-//! The request path (see [`handler`]): bound the input → verify the token
-//! (cached) → revocation → reserve activations → authorize → await
-//! durability → forward and stream back ([`forward`]).
+//! The request path (see [`handler`]): bound the head → decide without
+//! touching state ([`crate::decide`]) → read a JSON body and decide again →
+//! reserve activations → re-check → await durability → forward and stream
+//! back ([`forward`]) → record.
 
 pub mod admin;
 pub mod config;
@@ -58,6 +59,9 @@ pub struct Inner {
     pub admin_remote: bool,
     pub monitor: Arc<crate::monitor::Monitor>,
     pub clock: crate::clock::MonotonicClock,
+    /// Bytes of request bodies that may be buffered at once
+    /// (`limits.max_buffered_bytes`), shared by all requests.
+    pub body_budget: Arc<tokio::sync::Semaphore>,
     /// Signs the revocation feed (`GET /revocations`); unset, no feed.
     pub feed_signer: std::sync::OnceLock<Arc<biscuit_auth::KeyPair>>,
 }
@@ -176,6 +180,11 @@ impl AppState {
             idempotency: idempotency::Idempotency::new(Duration::from_secs(
                 cfg.limits.idempotency_window_secs,
             )),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(
+                cfg.limits
+                    .max_buffered_bytes
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             limits: cfg.limits.clone(),
             admin_remote: cfg.danger_admin_remote,
             monitor: Arc::new(monitor),
@@ -185,7 +194,8 @@ impl AppState {
     }
 
     /// Verifies a token, or returns the cached verification. Only successes
-    /// are cached.
+    /// are cached. Nothing is recorded about the token here: its blocks are
+    /// recorded by the store when a request with it is allowed.
     pub fn verify_cached(&self, text: &str) -> Result<Arc<VerifiedToken>, TokenError> {
         if let Some(t) = self.cache.get(text) {
             self.monitor.metrics.cache_hits.inc();
@@ -194,33 +204,8 @@ impl AppState {
         self.monitor.metrics.cache_misses.inc();
         let t = Arc::new(self.verifier.verify_token(text)?);
         self.cache.insert(text.to_string(), t.clone());
-        self.counters.register(&block_meta(&t));
         Ok(t)
     }
-}
-
-/// What the usage view needs to know about each block of a token.
-fn block_meta(t: &VerifiedToken) -> Vec<crate::store::BlockMeta> {
-    t.ids
-        .iter()
-        .enumerate()
-        .map(|(k, id)| {
-            let b = t.view.blocks.get(k);
-            crate::store::BlockMeta {
-                id: id.clone(),
-                family: t.family().to_string(),
-                parent: k.checked_sub(1).and_then(|p| t.ids.get(p)).cloned(),
-                index: k,
-                label: b.and_then(|b| b.labels.first().cloned()),
-                limit: t.limits.get(k).copied().flatten(),
-                expires: b.and_then(|b| b.expires_at).and_then(|e| {
-                    e.duration_since(std::time::UNIX_EPOCH)
-                        .ok()
-                        .map(|d| d.as_secs())
-                }),
-            }
-        })
-        .collect()
 }
 
 /// The app: health checks, admin API, and everything else proxied.

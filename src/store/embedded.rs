@@ -46,6 +46,10 @@ const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counte
 const BLOCKS: TableDefinition<&str, &str> = TableDefinition::new("blocks");
 /// id → revocation time (Unix seconds).
 const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked");
+/// id → time (Unix seconds) its counter was garbage-collected. A retired
+/// block is refused for good: if the clock that judged it expired was wrong
+/// (ahead), forgetting its count would otherwise give it a fresh budget.
+const RETIRED: TableDefinition<&str, u64> = TableDefinition::new("retired");
 
 /// File name of the store inside the state directory.
 pub const STORE_FILE: &str = "state.redb";
@@ -54,8 +58,11 @@ pub const STORE_FILE: &str = "state.redb";
 const MAX_LEASE: u64 = 256;
 /// Lease for counters without a limit (usage figures only).
 const UNLIMITED_LEASE: u64 = 64;
-/// Counters are kept this long after their token's expiry.
-pub const RETENTION_AFTER_EXPIRY: u64 = 24 * 3600;
+/// Counters are kept this long after their token's expiry (far beyond any
+/// clock error Till tolerates; a collected block is retired for good anyway).
+pub const RETENTION_AFTER_EXPIRY: u64 = 7 * 24 * 3600;
+/// Default of `limits.max_blocks_per_family`.
+pub const DEFAULT_MAX_BLOCKS_PER_FAMILY: usize = 10_000;
 
 fn lease(limit: Option<u64>, count: u64) -> u64 {
     match limit {
@@ -95,6 +102,13 @@ struct State {
     next_epoch: u64,
     failed: Option<String>,
     shutdown: bool,
+    /// Set when the exact flush starts: no reservation after it.
+    closing: bool,
+    /// Tracked blocks per family (authority id), to bound what one token
+    /// holder can make the store remember by minting children offline.
+    family_blocks: HashMap<String, usize>,
+    max_blocks_per_family: usize,
+    retired: HashSet<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -190,11 +204,14 @@ impl EmbeddedStore {
                 .map_err(|e| open_err(e.to_string()))?;
             txn.open_table(BLOCKS)
                 .map_err(|e| open_err(e.to_string()))?;
+            txn.open_table(RETIRED)
+                .map_err(|e| open_err(e.to_string()))?;
         }
         txn.commit().map_err(|e| open_err(e.to_string()))?;
         let mut counters = HashMap::new();
         let mut revoked = HashSet::new();
         let mut meta = HashMap::new();
+        let mut retired = HashSet::new();
         {
             let r = db.begin_read().map_err(|e| open_err(e.to_string()))?;
             let t = r
@@ -227,6 +244,15 @@ impl EmbeddedStore {
                 let (k, _) = item.map_err(|e| open_err(e.to_string()))?;
                 revoked.insert(k.value().to_string());
             }
+            let t = r.open_table(RETIRED).map_err(|e| open_err(e.to_string()))?;
+            for item in t.iter().map_err(|e| open_err(e.to_string()))? {
+                let (k, _) = item.map_err(|e| open_err(e.to_string()))?;
+                retired.insert(k.value().to_string());
+            }
+        }
+        let mut family_blocks: HashMap<String, usize> = HashMap::new();
+        for m in meta.values() {
+            *family_blocks.entry(m.family.clone()).or_default() += 1;
         }
         let (tx, _) = watch::channel(Committed {
             epoch: 0,
@@ -245,6 +271,10 @@ impl EmbeddedStore {
                 next_epoch: 1,
                 failed: None,
                 shutdown: false,
+                closing: false,
+                family_blocks,
+                max_blocks_per_family: DEFAULT_MAX_BLOCKS_PER_FAMILY,
+                retired,
             }),
             wake: Condvar::new(),
             committed: tx,
@@ -276,13 +306,22 @@ impl EmbeddedStore {
             .unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
+    /// Sets `limits.max_blocks_per_family`: how many blocks of one token
+    /// family the store tracks; a request that would add one more is refused.
+    pub fn set_max_blocks_per_family(&self, n: usize) {
+        lock(&self.shared.state).max_blocks_per_family = n.max(1);
+    }
+
     /// Commit statistics (for metrics).
     pub fn stats(&self) -> &CommitStats {
         &self.shared.stats
     }
 
-    /// Drops counters whose token expired more than a day ago. Returns how
-    /// many were removed.
+    /// Drops counters whose token expired more than
+    /// [`RETENTION_AFTER_EXPIRY`] ago, and retires their blocks for good.
+    /// Returns how many were removed. Never run at start: a clock that is
+    /// wrong then has had no chance to be noticed (retiring keeps even that
+    /// safe, but a live token would be refused until re-issued).
     pub fn gc_expired(&self, now: u64) -> Result<usize, StoreError> {
         let dead: Vec<String> = {
             let st = lock(&self.shared.state);
@@ -307,12 +346,21 @@ impl EmbeddedStore {
             for id in &dead {
                 t.remove(id.as_str()).map_err(io)?;
             }
+            let mut t = txn.open_table(RETIRED).map_err(io)?;
+            for id in &dead {
+                t.insert(id.as_str(), now).map_err(io)?;
+            }
         }
         txn.commit().map_err(io)?;
         let mut st = lock(&self.shared.state);
         for id in &dead {
             st.counters.remove(id);
-            st.meta.remove(id);
+            st.retired.insert(id.clone());
+            if let Some(m) = st.meta.remove(id)
+                && let Some(n) = st.family_blocks.get_mut(&m.family)
+            {
+                *n = n.saturating_sub(1);
+            }
         }
         Ok(dead.len())
     }
@@ -489,8 +537,33 @@ impl CounterStore for EmbeddedStore {
             if let Some(f) = &st.failed {
                 return Err(StoreError::Failed(f.clone()));
             }
-            if st.shutdown {
+            if st.shutdown || st.closing {
                 return Err(StoreError::Closed);
+            }
+            if !st.retired.is_empty() && counters.iter().any(|c| st.retired.contains(&c.id)) {
+                return Err(StoreError::Retired);
+            }
+            // Blocks seen for the first time: bounded per family, and their
+            // metadata recorded now, on an allowed request.
+            let fresh: Vec<&CounterSpec> = counters
+                .iter()
+                .filter(|c| !st.meta.contains_key(&c.id))
+                .collect();
+            if !fresh.is_empty() {
+                let max = st.max_blocks_per_family;
+                for c in &fresh {
+                    let have = st.family_blocks.get(&c.family).copied().unwrap_or(0);
+                    let adding = fresh.iter().filter(|f| f.family == c.family).count();
+                    if have + adding > max {
+                        return Err(StoreError::FamilyFull { limit: max });
+                    }
+                }
+                for c in fresh {
+                    let m = c.meta();
+                    *st.family_blocks.entry(m.family.clone()).or_default() += 1;
+                    st.pending_meta.push(m.clone());
+                    st.meta.insert(m.id.clone(), m);
+                }
             }
             let now = now_unix();
             let next_epoch = st.next_epoch;
@@ -502,12 +575,9 @@ impl CounterStore for EmbeddedStore {
                 let e = st.counters.entry(c.id.clone()).or_default();
                 e.count += 1;
                 e.last_use = Some(now);
-                if c.limit.is_some() {
-                    e.limit = match e.limit {
-                        Some(l) => c.limit.map(|n| n.min(l)),
-                        None => c.limit,
-                    };
-                }
+                // The block's own limit: the same block (same signature)
+                // always states the same one.
+                e.limit = c.limit;
                 // 0 means "never expires" and wins over any date.
                 let expires = c.expires.unwrap_or(0);
                 e.expires = if e.count == 1 && e.durable == 0 {
@@ -541,6 +611,7 @@ impl CounterStore for EmbeddedStore {
                 p.expires = expires;
                 p.exact = false;
             }
+            wake |= !st.pending_meta.is_empty();
             drop(st);
             if wake {
                 self.shared.wake.notify_one();
@@ -565,6 +636,19 @@ impl CounterStore for EmbeddedStore {
             }
         }
         async { Ok(()) }.boxed()
+    }
+
+    fn peek(&self, ids: &[String]) -> BoxFuture<'_, Result<Vec<u64>, StoreError>> {
+        let st = lock(&self.shared.state);
+        let out = match &st.failed {
+            Some(f) => Err(StoreError::Failed(f.clone())),
+            None => Ok(ids
+                .iter()
+                .map(|id| st.counters.get(id).map_or(0, |e| e.count))
+                .collect()),
+        };
+        drop(st);
+        async move { out }.boxed()
     }
 
     fn get(&self, ids: &[String]) -> BoxFuture<'_, Result<Vec<CounterInfo>, StoreError>> {
@@ -594,6 +678,7 @@ impl CounterStore for EmbeddedStore {
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         let epoch = {
             let mut st = lock(&self.shared.state);
+            st.closing = true;
             queue_exact(&mut st);
             if st.pending.is_empty() {
                 0
@@ -607,7 +692,7 @@ impl CounterStore for EmbeddedStore {
 
     fn healthy(&self) -> bool {
         let st = lock(&self.shared.state);
-        st.failed.is_none() && !st.shutdown
+        st.failed.is_none() && !st.shutdown && !st.closing
     }
     fn register(&self, blocks: &[BlockMeta]) {
         let mut st = lock(&self.shared.state);
@@ -716,11 +801,7 @@ mod tests {
     use super::*;
 
     fn spec(id: &str, limit: Option<u64>) -> CounterSpec {
-        CounterSpec {
-            id: id.into(),
-            limit,
-            expires: None,
-        }
+        CounterSpec::standalone(id, limit, None)
     }
 
     #[test]
@@ -788,6 +869,96 @@ mod tests {
         drop(s);
         let s = EmbeddedStore::open(dir.path()).unwrap();
         assert_eq!(RevocationList::len(&s), 1);
+    }
+
+    #[tokio::test]
+    async fn peeking_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.peek(&["a".into(), "b".into()]).await.unwrap(), vec![0, 0]);
+        assert!(CounterStore::list(&s).await.unwrap().is_empty());
+        assert!(s.blocks().await.unwrap().is_empty());
+    }
+
+    /// Regression: `flush` wrote exact values (lowering on-disk marks) while
+    /// late connection tasks could still reserve; a crash then lost uses.
+    #[tokio::test]
+    async fn nothing_reserves_once_the_final_flush_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.reserve(&[spec("a", Some(100))])
+            .await
+            .unwrap()
+            .durable
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        assert!(matches!(
+            s.reserve(&[spec("a", Some(100))]).await,
+            Err(StoreError::Closed)
+        ));
+        assert!(!s.healthy());
+    }
+
+    #[tokio::test]
+    async fn blocks_tracked_per_family_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.set_max_blocks_per_family(3);
+        let block = |id: &str, parent: Option<&str>| CounterSpec {
+            family: "root".into(),
+            parent: parent.map(str::to_string),
+            index: usize::from(parent.is_some()),
+            ..CounterSpec::standalone(id, None, None)
+        };
+        let root = block("root", None);
+        for kid in ["k1", "k2"] {
+            s.reserve(&[root.clone(), block(kid, Some("root"))])
+                .await
+                .unwrap();
+        }
+        let err = s
+            .reserve(&[root.clone(), block("k3", Some("root"))])
+            .await
+            .err()
+            .expect("a fourth block of the family is refused");
+        assert!(matches!(err, StoreError::FamilyFull { limit: 3 }), "{err}");
+        // Nothing was counted for the refused request, and known blocks go on.
+        assert_eq!(s.peek(&["root".into()]).await.unwrap(), vec![2]);
+        s.reserve(&[root.clone(), block("k1", Some("root"))])
+            .await
+            .unwrap();
+        // Another family is not affected.
+        s.reserve(&[spec("other", None)]).await.unwrap();
+    }
+
+    /// Regression: a start with the clock days ahead collected live tokens'
+    /// counters, and back on the right clock they had their whole budget
+    /// again. A collected block is retired for good.
+    #[tokio::test]
+    async fn a_collected_counter_never_comes_back_with_a_fresh_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        let expires = now_unix() + 60;
+        let a = CounterSpec::standalone("a", Some(5), Some(expires));
+        for _ in 0..5 {
+            s.reserve(std::slice::from_ref(&a))
+                .await
+                .unwrap()
+                .durable
+                .await
+                .unwrap();
+        }
+        // The clock is a month ahead when the collector runs.
+        let removed = s.gc_expired(expires + 30 * 24 * 3600).unwrap();
+        assert_eq!(removed, 1);
+        s.close().unwrap();
+        drop(s);
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert!(matches!(
+            s.reserve(std::slice::from_ref(&a)).await,
+            Err(StoreError::Retired)
+        ));
     }
 
     #[test]

@@ -5,11 +5,15 @@
 //! one without touching it. Both traits return boxed futures to stay
 //! object-safe (`Arc<dyn CounterStore>`).
 //!
-//! Counting protocol (design.md §3): `reserve` increments the counter of
-//! every block of the token and returns the post-increment values; the caller
-//! authorizes with them; on deny it calls `release`; on allow it awaits
-//! `Reservation::durable` before forwarding. Concurrent requests each see
-//! their own post-increment value, so a limit can never be overshot.
+//! Counting protocol (ARCHITECTURE.md, "The counting protocol"): the caller
+//! first decides with the current counts ([`CounterStore::peek`], nothing
+//! created or changed); only a request that passes reserves. `reserve`
+//! increments the counter of every block of the token and returns the
+//! post-increment values; the caller re-checks the limits with them; on deny
+//! it calls `release`; on allow it awaits `Reservation::durable` before
+//! forwarding. Concurrent requests each see their own post-increment value,
+//! so a limit can never be overshot. [`ReservationGuard`] releases a
+//! reservation that is dropped before it was spent (a client that went away).
 
 pub mod embedded;
 
@@ -31,18 +35,66 @@ pub enum StoreError {
     Failed(String),
     #[error("counter store is shutting down")]
     Closed,
+    /// Not a fault: the token family already has as many tracked blocks as
+    /// the store allows, and this request would add another.
+    #[error("this token family already has {limit} tracked keys (limits.max_blocks_per_family)")]
+    FamilyFull { limit: usize },
+    /// Not a fault: a block's counter was retired after its token expired, so
+    /// the block can never be used again (whatever the clock says now).
+    #[error("this key expired and its use counter was retired")]
+    Retired,
 }
 
-/// One counter to reserve: a block's revocation id and what the store may
-/// use to size its durability lease and its retention.
+/// One counter to reserve: a block's revocation id, what the store may use
+/// to size its durability lease and its retention, and what the usage view
+/// shows about the block (recorded when its counter is first created, i.e.
+/// on the block's first allowed request — never for a denied one).
 #[derive(Clone, Debug)]
 pub struct CounterSpec {
     /// Hex revocation id of the block.
     pub id: String,
-    /// The block's effective use limit, when it has one.
+    /// The block's own use limit (the one it sets on itself), when it has
+    /// one. Limits a child writes about its ancestors are enforced by the
+    /// Datalog but never shared: a child cannot rewrite its parent's figure.
     pub limit: Option<u64>,
     /// Seconds since the Unix epoch after which the token cannot be valid.
     pub expires: Option<u64>,
+    /// Revocation id of the token family's authority block.
+    pub family: String,
+    /// Revocation id of the block before this one.
+    pub parent: Option<String>,
+    /// Index of the block in its token.
+    pub index: usize,
+    /// The block's first label.
+    pub label: Option<String>,
+}
+
+impl CounterSpec {
+    /// A counter that is its own family (tests and benchmarks).
+    pub fn standalone(id: &str, limit: Option<u64>, expires: Option<u64>) -> Self {
+        CounterSpec {
+            id: id.to_string(),
+            limit,
+            expires,
+            family: id.to_string(),
+            parent: None,
+            index: 0,
+            label: None,
+        }
+    }
+
+    /// What the usage view records about this block.
+    pub fn meta(&self) -> BlockMeta {
+        BlockMeta {
+            id: self.id.clone(),
+            family: self.family.clone(),
+            parent: self.parent.clone(),
+            index: self.index,
+            label: self.label.clone(),
+            limit: self.limit,
+            expires: self.expires,
+        }
+    }
 }
 
 /// The result of [`CounterStore::reserve`].
@@ -82,7 +134,13 @@ pub struct BlockMeta {
 
 /// Activation counters keyed by block revocation id.
 pub trait CounterStore: Send + Sync + 'static {
+    /// Current values, 0 for unknown ids; creates and changes nothing. The
+    /// decision before reserving uses these.
+    fn peek(&self, ids: &[String]) -> BoxFuture<'_, Result<Vec<u64>, StoreError>>;
     /// Atomically adds one to every counter and returns the new values.
+    /// Counters and block metadata are created here, so only requests that
+    /// passed the decision create state. Refused once [`CounterStore::flush`]
+    /// has started (shutdown).
     fn reserve(&self, counters: &[CounterSpec]) -> BoxFuture<'_, Result<Reservation, StoreError>>;
     /// Rolls back one reservation of each id (after a denial).
     fn release(&self, ids: &[String]) -> BoxFuture<'_, Result<(), StoreError>>;
@@ -90,7 +148,9 @@ pub trait CounterStore: Send + Sync + 'static {
     fn get(&self, ids: &[String]) -> BoxFuture<'_, Result<Vec<CounterInfo>, StoreError>>;
     /// Every live counter.
     fn list(&self) -> BoxFuture<'_, Result<Vec<CounterInfo>, StoreError>>;
-    /// Makes exact values durable (graceful shutdown).
+    /// Makes exact values durable (graceful shutdown). From the moment it is
+    /// called, `reserve` refuses: a reservation after the exact values were
+    /// written could be lost by a crash.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Whether the store can take reservations (for `/readyz`).
     fn healthy(&self) -> bool;
@@ -113,6 +173,61 @@ pub trait RevocationList: Send + Sync + 'static {
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// A reservation not yet spent: dropping it releases the counts, so a
+/// request abandoned between reserve and forward (the client went away, the
+/// handler future was dropped) neither leaks nor double-spends a use. Call
+/// [`ReservationGuard::spend`] when the request is forwarded.
+pub struct ReservationGuard {
+    store: std::sync::Arc<dyn CounterStore>,
+    ids: Vec<String>,
+    armed: bool,
+}
+
+impl ReservationGuard {
+    /// Guards a reservation of `ids` made on `store`.
+    pub fn new(store: std::sync::Arc<dyn CounterStore>, ids: Vec<String>) -> Self {
+        ReservationGuard {
+            store,
+            ids,
+            armed: true,
+        }
+    }
+
+    /// The use happened (the request was forwarded): keep the counts.
+    pub fn spend(mut self) {
+        self.armed = false;
+    }
+
+    /// Gives the reservation back now, waiting for the store.
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        self.armed = false;
+        self.store.release(&self.ids).await
+    }
+}
+
+impl Drop for ReservationGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let store = self.store.clone();
+        let ids = std::mem::take(&mut self.ids);
+        // Drop cannot await: hand the release to the runtime. Without one
+        // (a test tearing down), the embedded store has already released
+        // by the time `release` returns its future.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(async move {
+                    if let Err(e) = store.release(&ids).await {
+                        tracing::error!(error = %e, "releasing an abandoned reservation failed");
+                    }
+                });
+            }
+            Err(_) => drop(store.release(&ids)),
+        }
     }
 }
 

@@ -1,0 +1,151 @@
+//! The decision: token + request facts + revocation + current counts →
+//! allow or deny, with no state touched.
+//!
+//! Every request path of Till calls this one function before it spends
+//! anything: the proxy (ARCHITECTURE.md, "The request path"), and the places
+//! that decide for others. Forwarding, counting and recording happen around
+//! it, never inside it, so it stays a plain synchronous function that can be
+//! tested and fuzzed on its own.
+//!
+//! A request that passes here has not been counted: the caller then reserves
+//! every block's counter and re-checks the limits with the post-increment
+//! values ([`recheck`]), because concurrent requests may have spent the
+//! budget in between.
+
+use crate::token::RequestFacts;
+use crate::verify::{Denial, VerifiedToken, Verifier, revoked_denial};
+
+/// How much of the request is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The head only: a JSON body that may name a model is still unread.
+    /// Denies only what no model could make acceptable.
+    BeforeBody,
+    /// Everything the decision reads is known (`facts.model` is final).
+    Final,
+}
+
+/// Decides a request without touching any state.
+///
+/// `revoked` is the first revoked block of the token, if any (the caller's
+/// revocation list). `counts[k]` is block `k`'s current use count; the
+/// request is judged as the next use (`counts[k] + 1`), so a used-up token is
+/// refused here, before it reserves.
+pub fn decide(
+    verifier: &Verifier,
+    token: &VerifiedToken,
+    revoked: Option<usize>,
+    facts: &RequestFacts,
+    counts: &[u64],
+    stage: Stage,
+) -> Result<(), Denial> {
+    if let Some(b) = revoked {
+        return Err(revoked_denial(b));
+    }
+    let uses: Vec<u64> = (0..token.ids.len())
+        .map(|k| counts.get(k).copied().unwrap_or(0).saturating_add(1))
+        .collect();
+    match stage {
+        Stage::BeforeBody => verifier.authorize_before_body(token, facts, &uses),
+        Stage::Final => verifier.authorize(token, facts, &uses),
+    }
+}
+
+/// After reserving: the same decision with this request's own
+/// post-increment counts, which is what makes concurrent requests exact.
+pub fn recheck(
+    verifier: &Verifier,
+    token: &VerifiedToken,
+    facts: &RequestFacts,
+    uses: &[u64],
+) -> Result<(), Denial> {
+    verifier.authorize(token, facts, uses)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::policy::Policies;
+    use crate::token::{Scope, issue, keys};
+    use crate::verify::DenialKind;
+
+    fn facts(model: Option<&str>) -> RequestFacts {
+        RequestFacts {
+            service: "openai".into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            model: model.map(str::to_string),
+            time: SystemTime::now(),
+        }
+    }
+
+    fn token(models: &[&str], max_uses: u64) -> (Verifier, VerifiedToken) {
+        let root = keys::generate();
+        let v = Verifier::new(root.public(), Policies::default_policy());
+        let t = issue(
+            &root,
+            &Scope {
+                services: vec!["openai".into()],
+                models: models.iter().map(|m| m.to_string()).collect(),
+                max_uses: Some(max_uses),
+                expires: Some(SystemTime::now() + Duration::from_secs(600)),
+                ..Scope::default()
+            },
+        )
+        .unwrap();
+        let t = v.verify_token(&t).unwrap();
+        (v, t)
+    }
+
+    #[test]
+    fn a_model_check_waits_for_the_body_and_then_decides() {
+        let (v, t) = token(&["gpt-4o-mini"], 5);
+        // Twice: the second answer comes from the decision cache.
+        for _ in 0..2 {
+            decide(&v, &t, None, &facts(None), &[0], Stage::BeforeBody).unwrap();
+        }
+        decide(
+            &v,
+            &t,
+            None,
+            &facts(Some("gpt-4o-mini")),
+            &[0],
+            Stage::Final,
+        )
+        .unwrap();
+        let d = decide(&v, &t, None, &facts(Some("gpt-4")), &[0], Stage::Final).unwrap_err();
+        assert_eq!(d.kind, DenialKind::Scope, "{d:?}");
+    }
+
+    #[test]
+    fn what_no_model_can_fix_is_refused_before_the_body() {
+        let (v, t) = token(&["gpt-4o-mini"], 5);
+        // Used up: refused before the body, whatever the model.
+        let d = decide(&v, &t, None, &facts(None), &[5], Stage::BeforeBody).unwrap_err();
+        assert_eq!(d.kind, DenialKind::Exhausted, "{d:?}");
+        // Out of scope on the path.
+        let mut f = facts(None);
+        f.service = "github".into();
+        let d = decide(&v, &t, None, &f, &[0], Stage::BeforeBody).unwrap_err();
+        assert_eq!(d.kind, DenialKind::Scope, "{d:?}");
+        // Expired.
+        let mut f = facts(None);
+        f.time = SystemTime::now() + Duration::from_secs(3600);
+        let d = decide(&v, &t, None, &f, &[0], Stage::BeforeBody).unwrap_err();
+        assert_eq!(d.kind, DenialKind::Expired, "{d:?}");
+        // Revoked.
+        let d = decide(&v, &t, Some(0), &facts(None), &[0], Stage::BeforeBody).unwrap_err();
+        assert_eq!(d.kind, DenialKind::Revoked, "{d:?}");
+    }
+
+    #[test]
+    fn the_decision_judges_the_next_use_and_the_recheck_the_reserved_one() {
+        let (v, t) = token(&[], 2);
+        decide(&v, &t, None, &facts(None), &[1], Stage::Final).unwrap();
+        assert!(decide(&v, &t, None, &facts(None), &[2], Stage::Final).is_err());
+        recheck(&v, &t, &facts(None), &[2]).unwrap();
+        assert!(recheck(&v, &t, &facts(None), &[3]).is_err());
+    }
+}
