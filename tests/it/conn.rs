@@ -218,3 +218,65 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout_and_fr
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_sigterm_an_in_flight_stream_finishes_and_idle_sockets_do_not_hold_the_exit() {
+    // Shutdown tells every open connection to finish: a streaming response
+    // in flight completes, while an idle socket is closed at once rather
+    // than holding the exit until the grace period (30 s here) runs out.
+    use futures_util::StreamExt;
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(
+        &home,
+        &[openai(&up)],
+        "[limits]\nheader_timeout_secs = 30\nshutdown_grace_secs = 30\n",
+    );
+    let mut idle = TcpStream::connect(proxy.addr).await.unwrap();
+    let r = client()
+        .post(proxy.url("/openai/v1/chat/completions"))
+        .bearer_auth(home.token("openai", None))
+        .header("content-type", "application/json")
+        .body(r#"{"model":"m","stream":true,"gated":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("first chunk")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("one"));
+    let pid = proxy.pid().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    assert!(
+        read_until_closed(&mut idle, deadline).await.is_some(),
+        "an idle socket is closed on shutdown, not kept for the grace period"
+    );
+    up.state.gate.notify_one();
+    let mut rest = Vec::new();
+    while let Some(c) = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the stream finishes after SIGTERM")
+    {
+        rest.extend_from_slice(&c.expect("the stream is not cut"));
+    }
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("two") && rest.contains("[DONE]"), "{rest}");
+    let mut proxy = proxy;
+    let code = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || proxy.terminate()),
+    )
+    .await
+    .expect("the proxy exits once its connections are done, before the grace period")
+    .unwrap();
+    assert_eq!(code, 0, "clean exit");
+}
