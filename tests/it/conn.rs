@@ -74,10 +74,7 @@ async fn sockets_that_send_nothing_are_closed_after_the_header_timeout() {
     }
     for got in all_closed(&mut idle).await {
         let text = String::from_utf8_lossy(&got);
-        assert!(
-            got.is_empty() || text.starts_with("HTTP/1.1 408"),
-            "{text}"
-        );
+        assert!(got.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
     }
     a_normal_request_succeeds(&proxy, &home).await;
     drop(idle);
@@ -140,7 +137,10 @@ async fn h2c_prior_knowledge_is_refused_with_http_1_1_required() {
             .expect("the client side of the handshake only writes");
     let conn = tokio::spawn(conn);
     let req = http::Request::get(format!("http://{}/openai/v1/models", proxy.addr))
-        .header("authorization", format!("Bearer {}", home.token("openai", None)))
+        .header(
+            "authorization",
+            format!("Bearer {}", home.token("openai", None)),
+        )
         .body(Empty::<Bytes>::new())
         .unwrap();
     let sent = tokio::time::timeout(CLOSE_DEADLINE, sender.send_request(req))
