@@ -82,9 +82,12 @@ pub struct Limits {
     /// Seconds during which a failed request can be retried with the same
     /// `Idempotency-Key` without counting again.
     pub idempotency_window_secs: u64,
-    /// Most concurrent connections; more wait in the accept queue.
+    /// Most concurrent connections; more wait in the accept queue. Only
+    /// HTTP/1.1 is served, so this also caps concurrent requests.
     pub max_connections: usize,
-    /// Seconds a client gets to send a complete request head (slowloris).
+    /// Seconds a client gets to send a complete request head, from the
+    /// accept and, on a kept-alive connection, from the previous response
+    /// (slowloris, silent sockets, idle keep-alive).
     pub header_timeout_secs: u64,
     /// Largest request head in bytes; larger gets 431.
     pub max_header_bytes: usize,

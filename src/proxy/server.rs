@@ -6,6 +6,16 @@
 //! header read timeout (slowloris), bounded header sizes and counts (431), and
 //! a cap on concurrent connections (extra ones wait in the kernel backlog
 //! instead of costing us memory).
+//!
+//! Only HTTP/1.1 is served. Till listens on plain HTTP, where HTTP/2 exists
+//! only as h2c with prior knowledge, which the agent SDKs do not speak; and
+//! one HTTP/2 connection multiplexes many requests past the connection cap,
+//! with its own idle, header and stream limits to get right. hyper-util's
+//! protocol-sniffing `auto::Builder` also read the first bytes with no
+//! timeout at all, so sockets that sent nothing (or only the HTTP/2 preface)
+//! held a connection slot forever. hyper's HTTP/1 connection arms the header
+//! timeout from its first poll, before any byte arrives, and again whenever a
+//! kept-alive connection goes idle.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,17 +25,19 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
 
 /// Limits of the HTTP layer.
 #[derive(Clone, Debug)]
 pub struct ServerLimits {
     pub max_connections: usize,
-    /// Time a client gets to send a complete request head.
+    /// Time a client gets to send a complete request head, counted from the
+    /// accept and, on a kept-alive connection, from the end of the previous
+    /// response; also the longest a connection may sit idle.
     pub header_timeout: Duration,
     /// Largest request head (request line + headers), in bytes.
     pub max_header_bytes: usize,
@@ -43,16 +55,16 @@ pub async fn serve(
     limits: ServerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let mut builder = Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
-    builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a receiver; `closed()` on the sender tells
+    // when the last one has finished.
+    let (stop_tx, stop_rx) = watch::channel(());
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -79,28 +91,114 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            let mut app = app.clone();
-            async move { tower_service::Service::call(&mut app, req.map(axum::body::Body::new)).await }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let mut stop = stop_rx.clone();
+        let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            let mut stream = stream;
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                let mut app = app.clone();
+                async move {
+                    tower_service::Service::call(&mut app, req.map(axum::body::Body::new)).await
+                }
+            });
+            // hyper gets the stream borrowed so that an HTTP/2 client can
+            // still be told why it is refused once hyper has given up on it.
+            let result = {
+                let conn = builder.serve_connection(TokioIo::new(&mut stream), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stop.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            };
+            match result {
+                Ok(()) => {}
+                Err(e) if e.is_parse_version_h2() => {
+                    tracing::debug!(%peer, "refused an HTTP/2 (h2c) connection: till serves HTTP/1.1 only");
+                    refuse_h2(&mut stream, header_timeout).await;
+                }
+                Err(e) => tracing::debug!(error = %e, %peer, "connection ended with an error"),
             }
+            drop(stop);
             drop(permit);
         });
     }
     drop(listener);
+    drop(stop_rx);
+    let _ = stop_tx.send(());
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = stop_tx.closed() => {}
         _ = tokio::time::sleep(limits.grace) => {
             tracing::warn!(grace_secs = limits.grace.as_secs(), "grace period over; closing remaining connections");
         }
     }
     Ok(())
+}
+
+/// Debug data of the GOAWAY an HTTP/2 client gets; h2 clients show it in
+/// their error.
+const H2_REFUSAL: &[u8] = b"till serves HTTP/1.1 only; send requests over HTTP/1.1";
+
+/// The frames an HTTP/2 client gets instead of a connection: the server
+/// preface (an empty SETTINGS frame), which a client expects before anything
+/// else, then GOAWAY with `HTTP_1_1_REQUIRED` and no stream processed, so
+/// the client reports "endpoint requires HTTP/1.1" (and may safely retry
+/// over HTTP/1.1) instead of a bare connection reset.
+fn h2_refusal_frames() -> Vec<u8> {
+    // Frame header: 24-bit length, type, flags, 31-bit stream id.
+    let mut f = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    let len = u32::try_from(8 + H2_REFUSAL.len()).unwrap_or(8);
+    f.extend_from_slice(&len.to_be_bytes()[1..]);
+    f.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&0u32.to_be_bytes());
+    f.extend_from_slice(&0xdu32.to_be_bytes());
+    f.extend_from_slice(H2_REFUSAL);
+    f
+}
+
+/// Tells an HTTP/2 client it is refused, within `budget` in all, so a client
+/// that stays silent holds its slot no longer than any other idle socket.
+async fn refuse_h2(stream: &mut TcpStream, budget: Duration) {
+    let _ = tokio::time::timeout(budget, async {
+        stream.write_all(&h2_refusal_frames()).await?;
+        stream.shutdown().await?;
+        // Closing with unread bytes makes the kernel answer RST, which can
+        // overtake the GOAWAY; read what the client still sends (bounded)
+        // until it closes.
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            let n = stream.read(&mut sink).await?;
+            if n == 0 {
+                break;
+            }
+            left = left.saturating_sub(n);
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_h2_refusal_is_settings_then_goaway_http_1_1_required() {
+        let f = h2_refusal_frames();
+        assert_eq!(&f[..9], &[0, 0, 0, 4, 0, 0, 0, 0, 0], "empty SETTINGS");
+        let g = &f[9..];
+        let len = u32::from_be_bytes([0, g[0], g[1], g[2]]) as usize;
+        assert_eq!(len, g.len() - 9, "GOAWAY length covers its payload");
+        assert_eq!(g[3], 0x7, "GOAWAY type");
+        assert_eq!(&g[5..9], &[0, 0, 0, 0], "connection-level frame");
+        assert_eq!(&g[9..13], &[0, 0, 0, 0], "no stream was processed");
+        assert_eq!(&g[13..17], &[0, 0, 0, 0xd], "HTTP_1_1_REQUIRED");
+        assert_eq!(&g[17..], H2_REFUSAL);
+    }
 }

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod cli;
+mod conn;
 mod dashboard;
 mod fuzz_smoke;
 mod golden;
