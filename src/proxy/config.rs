@@ -121,6 +121,12 @@ pub struct Config {
     /// DANGEROUS: serve the admin API to non-loopback clients too.
     #[serde(default)]
     pub danger_admin_remote: bool,
+    /// Extra `Host` header values (`name` or `name:port`, as clients send
+    /// them) the admin API, dashboard and `/metrics` answer to, besides
+    /// localhost and the address connected to. Any other name is refused,
+    /// so a web page cannot reach them by DNS rebinding.
+    #[serde(default)]
+    pub admin_hosts: Vec<String>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -141,6 +147,7 @@ impl Default for Config {
             state_dir: default_state_dir(),
             policies: default_policies(),
             danger_admin_remote: false,
+            admin_hosts: Vec::new(),
             limits: Limits::default(),
             upstreams: BTreeMap::new(),
             audit: Default::default(),
@@ -255,14 +262,25 @@ impl Config {
             }
         }
         for (i, h) in self.alerts.webhooks.iter().enumerate() {
+            // Not echoed: a webhook URL carries its receiver's secret.
             let u = reqwest::Url::parse(&h.url).map_err(|e| {
                 self.err(
                     &format!("alerts.webhooks[{i}].url"),
-                    format!("{:?} is not a URL ({e})", h.url),
+                    format!("is not a URL ({e}); expected https://host/path"),
                 )
             })?;
             if !matches!(u.scheme(), "http" | "https") {
                 return Err(self.err(&format!("alerts.webhooks[{i}].url"), "must be http(s)"));
+            }
+        }
+        for (i, h) in self.admin_hosts.iter().enumerate() {
+            if super::admin::split_host_port(h).is_none() {
+                return Err(self.err(
+                    &format!("admin_hosts[{i}]"),
+                    format!(
+                        "{h:?} is not a host name with an optional port as clients send it in the Host header, e.g. \"till.internal:8787\""
+                    ),
+                ));
             }
         }
         if self.limits.max_connections == 0 {
