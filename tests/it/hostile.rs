@@ -636,11 +636,16 @@ async fn regression_dns_rebinding_foreign_host_headers_are_refused_by_metrics_ad
     let proxy = Proxy::start(&home, &[openai(&up)], "admin_hosts = [\"till.internal\"]");
     let port = proxy.addr.port();
     let admin = home.admin();
+    let login_form = format!(
+        "token={}",
+        percent_encoding::utf8_percent_encode(&admin, percent_encoding::NON_ALPHANUMERIC)
+    );
     // Log in to the dashboard the proper way, to show a session does not
     // help a foreign Host either.
     let login = client()
         .post(proxy.url("/dashboard/login"))
-        .form(&[("token", admin.as_str())])
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(login_form.clone())
         .send()
         .await
         .unwrap();
@@ -688,7 +693,8 @@ async fn regression_dns_rebinding_foreign_host_headers_are_refused_by_metrics_ad
         let r = client()
             .post(proxy.url("/dashboard/login"))
             .header("host", &host)
-            .form(&[("token", admin.as_str())])
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(login_form.clone())
             .send()
             .await
             .unwrap();
