@@ -152,8 +152,8 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let mut revoked = HashSet::new();
     match (&a.revocations, &a.max_feed_age) {
         (Some(f), age) => {
-            let age = token::parse_duration(age.as_deref().unwrap_or("1h"))
-                .context("--max-feed-age")?;
+            let age =
+                token::parse_duration(age.as_deref().unwrap_or("1h")).context("--max-feed-age")?;
             revoked.extend(read_feed(f, &root, age)?);
         }
         (None, Some(_)) => bail!(

@@ -300,21 +300,19 @@ impl Monitor {
             }
             // By family, for the same reason: children of an expired token
             // are expired too, and each has a new last block.
-            Some(DenialKind::Expired) => {
-                self.alerts.fire_recent(format!("expired:{fam}"), || {
-                    a(
-                        "expired_token_used",
-                        format!(
-                            "an expired token{} of family {} is still being used (from {})",
-                            who(),
-                            short(&family),
-                            o.peer.as_deref().unwrap_or("?")
-                        ),
-                        last(),
-                        details(),
-                    )
-                })
-            }
+            Some(DenialKind::Expired) => self.alerts.fire_recent(format!("expired:{fam}"), || {
+                a(
+                    "expired_token_used",
+                    format!(
+                        "an expired token{} of family {} is still being used (from {})",
+                        who(),
+                        short(&family),
+                        o.peer.as_deref().unwrap_or("?")
+                    ),
+                    last(),
+                    details(),
+                )
+            }),
             _ => {}
         }
         if let Some(n) = self.alerts.count_denial(&fam) {

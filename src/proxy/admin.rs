@@ -483,7 +483,13 @@ mod tests {
 
     #[test]
     fn ipv4_mapped_loopback_is_loopback_and_nothing_else_is() {
-        for l in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1", "::ffff:127.9.9.9"] {
+        for l in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:127.9.9.9",
+        ] {
             assert!(is_loopback(ip(l)), "{l}");
         }
         for o in [
@@ -550,7 +556,9 @@ mod tests {
         assert_eq!(split_host_port("a.b"), Some(("a.b", 80)));
         assert_eq!(split_host_port("[::1]:9"), Some(("[::1]", 9)));
         assert_eq!(split_host_port("[::1]"), Some(("[::1]", 80)));
-        for bad in ["", ":80", "a:b", "a:99999", "a b:1", "a/b", "http://a", "a:1:2", "[::1"] {
+        for bad in [
+            "", ":80", "a:b", "a:99999", "a b:1", "a/b", "http://a", "a:1:2", "[::1",
+        ] {
             assert_eq!(split_host_port(bad), None, "{bad:?}");
         }
     }

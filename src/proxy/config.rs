@@ -363,6 +363,9 @@ listen = "127.0.0.1:8787"
 state_dir = {state:?}
 # Directory of *.datalog policies; the built-in default policy is used if it does not exist.
 policies = "policies"
+# The admin API, dashboard and /metrics answer only Host headers naming this proxy
+# (localhost, 127.0.0.1, [::1], the address connected to). Other names you use for it:
+# admin_hosts = ["till.internal:8787"]
 
 # `till up` also adds openai / anthropic / github upstreams automatically when
 # OPENAI_API_KEY / ANTHROPIC_API_KEY / GITHUB_TOKEN are set in its environment.

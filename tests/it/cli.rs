@@ -671,7 +671,10 @@ fn regression_an_empty_file_or_plain_list_is_not_accepted_as_a_fresh_signed_feed
     // can leave out any id) used to be read as "nothing else revoked".
     let empty = h.write("empty.json", "");
     let plain = h.write("plain.txt", &format!("{}\n", ids[0]));
-    for (f, what) in [(&empty, "is empty"), (&plain, "is not a signed revocation feed")] {
+    for (f, what) in [
+        (&empty, "is empty"),
+        (&plain, "is not a signed revocation feed"),
+    ] {
         let f = f.to_str().unwrap();
         for extra in [&["--max-feed-age", "1s"][..], &[]] {
             usage_error(&revoked_child(f, extra), &[what, "--revoked-ids"]);
@@ -680,24 +683,27 @@ fn regression_an_empty_file_or_plain_list_is_not_accepted_as_a_fresh_signed_feed
 
     // A fresh signed feed is accepted, and its ids deny.
     let fresh = signed_feed(&h, "fresh.json", &ids[1..], 0);
-    denied(&revoked_child(&fresh, &["--max-feed-age", "1m"]), &["revoked", "block 1"]);
+    denied(
+        &revoked_child(&fresh, &["--max-feed-age", "1m"]),
+        &["revoked", "block 1"],
+    );
     let none = signed_feed(&h, "none.json", &[], 0);
     allowed(&revoked_child(&none, &["--max-feed-age", "1m"]));
     allowed(&revoked_child(&none, &[]));
 
     // A stale one is refused, under the given age and under the 1h default.
     let stale = signed_feed(&h, "stale.json", &[], 7200);
-    usage_error(&revoked_child(&stale, &["--max-feed-age", "1h"]), &["stale"]);
+    usage_error(
+        &revoked_child(&stale, &["--max-feed-age", "1h"]),
+        &["stale"],
+    );
     usage_error(&revoked_child(&stale, &[]), &["stale"]);
     allowed(&revoked_child(&stale, &["--max-feed-age", "3h"]));
 
     // A feed signed by another root key is refused.
     let other = Home::new();
     let forged = signed_feed(&other, "forged.json", &[], 0);
-    usage_error(
-        &revoked_child(&forged, &[]),
-        &["signature does not verify"],
-    );
+    usage_error(&revoked_child(&forged, &[]), &["signature does not verify"]);
 
     // A plain list goes through its own flag, and only there.
     let p = plain.to_str().unwrap();
@@ -706,7 +712,11 @@ fn regression_an_empty_file_or_plain_list_is_not_accepted_as_a_fresh_signed_feed
         &["revoked", "root block"],
     );
     usage_error(
-        &verify(&h, &child, &["--service", "openai", "--revoked-ids", &fresh]),
+        &verify(
+            &h,
+            &child,
+            &["--service", "openai", "--revoked-ids", &fresh],
+        ),
         &["signed revocation feed", "--revocations"],
     );
     // A maximum age without a feed to apply it to is a mistake, not a pass.
@@ -714,7 +724,14 @@ fn regression_an_empty_file_or_plain_list_is_not_accepted_as_a_fresh_signed_feed
         &verify(
             &h,
             &child,
-            &["--service", "openai", "--revoked-ids", p, "--max-feed-age", "1s"],
+            &[
+                "--service",
+                "openai",
+                "--revoked-ids",
+                p,
+                "--max-feed-age",
+                "1s",
+            ],
         ),
         &["--max-feed-age needs a signed feed"],
     );
@@ -724,7 +741,14 @@ fn regression_an_empty_file_or_plain_list_is_not_accepted_as_a_fresh_signed_feed
         &verify(
             &h,
             &child,
-            &["--service", "openai", "--revocations", &none, "--revoked-ids", p],
+            &[
+                "--service",
+                "openai",
+                "--revocations",
+                &none,
+                "--revoked-ids",
+                p,
+            ],
         ),
         &["revoked"],
     );

@@ -163,7 +163,7 @@ fn pool(target: &str) -> Vec<Vec<u8>> {
 /// RNG seeds of the deterministic run in the test suite.
 const FIXED_SEEDS: [u64; 2] = [0x7111_0001, 0x7111_0002];
 /// Inputs per target and fixed seed in the test suite.
-const FIXED_INPUTS: u64 = 5_000;
+const FIXED_INPUTS: u64 = 50_000;
 
 /// How the mutation loop is driven.
 #[derive(Debug)]
@@ -282,7 +282,10 @@ fn fuzz_smoke_mutations_never_panic() {
             }
         }
         let pool = pool(target);
-        assert!(!pool.is_empty(), "{target}: no kept seeds under fuzz/seeds/");
+        assert!(
+            !pool.is_empty(),
+            "{target}: no kept seeds under fuzz/seeds/"
+        );
         for s in &pool {
             if let Err(p) = run_one(target, *f, s) {
                 failures.push(p);

@@ -633,7 +633,7 @@ async fn regression_dns_rebinding_foreign_host_headers_are_refused_by_metrics_ad
 {
     let up = Upstream::start().await;
     let home = Home::new();
-    let proxy = Proxy::start(&home, &[openai(&up)], "admin_hosts = [\"till.internal\"]");
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
     let port = proxy.addr.port();
     let admin = home.admin();
     let login_form = format!(
@@ -679,6 +679,7 @@ async fn regression_dns_rebinding_foreign_host_headers_are_refused_by_metrics_ad
         format!("127.0.0.1.evil.example:{port}"),
         format!("localhost:{}", port.wrapping_add(1)),
         format!("till.internal:{port}"),
+        "till.internal".to_string(),
     ] {
         for path in paths {
             let r = get(path, &host).await.unwrap();
@@ -686,7 +687,10 @@ async fn regression_dns_rebinding_foreign_host_headers_are_refused_by_metrics_ad
             let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
             assert_eq!(v["error"]["code"], "host_not_allowed", "{path}: {v}");
             assert!(
-                v["error"]["message"].as_str().unwrap().contains("admin_hosts"),
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("admin_hosts"),
                 "{v}"
             );
         }
@@ -705,7 +709,6 @@ async fn regression_dns_rebinding_foreign_host_headers_are_refused_by_metrics_ad
         format!("127.0.0.1:{port}"),
         format!("localhost:{port}"),
         format!("[::1]:{port}"),
-        "till.internal".to_string(),
     ] {
         for path in paths {
             let r = get(path, &host).await.unwrap();
@@ -722,4 +725,21 @@ async fn regression_dns_rebinding_foreign_host_headers_are_refused_by_metrics_ad
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+
+    // A name the operator lists is accepted, exactly as listed.
+    let listed = Proxy::start(
+        &Home::new(),
+        &[openai(&up)],
+        "admin_hosts = [\"till.internal\"]",
+    );
+    let with_port = format!("till.internal:{}", listed.addr.port());
+    for (host, status) in [("till.internal", 200), (with_port.as_str(), 421)] {
+        let r = client()
+            .get(listed.url("/metrics"))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{host}");
+    }
 }

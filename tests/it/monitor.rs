@@ -483,7 +483,10 @@ async fn regression_webhook_urls_are_secrets_kept_out_of_logs_errors_and_the_ban
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(text.contains(done), "both deliveries not failed yet:\n{text}");
+    assert!(
+        text.contains(done),
+        "both deliveries not failed yet:\n{text}"
+    );
     let logs = proxy.logs();
     // The failures are logged, naming the receivers by host only.
     assert!(logs.contains("alert webhook unreachable"), "{logs}");

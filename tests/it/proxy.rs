@@ -893,7 +893,10 @@ async fn regression_admin_plane_on_a_dual_stack_listener_serves_ipv4_loopback_cl
     };
     let port = proxy.addr.port();
     // An IPv4 client of a `[::]` listener is seen as ::ffff:127.0.0.1.
-    for base in [format!("http://127.0.0.1:{port}"), format!("http://[::1]:{port}")] {
+    for base in [
+        format!("http://127.0.0.1:{port}"),
+        format!("http://[::1]:{port}"),
+    ] {
         let r = client()
             .get(format!("{base}/metrics"))
             .send()
