@@ -459,6 +459,33 @@ prefix = "Bearer "
     }
 
     #[test]
+    fn admin_hosts_are_checked_and_webhook_urls_never_echoed() {
+        let c = Config::parse(
+            "admin_hosts = [\"till.internal:8787\", \"[::1]\"]",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(c.admin_hosts.len(), 2);
+        for bad in ["http://till.internal", "till.internal/x", "a:b", ""] {
+            let e = Config::parse(&format!("admin_hosts = [{bad:?}]"), "x.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("admin_hosts[0]") && e.contains("Host header"),
+                "{e}"
+            );
+        }
+        let e = Config::parse(
+            "[[alerts.webhooks]]\nurl = \"hooks.example/services/s3cret\"",
+            "x.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("alerts.webhooks[0].url"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
     fn default_file_parses() {
         Config::parse(&default_file(Path::new(".till")), "till.toml").unwrap();
     }
