@@ -5,7 +5,8 @@
 //! trust the root public key, so they can check that a list is genuine, and
 //! its `version` (the number of ids; the list only grows) and `issued_at`
 //! tell them whether it is stale. `till verify --revocations FILE` accepts
-//! either a plain list (one hex id per line) or this feed.
+//! only this feed, within `--max-feed-age`; a plain list of ids, which
+//! nothing authenticates, goes through its own flag, `--revoked-ids`.
 
 use biscuit_auth::{KeyPair, PublicKey};
 use ed25519_dalek::Signer;

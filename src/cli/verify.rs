@@ -36,13 +36,20 @@ pub struct VerifyArgs {
     /// Directory of *.datalog policies (default: ./policies, or the built-in default policy).
     #[arg(long, env = "TILL_POLICIES")]
     pub policies: Option<PathBuf>,
-    /// Revoked ids: a file with one hex revocation id per line, or the signed
-    /// feed saved from the proxy's GET /revocations (its signature and age are checked).
+    /// Signed revocation feed saved from the proxy's GET /revocations. Its
+    /// signature (root key) and age (--max-feed-age) are checked; a file that
+    /// is not such a feed (empty, a plain list) is refused.
     #[arg(long, value_name = "FILE")]
     pub revocations: Option<PathBuf>,
-    /// Oldest signed revocation feed accepted, e.g. 10m, 1h.
-    #[arg(long, value_name = "DURATION", default_value = "1h")]
-    pub max_feed_age: String,
+    /// Oldest signed revocation feed accepted, e.g. 10m, 1h [default: 1h].
+    /// Applies to --revocations only.
+    #[arg(long, value_name = "DURATION")]
+    pub max_feed_age: Option<String>,
+    /// Plain list of revoked ids, one hex revocation id per line (`#` starts a
+    /// comment). Unsigned and undated: nothing shows it is genuine or
+    /// current, so use it only for a list you keep yourself.
+    #[arg(long, value_name = "FILE")]
+    pub revoked_ids: Option<PathBuf>,
     /// Evaluate as if block K had been used N times, this request included (repeatable).
     /// Blocks not named count 1.
     #[arg(long = "uses", value_name = "K=N")]
@@ -77,18 +84,41 @@ fn parse_uses(specs: &[String], blocks: usize) -> anyhow::Result<Vec<u64>> {
     Ok(uses)
 }
 
-fn read_revocations(
+/// Reads a signed feed; nothing else is accepted here, so a feed cannot be
+/// swapped for an empty file or a list that leaves a token out.
+fn read_feed(
     path: &Path,
     root: &biscuit_auth::PublicKey,
     max_age: std::time::Duration,
 ) -> anyhow::Result<HashSet<String>> {
     let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read revocation feed {}", path.display()))?;
+    if !text.trim_start().starts_with('{') {
+        let what = if text.trim().is_empty() {
+            "is empty"
+        } else {
+            "is not a signed revocation feed"
+        };
+        bail!(
+            "{} {what}: --revocations takes only the JSON feed saved from the proxy's GET /revocations \
+             (signature and age are checked); for a plain list of ids you keep yourself, use --revoked-ids FILE",
+            path.display()
+        );
+    }
+    let feed = crate::feed::Feed::verify(&text, root, crate::store::now_unix(), max_age.as_secs())
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(feed.ids.into_iter().collect())
+}
+
+/// Reads a plain list, one hex id per line.
+fn read_ids(path: &Path) -> anyhow::Result<HashSet<String>> {
+    let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read revocation list {}", path.display()))?;
     if text.trim_start().starts_with('{') {
-        let feed =
-            crate::feed::Feed::verify(&text, root, crate::store::now_unix(), max_age.as_secs())
-                .with_context(|| format!("{}", path.display()))?;
-        return Ok(feed.ids.into_iter().collect());
+        bail!(
+            "{} looks like a signed revocation feed: pass it with --revocations so its signature and age are checked",
+            path.display()
+        );
     }
     let mut set = HashSet::new();
     for (i, line) in text.lines().enumerate() {
@@ -119,10 +149,21 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
         Some(dir) => Policies::load_dir(dir)?,
         None => Policies::load_or_default(Path::new("policies"), true)?,
     };
-    let revoked = match &a.revocations {
-        Some(f) => read_revocations(f, &root, token::parse_duration(&a.max_feed_age)?)?,
-        None => HashSet::new(),
-    };
+    let mut revoked = HashSet::new();
+    match (&a.revocations, &a.max_feed_age) {
+        (Some(f), age) => {
+            let age =
+                token::parse_duration(age.as_deref().unwrap_or("1h")).context("--max-feed-age")?;
+            revoked.extend(read_feed(f, &root, age)?);
+        }
+        (None, Some(_)) => bail!(
+            "--max-feed-age needs a signed feed given with --revocations FILE (a --revoked-ids list has no date to check)"
+        ),
+        (None, None) => {}
+    }
+    if let Some(f) = &a.revoked_ids {
+        revoked.extend(read_ids(f)?);
+    }
     vocab::validate_service(&a.service)?;
     let method = vocab::normalize_method(&a.method)?;
     let path = crate::path::normalize(&a.path).with_context(|| format!("--path {:?}", a.path))?;

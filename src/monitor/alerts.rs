@@ -29,12 +29,63 @@ pub enum Format {
 }
 
 /// One webhook receiver.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Webhook {
+    /// A secret: Slack and most receivers put their token in the path, so
+    /// whoever reads it can post to the channel. Print [`Webhook::redacted`].
     pub url: String,
     #[serde(default)]
     pub format: Format,
+}
+
+impl Webhook {
+    /// The URL as it may be shown in logs and errors: scheme, host and
+    /// port, nothing of the path, query or user info that carry the secret.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("url", &self.redacted())
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+/// `scheme://host[:port]/…` of `url`, or a placeholder when it does not
+/// parse (its text may still be a secret).
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => {
+            let host = u.host_str().unwrap_or("");
+            match u.port() {
+                Some(p) => format!("{}://{host}:{p}/…", u.scheme()),
+                None => format!("{}://{host}/…", u.scheme()),
+            }
+        }
+        Err(_) => "<unparsable url>".into(),
+    }
+}
+
+/// Escapes the characters Slack's mrkdwn treats as control characters.
+/// Alert text carries labels, paths and reasons chosen by whoever holds a
+/// token; unescaped, `<!channel>` pings everyone and `<https://x|text>`
+/// disguises a link.
+pub fn slack_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn default_thresholds() -> Vec<f64> {
@@ -227,10 +278,11 @@ async fn deliver(hooks: Vec<Webhook>, mut rx: mpsc::Receiver<Alert>, metrics: Ar
     };
     while let Some(a) = rx.recv().await {
         for h in &hooks {
+            let webhook = h.redacted();
             let body = match h.format {
                 Format::Json => serde_json::to_string(&a),
                 Format::Slack => serde_json::to_string(&serde_json::json!({
-                    "text": format!(":rotating_light: Till: {}", a.message)
+                    "text": format!(":rotating_light: Till: {}", slack_escape(&a.message))
                 })),
             }
             .unwrap_or_default();
@@ -254,9 +306,12 @@ async fn deliver(hooks: Vec<Webhook>, mut rx: mpsc::Receiver<Alert>, metrics: Ar
                         break;
                     }
                     Ok(r) => {
-                        tracing::warn!(status = %r.status(), "alert webhook refused the alert")
+                        tracing::warn!(%webhook, status = %r.status(), "alert webhook refused the alert")
                     }
-                    Err(e) => tracing::warn!(error = %e, "alert webhook unreachable"),
+                    // reqwest's error text names the full URL, secret included.
+                    Err(e) => {
+                        tracing::warn!(%webhook, error = %e.without_url(), "alert webhook unreachable")
+                    }
                 }
             }
             if delivered {
@@ -265,5 +320,33 @@ async fn deliver(hooks: Vec<Webhook>, mut rx: mpsc::Receiver<Alert>, metrics: Ar
                 metrics.alerts_failed.get_or_create(&labels).inc();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slack_control_characters_are_escaped() {
+        assert_eq!(
+            slack_escape("<!channel> <https://evil|click> & co"),
+            "&lt;!channel&gt; &lt;https://evil|click&gt; &amp; co"
+        );
+    }
+
+    #[test]
+    fn redacted_webhook_urls_keep_only_scheme_host_and_port() {
+        let h = Webhook {
+            url: "https://user:pw@hooks.slack.com/services/T0/B0/s3cret?x=s3cret#s3cret".into(),
+            format: Format::Slack,
+        };
+        assert_eq!(h.redacted(), "https://hooks.slack.com/…");
+        assert!(!format!("{h:?}").contains("s3cret"));
+        assert_eq!(
+            redact_url("http://127.0.0.1:9/hook/s3cret"),
+            "http://127.0.0.1:9/…"
+        );
+        assert_eq!(redact_url("hooks.slack.com/s3cret"), "<unparsable url>");
     }
 }

@@ -275,9 +275,13 @@ impl Monitor {
             })
         };
         match o.denial {
-            Some(DenialKind::Revoked) => self.alerts.fire_recent(
-                format!("revoked:{fam}:{}", o.peer.as_deref().unwrap_or("")),
-                || {
+            // Keyed by the revoked block alone: whoever holds a revoked token
+            // can mint any number of children offline and connect from any
+            // port, and each attempt must not become a message to the operator.
+            Some(DenialKind::Revoked) => {
+                let revoked = revoked_block(blocks, reason.as_deref()).map(|b| b.id.clone());
+                let key = revoked.clone().unwrap_or_else(|| fam.clone());
+                self.alerts.fire_recent(format!("revoked:{key}"), || {
                     a(
                         "revoked_token_used",
                         format!(
@@ -289,27 +293,26 @@ impl Monitor {
                             o.service,
                             o.path
                         ),
-                        last(),
+                        revoked.or_else(last),
                         details(),
                     )
-                },
-            ),
-            Some(DenialKind::Expired) => {
-                self.alerts
-                    .fire_recent(format!("expired:{}", last().unwrap_or_default()), || {
-                        a(
-                            "expired_token_used",
-                            format!(
-                                "an expired token{} of family {} is still being used (from {})",
-                                who(),
-                                short(&family),
-                                o.peer.as_deref().unwrap_or("?")
-                            ),
-                            last(),
-                            details(),
-                        )
-                    })
+                })
             }
+            // By family, for the same reason: children of an expired token
+            // are expired too, and each has a new last block.
+            Some(DenialKind::Expired) => self.alerts.fire_recent(format!("expired:{fam}"), || {
+                a(
+                    "expired_token_used",
+                    format!(
+                        "an expired token{} of family {} is still being used (from {})",
+                        who(),
+                        short(&family),
+                        o.peer.as_deref().unwrap_or("?")
+                    ),
+                    last(),
+                    details(),
+                )
+            }),
             _ => {}
         }
         if let Some(n) = self.alerts.count_denial(&fam) {
@@ -335,4 +338,42 @@ fn short(family: &Option<String>) -> String {
         .as_deref()
         .map(|f| f.chars().take(16).collect())
         .unwrap_or_else(|| "?".into())
+}
+
+/// The block whose revocation denied a request, recognised by the reason
+/// [`crate::verify::revoked_denial`] gave (the request path passes the
+/// reason, not the index).
+fn revoked_block<'a>(blocks: &'a [BlockUse], reason: Option<&str>) -> Option<&'a BlockUse> {
+    let reason = reason?;
+    blocks
+        .iter()
+        .enumerate()
+        .find(|(k, _)| reason.ends_with(&crate::verify::revoked_denial(*k).reason))
+        .map(|(_, b)| b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_revoked_block_is_read_back_from_the_denial_reason() {
+        let blocks: Vec<BlockUse> = (0..12)
+            .map(|k| BlockUse {
+                id: format!("id{k}"),
+                uses: None,
+                limit: None,
+            })
+            .collect();
+        for k in [0, 1, 10, 11] {
+            let reason = format!("denied: {}", crate::verify::revoked_denial(k).reason);
+            assert_eq!(
+                revoked_block(&blocks, Some(&reason)).map(|b| b.id.as_str()),
+                Some(format!("id{k}").as_str()),
+                "{reason}"
+            );
+        }
+        assert!(revoked_block(&blocks, Some("denied: something else")).is_none());
+        assert!(revoked_block(&blocks, None).is_none());
+    }
 }

@@ -2,8 +2,13 @@
 //! admin token (a Till token whose authority block holds
 //! `right("till:admin", "*", "/")`) and served to loopback clients only
 //! unless `danger_admin_remote` is set.
+//!
+//! The admin plane (this API, the dashboard and `/metrics`) also answers only
+//! requests whose `Host` header names this proxy ([`OwnHost`]): a web page
+//! whose name an attacker points at 127.0.0.1 (DNS rebinding) reaches it
+//! from the operator's own browser, from loopback, under the attacker's name.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Json;
@@ -41,6 +46,7 @@ impl FromRequestParts<AppState> for Admin {
             .await
             .map_err(IntoResponse::into_response)?;
         check_peer(st, peer).map_err(IntoResponse::into_response)?;
+        OwnHost::from_request_parts(parts, st).await?;
         let text = extract_token(&parts.headers).map_err(IntoResponse::into_response)?;
         authenticate_token(st, text, parts.method.as_str(), parts.uri.path())
             .await
@@ -49,15 +55,150 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
+/// Whether `ip` is a loopback address, also when a dual-stack (`[::]`)
+/// listener shows an IPv4 client as `::ffff:127.0.0.1`. Only the mapped
+/// form is unwrapped: the deprecated IPv4-compatible `::127.0.0.1` is an
+/// IPv6 address like any other, not loopback.
+pub(crate) fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
 /// Admin endpoints (API and dashboard) answer loopback clients only, unless
 /// `danger_admin_remote` is set.
 pub(crate) fn check_peer(st: &AppState, peer: SocketAddr) -> Result<(), ProxyError> {
-    if !st.admin_remote && !peer.ip().is_loopback() {
+    if !st.admin_remote && !is_loopback(peer.ip()) {
         return Err(forbidden(
             "the admin API only answers loopback clients (set danger_admin_remote to change this)",
         ));
     }
     Ok(())
+}
+
+/// Extractor for every admin-plane route (admin API, dashboard, `/metrics`):
+/// the request's `Host` (and, in absolute form or HTTP/2, the URI's
+/// authority) is `localhost`, `127.0.0.1`, `[::1]` or the address the
+/// client connected to, with the port it connected to, or an entry of
+/// `admin_hosts`. Refused with 421 otherwise. Needs the
+/// [`super::server::LocalAddr`] that `server::serve` sets; without it
+/// nothing is accepted.
+pub struct OwnHost;
+
+impl FromRequestParts<AppState> for OwnHost {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Response> {
+        let local = parts
+            .extensions
+            .get::<super::server::LocalAddr>()
+            .map(|l| l.0);
+        let mut names = Vec::new();
+        let mut unreadable = false;
+        for v in parts.headers.get_all(axum::http::header::HOST) {
+            match v.to_str() {
+                Ok(h) => names.push(h),
+                Err(_) => unreadable = true,
+            }
+        }
+        if let Some(a) = parts.uri.authority() {
+            names.push(a.as_str());
+        }
+        let ok = local.is_some_and(|local| {
+            !unreadable
+                && !names.is_empty()
+                && names
+                    .iter()
+                    .all(|h| host_allowed(h, local, &st.admin_hosts))
+        });
+        if ok {
+            Ok(OwnHost)
+        } else {
+            Err(misdirected(names.first().copied(), local))
+        }
+    }
+}
+
+/// Splits a `Host` value into its name and port (80 when absent). IPv6
+/// literals keep their brackets. `None` when it is not of that form.
+pub(crate) fn split_host_port(host: &str) -> Option<(&str, u16)> {
+    let (name, port) = if host.starts_with('[') {
+        let end = host.find(']')? + 1;
+        let (name, rest) = host.split_at(end);
+        match rest {
+            "" => (name, None),
+            r => (name, Some(r.strip_prefix(':')?)),
+        }
+    } else {
+        match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        }
+    };
+    let valid_name = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b))
+        && (name.starts_with('[') || !name.contains(':'));
+    if !valid_name {
+        return None;
+    }
+    let port = match port {
+        None => 80,
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok()?,
+        Some(_) => return None,
+    };
+    Some((name, port))
+}
+
+/// Whether the `Host` value `host` names this proxy on a connection whose
+/// local end is `local`. Names other than `localhost` and IP literals must
+/// be listed in `admin_hosts`: any other name may be an attacker's.
+pub(crate) fn host_allowed(host: &str, local: SocketAddr, admin_hosts: &[String]) -> bool {
+    if admin_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+        return true;
+    }
+    let Some((name, port)) = split_host_port(host) else {
+        return false;
+    };
+    if port != local.port() {
+        return false;
+    }
+    if name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let literal = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name);
+    match literal.parse::<IpAddr>() {
+        Ok(ip) => {
+            let ip = ip.to_canonical();
+            ip == IpAddr::V4(Ipv4Addr::LOCALHOST)
+                || ip == IpAddr::V6(Ipv6Addr::LOCALHOST)
+                || ip == local.ip().to_canonical()
+        }
+        Err(_) => false,
+    }
+}
+
+/// The 421 for a `Host` that does not name this proxy.
+fn misdirected(host: Option<&str>, local: Option<SocketAddr>) -> Response {
+    let shown: String = match host {
+        Some(h) => format!("{:?}", h.chars().take(100).collect::<String>()),
+        None => "(none)".into(),
+    };
+    let port = local.map(|l| l.port().to_string());
+    let port = port.as_deref().unwrap_or("PORT");
+    let message = format!(
+        "the Host header {shown} does not name this proxy: the admin API, the dashboard and \
+         /metrics answer only localhost, 127.0.0.1, [::1] or the address connected to, with \
+         port {port}, and the names listed in admin_hosts in till.toml. If you reach the proxy \
+         by another name, add it as the client sends it, e.g. admin_hosts = [\"till.internal:{port}\"]"
+    );
+    (
+        StatusCode::MISDIRECTED_REQUEST,
+        Json(json!({"error": {"message": message, "type": "permission_error", "code": "host_not_allowed"}})),
+    )
+        .into_response()
 }
 
 /// Verifies an admin token for one admin request (`method` and `path` as
@@ -321,9 +462,13 @@ pub async fn alerts(_: Admin, State(st): State<AppState>) -> Response {
 pub async fn metrics(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    host: Result<OwnHost, Response>,
 ) -> Response {
-    if !st.admin_remote && !peer.ip().is_loopback() {
+    if !st.admin_remote && !is_loopback(peer.ip()) {
         return forbidden("metrics are served to loopback clients only").into_response();
+    }
+    if let Err(r) = host {
+        return r;
     }
     st.monitor
         .metrics
@@ -356,5 +501,96 @@ pub async fn feed(State(st): State<AppState>) -> Response {
     match crate::feed::Feed::sign(key, ids, crate::store::now_unix()) {
         Ok(f) => ([(axum::http::header::CACHE_CONTROL, "no-store")], Json(f)).into_response(),
         Err(e) => ProxyError::StoreUnavailable(e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv4_mapped_loopback_is_loopback_and_nothing_else_is() {
+        for l in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:127.9.9.9",
+        ] {
+            assert!(is_loopback(ip(l)), "{l}");
+        }
+        for o in [
+            "10.0.0.1",
+            "::ffff:10.0.0.1",
+            "::ffff:0.0.0.0",
+            // IPv4-compatible (deprecated), not mapped: a global IPv6 address.
+            "::127.0.0.1",
+            "::",
+            "fe80::1",
+            "0.0.0.0",
+        ] {
+            assert!(!is_loopback(ip(o)), "{o}");
+        }
+    }
+
+    #[test]
+    fn host_header_must_name_this_proxy() {
+        let local: SocketAddr = "127.0.0.1:8787".parse().unwrap();
+        let none: &[String] = &[];
+        for ok in [
+            "127.0.0.1:8787",
+            "localhost:8787",
+            "LocalHost:8787",
+            "[::1]:8787",
+            "[::ffff:127.0.0.1]:8787",
+        ] {
+            assert!(host_allowed(ok, local, none), "{ok}");
+        }
+        for bad in [
+            "evil.example:8787",
+            "evil.example",
+            "127.0.0.1:8788",
+            "127.0.0.1",
+            "localhost",
+            "localhost.:8787",
+            "127.0.0.1.evil.example:8787",
+            "localhost:8787@evil",
+            "::1:8787",
+            "[::1]8787",
+            "[::1]:",
+            "127.0.0.1:+8787",
+            "",
+            "10.0.0.5:8787",
+        ] {
+            assert!(!host_allowed(bad, local, none), "{bad:?}");
+        }
+        // The address the client connected to (a `0.0.0.0` or `[::]` listener).
+        let lan: SocketAddr = "[::ffff:10.0.0.5]:8787".parse().unwrap();
+        assert!(host_allowed("10.0.0.5:8787", lan, none));
+        assert!(host_allowed("127.0.0.1:8787", lan, none));
+        assert!(!host_allowed("10.0.0.6:8787", lan, none));
+        // Names the operator lists, exactly as clients send them.
+        let hosts = vec!["till.internal:8787".to_string(), "till.example.com".into()];
+        assert!(host_allowed("TILL.internal:8787", local, &hosts));
+        assert!(host_allowed("till.example.com", local, &hosts));
+        assert!(!host_allowed("till.internal", local, &hosts));
+        assert!(!host_allowed("till.example.com:8787", local, &hosts));
+    }
+
+    #[test]
+    fn host_values_split_into_name_and_port() {
+        assert_eq!(split_host_port("a.b:1"), Some(("a.b", 1)));
+        assert_eq!(split_host_port("a.b"), Some(("a.b", 80)));
+        assert_eq!(split_host_port("[::1]:9"), Some(("[::1]", 9)));
+        assert_eq!(split_host_port("[::1]"), Some(("[::1]", 80)));
+        for bad in [
+            "", ":80", "a:b", "a:99999", "a b:1", "a/b", "http://a", "a:1:2", "[::1",
+        ] {
+            assert_eq!(split_host_port(bad), None, "{bad:?}");
+        }
     }
 }

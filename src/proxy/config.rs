@@ -137,6 +137,12 @@ pub struct Config {
     /// DANGEROUS: serve the admin API to non-loopback clients too.
     #[serde(default)]
     pub danger_admin_remote: bool,
+    /// Extra `Host` header values (`name` or `name:port`, as clients send
+    /// them) the admin API, dashboard and `/metrics` answer to, besides
+    /// localhost and the address connected to. Any other name is refused,
+    /// so a web page cannot reach them by DNS rebinding.
+    #[serde(default)]
+    pub admin_hosts: Vec<String>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -157,6 +163,7 @@ impl Default for Config {
             state_dir: default_state_dir(),
             policies: default_policies(),
             danger_admin_remote: false,
+            admin_hosts: Vec::new(),
             limits: Limits::default(),
             upstreams: BTreeMap::new(),
             audit: Default::default(),
@@ -271,14 +278,25 @@ impl Config {
             }
         }
         for (i, h) in self.alerts.webhooks.iter().enumerate() {
+            // Not echoed: a webhook URL carries its receiver's secret.
             let u = reqwest::Url::parse(&h.url).map_err(|e| {
                 self.err(
                     &format!("alerts.webhooks[{i}].url"),
-                    format!("{:?} is not a URL ({e})", h.url),
+                    format!("is not a URL ({e}); expected https://host/path"),
                 )
             })?;
             if !matches!(u.scheme(), "http" | "https") {
                 return Err(self.err(&format!("alerts.webhooks[{i}].url"), "must be http(s)"));
+            }
+        }
+        for (i, h) in self.admin_hosts.iter().enumerate() {
+            if super::admin::split_host_port(h).is_none() {
+                return Err(self.err(
+                    &format!("admin_hosts[{i}]"),
+                    format!(
+                        "{h:?} is not a host name with an optional port as clients send it in the Host header, e.g. \"till.internal:8787\""
+                    ),
+                ));
             }
         }
         if self.limits.max_connections == 0 {
@@ -376,6 +394,9 @@ listen = "127.0.0.1:8787"
 state_dir = {state:?}
 # Directory of *.datalog policies; the built-in default policy is used if it does not exist.
 policies = "policies"
+# The admin API, dashboard and /metrics answer only Host headers naming this proxy
+# (localhost, 127.0.0.1, [::1], the address connected to). Other names you use for it:
+# admin_hosts = ["till.internal:8787"]
 
 # `till up` also adds openai / anthropic / github upstreams automatically when
 # OPENAI_API_KEY / ANTHROPIC_API_KEY / GITHUB_TOKEN are set in its environment.
@@ -466,6 +487,33 @@ prefix = "Bearer "
             e.contains("upstreams.a.credential") && e.contains("TILL_SURELY_UNSET"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn admin_hosts_are_checked_and_webhook_urls_never_echoed() {
+        let c = Config::parse(
+            "admin_hosts = [\"till.internal:8787\", \"[::1]\"]",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(c.admin_hosts.len(), 2);
+        for bad in ["http://till.internal", "till.internal/x", "a:b", ""] {
+            let e = Config::parse(&format!("admin_hosts = [{bad:?}]"), "x.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("admin_hosts[0]") && e.contains("Host header"),
+                "{e}"
+            );
+        }
+        let e = Config::parse(
+            "[[alerts.webhooks]]\nurl = \"hooks.example/services/s3cret\"",
+            "x.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("alerts.webhooks[0].url"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
     }
 
     #[test]

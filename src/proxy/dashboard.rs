@@ -16,7 +16,9 @@
 //! the token. Sessions live in memory, expire (at the latest with the admin
 //! token), and die when any block of the admin token is revoked. State
 //! changes (revoke, logout) also need the session's CSRF token in the
-//! `x-csrf-token` header, which a cross-site form cannot send.
+//! `x-csrf-token` header, which a cross-site form cannot send. Every route,
+//! assets included, first checks that the `Host` header names this proxy
+//! ([`admin::OwnHost`]), against DNS rebinding.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -254,6 +256,7 @@ fn login_page(status: StatusCode, error: Option<&str>) -> Response {
 }
 
 async fn page(
+    _: admin::OwnHost,
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(sessions): Extension<Arc<Sessions>>,
@@ -270,7 +273,7 @@ async fn page(
     }
 }
 
-async fn script() -> Response {
+async fn script(_: admin::OwnHost) -> Response {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
         SCRIPT,
@@ -278,17 +281,17 @@ async fn script() -> Response {
         .into_response()
 }
 
-async fn style() -> Response {
+async fn style(_: admin::OwnHost) -> Response {
     ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE).into_response()
 }
 
 /// Linked from the pages so browsers do not ask the proxy for
 /// `/favicon.ico` (which would be a denied request in the feed).
-async fn icon() -> Response {
+async fn icon(_: admin::OwnHost) -> Response {
     ([(header::CONTENT_TYPE, "image/svg+xml")], ICON).into_response()
 }
 
-async fn not_found() -> Response {
+async fn not_found(_: admin::OwnHost) -> Response {
     (StatusCode::NOT_FOUND, Json(json!({"error": {"message": "no such dashboard page", "type": "not_found_error", "code": "not_found"}}))).into_response()
 }
 
@@ -298,6 +301,7 @@ struct LoginForm {
 }
 
 async fn login(
+    _: admin::OwnHost,
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(sessions): Extension<Arc<Sessions>>,
@@ -403,6 +407,7 @@ fn check(
 }
 
 async fn logout(
+    _: admin::OwnHost,
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(sessions): Extension<Arc<Sessions>>,
@@ -424,6 +429,7 @@ async fn logout(
 
 /// Everything the page shows, in one answer.
 async fn state(
+    _: admin::OwnHost,
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(sessions): Extension<Arc<Sessions>>,
@@ -455,6 +461,7 @@ struct RevokeBody {
 }
 
 async fn revoke(
+    _: admin::OwnHost,
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(sessions): Extension<Arc<Sessions>>,

@@ -57,6 +57,7 @@ pub struct Inner {
     pub limits: config::Limits,
     pub idempotency: idempotency::Idempotency,
     pub admin_remote: bool,
+    pub admin_hosts: Vec<String>,
     pub monitor: Arc<crate::monitor::Monitor>,
     pub clock: crate::clock::MonotonicClock,
     /// Bytes of request bodies that may be buffered at once
@@ -187,6 +188,7 @@ impl AppState {
             )),
             limits: cfg.limits.clone(),
             admin_remote: cfg.danger_admin_remote,
+            admin_hosts: cfg.admin_hosts.clone(),
             monitor: Arc::new(monitor),
             clock: crate::clock::MonotonicClock::default(),
             feed_signer: std::sync::OnceLock::new(),

@@ -47,6 +47,12 @@ pub struct ServerLimits {
     pub grace: Duration,
 }
 
+/// The address the client connected to (this proxy's side of the
+/// connection), in every request's extensions next to `ConnectInfo`: the
+/// admin plane checks the `Host` header against it.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalAddr(pub SocketAddr);
+
 /// Serves `app` until `shutdown` resolves, then stops accepting, gives
 /// open connections `grace` to finish, and returns.
 pub async fn serve(
@@ -90,6 +96,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok().map(LocalAddr);
         let app = app.clone();
         let builder = builder.clone();
         let mut stop = stop_rx.clone();
@@ -98,6 +105,9 @@ pub async fn serve(
             let mut stream = stream;
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                if let Some(l) = local {
+                    req.extensions_mut().insert(l);
+                }
                 let mut app = app.clone();
                 async move {
                     tower_service::Service::call(&mut app, req.map(axum::body::Body::new)).await

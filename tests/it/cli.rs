@@ -585,31 +585,31 @@ fn revoking_a_parent_revokes_its_children_but_not_the_reverse() {
     );
     let f = f.to_str().unwrap();
     denied(
-        &verify(&h, &child, &["--service", "openai", "--revocations", f]),
+        &verify(&h, &child, &["--service", "openai", "--revoked-ids", f]),
         &["revoked", "root block"],
     );
     denied(
-        &verify(&h, &parent, &["--service", "openai", "--revocations", f]),
+        &verify(&h, &parent, &["--service", "openai", "--revoked-ids", f]),
         &["revoked"],
     );
 
     let f = h.write("revoked-child", &format!("{}\n", ids[1].to_uppercase()));
     let f = f.to_str().unwrap();
     denied(
-        &verify(&h, &child, &["--service", "openai", "--revocations", f]),
+        &verify(&h, &child, &["--service", "openai", "--revoked-ids", f]),
         &["revoked", "block 1"],
     );
     allowed(&verify(
         &h,
         &parent,
-        &["--service", "openai", "--revocations", f],
+        &["--service", "openai", "--revoked-ids", f],
     ));
     // A sibling of the revoked child is untouched.
     let sibling = attenuate(&parent, &["--max-uses", "3"]);
     allowed(&verify(
         &h,
         &sibling,
-        &["--service", "openai", "--revocations", f],
+        &["--service", "openai", "--revoked-ids", f],
     ));
 
     // An unreadable or malformed list is an error, not "nothing revoked".
@@ -621,7 +621,7 @@ fn revoking_a_parent_revokes_its_children_but_not_the_reverse() {
             &[
                 "--service",
                 "openai",
-                "--revocations",
+                "--revoked-ids",
                 bad.to_str().unwrap(),
             ],
         ),
@@ -635,11 +635,122 @@ fn revoking_a_parent_revokes_its_children_but_not_the_reverse() {
             &[
                 "--service",
                 "openai",
-                "--revocations",
+                "--revoked-ids",
                 missing.to_str().unwrap(),
             ],
         ),
         &["cannot read revocation list"],
+    );
+}
+
+/// A signed feed saved from the proxy: `ids` signed by `h`'s root key,
+/// issued `age` seconds ago.
+fn signed_feed(h: &Home, name: &str, ids: &[String], age: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let feed = till::feed::Feed::sign(&h.key(), ids.to_vec(), now - age).unwrap();
+    let p = h.write(name, &serde_json::to_string(&feed).unwrap());
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn regression_an_empty_file_or_plain_list_is_not_accepted_as_a_fresh_signed_feed() {
+    let h = Home::new();
+    let parent = issue(&h, &["--service", "openai"]);
+    let child = attenuate(&parent, &["--max-uses", "3"]);
+    let ids = revocation_ids(&child);
+    let revoked_child = |feed: &str, extra: &[&str]| {
+        let mut a = vec!["--service", "openai", "--revocations", feed];
+        a.extend_from_slice(extra);
+        verify(&h, &child, &a)
+    };
+
+    // The downgrade: a feed replaced by an empty file or a plain list (which
+    // can leave out any id) used to be read as "nothing else revoked".
+    let empty = h.write("empty.json", "");
+    let plain = h.write("plain.txt", &format!("{}\n", ids[0]));
+    for (f, what) in [
+        (&empty, "is empty"),
+        (&plain, "is not a signed revocation feed"),
+    ] {
+        let f = f.to_str().unwrap();
+        for extra in [&["--max-feed-age", "1s"][..], &[]] {
+            usage_error(&revoked_child(f, extra), &[what, "--revoked-ids"]);
+        }
+    }
+
+    // A fresh signed feed is accepted, and its ids deny.
+    let fresh = signed_feed(&h, "fresh.json", &ids[1..], 0);
+    denied(
+        &revoked_child(&fresh, &["--max-feed-age", "1m"]),
+        &["revoked", "block 1"],
+    );
+    let none = signed_feed(&h, "none.json", &[], 0);
+    allowed(&revoked_child(&none, &["--max-feed-age", "1m"]));
+    allowed(&revoked_child(&none, &[]));
+
+    // A stale one is refused, under the given age and under the 1h default.
+    let stale = signed_feed(&h, "stale.json", &[], 7200);
+    usage_error(
+        &revoked_child(&stale, &["--max-feed-age", "1h"]),
+        &["stale"],
+    );
+    usage_error(&revoked_child(&stale, &[]), &["stale"]);
+    allowed(&revoked_child(&stale, &["--max-feed-age", "3h"]));
+
+    // A feed signed by another root key is refused.
+    let other = Home::new();
+    let forged = signed_feed(&other, "forged.json", &[], 0);
+    usage_error(&revoked_child(&forged, &[]), &["signature does not verify"]);
+
+    // A plain list goes through its own flag, and only there.
+    let p = plain.to_str().unwrap();
+    denied(
+        &verify(&h, &child, &["--service", "openai", "--revoked-ids", p]),
+        &["revoked", "root block"],
+    );
+    usage_error(
+        &verify(
+            &h,
+            &child,
+            &["--service", "openai", "--revoked-ids", &fresh],
+        ),
+        &["signed revocation feed", "--revocations"],
+    );
+    // A maximum age without a feed to apply it to is a mistake, not a pass.
+    usage_error(
+        &verify(
+            &h,
+            &child,
+            &[
+                "--service",
+                "openai",
+                "--revoked-ids",
+                p,
+                "--max-feed-age",
+                "1s",
+            ],
+        ),
+        &["--max-feed-age needs a signed feed"],
+    );
+    // Both together: the union.
+    let none = signed_feed(&h, "none2.json", &[], 0);
+    denied(
+        &verify(
+            &h,
+            &child,
+            &[
+                "--service",
+                "openai",
+                "--revocations",
+                &none,
+                "--revoked-ids",
+                p,
+            ],
+        ),
+        &["revoked"],
     );
 }
 
@@ -1168,7 +1279,14 @@ fn help_documents_exit_codes_and_flags() {
     }
     let o = till(["verify", "--help"]).run();
     o.success();
-    for s in ["--public-key", "--uses", "--at", "--revocations"] {
+    for s in [
+        "--public-key",
+        "--uses",
+        "--at",
+        "--revocations",
+        "--max-feed-age",
+        "--revoked-ids",
+    ] {
         o.stdout_has(s);
     }
     // The help never echoes a token taken from the environment.

@@ -1,13 +1,18 @@
-//! Fuzzing that runs on stable in CI: a bounded mutation loop over seed
-//! inputs calling the same bodies as the cargo-fuzz targets
+//! Fuzzing that runs on stable in CI: a bounded mutation loop over the kept
+//! corpus calling the same bodies as the cargo-fuzz targets
 //! (`till::fuzzing`), and a replay of every input kept in
 //! `tests/fuzz-regressions/<target>/`.
 //!
-//! Budget: `TILL_FUZZ_SMOKE_MS` per target (default 20 s, a minute in all, as CI runs it); seed:
-//! `TILL_FUZZ_SEED` (default random, printed). An input that panics is saved
-//! under `target/fuzz-smoke/` and the test fails naming the file; copy it to
-//! `tests/fuzz-regressions/<target>/` once fixed. Longer runs: see
-//! SECURITY.md ("Fuzzing").
+//! In the test suite the loop is deterministic: fixed RNG seeds, a fixed
+//! number of inputs per target (`TILL_FUZZ_SMOKE_INPUTS`), mutating only
+//! the checked-in corpus (`fuzz/seeds/`, `tests/fuzz-regressions/`), so
+//! unchanged code never fails CI by luck. Exploration is explicit:
+//! `TILL_FUZZ_SEED=random` draws a seed (printed) and runs for
+//! `TILL_FUZZ_SMOKE_MS` per target (default 20 s); `TILL_FUZZ_SEED=N` with
+//! `TILL_FUZZ_SMOKE_INPUTS=n` replays such a run. An input that panics is
+//! saved under `target/fuzz-smoke/` and the test fails naming the file;
+//! copy it to `tests/fuzz-regressions/<target>/` once fixed. Longer runs:
+//! see SECURITY.md ("Fuzzing").
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -140,10 +145,12 @@ fn mutate(rng: &mut StdRng, input: &mut Vec<u8>, pool: &[Vec<u8>]) {
     }
 }
 
-/// Seeds: the generated ones plus `fuzz/seeds/<target>/` (what cargo-fuzz
-/// starts from) and the kept regressions.
+/// What is mutated: `fuzz/seeds/<target>/` (what cargo-fuzz starts from)
+/// and the kept regressions. Checked-in files only: the generated seeds
+/// hold tokens signed with fresh random block keys, which would make the
+/// inputs differ from run to run.
 fn pool(target: &str) -> Vec<Vec<u8>> {
-    let mut pool = till::fuzzing::seeds(target);
+    let mut pool = Vec::new();
     for dir in [
         root().join("fuzz/seeds").join(target),
         root().join("tests/fuzz-regressions").join(target),
@@ -151,6 +158,88 @@ fn pool(target: &str) -> Vec<Vec<u8>> {
         pool.extend(files(&dir).into_iter().map(|p| std::fs::read(p).unwrap()));
     }
     pool
+}
+
+/// RNG seeds of the deterministic run in the test suite.
+const FIXED_SEEDS: [u64; 2] = [0x7111_0001, 0x7111_0002];
+/// Inputs per target and fixed seed in the test suite.
+const FIXED_INPUTS: u64 = 50_000;
+
+/// How the mutation loop is driven.
+#[derive(Debug)]
+enum Run {
+    /// The test suite: every fixed seed, `inputs` mutations each.
+    Fixed { inputs: u64 },
+    /// One seed (a replay, or a drawn one), bounded by `inputs` or `time`.
+    Explore {
+        seed: u64,
+        inputs: Option<u64>,
+        time: Duration,
+    },
+}
+
+fn run_mode() -> Run {
+    let num = |var: &str| {
+        std::env::var(var).ok().map(|v| {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{var}={v:?}: expected a whole number"))
+        })
+    };
+    let inputs = num("TILL_FUZZ_SMOKE_INPUTS");
+    let time = Duration::from_millis(num("TILL_FUZZ_SMOKE_MS").unwrap_or(20_000));
+    match std::env::var("TILL_FUZZ_SEED").ok().as_deref() {
+        None | Some("") => Run::Fixed {
+            inputs: inputs.unwrap_or(FIXED_INPUTS),
+        },
+        Some("random") => Run::Explore {
+            seed: rand::random(),
+            inputs,
+            time,
+        },
+        Some(v) => Run::Explore {
+            seed: v.parse().unwrap_or_else(|_| {
+                panic!("TILL_FUZZ_SEED={v:?}: expected a whole number or \"random\"")
+            }),
+            inputs,
+            time,
+        },
+    }
+}
+
+/// Mutates `pool` with `seed` until `inputs` inputs (or, without a count,
+/// `time`) are spent; returns how many inputs ran.
+fn mutation_loop(
+    target: &str,
+    f: fn(&[u8]),
+    pool: &[Vec<u8>],
+    seed: u64,
+    inputs: Option<u64>,
+    time: Duration,
+    failures: &mut Vec<PathBuf>,
+) -> u64 {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let start = Instant::now();
+    let mut n = 0u64;
+    loop {
+        let more = match inputs {
+            Some(max) => n < max,
+            None => start.elapsed() < time || n < 200,
+        };
+        if !more {
+            break;
+        }
+        let mut input = pool[rng.gen_range(0..pool.len())].clone();
+        mutate(&mut rng, &mut input, pool);
+        if let Err(p) = run_one(target, f, &input) {
+            failures.push(p);
+        }
+        n += 1;
+    }
+    eprintln!(
+        "fuzz smoke: {target}: TILL_FUZZ_SEED={seed}, {n} inputs in {:?}",
+        start.elapsed()
+    );
+    n
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -182,43 +271,51 @@ fn run_one(target: &str, f: fn(&[u8]), input: &[u8]) -> Result<(), PathBuf> {
 
 #[test]
 fn fuzz_smoke_mutations_never_panic() {
-    let budget = Duration::from_millis(
-        std::env::var("TILL_FUZZ_SMOKE_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(20_000),
-    );
-    let seed = std::env::var("TILL_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("fuzz smoke: TILL_FUZZ_SEED={seed}, {budget:?} per target");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let run = run_mode();
+    eprintln!("fuzz smoke: {run:?}");
     let mut failures = Vec::new();
     for (target, f) in TARGETS {
+        // The generated seeds as they are, then mutations of the kept corpus.
+        for s in &till::fuzzing::seeds(target) {
+            if let Err(p) = run_one(target, *f, s) {
+                failures.push(p);
+            }
+        }
         let pool = pool(target);
-        assert!(!pool.is_empty(), "{target}: no seeds");
-        // Every seed as is, then mutations until the budget is spent.
+        assert!(
+            !pool.is_empty(),
+            "{target}: no kept seeds under fuzz/seeds/"
+        );
         for s in &pool {
             if let Err(p) = run_one(target, *f, s) {
                 failures.push(p);
             }
         }
-        let start = Instant::now();
-        let mut n = 0u64;
-        while start.elapsed() < budget || n < 200 {
-            let mut input = pool[rng.gen_range(0..pool.len())].clone();
-            mutate(&mut rng, &mut input, &pool);
-            if let Err(p) = run_one(target, *f, &input) {
-                failures.push(p);
+        match run {
+            Run::Fixed { inputs } => {
+                for seed in FIXED_SEEDS {
+                    mutation_loop(
+                        target,
+                        *f,
+                        &pool,
+                        seed,
+                        Some(inputs),
+                        Duration::ZERO,
+                        &mut failures,
+                    );
+                }
             }
-            n += 1;
+            Run::Explore { seed, inputs, time } => {
+                let n = mutation_loop(target, *f, &pool, seed, inputs, time, &mut failures);
+                eprintln!(
+                    "fuzz smoke: replay {target} with TILL_FUZZ_SEED={seed} TILL_FUZZ_SMOKE_INPUTS={n}"
+                );
+            }
         }
-        eprintln!("fuzz smoke: {target}: {n} inputs in {:?}", start.elapsed());
     }
     assert!(
         failures.is_empty(),
-        "inputs that panic (TILL_FUZZ_SEED={seed}); fix, then keep them in tests/fuzz-regressions/<target>/: {failures:#?}"
+        "inputs that panic ({run:?}); fix, then keep them in tests/fuzz-regressions/<target>/: {failures:#?}"
     );
 }
 

@@ -365,6 +365,8 @@ pub struct Proxy {
     child: Option<Child>,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// Everything the proxy printed on stdout (the banner), as it arrives.
+    stdout: Arc<Mutex<String>>,
 }
 
 /// Upstream entry for the config: (name, url, header, prefix, env var).
@@ -464,19 +466,23 @@ impl Proxy {
         let stdout = child.stdout.take().unwrap();
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
+        let printed = Arc::new(Mutex::new(String::new()));
         loop {
             line.clear();
             if reader.read_line(&mut line).unwrap_or(0) == 0 {
                 let _ = child.wait();
                 return Err(std::fs::read_to_string(&log).unwrap_or_default());
             }
+            printed.lock().unwrap().push_str(&line);
             if let Some(rest) = line.trim().strip_prefix("till: listening on http://") {
                 let addr: SocketAddr = rest.parse().unwrap();
-                // Keep draining stdout so the proxy never blocks on it.
+                // Keep reading stdout so the proxy never blocks on it.
+                let sink = printed.clone();
                 std::thread::spawn(move || {
-                    let mut sink = String::new();
-                    while reader.read_line(&mut sink).unwrap_or(0) > 0 {
-                        sink.clear();
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                        sink.lock().unwrap().push_str(&line);
+                        line.clear();
                     }
                 });
                 return Ok(Proxy {
@@ -484,6 +490,7 @@ impl Proxy {
                     child: Some(child),
                     config: config.to_path_buf(),
                     log,
+                    stdout: printed,
                 });
             }
         }
@@ -495,6 +502,11 @@ impl Proxy {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// What the proxy printed on stdout so far (the start banner).
+    pub fn banner(&self) -> String {
+        self.stdout.lock().unwrap().clone()
     }
 
     /// SIGKILL: no flush, no goodbye.

@@ -612,3 +612,119 @@ async fn a_full_disk_gives_503_forwards_nothing_and_loses_no_count() {
     );
     assert_eq!(up.count(), served.len() + 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_dns_rebinding_foreign_host_headers_are_refused_by_metrics_admin_and_dashboard()
+{
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let port = proxy.addr.port();
+    let admin = home.admin();
+    let login_form = format!(
+        "token={}",
+        percent_encoding::utf8_percent_encode(&admin, percent_encoding::NON_ALPHANUMERIC)
+    );
+    // Log in to the dashboard the proper way, to show a session does not
+    // help a foreign Host either.
+    let login = client()
+        .post(proxy.url("/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(login_form.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 303);
+    let cookie = login.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let get = |path: &str, host: &str| {
+        client()
+            .get(proxy.url(path))
+            .header("host", host)
+            .bearer_auth(&admin)
+            .header("cookie", &cookie)
+            .send()
+    };
+    let paths = [
+        "/metrics",
+        "/admin/usage",
+        "/admin/alerts",
+        "/dashboard",
+        "/dashboard/app.js",
+        "/dashboard/api/state",
+    ];
+    for host in [
+        format!("evil.example:{port}"),
+        "evil.example".to_string(),
+        format!("127.0.0.1.evil.example:{port}"),
+        format!("localhost:{}", port.wrapping_add(1)),
+        format!("till.internal:{port}"),
+        "till.internal".to_string(),
+    ] {
+        for path in paths {
+            let r = get(path, &host).await.unwrap();
+            assert_eq!(r.status(), 421, "{path} with Host {host}");
+            let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            assert_eq!(v["error"]["code"], "host_not_allowed", "{path}: {v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("admin_hosts"),
+                "{v}"
+            );
+        }
+        let r = client()
+            .post(proxy.url("/dashboard/login"))
+            .header("host", &host)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(login_form.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 421, "login with Host {host}");
+        assert!(r.headers().get("set-cookie").is_none());
+    }
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        for path in paths {
+            let r = get(path, &host).await.unwrap();
+            assert_eq!(r.status(), 200, "{path} with Host {host}");
+        }
+    }
+    // Proxied requests are not the admin plane: any Host is fine there.
+    let t = home.token("openai", None);
+    let r = client()
+        .get(proxy.url("/openai/v1/models"))
+        .header("host", "evil.example")
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // A name the operator lists is accepted, exactly as listed.
+    let listed = Proxy::start(
+        &Home::new(),
+        &[openai(&up)],
+        "admin_hosts = [\"till.internal\"]",
+    );
+    let with_port = format!("till.internal:{}", listed.addr.port());
+    for (host, status) in [("till.internal", 200), (with_port.as_str(), 421)] {
+        let r = client()
+            .get(listed.url("/metrics"))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{host}");
+    }
+}

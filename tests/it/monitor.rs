@@ -431,3 +431,166 @@ async fn usage_view_groups_blocks_into_families() {
         assert_eq!(s, 403, "{method} {path} with a non-admin token");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_slack_alerts_escape_hostile_labels_so_they_cannot_ping_or_disguise_links() {
+    let up = Upstream::start().await;
+    let (slack, slack_url) = Receiver::start().await;
+    let home = Home::new();
+    let extra = format!(
+        "[alerts]\nthresholds = [1.0]\n[[alerts.webhooks]]\nurl = {slack_url:?}\nformat = \"slack\"\n"
+    );
+    let proxy = Proxy::start(&home, &[openai(&up)], &extra);
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        max_uses: Some(1),
+        label: Some("<!channel> <https://evil.example|click here> & co".into()),
+        ..Scope::default()
+    });
+    assert_eq!(chat(&proxy, &token, "m").await.0, 200);
+    slack
+        .wait_for("the threshold alert", |g| !g.is_empty())
+        .await;
+    let text = slack.got.lock().unwrap()[0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        text.contains("&lt;!channel&gt; &lt;https://evil.example|click here&gt; &amp; co"),
+        "{text}"
+    );
+    assert!(!text.contains("<!channel>"), "{text}");
+    assert!(!text.contains('<') && !text.contains('>'), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_webhook_urls_are_secrets_kept_out_of_logs_errors_and_the_banner() {
+    const SECRET: &str = "T0SECRET/B0SECRET/xoxwebhooksecret";
+    let up = Upstream::start().await;
+    let home = Home::new();
+    // One receiver refuses connections, the other answers 500.
+    let (_held, dead) = dead_port();
+    let refused = format!("{dead}/services/{SECRET}");
+    let failing = format!("{}/status/500/{SECRET}", up.url());
+    let extra = format!(
+        "[alerts]\nthresholds = [0.5]\n[[alerts.webhooks]]\nurl = {refused:?}\nformat = \"slack\"\n\
+         [[alerts.webhooks]]\nurl = {failing:?}\n"
+    );
+    let proxy = Proxy::start(&home, &[openai(&up)], &extra);
+    let token = home.token("openai", Some(2));
+    assert_eq!(chat(&proxy, &token, "m").await.0, 200);
+    let done = "till_alerts_failed_total{kind=\"usage_threshold\"} 2";
+    let mut text = String::new();
+    for _ in 0..600 {
+        text = client()
+            .get(proxy.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains(done) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        text.contains(done),
+        "both deliveries not failed yet:\n{text}"
+    );
+    let logs = proxy.logs();
+    // The failures are logged, naming the receivers by host only.
+    assert!(logs.contains("alert webhook unreachable"), "{logs}");
+    assert!(logs.contains("alert webhook refused the alert"), "{logs}");
+    assert!(logs.contains("http://127.0.0.1:"), "{logs}");
+    for part in SECRET.split('/') {
+        assert!(!logs.contains(part), "webhook secret in the log:\n{logs}");
+        assert!(
+            !proxy.banner().contains(part),
+            "webhook secret in the banner:\n{}",
+            proxy.banner()
+        );
+    }
+
+    // A URL that does not parse is refused at start without being echoed.
+    let cfg = home.write(
+        "bad-hook.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n[[alerts.webhooks]]\nurl = \"hooks.slack.com/services/{SECRET}\"\n",
+            home.path().to_str().unwrap()
+        ),
+    );
+    let out = till(["serve", "--config", cfg.to_str().unwrap()]).run();
+    out.code(2).stderr_has("alerts.webhooks[0].url");
+    for part in SECRET.split('/') {
+        assert!(!out.stderr.contains(part), "{}", out.stderr);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_revoked_token_raises_one_alert_per_revoked_block_not_one_per_attempt() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let root = home.token("openai", None);
+    let a = child(&root, limit(100));
+    let b = child(&root, limit(100));
+    let url = proxy.url("");
+    for t in [&a, &b] {
+        till(["revoke", t, "--url", &url])
+            .home(&home)
+            .env("TILL_ADMIN_TOKEN", &home.admin())
+            .run()
+            .success();
+    }
+    let a_id = till::token::RawToken::parse(&a).unwrap().revocation_ids()[1].clone();
+    let b_id = till::token::RawToken::parse(&b).unwrap().revocation_ids()[1].clone();
+    let revoked_alerts = || async {
+        let hist = admin_get(&proxy, &home, "/admin/alerts").await;
+        hist["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["kind"] == "revoked_token_used")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    // Twenty attempts, each on its own connection (a new source port), half
+    // of them with children minted offline (a new last block each time).
+    for i in 0..20 {
+        let t = if i % 2 == 0 {
+            a.clone()
+        } else {
+            child(&a, limit(5))
+        };
+        assert_eq!(chat(&proxy, &t, "m").await.0, 403);
+    }
+    // Alerts are recorded before the answer is sent: nothing to wait for.
+    let got = revoked_alerts().await;
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(got[0]["block"], a_id.as_str());
+    // Another revoked block has its own alert.
+    assert_eq!(chat(&proxy, &b, "m").await.0, 403);
+    let got = revoked_alerts().await;
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert_eq!(got[0]["block"], b_id.as_str());
+
+    // Expired tokens: children of an expired one are new last blocks too.
+    let expired = home.issue(Scope {
+        services: vec!["openai".into()],
+        expires: Some(std::time::SystemTime::now() - Duration::from_secs(3600)),
+        ..Scope::default()
+    });
+    for _ in 0..5 {
+        assert_eq!(chat(&proxy, &child(&expired, limit(5)), "m").await.0, 403);
+    }
+    let hist = admin_get(&proxy, &home, "/admin/alerts").await;
+    let expired_alerts = hist["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "expired_token_used")
+        .count();
+    assert_eq!(expired_alerts, 1, "{hist:#}");
+}

@@ -736,134 +736,39 @@ fn till_up_prints_a_copy_paste_quickstart() {
     assert!(!out.contains("sk-test-not-real"), "credential printed");
 }
 
-/// A counter store whose disk has failed, either before counting or while
-/// making the count durable.
-struct BrokenStore {
-    fail_on_reserve: bool,
-}
-
-impl till::store::CounterStore for BrokenStore {
-    fn peek(
-        &self,
-        ids: &[String],
-    ) -> futures_util::future::BoxFuture<'_, Result<Vec<u64>, till::store::StoreError>> {
-        let n = ids.len();
-        Box::pin(async move { Ok(vec![0; n]) })
-    }
-    fn reserve(
-        &self,
-        c: &[till::store::CounterSpec],
-    ) -> futures_util::future::BoxFuture<
-        '_,
-        Result<till::store::Reservation, till::store::StoreError>,
-    > {
-        use futures_util::FutureExt;
-        let n = c.len();
-        let fail = self.fail_on_reserve;
-        async move {
-            if fail {
-                return Err(till::store::StoreError::Io(
-                    "No space left on device".into(),
-                ));
-            }
-            Ok(till::store::Reservation {
-                uses: vec![1; n],
-                durable: async { Err(till::store::StoreError::Io("fsync failed".into())) }.boxed(),
-            })
-        }
-        .boxed()
-    }
-    fn release(
-        &self,
-        _: &[String],
-    ) -> futures_util::future::BoxFuture<'_, Result<(), till::store::StoreError>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn get(
-        &self,
-        _: &[String],
-    ) -> futures_util::future::BoxFuture<
-        '_,
-        Result<Vec<till::store::CounterInfo>, till::store::StoreError>,
-    > {
-        Box::pin(async { Ok(vec![]) })
-    }
-    fn list(
-        &self,
-    ) -> futures_util::future::BoxFuture<
-        '_,
-        Result<Vec<till::store::CounterInfo>, till::store::StoreError>,
-    > {
-        Box::pin(async { Ok(vec![]) })
-    }
-    fn flush(&self) -> futures_util::future::BoxFuture<'_, Result<(), till::store::StoreError>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn healthy(&self) -> bool {
-        false
-    }
-    fn register(&self, _: &[till::store::BlockMeta]) {}
-    fn blocks(
-        &self,
-    ) -> futures_util::future::BoxFuture<
-        '_,
-        Result<Vec<till::store::BlockMeta>, till::store::StoreError>,
-    > {
-        Box::pin(async { Ok(vec![]) })
-    }
-}
-
+/// The real embedded store, failed for real (its file deleted under it):
+/// `/readyz` follows the store, and nothing is forwarded once it cannot
+/// count. Replaces a test double whose `healthy()` was hard-coded to false.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_failing_counter_store_gives_503_and_forwards_nothing() {
-    use std::sync::Arc;
+async fn readyz_and_requests_follow_the_real_store_failing() {
     let up = Upstream::start().await;
     let home = Home::new();
-    for fail_on_reserve in [true, false] {
-        let cfg = till::proxy::Config::parse(
-            &format!("[upstreams.openai]\nurl = \"{}\"\n", up.url()),
-            "test.toml",
-        )
-        .unwrap();
-        let creds = cfg.resolve_credentials(&|_| None).unwrap();
-        let verifier = till::verify::Verifier::new(
-            home.key().public(),
-            till::policy::Policies::default_policy(),
-        );
-        let revocations =
-            till::store::EmbeddedStore::open(&home.path().join(format!("rev-{fail_on_reserve}")))
-                .unwrap();
-        let state = till::proxy::AppState::new(
-            &cfg,
-            &creds,
-            verifier,
-            Arc::new(BrokenStore { fail_on_reserve }),
-            Arc::new(revocations),
-        )
-        .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, till::proxy::router(state)).await });
-        let r = client()
-            .get(format!("http://{addr}/openai/v1/models"))
-            .bearer_auth(home.token("openai", Some(10)))
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let readyz = || async {
+        client()
+            .get(proxy.url("/readyz"))
             .send()
             .await
-            .unwrap();
-        assert_eq!(r.status(), 503);
-        let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
-        assert_eq!(v["error"]["code"], "store_unavailable");
-        let r = client()
-            .get(format!("http://{addr}/readyz"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 503);
-    }
-    assert_eq!(
-        up.count(),
-        0,
-        "nothing may be forwarded without a durable count"
-    );
+            .unwrap()
+            .status()
+    };
+    // A 5-use token has no lease: every use is committed.
+    let t = home.token("openai", Some(5));
+    assert_eq!(chat(&proxy, &t, "m").await.0, 200);
+    assert_eq!(readyz().await, 200, "a healthy store is ready");
+    std::fs::remove_file(home.path().join(till::store::embedded::STORE_FILE)).unwrap();
+    // The commit that would make this use durable fails.
+    let (s, v) = chat(&proxy, &t, "m").await;
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["error"]["code"], "store_unavailable");
+    assert_eq!(readyz().await, 503);
+    // Later requests are refused at the reservation, even with fresh tokens.
+    let fresh = home.token("openai", None);
+    let (s, v) = chat(&proxy, &fresh, "m").await;
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(readyz().await, 503);
+    assert_eq!(up.count(), 1, "nothing forwarded without a durable count");
+    assert!(proxy.logs().contains("counter store commit failed"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -965,4 +870,45 @@ async fn offline_services_get_a_signed_revocation_feed() {
     .run()
     .code(2)
     .stderr_has("stale");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_admin_plane_on_a_dual_stack_listener_serves_ipv4_loopback_clients() {
+    let home = Home::new();
+    let cfg = home.write(
+        "dual.toml",
+        &format!(
+            "listen = \"[::]:0\"\nstate_dir = {:?}\npolicies = {:?}\n",
+            home.path().to_str().unwrap(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+        ),
+    );
+    let proxy = match Proxy::start_config(&home, &cfg) {
+        Ok(p) => p,
+        Err(log) if log.contains("cannot listen") => {
+            eprintln!("skipped: no IPv6 on this machine: {log}");
+            return;
+        }
+        Err(log) => panic!("proxy did not start: {log}"),
+    };
+    let port = proxy.addr.port();
+    // An IPv4 client of a `[::]` listener is seen as ::ffff:127.0.0.1.
+    for base in [
+        format!("http://127.0.0.1:{port}"),
+        format!("http://[::1]:{port}"),
+    ] {
+        let r = client()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{base}/metrics");
+        let r = client()
+            .get(format!("{base}/admin/usage"))
+            .bearer_auth(home.admin())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{base}/admin/usage");
+    }
 }
