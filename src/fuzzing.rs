@@ -194,6 +194,11 @@ pub fn check_path(p: &str) {
             !seg.is_empty() && seg != "." && seg != "..",
             "{p:?} -> {n:?}"
         );
+        // Servers that strip `;` parameters before resolving dot segments
+        // must not find one either.
+        let head = seg.split(';').next().unwrap_or(seg);
+        let head = head.split("%3B").next().unwrap_or(head);
+        assert!(head != "." && head != "..", "{p:?} -> {n:?}");
     }
     let lower = n.to_ascii_lowercase();
     assert!(

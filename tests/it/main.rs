@@ -4,6 +4,7 @@ mod helpers;
 
 mod cli;
 mod dashboard;
+mod forwarding;
 mod fuzz_smoke;
 mod golden;
 mod hostile;
