@@ -585,17 +585,41 @@ prefix = "Bearer "
         .unwrap();
         assert_eq!(c.upstreams["openai"].pass_headers, ["OpenAI-Project"]);
         for (extra, says) in [
-            ("set_headers = { \"Authorization\" = \"Bearer x\" }", "`credential`"),
+            (
+                "set_headers = { \"Authorization\" = \"Bearer x\" }",
+                "`credential`",
+            ),
             ("set_headers = { \"Host\" = \"evil\" }", "manages"),
-            ("set_headers = { \"X-Forwarded-For\" = \"1.2.3.4\" }", "manages"),
-            ("set_headers = { \"X-HTTP-Method-Override\" = \"GET\" }", "manages"),
-            ("header = \"x-key\"\nset_headers = { \"X-Key\" = \"k\" }", "manages"),
-            ("set_headers = { \"bad name\" = \"x\" }", "not a header name"),
+            (
+                "set_headers = { \"X-Forwarded-For\" = \"1.2.3.4\" }",
+                "manages",
+            ),
+            (
+                "set_headers = { \"X-HTTP-Method-Override\" = \"GET\" }",
+                "manages",
+            ),
+            (
+                "header = \"x-key\"\nset_headers = { \"X-Key\" = \"k\" }",
+                "manages",
+            ),
+            (
+                "set_headers = { \"bad name\" = \"x\" }",
+                "not a header name",
+            ),
             ("set_headers = { \"X-A\" = \"\" }", "empty value"),
             ("set_headers = { \"X-A\" = \"a\\nb\" }", "not allowed"),
-            ("set_headers = { \"X-A\" = \"a\", \"x-a\" = \"b\" }", "twice"),
-            ("pass_headers = [\"Authorization\"]", "only the billing headers"),
-            ("pass_headers = [\"X-Anything\"]", "only the billing headers"),
+            (
+                "set_headers = { \"X-A\" = \"a\", \"x-a\" = \"b\" }",
+                "twice",
+            ),
+            (
+                "pass_headers = [\"Authorization\"]",
+                "only the billing headers",
+            ),
+            (
+                "pass_headers = [\"X-Anything\"]",
+                "only the billing headers",
+            ),
             ("pass_headers = [\"bad name\"]", "not a header name"),
             (
                 "set_headers = { \"OpenAI-Project\" = \"p\" }\npass_headers = [\"openai-project\"]",

@@ -53,6 +53,7 @@ pub fn is_managed_header(name: &str) -> bool {
             // Forwarding headers: the upstream must not trust the client's.
             | "forwarded"
             | "x-real-ip"
+            // Consumed by Till (a retry of this proxy's attempt, not the upstream's).
             | "idempotency-key"
             // Frameworks (Rails, Laravel, Express, ASP.NET, Symfony, IIS,
             // Spring) let these replace the method or path that was
@@ -72,7 +73,11 @@ pub const BILLING_HEADERS: &[&str] = &["openai-organization", "openai-project"];
 
 /// Whether a client's header must not reach `upstream`. `content-type` is the
 /// one managed header that is passed through as sent.
-fn skip_request_header(name: &HeaderName, upstream: &Upstream, named_in_connection: &[String]) -> bool {
+fn skip_request_header(
+    name: &HeaderName,
+    upstream: &Upstream,
+    named_in_connection: &[String],
+) -> bool {
     let n = name.as_str();
     (is_managed_header(n) && n != "content-type")
         || *name == upstream.header
@@ -151,6 +156,19 @@ fn percent_decoded(s: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+fn skip_response_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 /// Sends the request to `upstream` and returns a streaming response.
@@ -276,7 +294,10 @@ mod tests {
             );
         }
         for m in ["GET", "POST", "DELETE", "OPTIONS", "PATCH", "TRACES"] {
-            assert!(refuse_unsafe_request(&parts(m, "/openai/v1/x")).is_ok(), "{m}");
+            assert!(
+                refuse_unsafe_request(&parts(m, "/openai/v1/x")).is_ok(),
+                "{m}"
+            );
         }
     }
 
@@ -298,7 +319,15 @@ mod tests {
         ] {
             assert!(has_method_override(q), "{q}");
         }
-        for q in ["", "method=x", "my_method=x", "q=_method", "_metho=x", "%zz=1", "%"] {
+        for q in [
+            "",
+            "method=x",
+            "my_method=x",
+            "q=_method",
+            "_metho=x",
+            "%zz=1",
+            "%",
+        ] {
             assert!(!has_method_override(q), "{q}");
         }
     }

@@ -42,7 +42,9 @@ async fn regression_trace_and_connect_are_refused_before_the_credential_is_injec
         ] {
             let (status, body) = raw_exchange(
                 proxy.addr,
-                &format!("{method} {target} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n{auth}"),
+                &format!(
+                    "{method} {target} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n{auth}"
+                ),
             )
             .await;
             assert_eq!(status, 405, "{method} {target} {auth:?}: {body}");
@@ -143,7 +145,10 @@ async fn regression_method_override_and_rewrite_headers_do_not_reach_the_upstrea
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].method, "GET");
     assert_eq!(seen[0].uri, "/v1/chat/x");
-    assert_eq!(seen[0].headers["x-kept"], "yes", "ordinary headers still pass");
+    assert_eq!(
+        seen[0].headers["x-kept"], "yes",
+        "ordinary headers still pass"
+    );
     for h in dropped {
         let name = h.split(':').next().unwrap();
         assert!(
@@ -184,7 +189,10 @@ async fn regression_method_override_query_parameter_is_refused() {
         let v = json(&r.text().await.unwrap());
         assert_eq!(v["error"]["code"], "bad_request", "{v}");
         assert!(
-            v["error"]["message"].as_str().unwrap().contains("`_method`"),
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("`_method`"),
             "{v}"
         );
     }
@@ -239,7 +247,11 @@ async fn regression_billing_headers_are_dropped_unless_the_upstream_allows_them(
     assert_eq!(send(&configured).await.unwrap().status(), 200);
     let s = &up.seen()[1];
     let orgs: Vec<_> = s.headers.get_all("openai-organization").iter().collect();
-    assert_eq!(orgs, ["org-fixed-by-operator"], "set, replacing the agent's");
+    assert_eq!(
+        orgs,
+        ["org-fixed-by-operator"],
+        "set, replacing the agent's"
+    );
     assert_eq!(s.headers["openai-project"], "proj-chosen-by-agent");
     assert_eq!(
         s.headers["authorization"],
@@ -275,7 +287,10 @@ async fn regression_upstream_url_with_userinfo_is_refused_at_start() {
             Err(log) => log,
         };
         assert!(log.contains("upstreams.openai.url"), "{url}: {log}");
-        assert!(!log.contains("s3cret-in-url"), "{url}: secret printed: {log}");
+        assert!(
+            !log.contains("s3cret-in-url"),
+            "{url}: secret printed: {log}"
+        );
         if url.contains(&up.addr.to_string()) {
             assert!(log.contains("`credential`"), "{url}: {log}");
         }
