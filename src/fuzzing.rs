@@ -333,6 +333,13 @@ fn request_seeds() -> Vec<Vec<u8>> {
             r#"{"mod\u0065l":"gpt-4o","x":{"model":"y"}}"#,
         ),
         (
+            "/v1/chat/..;/files/.%2e%3bx/.;",
+            format!("Bearer {t}"),
+            "",
+            "application/json",
+            r#"{"model":"gpt-4o-mini"}"#,
+        ),
+        (
             "/a%5C..%5Cb/%zz/é",
             "Bearer".into(),
             "",
@@ -382,5 +389,9 @@ format = "slack"
     ];
     out.push(b"[upstreams.\"a b\"]\nurl = \"ftp://x?y#z\"\n".to_vec());
     out.push(b"listen = 5\n[limits]\nmax_connections = 0\n".to_vec());
+    out.push(
+        b"[upstreams.openai]\nurl = \"https://u:p@api.openai.com\"\nset_headers = { \"OpenAI-Organization\" = \"org-1\", \"Host\" = \"x\" }\npass_headers = [\"OpenAI-Project\", \"x-a\"]\n"
+            .to_vec(),
+    );
     out
 }

@@ -35,10 +35,10 @@ async fn regression_trace_and_connect_are_refused_before_the_credential_is_injec
         ("CONNECT", "/openai/v1/models"),
         ("CONNECT", authority.as_str()),
     ] {
-        for auth in [
-            format!("authorization: Bearer {token}\r\n"),
-            String::new(),
-            "authorization: Bearer garbage\r\n".into(),
+        for (which, auth) in [
+            ("valid token", format!("authorization: Bearer {token}\r\n")),
+            ("no token", String::new()),
+            ("bad token", "authorization: Bearer garbage\r\n".into()),
         ] {
             let (status, body) = raw_exchange(
                 proxy.addr,
@@ -47,7 +47,7 @@ async fn regression_trace_and_connect_are_refused_before_the_credential_is_injec
                 ),
             )
             .await;
-            assert_eq!(status, 405, "{method} {target} {auth:?}: {body}");
+            assert_eq!(status, 405, "{method} {target} with {which}: {body}");
             let v = json(&body);
             assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
             assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
