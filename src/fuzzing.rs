@@ -196,6 +196,11 @@ pub fn check_path(p: &str) {
             !seg.is_empty() && seg != "." && seg != "..",
             "{p:?} -> {n:?}"
         );
+        // Servers that strip `;` parameters before resolving dot segments
+        // must not find one either.
+        let head = seg.split(';').next().unwrap_or(seg);
+        let head = head.split("%3B").next().unwrap_or(head);
+        assert!(head != "." && head != "..", "{p:?} -> {n:?}");
     }
     let lower = n.to_ascii_lowercase();
     assert!(
@@ -330,6 +335,13 @@ fn request_seeds() -> Vec<Vec<u8>> {
             r#"{"mod\u0065l":"gpt-4o","x":{"model":"y"}}"#,
         ),
         (
+            "/v1/chat/..;/files/.%2e%3bx/.;",
+            format!("Bearer {t}"),
+            "",
+            "application/json",
+            r#"{"model":"gpt-4o-mini"}"#,
+        ),
+        (
             "/a%5C..%5Cb/%zz/é",
             "Bearer".into(),
             "",
@@ -379,5 +391,9 @@ format = "slack"
     ];
     out.push(b"[upstreams.\"a b\"]\nurl = \"ftp://x?y#z\"\n".to_vec());
     out.push(b"listen = 5\n[limits]\nmax_connections = 0\n".to_vec());
+    out.push(
+        b"[upstreams.openai]\nurl = \"https://u:p@api.openai.com\"\nset_headers = { \"OpenAI-Organization\" = \"org-1\", \"Host\" = \"x\" }\npass_headers = [\"OpenAI-Project\", \"x-a\"]\n"
+            .to_vec(),
+    );
     out
 }

@@ -5,7 +5,8 @@
 //! then both authorize and forward the normalised form: tricks such as
 //! `/v1/chat/../files`, `%2e%2e`, `//` cannot make the two differ. Anything we
 //! cannot normalise unambiguously (encoded `/` or `\`, control characters,
-//! `..` above the root) is rejected: deny when unsure.
+//! `..` above the root, `..;` and other dot segments with `;` parameters) is
+//! rejected: deny when unsure.
 
 use thiserror::Error;
 
@@ -22,6 +23,10 @@ pub enum PathError {
     BadEscape,
     #[error("path climbs above the root with '..'")]
     AboveRoot,
+    #[error(
+        "path has a '.' or '..' segment with ';' parameters (such as '..;'), which some servers read as '..'; remove the ';'"
+    )]
+    DotSegmentParameters,
     #[error("path is longer than {0} bytes")]
     TooLong(usize),
 }
@@ -83,6 +88,22 @@ fn decode_unreserved(raw: &str) -> Result<String, PathError> {
     Ok(out)
 }
 
+/// Whether `seg` (escapes already canonical) is `.` or `..` followed by `;`
+/// parameters. Tomcat and Spring strip path parameters before resolving dot
+/// segments, so `/v1/chat/..;/files` is `/v1/files` to them while it would
+/// stay under `/v1/chat/` here.
+fn is_dot_segment_with_parameters(seg: &str) -> bool {
+    // `decode_unreserved` leaves `;` encoded and upper-cases the escape.
+    let end = match (seg.find(';'), seg.find("%3B")) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => match a.or(b) {
+            Some(i) => i,
+            None => return false,
+        },
+    };
+    matches!(&seg[..end], "." | "..")
+}
+
 /// Returns the normalised form of an absolute path (no query string).
 ///
 /// ```
@@ -102,6 +123,9 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
     let mut trailing = false;
     for seg in decoded.split('/') {
         trailing = false;
+        if is_dot_segment_with_parameters(seg) {
+            return Err(PathError::DotSegmentParameters);
+        }
         match seg {
             "" => trailing = true,
             "." => trailing = true,
@@ -166,6 +190,29 @@ mod tests {
         assert_eq!(normalize("/.."), Err(PathError::AboveRoot));
         assert_eq!(normalize("/a/../../b"), Err(PathError::AboveRoot));
         assert_eq!(normalize("a/b"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn regression_dot_segments_with_semicolon_parameters_are_refused() {
+        for p in [
+            "/v1/chat/..;/files",
+            "/v1/chat/.;/x",
+            "/v1/chat/..;jsessionid=x/files",
+            "/v1/chat/%2e%2e;/files",
+            "/v1/chat/%2E.;/files",
+            "/v1/chat/..%3b/files",
+            "/v1/chat/..%3B/files",
+            "/v1/chat/.%2e%3bx=1/files",
+            "/v1/chat/..;",
+            "/..;/x",
+        ] {
+            assert_eq!(normalize(p), Err(PathError::DotSegmentParameters), "{p}");
+        }
+        // `;` elsewhere changes no segment's meaning and is kept as sent.
+        assert_eq!(normalize("/v1/chat;x/y").unwrap(), "/v1/chat;x/y");
+        assert_eq!(normalize("/v1/chat/...;/x").unwrap(), "/v1/chat/...;/x");
+        assert_eq!(normalize("/v1/chat/;../x").unwrap(), "/v1/chat/;../x");
+        assert_eq!(normalize("/v1/chat/a..;/x").unwrap(), "/v1/chat/a..;/x");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::forward;
 use crate::token::vocab;
 
 /// A configuration problem; the CLI exits 2 on it before listening.
@@ -64,6 +65,16 @@ pub struct UpstreamConfig {
     /// Text before the credential, e.g. `"Bearer "`; `""` for none.
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// Headers set on every request to this upstream, after the client's
+    /// headers are filtered, replacing any the client sent (e.g. a fixed
+    /// `OpenAI-Organization`). Values are handled like the credential: never
+    /// printed.
+    #[serde(default)]
+    pub set_headers: BTreeMap<String, String>,
+    /// Billing headers (`OpenAI-Organization`, `OpenAI-Project`) the client
+    /// may choose; dropped unless listed here.
+    #[serde(default)]
+    pub pass_headers: Vec<String>,
 }
 
 /// Size and time limits. The defaults suit LLM APIs.
@@ -245,9 +256,19 @@ impl Config {
             let url = reqwest::Url::parse(&u.url).map_err(|e| {
                 self.err(
                     &format!("{key}.url"),
-                    format!("{:?} is not a URL ({e})", u.url),
+                    format!("{} is not a URL ({e})", shown_unparsed_url(&u.url)),
                 )
             })?;
+            // Checked first: every later message may show the URL.
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(self.err(
+                    &format!("{key}.url"),
+                    format!(
+                        "{:?} has a user name or password in it; remove it and put the secret in `credential` (with `header` and `prefix`) instead, so it is never printed or logged",
+                        shown_url(&url)
+                    ),
+                ));
+            }
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
                 return Err(self.err(
                     &format!("{key}.url"),
@@ -268,6 +289,7 @@ impl Config {
             {
                 return Err(self.err(&format!("{key}.credential.env"), "empty variable name"));
             }
+            self.validate_header_options(&key, u)?;
         }
         for (i, t) in self.alerts.thresholds.iter().enumerate() {
             if !(*t > 0.0 && *t <= 1.0) {
@@ -320,6 +342,59 @@ impl Config {
         Ok(())
     }
 
+    /// `set_headers` and `pass_headers` of one upstream: real header names
+    /// and values, none that Till manages itself, no name twice.
+    fn validate_header_options(&self, key: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
+        let credential_header = u.header.to_ascii_lowercase();
+        let mut set = Vec::new();
+        for (name, value) in &u.set_headers {
+            let k = format!("{key}.set_headers.{name:?}");
+            let h = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| self.err(&k, "not a header name"))?;
+            if forward::is_managed_header(h.as_str()) || h.as_str() == credential_header {
+                return Err(self.err(
+                    &k,
+                    "Till manages this header itself and it cannot be set here; an upstream's secret goes in `credential` (with `header` and `prefix`)",
+                ));
+            }
+            if set.contains(&h) {
+                return Err(self.err(&k, "set twice (header names ignore case); keep one"));
+            }
+            // The value is not shown: it may be as sensitive as a credential.
+            if value.is_empty() {
+                return Err(self.err(&k, "empty value; remove the entry to drop the header"));
+            }
+            http::HeaderValue::from_str(value).map_err(|_| {
+                self.err(
+                    &k,
+                    "the value contains characters not allowed in a header (control characters, non-ASCII)",
+                )
+            })?;
+            set.push(h);
+        }
+        for (i, name) in u.pass_headers.iter().enumerate() {
+            let k = format!("{key}.pass_headers[{i}]");
+            let h = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| self.err(&k, format!("{name:?} is not a header name")))?;
+            if !forward::BILLING_HEADERS.contains(&h.as_str()) {
+                return Err(self.err(
+                    &k,
+                    format!(
+                        "{name:?} cannot be listed: only the billing headers Till drops by default ({}) can be passed through; other headers are either forwarded already or never forwarded",
+                        forward::BILLING_HEADERS.join(", ")
+                    ),
+                ));
+            }
+            if set.contains(&h) {
+                return Err(self.err(
+                    &k,
+                    format!("{name:?} is also in set_headers; either set a fixed value or pass the client's, not both"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Adds an upstream for each well-known credential present in `env`,
     /// unless the config already names that service.
     pub fn add_well_known_from_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
@@ -336,6 +411,8 @@ impl Config {
                         credential: Some(CredentialSource::Env(var.to_string())),
                         header: header.to_string(),
                         prefix: prefix.to_string(),
+                        set_headers: BTreeMap::new(),
+                        pass_headers: Vec::new(),
                     },
                 );
                 added.push(svc.to_string());
@@ -384,6 +461,26 @@ impl Config {
     }
 }
 
+/// A parsed URL as it may appear in messages: without user name and
+/// password.
+fn shown_url(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    // Fails only for URLs that cannot have userinfo, which have none.
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.to_string()
+}
+
+/// A URL that did not parse, as it may appear in messages: hidden if it may
+/// hold userinfo, since where it ends cannot be known.
+fn shown_unparsed_url(raw: &str) -> String {
+    if raw.contains('@') {
+        "the URL (not shown: it contains '@', which may hide a password)".into()
+    } else {
+        format!("{raw:?}")
+    }
+}
+
 /// The `till.toml` that `till up` writes on first start.
 pub fn default_file(state_dir: &Path) -> String {
     format!(
@@ -407,6 +504,10 @@ policies = "policies"
 # credential = {{ env = "OPENAI_API_KEY" }}   # or {{ file = "/run/secrets/openai" }}
 # header = "authorization"                  # header the credential goes in
 # prefix = "Bearer "                        # text before the credential, "" for none
+# OpenAI-Organization / OpenAI-Project from clients are dropped; to bill a fixed
+# organisation or project, or to let clients choose, use one of:
+# set_headers = {{ "OpenAI-Organization" = "org-..." }}
+# pass_headers = ["OpenAI-Project"]
 
 [limits]
 max_body_bytes = 8388608
@@ -487,6 +588,104 @@ prefix = "Bearer "
             e.contains("upstreams.a.credential") && e.contains("TILL_SURELY_UNSET"),
             "{e}"
         );
+    }
+
+    fn upstream_error(extra: &str) -> String {
+        Config::parse(
+            &format!("[upstreams.openai]\nurl = \"https://api.openai.com\"\n{extra}"),
+            "x.toml",
+        )
+        .unwrap_err()
+        .to_string()
+    }
+
+    #[test]
+    fn regression_urls_with_userinfo_are_refused_without_showing_the_secret() {
+        for url in [
+            "https://user:hunter2@api.example",
+            "https://hunter2@api.example",
+            "https://:hunter2@api.example",
+            "http:user:hunter2@api.example",
+            "https://user:hunter2@",
+        ] {
+            let e = Config::parse(&format!("[upstreams.a]\nurl = {url:?}"), "x.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("upstreams.a.url"), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        let e = Config::parse(
+            "[upstreams.a]\nurl = \"https://user:hunter2@api.example/v1\"",
+            "x.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`credential`") && e.contains("api.example/v1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn header_options_are_validated() {
+        let c = Config::parse(
+            "[upstreams.openai]\nurl = \"https://api.openai.com\"\n\
+             set_headers = { \"OpenAI-Organization\" = \"org-1\", \"X-Team\" = \"a\" }\n\
+             pass_headers = [\"OpenAI-Project\"]\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams["openai"].pass_headers, ["OpenAI-Project"]);
+        for (extra, says) in [
+            (
+                "set_headers = { \"Authorization\" = \"Bearer x\" }",
+                "`credential`",
+            ),
+            ("set_headers = { \"Host\" = \"evil\" }", "manages"),
+            (
+                "set_headers = { \"X-Forwarded-For\" = \"1.2.3.4\" }",
+                "manages",
+            ),
+            (
+                "set_headers = { \"X-HTTP-Method-Override\" = \"GET\" }",
+                "manages",
+            ),
+            (
+                "header = \"x-key\"\nset_headers = { \"X-Key\" = \"k\" }",
+                "manages",
+            ),
+            (
+                "set_headers = { \"bad name\" = \"x\" }",
+                "not a header name",
+            ),
+            ("set_headers = { \"X-A\" = \"\" }", "empty value"),
+            ("set_headers = { \"X-A\" = \"a\\nb\" }", "not allowed"),
+            (
+                "set_headers = { \"X-A\" = \"a\", \"x-a\" = \"b\" }",
+                "twice",
+            ),
+            (
+                "pass_headers = [\"Authorization\"]",
+                "only the billing headers",
+            ),
+            (
+                "pass_headers = [\"X-Anything\"]",
+                "only the billing headers",
+            ),
+            ("pass_headers = [\"bad name\"]", "not a header name"),
+            (
+                "set_headers = { \"OpenAI-Project\" = \"p\" }\npass_headers = [\"openai-project\"]",
+                "not both",
+            ),
+        ] {
+            let e = upstream_error(extra);
+            assert!(
+                e.starts_with("x.toml: upstreams.openai.") && e.contains(says),
+                "{extra}: {e}"
+            );
+        }
+        // A rejected value is not echoed.
+        assert!(!upstream_error("set_headers = { \"X-A\" = \"sec\\u0000ret\" }").contains("sec"));
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub enum ProxyError {
     Denied(Denial),
     /// 400: the request itself is malformed (path tricks, bad header).
     BadRequest(String),
+    /// 405: a method that is never forwarded (TRACE, TRACK, CONNECT), with
+    /// the method as sent.
+    MethodNotAllowed(String),
     /// 404: no such upstream.
     UnknownService(String),
     /// 409: a request with this Idempotency-Key is still in flight.
@@ -54,6 +57,7 @@ impl ProxyError {
             }
             ProxyError::Denied(_) => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UnknownService(_) => StatusCode::NOT_FOUND,
             ProxyError::IdempotencyConflict => StatusCode::CONFLICT,
             ProxyError::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
@@ -81,6 +85,7 @@ impl ProxyError {
                 DenialKind::Scope => "out_of_scope",
             },
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::UnknownService(_) => "unknown_service",
             ProxyError::IdempotencyConflict => "idempotency_conflict",
             ProxyError::IdempotencyMismatch => "idempotency_key_reused",
@@ -101,6 +106,7 @@ impl ProxyError {
             ProxyError::Denied(d) if d.kind == DenialKind::Exhausted => "rate_limit_error",
             ProxyError::Denied(_) => "permission_error",
             ProxyError::BadRequest(_)
+            | ProxyError::MethodNotAllowed(_)
             | ProxyError::TooLarge(_)
             | ProxyError::TokenTooLarge(_)
             | ProxyError::IdempotencyConflict
@@ -121,6 +127,9 @@ impl ProxyError {
             ProxyError::InvalidToken(m) => format!("invalid Till token: {m}"),
             ProxyError::Denied(d) => format!("denied: {}", d.reason),
             ProxyError::BadRequest(m) => format!("bad request: {m}"),
+            ProxyError::MethodNotAllowed(m) => format!(
+                "method {m} is not allowed: Till never forwards TRACE, TRACK or CONNECT, whatever the token; use GET, POST or another ordinary method"
+            ),
             ProxyError::UnknownService(s) => {
                 format!("no upstream named {s:?} is configured on this proxy")
             }

@@ -1,7 +1,11 @@
 //! Forwarding to the upstream and streaming the answer back unbuffered.
 //!
 //! The client's token and any credential header it sent are removed and the
-//! real credential is injected. Redirects are not followed (the client sees
+//! real credential is injected. Headers that could make the upstream act on
+//! another method, path or account than the one authorized (method
+//! overrides, rewrite headers, billing headers, anything the client names in
+//! `Connection`) are removed too, and [`refuse_unsafe_request`] refuses what
+//! no header filtering can make safe. Redirects are not followed (the client sees
 //! the 3xx). There is no total timeout, so long SSE streams live as long as
 //! bytes keep coming; the idle timeout cuts a silent upstream. When the
 //! client goes away, axum drops the response body, which drops the upstream
@@ -24,10 +28,12 @@ pub enum Outgoing {
     Stream(Body),
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and others a proxy must not copy.
-fn skip_request_header(name: &HeaderName, upstream: &Upstream) -> bool {
+/// Headers Till manages itself: never copied from the client, and not
+/// allowed in an upstream's `set_headers` / `pass_headers`.
+pub fn is_managed_header(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
+        // Hop-by-hop (RFC 9110 §7.6.1) and framing.
         "connection"
             | "keep-alive"
             | "proxy-connection"
@@ -39,15 +45,117 @@ fn skip_request_header(name: &HeaderName, upstream: &Upstream) -> bool {
             | "upgrade"
             | "host"
             | "content-length"
+            // The body Till read as JSON must reach the upstream as JSON.
+            | "content-type"
+            // Client credentials: the token, or a key meant for the upstream.
             | "authorization"
             | "x-api-key"
+            // Forwarding headers: the upstream must not trust the client's.
             | "forwarded"
-            | "x-forwarded-host"
-            | "x-forwarded-proto"
-            | "x-forwarded-for"
             | "x-real-ip"
+            // Consumed by Till (a retry of this proxy's attempt, not the upstream's).
             | "idempotency-key"
-    ) || *name == upstream.header
+            // Frameworks (Rails, Laravel, Express, ASP.NET, Symfony, IIS,
+            // Spring) let these replace the method or path that was
+            // authorized.
+            | "x-http-method-override"
+            | "x-http-method"
+            | "x-method-override"
+            | "x-original-url"
+            | "x-rewrite-url"
+    ) || name.starts_with("x-forwarded-")
+}
+
+/// Headers that choose the account an upstream bills (OpenAI organisation
+/// and project): dropped unless the upstream's `pass_headers` lists them, so
+/// an agent cannot charge another organisation the key belongs to.
+pub const BILLING_HEADERS: &[&str] = &["openai-organization", "openai-project"];
+
+/// Whether a client's header must not reach `upstream`. `content-type` is the
+/// one managed header that is passed through as sent.
+fn skip_request_header(
+    name: &HeaderName,
+    upstream: &Upstream,
+    named_in_connection: &[String],
+) -> bool {
+    let n = name.as_str();
+    (is_managed_header(n) && n != "content-type")
+        || *name == upstream.header
+        || (BILLING_HEADERS.contains(&n) && !upstream.pass_headers.contains(name))
+        || named_in_connection.iter().any(|c| c == n)
+}
+
+/// Header names the client lists in `Connection`: hop-by-hop by declaration
+/// (RFC 9110 §7.6.1), so a proxy must not forward them.
+fn connection_options(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Refuses, before any token work, requests that must not reach an upstream
+/// whatever the token allows: TRACE and TRACK echo the request (with the
+/// injected credential) back to the client, CONNECT asks for a tunnel, and a
+/// `_method` query parameter lets frameworks run another method than the one
+/// authorized.
+pub fn refuse_unsafe_request(parts: &http::request::Parts) -> Result<(), ProxyError> {
+    let m = parts.method.as_str();
+    // Case-insensitive: some servers read `trace` as TRACE.
+    if ["TRACE", "TRACK", "CONNECT"]
+        .iter()
+        .any(|b| m.eq_ignore_ascii_case(b))
+    {
+        return Err(ProxyError::MethodNotAllowed(m.to_string()));
+    }
+    if parts.uri.query().is_some_and(has_method_override) {
+        return Err(ProxyError::BadRequest(
+            "the query has a `_method` parameter, which some frameworks use to replace the HTTP method; send the request with the method you mean and without `_method`".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a query string has a parameter named `_method` (any case, also
+/// `_method[]` and other names starting with it), percent-encoded up to three
+/// times (no framework decodes more often). Both `&` and `;` separate
+/// parameters in some frameworks.
+fn has_method_override(query: &str) -> bool {
+    query.split(['&', ';']).any(|pair| {
+        let mut name = pair.split('=').next().unwrap_or(pair).as_bytes().to_vec();
+        for _ in 0..3 {
+            name = percent_decoded(&name);
+        }
+        let name = String::from_utf8_lossy(&name);
+        name.trim_start_matches([' ', '+'])
+            .get(..7)
+            .is_some_and(|n| n.eq_ignore_ascii_case("_method"))
+    })
+}
+
+fn percent_decoded(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if let (b'%', Some(h), Some(l)) = (
+            s[i],
+            s.get(i + 1).and_then(|&b| hex(b)),
+            s.get(i + 2).and_then(|&b| hex(b)),
+        ) {
+            // Two hex digits: at most 255.
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 fn skip_response_header(name: &HeaderName) -> bool {
@@ -78,11 +186,17 @@ pub async fn forward(
         url.push('?');
         url.push_str(q);
     }
-    let mut headers = HeaderMap::with_capacity(parts.headers.len() + 1);
+    let mut headers =
+        HeaderMap::with_capacity(parts.headers.len() + upstream.set_headers.len() + 1);
+    let named_in_connection = connection_options(&parts.headers);
     for (name, value) in parts.headers.iter() {
-        if !skip_request_header(name, upstream) {
+        if !skip_request_header(name, upstream, &named_in_connection) {
             headers.append(name.clone(), value.clone());
         }
+    }
+    // After filtering, and `insert`: a client's own value never rides along.
+    for (name, value) in &upstream.set_headers {
+        headers.insert(name.clone(), value.clone());
     }
     if let Some(c) = &upstream.credential {
         headers.insert(upstream.header.clone(), c.clone());
@@ -151,5 +265,78 @@ fn upstream_error(e: &reqwest::Error) -> ProxyError {
         ProxyError::GatewayTimeout(msg)
     } else {
         ProxyError::BadGateway(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(method: &str, uri: &str) -> http::request::Parts {
+        http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0
+    }
+
+    #[test]
+    fn trace_track_and_connect_are_refused_in_any_case() {
+        for m in ["TRACE", "trace", "Track", "CONNECT", "connect"] {
+            assert!(
+                matches!(
+                    refuse_unsafe_request(&parts(m, "/openai/v1/x")),
+                    Err(ProxyError::MethodNotAllowed(_))
+                ),
+                "{m}"
+            );
+        }
+        for m in ["GET", "POST", "DELETE", "OPTIONS", "PATCH", "TRACES"] {
+            assert!(
+                refuse_unsafe_request(&parts(m, "/openai/v1/x")).is_ok(),
+                "{m}"
+            );
+        }
+    }
+
+    #[test]
+    fn method_override_query_parameters_are_found_however_encoded() {
+        for q in [
+            "_method=DELETE",
+            "_METHOD=x",
+            "a=1&_method=x",
+            "a=1;_Method=x",
+            "%5Fmethod=x",
+            "%5f%6d%65%74%68%6f%64=x",
+            "%255Fmethod=x",
+            "%25255Fmethod=x",
+            "_method[]=x",
+            "_method%5B%5D=x",
+            "+_method=x",
+            "_method",
+        ] {
+            assert!(has_method_override(q), "{q}");
+        }
+        for q in [
+            "",
+            "method=x",
+            "my_method=x",
+            "q=_method",
+            "_metho=x",
+            "%zz=1",
+            "%",
+        ] {
+            assert!(!has_method_override(q), "{q}");
+        }
+    }
+
+    #[test]
+    fn connection_options_are_lower_case_names_from_every_line() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, "close, X-A".parse().unwrap());
+        h.append(header::CONNECTION, " x-b ,,".parse().unwrap());
+        assert_eq!(connection_options(&h), ["close", "x-a", "x-b"]);
     }
 }

@@ -273,6 +273,7 @@ async fn handle(
     obs: &mut Observation,
 ) -> Result<Response, ProxyError> {
     let (parts, body) = req.into_parts();
+    super::forward::refuse_unsafe_request(&parts)?;
 
     // 1. Bound and parse the head before any cryptography.
     let (service, rest) = split_service(parts.uri.path())?;

@@ -42,6 +42,10 @@ pub struct Upstream {
     pub header: HeaderName,
     /// The real credential, marked sensitive so it is never printed.
     pub credential: Option<HeaderValue>,
+    /// `set_headers`, values marked sensitive like the credential.
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    /// `pass_headers`: billing headers forwarded as the client sent them.
+    pub pass_headers: Vec<HeaderName>,
 }
 
 /// Everything the request path needs, shared by all requests.
@@ -148,12 +152,32 @@ impl AppState {
                 }
                 None => None,
             };
+            let bad = |what: &str| config::ConfigError {
+                file: cfg.file.clone(),
+                message: format!("upstreams.{name}.{what}: not a valid header"),
+            };
+            let mut set_headers = Vec::with_capacity(u.set_headers.len());
+            for (k, v) in &u.set_headers {
+                let mut v = HeaderValue::from_str(v).map_err(|_| bad("set_headers"))?;
+                v.set_sensitive(true);
+                set_headers.push((
+                    HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad("set_headers"))?,
+                    v,
+                ));
+            }
+            let pass_headers = u
+                .pass_headers
+                .iter()
+                .map(|k| HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad("pass_headers")))
+                .collect::<Result<_, _>>()?;
             upstreams.insert(
                 name.clone(),
                 Upstream {
                     base: u.url.trim_end_matches('/').to_string(),
                     header,
                     credential,
+                    set_headers,
+                    pass_headers,
                 },
             );
         }

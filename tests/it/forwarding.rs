@@ -1,0 +1,299 @@
+//! Forwarding hygiene: what reaches the upstream is the method, path and
+//! account that were authorized, and nothing a client adds can change that
+//! (red-team issue 9, "Forwarding").
+
+use till::token::Scope;
+
+use crate::helpers::*;
+
+fn under(prefix: &str) -> Scope {
+    Scope {
+        services: vec!["openai".into()],
+        paths: vec![prefix.into()],
+        ..Scope::default()
+    }
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
+}
+
+/// TRACE echoes the request, with the credential Till injected, back to the
+/// client; CONNECT asks for a tunnel. Both are refused whatever the token,
+/// even without one, and nothing reaches the upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_trace_and_connect_are_refused_before_the_credential_is_injected() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.token("openai", Some(10));
+    let authority = up.addr.to_string();
+    for (method, target) in [
+        ("TRACE", "/openai/v1/chat/completions"),
+        ("trace", "/openai/v1/models"),
+        ("TRACK", "/openai/v1/models"),
+        ("CONNECT", "/openai/v1/models"),
+        ("CONNECT", authority.as_str()),
+    ] {
+        for (which, auth) in [
+            ("valid token", format!("authorization: Bearer {token}\r\n")),
+            ("no token", String::new()),
+            ("bad token", "authorization: Bearer garbage\r\n".into()),
+        ] {
+            let (status, body) = raw_exchange(
+                proxy.addr,
+                &format!(
+                    "{method} {target} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n{auth}"
+                ),
+            )
+            .await;
+            assert_eq!(status, 405, "{method} {target} with {which}: {body}");
+            let v = json(&body);
+            assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("never forwards"), "{msg}");
+            assert!(!body.contains(OPENAI_SECRET), "credential echoed: {body}");
+        }
+    }
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // The refusals spent no activation: all ten are left.
+    for _ in 0..10 {
+        assert_eq!(chat(&proxy, &token, "m").await.0, 200);
+    }
+    assert_eq!(chat(&proxy, &token, "m").await.0, 429);
+}
+
+/// Tomcat and Spring drop `;` parameters from a segment before resolving dot
+/// segments, so `/v1/chat/..;/files` is `/v1/files` to them while it looked
+/// like a path under `/v1/chat/`.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_dot_segments_with_semicolons_cannot_escape_a_prefix() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(under("/v1/chat/"));
+    let auth = format!("authorization: Bearer {token}\r\n");
+    for path in [
+        "/openai/v1/chat/..;/files",
+        "/openai/v1/chat/.;/../files",
+        "/openai/v1/chat/..;jsessionid=x/files",
+        "/openai/v1/chat/%2e%2e;/files",
+        "/openai/v1/chat/%2E%2E;/files",
+        "/openai/v1/chat/..%3b/files",
+        "/openai/v1/chat/..%3B/files",
+        "/openai/v1/chat/.%2e%3bx=1/files",
+    ] {
+        let (status, body) = raw_exchange(
+            proxy.addr,
+            &format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n{auth}"),
+        )
+        .await;
+        assert_eq!(status, 400, "{path}: {body}");
+        let v = json(&body);
+        assert_eq!(v["error"]["code"], "bad_request", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("'..;'"),
+            "{v}"
+        );
+    }
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // A `;` that is not part of a dot segment is forwarded as sent.
+    assert_eq!(
+        raw_request(proxy.addr, "/openai/v1/chat/a;b=1/x", &auth).await,
+        200
+    );
+    assert_eq!(up.seen()[0].uri, "/v1/chat/a;b=1/x");
+}
+
+/// Frameworks read these headers as the method or the path to act on, so an
+/// agent allowed `GET /v1/chat/` could delete files; and headers the client
+/// lists in `Connection` are hop-by-hop by declaration.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_method_override_and_rewrite_headers_do_not_reach_the_upstream() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(Scope {
+        methods: vec!["GET".into()],
+        ..under("/v1/chat/")
+    });
+    let dropped = [
+        "x-http-method-override: DELETE",
+        "X-HTTP-Method: DELETE",
+        "x-method-override: DELETE",
+        "X-Original-URL: /v1/files/file-1",
+        "x-rewrite-url: /v1/files/file-1",
+        "x-forwarded-prefix: /v1/files",
+        "x-named-in-connection: 1",
+        "x-also-named: 2",
+        "x-named-on-a-second-line: 3",
+    ];
+    let mut extra = format!("authorization: Bearer {token}\r\nx-kept: yes\r\n");
+    // raw_request sends `connection: close` itself; these add to it.
+    extra.push_str("connection: X-Named-In-Connection , x-also-named\r\n");
+    extra.push_str("connection: x-named-on-a-second-line\r\n");
+    for h in dropped {
+        extra.push_str(h);
+        extra.push_str("\r\n");
+    }
+    assert_eq!(
+        raw_request(proxy.addr, "/openai/v1/chat/x", &extra).await,
+        200
+    );
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "GET");
+    assert_eq!(seen[0].uri, "/v1/chat/x");
+    assert_eq!(
+        seen[0].headers["x-kept"], "yes",
+        "ordinary headers still pass"
+    );
+    for h in dropped {
+        let name = h.split(':').next().unwrap();
+        assert!(
+            seen[0].headers.get(name).is_none(),
+            "{name} reached the upstream: {:?}",
+            seen[0].headers
+        );
+    }
+}
+
+/// `?_method=DELETE` is read as the method by Rails, Laravel, Symfony and
+/// others. Stripping it from the query would change what the upstream sees
+/// in other ways, so the request is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_method_override_query_parameter_is_refused() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(under("/v1/chat/"));
+    let c = client();
+    for query in [
+        "_method=DELETE",
+        "a=1&_METHOD=delete",
+        "%5Fmethod=DELETE",
+        "%5f%6D%65thod=DELETE",
+        "%255Fmethod=DELETE",
+        "_method[]=DELETE",
+        "x=1;_method=DELETE",
+        "_method",
+    ] {
+        let r = c
+            .get(proxy.url(&format!("/openai/v1/chat/x?{query}")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{query}");
+        let v = json(&r.text().await.unwrap());
+        assert_eq!(v["error"]["code"], "bad_request", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("`_method`"),
+            "{v}"
+        );
+    }
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // Other parameters, and `_method` as a value, are fine.
+    for query in ["method=x", "my_method=x", "q=_method"] {
+        let r = c
+            .get(proxy.url(&format!("/openai/v1/chat/x?{query}")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{query}");
+    }
+    assert_eq!(up.count(), 3);
+}
+
+/// `OpenAI-Organization` / `OpenAI-Project` choose who is billed: by
+/// default an agent's values are dropped; an upstream can set fixed values
+/// or let the client choose, per header.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_billing_headers_are_dropped_unless_the_upstream_allows_them() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let token = home.token("openai", None);
+    let send = |proxy: &Proxy| {
+        client()
+            .get(proxy.url("/openai/v1/models"))
+            .bearer_auth(&token)
+            .header("OpenAI-Organization", "org-chosen-by-agent")
+            .header("OpenAI-Project", "proj-chosen-by-agent")
+            .send()
+    };
+
+    let plain = Proxy::start(&home, &[openai(&up)], "");
+    assert_eq!(send(&plain).await.unwrap().status(), 200);
+    let s = &up.seen()[0];
+    assert!(s.headers.get("openai-organization").is_none(), "{s:?}");
+    assert!(s.headers.get("openai-project").is_none(), "{s:?}");
+    drop(plain);
+
+    let configured = Proxy::start(
+        &home,
+        &[],
+        &format!(
+            "[upstreams.openai]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n\
+             set_headers = {{ \"OpenAI-Organization\" = \"org-fixed-by-operator\" }}\n\
+             pass_headers = [\"OpenAI-Project\"]\n",
+            up.url()
+        ),
+    );
+    assert_eq!(send(&configured).await.unwrap().status(), 200);
+    let s = &up.seen()[1];
+    let orgs: Vec<_> = s.headers.get_all("openai-organization").iter().collect();
+    assert_eq!(
+        orgs,
+        ["org-fixed-by-operator"],
+        "set, replacing the agent's"
+    );
+    assert_eq!(s.headers["openai-project"], "proj-chosen-by-agent");
+    assert_eq!(
+        s.headers["authorization"],
+        format!("Bearer {OPENAI_SECRET}")
+    );
+    assert!(
+        !configured.logs().contains("org-fixed-by-operator"),
+        "a set header value is not logged"
+    );
+}
+
+/// `https://user:secret@host` would send the secret as Basic auth and print
+/// it wherever the URL is shown (the start banner, errors).
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_upstream_url_with_userinfo_is_refused_at_start() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    for url in [
+        format!("http://user:s3cret-in-url@{}", up.addr),
+        format!("http://s3cret-in-url@{}", up.addr),
+        // Does not parse at all: the message must not show it either.
+        "http://user:s3cret-in-url@".to_string(),
+    ] {
+        let cfg = home.write(
+            "userinfo.toml",
+            &format!(
+                "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n[upstreams.openai]\nurl = {url:?}\n",
+                home.path().to_str().unwrap()
+            ),
+        );
+        let log = match Proxy::start_config(&home, &cfg) {
+            Ok(_) => panic!("{url}: the proxy started"),
+            Err(log) => log,
+        };
+        assert!(log.contains("upstreams.openai.url"), "{url}: {log}");
+        assert!(
+            !log.contains("s3cret-in-url"),
+            "{url}: secret printed: {log}"
+        );
+        if url.contains(&up.addr.to_string()) {
+            assert!(log.contains("`credential`"), "{url}: {log}");
+        }
+    }
+    assert_eq!(up.count(), 0);
+}
