@@ -5,6 +5,7 @@ mod helpers;
 mod cli;
 mod conn;
 mod dashboard;
+mod decide_first;
 mod forwarding;
 mod fuzz_smoke;
 mod golden;

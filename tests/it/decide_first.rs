@@ -1,0 +1,503 @@
+//! Decide before spending: a request the proxy will refuse spends nothing —
+//! no budget, no durable state, no body read — and what it does spend is
+//! given back or bounded. Each test is named after the attack it stops and
+//! fails on the request path that reserved before it decided.
+
+use std::time::{Duration, SystemTime};
+
+use biscuit_auth::{BlockBuilder, UnverifiedBiscuit};
+use till::token::{RawToken, Scope};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::*;
+
+fn ids(token: &str) -> Vec<String> {
+    RawToken::parse(token).unwrap().revocation_ids()
+}
+
+async fn admin(proxy: &Proxy, token: &str, method: &str, path: &str) -> (u16, serde_json::Value) {
+    let r = client()
+        .request(method.parse().unwrap(), proxy.url(path))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(if method == "POST" {
+            r#"{"id":"00"}"#
+        } else {
+            ""
+        })
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v = serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default();
+    (status, v)
+}
+
+/// Every block the proxy records, over all families.
+async fn recorded_blocks(proxy: &Proxy, home: &Home) -> Vec<String> {
+    let (s, v) = admin(proxy, &home.admin(), "GET", "/admin/usage").await;
+    assert_eq!(s, 200, "{v}");
+    v["families"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|f| f["blocks"].as_array().unwrap().clone())
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn get(proxy: &Proxy, token: &str, path: &str) -> u16 {
+    client()
+        .get(proxy.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_denied_requests_create_no_state_even_across_a_restart() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let mut proxy = Proxy::start(&home, &[openai(&up)], "");
+    // A revoked root and a used-up root, each with children minted offline.
+    let revoked = home.token("openai", Some(100));
+    let used_up = home.token("openai", Some(1));
+    assert_eq!(chat(&proxy, &used_up, "m").await.0, 200);
+    let s = client()
+        .post(proxy.url("/admin/revoke"))
+        .bearer_auth(home.admin())
+        .header("content-type", "application/json")
+        .body(serde_json::json!({"token": revoked, "root": true}).to_string())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s, 200);
+    for i in 0..100 {
+        let kid = child(&revoked, limit(10 + i));
+        assert_eq!(chat(&proxy, &kid, "m").await.0, 403);
+        let kid = child(&used_up, limit(10 + i));
+        assert_eq!(chat(&proxy, &kid, "m").await.0, 429);
+    }
+    let check = |blocks: Vec<String>| {
+        // The used-up root's one allowed request is all that was recorded.
+        assert!(blocks.contains(&ids(&used_up)[0]), "{blocks:?}");
+        assert!(!blocks.contains(&ids(&revoked)[0]), "{blocks:?}");
+        let kids = blocks.iter().filter(|b| !ids(&used_up).contains(b)).count();
+        // Only the admin tokens of this test (one block each) besides it.
+        assert!(kids <= 3, "denied children were recorded: {blocks:?}");
+    };
+    check(recorded_blocks(&proxy, &home).await);
+    assert_eq!(up.count(), 1);
+    proxy.terminate();
+    proxy.restart(&home);
+    check(recorded_blocks(&proxy, &home).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_an_out_of_scope_request_takes_no_budget_even_through_a_crash() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let mut proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        paths: vec!["/v1/chat/".into()],
+        max_uses: Some(5),
+        ..Scope::default()
+    });
+    // Out of scope: refused. It used to reserve first, raising the block's
+    // durable mark, which a crash then kept as a spent use.
+    assert_eq!(get(&proxy, &token, "/openai/v1/files").await, 403);
+    // Another token's allowed request waits for a group commit, so whatever
+    // the refused request queued is on disk now.
+    assert_eq!(
+        chat(&proxy, &home.token("openai", Some(5)), "m").await.0,
+        200
+    );
+    proxy.kill9();
+    proxy.restart(&home);
+    for i in 0..5 {
+        assert_eq!(chat(&proxy, &token, "m").await.0, 200, "use {}", i + 1);
+    }
+    assert_eq!(chat(&proxy, &token, "m").await.0, 429);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_child_cannot_rewrite_its_parents_limit_in_usage_and_alerts() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let parent = home.token("openai", Some(100));
+    // Written by another Biscuit library: a child's check on the parent's
+    // count. Datalog enforces it for the child; it is not the parent's limit.
+    let kid = UnverifiedBiscuit::from_base64(&parent)
+        .unwrap()
+        .append(
+            BlockBuilder::new()
+                .code("check if uses(0, $u), $u <= 2")
+                .unwrap(),
+        )
+        .unwrap()
+        .to_base64()
+        .unwrap();
+    assert_eq!(chat(&proxy, &kid, "m").await.0, 200);
+    assert_eq!(chat(&proxy, &kid, "m").await.0, 200);
+    assert_eq!(
+        chat(&proxy, &kid, "m").await.0,
+        429,
+        "the child's check holds"
+    );
+    // The parent itself still has its 100.
+    assert_eq!(chat(&proxy, &parent, "m").await.0, 200);
+    let (s, v) = admin(
+        &proxy,
+        &home.admin(),
+        "GET",
+        &format!("/admin/usage/{}", ids(&parent)[0]),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let root = v["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == ids(&parent)[0].as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(root["limit"], 100, "{v}");
+    assert_eq!(root["uses"], 3, "{v}");
+    assert_eq!(v["limit"], 100, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_start_with_the_clock_days_ahead_gives_no_token_more_uses() {
+    // libfaketime (Debian's faketime package), preloaded through `env` so
+    // that the signals of the test reach `till` itself.
+    const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+    assert!(
+        std::path::Path::new(LIB).exists(),
+        "this test needs libfaketime (apt-get install faketime; .ci/run installs it)"
+    );
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let mut proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        max_uses: Some(3),
+        expires: Some(SystemTime::now() + Duration::from_secs(3600)),
+        ..Scope::default()
+    });
+    for _ in 0..3 {
+        assert_eq!(chat(&proxy, &token, "m").await.0, 200);
+    }
+    assert_eq!(chat(&proxy, &token, "m").await.0, 429);
+    assert_eq!(proxy.terminate(), 0);
+    // One start with the wall clock three days ahead (the token looks long
+    // expired), then back on the right clock.
+    let ahead = Proxy::spawn_via(
+        &home,
+        &["env", &format!("LD_PRELOAD={LIB}"), "FAKETIME=+3d"],
+        "debug",
+        &["serve", "--config", proxy.config.to_str().unwrap()],
+        &proxy.config,
+    )
+    .expect("proxy starts under faketime");
+    assert_eq!(
+        chat(&ahead, &token, "m").await.0,
+        403,
+        "expired by that clock"
+    );
+    let mut ahead = ahead;
+    assert_eq!(ahead.terminate(), 0);
+    proxy.restart(&home);
+    assert_eq!(
+        chat(&proxy, &token, "m").await.0,
+        429,
+        "the used-up token must stay used up"
+    );
+    assert_eq!(up.count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_concurrent_requests_with_one_idempotency_key_are_counted_once() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.token("openai", Some(100));
+    // The first attempt hangs at the upstream: the key stays in flight.
+    let send = || {
+        client()
+            .get(proxy.url("/openai/hang"))
+            .bearer_auth(&token)
+            .header("idempotency-key", "same")
+            .timeout(Duration::from_secs(5))
+            .send()
+    };
+    let results = futures_util::future::join_all((0..10).map(|_| send())).await;
+    let conflicts = results
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status() == 409))
+        .count();
+    assert_eq!(conflicts, 9, "exactly one attempt may run");
+    assert_eq!(up.count(), 1, "exactly one attempt reached the upstream");
+    let (_, v) = admin(
+        &proxy,
+        &home.admin(),
+        "GET",
+        &format!("/admin/usage/{}", ids(&token)[0]),
+    )
+    .await;
+    assert_eq!(v["uses"], 1, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_failed_attempts_key_cannot_carry_a_different_request_for_free() {
+    let home = Home::new();
+    let (_held, down_url) = dead_port();
+    let down = Up {
+        name: "openai",
+        url: down_url,
+        header: "authorization",
+        prefix: "Bearer ",
+        env: "TEST_OPENAI_KEY",
+    };
+    let proxy = Proxy::start(&home, &[down], "");
+    let token = home.token("openai", Some(1));
+    let send = |path: &'static str, body: &'static str| {
+        client()
+            .post(proxy.url(path))
+            .bearer_auth(&token)
+            .header("idempotency-key", "k")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let first = send("/openai/v1/chat/completions", r#"{"model":"a"}"#);
+    assert_eq!(first.await.unwrap().status(), 502);
+    // The same request again: a free retry.
+    let again = send("/openai/v1/chat/completions", r#"{"model":"a"}"#);
+    assert_eq!(again.await.unwrap().status(), 502);
+    // Another path, or another body, under the same key: refused, and it is
+    // not a free use of the spent token either.
+    for (path, body) in [
+        ("/openai/v1/files", r#"{"model":"a"}"#),
+        ("/openai/v1/chat/completions", r#"{"model":"b"}"#),
+    ] {
+        let r = send(path, body).await.unwrap();
+        assert_eq!(r.status(), 422);
+        let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert_eq!(v["error"]["code"], "idempotency_key_reused", "{v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_admin_tokens_obey_their_attenuation() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let root = home.admin();
+    // Use limits on an admin token are counted.
+    let two = child(&root, limit(2));
+    assert_eq!(admin(&proxy, &two, "GET", "/admin/usage").await.0, 200);
+    assert_eq!(admin(&proxy, &two, "GET", "/admin/alerts").await.0, 200);
+    let (s, v) = admin(&proxy, &two, "GET", "/admin/usage").await;
+    assert_eq!(s, 429, "{v}");
+    // Read-only: GET works, revoking does not.
+    let read_only = child(
+        &root,
+        Scope {
+            methods: vec!["GET".into()],
+            ..Scope::default()
+        },
+    );
+    assert_eq!(
+        admin(&proxy, &read_only, "GET", "/admin/usage").await.0,
+        200
+    );
+    let (s, v) = admin(&proxy, &read_only, "POST", "/admin/revoke").await;
+    assert_eq!(s, 403, "{v}");
+    // One endpoint only.
+    let usage_only = child(
+        &root,
+        Scope {
+            paths: vec!["/admin/usage".into()],
+            ..Scope::default()
+        },
+    );
+    assert_eq!(
+        admin(&proxy, &usage_only, "GET", "/admin/usage").await.0,
+        200
+    );
+    assert_eq!(
+        admin(&proxy, &usage_only, "GET", "/admin/revocations")
+            .await
+            .0,
+        403
+    );
+    // The unattenuated admin token does everything.
+    assert_eq!(
+        admin(&proxy, &root, "GET", "/admin/revocations").await.0,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_body_key_that_case_folds_to_model_is_refused() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let restricted = home.issue(Scope {
+        services: vec!["openai".into()],
+        models: vec!["gpt-4o-mini".into()],
+        ..Scope::default()
+    });
+    let open = home.token("openai", None);
+    for token in [&restricted, &open] {
+        for body in [
+            r#"{"model":"gpt-4o-mini","MODEL":"gpt-4"}"#,
+            r#"{"model":"gpt-4o-mini","\u004dodel":"gpt-4"}"#,
+        ] {
+            let r = client()
+                .post(proxy.url("/openai/v1/chat/completions"))
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 400, "{body}");
+        }
+    }
+    assert_eq!(up.count(), 0, "nothing was forwarded");
+    assert_eq!(chat(&proxy, &restricted, "gpt-4o-mini").await.0, 200);
+}
+
+/// Sends a request head announcing a JSON body of `len` bytes, then
+/// `body` (possibly less), and returns the status line's code, or `None`
+/// when no answer came within `wait`.
+async fn head_then_stall(
+    proxy: &Proxy,
+    token: &str,
+    len: usize,
+    body: &[u8],
+    wait: Duration,
+) -> (tokio::net::TcpStream, Option<u16>) {
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let status = match tokio::time::timeout(wait, s.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => String::from_utf8_lossy(&buf[..n])
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok()),
+        _ => None,
+    };
+    (s, status)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_refused_request_is_answered_without_waiting_for_its_body() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let expired = home.issue(Scope {
+        services: vec!["openai".into()],
+        expires: Some(SystemTime::now() - Duration::from_secs(60)),
+        ..Scope::default()
+    });
+    // Announces 1 MB and sends none of it: the old path read the body first.
+    let (_s, status) =
+        head_then_stall(&proxy, &expired, 1 << 20, b"", Duration::from_secs(10)).await;
+    assert_eq!(status, Some(403));
+    let used_up = home.token("openai", Some(1));
+    assert_eq!(chat(&proxy, &used_up, "m").await.0, 200);
+    let (_s, status) =
+        head_then_stall(&proxy, &used_up, 1 << 20, b"", Duration::from_secs(10)).await;
+    assert_eq!(status, Some(429));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_trickled_body_is_cut_at_the_body_timeout() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "[limits]\nbody_timeout_secs = 1\n");
+    let token = home.token("openai", Some(5));
+    let (_s, status) =
+        head_then_stall(&proxy, &token, 100, b"{\"model\"", Duration::from_secs(10)).await;
+    assert_eq!(status, Some(408));
+    assert_eq!(up.count(), 0);
+    // Nothing was spent: all five uses remain.
+    for _ in 0..5 {
+        assert_eq!(chat(&proxy, &token, "m").await.0, 200);
+    }
+    assert_eq!(chat(&proxy, &token, "m").await.0, 429);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_bodies_buffered_at_once_are_capped_with_a_retryable_503() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(
+        &home,
+        &[openai(&up)],
+        "[limits]\nmax_body_bytes = 1000\nmax_buffered_bytes = 1500\nbody_timeout_secs = 30\n",
+    );
+    let token = home.token("openai", None);
+    // Holds 1000 bytes of the budget while its body trickles.
+    let (_held, status) =
+        head_then_stall(&proxy, &token, 1000, b"{", Duration::from_millis(300)).await;
+    assert_eq!(status, None, "still reading the first body");
+    let body = format!(r#"{{"model":"m","pad":"{}"}}"#, "x".repeat(900));
+    let r = client()
+        .post(proxy.url("/openai/v1/chat/completions"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], "busy", "{v}");
+    // Small bodies still fit.
+    assert_eq!(chat(&proxy, &token, "m").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_children_tracked_per_family_are_bounded() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(
+        &home,
+        &[openai(&up)],
+        "[limits]\nmax_blocks_per_family = 3\n",
+    );
+    let root = home.token("openai", Some(100));
+    let a = child(&root, limit(10));
+    let b = child(&root, limit(10));
+    let c = child(&root, limit(10));
+    for t in [&root, &a, &b, &a] {
+        assert_eq!(chat(&proxy, t, "m").await.0, 200);
+    }
+    let (s, v) = chat(&proxy, &c, "m").await;
+    assert_eq!(s, 403, "{v}");
+    assert_eq!(v["error"]["code"], "family_too_large", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_blocks_per_family"),
+        "{v}"
+    );
+    // Known keys go on working; the refused one spent nothing.
+    assert_eq!(chat(&proxy, &b, "m").await.0, 200);
+    assert_eq!(up.count(), 5);
+}
