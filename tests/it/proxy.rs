@@ -253,6 +253,66 @@ async fn every_status_code_has_a_clear_json_error() {
         "upstream_timeout",
     )
     .await;
+    // 409 while an attempt with the same Idempotency-Key runs (it hangs
+    // until the idle timeout), then 422 for another request under that key.
+    let free = home.token("openai", None);
+    let hanging = {
+        let req = c
+            .get(proxy.url("/openai/hang"))
+            .bearer_auth(&free)
+            .header("idempotency-key", "k")
+            .send();
+        tokio::spawn(req)
+    };
+    let seen = up.count();
+    while up.count() == seen {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    check(
+        c.get(proxy.url("/openai/hang"))
+            .bearer_auth(&free)
+            .header("idempotency-key", "k")
+            .send()
+            .await
+            .unwrap(),
+        409,
+        "idempotency_conflict",
+    )
+    .await;
+    assert_eq!(hanging.await.unwrap().unwrap().status(), 504);
+    check(
+        c.get(proxy.url("/openai/x"))
+            .bearer_auth(&free)
+            .header("idempotency-key", "k")
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "idempotency_key_reused",
+    )
+    .await;
+    // 431: a token over the size limit, refused before any signature work.
+    check(
+        c.get(proxy.url("/openai/x"))
+            .bearer_auth("t".repeat(till::token::MAX_TOKEN_LEN + 1))
+            .send()
+            .await
+            .unwrap(),
+        431,
+        "token_too_large",
+    )
+    .await;
+    // 405: TRACE is never forwarded.
+    check(
+        c.request(http::Method::TRACE, proxy.url("/openai/x"))
+            .bearer_auth(&free)
+            .send()
+            .await
+            .unwrap(),
+        405,
+        "method_not_allowed",
+    )
+    .await;
     // Upstream errors pass through as they are.
     let r = c
         .get(proxy.url("/openai/status/418"))
