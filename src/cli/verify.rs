@@ -140,13 +140,13 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
             | TokenError::Shape(_)
             | TokenError::UnsupportedAlgorithm(_)),
         ) => {
-            println!("denied: {e}");
+            outln!("denied: {e}");
             return Ok(ExitCode::from(EXIT_DENIED));
         }
         Err(e) => return Err(e.into()),
     };
     if let Some(b) = first_revoked(&verified.ids, &revoked) {
-        println!("denied: {}", revoked_denial(b));
+        outln!("denied: {}", revoked_denial(b));
         return Ok(ExitCode::from(EXIT_DENIED));
     }
     let uses = parse_uses(&a.uses, verified.ids.len())?;
@@ -159,11 +159,11 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
     };
     match verifier.authorize(&verified, &req, &uses) {
         Ok(()) => {
-            println!("allowed");
+            outln!("allowed");
             Ok(ExitCode::SUCCESS)
         }
         Err(d) => {
-            println!("denied: {d}");
+            outln!("denied: {d}");
             Ok(ExitCode::from(EXIT_DENIED))
         }
     }

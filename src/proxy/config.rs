@@ -109,10 +109,37 @@ impl Default for Limits {
 }
 
 /// The whole file.
+/// Parses a listen address: `IP:PORT`, `localhost:PORT` or `:PORT` (both
+/// loopback: Till's admin API trusts loopback peers, so a bare port must not
+/// mean every interface).
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let t = s.trim();
+    let port = t
+        .strip_prefix(':')
+        .or_else(|| t.strip_prefix("localhost:"));
+    let parsed = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .ok(),
+        None => t.parse().ok(),
+    };
+    parsed.ok_or_else(|| {
+        format!(
+            "{s:?} is not a listen address; use IP:PORT, localhost:PORT or :PORT, e.g. 127.0.0.1:8787"
+        )
+    })
+}
+
+fn listen_de<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_listen(&s).map_err(serde::de::Error::custom)
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    #[serde(default = "default_listen")]
+    #[serde(default = "default_listen", deserialize_with = "listen_de")]
     pub listen: SocketAddr,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -192,9 +219,11 @@ impl Config {
 
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        // toml's own rendering: the line, a caret under the spot, the
+        // problem, on several lines.
         let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_string(),
-            message: e.to_string().trim_end().replace('\n', " "),
+            message: e.to_string().trim_end().to_string(),
         })?;
         cfg.file = file.to_string();
         cfg.validate()?;
@@ -435,6 +464,23 @@ prefix = "Bearer "
             e.contains("upstreams.a.credential") && e.contains("TILL_SURELY_UNSET"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn listen_takes_a_bare_port_and_localhost_as_loopback() {
+        for (s, want) in [
+            (":8788", "127.0.0.1:8788"),
+            ("localhost:8788", "127.0.0.1:8788"),
+            ("0.0.0.0:80", "0.0.0.0:80"),
+            ("[::1]:9", "[::1]:9"),
+        ] {
+            assert_eq!(parse_listen(s).unwrap().to_string(), want, "{s}");
+        }
+        for bad in ["8788", "localhost", ":x", "example.com:80", ":70000"] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
+        let c = Config::parse("listen = \":8788\"", "x.toml").unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8788");
     }
 
     #[test]
