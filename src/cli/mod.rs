@@ -66,7 +66,9 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create the root key (Ed25519, mode 0600) under TILL_HOME and print its public key.
-    #[command(after_help = "Example:\n  TILL_HOME=/srv/till till keygen        # prints ed25519/<hex>")]
+    #[command(
+        after_help = "Example:\n  TILL_HOME=/srv/till till keygen        # prints ed25519/<hex>"
+    )]
     Keygen(keys::KeygenArgs),
     /// Print the root public key ("ed25519/<hex>").
     #[command(
@@ -89,7 +91,9 @@ Warnings (stderr, exit 0; exit 2 with --strict): the new token can never succeed
 service, method, path or model its parent cannot reach), or --max-uses is above the parent's limit.")]
     Attenuate(attenuate::AttenuateArgs),
     /// Show a token's blocks, scope, limits and revocation ids.
-    #[command(after_help = "Examples:\n  till inspect agent.token\n  till inspect --json < agent.token")]
+    #[command(
+        after_help = "Examples:\n  till inspect agent.token\n  till inspect --json < agent.token"
+    )]
     Inspect(inspect::InspectArgs),
     /// Check a token offline against a request, with the root public key.
     #[command(after_help = "Example:\n  \
@@ -103,7 +107,9 @@ OPENAI_API_KEY=sk-... till up\n  \
 TILL_HOME=/srv/till till up --listen :8788")]
     Up(serve::UpArgs),
     /// Run the proxy from an explicit config file (its state directory is the config's state_dir).
-    #[command(after_help = "Example:\n  till serve --config /etc/till/till.toml --listen 127.0.0.1:8787")]
+    #[command(
+        after_help = "Example:\n  till serve --config /etc/till/till.toml --listen 127.0.0.1:8787"
+    )]
     Serve(serve::ServeArgs),
     /// Revoke a token (its last block), its whole family, or a revocation id, on the running proxy.
     #[command(after_help = "Examples:\n  \

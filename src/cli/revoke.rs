@@ -32,7 +32,10 @@ impl AdminArgs {
     /// The proxy's base URL and where it came from (for error messages).
     fn base_url(&self, home: &Path) -> anyhow::Result<(String, String)> {
         if let Some(u) = &self.url {
-            return Ok((u.trim_end_matches('/').to_string(), "--url or TILL_URL".into()));
+            return Ok((
+                u.trim_end_matches('/').to_string(),
+                "--url or TILL_URL".into(),
+            ));
         }
         let cfg = home.join(super::serve::CONFIG_FILE);
         let text = match std::fs::read_to_string(&cfg) {
@@ -40,11 +43,17 @@ impl AdminArgs {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok((DEFAULT_URL.into(), "the default".into()));
             }
-            Err(e) => bail!("cannot read {}: {e}; pass --url or set TILL_URL", cfg.display()),
+            Err(e) => bail!(
+                "cannot read {}: {e}; pass --url or set TILL_URL",
+                cfg.display()
+            ),
         };
         let from = format!("`listen` in {}", cfg.display());
         let table: toml::Table = toml::from_str(&text).with_context(|| {
-            format!("cannot find the proxy's address in {}; pass --url or set TILL_URL", cfg.display())
+            format!(
+                "cannot find the proxy's address in {}; pass --url or set TILL_URL",
+                cfg.display()
+            )
         })?;
         let Some(listen) = table.get("listen") else {
             return Ok((DEFAULT_URL.into(), "the default".into()));
@@ -146,24 +155,29 @@ impl AdminArgs {
         for r in revoked["revoked"].as_array().into_iter().flatten() {
             known.extend(r["id"].as_str().map(str::to_string));
         }
-        known.sort();
-        known.dedup();
-        let hits: Vec<&String> = known.iter().filter(|k| k.starts_with(&p)).collect();
-        match hits.as_slice() {
-            [one] => Ok((*one).clone()),
-            [] => bail!(
-                "no id known to the proxy starts with {p}: it knows the blocks it has counted (`till usage`) and revoked ids; give the full 128-hex-digit id from `till inspect`"
-            ),
-            many => bail!(
-                "{p} is ambiguous: {} ids start with it ({}); give more digits",
-                many.len(),
-                many.iter()
-                    .take(4)
-                    .map(|k| format!("{}...", k.get(..24).unwrap_or(k)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
+        pick_id(&p, known)
+    }
+}
+
+/// The one id in `known` that starts with the prefix `p`.
+fn pick_id(p: &str, mut known: Vec<String>) -> anyhow::Result<String> {
+    known.sort();
+    known.dedup();
+    let hits: Vec<&String> = known.iter().filter(|k| k.starts_with(p)).collect();
+    match hits.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => bail!(
+            "no id known to the proxy starts with {p}: it knows the blocks it has counted (`till usage`) and revoked ids; give the full 128-hex-digit id from `till inspect`"
+        ),
+        many => bail!(
+            "{p} is ambiguous: {} ids start with it ({}); give more digits",
+            many.len(),
+            many.iter()
+                .take(4)
+                .map(|k| format!("{}...", k.get(..24).unwrap_or(k)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -280,4 +294,28 @@ pub fn run(home: &Path, a: RevokeArgs) -> anyhow::Result<ExitCode> {
         outln!("revoked {id}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_prefixes_resolve_only_when_unique() {
+        let known = vec![
+            format!("0f17ec1a{}", "a".repeat(120)),
+            format!("0f17ec1b{}", "b".repeat(120)),
+        ];
+        assert!(pick_id("0f17ec1a", known.clone()).unwrap().ends_with('a'));
+        let e = pick_id("0f17ec1", known.clone()).unwrap_err().to_string();
+        assert!(e.contains("ambiguous") && e.contains("more digits"), "{e}");
+        let e = pick_id("deadbeef", known).unwrap_err().to_string();
+        assert!(e.contains("no id known"), "{e}");
+        assert_eq!(normalize_id("0F17EC1A7A9A…").unwrap(), "0f17ec1a7a9a");
+        assert_eq!(normalize_id("0f17ec1a7a9a..").unwrap(), "0f17ec1a7a9a");
+        assert!(normalize_id("0f17").is_err());
+        assert!(normalize_id("xyz12345").is_err());
+        assert!(looks_like_id("0f17ec1a7a9a"));
+        assert!(!looks_like_id("agent.token"));
+    }
 }

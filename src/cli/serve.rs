@@ -299,7 +299,10 @@ fn banner(cfg: &Config, addr: SocketAddr, public_key: &str) {
     let home = if cfg.state_dir == Path::new(".till") {
         String::new()
     } else {
-        format!("TILL_HOME={} ", shell_word(&cfg.state_dir.display().to_string()))
+        format!(
+            "TILL_HOME={} ",
+            shell_word(&cfg.state_dir.display().to_string())
+        )
     };
     say!("  try it:");
     say!(

@@ -81,7 +81,13 @@ fn one_path(start: &str, lists: &Lists) -> bool {
 
 fn quoted(v: &[String]) -> String {
     v.iter()
-        .map(|s| if s == "*" { "any".into() } else { format!("{s:?}") })
+        .map(|s| {
+            if s == "*" {
+                "any".into()
+            } else {
+                format!("{s:?}")
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -203,7 +209,10 @@ mod tests {
 
     #[test]
     fn prefixes_meet_only_when_one_extends_the_other() {
-        assert!(one_path("/", &lists(&[(1, &["/v1/"]), (2, &["/v1/chat/"])])));
+        assert!(one_path(
+            "/",
+            &lists(&[(1, &["/v1/"]), (2, &["/v1/chat/"])])
+        ));
         assert!(one_path("/v1/", &lists(&[(1, &["/v2/", "/v1/chat"])])));
         assert!(!one_path("/v1/", &lists(&[(1, &["/v2/"])])));
         assert!(!one_path("/", &lists(&[(1, &["/a/"]), (2, &["/b/"])])));

@@ -114,9 +114,7 @@ impl Default for Limits {
 /// mean every interface).
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     let t = s.trim();
-    let port = t
-        .strip_prefix(':')
-        .or_else(|| t.strip_prefix("localhost:"));
+    let port = t.strip_prefix(':').or_else(|| t.strip_prefix("localhost:"));
     let parsed = match port {
         Some(p) => p
             .parse::<u16>()

@@ -86,6 +86,7 @@ pub struct Cmd {
     env: BTreeMap<String, String>,
     stdin: Option<String>,
     dir: Option<PathBuf>,
+    closed_stdout: bool,
 }
 
 pub fn till<I: IntoIterator<Item = S>, S: AsRef<str>>(args: I) -> Cmd {
@@ -94,6 +95,7 @@ pub fn till<I: IntoIterator<Item = S>, S: AsRef<str>>(args: I) -> Cmd {
         env: BTreeMap::new(),
         stdin: None,
         dir: None,
+        closed_stdout: false,
     }
 }
 
@@ -113,6 +115,12 @@ impl Cmd {
         self.dir = Some(d.to_path_buf());
         self
     }
+    /// Stdout is a pipe whose reader has already gone, as in `till ... | head -1`
+    /// once `head` has exited: every write fails with EPIPE.
+    pub fn closed_stdout(mut self) -> Self {
+        self.closed_stdout = true;
+        self
+    }
     pub fn run(self) -> Out {
         let mut c = Command::new(BIN);
         c.args(&self.args)
@@ -127,6 +135,11 @@ impl Cmd {
             .stderr(Stdio::piped());
         if let Some(d) = &self.dir {
             c.current_dir(d);
+        }
+        if self.closed_stdout {
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            c.stdout(writer);
         }
         let mut child = c.spawn().expect("spawn till");
         {
