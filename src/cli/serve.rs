@@ -29,6 +29,11 @@ pub struct UpArgs {
     /// port 0 picks a free one.
     #[arg(long, env = "TILL_LISTEN", value_parser = config::parse_listen)]
     pub listen: Option<SocketAddr>,
+    /// Point an upstream at another URL, keeping its credential (repeatable), e.g.
+    /// openai=http://127.0.0.1:11434 for a local OpenAI-compatible server. A built-in name
+    /// (openai, anthropic, github) still gets OPENAI_API_KEY / ANTHROPIC_API_KEY / GITHUB_TOKEN.
+    #[arg(long = "upstream", value_name = "NAME=URL")]
+    pub upstreams: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -109,7 +114,11 @@ pub fn up(home: &Path, a: UpArgs) -> anyhow::Result<ExitCode> {
     bootstrap(home)?;
     let mut cfg = Config::load(&home.join(CONFIG_FILE))?;
     cfg.state_dir = home.to_path_buf();
-    cfg.add_well_known_from_env(&env);
+    let added = cfg.add_well_known_from_env(&env);
+    cfg.apply_base_url_env(&added, &env)?;
+    for spec in &a.upstreams {
+        cfg.apply_upstream_flag(spec)?;
+    }
     if let Some(l) = a.listen {
         cfg.listen = l;
     }
@@ -197,8 +206,14 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
             .await
             .map_err(|e| listen_error(&cfg, e))?;
         let addr = listener.local_addr()?;
+        cfg.check_not_self(addr)?;
         listening = true;
-        banner(&cfg, addr, &keys::public_string(&root.public()));
+        banner(
+            &cfg,
+            &credentials,
+            addr,
+            &keys::public_string(&root.public()),
+        );
         let gc_store = store.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(3600));
@@ -266,7 +281,12 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
 }
 
-fn banner(cfg: &Config, addr: SocketAddr, public_key: &str) {
+fn banner(
+    cfg: &Config,
+    credentials: &std::collections::BTreeMap<String, Option<String>>,
+    addr: SocketAddr,
+    public_key: &str,
+) {
     use std::fmt::Write as _;
     let mut o = String::new();
     macro_rules! say {
@@ -285,7 +305,17 @@ fn banner(cfg: &Config, addr: SocketAddr, public_key: &str) {
         );
     } else {
         for (name, u) in &cfg.upstreams {
-            say!("  upstream:    {base}/{name}/ -> {}", u.url);
+            // Only whether a credential is there: never its value.
+            let has_credential = credentials.get(name).is_some_and(Option::is_some);
+            let note = match &u.credential {
+                _ if has_credential => String::new(),
+                Some(config::CredentialSource::None) => "  (no credential: credential = \"none\")".into(),
+                Some(config::CredentialSource::Conventional(var)) => format!(
+                    "  WARNING: NO CREDENTIAL, {var} is not set; requests go out without an API key (say credential = \"none\" in till.toml if that is meant)"
+                ),
+                _ => "  WARNING: NO CREDENTIAL configured; requests go out without an API key (add credential, or credential = \"none\" if that is meant)".into(),
+            };
+            say!("  upstream:    {base}/{name}/ -> {}{note}", u.url);
         }
     }
     let svc = cfg

@@ -1758,3 +1758,124 @@ fn every_subcommand_help_has_an_example() {
     o.code(2);
     no_panic(&o);
 }
+
+// ---------------------------------------------------------------------------
+// 11. Base URL overrides that keep the key
+
+/// `till up --upstream openai=URL` and `OPENAI_BASE_URL` point the built-in
+/// upstream at a local server and still inject `OPENAI_API_KEY`.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_flag_and_base_url_variable_keep_the_built_in_key() {
+    let up = Upstream::start().await;
+    let flag = format!("openai={}", up.url());
+    let sdk_style = format!("{}/v1", up.url());
+    for (args, env) in [
+        (
+            vec!["up", "--listen", "127.0.0.1:0", "--upstream", &flag],
+            vec![("OPENAI_API_KEY", OPENAI_SECRET)],
+        ),
+        (
+            vec!["up", "--listen", "127.0.0.1:0"],
+            vec![
+                ("OPENAI_API_KEY", OPENAI_SECRET),
+                ("OPENAI_BASE_URL", &sdk_style),
+            ],
+        ),
+    ] {
+        let home = Home::empty();
+        let cfg = home.path().join("till.toml");
+        let proxy = Proxy::spawn_env(&home, &args, &cfg, &env).expect("till up starts");
+        let banner = proxy.banner();
+        assert!(
+            banner.contains(&format!("/openai/ -> {}", up.url())),
+            "{banner}"
+        );
+        assert!(!banner.contains("WARNING"), "{banner}");
+        let before = up.count();
+        let t = home.token("openai", Some(5));
+        assert_eq!(chat(&proxy, &t, "m").await.0, 200, "{args:?}");
+        assert_eq!(up.count(), before + 1);
+        let seen = up.seen().pop().unwrap();
+        assert_eq!(seen.uri, "/v1/chat/completions", "no doubled /v1");
+        assert_eq!(
+            seen.headers["authorization"],
+            format!("Bearer {OPENAI_SECRET}").as_str()
+        );
+    }
+}
+
+/// Regression: `[upstreams.openai]` with only a `url` silently dropped the
+/// credential; an upstream without one is now said loudly in the banner,
+/// and `credential = "none"` says it is meant.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_built_in_upstream_declared_by_url_only_keeps_its_credential() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let cfg = home.write(
+        "till.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n\
+             [upstreams.openai]\nurl = {:?}\n\
+             [upstreams.anthropic]\nurl = {:?}\n\
+             [upstreams.local]\nurl = {:?}\ncredential = \"none\"\n",
+            home.path().to_str().unwrap(),
+            up.url(),
+            up.url(),
+            up.url(),
+        ),
+    );
+    let proxy = Proxy::spawn_env(
+        &home,
+        &["serve", "--config", cfg.to_str().unwrap()],
+        &cfg,
+        &[("OPENAI_API_KEY", OPENAI_SECRET), ("ANTHROPIC_API_KEY", "")],
+    )
+    .expect("proxy starts");
+    let t = home.token("openai", Some(5));
+    assert_eq!(chat(&proxy, &t, "m").await.0, 200);
+    let seen = up.seen().pop().unwrap();
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {OPENAI_SECRET}").as_str()
+    );
+    let banner = proxy.banner();
+    let line = |svc: &str| {
+        banner
+            .lines()
+            .find(|l| l.contains(&format!("/{svc}/ -> ")))
+            .unwrap_or_else(|| panic!("no {svc} line:\n{banner}"))
+            .to_string()
+    };
+    assert!(!line("openai").contains("WARNING"), "{banner}");
+    assert!(
+        line("anthropic").contains("WARNING: NO CREDENTIAL, ANTHROPIC_API_KEY is not set"),
+        "{banner}"
+    );
+    let local = line("local");
+    assert!(
+        !local.contains("WARNING") && local.contains("no credential: credential = \"none\""),
+        "{banner}"
+    );
+    assert!(!banner.contains(OPENAI_SECRET));
+}
+
+/// An upstream URL that is Till's own listener would make every request
+/// loop back into the proxy: refused at start.
+#[test]
+fn an_upstream_pointing_back_at_till_is_refused_at_start() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let listen = format!(":{port}");
+    let looped = format!("openai=http://localhost:{port}");
+    let o = till(["up", "--listen", &listen, "--upstream", &looped])
+        .home(&Home::empty())
+        .env("TILL_LOG", "info")
+        .run();
+    o.code(2)
+        .stderr_has("points back at Till's own listener")
+        .stderr_has("upstream \"openai\"");
+    no_panic(&o);
+    assert!(!o.stderr.contains("stopped"), "{}", o.stderr);
+}

@@ -378,6 +378,8 @@ pub struct Proxy {
     child: Option<Child>,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// Everything the proxy printed on stdout so far (its banner).
+    stdout: Arc<Mutex<String>>,
 }
 
 /// Upstream entry for the config: (name, url, header, prefix, env var).
@@ -454,6 +456,27 @@ impl Proxy {
         args: &[&str],
         config: &Path,
     ) -> Result<Proxy, String> {
+        Self::spawn_full(home, wrapper, log_level, args, config, &[])
+    }
+
+    /// Like [`Proxy::spawn`], with extra environment variables.
+    pub fn spawn_env(
+        home: &Home,
+        args: &[&str],
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Proxy, String> {
+        Self::spawn_full(home, &[], "debug", args, config, env)
+    }
+
+    fn spawn_full(
+        home: &Home,
+        wrapper: &[&str],
+        log_level: &str,
+        args: &[&str],
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Proxy, String> {
         let log = home.path().join(format!("proxy-{}.log", rand_suffix()));
         let mut cmd = match wrapper.split_first() {
             Some((program, rest)) => {
@@ -469,6 +492,7 @@ impl Proxy {
             .env("TEST_OPENAI_KEY", OPENAI_SECRET)
             .env("TEST_ANTHROPIC_KEY", ANTHROPIC_SECRET)
             .env("TILL_LOG", log_level)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -485,11 +509,14 @@ impl Proxy {
             }
             if let Some(rest) = line.trim().strip_prefix("till: listening on http://") {
                 let addr: SocketAddr = rest.parse().unwrap();
+                let stdout = Arc::new(Mutex::new(line.clone()));
+                let keep = stdout.clone();
                 // Keep draining stdout so the proxy never blocks on it.
                 std::thread::spawn(move || {
-                    let mut sink = String::new();
-                    while reader.read_line(&mut sink).unwrap_or(0) > 0 {
-                        sink.clear();
+                    let mut l = String::new();
+                    while reader.read_line(&mut l).unwrap_or(0) > 0 {
+                        keep.lock().unwrap().push_str(&l);
+                        l.clear();
                     }
                 });
                 return Ok(Proxy {
@@ -497,6 +524,7 @@ impl Proxy {
                     child: Some(child),
                     config: config.to_path_buf(),
                     log,
+                    stdout,
                 });
             }
         }
@@ -508,6 +536,18 @@ impl Proxy {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The start-up banner (stdout up to its `python:` line, the last one).
+    pub fn banner(&self) -> String {
+        for _ in 0..500 {
+            let s = self.stdout.lock().unwrap().clone();
+            if s.contains("python:") {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no complete banner: {:?}", self.stdout.lock().unwrap());
     }
 
     /// SIGKILL: no flush, no goodbye.
