@@ -281,10 +281,12 @@ impl Config {
         }
     }
 
-    /// Points built-in upstreams that [`Config::add_well_known_from_env`]
-    /// added (`added`) at `OPENAI_BASE_URL` / `ANTHROPIC_BASE_URL` when set.
-    /// A trailing `/v1` is dropped: SDKs put it in their base URL, while
-    /// clients of Till send it in the path.
+    /// Points built-in upstreams at `OPENAI_BASE_URL` / `ANTHROPIC_BASE_URL`
+    /// when set: those [`Config::add_well_known_from_env`] added (`added`),
+    /// and those not configured at all (then with their conventional
+    /// credential variable, if it is set). One declared in till.toml keeps
+    /// its URL. A trailing `/v1` is dropped: SDKs put it in their base URL,
+    /// while clients of Till send it in the path.
     pub fn apply_base_url_env(
         &mut self,
         added: &[String],
@@ -292,18 +294,17 @@ impl Config {
     ) -> Result<Vec<String>, ConfigError> {
         let mut changed = Vec::new();
         for (svc, var) in BASE_URL_VARS {
-            if !added.iter().any(|a| a == svc) {
-                continue;
-            }
+            let declared = self.upstreams.contains_key(svc) && !added.iter().any(|a| a == svc);
             let Some(url) = env(var).filter(|v| !v.trim().is_empty()) else {
                 continue;
             };
-            let url = url.trim().trim_end_matches('/');
-            let url = url.strip_suffix("/v1").unwrap_or(url).to_string();
-            if let Some(u) = self.upstreams.get_mut(svc) {
-                u.url = url;
-                changed.push(svc.to_string());
+            if declared {
+                continue;
             }
+            let url = url.trim().trim_end_matches('/');
+            let url = url.strip_suffix("/v1").unwrap_or(url);
+            self.point_upstream(svc, url);
+            changed.push(svc.to_string());
         }
         self.validate().map_err(|e| ConfigError {
             file: "environment".into(),
@@ -316,20 +317,10 @@ impl Config {
         Ok(changed)
     }
 
-    /// `till up --upstream NAME=URL`: points an upstream at `URL`, keeping
-    /// its credential; a built-in name not configured yet gets its
-    /// conventional credential variable, any other name none.
-    pub fn apply_upstream_flag(&mut self, spec: &str) -> Result<(), ConfigError> {
-        let bad = |m: String| ConfigError {
-            file: "--upstream".into(),
-            message: m,
-        };
-        let (name, url) = spec.split_once('=').ok_or_else(|| {
-            bad(format!(
-                "{spec:?} is not NAME=URL, e.g. --upstream openai=http://127.0.0.1:11434"
-            ))
-        })?;
-        let (name, url) = (name.trim(), url.trim().trim_end_matches('/'));
+    /// Sets the URL of upstream `name`, keeping its credential; a built-in
+    /// name not configured yet gets its conventional credential variable,
+    /// any other name none.
+    fn point_upstream(&mut self, name: &str, url: &str) {
         match self.upstreams.get_mut(name) {
             Some(u) => u.url = url.to_string(),
             None => {
@@ -345,6 +336,21 @@ impl Config {
                 );
             }
         }
+    }
+
+    /// `till up --upstream NAME=URL`: see [`Config::point_upstream`].
+    pub fn apply_upstream_flag(&mut self, spec: &str) -> Result<(), ConfigError> {
+        let bad = |m: String| ConfigError {
+            file: "--upstream".into(),
+            message: m,
+        };
+        let (name, url) = spec.split_once('=').ok_or_else(|| {
+            bad(format!(
+                "{spec:?} is not NAME=URL, e.g. --upstream openai=http://127.0.0.1:11434"
+            ))
+        })?;
+        let (name, url) = (name.trim(), url.trim().trim_end_matches('/'));
+        self.point_upstream(name, url);
         self.validate()
             .map_err(|e| bad(format!("{spec}: {}", e.message)))
     }

@@ -1802,6 +1802,26 @@ async fn upstream_flag_and_base_url_variable_keep_the_built_in_key() {
             format!("Bearer {OPENAI_SECRET}").as_str()
         );
     }
+    // A local server needs no key: OPENAI_BASE_URL alone adds the upstream,
+    // and the banner says loudly that no credential goes with it.
+    let home = Home::empty();
+    let cfg = home.path().join("till.toml");
+    let proxy = Proxy::spawn_env(
+        &home,
+        &["up", "--listen", "127.0.0.1:0"],
+        &cfg,
+        &[("OPENAI_API_KEY", ""), ("OPENAI_BASE_URL", &sdk_style)],
+    )
+    .expect("till up starts");
+    let banner = proxy.banner();
+    assert!(
+        banner.contains("WARNING: NO CREDENTIAL, OPENAI_API_KEY is not set"),
+        "{banner}"
+    );
+    let t = home.token("openai", Some(5));
+    assert_eq!(chat(&proxy, &t, "m").await.0, 200);
+    let seen = up.seen().pop().unwrap();
+    assert!(seen.headers.get("authorization").is_none(), "{seen:?}");
 }
 
 /// Regression: `[upstreams.openai]` with only a `url` silently dropped the
