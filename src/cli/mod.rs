@@ -99,7 +99,7 @@ service, method, path or model its parent cannot reach), or --max-uses is above 
     #[command(after_help = "Example:\n  \
 till verify --public-key \"$(till pubkey)\" --service openai --method POST \\\n    \
 --path /v1/chat/completions --model gpt-4o-mini agent.token\n  \
-# prints `allowed` (exit 0) or `denied: <reason>` (exit 1)")]
+# prints `allowed` (exit 0) or `denied: <reason>` (exit 1); --json for {\"allowed\", \"reason\"}")]
     Verify(verify::VerifyArgs),
     /// Start the proxy with embedded defaults, creating TILL_HOME if needed.
     #[command(after_help = "Examples:\n  \

@@ -1899,3 +1899,22 @@ fn an_upstream_pointing_back_at_till_is_refused_at_start() {
     no_panic(&o);
     assert!(!o.stderr.contains("stopped"), "{}", o.stderr);
 }
+
+/// Regression: `till verify` had no `--json`, unlike `inspect` and `usage`.
+#[test]
+fn verify_json_gives_the_verdict_and_the_reason_with_the_same_exit_codes() {
+    let h = Home::new();
+    let t = issue(
+        &h,
+        &["--service", "openai", "--max-uses", "2", "--ttl", "1h"],
+    );
+    let o = verify(&h, &t, &["--service", "openai", "--json"]);
+    o.success();
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v, serde_json::json!({"allowed": true}));
+    let o = verify(&h, &t, &["--service", "github", "--json"]);
+    o.code(1);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["allowed"], false);
+    assert!(v["reason"].as_str().unwrap().contains("github"), "{v}");
+}
