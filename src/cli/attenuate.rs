@@ -14,11 +14,21 @@ pub struct AttenuateArgs {
     pub input: TokenInput,
     #[command(flatten)]
     pub scope: ScopeArgs,
+    /// Refuse (exit 2, no token printed) instead of warning when the new token can never
+    /// succeed or promises more uses than its parent has.
+    #[arg(long)]
+    pub strict: bool,
 }
 
 pub fn run(a: AttenuateArgs) -> anyhow::Result<ExitCode> {
     let parent = a.input.read()?;
     let scope = a.scope.to_scope()?;
-    println!("{}", token::attenuate(&parent, &scope)?);
+    let child = token::attenuate(&parent, &scope)?;
+    let view = token::inspect::inspect(&token::RawToken::parse(&child)?)?;
+    super::warn::report(
+        &super::warn::for_child(&view, std::time::SystemTime::now()),
+        a.strict,
+    )?;
+    outln!("{child}");
     Ok(ExitCode::SUCCESS)
 }

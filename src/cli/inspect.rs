@@ -22,9 +22,9 @@ pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
     let raw = RawToken::parse(&a.input.read()?)?;
     let view = inspect(&raw)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&view)?);
+        outln!("{}", serde_json::to_string_pretty(&view)?);
     } else {
-        print!("{}", render(&view));
+        out!("{}", render(&view));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use anyhow::bail;
 use clap::Args;
 
-use crate::token::{self, Scope, keys, vocab};
+use crate::token::{self, Scope, TokenError, keys, vocab};
 
 /// Scope flags. Repeatable flags mean "any of these".
 #[derive(Args, Debug, Clone, Default)]
@@ -24,11 +24,18 @@ pub struct ScopeArgs {
     /// Model allowed (repeatable). Requests must then name one of these models in their JSON body.
     #[arg(long = "model", value_name = "MODEL")]
     pub models: Vec<String>,
-    /// Maximum number of uses of this block; every use of any token derived from it counts.
-    #[arg(long, value_name = "N")]
-    pub max_uses: Option<u64>,
+    /// Maximum number of uses of this block (at least 1); every use of any token derived from it counts.
+    // Taken as text, hyphen values included, so that `-1` gets a plain-words
+    // error from us rather than clap's "unexpected argument '-1'".
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub max_uses: Option<String>,
     /// Lifetime from now, e.g. 10m, 24h, 7d, 1h30m.
-    #[arg(long, value_name = "DURATION", conflicts_with = "expires")]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        conflicts_with = "expires",
+        allow_hyphen_values = true
+    )]
     pub ttl: Option<String>,
     /// Absolute expiry, RFC 3339, e.g. 2026-12-01T00:00:00Z.
     #[arg(long, value_name = "TIME")]
@@ -57,23 +64,69 @@ impl ScopeArgs {
             .map(|p| vocab::normalize_prefix(p))
             .collect::<Result<Vec<_>, _>>()?;
         let expires = match (&self.ttl, &self.expires) {
-            (Some(t), _) => Some(SystemTime::now() + token::parse_duration(t)?),
-            (None, Some(e)) => Some(token::parse_time(e)?),
+            (Some(t), _) => Some(SystemTime::now() + parse_ttl(t)?),
+            (None, Some(e)) => Some(token::parse_time(e).map_err(|e| flag_error("--expires", e))?),
             (None, None) => None,
         };
-        if self.max_uses == Some(0) {
-            bail!("--max-uses 0 would make a token that can never be used; use at least 1");
-        }
+        let max_uses = self.max_uses.as_deref().map(parse_max_uses).transpose()?;
         Ok(Scope {
             services: self.services.clone(),
             methods,
             paths,
             models: self.models.clone(),
-            max_uses: self.max_uses,
+            max_uses,
             expires,
             label: self.label.clone(),
             datalog: self.datalog.clone(),
         })
+    }
+}
+
+/// `--max-uses`: a whole number of at least 1.
+fn parse_max_uses(s: &str) -> anyhow::Result<u64> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => {
+            bail!("--max-uses 0 would make a token that can never be used; use at least 1")
+        }
+        Ok(n) if i64::try_from(n).is_ok() => Ok(n),
+        Ok(_) => bail!(
+            "--max-uses {s} is too large: the largest use limit is {}; leave --max-uses out for no limit",
+            i64::MAX
+        ),
+        Err(_) if s.trim().starts_with('-') => bail!(
+            "--max-uses {s} is negative: a use limit is a whole number of at least 1, e.g. --max-uses 100"
+        ),
+        Err(_) => bail!(
+            "--max-uses {s:?} is not a whole number: a use limit is a whole number of at least 1, e.g. --max-uses 100"
+        ),
+    }
+}
+
+/// `--ttl`: a positive duration.
+fn parse_ttl(s: &str) -> anyhow::Result<std::time::Duration> {
+    let t = s.trim();
+    if t.starts_with('-') {
+        bail!(
+            "--ttl {s} is negative: give how long the token should live from now, e.g. --ttl 10m, 24h or 7d (or --expires TIME)"
+        );
+    }
+    let digits = || t.chars().filter(char::is_ascii_digit);
+    let zero = t.chars().all(|c| c.is_ascii_digit() || "smhd".contains(c))
+        && digits().next().is_some()
+        && digits().all(|c| c == '0');
+    if zero {
+        bail!(
+            "--ttl {s} would make a token that expires at once and can never be used; give at least 1s, e.g. --ttl 10m"
+        );
+    }
+    token::parse_duration(t).map_err(|e| flag_error("--ttl", e))
+}
+
+/// Names the flag instead of the library's generic "invalid scope:" prefix.
+fn flag_error(flag: &str, e: TokenError) -> anyhow::Error {
+    match e {
+        TokenError::InvalidScope(m) => anyhow::anyhow!("{flag} {m}"),
+        other => other.into(),
     }
 }
 
@@ -90,6 +143,10 @@ pub struct IssueArgs {
     /// Root private key file (default: TILL_HOME/root.key).
     #[arg(long, env = "TILL_ROOT_KEY")]
     pub key: Option<PathBuf>,
+    /// Refuse (exit 2, no token printed) instead of warning when the token can never
+    /// succeed or has neither a use limit nor an expiry.
+    #[arg(long)]
+    pub strict: bool,
 }
 
 pub fn run(home: &Path, a: IssueArgs) -> anyhow::Result<ExitCode> {
@@ -105,6 +162,9 @@ pub fn run(home: &Path, a: IssueArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let root = keys::load(&super::keys::key_path(home, a.key.as_deref()))?;
-    println!("{}", token::issue(&root, &scope)?);
+    let t = token::issue(&root, &scope)?;
+    let view = token::inspect::inspect(&token::RawToken::parse(&t)?)?;
+    super::warn::report(&super::warn::for_root(&view, SystemTime::now()), a.strict)?;
+    outln!("{t}");
     Ok(ExitCode::SUCCESS)
 }

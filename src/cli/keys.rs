@@ -35,12 +35,12 @@ pub fn keygen(home: &Path, a: KeygenArgs) -> anyhow::Result<ExitCode> {
         "wrote root key to {} (mode 0600; keep it secret)",
         path.display()
     );
-    println!("{}", keys::public_string(&kp.public()));
+    outln!("{}", keys::public_string(&kp.public()));
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn pubkey(home: &Path, a: PubkeyArgs) -> anyhow::Result<ExitCode> {
     let kp = keys::load(&key_path(home, a.key.as_deref()))?;
-    println!("{}", keys::public_string(&kp.public()));
+    outln!("{}", keys::public_string(&kp.public()));
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,22 @@
 //! The `till` command: argument parsing and one module per subcommand.
 //! Each subcommand is a thin layer over the library.
 
+/// `print!` to stdout, ending the command quietly (exit 0) when the reader
+/// has gone away (`till usage | head -1`) instead of panicking as `print!`
+/// does on a closed pipe.
+macro_rules! out {
+    ($($t:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($t)*))
+    };
+}
+
+/// `println!` with [`out!`]'s handling of a closed pipe.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($t)*)))
+    };
+}
+
 mod attenuate;
 mod input;
 mod inspect;
@@ -10,11 +26,13 @@ mod revoke;
 mod serve;
 mod usage;
 mod verify;
+mod warn;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Exit code for a denied verification.
 pub const EXIT_DENIED: u8 = 1;
@@ -48,30 +66,73 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create the root key (Ed25519, mode 0600) under TILL_HOME and print its public key.
+    #[command(
+        after_help = "Example:\n  TILL_HOME=/srv/till till keygen        # prints ed25519/<hex>"
+    )]
     Keygen(keys::KeygenArgs),
     /// Print the root public key ("ed25519/<hex>").
+    #[command(
+        after_help = "Example:\n  till verify --public-key \"$(till pubkey)\" --service openai agent.token"
+    )]
     Pubkey(keys::PubkeyArgs),
     /// Mint a root token (operator; needs the root key).
+    #[command(after_help = "Examples:\n  \
+till issue --service openai --max-uses 100 --ttl 24h --label my-agent > agent.token\n  \
+till issue --service openai --method POST --path /v1/chat/ --model gpt-4o-mini --max-uses 10 --ttl 1h\n  \
+till issue --admin --ttl 8h --label ops > ops.token\n\n\
+Warnings (stderr, exit 0; exit 2 with --strict): a token that can never succeed, or one with\n\
+neither --max-uses nor --ttl/--expires.")]
     Issue(issue::IssueArgs),
     /// Narrow a token offline: no key, no server. Reads the parent, prints the child.
+    #[command(after_help = "Examples:\n  \
+till attenuate --max-uses 5 --ttl 10m < parent.token > child.token\n  \
+till attenuate --path /v1/chat/completions --model gpt-4o-mini parent.token > child.token\n\n\
+Warnings (stderr, exit 0; exit 2 with --strict): the new token can never succeed (expired, or a\n\
+service, method, path or model its parent cannot reach), or --max-uses is above the parent's limit.")]
     Attenuate(attenuate::AttenuateArgs),
     /// Show a token's blocks, scope, limits and revocation ids.
+    #[command(
+        after_help = "Examples:\n  till inspect agent.token\n  till inspect --json < agent.token"
+    )]
     Inspect(inspect::InspectArgs),
     /// Check a token offline against a request, with the root public key.
+    #[command(after_help = "Example:\n  \
+till verify --public-key \"$(till pubkey)\" --service openai --method POST \\\n    \
+--path /v1/chat/completions --model gpt-4o-mini agent.token\n  \
+# prints `allowed` (exit 0) or `denied: <reason>` (exit 1); --json for {\"allowed\", \"reason\"}")]
     Verify(verify::VerifyArgs),
     /// Start the proxy with embedded defaults, creating TILL_HOME if needed.
+    #[command(after_help = "Examples:\n  \
+OPENAI_API_KEY=sk-... till up\n  \
+TILL_HOME=/srv/till till up --listen :8788")]
     Up(serve::UpArgs),
-    /// Run the proxy from an explicit config file.
+    /// Run the proxy from an explicit config file (its state directory is the config's state_dir).
+    #[command(
+        after_help = "Example:\n  till serve --config /etc/till/till.toml --listen 127.0.0.1:8787"
+    )]
     Serve(serve::ServeArgs),
     /// Revoke a token (its last block), its whole family, or a revocation id, on the running proxy.
+    #[command(after_help = "Examples:\n  \
+till revoke child.token            # this token and everything derived from it\n  \
+till revoke --root child.token     # the whole family\n  \
+till revoke --id 0f17ec1a7a9a      # a revocation id, or a unique prefix of one the proxy has seen\n  \
+till revoke --list --json")]
     Revoke(revoke::RevokeArgs),
     /// Show usage per token family from the running proxy.
+    #[command(after_help = "Examples:\n  \
+till usage                         # every family, children under their parent\n  \
+till usage agent.token             # the family of this token\n  \
+till usage 0f17ec1a7a9a            # the family of this block (a unique id prefix)\n  \
+till usage --json")]
     Usage(usage::UsageArgs),
 }
 
 /// Parses the command line and runs it; returns the process exit code.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Ok((Cli::from_arg_matches(&m)?, m)));
+    let (cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -83,13 +144,49 @@ pub fn main() -> ExitCode {
             };
         }
     };
-    match run(cli) {
+    match home_is_used(&cli, &matches).and_then(|()| run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("till: error: {}", chain(&e));
             ExitCode::from(EXIT_USAGE)
         }
     }
+}
+
+/// Writes to stdout for [`out!`] and [`outln!`].
+pub(crate) fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|()| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            // The reader has what it wanted; nothing is left to say.
+            std::process::exit(0);
+        }
+        eprintln!("till: error: cannot write to stdout: {e}");
+        std::process::exit(i32::from(EXIT_USAGE));
+    }
+}
+
+/// `--home` given on the command line to a command that ignores it is an
+/// error rather than silently doing nothing (TILL_HOME in the environment
+/// is fine: it is meant for every command).
+fn home_is_used(cli: &Cli, m: &clap::ArgMatches) -> anyhow::Result<()> {
+    let given = std::iter::once(m)
+        .chain(m.subcommand().map(|(_, s)| s))
+        .any(|m| m.value_source("home") == Some(ValueSource::CommandLine));
+    let why = match &cli.command {
+        Command::Serve(_) => {
+            "`till serve` keeps its state in the config's state_dir; set it there (or use `till up`, which uses --home)"
+        }
+        Command::Attenuate(_) | Command::Inspect(_) => {
+            "this command needs no key and no state directory; leave --home out"
+        }
+        _ => return Ok(()),
+    };
+    if given {
+        anyhow::bail!("--home does nothing here: {why}");
+    }
+    Ok(())
 }
 
 fn chain(e: &anyhow::Error) -> String {

@@ -25,9 +25,15 @@ pub const CONFIG_FILE: &str = "till.toml";
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
-    /// Address to listen on (overrides till.toml), e.g. 127.0.0.1:8787; port 0 picks a free one.
-    #[arg(long, env = "TILL_LISTEN")]
+    /// Address to listen on (overrides till.toml): IP:PORT, localhost:PORT or :PORT (loopback);
+    /// port 0 picks a free one.
+    #[arg(long, env = "TILL_LISTEN", value_parser = config::parse_listen)]
     pub listen: Option<SocketAddr>,
+    /// Point an upstream at another URL, keeping its credential (repeatable), e.g.
+    /// openai=http://127.0.0.1:11434 for a local OpenAI-compatible server. A built-in name
+    /// (openai, anthropic, github) still gets OPENAI_API_KEY / ANTHROPIC_API_KEY / GITHUB_TOKEN.
+    #[arg(long = "upstream", value_name = "NAME=URL")]
+    pub upstreams: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -35,8 +41,8 @@ pub struct ServeArgs {
     /// The TOML config file (see README, "Configuration reference").
     #[arg(long, env = "TILL_CONFIG")]
     pub config: PathBuf,
-    /// Address to listen on (overrides the config).
-    #[arg(long, env = "TILL_LISTEN")]
+    /// Address to listen on (overrides the config): IP:PORT, localhost:PORT or :PORT (loopback).
+    #[arg(long, env = "TILL_LISTEN", value_parser = config::parse_listen)]
     pub listen: Option<SocketAddr>,
 }
 
@@ -62,6 +68,26 @@ fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `<state_dir>/admin.token` if it is missing, so that `till usage`
+/// and `till revoke` work against `till serve` as they do against `till up`.
+fn ensure_admin_token(state_dir: &Path, root: &KeyPair) -> anyhow::Result<()> {
+    let admin_path = state_dir.join(ADMIN_TOKEN_FILE);
+    if admin_path.exists() {
+        return Ok(());
+    }
+    let t = token::issue(
+        root,
+        &Scope {
+            services: vec![vocab::ADMIN_SERVICE.into()],
+            label: Some("admin".into()),
+            ..Scope::default()
+        },
+    )?;
+    write_secret(&admin_path, &t)?;
+    eprintln!("till: created admin token {}", admin_path.display());
+    Ok(())
+}
+
 /// Creates what is missing in `home`: root key, admin token, till.toml.
 fn bootstrap(home: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
@@ -74,19 +100,7 @@ fn bootstrap(home: &Path) -> anyhow::Result<()> {
         eprintln!("till: created root key {}", key_path.display());
         k
     };
-    let admin_path = home.join(ADMIN_TOKEN_FILE);
-    if !admin_path.exists() {
-        let t = token::issue(
-            &root,
-            &Scope {
-                services: vec![vocab::ADMIN_SERVICE.into()],
-                label: Some("admin".into()),
-                ..Scope::default()
-            },
-        )?;
-        write_secret(&admin_path, &t)?;
-        eprintln!("till: created admin token {}", admin_path.display());
-    }
+    ensure_admin_token(home, &root)?;
     let cfg_path = home.join(CONFIG_FILE);
     if !cfg_path.exists() {
         std::fs::write(&cfg_path, config::default_file(home))
@@ -100,7 +114,11 @@ pub fn up(home: &Path, a: UpArgs) -> anyhow::Result<ExitCode> {
     bootstrap(home)?;
     let mut cfg = Config::load(&home.join(CONFIG_FILE))?;
     cfg.state_dir = home.to_path_buf();
-    cfg.add_well_known_from_env(&env);
+    let added = cfg.add_well_known_from_env(&env);
+    cfg.apply_base_url_env(&added, &env)?;
+    for spec in &a.upstreams {
+        cfg.apply_upstream_flag(spec)?;
+    }
     if let Some(l) = a.listen {
         cfg.listen = l;
     }
@@ -123,9 +141,15 @@ fn init_logging() {
         Ok("error") => tracing::Level::ERROR,
         _ => tracing::Level::INFO,
     };
+    // Colour codes only make sense on a terminal: in a log file or a
+    // journal they are noise (and NO_COLOR asks for none anywhere).
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false)
         .try_init();
 }
@@ -143,6 +167,7 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
         );
     }
     let root = keys::load(&key_path)?;
+    ensure_admin_token(&cfg.state_dir, &root)?;
     let default_policies = cfg.policies == Path::new("policies");
     let policies = Policies::load_or_default(&cfg.policies, default_policies)
         .with_context(|| format!("{}: policies", cfg.file))?;
@@ -156,6 +181,7 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let mut listening = false;
     let result = rt.block_on(async {
         let monitor = Monitor::start(&cfg.audit, &cfg.state_dir, cfg.alerts.clone())
             .context("cannot open the audit log")?;
@@ -177,9 +203,16 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
             .set(Arc::new(KeyPair::from(&root.private())));
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
-            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+            .map_err(|e| listen_error(&cfg, e))?;
         let addr = listener.local_addr()?;
-        banner(&cfg, addr, &keys::public_string(&root.public()));
+        cfg.check_not_self(addr)?;
+        listening = true;
+        banner(
+            &cfg,
+            &credentials,
+            addr,
+            &keys::public_string(&root.public()),
+        );
         let gc_store = store.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(3600));
@@ -206,8 +239,32 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     store.close().context("closing the counter store")?;
-    tracing::info!("stopped; counters flushed");
+    // A proxy that never listened did not "stop": its error (printed by
+    // the caller) is the whole story.
+    if listening {
+        tracing::info!("stopped; counters flushed");
+    }
     result.map(|_| ExitCode::SUCCESS)
+}
+
+fn listen_error(cfg: &Config, e: std::io::Error) -> anyhow::Error {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "port {} is already in use (another till, or another program); stop it, or choose another port with --listen or `listen` in {}",
+            cfg.listen.port(),
+            cfg.file
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "permission denied: ports below 1024 need privileges; choose another port with --listen or `listen` in {}",
+            cfg.file
+        ),
+        std::io::ErrorKind::AddrNotAvailable => format!(
+            "this machine has no address {}; use 127.0.0.1 or one of its own addresses",
+            cfg.listen.ip()
+        ),
+        _ => e.to_string(),
+    };
+    anyhow::anyhow!("cannot listen on {}: {hint}", cfg.listen)
 }
 
 async fn shutdown_signal() {
@@ -232,19 +289,41 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
 }
 
-fn banner(cfg: &Config, addr: SocketAddr, public_key: &str) {
+fn banner(
+    cfg: &Config,
+    credentials: &std::collections::BTreeMap<String, Option<String>>,
+    addr: SocketAddr,
+    public_key: &str,
+) {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    macro_rules! say {
+        ($($t:tt)*) => {{
+            let _ = writeln!(o, $($t)*);
+        }};
+    }
     let base = format!("http://{addr}");
     let admin = cfg.state_dir.join(ADMIN_TOKEN_FILE);
-    println!("till: listening on {base}");
-    println!("  public key:  {public_key}");
-    println!("  admin token: {}", admin.display());
+    say!("till: listening on {base}");
+    say!("  public key:  {public_key}");
+    say!("  admin token: {}", admin.display());
     if cfg.upstreams.is_empty() {
-        println!(
+        say!(
             "  upstreams:   none yet. Set OPENAI_API_KEY / ANTHROPIC_API_KEY / GITHUB_TOKEN and restart, or add [upstreams.NAME] to the config"
         );
     } else {
         for (name, u) in &cfg.upstreams {
-            println!("  upstream:    {base}/{name}/ -> {}", u.url);
+            // Only whether a credential is there: never its value.
+            let has_credential = credentials.get(name).is_some_and(Option::is_some);
+            let note = match &u.credential {
+                _ if has_credential => String::new(),
+                Some(config::CredentialSource::None) => "  (no credential: credential = \"none\")".into(),
+                Some(config::CredentialSource::Conventional(var)) => format!(
+                    "  WARNING: NO CREDENTIAL, {var} is not set; requests go out without an API key (say credential = \"none\" in till.toml if that is meant)"
+                ),
+                _ => "  WARNING: NO CREDENTIAL configured; requests go out without an API key (add credential, or credential = \"none\" if that is meant)".into(),
+            };
+            say!("  upstream:    {base}/{name}/ -> {}{note}", u.url);
         }
     }
     let svc = cfg
@@ -253,9 +332,19 @@ fn banner(cfg: &Config, addr: SocketAddr, public_key: &str) {
         .next()
         .map(String::as_str)
         .unwrap_or("openai");
-    println!("  try it:");
-    println!(
-        "    till issue --service {svc} --max-uses 100 --ttl 24h --label my-agent > agent.token"
+    // `till issue` finds the root key through TILL_HOME: name the state
+    // directory unless it is the default one.
+    let home = if cfg.state_dir == Path::new(".till") {
+        String::new()
+    } else {
+        format!(
+            "TILL_HOME={} ",
+            shell_word(&cfg.state_dir.display().to_string())
+        )
+    };
+    say!("  try it:");
+    say!(
+        "    {home}till issue --service {svc} --max-uses 100 --ttl 24h --label my-agent > agent.token"
     );
     let curl = match svc {
         "anthropic" => format!(
@@ -268,10 +357,24 @@ fn banner(cfg: &Config, addr: SocketAddr, public_key: &str) {
             "curl {base}/{svc}/v1/chat/completions -H \"Authorization: Bearer $(cat agent.token)\" -H 'content-type: application/json' -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
         ),
     };
-    println!("    {curl}");
-    println!(
+    say!("    {curl}");
+    say!(
         "    python: OpenAI(base_url=\"{base}/openai/v1\", api_key=open(\"agent.token\").read().strip())  # with an openai upstream"
     );
+    // A closed stdout (`till up | head -1`) must not stop the proxy.
     use std::io::Write;
-    let _ = std::io::stdout().flush();
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(o.as_bytes()).and_then(|()| out.flush());
+}
+
+/// Quotes `s` for a POSIX shell when it holds anything but safe characters.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:@%,=".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }

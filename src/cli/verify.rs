@@ -57,6 +57,24 @@ pub struct VerifyArgs {
     /// Evaluate at this instant (RFC 3339) instead of now.
     #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
+    /// Print {"allowed": true} or {"allowed": false, "reason": ...} instead of text (same exit codes).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints the verdict; returns the exit code that goes with it.
+fn verdict(json: bool, denied: Option<String>) -> ExitCode {
+    let code = match denied {
+        None => ExitCode::SUCCESS,
+        Some(_) => ExitCode::from(EXIT_DENIED),
+    };
+    match (json, denied) {
+        (false, None) => outln!("allowed"),
+        (false, Some(r)) => outln!("denied: {r}"),
+        (true, None) => outln!("{}", serde_json::json!({"allowed": true})),
+        (true, Some(r)) => outln!("{}", serde_json::json!({"allowed": false, "reason": r})),
+    }
+    code
 }
 
 fn parse_uses(specs: &[String], blocks: usize) -> anyhow::Result<Vec<u64>> {
@@ -181,14 +199,12 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
             | TokenError::Shape(_)
             | TokenError::UnsupportedAlgorithm(_)),
         ) => {
-            println!("denied: {e}");
-            return Ok(ExitCode::from(EXIT_DENIED));
+            return Ok(verdict(a.json, Some(e.to_string())));
         }
         Err(e) => return Err(e.into()),
     };
     if let Some(b) = first_revoked(&verified.ids, &revoked) {
-        println!("denied: {}", revoked_denial(b));
-        return Ok(ExitCode::from(EXIT_DENIED));
+        return Ok(verdict(a.json, Some(revoked_denial(b).to_string())));
     }
     let uses = parse_uses(&a.uses, verified.ids.len())?;
     let req = RequestFacts {
@@ -199,13 +215,7 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
         time,
     };
     match verifier.authorize(&verified, &req, &uses) {
-        Ok(()) => {
-            println!("allowed");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(d) => {
-            println!("denied: {d}");
-            Ok(ExitCode::from(EXIT_DENIED))
-        }
+        Ok(()) => Ok(verdict(a.json, None)),
+        Err(d) => Ok(verdict(a.json, Some(d.to_string()))),
     }
 }

@@ -49,6 +49,14 @@ pub enum CredentialSource {
     /// Path of a file holding the credential (trailing newline ignored).
     #[serde(rename = "file")]
     File(PathBuf),
+    /// `credential = "none"`: no credential, on purpose (a local server).
+    #[serde(rename = "none")]
+    None,
+    /// A built-in upstream (`openai`, ...) declared without a credential:
+    /// its conventional variable (`OPENAI_API_KEY`, ...) when it is set,
+    /// otherwise none, which the banner states.
+    #[serde(skip)]
+    Conventional(String),
 }
 
 /// One upstream API.
@@ -136,10 +144,35 @@ impl Default for Limits {
 }
 
 /// The whole file.
+/// Parses a listen address: `IP:PORT`, `localhost:PORT` or `:PORT` (both
+/// loopback: Till's admin API trusts loopback peers, so a bare port must not
+/// mean every interface).
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let t = s.trim();
+    let port = t.strip_prefix(':').or_else(|| t.strip_prefix("localhost:"));
+    let parsed = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .ok(),
+        None => t.parse().ok(),
+    };
+    parsed.ok_or_else(|| {
+        format!(
+            "{s:?} is not a listen address; use IP:PORT, localhost:PORT or :PORT, e.g. 127.0.0.1:8787"
+        )
+    })
+}
+
+fn listen_de<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_listen(&s).map_err(serde::de::Error::custom)
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    #[serde(default = "default_listen")]
+    #[serde(default = "default_listen", deserialize_with = "listen_de")]
     pub listen: SocketAddr,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -187,6 +220,12 @@ impl Default for Config {
 /// Names taken by the proxy's own routes.
 pub const RESERVED: &[&str] = &["admin", "healthz", "readyz", "metrics", "dashboard"];
 
+/// The variables that point a built-in upstream elsewhere (`till up`).
+pub const BASE_URL_VARS: [(&str, &str); 2] = [
+    ("openai", "OPENAI_BASE_URL"),
+    ("anthropic", "ANTHROPIC_BASE_URL"),
+];
+
 /// The well-known upstreams `till up` configures from the environment.
 pub const WELL_KNOWN: &[(&str, &str, &str, &str, &str)] = &[
     // (service, env var, url, header, prefix)
@@ -226,11 +265,16 @@ impl Config {
 
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        // toml's own rendering: the line, a caret under the spot, the
+        // problem, on several lines.
         let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_string(),
-            message: e.to_string().trim_end().replace('\n', " "),
+            message: e.to_string().trim_end().to_string(),
         })?;
         cfg.file = file.to_string();
+        if let Ok(raw) = toml::from_str::<toml::Table>(text) {
+            cfg.fill_well_known(&raw);
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -240,6 +284,151 @@ impl Config {
             file: self.file.clone(),
             message: format!("{key}: {message}"),
         }
+    }
+
+    /// A built-in upstream declared with a `url` but no `credential` takes
+    /// its conventional credential variable and header, as `till up` would
+    /// without the declaration: pointing `openai` at another URL must not
+    /// silently drop the key. `raw` is the parsed file, to tell keys left
+    /// out from keys set to their defaults.
+    fn fill_well_known(&mut self, raw: &toml::Table) {
+        for (svc, var, _, header, prefix) in WELL_KNOWN {
+            let Some(u) = self.upstreams.get_mut(*svc) else {
+                continue;
+            };
+            let given = |k: &str| {
+                raw.get("upstreams")
+                    .and_then(|t| t.get(*svc))
+                    .and_then(|t| t.get(k))
+                    .is_some()
+            };
+            if u.credential.is_some() || given("credential") {
+                continue;
+            }
+            u.credential = Some(CredentialSource::Conventional(var.to_string()));
+            if !given("header") {
+                u.header = header.to_string();
+            }
+            if !given("prefix") {
+                u.prefix = prefix.to_string();
+            }
+        }
+    }
+
+    /// Points built-in upstreams at `OPENAI_BASE_URL` / `ANTHROPIC_BASE_URL`
+    /// when set: those [`Config::add_well_known_from_env`] added (`added`),
+    /// and those not configured at all (then with their conventional
+    /// credential variable, if it is set). One declared in till.toml keeps
+    /// its URL. A trailing `/v1` is dropped: SDKs put it in their base URL,
+    /// while clients of Till send it in the path.
+    pub fn apply_base_url_env(
+        &mut self,
+        added: &[String],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<String>, ConfigError> {
+        let mut changed = Vec::new();
+        for (svc, var) in BASE_URL_VARS {
+            let declared = self.upstreams.contains_key(svc) && !added.iter().any(|a| a == svc);
+            let Some(url) = env(var).filter(|v| !v.trim().is_empty()) else {
+                continue;
+            };
+            if declared {
+                continue;
+            }
+            let url = url.trim().trim_end_matches('/');
+            let url = url.strip_suffix("/v1").unwrap_or(url);
+            self.point_upstream(svc, url);
+            changed.push(svc.to_string());
+        }
+        self.validate().map_err(|e| ConfigError {
+            file: "environment".into(),
+            message: format!(
+                "{} ({})",
+                e.message,
+                BASE_URL_VARS.map(|(_, v)| v).join(" / ")
+            ),
+        })?;
+        Ok(changed)
+    }
+
+    /// Sets the URL of upstream `name`, keeping its credential; a built-in
+    /// name not configured yet gets its conventional credential variable,
+    /// any other name none.
+    fn point_upstream(&mut self, name: &str, url: &str) {
+        match self.upstreams.get_mut(name) {
+            Some(u) => u.url = url.to_string(),
+            None => {
+                let known = WELL_KNOWN.iter().find(|w| w.0 == name);
+                self.upstreams.insert(
+                    name.to_string(),
+                    UpstreamConfig {
+                        url: url.to_string(),
+                        credential: known.map(|w| CredentialSource::Conventional(w.1.to_string())),
+                        header: known.map_or_else(default_header, |w| w.3.to_string()),
+                        prefix: known.map_or_else(default_prefix, |w| w.4.to_string()),
+                        set_headers: BTreeMap::new(),
+                        pass_headers: Vec::new(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// `till up --upstream NAME=URL`: see [`Config::point_upstream`].
+    pub fn apply_upstream_flag(&mut self, spec: &str) -> Result<(), ConfigError> {
+        let bad = |m: String| ConfigError {
+            file: "--upstream".into(),
+            message: m,
+        };
+        let (name, url) = spec.split_once('=').ok_or_else(|| {
+            bad(format!(
+                "{spec:?} is not NAME=URL, e.g. --upstream openai=http://127.0.0.1:11434"
+            ))
+        })?;
+        let (name, url) = (name.trim(), url.trim().trim_end_matches('/'));
+        self.point_upstream(name, url);
+        self.validate()
+            .map_err(|e| bad(format!("{spec}: {}", e.message)))
+    }
+
+    /// Refuses an upstream that is the proxy itself (`addr`, as bound): each
+    /// request would come back as a new request until connections run out.
+    pub fn check_not_self(&self, addr: SocketAddr) -> Result<(), ConfigError> {
+        use std::net::{IpAddr, Ipv4Addr};
+        for (name, u) in &self.upstreams {
+            let Ok(url) = reqwest::Url::parse(&u.url) else {
+                continue;
+            };
+            let host = url.host_str().unwrap_or("");
+            let ip = if host.eq_ignore_ascii_case("localhost") {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            } else {
+                match host.trim_start_matches('[').trim_end_matches(']').parse() {
+                    Ok(ip) => ip,
+                    // Other names may resolve anywhere; only literal
+                    // addresses are compared.
+                    Err(_) => continue,
+                }
+            };
+            if url.port_or_known_default() != Some(addr.port()) {
+                continue;
+            }
+            let local = |ip: IpAddr| ip.is_loopback() || ip.is_unspecified();
+            let same =
+                ip == addr.ip() || (addr.ip().is_unspecified() || local(addr.ip())) && local(ip);
+            if same {
+                // The URL may come from the file, --upstream or a *_BASE_URL
+                // variable: name the upstream, not the file.
+                return Err(ConfigError {
+                    file: format!("upstream {name:?}"),
+                    message: format!(
+                        "{:?} points back at Till's own listener ({addr}): every request would loop; give the real server's address (check --upstream, OPENAI_BASE_URL / ANTHROPIC_BASE_URL and {})",
+                        u.url, self.file
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Checks what serde cannot: names, URLs, header names.
@@ -431,7 +620,8 @@ impl Config {
         for (name, u) in &self.upstreams {
             let key = format!("upstreams.{name}.credential");
             let cred = match &u.credential {
-                None => None,
+                None | Some(CredentialSource::None) => None,
+                Some(CredentialSource::Conventional(var)) => env(var).filter(|v| !v.is_empty()),
                 Some(CredentialSource::Env(var)) => {
                     Some(env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
                         self.err(&key, format!("environment variable {var} is not set"))
@@ -713,6 +903,73 @@ prefix = "Bearer "
         .to_string();
         assert!(e.contains("alerts.webhooks[0].url"), "{e}");
         assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn listen_takes_a_bare_port_and_localhost_as_loopback() {
+        for (s, want) in [
+            (":8788", "127.0.0.1:8788"),
+            ("localhost:8788", "127.0.0.1:8788"),
+            ("0.0.0.0:80", "0.0.0.0:80"),
+            ("[::1]:9", "[::1]:9"),
+        ] {
+            assert_eq!(parse_listen(s).unwrap().to_string(), want, "{s}");
+        }
+        for bad in ["8788", "localhost", ":x", "example.com:80", ":70000"] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
+        let c = Config::parse("listen = \":8788\"", "x.toml").unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8788");
+    }
+
+    #[test]
+    fn an_upstream_at_the_proxys_own_address_is_refused() {
+        let c = Config::parse(
+            "[upstreams.a]\nurl = \"http://localhost:8788/v1\"\n[upstreams.b]\nurl = \"http://127.0.0.1:9999\"",
+            "x.toml",
+        )
+        .unwrap();
+        for own in ["127.0.0.1:8788", "0.0.0.0:8788", "[::1]:8788"] {
+            let e = c
+                .check_not_self(own.parse().unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("upstream \"a\"") && e.contains("points back"),
+                "{own}: {e}"
+            );
+        }
+        c.check_not_self("127.0.0.1:8787".parse().unwrap()).unwrap();
+        c.check_not_self("10.1.2.3:8788".parse().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_built_in_upstream_without_a_credential_takes_its_variable() {
+        let c = Config::parse(
+            "[upstreams.anthropic]\nurl = \"http://127.0.0.1:1\"\n\
+             [upstreams.openai]\nurl = \"http://127.0.0.1:1\"\ncredential = \"none\"\n\
+             [upstreams.other]\nurl = \"http://127.0.0.1:1\"",
+            "x.toml",
+        )
+        .unwrap();
+        let a = &c.upstreams["anthropic"];
+        assert_eq!(
+            a.credential,
+            Some(CredentialSource::Conventional("ANTHROPIC_API_KEY".into()))
+        );
+        assert_eq!((a.header.as_str(), a.prefix.as_str()), ("x-api-key", ""));
+        assert_eq!(
+            c.upstreams["openai"].credential,
+            Some(CredentialSource::None)
+        );
+        assert_eq!(c.upstreams["other"].credential, None);
+        let set = c
+            .resolve_credentials(&|v| (v == "ANTHROPIC_API_KEY").then(|| "k".into()))
+            .unwrap();
+        assert_eq!(set["anthropic"].as_deref(), Some("k"));
+        assert_eq!(set["openai"], None);
+        let unset = c.resolve_credentials(&|_| None).unwrap();
+        assert_eq!(unset["anthropic"], None);
     }
 
     #[test]

@@ -1300,3 +1300,739 @@ fn help_documents_exit_codes_and_flags() {
     o.code(2);
     no_panic(&o);
 }
+
+// ---------------------------------------------------------------------------
+// 10. The operator's first hour (issue 11)
+
+/// Regression: `--max-uses -1` got clap's "unexpected argument '-1'" and
+/// `--ttl -5m` / `--ttl 0s` a bare "invalid scope: ...".
+#[test]
+fn bad_numbers_for_max_uses_and_ttl_are_explained_in_plain_words() {
+    let h = Home::new();
+    let parent = issue(
+        &h,
+        &["--service", "openai", "--max-uses", "10", "--ttl", "1h"],
+    );
+    for (args, expect) in [
+        (
+            &["--max-uses", "-1"][..],
+            &["--max-uses -1", "negative", "at least 1"][..],
+        ),
+        (
+            &["--max-uses", "ten"],
+            &["--max-uses \"ten\"", "not a whole number"],
+        ),
+        (&["--max-uses", "0"], &["--max-uses 0", "at least 1"]),
+        (&["--ttl", "-5m"], &["--ttl -5m", "negative", "--ttl 10m"]),
+        (
+            &["--ttl", "0s"],
+            &["--ttl 0s", "expires at once", "at least 1s"],
+        ),
+        (&["--ttl", "0h0m"], &["--ttl 0h0m", "expires at once"]),
+        (&["--ttl", "5x"], &["--ttl \"5x\" is not a duration"]),
+    ] {
+        let mut a = vec!["issue", "--service", "openai"];
+        a.extend_from_slice(args);
+        let from_issue = till(a).home(&h).run();
+        let mut a = vec!["attenuate", "--token", &parent];
+        a.extend_from_slice(args);
+        let from_attenuate = till(a).run();
+        for o in [from_issue, from_attenuate] {
+            let err = usage_error(&o, expect);
+            for bad in ["unexpected argument", "invalid scope"] {
+                assert!(!err.contains(bad), "{args:?}: {err}");
+            }
+        }
+    }
+}
+
+/// Regression: toml's error was flattened onto one line, losing the line
+/// of the file and the caret under the mistake.
+#[test]
+fn config_errors_keep_tomls_line_and_caret() {
+    let h = Home::new();
+    let cfg = h.write(
+        "bad.toml",
+        "listen = \"127.0.0.1:0\"\n[limits]\nidle_timeout_secs = \"soon\"\n",
+    );
+    let o = till(["serve", "--config", cfg.to_str().unwrap()]).run();
+    o.code(2)
+        .stderr_has("bad.toml")
+        .stderr_has("idle_timeout_secs");
+    no_panic(&o);
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert!(
+        lines.len() >= 3,
+        "toml's rendering spans lines:\n{}",
+        o.stderr
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("3 | idle_timeout_secs = \"soon\"")),
+        "the offending line is shown:\n{}",
+        o.stderr
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.trim_start_matches([' ', '|']).starts_with('^')),
+        "a caret marks the spot:\n{}",
+        o.stderr
+    );
+}
+
+/// Regression: a port already taken logged "stopped; counters flushed"
+/// before the error, as if a running proxy had shut down.
+#[test]
+fn a_port_in_use_is_reported_before_anything_says_stopped() {
+    let h = Home::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let cfg = h.write(
+        "till.toml",
+        &format!(
+            "listen = \"{addr}\"\nstate_dir = {:?}\n",
+            h.path().to_str().unwrap()
+        ),
+    );
+    let o = till(["serve", "--config", cfg.to_str().unwrap()])
+        .env("TILL_LOG", "info")
+        .run();
+    o.code(2)
+        .stderr_has(&format!("cannot listen on {addr}"))
+        .stderr_has("already in use")
+        .stderr_has("--listen");
+    no_panic(&o);
+    assert!(!o.stderr.contains("stopped"), "{}", o.stderr);
+    // Piped stderr is not a terminal: no colour codes either.
+    assert!(!o.stderr.contains('\u{1b}'), "{:?}", o.stderr);
+    drop(taken);
+}
+
+/// Regression: log lines written to a file carried ANSI colour codes.
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_have_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let mut proxy = Proxy::start(&home, &[openai(&up)], "");
+    let t = home.token("openai", Some(3));
+    assert_eq!(chat(&proxy, &t, "m").await.0, 200);
+    assert_eq!(proxy.terminate(), 0);
+    let logs = proxy.logs();
+    assert!(logs.contains("shutting down"), "{logs}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "colour codes in the log file: {logs:?}"
+    );
+}
+
+/// Regression: `till inspect ... | head -1` panicked with "failed printing
+/// to stdout: Broken pipe" once head had gone.
+#[test]
+fn a_closed_stdout_ends_output_commands_quietly() {
+    let h = Home::new();
+    let t = issue(
+        &h,
+        &["--service", "openai", "--max-uses", "3", "--ttl", "1h"],
+    );
+    for args in [
+        vec!["inspect", "--token", &t],
+        vec!["inspect", "--json", "--token", &t],
+        vec!["attenuate", "--token", &t, "--max-uses", "2"],
+        vec!["pubkey"],
+    ] {
+        let o = till(&args).home(&h).closed_stdout().run();
+        assert_eq!(o.code, 0, "{args:?}: {}", o.stderr);
+        assert_eq!(o.stderr, "", "{args:?}");
+    }
+}
+
+/// Regression: `till usage` / `till revoke` assumed 127.0.0.1:8787 instead of
+/// the `listen` of `$TILL_HOME/till.toml`, and `till serve` never wrote the
+/// admin token they read (while its banner pointed at it).
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_and_revoke_find_the_proxy_and_admin_token_from_till_home() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let admin = home.path().join("admin.token");
+    assert!(admin.exists(), "till serve creates the admin token");
+    let t = home.token("openai", Some(3));
+    assert_eq!(chat(&proxy, &t, "m").await.0, 200);
+
+    // The config says port 0: only the printed address is known, and the
+    // error says so instead of trying a default.
+    let o = till(["usage"]).home(&home).run();
+    usage_error(&o, &["port 0", "--url"]);
+
+    // Both address forms `listen` takes, no TILL_URL, no TILL_ADMIN_TOKEN.
+    let cfg = std::fs::read_to_string(&proxy.config).unwrap();
+    let port = proxy.addr.port();
+    for listen in [
+        proxy.addr.to_string(),
+        format!(":{port}"),
+        format!("localhost:{port}"),
+    ] {
+        std::fs::write(
+            &proxy.config,
+            cfg.replace(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"{listen}\""),
+            ),
+        )
+        .unwrap();
+        till(["usage"])
+            .home(&home)
+            .run()
+            .success()
+            .stdout_has("remaining");
+    }
+    till(["revoke", &t])
+        .home(&home)
+        .run()
+        .success()
+        .stdout_has("revoked ");
+    assert_eq!(chat(&proxy, &t, "m").await.0, 403);
+}
+
+/// Regression: `--listen` only took IP:PORT; `:8788` and `localhost:8788`
+/// were refused.
+#[test]
+fn listen_accepts_a_bare_port_and_localhost() {
+    for listen in [":0", "localhost:0"] {
+        let home = Home::empty();
+        let dir = home.path().join("state");
+        let cfg = dir.join("till.toml");
+        let p = Proxy::spawn(
+            &home,
+            &["--home", dir.to_str().unwrap(), "up", "--listen", listen],
+            &cfg,
+        )
+        .unwrap_or_else(|e| panic!("till up --listen {listen}: {e}"));
+        assert!(p.addr.ip().is_loopback(), "{listen} -> {}", p.addr);
+        assert_ne!(p.addr.port(), 0);
+    }
+    let o = till(["up", "--listen", "8788"]).home(&Home::new()).run();
+    o.code(2).stderr_has("IP:PORT, localhost:PORT or :PORT");
+}
+
+/// Regression: the banner of `till serve` told to run `till issue`, which
+/// looks in ./.till, not in the config's state_dir.
+#[test]
+fn serve_banner_names_the_state_dir_for_till_issue() {
+    use std::io::BufRead;
+    let home = Home::new();
+    let cfg = home.write(
+        "till.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n",
+            home.path().to_str().unwrap()
+        ),
+    );
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    {
+        let mut r = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap() > 0 {
+            out.push_str(&line);
+            if line.contains("till issue") {
+                break;
+            }
+            line.clear();
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let expect = format!("TILL_HOME={} till issue", home.path().to_str().unwrap());
+    assert!(out.contains(&expect), "banner lacks {expect:?}:\n{out}");
+    assert!(home.path().join("admin.token").exists());
+}
+
+/// Regression: `--home` was accepted by commands that ignore it, so
+/// `till --home /srv/till serve` silently kept its state elsewhere.
+#[test]
+fn home_flag_is_refused_where_it_does_nothing() {
+    let h = Home::new();
+    let t = h.token("openai", Some(1));
+    let cfg = h.write("till.toml", "listen = \"127.0.0.1:0\"\n");
+    let o = till(["--home", "/tmp", "serve", "--config", cfg.to_str().unwrap()]).run();
+    usage_error(&o, &["--home does nothing", "state_dir"]);
+    let o = till(["inspect", "--home", "/tmp", "--token", &t]).run();
+    usage_error(&o, &["--home does nothing"]);
+    // TILL_HOME in the environment is meant for every command: no error.
+    till(["inspect", "--token", &t]).home(&h).run().success();
+}
+
+/// Issue and attenuate warn about tokens that can never succeed, a child
+/// promised more uses than its parent, and a root token without bounds;
+/// `--strict` refuses them.
+#[test]
+fn issue_and_attenuate_warn_about_tokens_that_can_never_succeed() {
+    let h = Home::new();
+    let warns = |o: &Out, parts: &[&str]| {
+        o.success();
+        no_panic(o);
+        assert!(!o.out().is_empty(), "the token is still printed");
+        let w: Vec<&str> = o.stderr.lines().collect();
+        assert!(
+            w.iter().all(|l| l.starts_with("till: warning: ")),
+            "{}",
+            o.stderr
+        );
+        for p in parts {
+            assert!(o.stderr.contains(p), "warning lacks {p:?}: {}", o.stderr);
+        }
+    };
+    let quiet = |o: &Out| {
+        o.success();
+        assert_eq!(o.stderr, "", "no warning expected");
+    };
+    // --strict: the warning, then the refusal; no token.
+    let refused = |o: &Out| {
+        o.code(2);
+        no_panic(o);
+        assert_eq!(o.stdout, "");
+        o.stderr_has("till: warning: ")
+            .stderr_has("till: error: --strict");
+    };
+
+    // Root tokens.
+    let o = till(["issue", "--service", "openai"]).home(&h).run();
+    warns(
+        &o,
+        &["neither a use limit nor an expiry", "--max-uses", "--ttl"],
+    );
+    refused(
+        &till(["issue", "--service", "openai", "--strict"])
+            .home(&h)
+            .run(),
+    );
+    let o = till([
+        "issue",
+        "--service",
+        "openai",
+        "--max-uses",
+        "5",
+        "--expires",
+        "2001-01-01T00:00:00Z",
+    ])
+    .home(&h)
+    .run();
+    warns(
+        &o,
+        &["can never succeed", "expired at 2001-01-01T00:00:00Z"],
+    );
+    quiet(
+        &till(["issue", "--service", "openai", "--max-uses", "5"])
+            .home(&h)
+            .run(),
+    );
+    quiet(
+        &till(["issue", "--service", "openai", "--ttl", "1h"])
+            .home(&h)
+            .run(),
+    );
+
+    // Children of a POST /v1/chat/ openai token with 10 uses.
+    let parent = issue(
+        &h,
+        &[
+            "--service",
+            "openai",
+            "--method",
+            "POST",
+            "--path",
+            "/v1/chat/",
+            "--model",
+            "gpt-4o-mini",
+            "--max-uses",
+            "10",
+            "--ttl",
+            "1h",
+        ],
+    );
+    let child = |args: &[&str]| {
+        let mut a = vec!["attenuate", "--token", &parent];
+        a.extend_from_slice(args);
+        till(a).run()
+    };
+    for (args, parts) in [
+        (
+            &["--service", "github"][..],
+            &["never succeed", "no service", "\"openai\"", "\"github\""][..],
+        ),
+        (
+            &["--method", "GET"],
+            &["never succeed", "no method", "\"POST\"", "\"GET\""],
+        ),
+        (
+            &["--path", "/v1/files/"],
+            &[
+                "never succeed",
+                "no path",
+                "\"/v1/chat/\"",
+                "\"/v1/files/\"",
+            ],
+        ),
+        (
+            &["--model", "gpt-4o"],
+            &["never succeed", "no model", "\"gpt-4o-mini\"", "\"gpt-4o\""],
+        ),
+        (
+            &["--expires", "2001-01-01T00:00:00Z"],
+            &["never succeed", "expired"],
+        ),
+        (
+            &["--max-uses", "50"],
+            &["--max-uses 50", "parent's use limit of 10", "at most 10"],
+        ),
+    ] {
+        let o = child(args);
+        warns(&o, parts);
+        let mut strict = args.to_vec();
+        strict.push("--strict");
+        refused(&child(&strict));
+    }
+    // Narrowing within reach is silent.
+    for args in [
+        &["--path", "/v1/chat/completions", "--max-uses", "5"][..],
+        &["--service", "openai", "--method", "POST"],
+        &["--path", "/v1/", "--model", "gpt-4o-mini"],
+        &["--max-uses", "10", "--ttl", "10m"],
+    ] {
+        quiet(&child(args));
+    }
+    // A warned token is still the token asked for: the warning changes nothing.
+    let o = child(&["--max-uses", "50"]);
+    allowed(&verify(
+        &h,
+        &o.out(),
+        &[
+            "--service",
+            "openai",
+            "--method",
+            "POST",
+            "--path",
+            "/v1/chat/x",
+            "--model",
+            "gpt-4o-mini",
+        ],
+    ));
+}
+
+/// Regression: `till usage` listed grandchildren by level rather than under
+/// their own parent, showed a child of a used-up parent as having uses
+/// left, and printed cut ids ending in ".." that no command accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_is_a_tree_with_inherited_remaining_and_ids_any_command_takes() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let root = home.issue(till::token::Scope {
+        services: vec!["openai".into()],
+        max_uses: Some(2),
+        label: Some("team".into()),
+        ..Default::default()
+    });
+    let labelled = |parent: &str, label: &str, n: u64| {
+        child(
+            parent,
+            till::token::Scope {
+                max_uses: Some(n),
+                label: Some(label.into()),
+                ..Default::default()
+            },
+        )
+    };
+    let a = labelled(&root, "a", 5);
+    let b = labelled(&root, "b", 5);
+    let a1 = labelled(&a, "a1", 3);
+    let b1 = labelled(&b, "b1", 3);
+    assert_eq!(chat(&proxy, &a1, "m").await.0, 200);
+    assert_eq!(chat(&proxy, &b1, "m").await.0, 200);
+    let url = proxy.url("");
+    let run = |args: &[&str]| {
+        let mut v = args.to_vec();
+        v.extend(["--url", &url]);
+        till(v).home(&home).run()
+    };
+
+    let o = run(&["usage"]);
+    o.success();
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    let row = |label: &str| {
+        let i = lines
+            .iter()
+            .position(|l| l.ends_with(&format!("\"{label}\"")))
+            .unwrap_or_else(|| panic!("no row for {label}:\n{}", o.stdout));
+        let indent = lines[i].len() - lines[i].trim_start().len();
+        let cols: Vec<&str> = lines[i].split_whitespace().collect();
+        (i, indent, cols)
+    };
+    let (ri, rd, rc) = row("team");
+    assert_eq!(rd, 0);
+    assert_eq!((rc[1], rc[2], rc[3]), ("2", "2", "0"), "{}", o.stdout);
+    for (parent, kid) in [("a", "a1"), ("b", "b1")] {
+        let (pi, pd, pc) = row(parent);
+        let (ki, kd, kc) = row(kid);
+        assert!(pi > ri && pd == 2, "{parent} under the root:\n{}", o.stdout);
+        assert_eq!(ki, pi + 1, "{kid} right under {parent}:\n{}", o.stdout);
+        assert_eq!(kd, 4, "{}", o.stdout);
+        // Own limits leave uses, but the root has none left.
+        assert_eq!(pc[3], "0", "{parent}:\n{}", o.stdout);
+        assert_eq!(kc[3], "0", "{kid}:\n{}", o.stdout);
+    }
+    // The shown id is a prefix every command takes back.
+    let a1_id = revocation_ids(&a1).pop().unwrap();
+    let (_, _, kc) = row("a1");
+    let shown = kc[0];
+    assert!(shown.len() >= 12 && a1_id.starts_with(shown), "{shown}");
+    assert!(!shown.ends_with(".."), "{shown}");
+
+    let o = run(&["usage", "--json", shown]);
+    o.success();
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let blocks = v[0]["blocks"].as_array().unwrap();
+    let labels: Vec<&str> = blocks
+        .iter()
+        .map(|b| b["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels.len(), 5);
+    assert_eq!(labels[0], "team");
+    let pos = |l: &str| labels.iter().position(|x| *x == l).unwrap();
+    assert_eq!(pos("a1"), pos("a") + 1, "{labels:?}");
+    assert_eq!(pos("b1"), pos("b") + 1, "{labels:?}");
+    for b in blocks {
+        assert_eq!(b["remaining"], 0, "{b}");
+    }
+    assert_eq!(blocks[pos("a1")]["depth"], 2);
+
+    // Unknown and too-short prefixes are clear errors.
+    usage_error(
+        &run(&["usage", "deadbeefdead"]),
+        &["no id known", "deadbeefdead"],
+    );
+    usage_error(&run(&["revoke", "--id", "0f17"]), &["too short"]);
+
+    // Revoke by the prefix, pasted with an ellipsis; list as JSON.
+    let o = run(&["revoke", "--json", "--id", &format!("{shown}…")]);
+    o.success();
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["revoked"], a1_id.as_str());
+    assert_eq!(chat(&proxy, &a1, "m").await.0, 403);
+    let o = run(&["revoke", "--list", "--json"]);
+    o.success();
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["revoked"][0]["id"], a1_id.as_str());
+    assert!(v["revoked"][0]["revoked_at"].is_u64());
+
+    // `till usage --json | head -1` once head has gone: quiet, exit 0.
+    let o = till(["usage", "--json", "--url", &url])
+        .home(&home)
+        .closed_stdout()
+        .run();
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stderr, "");
+}
+
+/// Regression: the top-level help promised examples in every command's
+/// help, and none had one; `revoke --all` was an undocumented alias of
+/// `--root` that read as "revoke everything".
+#[test]
+fn every_subcommand_help_has_an_example() {
+    for cmd in [
+        "keygen",
+        "pubkey",
+        "issue",
+        "attenuate",
+        "inspect",
+        "verify",
+        "up",
+        "serve",
+        "revoke",
+        "usage",
+    ] {
+        let o = till([cmd, "--help"]).run();
+        o.success();
+        assert!(
+            o.stdout.contains("Example"),
+            "{cmd} --help has no example:\n{}",
+            o.stdout
+        );
+        assert!(
+            o.stdout.contains(&format!("till {cmd}")),
+            "{cmd}'s example does not run {cmd}:\n{}",
+            o.stdout
+        );
+    }
+    let o = till(["revoke", "--all", "x"]).run();
+    o.code(2);
+    no_panic(&o);
+}
+
+// ---------------------------------------------------------------------------
+// 11. Base URL overrides that keep the key
+
+/// `till up --upstream openai=URL` and `OPENAI_BASE_URL` point the built-in
+/// upstream at a local server and still inject `OPENAI_API_KEY`.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_flag_and_base_url_variable_keep_the_built_in_key() {
+    let up = Upstream::start().await;
+    let flag = format!("openai={}", up.url());
+    let sdk_style = format!("{}/v1", up.url());
+    for (args, env) in [
+        (
+            vec!["up", "--listen", "127.0.0.1:0", "--upstream", &flag],
+            vec![("OPENAI_API_KEY", OPENAI_SECRET)],
+        ),
+        (
+            vec!["up", "--listen", "127.0.0.1:0"],
+            vec![
+                ("OPENAI_API_KEY", OPENAI_SECRET),
+                ("OPENAI_BASE_URL", &sdk_style),
+            ],
+        ),
+    ] {
+        let home = Home::empty();
+        let cfg = home.path().join("till.toml");
+        let proxy = Proxy::spawn_env(&home, &args, &cfg, &env).expect("till up starts");
+        let banner = proxy.banner();
+        assert!(
+            banner.contains(&format!("/openai/ -> {}", up.url())),
+            "{banner}"
+        );
+        assert!(!banner.contains("WARNING"), "{banner}");
+        let before = up.count();
+        let t = home.token("openai", Some(5));
+        assert_eq!(chat(&proxy, &t, "m").await.0, 200, "{args:?}");
+        assert_eq!(up.count(), before + 1);
+        let seen = up.seen().pop().unwrap();
+        assert_eq!(seen.uri, "/v1/chat/completions", "no doubled /v1");
+        assert_eq!(
+            seen.headers["authorization"],
+            format!("Bearer {OPENAI_SECRET}").as_str()
+        );
+    }
+    // A local server needs no key: OPENAI_BASE_URL alone adds the upstream,
+    // and the banner says loudly that no credential goes with it.
+    let home = Home::empty();
+    let cfg = home.path().join("till.toml");
+    let proxy = Proxy::spawn_env(
+        &home,
+        &["up", "--listen", "127.0.0.1:0"],
+        &cfg,
+        &[("OPENAI_API_KEY", ""), ("OPENAI_BASE_URL", &sdk_style)],
+    )
+    .expect("till up starts");
+    let banner = proxy.banner();
+    assert!(
+        banner.contains("WARNING: NO CREDENTIAL, OPENAI_API_KEY is not set"),
+        "{banner}"
+    );
+    let t = home.token("openai", Some(5));
+    assert_eq!(chat(&proxy, &t, "m").await.0, 200);
+    let seen = up.seen().pop().unwrap();
+    assert!(seen.headers.get("authorization").is_none(), "{seen:?}");
+}
+
+/// Regression: `[upstreams.openai]` with only a `url` silently dropped the
+/// credential; an upstream without one is now said loudly in the banner,
+/// and `credential = "none"` says it is meant.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_built_in_upstream_declared_by_url_only_keeps_its_credential() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let cfg = home.write(
+        "till.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n\
+             [upstreams.openai]\nurl = {:?}\n\
+             [upstreams.anthropic]\nurl = {:?}\n\
+             [upstreams.local]\nurl = {:?}\ncredential = \"none\"\n",
+            home.path().to_str().unwrap(),
+            up.url(),
+            up.url(),
+            up.url(),
+        ),
+    );
+    let proxy = Proxy::spawn_env(
+        &home,
+        &["serve", "--config", cfg.to_str().unwrap()],
+        &cfg,
+        &[("OPENAI_API_KEY", OPENAI_SECRET), ("ANTHROPIC_API_KEY", "")],
+    )
+    .expect("proxy starts");
+    let t = home.token("openai", Some(5));
+    assert_eq!(chat(&proxy, &t, "m").await.0, 200);
+    let seen = up.seen().pop().unwrap();
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {OPENAI_SECRET}").as_str()
+    );
+    let banner = proxy.banner();
+    let line = |svc: &str| {
+        banner
+            .lines()
+            .find(|l| l.contains(&format!("/{svc}/ -> ")))
+            .unwrap_or_else(|| panic!("no {svc} line:\n{banner}"))
+            .to_string()
+    };
+    assert!(!line("openai").contains("WARNING"), "{banner}");
+    assert!(
+        line("anthropic").contains("WARNING: NO CREDENTIAL, ANTHROPIC_API_KEY is not set"),
+        "{banner}"
+    );
+    let local = line("local");
+    assert!(
+        !local.contains("WARNING") && local.contains("no credential: credential = \"none\""),
+        "{banner}"
+    );
+    assert!(!banner.contains(OPENAI_SECRET));
+}
+
+/// An upstream URL that is Till's own listener would make every request
+/// loop back into the proxy: refused at start.
+#[test]
+fn an_upstream_pointing_back_at_till_is_refused_at_start() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let listen = format!(":{port}");
+    let looped = format!("openai=http://localhost:{port}");
+    let o = till(["up", "--listen", &listen, "--upstream", &looped])
+        .home(&Home::empty())
+        .env("TILL_LOG", "info")
+        .run();
+    o.code(2)
+        .stderr_has("points back at Till's own listener")
+        .stderr_has("upstream \"openai\"");
+    no_panic(&o);
+    assert!(!o.stderr.contains("stopped"), "{}", o.stderr);
+}
+
+/// Regression: `till verify` had no `--json`, unlike `inspect` and `usage`.
+#[test]
+fn verify_json_gives_the_verdict_and_the_reason_with_the_same_exit_codes() {
+    let h = Home::new();
+    let t = issue(
+        &h,
+        &["--service", "openai", "--max-uses", "2", "--ttl", "1h"],
+    );
+    let o = verify(&h, &t, &["--service", "openai", "--json"]);
+    o.success();
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v, serde_json::json!({"allowed": true}));
+    let o = verify(&h, &t, &["--service", "github", "--json"]);
+    o.code(1);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["allowed"], false);
+    assert!(v["reason"].as_str().unwrap().contains("github"), "{v}");
+}

@@ -86,6 +86,7 @@ pub struct Cmd {
     env: BTreeMap<String, String>,
     stdin: Option<String>,
     dir: Option<PathBuf>,
+    closed_stdout: bool,
 }
 
 pub fn till<I: IntoIterator<Item = S>, S: AsRef<str>>(args: I) -> Cmd {
@@ -94,6 +95,7 @@ pub fn till<I: IntoIterator<Item = S>, S: AsRef<str>>(args: I) -> Cmd {
         env: BTreeMap::new(),
         stdin: None,
         dir: None,
+        closed_stdout: false,
     }
 }
 
@@ -113,6 +115,12 @@ impl Cmd {
         self.dir = Some(d.to_path_buf());
         self
     }
+    /// Stdout is a pipe whose reader has already gone, as in `till ... | head -1`
+    /// once `head` has exited: every write fails with EPIPE.
+    pub fn closed_stdout(mut self) -> Self {
+        self.closed_stdout = true;
+        self
+    }
     pub fn run(self) -> Out {
         let mut c = Command::new(BIN);
         c.args(&self.args)
@@ -127,6 +135,11 @@ impl Cmd {
             .stderr(Stdio::piped());
         if let Some(d) = &self.dir {
             c.current_dir(d);
+        }
+        if self.closed_stdout {
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            c.stdout(writer);
         }
         let mut child = c.spawn().expect("spawn till");
         {
@@ -443,6 +456,27 @@ impl Proxy {
         args: &[&str],
         config: &Path,
     ) -> Result<Proxy, String> {
+        Self::spawn_full(home, wrapper, log_level, args, config, &[])
+    }
+
+    /// Like [`Proxy::spawn`], with extra environment variables.
+    pub fn spawn_env(
+        home: &Home,
+        args: &[&str],
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Proxy, String> {
+        Self::spawn_full(home, &[], "debug", args, config, env)
+    }
+
+    fn spawn_full(
+        home: &Home,
+        wrapper: &[&str],
+        log_level: &str,
+        args: &[&str],
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Proxy, String> {
         let log = home.path().join(format!("proxy-{}.log", rand_suffix()));
         let mut cmd = match wrapper.split_first() {
             Some((program, rest)) => {
@@ -458,6 +492,7 @@ impl Proxy {
             .env("TEST_OPENAI_KEY", OPENAI_SECRET)
             .env("TEST_ANTHROPIC_KEY", ANTHROPIC_SECRET)
             .env("TILL_LOG", log_level)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -504,8 +539,16 @@ impl Proxy {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// What the proxy printed on stdout so far (the start banner).
+    /// The start-up banner: what the proxy printed on stdout, waiting
+    /// (up to 5 s) for its last line (`python:`) when there is one.
     pub fn banner(&self) -> String {
+        for _ in 0..500 {
+            let s = self.stdout.lock().unwrap().clone();
+            if s.contains("python:") {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.stdout.lock().unwrap().clone()
     }
 

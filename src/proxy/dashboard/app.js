@@ -64,18 +64,26 @@
     return isNaN(d) ? String(iso) : d.toLocaleTimeString();
   }
 
-  function bar(uses, limit) {
+  // `left` is what is really left: the fewest uses remaining on the block or
+  // any ancestor, so a child of a used-up parent shows a full bar.
+  function bar(uses, limit, left) {
     if (limit === null || limit === undefined) {
+      if (left === 0) {
+        const fill = el("div", { class: "fill" });
+        fill.style.width = "100%";
+        return el("div", { class: "bar full", title: "no use limit of its own; a parent is used up" }, fill);
+      }
       return el("div", { class: "bar none", title: "no use limit" });
     }
-    const pct = limit > 0 ? Math.min(100, (100 * uses) / limit) : 100;
+    const spent = left === null || left === undefined ? uses : Math.max(uses, limit - left);
+    const pct = limit > 0 ? Math.min(100, (100 * spent) / limit) : 100;
     const fill = el("div", { class: "fill" });
     // CSSOM, not a style attribute: allowed by the CSP.
     fill.style.width = pct + "%";
     const level = pct >= 100 ? "full" : pct >= 80 ? "high" : "ok";
     return el(
       "div",
-      { class: "bar " + level, role: "meter", "aria-valuemin": 0, "aria-valuemax": limit, "aria-valuenow": uses },
+      { class: "bar " + level, role: "meter", "aria-valuemin": 0, "aria-valuemax": limit, "aria-valuenow": spent },
       fill
     );
   }
@@ -130,12 +138,16 @@
       }
     }
     const out = [];
-    const walk = (b, depth) => {
+    const min = (a, b) => (a === null || a === undefined ? b : b === null || b === undefined ? a : Math.min(a, b));
+    // Every use counts on each ancestor too: what is left is the fewest
+    // remaining on the way down.
+    const walk = (b, depth, above) => {
       if (out.length > 1000) return;
-      out.push([b, depth]);
-      for (const c of byParent.get(b.id) || []) walk(c, depth + 1);
+      const left = min(b.remaining, above);
+      out.push([b, depth, left]);
+      for (const c of byParent.get(b.id) || []) walk(c, depth + 1, left);
     };
-    for (const r of roots) walk(r, r.index || 0);
+    for (const r of roots) walk(r, r.index || 0, null);
     return out;
   }
 
@@ -152,7 +164,7 @@
       el("span", { class: "family-uses count", text: count(f.uses, f.limit) }),
       f.revoked ? null : revokeButton(f.family, "family", f.label)
     );
-    const rows = tree(f.blocks || []).map(([b, depth]) => {
+    const rows = tree(f.blocks || []).map(([b, depth, left]) => {
       const bexp = expiry(now, b.expires);
       const name = el(
         "span",
@@ -166,8 +178,8 @@
         "div",
         { class: "block" + (b.revoked ? " is-revoked" : ""), "data-id": b.id, "data-depth": depth },
         name,
-        bar(b.uses, b.limit),
-        el("span", { class: "uses count", text: count(b.uses, b.limit) }),
+        bar(b.uses, b.limit, left),
+        el("span", { class: "uses count", text: count(b.uses, b.limit) + (left === 0 && b.remaining !== 0 ? " · none left (parent used up)" : "") }),
         el(
           "span",
           { class: "meta muted" },
