@@ -51,6 +51,25 @@ pub fn decide(
     }
 }
 
+/// Whether [`decide`] would answer from the token's decision cache, without
+/// running Datalog: the caller may then decide inline, and otherwise hand
+/// the decision to a thread where its cost cannot hold up other requests.
+pub fn decided_by_cache(
+    token: &VerifiedToken,
+    revoked: Option<usize>,
+    facts: &RequestFacts,
+    counts: &[u64],
+    stage: Stage,
+) -> bool {
+    if revoked.is_some() {
+        return true;
+    }
+    let uses: Vec<u64> = (0..token.ids.len())
+        .map(|k| counts.get(k).copied().unwrap_or(0).saturating_add(1))
+        .collect();
+    token.cache_allows(facts, &uses, stage == Stage::BeforeBody)
+}
+
 /// After reserving: the same decision with this request's own
 /// post-increment counts, which is what makes concurrent requests exact.
 pub fn recheck(

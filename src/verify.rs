@@ -158,6 +158,15 @@ impl VerifiedToken {
         })
     }
 
+    /// Whether the decision cache alone allows this request with these
+    /// uses (`before_body`: the model is not known yet). `false` means only
+    /// that Datalog must decide. Cheap: no Datalog runs here.
+    pub fn cache_allows(&self, req: &RequestFacts, uses: &[u64], before_body: bool) -> bool {
+        self.fast
+            .as_ref()
+            .is_some_and(|f| f.allows(req, uses, before_body))
+    }
+
     /// The token family: the authority block's revocation id.
     pub fn family(&self) -> &str {
         &self.ids[0]

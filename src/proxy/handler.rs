@@ -13,6 +13,7 @@
 //!    reservation is a guard: dropped before forwarding, it is released.
 //! 5. Forward and stream back; the caller records (audit, metrics, alerts).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
@@ -27,11 +28,11 @@ use super::AppState;
 use super::error::ProxyError;
 use super::forward::{Outgoing, forward};
 use super::idempotency::{Claim, MAX_KEY_LEN, digest};
-use crate::decide::{Stage, decide, recheck};
+use crate::decide::{Stage, decide, decided_by_cache};
 use crate::monitor::Observation;
 use crate::store::{Reservation, ReservationGuard, StoreError};
 use crate::token::{MAX_TOKEN_LEN, RequestFacts};
-use crate::verify::{Denial, DenialKind};
+use crate::verify::{Denial, DenialKind, VerifiedToken};
 
 /// `/readyz`: ready when the counter store takes reservations.
 pub async fn readyz(State(st): State<AppState>) -> Response {
@@ -349,7 +350,7 @@ async fn handle(
     } else {
         Stage::Final
     };
-    if let Err(d) = decide(&st.verifier, &token, revoked, &facts, &counts, stage) {
+    if let Err(d) = decide_off_the_workers(st, &token, revoked, &facts, &counts, stage).await {
         obs.uses = Some(counts);
         return Err(ProxyError::Denied(d));
     }
@@ -359,7 +360,9 @@ async fn handle(
         let (bytes, permit) = read_body(st, body, content_length).await?;
         facts.model = model_of(&bytes).map_err(ProxyError::BadRequest)?;
         obs.model = facts.model.clone();
-        if let Err(d) = decide(&st.verifier, &token, None, &facts, &counts, Stage::Final) {
+        if let Err(d) =
+            decide_off_the_workers(st, &token, None, &facts, &counts, Stage::Final).await
+        {
             obs.uses = Some(counts);
             return Err(ProxyError::Denied(d));
         }
@@ -397,7 +400,10 @@ async fn handle(
     match replay {
         Some(uses) => {
             obs.uses = Some(uses.clone());
-            recheck(&st.verifier, &token, &facts, &uses).map_err(ProxyError::Denied)?;
+            let counted: Vec<u64> = uses.iter().map(|u| u.saturating_sub(1)).collect();
+            decide_off_the_workers(st, &token, None, &facts, &counted, Stage::Final)
+                .await
+                .map_err(ProxyError::Denied)?;
             if let Some(t) = &mut ticket {
                 t.started(None);
             }
@@ -412,7 +418,10 @@ async fn handle(
                 .map_err(store_error)?;
             let guard = ReservationGuard::new(st.counters.clone(), token.ids.clone());
             obs.uses = Some(uses.clone());
-            if let Err(d) = recheck(&st.verifier, &token, &facts, &uses) {
+            let counted: Vec<u64> = uses.iter().map(|u| u.saturating_sub(1)).collect();
+            if let Err(d) =
+                decide_off_the_workers(st, &token, None, &facts, &counted, Stage::Final).await
+            {
                 // Report the counts as they stand after the rollback.
                 obs.uses = Some(uses.iter().map(|u| u.saturating_sub(1)).collect());
                 if let Err(e) = guard.release().await {
@@ -440,6 +449,41 @@ async fn handle(
     let resp = result?;
     obs.upstream_status = Some(resp.status().as_u16());
     Ok(resp)
+}
+
+/// [`decide`], inline when the token's decision cache answers, otherwise on
+/// a blocking thread, at most `datalog_permits` at once: a Datalog run can
+/// take milliseconds, and on the async workers a flood of costly tokens
+/// would hold up every other request.
+async fn decide_off_the_workers(
+    st: &AppState,
+    token: &Arc<VerifiedToken>,
+    revoked: Option<usize>,
+    facts: &RequestFacts,
+    counts: &[u64],
+    stage: Stage,
+) -> Result<(), Denial> {
+    if decided_by_cache(token, revoked, facts, counts, stage) {
+        return decide(&st.verifier, token, revoked, facts, counts, stage);
+    }
+    let _permit = st.datalog_permits.acquire().await.map_err(|_| Denial {
+        kind: DenialKind::Scope,
+        reason: "the proxy is shutting down".into(),
+    })?;
+    let (verifier, token, facts, counts) = (
+        st.verifier.clone(),
+        token.clone(),
+        facts.clone(),
+        counts.to_vec(),
+    );
+    tokio::task::spawn_blocking(move || decide(&verifier, &token, revoked, &facts, &counts, stage))
+        .await
+        .unwrap_or_else(|e| {
+            Err(Denial {
+                kind: DenialKind::Scope,
+                reason: format!("authorization failed: {e}"),
+            })
+        })
 }
 
 /// The path and query as sent: what makes two retries the same request.

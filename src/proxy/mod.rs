@@ -67,6 +67,10 @@ pub struct Inner {
     /// Bytes of request bodies that may be buffered at once
     /// (`limits.max_buffered_bytes`), shared by all requests.
     pub body_budget: Arc<tokio::sync::Semaphore>,
+    /// Datalog runs (decisions the token's cache cannot answer) at once, on
+    /// blocking threads: a flood of costly tokens queues here instead of
+    /// holding the async workers that serve every other request.
+    pub datalog_permits: Arc<tokio::sync::Semaphore>,
     /// Signs the revocation feed (`GET /revocations`); unset, no feed.
     pub feed_signer: std::sync::OnceLock<Arc<biscuit_auth::KeyPair>>,
 }
@@ -209,6 +213,9 @@ impl AppState {
                 cfg.limits
                     .max_buffered_bytes
                     .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+            datalog_permits: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
             limits: cfg.limits.clone(),
             admin_remote: cfg.danger_admin_remote,

@@ -238,3 +238,32 @@ pub fn now_unix() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_dropped_reservation_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn CounterStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let spec = CounterSpec::standalone("a", Some(5), None);
+        let ids = vec!["a".to_string()];
+        // Spent: the count stays.
+        store.reserve(std::slice::from_ref(&spec)).await.unwrap();
+        ReservationGuard::new(store.clone(), ids.clone()).spend();
+        // Dropped before it was spent (the handler future went away).
+        store.reserve(std::slice::from_ref(&spec)).await.unwrap();
+        drop(ReservationGuard::new(store.clone(), ids.clone()));
+        // The release was handed to the runtime: let it run.
+        for _ in 0..100 {
+            if store.peek(&ids).await.unwrap() == vec![1] {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("count {:?}, expected 1", store.peek(&ids).await.unwrap());
+    }
+}
