@@ -197,8 +197,8 @@ impl Monitor {
             &rec.blocks,
             &rec.labels,
             rec.family.clone(),
-            allowed,
             rec.reason.clone(),
+            code,
         );
         {
             let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -215,9 +215,10 @@ impl Monitor {
         blocks: &[BlockUse],
         labels: &[String],
         family: Option<String>,
-        allowed: bool,
         reason: Option<String>,
+        code: &str,
     ) {
+        let allowed = code == "ok";
         // Built only when an alert may fire: this runs on every request.
         let who = || {
             if labels.is_empty() {
@@ -274,6 +275,23 @@ impl Monitor {
                 "reason": reason, "request_id": o.request_id,
             })
         };
+        // Someone minted more children of one token than the proxy tracks:
+        // once per family and window, whoever sends them.
+        if code == "family_too_large" {
+            self.alerts.fire_recent(format!("family_full:{fam}"), || {
+                a(
+                    "family_too_large",
+                    format!(
+                        "family {}{} reached limits.max_blocks_per_family; new keys of it are refused (from {})",
+                        short(&family),
+                        who(),
+                        o.peer.as_deref().unwrap_or("?")
+                    ),
+                    last(),
+                    details(),
+                )
+            });
+        }
         match o.denial {
             // Keyed by the revoked block alone: whoever holds a revoked token
             // can mint any number of children offline and connect from any

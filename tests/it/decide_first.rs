@@ -500,4 +500,13 @@ async fn regression_children_tracked_per_family_are_bounded() {
     // Known keys go on working; the refused one spent nothing.
     assert_eq!(chat(&proxy, &b, "m").await.0, 200);
     assert_eq!(up.count(), 5);
+    // The operator hears of it once, however many new keys are tried.
+    for i in 0..5 {
+        let kid = child(&root, limit(20 + i));
+        assert_eq!(chat(&proxy, &kid, "m").await.0, 403);
+    }
+    let (s, v) = admin(&proxy, &home.admin(), "GET", "/admin/alerts").await;
+    assert_eq!(s, 200, "{v}");
+    let n = v.to_string().matches("\"family_too_large\"").count();
+    assert_eq!(n, 1, "{v}");
 }
