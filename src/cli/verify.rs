@@ -187,7 +187,7 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     if let Some(b) = first_revoked(&verified.ids, &revoked) {
-        println!("denied: {}", revoked_denial(b));
+        println!("denied: {}", revoked_denial(&verified.view, b));
         return Ok(ExitCode::from(EXIT_DENIED));
     }
     let uses = parse_uses(&a.uses, verified.ids.len())?;
