@@ -329,4 +329,65 @@ mod tests {
         assert!(!looks_like_provider_key(&t), "{t}");
         assert!(!looks_like_provider_key("garbage"));
     }
+
+    /// Every 4xx but 408 is final, and says so; `Retry-After` only where
+    /// waiting helps; each body in the shape asked for.
+    #[test]
+    fn every_error_says_whether_to_retry_in_the_shape_asked_for() {
+        let denial = |kind| {
+            ProxyError::Denied(Denial {
+                kind,
+                reason: "r".into(),
+            })
+        };
+        let all = || {
+            vec![
+                ProxyError::MissingToken,
+                ProxyError::InvalidToken("x".into()),
+                ProxyError::ProviderKey,
+                denial(DenialKind::Scope),
+                denial(DenialKind::Exhausted),
+                denial(DenialKind::Expired),
+                denial(DenialKind::Revoked),
+                denial(DenialKind::Limits),
+                ProxyError::BadRequest("x".into()),
+                ProxyError::MethodNotAllowed("TRACE".into()),
+                ProxyError::UnknownService("x".into()),
+                ProxyError::IdempotencyConflict,
+                ProxyError::IdempotencyMismatch,
+                ProxyError::BodyTimeout(30),
+                ProxyError::Busy("x".into()),
+                ProxyError::FamilyFull(10),
+                ProxyError::TokenTooLarge(16384),
+                ProxyError::TooLarge(1000),
+                ProxyError::BadGateway("x".into()),
+                ProxyError::GatewayTimeout("x".into()),
+                ProxyError::StoreUnavailable("x".into()),
+            ]
+        };
+        for api in [Api::OpenAi, Api::Anthropic, Api::Plain] {
+            for e in all() {
+                let (status, code) = (e.status().as_u16(), e.code());
+                let resp = e.into_response_for(api);
+                let h = resp.headers();
+                let retry = h.get("x-should-retry").map(|v| v.to_str().unwrap());
+                let after = h.get("retry-after");
+                match status {
+                    408 | 502 | 504 => assert_eq!((retry, after), (None, None), "{code}"),
+                    409 | 503 => {
+                        assert_eq!(retry, Some("true"), "{code}");
+                        assert!(after.is_some(), "{code}");
+                    }
+                    _ => assert_eq!((retry, after), (Some("false"), None), "{code}"),
+                }
+            }
+        }
+        let e = denial(DenialKind::Exhausted);
+        assert_eq!(e.anthropic_type(), "rate_limit_error");
+        assert_eq!(e.openai_type(), "insufficient_quota");
+        assert_eq!(
+            ProxyError::TooLarge(1).anthropic_type(),
+            "request_too_large"
+        );
+    }
 }
