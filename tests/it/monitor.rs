@@ -653,7 +653,15 @@ async fn regression_webhook_deliveries_are_signed_with_the_configured_secret() {
         secret_file.to_str().unwrap()
     );
     let proxy = Proxy::start(&home, &[openai(&up)], &extra);
-    let banner = proxy.banner();
+    // The banner's lines after the first arrive as the proxy prints them.
+    let mut banner = proxy.banner();
+    for _ in 0..100 {
+        if banner.contains("python:") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        banner = proxy.banner();
+    }
     let host = |url: &str| url.trim_end_matches("/hook").to_string();
     assert!(
         banner.contains(&format!(
