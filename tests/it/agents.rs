@@ -386,7 +386,9 @@ fn sdks_installed() -> bool {
         if std::env::var_os("CI").is_some() {
             panic!("the official SDKs are required in CI: {install}");
         }
-        eprintln!("\n******** SKIPPED: the openai and anthropic SDKs are not installed ({install}) ********\n");
+        eprintln!(
+            "\n******** SKIPPED: the openai and anthropic SDKs are not installed ({install}) ********\n"
+        );
     }
     ok
 }

@@ -10,12 +10,15 @@ use till::token::Scope;
 
 use crate::helpers::*;
 
+/// One delivery as received: its `Till-Signature` header and body.
+type Delivery = (Option<String>, String);
+
 /// A webhook receiver that records what it got.
 #[derive(Clone, Default)]
 struct Receiver {
     got: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Each delivery's `Till-Signature` header and body, as received.
-    raw: Arc<Mutex<Vec<(Option<String>, String)>>>,
+    raw: Arc<Mutex<Vec<Delivery>>>,
 }
 
 impl Receiver {
