@@ -40,7 +40,7 @@ pub fn decide(
     stage: Stage,
 ) -> Result<(), Denial> {
     if let Some(b) = revoked {
-        return Err(revoked_denial(b));
+        return Err(revoked_denial(&token.view, b));
     }
     let uses: Vec<u64> = (0..token.ids.len())
         .map(|k| counts.get(k).copied().unwrap_or(0).saturating_add(1))

@@ -82,7 +82,7 @@ fn token_text(text: &str) {
         let _ = view.labels();
         for b in &view.blocks {
             for c in &b.checks {
-                let _ = c.explain(b.index);
+                let _ = c.explain(b.index, &view);
             }
         }
         let _ = serde_json::to_string(&view);

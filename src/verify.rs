@@ -458,14 +458,17 @@ pub fn first_revoked(token_ids: &[String], revoked: &HashSet<String>) -> Option<
     token_ids.iter().position(|id| revoked.contains(id))
 }
 
-/// The denial for a revoked block.
-pub fn revoked_denial(block: usize) -> Denial {
+/// The denial for block `block` of `view` being revoked. The monitor reads
+/// the block back from this text, so each block's reason is distinct.
+pub fn revoked_denial(view: &TokenView, block: usize) -> Denial {
+    let who = view.key_name(block);
+    let ask = view.ask_for_a_new_one(block);
     Denial {
         kind: DenialKind::Revoked,
-        reason: if block == 0 {
-            "token is revoked (its root block was revoked)".into()
+        reason: if block + 1 == view.blocks.len() {
+            format!("{who} was revoked; {ask}")
         } else {
-            format!("token is revoked (block {block} was revoked)")
+            format!("{who} was revoked, and so every key made from it; {ask}")
         },
     }
 }
@@ -515,7 +518,8 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
             };
         }
     };
-    let mut reasons = Vec::new();
+    // (is a use limit, reason)
+    let mut reasons: Vec<(bool, String)> = Vec::new();
     let checks: Vec<FailedCheck> = checks
         .into_iter()
         .filter(|c| !(skip_model && reads_model(c, token)))
@@ -535,35 +539,44 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
                     Some(m) => {
                         all_limits &= m.is_use_limit();
                         expired |= matches!(m, CheckMeaning::Expires { .. });
-                        reasons.push(m.explain(i));
+                        reasons.push((m.is_use_limit(), m.explain(i, &token.view)));
                     }
                     None => {
                         all_limits = false;
-                        reasons.push(format!("block {i} check {} failed", b.check_id));
+                        reasons.push((
+                            false,
+                            format!("check {} of {} failed", b.check_id, token.view.key_name(i)),
+                        ));
                     }
                 }
             }
             FailedCheck::Authorizer(a) => {
                 all_limits = false;
-                reasons.push(format!("policy check failed: {}", a.rule.escape_debug()));
+                reasons.push((
+                    false,
+                    format!("policy check failed: {}", a.rule.escape_debug()),
+                ));
             }
         }
     }
     // Scope reasons first: they are what the caller must fix.
-    reasons.sort_by_key(|r| r.contains("uses and they are used up"));
+    reasons.sort_by_key(|r| r.0);
     if no_policy {
         all_limits = false;
         reasons.insert(
             0,
-            format!(
-                "no right of the authority block covers {} {} on service {:?}",
-                req.method, req.path, req.service
+            (
+                false,
+                format!(
+                    "no right of the authority block covers {} {} on service {:?}",
+                    req.method, req.path, req.service
+                ),
             ),
         );
     }
     if let Some(p) = deny_policy {
         all_limits = false;
-        reasons.insert(0, p.to_string());
+        reasons.insert(0, (false, p.to_string()));
     }
     let kind = if expired {
         DenialKind::Expired
@@ -574,7 +587,11 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
     };
     Denial {
         kind,
-        reason: reasons.join("; "),
+        reason: reasons
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect::<Vec<_>>()
+            .join("; "),
     }
 }
 

@@ -156,7 +156,7 @@ fn init_logging() {
 
 /// Everything that can fail is checked before the listener is bound, so a
 /// bad config exits 2 without ever listening.
-fn start(cfg: Config) -> anyhow::Result<ExitCode> {
+fn start(mut cfg: Config) -> anyhow::Result<ExitCode> {
     init_logging();
     let key_path = cfg.state_dir.join(keys::ROOT_KEY_FILE);
     if !key_path.exists() {
@@ -172,6 +172,7 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
     let policies = Policies::load_or_default(&cfg.policies, default_policies)
         .with_context(|| format!("{}: policies", cfg.file))?;
     let credentials = cfg.resolve_credentials(&env)?;
+    cfg.resolve_webhook_secrets(&env)?;
     let store = EmbeddedStore::open(&cfg.state_dir)?;
     store.set_max_blocks_per_family(cfg.limits.max_blocks_per_family);
     // No garbage collection at start: the clock has not yet had a chance to
@@ -325,6 +326,19 @@ fn banner(
             };
             say!("  upstream:    {base}/{name}/ -> {}{note}", u.url);
         }
+    }
+    // Redacted: a webhook URL carries its receiver's secret.
+    for h in &cfg.alerts.webhooks {
+        let format = match h.format {
+            crate::monitor::alerts::Format::Json => "json",
+            crate::monitor::alerts::Format::Slack => "slack",
+        };
+        let signed = if h.signing_key.is_some() {
+            "signed"
+        } else {
+            "unsigned"
+        };
+        println!("  webhook:     {} ({format}, {signed})", h.redacted());
     }
     let svc = cfg
         .upstreams

@@ -204,7 +204,10 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     if let Some(b) = first_revoked(&verified.ids, &revoked) {
-        return Ok(verdict(a.json, Some(revoked_denial(b).to_string())));
+        return Ok(verdict(
+            a.json,
+            Some(revoked_denial(&verified.view, b).to_string()),
+        ));
     }
     let uses = parse_uses(&a.uses, verified.ids.len())?;
     let req = RequestFacts {

@@ -297,7 +297,11 @@ impl Monitor {
             // can mint any number of children offline and connect from any
             // port, and each attempt must not become a message to the operator.
             Some(DenialKind::Revoked) => {
-                let revoked = revoked_block(blocks, reason.as_deref()).map(|b| b.id.clone());
+                let revoked = o
+                    .token
+                    .as_deref()
+                    .and_then(|t| revoked_block(&t.view, blocks, reason.as_deref()))
+                    .map(|b| b.id.clone());
                 let key = revoked.clone().unwrap_or_else(|| fam.clone());
                 self.alerts.fire_recent(format!("revoked:{key}"), || {
                     a(
@@ -361,12 +365,16 @@ fn short(family: &Option<String>) -> String {
 /// The block whose revocation denied a request, recognised by the reason
 /// [`crate::verify::revoked_denial`] gave (the request path passes the
 /// reason, not the index).
-fn revoked_block<'a>(blocks: &'a [BlockUse], reason: Option<&str>) -> Option<&'a BlockUse> {
+fn revoked_block<'a>(
+    view: &crate::token::inspect::TokenView,
+    blocks: &'a [BlockUse],
+    reason: Option<&str>,
+) -> Option<&'a BlockUse> {
     let reason = reason?;
     blocks
         .iter()
         .enumerate()
-        .find(|(k, _)| reason.ends_with(&crate::verify::revoked_denial(*k).reason))
+        .find(|(k, _)| reason.ends_with(&crate::verify::revoked_denial(view, *k).reason))
         .map(|(_, b)| b)
 }
 
@@ -376,6 +384,25 @@ mod tests {
 
     #[test]
     fn the_revoked_block_is_read_back_from_the_denial_reason() {
+        let root = crate::token::keys::generate();
+        let mut t = crate::token::issue(
+            &root,
+            &crate::token::Scope {
+                services: vec!["openai".into()],
+                label: Some("same".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for _ in 1..12 {
+            let label = crate::token::Scope {
+                label: Some("same".into()),
+                ..Default::default()
+            };
+            t = crate::token::attenuate(&t, &label).unwrap();
+        }
+        let raw = crate::token::RawToken::parse(&t).unwrap();
+        let view = crate::token::inspect::inspect(&raw).unwrap();
         let blocks: Vec<BlockUse> = (0..12)
             .map(|k| BlockUse {
                 id: format!("id{k}"),
@@ -384,14 +411,14 @@ mod tests {
             })
             .collect();
         for k in [0, 1, 10, 11] {
-            let reason = format!("denied: {}", crate::verify::revoked_denial(k).reason);
+            let reason = crate::verify::revoked_denial(&view, k).reason;
             assert_eq!(
-                revoked_block(&blocks, Some(&reason)).map(|b| b.id.as_str()),
+                revoked_block(&view, &blocks, Some(&reason)).map(|b| b.id.as_str()),
                 Some(format!("id{k}").as_str()),
                 "{reason}"
             );
         }
-        assert!(revoked_block(&blocks, Some("denied: something else")).is_none());
-        assert!(revoked_block(&blocks, None).is_none());
+        assert!(revoked_block(&view, &blocks, Some("something else")).is_none());
+        assert!(revoked_block(&view, &blocks, None).is_none());
     }
 }

@@ -220,7 +220,7 @@ pub(crate) async fn authenticate_token(
     // that can undo revocations.
     match st.revocations.first_revoked(&token.ids) {
         Ok(None) => {}
-        Ok(Some(b)) => return Err(ProxyError::Denied(revoked_denial(b))),
+        Ok(Some(b)) => return Err(ProxyError::Denied(revoked_denial(&token.view, b))),
         Err(e) => return Err(ProxyError::StoreUnavailable(e.to_string())),
     }
     // Decide before counting, then count and re-check, as for proxied

@@ -59,6 +59,42 @@ pub enum CredentialSource {
     Conventional(String),
 }
 
+/// Which API an upstream speaks, which decides the shape of Till's own
+/// error answers for it: each SDK reads its own API's error body, and only
+/// then raises the right exception with a readable message.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+pub enum Api {
+    /// `{"error": {"message", "type", "code"}}` with OpenAI's type names.
+    #[serde(rename = "openai")]
+    #[default]
+    OpenAi,
+    /// `{"type": "error", "error": {"type", "message"}}` with Anthropic's
+    /// type names.
+    #[serde(rename = "anthropic")]
+    Anthropic,
+    /// Any other API: the OpenAI body, the shape most HTTP clients and agent
+    /// frameworks print.
+    #[serde(rename = "plain")]
+    Plain,
+}
+
+impl Api {
+    /// The API an upstream speaks when its config does not say: the
+    /// official OpenAI and Anthropic hosts, else the upstream's name.
+    pub fn default_for(name: &str, url: &str) -> Api {
+        let host = reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase));
+        match (host.as_deref(), name) {
+            (Some("api.openai.com"), _) => Api::OpenAi,
+            (Some("api.anthropic.com"), _) => Api::Anthropic,
+            (_, "openai") => Api::OpenAi,
+            (_, "anthropic") => Api::Anthropic,
+            _ => Api::Plain,
+        }
+    }
+}
+
 /// One upstream API.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +119,18 @@ pub struct UpstreamConfig {
     /// may choose; dropped unless listed here.
     #[serde(default)]
     pub pass_headers: Vec<String>,
+    /// The API it speaks (the shape of Till's error answers); unset, from
+    /// the URL's host or the upstream's name ([`Api::default_for`]).
+    #[serde(default)]
+    pub api: Option<Api>,
+}
+
+impl UpstreamConfig {
+    /// The API the upstream `name` speaks.
+    pub fn api(&self, name: &str) -> Api {
+        self.api
+            .unwrap_or_else(|| Api::default_for(name, &self.url))
+    }
 }
 
 /// Size and time limits. The defaults suit LLM APIs.
@@ -368,6 +416,7 @@ impl Config {
                         prefix: known.map_or_else(default_prefix, |w| w.4.to_string()),
                         set_headers: BTreeMap::new(),
                         pass_headers: Vec::new(),
+                        api: None,
                     },
                 );
             }
@@ -499,6 +548,14 @@ impl Config {
             if !matches!(u.scheme(), "http" | "https") {
                 return Err(self.err(&format!("alerts.webhooks[{i}].url"), "must be http(s)"));
             }
+            if let Some(CredentialSource::Env(v)) = &h.secret
+                && v.is_empty()
+            {
+                return Err(self.err(
+                    &format!("alerts.webhooks[{i}].secret.env"),
+                    "empty variable name",
+                ));
+            }
         }
         for (i, h) in self.admin_hosts.iter().enumerate() {
             if super::admin::split_host_port(h).is_none() {
@@ -602,6 +659,7 @@ impl Config {
                         prefix: prefix.to_string(),
                         set_headers: BTreeMap::new(),
                         pass_headers: Vec::new(),
+                        api: None,
                     },
                 );
                 added.push(svc.to_string());
@@ -622,20 +680,7 @@ impl Config {
             let cred = match &u.credential {
                 None | Some(CredentialSource::None) => None,
                 Some(CredentialSource::Conventional(var)) => env(var).filter(|v| !v.is_empty()),
-                Some(CredentialSource::Env(var)) => {
-                    Some(env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
-                        self.err(&key, format!("environment variable {var} is not set"))
-                    })?)
-                }
-                Some(CredentialSource::File(p)) => {
-                    let v = std::fs::read_to_string(p)
-                        .map_err(|e| self.err(&key, format!("cannot read {}: {e}", p.display())))?;
-                    let v = v.trim_end_matches(['\n', '\r']).to_string();
-                    if v.is_empty() {
-                        return Err(self.err(&key, format!("{} is empty", p.display())));
-                    }
-                    Some(v)
-                }
+                Some(src) => Some(self.read_secret(&key, src, env)?),
             };
             if let Some(c) = &cred {
                 http::HeaderValue::from_str(&format!("{}{c}", u.prefix)).map_err(|_| {
@@ -648,6 +693,66 @@ impl Config {
             out.insert(name.clone(), cred);
         }
         Ok(out)
+    }
+}
+
+impl Config {
+    /// Reads the secret `src` names; errors name `key` and never the value.
+    fn read_secret(
+        &self,
+        key: &str,
+        src: &CredentialSource,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<String, ConfigError> {
+        match src {
+            CredentialSource::Env(var) => env(var)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| self.err(key, format!("environment variable {var} is not set"))),
+            CredentialSource::File(p) => {
+                let v = std::fs::read_to_string(p)
+                    .map_err(|e| self.err(key, format!("cannot read {}: {e}", p.display())))?;
+                let v = v.trim_end_matches(['\n', '\r']).to_string();
+                if v.is_empty() {
+                    return Err(self.err(key, format!("{} is empty", p.display())));
+                }
+                Ok(v)
+            }
+            CredentialSource::None | CredentialSource::Conventional(_) => Err(self.err(
+                key,
+                "give { env = \"VAR\" } or { file = \"/path\" }".to_string(),
+            )),
+        }
+    }
+
+    /// Reads every webhook's signing secret now, so a missing or weak one
+    /// fails at start (exit 2) rather than sending unsigned alerts.
+    pub fn resolve_webhook_secrets(
+        &mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let mut keys = Vec::with_capacity(self.alerts.webhooks.len());
+        for (i, h) in self.alerts.webhooks.iter().enumerate() {
+            let key = format!("alerts.webhooks[{i}].secret");
+            let Some(src) = &h.secret else {
+                keys.push(None);
+                continue;
+            };
+            let v = self.read_secret(&key, src, env)?;
+            let min = crate::monitor::alerts::MIN_SECRET_LEN;
+            if v.len() < min {
+                return Err(self.err(
+                    &key,
+                    format!(
+                        "the secret is shorter than {min} bytes; use a long random one, e.g. the output of `openssl rand -hex 32`"
+                    ),
+                ));
+            }
+            keys.push(Some(std::sync::Arc::from(v.as_bytes())));
+        }
+        for (h, k) in self.alerts.webhooks.iter_mut().zip(keys) {
+            h.signing_key = k;
+        }
+        Ok(())
     }
 }
 
@@ -723,6 +828,7 @@ denial_burst_window_secs = 60    # ... within this window
 # [[alerts.webhooks]]
 # url = "https://hooks.slack.com/services/..."
 # format = "slack"               # or "json"
+# secret = {{ env = "TILL_WEBHOOK_SECRET" }}   # signs each delivery (Till-Signature header)
 "#,
         state = state_dir.display().to_string()
     )

@@ -1,14 +1,43 @@
 //! Every way a proxied request can fail, and the response each gives.
 //!
-//! Bodies use the OpenAI error shape, `{"error":{"message","type","code"}}`,
-//! so the official SDKs surface the reason. Messages never contain a token
-//! or a credential.
+//! Bodies take the shape of the upstream's own API ([`Api`]), so its SDK
+//! raises its usual exception with Till's message: OpenAI's
+//! `{"error":{"message","type","code"}}` (also for plain upstreams and
+//! requests naming no upstream) or Anthropic's
+//! `{"type":"error","error":{"type","message"}}`. Every answer says whether
+//! retrying can help (`x-should-retry`, `Retry-After`), because the SDKs
+//! otherwise retry every 429 and 5xx. Messages never contain a token or a
+//! credential.
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+pub use super::config::Api;
 use crate::verify::{Denial, DenialKind};
+
+/// Whether a client should send the same request again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// `x-should-retry: false`: the same request gets the same answer.
+    Never,
+    /// `x-should-retry: true` and `Retry-After` in seconds.
+    After(u32),
+    /// No header: the client's own rules apply (the SDKs retry).
+    ClientDefault,
+}
+
+/// Key prefixes of the providers Till fronts. A Till token is a Biscuit in
+/// URL-safe base64, which starts with `C` or `E` (its first protobuf tag),
+/// so none of these can be a Till token.
+const PROVIDER_KEY_PREFIXES: &[&str] =
+    &["sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"];
+
+/// Whether `token` is a provider's API key sent by mistake instead of a
+/// Till token.
+pub fn looks_like_provider_key(token: &str) -> bool {
+    PROVIDER_KEY_PREFIXES.iter().any(|p| token.starts_with(p))
+}
 
 /// An error answer from the proxy.
 #[derive(Debug)]
@@ -17,6 +46,9 @@ pub enum ProxyError {
     MissingToken,
     /// 401: the token does not parse or its signature fails.
     InvalidToken(String),
+    /// 401: a provider's API key (`sk-...`) was sent instead of a Till
+    /// token. Never echoed.
+    ProviderKey,
     /// 403 / 429 from authorization or revocation.
     Denied(Denial),
     /// 400: the request itself is malformed (path tricks, bad header).
@@ -51,7 +83,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::MissingToken | ProxyError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::MissingToken | ProxyError::InvalidToken(_) | ProxyError::ProviderKey => {
+                StatusCode::UNAUTHORIZED
+            }
             ProxyError::Denied(d) if d.kind == DenialKind::Exhausted => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -76,7 +110,7 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::MissingToken => "missing_token",
-            ProxyError::InvalidToken(_) => "invalid_token",
+            ProxyError::InvalidToken(_) | ProxyError::ProviderKey => "invalid_token",
             ProxyError::Denied(d) => match d.kind {
                 DenialKind::Exhausted => "activations_exhausted",
                 DenialKind::Expired => "token_expired",
@@ -100,10 +134,45 @@ impl ProxyError {
         }
     }
 
-    fn kind(&self) -> &'static str {
+    /// Whether the same request can succeed later, which the official
+    /// OpenAI and Anthropic SDKs read from `x-should-retry` before their own
+    /// rules (they would retry every 408, 409, 429 and 5xx).
+    pub fn retry(&self) -> Retry {
         match self {
-            ProxyError::MissingToken | ProxyError::InvalidToken(_) => "authentication_error",
-            ProxyError::Denied(d) if d.kind == DenialKind::Exhausted => "rate_limit_error",
+            // Waiting helps: the load, the earlier attempt or the store
+            // may be gone in a moment.
+            ProxyError::Busy(_) | ProxyError::IdempotencyConflict => Retry::After(1),
+            ProxyError::StoreUnavailable(_) => Retry::After(5),
+            // The upstream or the network may recover; each new attempt
+            // is counted unless it repeats an `Idempotency-Key`.
+            ProxyError::BodyTimeout(_)
+            | ProxyError::BadGateway(_)
+            | ProxyError::GatewayTimeout(_) => Retry::ClientDefault,
+            // The same key and request get the same answer: retrying only
+            // wastes time and feeds the denial-burst alert.
+            ProxyError::MissingToken
+            | ProxyError::InvalidToken(_)
+            | ProxyError::ProviderKey
+            | ProxyError::Denied(_)
+            | ProxyError::BadRequest(_)
+            | ProxyError::MethodNotAllowed(_)
+            | ProxyError::UnknownService(_)
+            | ProxyError::IdempotencyMismatch
+            | ProxyError::FamilyFull(_)
+            | ProxyError::TokenTooLarge(_)
+            | ProxyError::TooLarge(_) => Retry::Never,
+        }
+    }
+
+    /// The `type` of the OpenAI (and plain) body.
+    fn openai_type(&self) -> &'static str {
+        match self {
+            ProxyError::MissingToken | ProxyError::InvalidToken(_) | ProxyError::ProviderKey => {
+                "authentication_error"
+            }
+            // What OpenAI answers when the credit is spent: agent frameworks
+            // treat it as final, unlike `rate_limit_error`.
+            ProxyError::Denied(d) if d.kind == DenialKind::Exhausted => "insufficient_quota",
             ProxyError::Denied(_) => "permission_error",
             ProxyError::BadRequest(_)
             | ProxyError::MethodNotAllowed(_)
@@ -114,7 +183,33 @@ impl ProxyError {
             | ProxyError::BodyTimeout(_) => "invalid_request_error",
             ProxyError::FamilyFull(_) => "permission_error",
             ProxyError::UnknownService(_) => "not_found_error",
-            _ => "api_error",
+            ProxyError::BadGateway(_)
+            | ProxyError::GatewayTimeout(_)
+            | ProxyError::Busy(_)
+            | ProxyError::StoreUnavailable(_) => "api_error",
+        }
+    }
+
+    /// The `error.type` of the Anthropic body: Anthropic's name for the
+    /// status.
+    fn anthropic_type(&self) -> &'static str {
+        match self {
+            ProxyError::MissingToken | ProxyError::InvalidToken(_) | ProxyError::ProviderKey => {
+                "authentication_error"
+            }
+            ProxyError::Denied(d) if d.kind == DenialKind::Exhausted => "rate_limit_error",
+            ProxyError::Denied(_) | ProxyError::FamilyFull(_) => "permission_error",
+            ProxyError::UnknownService(_) => "not_found_error",
+            ProxyError::TooLarge(_) => "request_too_large",
+            ProxyError::BadRequest(_)
+            | ProxyError::MethodNotAllowed(_)
+            | ProxyError::TokenTooLarge(_)
+            | ProxyError::IdempotencyConflict
+            | ProxyError::IdempotencyMismatch
+            | ProxyError::BodyTimeout(_) => "invalid_request_error",
+            ProxyError::Busy(_) => "overloaded_error",
+            ProxyError::GatewayTimeout(_) => "timeout_error",
+            ProxyError::BadGateway(_) | ProxyError::StoreUnavailable(_) => "api_error",
         }
     }
 
@@ -125,7 +220,8 @@ impl ProxyError {
                     .into()
             }
             ProxyError::InvalidToken(m) => format!("invalid Till token: {m}"),
-            ProxyError::Denied(d) => format!("denied: {}", d.reason),
+            ProxyError::ProviderKey => "this looks like a provider API key, not a Till token; ask your operator for a Till token".into(),
+            ProxyError::Denied(d) => d.reason.clone(),
             ProxyError::BadRequest(m) => format!("bad request: {m}"),
             ProxyError::MethodNotAllowed(m) => format!(
                 "method {m} is not allowed: Till never forwards TRACE, TRACK or CONNECT, whatever the token; use GET, POST or another ordinary method"
@@ -134,7 +230,7 @@ impl ProxyError {
                 format!("no upstream named {s:?} is configured on this proxy")
             }
             ProxyError::IdempotencyConflict => {
-                "a request with this Idempotency-Key is still in progress".into()
+                "a request with this Idempotency-Key is still in progress; retry after it finishes".into()
             }
             ProxyError::IdempotencyMismatch => {
                 "this Idempotency-Key was already used for a different request (method, path or body differ); use a new key for a new request".into()
@@ -157,26 +253,141 @@ impl ProxyError {
     }
 }
 
-impl IntoResponse for ProxyError {
-    fn into_response(self) -> Response {
-        let body = json!({
-            "error": {
-                "message": self.message(),
-                "type": self.kind(),
-                "code": self.code(),
-            }
-        });
+impl ProxyError {
+    /// The answer in the shape of `api`.
+    pub fn into_response_for(self, api: Api) -> Response {
+        let body = match api {
+            Api::Anthropic => json!({
+                "type": "error",
+                "error": {
+                    "type": self.anthropic_type(),
+                    "message": self.message(),
+                }
+            }),
+            Api::OpenAi | Api::Plain => json!({
+                "error": {
+                    "message": self.message(),
+                    "type": self.openai_type(),
+                    "code": self.code(),
+                }
+            }),
+        };
         let mut resp = (self.status(), axum::Json(body)).into_response();
-        if matches!(self, ProxyError::Busy(_)) {
-            resp.headers_mut()
-                .insert("retry-after", HeaderValue::from_static("1"));
+        let h = resp.headers_mut();
+        match self.retry() {
+            Retry::Never => {
+                h.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            Retry::After(secs) => {
+                h.insert("x-should-retry", HeaderValue::from_static("true"));
+                h.insert("retry-after", HeaderValue::from(secs));
+            }
+            Retry::ClientDefault => {}
         }
         if self.status() == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(
+            h.insert(
                 "www-authenticate",
                 HeaderValue::from_static("Bearer realm=\"till\""),
             );
         }
         resp
+    }
+}
+
+/// The OpenAI shape: for answers outside any upstream (admin plane, unknown
+/// service).
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        self.into_response_for(Api::OpenAi)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_keys_are_recognised_and_till_tokens_are_not() {
+        for k in [
+            "sk-abc",
+            "sk-proj-abc",
+            "sk-ant-api03-abc",
+            "ghp_abc",
+            "github_pat_x",
+        ] {
+            assert!(looks_like_provider_key(k), "{k}");
+        }
+        let root = crate::token::keys::generate();
+        let t = crate::token::issue(
+            &root,
+            &crate::token::Scope {
+                services: vec!["openai".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(!looks_like_provider_key(&t), "{t}");
+        assert!(!looks_like_provider_key("garbage"));
+    }
+
+    /// Every 4xx but 408 is final, and says so; `Retry-After` only where
+    /// waiting helps; each body in the shape asked for.
+    #[test]
+    fn every_error_says_whether_to_retry_in_the_shape_asked_for() {
+        let denial = |kind| {
+            ProxyError::Denied(Denial {
+                kind,
+                reason: "r".into(),
+            })
+        };
+        let all = || {
+            vec![
+                ProxyError::MissingToken,
+                ProxyError::InvalidToken("x".into()),
+                ProxyError::ProviderKey,
+                denial(DenialKind::Scope),
+                denial(DenialKind::Exhausted),
+                denial(DenialKind::Expired),
+                denial(DenialKind::Revoked),
+                denial(DenialKind::Limits),
+                ProxyError::BadRequest("x".into()),
+                ProxyError::MethodNotAllowed("TRACE".into()),
+                ProxyError::UnknownService("x".into()),
+                ProxyError::IdempotencyConflict,
+                ProxyError::IdempotencyMismatch,
+                ProxyError::BodyTimeout(30),
+                ProxyError::Busy("x".into()),
+                ProxyError::FamilyFull(10),
+                ProxyError::TokenTooLarge(16384),
+                ProxyError::TooLarge(1000),
+                ProxyError::BadGateway("x".into()),
+                ProxyError::GatewayTimeout("x".into()),
+                ProxyError::StoreUnavailable("x".into()),
+            ]
+        };
+        for api in [Api::OpenAi, Api::Anthropic, Api::Plain] {
+            for e in all() {
+                let (status, code) = (e.status().as_u16(), e.code());
+                let resp = e.into_response_for(api);
+                let h = resp.headers();
+                let retry = h.get("x-should-retry").map(|v| v.to_str().unwrap());
+                let after = h.get("retry-after");
+                match status {
+                    408 | 502 | 504 => assert_eq!((retry, after), (None, None), "{code}"),
+                    409 | 503 => {
+                        assert_eq!(retry, Some("true"), "{code}");
+                        assert!(after.is_some(), "{code}");
+                    }
+                    _ => assert_eq!((retry, after), (Some("false"), None), "{code}"),
+                }
+            }
+        }
+        let e = denial(DenialKind::Exhausted);
+        assert_eq!(e.anthropic_type(), "rate_limit_error");
+        assert_eq!(e.openai_type(), "insufficient_quota");
+        assert_eq!(
+            ProxyError::TooLarge(1).anthropic_type(),
+            "request_too_large"
+        );
     }
 }

@@ -25,7 +25,7 @@ use serde::de::{IgnoredAny, MapAccess, Visitor};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::AppState;
-use super::error::ProxyError;
+use super::error::{Api, ProxyError};
 use super::forward::{Outgoing, forward};
 use super::idempotency::{Claim, MAX_KEY_LEN, digest};
 use crate::decide::{Stage, decide, decided_by_cache};
@@ -55,6 +55,7 @@ pub async fn proxy(State(st): State<AppState>, req: Request) -> Response {
         .map(|c| c.0.to_string());
     let request_id = format!("{:016x}", rand::random::<u64>());
     let mut obs = Observation::new(request_id.clone(), peer, req.method().as_str());
+    let api = error_shape(&st, req.uri().path());
     let (mut resp, code, reason) = match handle(&st, req, &mut obs).await {
         Ok(r) => (r, "ok", None),
         Err(e) => {
@@ -64,7 +65,7 @@ pub async fn proxy(State(st): State<AppState>, req: Request) -> Response {
             }
             let code = e.code();
             let reason = e.message();
-            (e.into_response(), code, Some(reason))
+            (e.into_response_for(api), code, Some(reason))
         }
     };
     st.monitor
@@ -73,6 +74,15 @@ pub async fn proxy(State(st): State<AppState>, req: Request) -> Response {
         resp.headers_mut().insert("x-till-request-id", v);
     }
     resp
+}
+
+/// The API whose error shape answers a request to `path`: its upstream's,
+/// or OpenAI's when the path names none.
+fn error_shape(st: &AppState, path: &str) -> Api {
+    split_service(path)
+        .ok()
+        .and_then(|(svc, _)| st.upstreams.get(svc))
+        .map_or(Api::OpenAi, |u| u.api)
 }
 
 /// Reads the token from `Authorization: Bearer` or `x-api-key`.
@@ -97,6 +107,9 @@ pub fn extract_token(headers: &HeaderMap) -> Result<&str, ProxyError> {
     }
     if token.len() > MAX_TOKEN_LEN {
         return Err(ProxyError::TokenTooLarge(MAX_TOKEN_LEN));
+    }
+    if super::error::looks_like_provider_key(token) {
+        return Err(ProxyError::ProviderKey);
     }
     Ok(token)
 }

@@ -46,6 +46,8 @@ pub struct Upstream {
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     /// `pass_headers`: billing headers forwarded as the client sent them.
     pub pass_headers: Vec<HeaderName>,
+    /// The shape of Till's own error answers for this upstream.
+    pub api: config::Api,
 }
 
 /// Everything the request path needs, shared by all requests.
@@ -182,6 +184,7 @@ impl AppState {
                     credential,
                     set_headers,
                     pass_headers,
+                    api: u.api(name),
                 },
             );
         }

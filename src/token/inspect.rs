@@ -113,6 +113,45 @@ impl TokenView {
     pub fn labels(&self) -> Vec<String> {
         self.blocks.iter().flat_map(|b| b.labels.clone()).collect()
     }
+    /// Block `k` as messages name it for whoever holds the token: the last
+    /// block is the key they hold ("this key"), earlier ones are keys it was
+    /// made from, told apart by their index; each with its label if any.
+    pub fn key_name(&self, k: usize) -> String {
+        let label = self
+            .blocks
+            .get(k)
+            .and_then(|b| b.labels.first())
+            .map(|l| format!("label {l:?}"));
+        if k + 1 == self.blocks.len() {
+            match label {
+                Some(l) => format!("this key ({l})"),
+                None => "this key".into(),
+            }
+        } else {
+            match label {
+                Some(l) => format!("the key this one was made from (block {k}, {l})"),
+                None => format!("the key this one was made from (block {k})"),
+            }
+        }
+    }
+
+    /// What to do about a key that can no longer be used because of block
+    /// `k`.
+    pub fn ask_for_a_new_one(&self, k: usize) -> &'static str {
+        if k + 1 == self.blocks.len() {
+            "ask whoever gave it to you for a new one"
+        } else {
+            "ask whoever gave you this key for a new one"
+        }
+    }
+}
+
+/// `n` times, in words.
+fn times(n: u64) -> String {
+    match n {
+        1 => "once".into(),
+        n => format!("{n} times"),
+    }
 }
 
 struct Decoded {
@@ -496,36 +535,47 @@ fn meaning(check: &Check, syms: &SymbolTable, esc: &SymbolTable) -> CheckMeaning
 }
 
 impl CheckMeaning {
-    /// Plain-words explanation of why this check failed in block `index`.
-    pub fn explain(&self, index: usize) -> String {
+    /// Why this check of block `index` of `view` failed, in words for
+    /// whoever holds the token: it names the key by its label and tells
+    /// them what to do.
+    pub fn explain(&self, index: usize, view: &TokenView) -> String {
         let list = |v: &[String]| {
             v.iter()
                 .map(|s| format!("{s:?}"))
                 .collect::<Vec<_>>()
                 .join(" or ")
         };
+        let who = view.key_name(index);
+        let ask = view.ask_for_a_new_one(index);
         match self {
             CheckMeaning::UseLimit { block, limit } if *block == index => {
-                format!("block {index} allows at most {limit} uses and they are used up")
+                let used = match limit {
+                    0 => "may not be used at all".to_string(),
+                    1 => "has used its one use".to_string(),
+                    n => format!("has used all {n} of its uses"),
+                };
+                format!("{who} {used}; {ask}")
             }
-            CheckMeaning::UseLimit { block, limit } => {
-                format!("block {index} limits block {block} to {limit} uses and they are used up")
-            }
-            CheckMeaning::Expires { at, .. } => format!("block {index} expired at {at}"),
+            CheckMeaning::UseLimit { block, limit } => format!(
+                "{who} stops working once {} has been used {}, which it has; {ask}",
+                view.key_name(*block),
+                times(*limit)
+            ),
+            CheckMeaning::Expires { at, .. } => format!("{who} expired at {at}; {ask}"),
             CheckMeaning::Services { allowed } => {
-                format!("block {index} only allows service {}", list(allowed))
+                format!("{who} only allows service {}", list(allowed))
             }
             CheckMeaning::Methods { allowed } => {
-                format!("block {index} only allows method {}", list(allowed))
+                format!("{who} only allows method {}", list(allowed))
             }
             CheckMeaning::PathPrefixes { allowed } => {
-                format!("block {index} only allows path prefix {}", list(allowed))
+                format!("{who} only allows paths starting with {}", list(allowed))
             }
             CheckMeaning::Models { allowed } => format!(
-                "block {index} only allows model {} (the request must name it in the JSON body's \"model\" field)",
+                "{who} only allows model {} (named in the JSON body's \"model\" field)",
                 list(allowed)
             ),
-            CheckMeaning::Custom { source } => format!("block {index} check failed: {source}"),
+            CheckMeaning::Custom { source } => format!("a check of {who} failed: {source}"),
         }
     }
 

@@ -313,7 +313,7 @@ fn child_cannot_add_a_service_and_its_own_check_narrows_the_parent() {
     // openai: the parent allows it, but the child's check now refuses it.
     denied(
         &verify(&h, &child, &["--service", "openai"]),
-        &["block 1", "\"github\""],
+        &["this key only allows service \"github\""],
     );
 }
 
@@ -324,11 +324,14 @@ fn child_path_narrows_and_path_tricks_are_normalised_before_checking() {
     let child = attenuate(&parent, &["--path", "/v1/chat/completions"]);
     let req = |p: &str| verify(&h, &child, &["--service", "openai", "--path", p]);
     allowed(&req("/v1/chat/completions"));
-    denied(&req("/v1/files"), &["block 1", "\"/v1/chat/completions\""]);
+    denied(
+        &req("/v1/files"),
+        &["this key only allows paths starting with \"/v1/chat/completions\""],
+    );
     // Inside the parent's prefix, outside the child's.
     denied(
         &req("/v1/chat/other"),
-        &["block 1", "\"/v1/chat/completions\""],
+        &["this key only allows paths starting with \"/v1/chat/completions\""],
     );
     // Dot segments, encoded dots and doubled slashes resolve to /v1/files.
     for trick in [
@@ -338,7 +341,10 @@ fn child_path_narrows_and_path_tricks_are_normalised_before_checking() {
         "/v1/chat/completions/.%2e/./../files",
         "//v1/chat/completions/../..//files",
     ] {
-        let r = denied(&req(trick), &["/v1/files", "block 1"]);
+        let r = denied(
+            &req(trick),
+            &["/v1/files", "this key only allows paths starting with"],
+        );
         assert!(!r.contains(".."), "{trick}: reason shows the raw path: {r}");
     }
     // A path that resolves *into* the scope is fine.
@@ -367,9 +373,9 @@ fn child_max_uses_cannot_raise_the_parent_limit() {
             &child,
             &["--service", "openai", "--uses", "0=11", "--uses", "1=11"],
         ),
-        &["block 0 allows at most 10 uses"],
+        &["the key this one was made from (block 0) has used all 10 of its uses"],
     );
-    assert!(!r.contains("block 1"), "{r}");
+    assert!(!r.contains("this key has"), "{r}");
     allowed(&verify(
         &h,
         &child,
@@ -390,7 +396,7 @@ fn forged_facts_in_a_child_block_grant_nothing() {
     );
     denied(
         &verify(&h, &child, &["--service", "openai", "--uses", "0=11"]),
-        &["block 0 allows at most 10 uses"],
+        &["the key this one was made from (block 0) has used all 10 of its uses"],
     );
     denied(
         &verify(&h, &child, &["--service", "github"]),
@@ -447,7 +453,7 @@ fn forged_facts_in_a_child_block_grant_nothing() {
     let child = attenuate(&parent, &["--datalog", "check if uses(0, $u), $u <= 1000;"]);
     denied(
         &verify(&h, &child, &["--service", "openai", "--uses", "0=11"]),
-        &["block 0 allows at most 10 uses"],
+        &["the key this one was made from (block 0) has used all 10 of its uses"],
     );
     // A block may not carry policies.
     let o = till([
@@ -467,7 +473,10 @@ fn child_limit_is_enforced_on_its_own_counter() {
     let parent = issue(&h, &["--service", "openai", "--max-uses", "10"]);
     let child = attenuate(&parent, &["--max-uses", "3"]);
     let o = verify(&h, &child, &["--service", "openai", "--uses", "1=4"]);
-    let r = denied(&o, &["block 1 allows at most 3 uses"]);
+    let r = denied(
+        &o,
+        &["this key has used all 3 of its uses; ask whoever gave it to you for a new one"],
+    );
     assert!(!r.contains("block 0"), "{r}");
     allowed(&verify(
         &h,
@@ -482,7 +491,7 @@ fn model_allow_list_requires_a_listed_model() {
     let t = issue(&h, &["--service", "openai", "--model", "gpt-4o-mini"]);
     denied(
         &verify(&h, &t, &["--service", "openai"]),
-        &["block 0 only allows model \"gpt-4o-mini\""],
+        &["this key only allows model \"gpt-4o-mini\""],
     );
     denied(
         &verify(&h, &t, &["--service", "openai", "--model", "gpt-4o"]),
@@ -497,7 +506,7 @@ fn model_allow_list_requires_a_listed_model() {
     let child = attenuate(&t, &["--model", "gpt-4o", "--model", "gpt-4o-mini"]);
     denied(
         &verify(&h, &child, &["--service", "openai", "--model", "gpt-4o"]),
-        &["block 0"],
+        &["the key this one was made from (block 0) only allows model"],
     );
     allowed(&verify(
         &h,
@@ -522,11 +531,17 @@ fn expiry_is_enforced_and_a_child_cannot_extend_it() {
     );
     let child = attenuate(&t, &["--expires", "2030-01-01T00:00:00Z"]);
     allowed(&at(&child, "2025-12-31T00:00:00Z"));
-    let r = denied(&at(&child, "2026-01-02T00:00:00Z"), &["block 0 expired"]);
+    let r = denied(
+        &at(&child, "2026-01-02T00:00:00Z"),
+        &["the key this one was made from (block 0) expired at 2026-01-01T00:00:00Z"],
+    );
     assert!(!r.contains("block 1"), "{r}");
     // A child's own, earlier expiry applies.
     let child = attenuate(&t, &["--expires", "2025-06-01T00:00:00Z"]);
-    denied(&at(&child, "2025-07-01T00:00:00Z"), &["block 1 expired"]);
+    denied(
+        &at(&child, "2025-07-01T00:00:00Z"),
+        &["this key expired at 2025-06-01T00:00:00Z; ask whoever gave it to you for a new one"],
+    );
     // Without --at the clock decides: a fresh 1h token is valid now.
     let far = issue(&h, &["--service", "openai", "--ttl", "1h"]);
     allowed(&verify(&h, &far, &["--service", "openai"]));
@@ -562,7 +577,7 @@ fn negated_scope_checks_are_not_presented_as_allow_lists() {
     o.stdout_has("methods: \"POST\"");
     let r = denied(
         &verify(&h, &child, &["--service", "openai", "--method", "POST"]),
-        &[r#"block 1 check failed: check if service($s), $s != "openai""#],
+        &[r#"a check of this key failed: check if service($s), $s != "openai""#],
     );
     assert!(!r.contains("only allows service"), "{r}");
 }
@@ -586,7 +601,7 @@ fn revoking_a_parent_revokes_its_children_but_not_the_reverse() {
     let f = f.to_str().unwrap();
     denied(
         &verify(&h, &child, &["--service", "openai", "--revoked-ids", f]),
-        &["revoked", "root block"],
+        &["the key this one was made from (block 0) was revoked"],
     );
     denied(
         &verify(&h, &parent, &["--service", "openai", "--revoked-ids", f]),
@@ -597,7 +612,7 @@ fn revoking_a_parent_revokes_its_children_but_not_the_reverse() {
     let f = f.to_str().unwrap();
     denied(
         &verify(&h, &child, &["--service", "openai", "--revoked-ids", f]),
-        &["revoked", "block 1"],
+        &["this key was revoked; ask whoever gave it to you for a new one"],
     );
     allowed(&verify(
         &h,
@@ -685,7 +700,7 @@ fn regression_an_empty_file_or_plain_list_is_not_accepted_as_a_fresh_signed_feed
     let fresh = signed_feed(&h, "fresh.json", &ids[1..], 0);
     denied(
         &revoked_child(&fresh, &["--max-feed-age", "1m"]),
-        &["revoked", "block 1"],
+        &["this key was revoked; ask whoever gave it to you for a new one"],
     );
     let none = signed_feed(&h, "none.json", &[], 0);
     allowed(&revoked_child(&none, &["--max-feed-age", "1m"]));
@@ -709,7 +724,7 @@ fn regression_an_empty_file_or_plain_list_is_not_accepted_as_a_fresh_signed_feed
     let p = plain.to_str().unwrap();
     denied(
         &verify(&h, &child, &["--service", "openai", "--revoked-ids", p]),
-        &["revoked", "root block"],
+        &["the key this one was made from (block 0) was revoked"],
     );
     usage_error(
         &verify(
@@ -1089,7 +1104,10 @@ fn biscuit_python_attenuates_a_till_token_and_till_enforces_the_block() {
     assert_eq!(revocation_ids(&child).len(), 2);
     let req = |p: &str| verify(&h, &child, &["--service", "openai", "--path", p]);
     allowed(&req("/v1/chat/x"));
-    denied(&req("/v1/files"), &["block 1", "\"/v1/chat/\""]);
+    denied(
+        &req("/v1/files"),
+        &["this key only allows paths starting with \"/v1/chat/\""],
+    );
     // Till reads the foreign block's meaning, and keeps the parent's limit.
     let v = inspect_json(&child);
     assert_eq!(
@@ -1109,7 +1127,7 @@ fn biscuit_python_attenuates_a_till_token_and_till_enforces_the_block() {
                 "0=11",
             ],
         ),
-        &["block 0 allows at most 10 uses"],
+        &["the key this one was made from (block 0) has used all 10 of its uses"],
     );
     // Till attenuates the Python-made token further.
     let grandchild = attenuate(&child, &["--max-uses", "2"]);
@@ -1125,7 +1143,7 @@ fn biscuit_python_attenuates_a_till_token_and_till_enforces_the_block() {
             "2=3",
         ],
     );
-    denied(&o, &["block 2 allows at most 2 uses"]);
+    denied(&o, &["this key has used all 2 of its uses"]);
 }
 
 /// The block shape the README documents for other Biscuit libraries.
@@ -1185,11 +1203,11 @@ fn biscuit_python_block_in_the_documented_shape_reads_as_till_scope() {
     allowed(&req(&["--service", "openai", "--uses", "1=5"]));
     denied(
         &req(&["--service", "openai", "--uses", "1=6"]),
-        &["block 1 allows at most 5 uses"],
+        &["this key has used all 5 of its uses"],
     );
     denied(
         &req(&["--service", "github"]),
-        &["block 1 only allows service \"openai\""],
+        &["this key only allows service \"openai\""],
     );
 }
 

@@ -274,7 +274,7 @@ fn checked_in_golden_tokens_still_verify_with_their_scope() {
     ok(&verify_golden("scoped", &chat(&["--uses", "0=100"])));
     no(
         &verify_golden("scoped", &chat(&["--uses", "0=101"])),
-        "block 0 allows at most 100 uses",
+        "this key (label \"golden: ci-bot\") has used all 100 of its uses",
     );
     no(
         &verify_golden(
@@ -316,15 +316,15 @@ fn checked_in_golden_tokens_still_verify_with_their_scope() {
     ok(&verify_golden("chain", &chat(&[])));
     no(
         &verify_golden("chain", &chat(&["--uses", "2=3"])),
-        "block 2 allows at most 2 uses",
+        "this key (label \"sub-agent\") has used all 2 of its uses",
     );
     no(
         &verify_golden("chain", &chat(&["--uses", "1=6"])),
-        "block 1 allows at most 5 uses",
+        "the key this one was made from (block 1, label \"agent\") has used all 5 of its uses",
     );
     no(
         &verify_golden("chain", &chat(&["--uses", "0=11"])),
-        "block 0 allows at most 10 uses",
+        "the key this one was made from (block 0, label \"operator\") has used all 10 of its uses",
     );
     no(
         &verify_golden(
@@ -342,7 +342,7 @@ fn checked_in_golden_tokens_still_verify_with_their_scope() {
                 "2029-12-31T00:00:00Z",
             ],
         ),
-        "block 1 only allows path prefix \"/v1/chat/\"",
+        "the key this one was made from (block 1, label \"agent\") only allows paths starting with \"/v1/chat/\"",
     );
 
     ok(&verify_golden("hostile", &["--service", "openai"]));

@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod agents;
 mod cli;
 mod conn;
 mod dashboard;

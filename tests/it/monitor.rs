@@ -10,23 +10,34 @@ use till::token::Scope;
 
 use crate::helpers::*;
 
+/// One delivery as received: its `Till-Signature` header and body.
+type Delivery = (Option<String>, String);
+
 /// A webhook receiver that records what it got.
 #[derive(Clone, Default)]
 struct Receiver {
     got: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Each delivery's `Till-Signature` header and body, as received.
+    raw: Arc<Mutex<Vec<Delivery>>>,
 }
 
 impl Receiver {
     async fn start() -> (Receiver, String) {
         let r = Receiver::default();
         let app = Router::new()
-            .fallback(|State(r): State<Receiver>, body: String| async move {
-                r.got
-                    .lock()
-                    .unwrap()
-                    .push(serde_json::from_str(&body).unwrap_or(serde_json::Value::Null));
-                "ok"
-            })
+            .fallback(
+                |State(r): State<Receiver>, headers: axum::http::HeaderMap, body: String| async move {
+                    let sig = headers
+                        .get("till-signature")
+                        .map(|v| v.to_str().unwrap_or("").to_string());
+                    r.raw.lock().unwrap().push((sig, body.clone()));
+                    r.got
+                        .lock()
+                        .unwrap()
+                        .push(serde_json::from_str(&body).unwrap_or(serde_json::Value::Null));
+                    "ok"
+                },
+            )
             .with_state(r.clone());
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", l.local_addr().unwrap());
@@ -116,7 +127,13 @@ async fn audit_log_has_one_line_per_decision_and_no_secrets() {
     assert_eq!(denied["decision"], "deny");
     assert_eq!(denied["code"], "activations_exhausted");
     assert_eq!(denied["status"], 429);
-    assert!(denied["reason"].as_str().unwrap().contains("block 1"));
+    assert!(
+        denied["reason"]
+            .as_str()
+            .unwrap()
+            .contains("this key has used its one use"),
+        "{denied}"
+    );
     assert_eq!(denied["blocks"][1]["uses"], 1, "counts after the rollback");
     let bad: serde_json::Value = serde_json::from_str(&lines[2]).unwrap();
     assert_eq!(bad["code"], "invalid_token");
@@ -593,4 +610,135 @@ async fn regression_a_revoked_token_raises_one_alert_per_revoked_block_not_one_p
         .filter(|a| a["kind"] == "expired_token_used")
         .count();
     assert_eq!(expired_alerts, 1, "{hist:#}");
+}
+
+/// Checks a `Till-Signature` header the way README.md tells receivers to:
+/// HMAC-SHA256 of `"<t>.<body>"` with the shared secret, and a recent `t`.
+fn signature_is_valid(header: &str, body: &str, secret: &[u8]) -> bool {
+    use hmac::{Hmac, Mac};
+    let mut t = None;
+    let mut v1 = None;
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", x)) => t = x.parse::<u64>().ok(),
+            Some(("v1", x)) => v1 = hex::decode(x).ok(),
+            _ => {}
+        }
+    }
+    let (Some(t), Some(v1)) = (t, v1) else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+    mac.update(format!("{t}.{body}").as_bytes());
+    now.abs_diff(t) < 300 && mac.verify_slice(&v1).is_ok()
+}
+
+/// Regression: alert deliveries were unsigned, so anyone who learned a
+/// receiver's URL could post fake "revoked token used" alerts to it. With
+/// `secret`, each delivery carries `Till-Signature: t=..,v1=..`; the banner
+/// lists the webhooks, redacted, and says which are signed.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_webhook_deliveries_are_signed_with_the_configured_secret() {
+    const SECRET: &str = "whsec-0123456789abcdef-not-for-prod";
+    let up = Upstream::start().await;
+    let (signed, signed_url) = Receiver::start().await;
+    let (unsigned, unsigned_url) = Receiver::start().await;
+    let home = Home::new();
+    let secret_file = home.write("hook.secret", &format!("{SECRET}\n"));
+    let extra = format!(
+        "[alerts]\nthresholds = [1.0]\n\
+         [[alerts.webhooks]]\nurl = {signed_url:?}\nsecret = {{ file = {:?} }}\n\
+         [[alerts.webhooks]]\nurl = {unsigned_url:?}\nformat = \"slack\"\n",
+        secret_file.to_str().unwrap()
+    );
+    let proxy = Proxy::start(&home, &[openai(&up)], &extra);
+    // The banner's lines after the first arrive as the proxy prints them.
+    let mut banner = proxy.banner();
+    for _ in 0..100 {
+        if banner.contains("python:") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        banner = proxy.banner();
+    }
+    let host = |url: &str| url.trim_end_matches("/hook").to_string();
+    assert!(
+        banner.contains(&format!(
+            "webhook:     {}/… (json, signed)",
+            host(&signed_url)
+        )),
+        "{banner}"
+    );
+    assert!(
+        banner.contains(&format!(
+            "webhook:     {}/… (slack, unsigned)",
+            host(&unsigned_url)
+        )),
+        "{banner}"
+    );
+    assert!(
+        !banner.contains("/hook") && !banner.contains(SECRET),
+        "{banner}"
+    );
+
+    let token = home.token("openai", Some(1));
+    assert_eq!(chat(&proxy, &token, "m").await.0, 200);
+    signed
+        .wait_for("a threshold alert", |g| !g.is_empty())
+        .await;
+    unsigned
+        .wait_for("a threshold alert", |g| !g.is_empty())
+        .await;
+    let (sig, body) = signed.raw.lock().unwrap()[0].clone();
+    let sig = sig.expect("a signed delivery carries Till-Signature");
+    assert!(
+        signature_is_valid(&sig, &body, SECRET.as_bytes()),
+        "{sig} does not sign {body}"
+    );
+    // Tampering is detected: another body, or another secret.
+    assert!(!signature_is_valid(
+        &sig,
+        &body.replace("usage", "usagE"),
+        SECRET.as_bytes()
+    ));
+    assert!(!signature_is_valid(
+        &sig,
+        &body,
+        b"another-secret-0123456789"
+    ));
+    assert_eq!(unsigned.raw.lock().unwrap()[0].0, None);
+    assert!(!proxy.logs().contains(SECRET));
+
+    // A missing or short secret refuses to start, naming the key, never
+    // showing the value.
+    for (secret, says) in [
+        (
+            "{ env = \"TILL_SURELY_UNSET_SECRET\" }".to_string(),
+            "TILL_SURELY_UNSET_SECRET",
+        ),
+        (
+            format!(
+                "{{ file = {:?} }}",
+                home.write("short.secret", "shortsecret").to_str().unwrap()
+            ),
+            "shorter than 16 bytes",
+        ),
+    ] {
+        let cfg = home.write(
+            "bad-secret.toml",
+            &format!(
+                "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n[[alerts.webhooks]]\nurl = \"https://hooks.example/x\"\nsecret = {secret}\n",
+                home.path().to_str().unwrap()
+            ),
+        );
+        let out = till(["serve", "--config", cfg.to_str().unwrap()]).run();
+        out.code(2)
+            .stderr_has("alerts.webhooks[0].secret")
+            .stderr_has(says);
+        assert!(!out.stderr.contains("shortsecret"), "{}", out.stderr);
+    }
 }

@@ -336,10 +336,10 @@ async fn every_status_code_has_a_clear_json_error() {
         v["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("block 0 allows at most 3 uses"),
+            .contains("this key has used all 3 of its uses"),
         "{v}"
     );
-    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(v["error"]["type"], "insufficient_quota");
     // Health checks need no token.
     assert_eq!(
         c.get(proxy.url("/healthz")).send().await.unwrap().status(),
