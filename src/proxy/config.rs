@@ -162,6 +162,15 @@ pub struct Config {
     pub audit: crate::monitor::AuditConfig,
     #[serde(default)]
     pub alerts: crate::monitor::AlertConfig,
+    /// Where counters and revocations live: absent for the embedded file in
+    /// `state_dir`; `redis://HOST:PORT/DB` or `rediss://…` (TLS) for a Redis
+    /// shared by several proxies. `till serve --store` and `TILL_STORE`
+    /// override it.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// The Redis password, when it is not in the `store` URL.
+    #[serde(default)]
+    pub store_password: Option<CredentialSource>,
     /// Where the config came from, for error messages.
     #[serde(skip)]
     pub file: String,
@@ -179,6 +188,8 @@ impl Default for Config {
             upstreams: BTreeMap::new(),
             audit: Default::default(),
             alerts: Default::default(),
+            store: None,
+            store_password: None,
             file: "<defaults>".into(),
         }
     }
@@ -321,6 +332,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_store()?;
         if self.limits.max_connections == 0 {
             return Err(self.err("limits.max_connections", "must be at least 1"));
         }
@@ -340,6 +352,81 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `store` and `store_password`: a Redis URL with a host, never shown
+    /// with its password.
+    pub fn validate_store(&self) -> Result<(), ConfigError> {
+        let Some(raw) = &self.store else {
+            if self.store_password.is_some() {
+                return Err(self.err(
+                    "store_password",
+                    "is set but `store` is not; set store = \"redis://HOST:PORT/DB\" or remove it",
+                ));
+            }
+            return Ok(());
+        };
+        let url = reqwest::Url::parse(raw).map_err(|e| {
+            self.err(
+                "store",
+                format!(
+                    "{} is not a URL ({e}); expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB",
+                    shown_unparsed_url(raw)
+                ),
+            )
+        })?;
+        if !matches!(url.scheme(), "redis" | "rediss") || url.host_str().is_none() {
+            return Err(self.err(
+                "store",
+                format!(
+                    "{:?} is not a Redis URL; expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB (TLS), or no `store` for the embedded store",
+                    shown_url(&url)
+                ),
+            ));
+        }
+        let db = url.path().trim_start_matches('/');
+        if !db.is_empty() && db.parse::<u32>().is_err() {
+            return Err(self.err(
+                "store",
+                format!("{:?}: the path must be a database number, e.g. /0", shown_url(&url)),
+            ));
+        }
+        if url.password().is_some() && self.store_password.is_some() {
+            return Err(self.err(
+                "store_password",
+                "the store URL has a password too; keep one of them (store_password keeps it out of the file)",
+            ));
+        }
+        if let Some(CredentialSource::Env(v)) = &self.store_password
+            && v.is_empty()
+        {
+            return Err(self.err("store_password.env", "empty variable name"));
+        }
+        Ok(())
+    }
+
+    /// Reads `store_password` now, so a missing one fails at start.
+    pub fn resolve_store_password(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<String>, ConfigError> {
+        let key = "store_password";
+        match &self.store_password {
+            None => Ok(None),
+            Some(CredentialSource::Env(var)) => env(var)
+                .filter(|v| !v.is_empty())
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("environment variable {var} is not set"))),
+            Some(CredentialSource::File(p)) => {
+                let v = std::fs::read_to_string(p)
+                    .map_err(|e| self.err(key, format!("cannot read {}: {e}", p.display())))?;
+                let v = v.trim_end_matches(['\n', '\r']).to_string();
+                if v.is_empty() {
+                    return Err(self.err(key, format!("{} is empty", p.display())));
+                }
+                Ok(Some(v))
+            }
+        }
     }
 
     /// `set_headers` and `pass_headers` of one upstream: real header names

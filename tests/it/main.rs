@@ -12,4 +12,5 @@ mod hostile;
 mod monitor;
 mod props;
 mod proxy;
+mod redis;
 mod spec_samples;
