@@ -376,11 +376,15 @@ impl Config {
             )
         })?;
         if !matches!(url.scheme(), "redis" | "rediss") || url.host_str().is_none() {
+            // Without a host, userinfo cannot be removed from what is shown.
+            let shown = match url.host_str() {
+                Some(_) => format!("{:?}", shown_url(&url)),
+                None => shown_unparsed_url(raw),
+            };
             return Err(self.err(
                 "store",
                 format!(
-                    "{:?} is not a Redis URL; expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB (TLS), or no `store` for the embedded store",
-                    shown_url(&url)
+                    "{shown} is not a Redis URL; expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB (TLS), or no `store` for the embedded store"
                 ),
             ));
         }
@@ -805,5 +809,27 @@ prefix = "Bearer "
     #[test]
     fn default_file_parses() {
         Config::parse(&default_file(Path::new(".till")), "till.toml").unwrap();
+    }
+
+    #[test]
+    fn store_urls_are_checked_and_never_shown_with_their_password() {
+        let c = Config::parse("store = \"redis://127.0.0.1:6379/0\"", "till.toml").unwrap();
+        assert_eq!(c.store.as_deref(), Some("redis://127.0.0.1:6379/0"));
+        Config::parse("store = \"rediss://cache.example:6380/2\"", "t").unwrap();
+        for (text, says) in [
+            ("store = \"http://:hunter2@host:6379\"", "not a Redis URL"),
+            ("store = \"redis://:hunter2@host:6379/x\"", "database number"),
+            ("store = \"redis:hunter2@\"", "not a Redis URL"),
+            ("store = \"redis://ho st\"", "is not a URL"),
+            (
+                "store = \"redis://:hunter2@host:6379/0\"\nstore_password = { env = \"P\" }",
+                "keep one of them",
+            ),
+            ("store_password = { env = \"P\" }", "`store` is not"),
+        ] {
+            let e = Config::parse(text, "till.toml").unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+            assert!(!e.contains("hunter2"), "password shown: {e}");
+        }
     }
 }
