@@ -590,7 +590,11 @@ impl CounterStore for RedisStore {
         for id in ids {
             p.hget(&family_keys(&self.family_of(ids, id))[0], id);
         }
+        let empty = ids.is_empty();
         async move {
+            if empty {
+                return Ok(Vec::new());
+            }
             let mut c = self.inner.conn.clone();
             let got: Vec<Option<u64>> = self.inner.op("peek", p.query_async(&mut c)).await?;
             Ok(got.into_iter().map(|v| v.unwrap_or(0)).collect())
@@ -684,6 +688,9 @@ impl CounterStore for RedisStore {
         }
         let ids = ids.to_vec();
         async move {
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
             let mut c = self.inner.conn.clone();
             let got: Vec<Option<String>> = self.inner.op("get", p.query_async(&mut c)).await?;
             Ok(ids
@@ -711,6 +718,9 @@ impl CounterStore for RedisStore {
             let families: Vec<String> = inner
                 .op("SMEMBERS", c.smembers(FAMILIES))
                 .await?;
+            if families.is_empty() {
+                return Ok(Vec::new());
+            }
             let mut p = redis::pipe();
             for f in &families {
                 let k = family_keys(f);
@@ -762,6 +772,9 @@ impl CounterStore for RedisStore {
             let families: Vec<String> = inner
                 .op("SMEMBERS", c.smembers(FAMILIES))
                 .await?;
+            if families.is_empty() {
+                return Ok(Vec::new());
+            }
             let mut p = redis::pipe();
             for f in &families {
                 p.hvals(&family_keys(f)[1]);
