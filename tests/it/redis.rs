@@ -164,15 +164,16 @@ async fn get_status(url: &str) -> u16 {
 /// The usage view of one replica: (uses, limit) of the family whose root
 /// has `limit`.
 async fn family_uses(p: &Proxy, home: &Home, limit: u64) -> u64 {
-    let v: serde_json::Value = client()
+    let text = client()
         .get(p.url("/admin/usage"))
         .bearer_auth(home.admin())
         .send()
         .await
         .unwrap()
-        .json()
+        .text()
         .await
         .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let fam = v["families"]
         .as_array()
         .unwrap()
@@ -237,7 +238,8 @@ async fn a_revocation_through_one_proxy_is_enforced_by_the_others_within_the_bou
         let r = client()
             .post(proxies[0].url("/admin/revoke"))
             .bearer_auth(homes[0].admin())
-            .json(&serde_json::json!({ "token": token }))
+            .header("content-type", "application/json")
+            .body(serde_json::json!({ "token": token }).to_string())
             .send()
             .await
             .unwrap();
