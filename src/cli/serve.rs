@@ -201,8 +201,7 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
             Backend::Redis(s)
         }
     };
-    let (counters, revocations): (Arc<dyn CounterStore>, Arc<dyn RevocationList>) = match &store
-    {
+    let (counters, revocations): (Arc<dyn CounterStore>, Arc<dyn RevocationList>) = match &store {
         Backend::Embedded(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
         Backend::Redis(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
     };
@@ -218,14 +217,8 @@ fn start(cfg: Config) -> anyhow::Result<ExitCode> {
                 m.commit_batch.observe(n as f64);
             }));
         }
-        let state = AppState::with_monitor(
-            &cfg,
-            &credentials,
-            verifier,
-            counters,
-            revocations,
-            monitor,
-        )?;
+        let state =
+            AppState::with_monitor(&cfg, &credentials, verifier, counters, revocations, monitor)?;
         let _ = state
             .feed_signer
             .set(Arc::new(KeyPair::from(&root.private())));

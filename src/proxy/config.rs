@@ -392,7 +392,10 @@ impl Config {
         if !db.is_empty() && db.parse::<u32>().is_err() {
             return Err(self.err(
                 "store",
-                format!("{:?}: the path must be a database number, e.g. /0", shown_url(&url)),
+                format!(
+                    "{:?}: the path must be a database number, e.g. /0",
+                    shown_url(&url)
+                ),
             ));
         }
         if url.password().is_some() && self.store_password.is_some() {
@@ -818,7 +821,10 @@ prefix = "Bearer "
         Config::parse("store = \"rediss://cache.example:6380/2\"", "t").unwrap();
         for (text, says) in [
             ("store = \"http://:hunter2@host:6379\"", "not a Redis URL"),
-            ("store = \"redis://:hunter2@host:6379/x\"", "database number"),
+            (
+                "store = \"redis://:hunter2@host:6379/x\"",
+                "database number",
+            ),
             ("store = \"redis:hunter2@\"", "not a Redis URL"),
             ("store = \"redis://ho st\"", "is not a URL"),
             (

@@ -22,8 +22,8 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use thiserror::Error;
 
-pub use embedded::EmbeddedStore;
 pub use self::redis::RedisStore;
+pub use embedded::EmbeddedStore;
 
 /// Errors of the state stores. Every one of them makes the proxy answer 503
 /// and forward nothing.

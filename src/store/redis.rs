@@ -242,7 +242,11 @@ impl RedisStore {
         )
         .await
         .map_err(|_| open("no answer; is Redis running there?".into()))?
-        .map_err(|e| open(format!("{e}; is Redis running there, and is the password right?")))?;
+        .map_err(|e| {
+            open(format!(
+                "{e}; is Redis running there, and is the password right?"
+            ))
+        })?;
         let inner = Arc::new(Inner {
             client,
             conn,
@@ -261,7 +265,9 @@ impl RedisStore {
             tasks: Mutex::new(Vec::new()),
         });
         let started = inner.base.elapsed();
-        sync_revocations(&inner).await.map_err(|e| open(e.to_string()))?;
+        sync_revocations(&inner)
+            .await
+            .map_err(|e| open(e.to_string()))?;
         inner.confirm(started);
         let poller = tokio::spawn(poll_loop(Arc::downgrade(&inner)));
         let subscriber = tokio::spawn(subscribe_loop(Arc::downgrade(&inner)));
@@ -335,14 +341,11 @@ impl RedisStore {
     pub async fn gc_expired(&self, now: u64) -> Result<usize, StoreError> {
         let inner = &self.inner;
         let mut c = inner.conn.clone();
-        let families: Vec<String> = inner
-            .op("SMEMBERS", c.smembers(FAMILIES))
-            .await?;
+        let families: Vec<String> = inner.op("SMEMBERS", c.smembers(FAMILIES)).await?;
         let mut removed = 0;
         for f in families {
             let keys = family_keys(&f);
-            let metas: HashMap<String, String> =
-                inner.op("HGETALL", c.hgetall(&keys[1])).await?;
+            let metas: HashMap<String, String> = inner.op("HGETALL", c.hgetall(&keys[1])).await?;
             if metas.is_empty() {
                 let gone: bool = inner.op("EXISTS", c.exists(&keys[0])).await?;
                 if !gone {
@@ -715,9 +718,7 @@ impl CounterStore for RedisStore {
         async move {
             let inner = &self.inner;
             let mut c = inner.conn.clone();
-            let families: Vec<String> = inner
-                .op("SMEMBERS", c.smembers(FAMILIES))
-                .await?;
+            let families: Vec<String> = inner.op("SMEMBERS", c.smembers(FAMILIES)).await?;
             if families.is_empty() {
                 return Ok(Vec::new());
             }
@@ -726,8 +727,7 @@ impl CounterStore for RedisStore {
                 let k = family_keys(f);
                 p.hgetall(&k[0]).hgetall(&k[1]).hgetall(&k[2]);
             }
-            let got: Vec<HashMap<String, String>> =
-                inner.op("list", p.query_async(&mut c)).await?;
+            let got: Vec<HashMap<String, String>> = inner.op("list", p.query_async(&mut c)).await?;
             let mut out = Vec::new();
             for fam in got.chunks(3) {
                 let (counts, metas, last) = (&fam[0], &fam[1], &fam[2]);
@@ -769,9 +769,7 @@ impl CounterStore for RedisStore {
         async move {
             let inner = &self.inner;
             let mut c = inner.conn.clone();
-            let families: Vec<String> = inner
-                .op("SMEMBERS", c.smembers(FAMILIES))
-                .await?;
+            let families: Vec<String> = inner.op("SMEMBERS", c.smembers(FAMILIES)).await?;
             if families.is_empty() {
                 return Ok(Vec::new());
             }
@@ -861,7 +859,14 @@ mod tests {
                     .port();
                 let mut child = std::process::Command::new("redis-server")
                     .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                    .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+                    .args([
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "yes",
+                        "--appendfsync",
+                        "always",
+                    ])
                     .arg("--dir")
                     .arg(dir.path())
                     .stdout(std::process::Stdio::null())
@@ -973,7 +978,13 @@ mod tests {
             .await
             .unwrap();
         s.reserve(&[spec("other", None)]).await.unwrap();
-        let mut ids: Vec<String> = s.blocks().await.unwrap().into_iter().map(|m| m.id).collect();
+        let mut ids: Vec<String> = s
+            .blocks()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
         ids.sort();
         assert_eq!(ids, ["k1", "k2", "other", "root"]);
     }
@@ -1020,7 +1031,10 @@ mod tests {
         let ids = ["x".to_string(), "abcd".to_string()];
         let t0 = Instant::now();
         while b.first_revoked(&ids).unwrap() != Some(1) {
-            assert!(t0.elapsed() < STALE_BOUND, "not propagated within the bound");
+            assert!(
+                t0.elapsed() < STALE_BOUND,
+                "not propagated within the bound"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let late = RedisStore::connect(&server.url(), None).await.unwrap();

@@ -217,7 +217,12 @@ async fn three_proxies_on_one_redis_forward_exactly_the_limit() {
     }
     // The usage view of every replica shows the deployment's numbers.
     for (p, h) in proxies.iter().zip(&homes) {
-        assert_eq!(family_uses(p, h, 10).await, 10, "usage seen from {}", p.addr);
+        assert_eq!(
+            family_uses(p, h, 10).await,
+            10,
+            "usage seen from {}",
+            p.addr
+        );
     }
 }
 
@@ -314,7 +319,11 @@ async fn redis_killed_under_load_gives_503s_and_loses_no_forwarded_use() {
         assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(up.count(), forwarded_while_down, "forwarded while redis was down");
+    assert_eq!(
+        up.count(),
+        forwarded_while_down,
+        "forwarded while redis was down"
+    );
 
     redis.restart();
     wait_ready(&proxies, 200, Duration::from_secs(10)).await;
@@ -327,7 +336,10 @@ async fn redis_killed_under_load_gives_503s_and_loses_no_forwarded_use() {
     // Spend what is left: never more than the limit in all.
     let t0 = Instant::now();
     while family_uses(&proxies[0], &homes[0], LIMIT).await < LIMIT {
-        assert!(t0.elapsed() < Duration::from_secs(60), "load never finished");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "load never finished"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::SeqCst);
@@ -341,7 +353,10 @@ async fn redis_killed_under_load_gives_503s_and_loses_no_forwarded_use() {
             "unexpected {s} (only 200, 429 and 503 are right here): {body}"
         );
     }
-    assert!(statuses.iter().any(|(s, _)| *s == 503), "no 503 while redis was down");
+    assert!(
+        statuses.iter().any(|(s, _)| *s == 503),
+        "no 503 while redis was down"
+    );
     assert!(
         up.count() as u64 <= LIMIT,
         "{} forwarded over a limit of {LIMIT}",
@@ -410,5 +425,9 @@ fn serve_refuses_to_start_without_its_redis() {
         .run();
     assert_ne!(out.code, 0);
     out.stderr_has(&format!("127.0.0.1:{port}"));
-    assert!(!out.stderr.contains("hunter2"), "password printed: {}", out.stderr);
+    assert!(
+        !out.stderr.contains("hunter2"),
+        "password printed: {}",
+        out.stderr
+    );
 }
