@@ -14,7 +14,7 @@ use biscuit_auth::KeyPair;
 use crate::monitor::Monitor;
 use crate::policy::Policies;
 use crate::proxy::{self, AppState, Config, config};
-use crate::store::EmbeddedStore;
+use crate::store::{CounterStore, EmbeddedStore, RedisStore, RevocationList};
 use crate::token::{self, Scope, keys, vocab};
 use crate::verify::Verifier;
 
@@ -44,6 +44,9 @@ pub struct ServeArgs {
     /// Address to listen on (overrides the config): IP:PORT, localhost:PORT or :PORT (loopback).
     #[arg(long, env = "TILL_LISTEN", value_parser = config::parse_listen)]
     pub listen: Option<SocketAddr>,
+    /// Shared store, e.g. redis://127.0.0.1:6379/0 (overrides `store` in the config).
+    #[arg(long, env = "TILL_STORE")]
+    pub store: Option<String>,
 }
 
 fn env(var: &str) -> Option<String> {
@@ -130,7 +133,32 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(l) = a.listen {
         cfg.listen = l;
     }
+    if let Some(s) = a.store {
+        cfg.store = Some(s);
+        cfg.validate_store()?;
+    }
     start(cfg)
+}
+
+/// The counter store and revocation list chosen by `store`.
+#[derive(Clone)]
+enum Backend {
+    Embedded(EmbeddedStore),
+    Redis(RedisStore),
+}
+
+impl Backend {
+    async fn gc_expired(&self, now: u64) -> Result<usize, crate::store::StoreError> {
+        match self {
+            Backend::Embedded(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || s.gc_expired(now))
+                    .await
+                    .map_err(|e| crate::store::StoreError::Io(e.to_string()))?
+            }
+            Backend::Redis(s) => s.gc_expired(now).await,
+        }
+    }
 }
 
 fn init_logging() {
@@ -173,32 +201,51 @@ fn start(mut cfg: Config) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("{}: policies", cfg.file))?;
     let credentials = cfg.resolve_credentials(&env)?;
     cfg.resolve_webhook_secrets(&env)?;
-    let store = EmbeddedStore::open(&cfg.state_dir)?;
-    store.set_max_blocks_per_family(cfg.limits.max_blocks_per_family);
-    // No garbage collection at start: the clock has not yet had a chance to
-    // be noticed as wrong. The collector runs an hour in, then hourly.
+    let store_password = cfg.resolve_store_password(&env)?;
     let verifier = Verifier::new(root.public(), policies);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let mut listening = false;
+    let store = match &cfg.store {
+        None => {
+            let s = EmbeddedStore::open(&cfg.state_dir)?;
+            s.set_max_blocks_per_family(cfg.limits.max_blocks_per_family);
+            Backend::Embedded(s)
+        }
+        Some(url) => {
+            // TLS for rediss:// uses the process-wide provider.
+            proxy::install_crypto();
+            let s = rt.block_on(RedisStore::connect(url, store_password.as_deref()))?;
+            s.set_max_blocks_per_family(cfg.limits.max_blocks_per_family);
+            match rt.block_on(s.persistence_warning()) {
+                Some(w) => tracing::warn!(redis = %s.target(), "{w}"),
+                None => {
+                    tracing::info!(redis = %s.target(), "shared store: redis with appendfsync always")
+                }
+            }
+            Backend::Redis(s)
+        }
+    };
+    let (counters, revocations): (Arc<dyn CounterStore>, Arc<dyn RevocationList>) = match &store {
+        Backend::Embedded(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
+        Backend::Redis(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
+    };
+    // No garbage collection at start: the clock has not yet had a chance to
+    // be noticed as wrong. The collector runs an hour in, then hourly.
     let result = rt.block_on(async {
         let monitor = Monitor::start(&cfg.audit, &cfg.state_dir, cfg.alerts.clone())
             .context("cannot open the audit log")?;
-        let m = monitor.metrics.clone();
-        store.set_commit_observer(Box::new(move |d, n| {
-            m.commit_seconds.observe(d.as_secs_f64());
-            m.commit_batch.observe(n as f64);
-        }));
-        let state = AppState::with_monitor(
-            &cfg,
-            &credentials,
-            verifier,
-            Arc::new(store.clone()),
-            Arc::new(store.clone()),
-            monitor,
-        )?;
+        if let Backend::Embedded(s) = &store {
+            let m = monitor.metrics.clone();
+            s.set_commit_observer(Box::new(move |d, n| {
+                m.commit_seconds.observe(d.as_secs_f64());
+                m.commit_batch.observe(n as f64);
+            }));
+        }
+        let state =
+            AppState::with_monitor(&cfg, &credentials, verifier, counters, revocations, monitor)?;
         let _ = state
             .feed_signer
             .set(Arc::new(KeyPair::from(&root.private())));
@@ -220,14 +267,11 @@ fn start(mut cfg: Config) -> anyhow::Result<ExitCode> {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let s = gc_store.clone();
-                match tokio::task::spawn_blocking(move || s.gc_expired(crate::store::now_unix()))
-                    .await
-                {
-                    Ok(Ok(removed)) if removed > 0 => {
+                match gc_store.gc_expired(crate::store::now_unix()).await {
+                    Ok(removed) if removed > 0 => {
                         tracing::info!(removed, "retired the counters of long-expired tokens");
                     }
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         tracing::warn!(error = %e, "garbage collection of counters failed")
                     }
                     _ => {}
@@ -239,11 +283,21 @@ fn start(mut cfg: Config) -> anyhow::Result<ExitCode> {
             .context("server error")
     });
     rt.shutdown_timeout(Duration::from_secs(1));
-    store.close().context("closing the counter store")?;
     // A proxy that never listened did not "stop": its error (printed by
     // the caller) is the whole story.
-    if listening {
-        tracing::info!("stopped; counters flushed");
+    match &store {
+        Backend::Embedded(s) => {
+            s.close().context("closing the counter store")?;
+            if listening {
+                tracing::info!("stopped; counters flushed");
+            }
+        }
+        Backend::Redis(s) => {
+            s.close();
+            if listening {
+                tracing::info!("stopped");
+            }
+        }
     }
     result.map(|_| ExitCode::SUCCESS)
 }

@@ -243,6 +243,15 @@ pub struct Config {
     pub audit: crate::monitor::AuditConfig,
     #[serde(default)]
     pub alerts: crate::monitor::AlertConfig,
+    /// Where counters and revocations live: absent for the embedded file in
+    /// `state_dir`; `redis://HOST:PORT/DB` or `rediss://…` (TLS) for a Redis
+    /// shared by several proxies. `till serve --store` and `TILL_STORE`
+    /// override it.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// The Redis password, when it is not in the `store` URL.
+    #[serde(default)]
+    pub store_password: Option<CredentialSource>,
     /// Where the config came from, for error messages.
     #[serde(skip)]
     pub file: String,
@@ -260,6 +269,8 @@ impl Default for Config {
             upstreams: BTreeMap::new(),
             audit: Default::default(),
             alerts: Default::default(),
+            store: None,
+            store_password: None,
             file: "<defaults>".into(),
         }
     }
@@ -567,6 +578,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_store()?;
         if self.limits.max_connections == 0 {
             return Err(self.err("limits.max_connections", "must be at least 1"));
         }
@@ -586,6 +598,75 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `store` and `store_password`: a Redis URL with a host, never shown
+    /// with its password.
+    pub fn validate_store(&self) -> Result<(), ConfigError> {
+        let Some(raw) = &self.store else {
+            if self.store_password.is_some() {
+                return Err(self.err(
+                    "store_password",
+                    "is set but `store` is not; set store = \"redis://HOST:PORT/DB\" or remove it",
+                ));
+            }
+            return Ok(());
+        };
+        let url = reqwest::Url::parse(raw).map_err(|e| {
+            self.err(
+                "store",
+                format!(
+                    "{} is not a URL ({e}); expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB",
+                    shown_unparsed_url(raw)
+                ),
+            )
+        })?;
+        if !matches!(url.scheme(), "redis" | "rediss") || url.host_str().is_none() {
+            // Without a host, userinfo cannot be removed from what is shown.
+            let shown = match url.host_str() {
+                Some(_) => format!("{:?}", shown_url(&url)),
+                None => shown_unparsed_url(raw),
+            };
+            return Err(self.err(
+                "store",
+                format!(
+                    "{shown} is not a Redis URL; expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB (TLS), or no `store` for the embedded store"
+                ),
+            ));
+        }
+        let db = url.path().trim_start_matches('/');
+        if !db.is_empty() && db.parse::<u32>().is_err() {
+            return Err(self.err(
+                "store",
+                format!(
+                    "{:?}: the path must be a database number, e.g. /0",
+                    shown_url(&url)
+                ),
+            ));
+        }
+        if url.password().is_some() && self.store_password.is_some() {
+            return Err(self.err(
+                "store_password",
+                "the store URL has a password too; keep one of them (store_password keeps it out of the file)",
+            ));
+        }
+        if let Some(CredentialSource::Env(v)) = &self.store_password
+            && v.is_empty()
+        {
+            return Err(self.err("store_password.env", "empty variable name"));
+        }
+        Ok(())
+    }
+
+    /// Reads `store_password` now, so a missing one fails at start.
+    pub fn resolve_store_password(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<String>, ConfigError> {
+        match &self.store_password {
+            None => Ok(None),
+            Some(src) => self.read_secret("store_password", src, env).map(Some),
+        }
     }
 
     /// `set_headers` and `pass_headers` of one upstream: real header names
@@ -1081,5 +1162,30 @@ prefix = "Bearer "
     #[test]
     fn default_file_parses() {
         Config::parse(&default_file(Path::new(".till")), "till.toml").unwrap();
+    }
+
+    #[test]
+    fn store_urls_are_checked_and_never_shown_with_their_password() {
+        let c = Config::parse("store = \"redis://127.0.0.1:6379/0\"", "till.toml").unwrap();
+        assert_eq!(c.store.as_deref(), Some("redis://127.0.0.1:6379/0"));
+        Config::parse("store = \"rediss://cache.example:6380/2\"", "t").unwrap();
+        for (text, says) in [
+            ("store = \"http://:hunter2@host:6379\"", "not a Redis URL"),
+            (
+                "store = \"redis://:hunter2@host:6379/x\"",
+                "database number",
+            ),
+            ("store = \"redis:hunter2@\"", "not a Redis URL"),
+            ("store = \"redis://ho st\"", "is not a URL"),
+            (
+                "store = \"redis://:hunter2@host:6379/0\"\nstore_password = { env = \"P\" }",
+                "keep one of them",
+            ),
+            ("store_password = { env = \"P\" }", "`store` is not"),
+        ] {
+            let e = Config::parse(text, "till.toml").unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+            assert!(!e.contains("hunter2"), "password shown: {e}");
+        }
     }
 }

@@ -16,11 +16,13 @@
 //! reservation that is dropped before it was spent (a client that went away).
 
 pub mod embedded;
+pub mod redis;
 
 use futures_util::future::BoxFuture;
 use serde::Serialize;
 use thiserror::Error;
 
+pub use self::redis::RedisStore;
 pub use embedded::EmbeddedStore;
 
 /// Errors of the state stores. Every one of them makes the proxy answer 503

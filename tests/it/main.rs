@@ -14,4 +14,5 @@ mod hostile;
 mod monitor;
 mod props;
 mod proxy;
+mod redis;
 mod spec_samples;

@@ -1,0 +1,1070 @@
+//! A state store in Redis (or Valkey), shared by several `till serve`
+//! processes: activation counters, block metadata and revocations.
+//!
+//! Why the `redis` crate (redis-rs) with its tokio `ConnectionManager`: it
+//! is the most widely used Rust client, kept by the Redis organisation, and
+//! the manager gives one multiplexed connection shared by every request
+//! (pipelining instead of a pool) that reconnects by itself after Redis
+//! restarts; `Script` runs Lua with `EVALSHA` and reloads it after a restart
+//! emptied the script cache. `fred` would also do, with more machinery
+//! (pools, its own reconnection policies) than Till needs.
+//!
+//! How it keeps the embedded store's semantics (ARCHITECTURE.md, "The Redis
+//! store"):
+//! * **One round trip per reservation.** `reserve` is one Lua script: it
+//!   refuses retired blocks and a full family, increments every block's
+//!   counter, records metadata and the family's expiry for new blocks, and
+//!   returns the new values. Redis runs a script alone, so concurrent
+//!   requests on any number of proxies each get their own post-increment
+//!   value: a limit cannot be overshot.
+//! * **Keys** are `till:{<family id>}:…`: the braces are a Cluster hash tag,
+//!   so everything one script touches lives in one slot.
+//! * **Durability** is Redis's: with `appendonly yes` and `appendfsync
+//!   always`, Redis writes and fsyncs the script's effects before it
+//!   answers, so `Reservation::durable` resolves at once. `till serve`
+//!   warns at start when the server is configured otherwise
+//!   ([`RedisStore::persistence_warning`]).
+//! * **Revocations** are a hash and a version counter. Every proxy keeps a
+//!   local copy (`first_revoked` is synchronous and on every request), applies
+//!   published revocations at once, and checks the version every
+//!   [`POLL_INTERVAL`], so a lost message or a reconnect leaves it stale for
+//!   at most [`STALE_BOUND`]. Past that bound without a confirmed check, it
+//!   refuses (503) instead of deciding on an old list.
+//! * **Failure** of any call (Redis down, slow, restarted) is a
+//!   [`StoreError`], i.e. 503 and nothing forwarded; every call has a
+//!   deadline ([`OP_TIMEOUT`]), so a dead server cannot hang requests.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Client, IntoConnectionInfo, RedisResult, Script};
+
+use super::embedded::{DEFAULT_MAX_BLOCKS_PER_FAMILY, RETENTION_AFTER_EXPIRY};
+use super::{
+    BlockMeta, CounterInfo, CounterSpec, CounterStore, Reservation, RevocationList, StoreError,
+    now_unix,
+};
+
+/// How often each proxy confirms its copy of the revocation list against
+/// Redis's version counter (pub/sub normally delivers sooner).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest time a proxy decides with a revocation list it could not confirm
+/// with Redis; past it, `first_revoked` fails (503). This is the hard bound
+/// on how late a revocation can be enforced by a replica that is up.
+pub const STALE_BOUND: Duration = Duration::from_secs(1);
+/// Deadline of every Redis call made for a request. A request never waits
+/// longer than this on Redis: it gets a 503.
+pub const OP_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Counters stay in Redis this long after their token's expiry even if no
+/// proxy runs the collector (which retires them earlier, after
+/// [`RETENTION_AFTER_EXPIRY`]).
+pub const TTL_AFTER_EXPIRY: u64 = 30 * 24 * 3600;
+
+/// Channel on which revocations are published as `"<version> <id>"`.
+const CHANNEL: &str = "till:revocations";
+const REVOKED_IDS: &str = "till:{revocations}:ids";
+const REVOKED_VERSION: &str = "till:{revocations}:version";
+/// Every family with counters, for the usage view and the collector.
+const FAMILIES: &str = "till:families";
+
+/// Keys of one family, in the order the scripts expect them.
+fn family_keys(family: &str) -> [String; 5] {
+    [
+        format!("till:{{{family}}}:n"), // id → count
+        format!("till:{{{family}}}:m"), // id → BlockMeta JSON
+        format!("till:{{{family}}}:u"), // id → last use (Unix seconds)
+        format!("till:{{{family}}}:e"), // family deadline (Unix seconds, 0 = never)
+        format!("till:{{{family}}}:x"), // retired ids (no expiry: retired for good)
+    ]
+}
+
+const RESERVE_LUA: &str = r#"
+local now = ARGV[1]
+local max = tonumber(ARGV[2])
+local grace = tonumber(ARGV[3])
+local nspec = (#ARGV - 3) / 4
+local function key(f, i) return KEYS[(f - 1) * 5 + i] end
+local function spec(s) local b = 3 + s * 4
+  return tonumber(ARGV[b + 1]), ARGV[b + 2], ARGV[b + 3], tonumber(ARGV[b + 4]) end
+for s = 0, nspec - 1 do
+  local f, id = spec(s)
+  if redis.call('SISMEMBER', key(f, 5), id) == 1 then return {-1} end
+end
+local fresh, seen, adding = {}, {}, {}
+for s = 0, nspec - 1 do
+  local f, id = spec(s)
+  if not seen[id] and redis.call('HEXISTS', key(f, 2), id) == 0 then
+    fresh[s] = true
+    adding[f] = (adding[f] or 0) + 1
+  end
+  seen[id] = true
+end
+for f, n in pairs(adding) do
+  if redis.call('HLEN', key(f, 2)) + n > max then return {-2} end
+end
+local out = {0, 0}
+for s = 0, nspec - 1 do
+  local f, id, meta = spec(s)
+  out[#out + 1] = redis.call('HINCRBY', key(f, 1), id, 1)
+  redis.call('HSET', key(f, 3), id, now)
+  if fresh[s] then redis.call('HSET', key(f, 2), id, meta) end
+end
+for f, _ in pairs(adding) do
+  out[2] = 1
+  local d = tonumber(redis.call('GET', key(f, 4)) or '-1')
+  for s = 0, nspec - 1 do
+    local sf, _, _, expires = spec(s)
+    if fresh[s] and sf == f then
+      if expires == 0 then d = 0 elseif d ~= 0 then d = math.max(d, expires + grace) end
+    end
+  end
+  redis.call('SET', key(f, 4), d)
+  for i = 1, 4 do
+    if d == 0 then redis.call('PERSIST', key(f, i)) else redis.call('EXPIREAT', key(f, i), d) end
+  end
+end
+return out
+"#;
+
+/// Gives one use back, never below zero and never creating a counter (a
+/// late release after the collector must not leave a stray key).
+const RELEASE_LUA: &str = r#"
+for i, k in ipairs(KEYS) do
+  local v = tonumber(redis.call('HGET', k, ARGV[i]) or '0')
+  if v > 0 then redis.call('HINCRBY', k, ARGV[i], -1) end
+end
+return 1
+"#;
+
+/// Retires ids of one family: counts and metadata go, the retired mark stays.
+const RETIRE_LUA: &str = r#"
+for _, id in ipairs(ARGV) do
+  redis.call('HDEL', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('SADD', KEYS[5], id)
+end
+return #ARGV
+"#;
+
+const REVOKE_LUA: &str = r#"
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local v = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[3], v .. ' ' .. ARGV[1])
+return v
+"#;
+
+#[derive(Default)]
+struct Revoked {
+    ids: HashSet<String>,
+    /// Redis's version counter as of the last sync or applied message.
+    version: u64,
+}
+
+struct Inner {
+    client: Client,
+    conn: ConnectionManager,
+    /// `host:port/db`, never the password: for messages.
+    target: String,
+    reserve: Script,
+    release: Script,
+    retire: Script,
+    revoke: Script,
+    max_blocks_per_family: AtomicUsize,
+    closing: AtomicBool,
+    /// Families of the ids this process reserved. `peek` and `release` only
+    /// get ids; the request path passes a token's ids in block order, so
+    /// the first is the family when an id is not known here.
+    families: moka::sync::Cache<String, String>,
+    revoked: RwLock<Revoked>,
+    /// Start of the last version check that confirmed the local copy, in
+    /// milliseconds since `base`.
+    fresh_at: AtomicU64,
+    base: Instant,
+    /// Wakes the poller for an immediate check (after a subscription or a
+    /// gap in the published versions).
+    kick: tokio::sync::Notify,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Counters and revocations shared through one Redis server.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+/// `host:port/db` of a Redis URL, for messages (no user name or password).
+pub fn redacted(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => format!(
+            "{}://{}:{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or("?"),
+            u.port().unwrap_or(6379),
+            u.path()
+        ),
+        Err(_) => "the configured Redis".into(),
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://` or `rediss://`), with `password` if the
+    /// URL has none, and reads the revocation list. Fails if Redis cannot
+    /// be reached: the proxy must not start with an unknown revocation list.
+    pub async fn connect(url: &str, password: Option<&str>) -> Result<Self, StoreError> {
+        let target = redacted(url);
+        let open = |message: String| StoreError::Open {
+            path: target.clone(),
+            message,
+        };
+        let mut info = url
+            .into_connection_info()
+            .map_err(|e| open(format!("not a Redis URL: {e}")))?;
+        if let Some(p) = password {
+            let settings = info.redis_settings().clone().set_password(p);
+            info = info.set_redis_settings(settings);
+        }
+        let client = Client::open(info).map_err(|e| open(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(OP_TIMEOUT))
+            .set_response_timeout(Some(OP_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(200));
+        let conn = tokio::time::timeout(
+            OP_TIMEOUT * 3,
+            client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| open("no answer; is Redis running there?".into()))?
+        .map_err(|e| {
+            open(format!(
+                "{e}; is Redis running there, and is the password right?"
+            ))
+        })?;
+        let inner = Arc::new(Inner {
+            client,
+            conn,
+            target: target.clone(),
+            reserve: Script::new(RESERVE_LUA),
+            release: Script::new(RELEASE_LUA),
+            retire: Script::new(RETIRE_LUA),
+            revoke: Script::new(REVOKE_LUA),
+            max_blocks_per_family: AtomicUsize::new(DEFAULT_MAX_BLOCKS_PER_FAMILY),
+            closing: AtomicBool::new(false),
+            families: moka::sync::Cache::new(1_000_000),
+            revoked: RwLock::new(Revoked::default()),
+            fresh_at: AtomicU64::new(0),
+            base: Instant::now(),
+            kick: tokio::sync::Notify::new(),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let started = inner.base.elapsed();
+        sync_revocations(&inner)
+            .await
+            .map_err(|e| open(e.to_string()))?;
+        inner.confirm(started);
+        let poller = tokio::spawn(poll_loop(Arc::downgrade(&inner)));
+        let subscriber = tokio::spawn(subscribe_loop(Arc::downgrade(&inner)));
+        inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend([poller, subscriber]);
+        Ok(RedisStore { inner })
+    }
+
+    /// `host:port/db` of the server, for messages.
+    pub fn target(&self) -> &str {
+        &self.inner.target
+    }
+
+    /// Sets `limits.max_blocks_per_family` (checked by the reserve script,
+    /// so it holds across all proxies that use the same value).
+    pub fn set_max_blocks_per_family(&self, n: usize) {
+        self.inner
+            .max_blocks_per_family
+            .store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// Why the connected Redis cannot promise that a forwarded use is never
+    /// lost, if it cannot: AOF off, or fsynced less often than every write.
+    pub async fn persistence_warning(&self) -> Option<String> {
+        let mut c = self.inner.conn.clone();
+        let got: Result<Vec<String>, StoreError> = self
+            .inner
+            .op(
+                "CONFIG GET",
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("append*")
+                    .query_async(&mut c),
+            )
+            .await;
+        let fix = "run Redis with `appendonly yes` and `appendfsync always`, or a Redis crash can lose uses that were forwarded (and give them again)";
+        let pairs = match got {
+            Ok(p) => p,
+            Err(e) => {
+                return Some(format!(
+                    "cannot read Redis's persistence settings ({e}); make sure it runs with `appendonly yes` and `appendfsync always`"
+                ));
+            }
+        };
+        let setting = |name: &str| {
+            pairs
+                .chunks(2)
+                .find(|kv| kv[0] == name)
+                .and_then(|kv| kv.get(1).cloned())
+                .unwrap_or_default()
+        };
+        let aof = setting("appendonly");
+        let fsync = setting("appendfsync");
+        if aof != "yes" {
+            Some(format!("Redis has appendonly {aof:?}: {fix}"))
+        } else if fsync != "always" {
+            Some(format!(
+                "Redis has appendfsync {fsync:?} (\"everysec\" can lose about a second of counts): {fix}"
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Retires the counters of tokens that expired more than
+    /// [`RETENTION_AFTER_EXPIRY`] ago, like the embedded store; any proxy
+    /// may run it, and running it twice is harmless.
+    pub async fn gc_expired(&self, now: u64) -> Result<usize, StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn.clone();
+        let families: Vec<String> = inner.op("SMEMBERS", c.smembers(FAMILIES)).await?;
+        let mut removed = 0;
+        for f in families {
+            let keys = family_keys(&f);
+            let metas: HashMap<String, String> = inner.op("HGETALL", c.hgetall(&keys[1])).await?;
+            if metas.is_empty() {
+                let gone: bool = inner.op("EXISTS", c.exists(&keys[0])).await?;
+                if !gone {
+                    let _: Result<(), _> = inner.op("SREM", c.srem(FAMILIES, &f)).await;
+                }
+                continue;
+            }
+            let dead: Vec<&String> = metas
+                .iter()
+                .filter(|(_, json)| {
+                    serde_json::from_str::<BlockMeta>(json).is_ok_and(|m| {
+                        m.expires
+                            .is_some_and(|e| e.saturating_add(RETENTION_AFTER_EXPIRY) < now)
+                    })
+                })
+                .map(|(id, _)| id)
+                .collect();
+            if dead.is_empty() {
+                continue;
+            }
+            let mut inv = inner.retire.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            for id in &dead {
+                inv.arg(id.as_str());
+            }
+            let n: usize = inner.op("retire", inv.invoke_async(&mut c)).await?;
+            removed += n;
+        }
+        Ok(removed)
+    }
+
+    /// Stops the background tasks (revocation updates). The store refuses
+    /// reservations afterwards.
+    pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::SeqCst);
+        for t in self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
+
+    fn family_of(&self, ids: &[String], id: &str) -> String {
+        self.inner
+            .families
+            .get(id)
+            .or_else(|| ids.first().cloned())
+            .unwrap_or_default()
+    }
+}
+
+impl Inner {
+    /// Runs one Redis call with the deadline, turning failures into
+    /// [`StoreError::Io`] that name the server but never the password.
+    async fn op<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(OP_TIMEOUT, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Io(format!(
+                "redis at {} failed ({what}): {e}",
+                self.target
+            ))),
+            Err(_) => Err(StoreError::Io(format!(
+                "redis at {} did not answer {what} within {} ms",
+                self.target,
+                OP_TIMEOUT.as_millis()
+            ))),
+        }
+    }
+
+    /// Records that the local revocation list matched Redis at `at`
+    /// (measured from `base`, taken before the check was sent).
+    fn confirm(&self, at: Duration) {
+        self.fresh_at
+            .fetch_max(at.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    fn stale_for(&self) -> Duration {
+        let now = self.base.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.fresh_at.load(Ordering::SeqCst)))
+    }
+
+    fn read_revoked(&self) -> std::sync::RwLockReadGuard<'_, Revoked> {
+        self.revoked.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_revoked(&self) -> std::sync::RwLockWriteGuard<'_, Revoked> {
+        self.revoked.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Reads the whole list and its version atomically and merges it into the
+/// local copy. Ids known here but missing in Redis (a Redis that lost data)
+/// are written back: a revocation is never undone.
+async fn sync_revocations(inner: &Inner) -> Result<(), StoreError> {
+    let mut c = inner.conn.clone();
+    let (ids, version): (Vec<String>, Option<u64>) = inner
+        .op(
+            "revocation list",
+            redis::pipe()
+                .atomic()
+                .hkeys(REVOKED_IDS)
+                .get(REVOKED_VERSION)
+                .query_async(&mut c),
+        )
+        .await?;
+    let remote: HashSet<String> = ids.into_iter().collect();
+    let missing: Vec<String> = {
+        let mut r = inner.write_revoked();
+        let missing = r.ids.difference(&remote).cloned().collect();
+        r.ids.extend(remote);
+        r.version = version.unwrap_or(0);
+        missing
+    };
+    if !missing.is_empty() {
+        tracing::warn!(
+            count = missing.len(),
+            "redis lost revocations this proxy knew of (restarted without persistence?); writing them back"
+        );
+        for id in missing {
+            revoke_in_redis(inner, &id).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the revoke script; returns the new version, or 0 if already revoked.
+async fn revoke_in_redis(inner: &Inner, id: &str) -> Result<u64, StoreError> {
+    let mut c = inner.conn.clone();
+    inner
+        .op(
+            "revoke",
+            inner
+                .revoke
+                .key(REVOKED_IDS)
+                .key(REVOKED_VERSION)
+                .arg(id)
+                .arg(now_unix())
+                .arg(CHANNEL)
+                .invoke_async(&mut c),
+        )
+        .await
+}
+
+/// Confirms the local revocation list every [`POLL_INTERVAL`] (or at once
+/// when kicked): one `GET` of the version; a full read only when it moved.
+async fn poll_loop(weak: Weak<Inner>) {
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_ok = true;
+    loop {
+        let kick = {
+            let Some(inner) = weak.upgrade() else { return };
+            async move { inner.kick.notified().await }
+        };
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = kick => {}
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        let started = inner.base.elapsed();
+        let mut c = inner.conn.clone();
+        let result = match inner
+            .op("GET version", c.get::<_, Option<u64>>(REVOKED_VERSION))
+            .await
+        {
+            Ok(v) if v.unwrap_or(0) == inner.read_revoked().version => Ok(()),
+            Ok(_) => sync_revocations(&inner).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                inner.confirm(started);
+                if !was_ok {
+                    tracing::info!(redis = %inner.target, "redis reachable again; revocation list confirmed");
+                }
+                was_ok = true;
+            }
+            Err(e) => {
+                if was_ok {
+                    tracing::error!(error = %e, "cannot confirm the revocation list with redis; requests get 503 once it is more than 1 s old");
+                }
+                was_ok = false;
+            }
+        }
+    }
+}
+
+/// Applies published revocations as they come; resubscribes after a lost
+/// connection and then asks the poller for a full check, since messages
+/// sent meanwhile are gone.
+async fn subscribe_loop(weak: Weak<Inner>) {
+    loop {
+        let client = match weak.upgrade() {
+            Some(inner) => inner.client.clone(),
+            None => return,
+        };
+        if let Ok(Ok(mut ps)) = tokio::time::timeout(OP_TIMEOUT, client.get_async_pubsub()).await
+            && ps.subscribe(CHANNEL).await.is_ok()
+        {
+            if let Some(inner) = weak.upgrade() {
+                inner.kick.notify_one();
+            }
+            let mut messages = ps.on_message();
+            while let Some(msg) = messages.next().await {
+                let Some(inner) = weak.upgrade() else { return };
+                let Ok(payload) = msg.get_payload::<String>() else {
+                    continue;
+                };
+                let Some((v, id)) = payload.split_once(' ') else {
+                    continue;
+                };
+                let Ok(v) = v.parse::<u64>() else { continue };
+                let mut r = inner.write_revoked();
+                r.ids.insert(id.to_string());
+                if v == r.version + 1 {
+                    r.version = v;
+                } else if v > r.version {
+                    // A gap: some message was missed; read the whole list.
+                    drop(r);
+                    inner.kick.notify_one();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn parse_meta(json: &str) -> Option<BlockMeta> {
+    serde_json::from_str(json).ok()
+}
+
+impl CounterStore for RedisStore {
+    fn peek(&self, ids: &[String]) -> BoxFuture<'_, Result<Vec<u64>, StoreError>> {
+        let mut p = redis::pipe();
+        for id in ids {
+            p.hget(&family_keys(&self.family_of(ids, id))[0], id);
+        }
+        let empty = ids.is_empty();
+        async move {
+            if empty {
+                return Ok(Vec::new());
+            }
+            let mut c = self.inner.conn.clone();
+            let got: Vec<Option<u64>> = self.inner.op("peek", p.query_async(&mut c)).await?;
+            Ok(got.into_iter().map(|v| v.unwrap_or(0)).collect())
+        }
+        .boxed()
+    }
+
+    fn reserve(&self, counters: &[CounterSpec]) -> BoxFuture<'_, Result<Reservation, StoreError>> {
+        let counters = counters.to_vec();
+        async move {
+            let inner = &self.inner;
+            if inner.closing.load(Ordering::SeqCst) {
+                return Err(StoreError::Closed);
+            }
+            let mut fams: Vec<&str> = Vec::new();
+            for c in &counters {
+                if !fams.contains(&c.family.as_str()) {
+                    fams.push(&c.family);
+                }
+            }
+            let mut inv = inner.reserve.prepare_invoke();
+            for f in &fams {
+                for k in family_keys(f) {
+                    inv.key(k);
+                }
+            }
+            inv.arg(now_unix())
+                .arg(inner.max_blocks_per_family.load(Ordering::Relaxed))
+                .arg(TTL_AFTER_EXPIRY);
+            for c in &counters {
+                let f = fams.iter().position(|f| *f == c.family).unwrap_or(0) + 1;
+                let meta = serde_json::to_string(&c.meta()).map_err(|e| StoreError::Io(e.to_string()))?;
+                inv.arg(f).arg(&c.id).arg(meta).arg(c.expires.unwrap_or(0));
+            }
+            let mut conn = inner.conn.clone();
+            let out: Vec<i64> = inner.op("reserve", inv.invoke_async(&mut conn)).await?;
+            match out.first() {
+                Some(-1) => return Err(StoreError::Retired),
+                Some(-2) => {
+                    return Err(StoreError::FamilyFull {
+                        limit: inner.max_blocks_per_family.load(Ordering::Relaxed),
+                    });
+                }
+                Some(0) if out.len() == counters.len() + 2 => {}
+                _ => {
+                    return Err(StoreError::Io(format!(
+                        "redis at {} answered the reserve script unexpectedly",
+                        inner.target
+                    )));
+                }
+            }
+            for c in &counters {
+                inner.families.insert(c.id.clone(), c.family.clone());
+            }
+            if out[1] == 1 {
+                // Only for the usage view and the collector: a failure here
+                // costs no count, so it is logged rather than refused.
+                let mut p = redis::pipe();
+                p.sadd(FAMILIES, &fams);
+                if let Err(e) = inner.op("SADD families", p.query_async::<()>(&mut conn)).await {
+                    tracing::warn!(error = %e, "recording a new token family for the usage view failed");
+                }
+            }
+            Ok(Reservation {
+                uses: out[2..].iter().map(|v| (*v).max(0) as u64).collect(),
+                durable: async { Ok(()) }.boxed(),
+            })
+        }
+        .boxed()
+    }
+
+    fn release(&self, ids: &[String]) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut inv = self.inner.release.prepare_invoke();
+        for id in ids {
+            inv.key(&family_keys(&self.family_of(ids, id))[0]).arg(id);
+        }
+        async move {
+            let mut c = self.inner.conn.clone();
+            self.inner
+                .op("release", inv.invoke_async::<()>(&mut c))
+                .await
+        }
+        .boxed()
+    }
+
+    fn get(&self, ids: &[String]) -> BoxFuture<'_, Result<Vec<CounterInfo>, StoreError>> {
+        let mut p = redis::pipe();
+        for id in ids {
+            let k = family_keys(&self.family_of(ids, id));
+            p.hget(&k[0], id).hget(&k[1], id).hget(&k[2], id);
+        }
+        let ids = ids.to_vec();
+        async move {
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut c = self.inner.conn.clone();
+            let got: Vec<Option<String>> = self.inner.op("get", p.query_async(&mut c)).await?;
+            Ok(ids
+                .iter()
+                .zip(got.chunks(3))
+                .map(|(id, v)| {
+                    let meta = v[1].as_deref().and_then(parse_meta);
+                    CounterInfo {
+                        id: id.clone(),
+                        uses: v[0].as_deref().and_then(|s| s.parse().ok()).unwrap_or(0),
+                        limit: meta.as_ref().and_then(|m| m.limit),
+                        expires: meta.as_ref().and_then(|m| m.expires),
+                        last_use: v[2].as_deref().and_then(|s| s.parse().ok()),
+                    }
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<CounterInfo>, StoreError>> {
+        async move {
+            let inner = &self.inner;
+            let mut c = inner.conn.clone();
+            let families: Vec<String> = inner.op("SMEMBERS", c.smembers(FAMILIES)).await?;
+            if families.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut p = redis::pipe();
+            for f in &families {
+                let k = family_keys(f);
+                p.hgetall(&k[0]).hgetall(&k[1]).hgetall(&k[2]);
+            }
+            let got: Vec<HashMap<String, String>> = inner.op("list", p.query_async(&mut c)).await?;
+            let mut out = Vec::new();
+            for fam in got.chunks(3) {
+                let (counts, metas, last) = (&fam[0], &fam[1], &fam[2]);
+                for (id, n) in counts {
+                    let meta = metas.get(id).and_then(|j| parse_meta(j));
+                    out.push(CounterInfo {
+                        id: id.clone(),
+                        uses: n.parse().unwrap_or(0),
+                        limit: meta.as_ref().and_then(|m| m.limit),
+                        expires: meta.as_ref().and_then(|m| m.expires),
+                        last_use: last.get(id).and_then(|s| s.parse().ok()),
+                    });
+                }
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        // Every reservation Redis acknowledged is already as durable as its
+        // persistence makes it; refusing new ones keeps the embedded
+        // store's shutdown contract.
+        self.inner.closing.store(true, Ordering::SeqCst);
+        async { Ok(()) }.boxed()
+    }
+
+    fn healthy(&self) -> bool {
+        !self.inner.closing.load(Ordering::SeqCst) && self.inner.stale_for() <= STALE_BOUND
+    }
+
+    fn register(&self, _blocks: &[BlockMeta]) {
+        // Metadata is written only by `reserve`, with the family bound
+        // checked in the same script: anything else would let a token
+        // holder grow the shared store with blocks that were never allowed.
+    }
+
+    fn blocks(&self) -> BoxFuture<'_, Result<Vec<BlockMeta>, StoreError>> {
+        async move {
+            let inner = &self.inner;
+            let mut c = inner.conn.clone();
+            let families: Vec<String> = inner.op("SMEMBERS", c.smembers(FAMILIES)).await?;
+            if families.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut p = redis::pipe();
+            for f in &families {
+                p.hvals(&family_keys(f)[1]);
+            }
+            let got: Vec<Vec<String>> = inner.op("blocks", p.query_async(&mut c)).await?;
+            Ok(got.iter().flatten().filter_map(|j| parse_meta(j)).collect())
+        }
+        .boxed()
+    }
+}
+
+impl RevocationList for RedisStore {
+    fn first_revoked(&self, ids: &[String]) -> Result<Option<usize>, StoreError> {
+        let stale = self.inner.stale_for();
+        if stale > STALE_BOUND {
+            return Err(StoreError::Io(format!(
+                "the revocation list could not be confirmed with redis at {} for {} ms (more than the {} ms bound); refusing rather than deciding on an old list",
+                self.inner.target,
+                stale.as_millis(),
+                STALE_BOUND.as_millis()
+            )));
+        }
+        let r = self.inner.read_revoked();
+        if r.ids.is_empty() {
+            return Ok(None);
+        }
+        Ok(ids.iter().position(|id| r.ids.contains(id)))
+    }
+
+    fn revoke(&self, id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let id = id.to_ascii_lowercase();
+        async move {
+            // Revocations are never undone: known here means known to Redis.
+            if self.inner.read_revoked().ids.contains(&id) {
+                return Ok(false);
+            }
+            let v = revoke_in_redis(&self.inner, &id).await?;
+            let mut r = self.inner.write_revoked();
+            r.ids.insert(id);
+            if v > 0 && v == r.version + 1 {
+                r.version = v;
+            }
+            // Redis's HSETNX is what says it is new: the published message
+            // may already have put the id in the local copy.
+            Ok(v > 0)
+        }
+        .boxed()
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<(String, u64)>, StoreError>> {
+        async move {
+            let mut c = self.inner.conn.clone();
+            let all: HashMap<String, u64> = self
+                .inner
+                .op("HGETALL revocations", c.hgetall(REVOKED_IDS))
+                .await?;
+            Ok(all.into_iter().collect())
+        }
+        .boxed()
+    }
+
+    fn len(&self) -> usize {
+        self.inner.read_revoked().ids.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `redis-server` of its own on a free port, killed on drop.
+    struct Server {
+        port: u16,
+        child: std::process::Child,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Server {
+        fn start() -> Server {
+            for _ in 0..20 {
+                let dir = tempfile::tempdir().unwrap();
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                let mut child = std::process::Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args([
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "yes",
+                        "--appendfsync",
+                        "always",
+                    ])
+                    .arg("--dir")
+                    .arg(dir.path())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("redis-server is installed (apt-get install redis-server)");
+                for _ in 0..100 {
+                    if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                        return Server {
+                            port,
+                            child,
+                            _dir: dir,
+                        };
+                    }
+                    if child.try_wait().unwrap().is_some() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            panic!("could not start redis-server on a free port");
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}/0", self.port)
+        }
+
+        fn kill9(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.kill9();
+        }
+    }
+
+    fn spec(id: &str, limit: Option<u64>) -> CounterSpec {
+        CounterSpec::standalone(id, limit, None)
+    }
+
+    #[tokio::test]
+    async fn counts_are_exact_across_two_stores_on_one_redis() {
+        let server = Server::start();
+        let a = RedisStore::connect(&server.url(), None).await.unwrap();
+        let b = RedisStore::connect(&server.url(), None).await.unwrap();
+        for i in 1..=6u64 {
+            let s = if i % 2 == 0 { &a } else { &b };
+            let r = s
+                .reserve(&[spec("a", Some(10)), spec("b", None)])
+                .await
+                .unwrap();
+            assert_eq!(r.uses, vec![i, i]);
+            r.durable.await.unwrap();
+        }
+        b.release(&["a".into()]).await.unwrap();
+        assert_eq!(a.peek(&["a".into()]).await.unwrap(), vec![5]);
+        let got = a.get(&["a".into()]).await.unwrap();
+        assert_eq!((got[0].uses, got[0].limit), (5, Some(10)));
+        let mut listed: Vec<(String, u64)> = CounterStore::list(&b)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.id, c.uses))
+            .collect();
+        listed.sort();
+        assert_eq!(listed, vec![("a".into(), 5), ("b".into(), 6)]);
+    }
+
+    #[tokio::test]
+    async fn peeking_creates_nothing() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        assert_eq!(s.peek(&["a".into(), "b".into()]).await.unwrap(), vec![0, 0]);
+        s.release(&["a".into()]).await.unwrap();
+        assert!(CounterStore::list(&s).await.unwrap().is_empty());
+        assert!(s.blocks().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn blocks_tracked_per_family_are_bounded() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        s.set_max_blocks_per_family(3);
+        let block = |id: &str, parent: Option<&str>| CounterSpec {
+            family: "root".into(),
+            parent: parent.map(str::to_string),
+            index: usize::from(parent.is_some()),
+            ..CounterSpec::standalone(id, None, None)
+        };
+        let root = block("root", None);
+        for kid in ["k1", "k2"] {
+            s.reserve(&[root.clone(), block(kid, Some("root"))])
+                .await
+                .unwrap();
+        }
+        let err = s
+            .reserve(&[root.clone(), block("k3", Some("root"))])
+            .await
+            .err()
+            .expect("a fourth block of the family is refused");
+        assert!(matches!(err, StoreError::FamilyFull { limit: 3 }), "{err}");
+        assert_eq!(s.peek(&["root".into()]).await.unwrap(), vec![2]);
+        s.reserve(&[root.clone(), block("k1", Some("root"))])
+            .await
+            .unwrap();
+        s.reserve(&[spec("other", None)]).await.unwrap();
+        let mut ids: Vec<String> = s
+            .blocks()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["k1", "k2", "other", "root"]);
+    }
+
+    #[tokio::test]
+    async fn a_collected_counter_never_comes_back_with_a_fresh_budget() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        let expires = now_unix() + 60;
+        let a = CounterSpec::standalone("a", Some(5), Some(expires));
+        for _ in 0..5 {
+            s.reserve(std::slice::from_ref(&a)).await.unwrap();
+        }
+        let removed = s.gc_expired(expires + 30 * 24 * 3600).await.unwrap();
+        assert_eq!(removed, 1);
+        // Another proxy, started later, refuses it too.
+        let other = RedisStore::connect(&server.url(), None).await.unwrap();
+        assert!(matches!(
+            other.reserve(std::slice::from_ref(&a)).await,
+            Err(StoreError::Retired)
+        ));
+    }
+
+    #[tokio::test]
+    async fn nothing_reserves_once_the_final_flush_started() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        s.reserve(&[spec("a", Some(100))]).await.unwrap();
+        s.flush().await.unwrap();
+        assert!(matches!(
+            s.reserve(&[spec("a", Some(100))]).await,
+            Err(StoreError::Closed)
+        ));
+        assert!(!s.healthy());
+    }
+
+    #[tokio::test]
+    async fn a_revocation_reaches_every_store_and_persists() {
+        let server = Server::start();
+        let a = RedisStore::connect(&server.url(), None).await.unwrap();
+        let b = RedisStore::connect(&server.url(), None).await.unwrap();
+        assert!(a.revoke("ABCD").await.unwrap());
+        assert!(!b.revoke("abcd").await.unwrap());
+        let ids = ["x".to_string(), "abcd".to_string()];
+        let t0 = Instant::now();
+        while b.first_revoked(&ids).unwrap() != Some(1) {
+            assert!(
+                t0.elapsed() < STALE_BOUND,
+                "not propagated within the bound"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let late = RedisStore::connect(&server.url(), None).await.unwrap();
+        assert_eq!(RevocationList::len(&late), 1);
+        assert_eq!(late.first_revoked(&ids).unwrap(), Some(1));
+        let listed = RevocationList::list(&late).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].0, "abcd");
+    }
+
+    /// Redis gone: the local revocation list can no longer be confirmed,
+    /// and after the bound every check and reservation fails (503).
+    #[tokio::test]
+    async fn an_unconfirmed_revocation_list_fails_closed() {
+        let mut server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        assert!(s.healthy());
+        server.kill9();
+        let t0 = Instant::now();
+        while s.first_revoked(&["a".into()]).is_ok() {
+            assert!(
+                t0.elapsed() < STALE_BOUND + OP_TIMEOUT + POLL_INTERVAL * 2,
+                "still answering from an unconfirmed list"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!s.healthy());
+        assert!(s.reserve(&[spec("a", None)]).await.is_err());
+        assert!(s.peek(&["a".into()]).await.is_err());
+    }
+}

@@ -1,0 +1,433 @@
+//! Several `till serve` processes on one real Redis (`store = "redis://…"`):
+//! exact caps across replicas, revocations reaching every replica within
+//! the bound, and Redis failures answered with 503, never with an uncounted
+//! use. Each test starts its own `redis-server` on a free port with its own
+//! directory and kills it at the end.
+
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use till::token::Scope;
+
+use crate::helpers::*;
+
+/// A `redis-server` with append-only persistence in a temporary directory.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    fsync: String,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// `appendonly yes`, `appendfsync always`: the recommended settings.
+    pub fn start() -> RedisServer {
+        Self::start_with("always")
+    }
+
+    pub fn start_with(fsync: &str) -> RedisServer {
+        for _ in 0..20 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut s = RedisServer {
+                port,
+                dir: tempfile::tempdir().unwrap(),
+                fsync: fsync.into(),
+                child: None,
+            };
+            if s.spawn() {
+                return s;
+            }
+        }
+        panic!("could not start redis-server on a free port");
+    }
+
+    /// Starts the server on its port and directory; false if it could not
+    /// (the port was taken meanwhile).
+    fn spawn(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", &self.fsync])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (apt-get install redis-server)");
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if ping(self.port) {
+                self.child = Some(child);
+                return true;
+            }
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The `till.toml` line that points a proxy here.
+    pub fn store_line(&self) -> String {
+        format!("store = {:?}", self.url())
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// SIGKILL: no shutdown, nothing flushed beyond what fsync already did.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port and directory (replaying the AOF).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill it first");
+        for _ in 0..50 {
+            if self.spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("redis-server did not restart on port {}", self.port);
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Whether a Redis answers PING on `port` (not while it is loading its AOF).
+fn ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}
+
+/// `n` state directories sharing one root key, as replicas of one
+/// deployment are.
+fn replica_homes(n: usize) -> Vec<Home> {
+    let first = Home::new();
+    let key = first.path().join(till::token::keys::ROOT_KEY_FILE);
+    let mut homes = vec![first];
+    for _ in 1..n {
+        let h = Home::empty();
+        std::fs::copy(&key, h.path().join(till::token::keys::ROOT_KEY_FILE)).unwrap();
+        homes.push(h);
+    }
+    homes
+}
+
+fn replicas(homes: &[Home], up: &Upstream, redis: &RedisServer) -> Vec<Proxy> {
+    homes
+        .iter()
+        .map(|h| Proxy::start(h, &[openai(up)], &redis.store_line()))
+        .collect()
+}
+
+async fn get_status(url: &str) -> u16 {
+    match client().get(url).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// The usage view of one replica: (uses, limit) of the family whose root
+/// has `limit`.
+async fn family_uses(p: &Proxy, home: &Home, limit: u64) -> u64 {
+    let text = client()
+        .get(p.url("/admin/usage"))
+        .bearer_auth(home.admin())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let fam = v["families"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["limit"] == limit)
+        .unwrap_or_else(|| panic!("no family with limit {limit} in {v}"));
+    fam["uses"].as_u64().unwrap()
+}
+
+/// Waits until every proxy's `/readyz` answers `status`.
+async fn wait_ready(proxies: &[Proxy], status: u16, within: Duration) {
+    let t0 = Instant::now();
+    for p in proxies {
+        while get_status(&p.url("/readyz")).await != status {
+            assert!(
+                t0.elapsed() < within,
+                "/readyz of {} did not turn {status} within {within:?}",
+                p.addr
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Exact caps across replicas: 300 concurrent requests of 30 children of a
+/// 10-use token, spread over 3 proxies, forward exactly 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_proxies_on_one_redis_forward_exactly_the_limit() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(3);
+    let proxies = replicas(&homes, &up, &redis);
+    let root = homes[0].token("openai", Some(10));
+    let children: Vec<String> = (0..30).map(|_| child(&root, Scope::default())).collect();
+    let statuses = join_all((0..300).map(|i| chat(&proxies[i % 3], &children[i % 30], "m"))).await;
+    let ok = statuses.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(ok, 10, "forwarded across 3 replicas");
+    assert_eq!(up.count(), 10, "the upstream saw exactly the limit");
+    for (s, body) in &statuses {
+        assert!(*s == 200 || *s == 429, "unexpected {s}: {body}");
+    }
+    // The usage view of every replica shows the deployment's numbers.
+    for (p, h) in proxies.iter().zip(&homes) {
+        assert_eq!(
+            family_uses(p, h, 10).await,
+            10,
+            "usage seen from {}",
+            p.addr
+        );
+    }
+}
+
+/// Revocation through proxy A is enforced by B and C within the bound
+/// (measured; the hard bound is 1 s, pub/sub normally takes milliseconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_through_one_proxy_is_enforced_by_the_others_within_the_bound() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(3);
+    let proxies = replicas(&homes, &up, &redis);
+    let mut delays = Vec::new();
+    for _ in 0..5 {
+        let token = homes[0].token("openai", None);
+        for p in &proxies[1..] {
+            assert_eq!(chat(p, &token, "m").await.0, 200, "usable before");
+        }
+        let r = client()
+            .post(proxies[0].url("/admin/revoke"))
+            .bearer_auth(homes[0].admin())
+            .header("content-type", "application/json")
+            .body(serde_json::json!({ "token": token }).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let revoked_at = Instant::now();
+        for p in &proxies[1..] {
+            loop {
+                let (s, body) = chat(p, &token, "m").await;
+                if s == 403 {
+                    assert_eq!(body["error"]["code"], "token_revoked", "{body}");
+                    delays.push(revoked_at.elapsed());
+                    break;
+                }
+                assert_eq!(s, 200, "{body}");
+                assert!(
+                    revoked_at.elapsed() < Duration::from_secs(5),
+                    "{} still forwards a revoked token",
+                    p.addr
+                );
+            }
+        }
+    }
+    delays.sort();
+    eprintln!(
+        "revocation propagation over {} checks: median {:?}, max {:?}",
+        delays.len(),
+        delays[delays.len() / 2],
+        delays[delays.len() - 1]
+    );
+    assert!(
+        delays[delays.len() - 1] < Duration::from_secs(1),
+        "hard bound of 1 s exceeded: {delays:?}"
+    );
+}
+
+/// Redis killed with -9 under load: requests get 503, nothing is forwarded
+/// uncounted; restarted from its AOF (`appendfsync always`) the counts are
+/// at least what was forwarded, the limit is never overshot, and the
+/// proxies recover by themselves, `/readyz` following.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_under_load_gives_503s_and_loses_no_forwarded_use() {
+    const LIMIT: u64 = 60;
+    let mut redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(2);
+    let proxies = Arc::new(replicas(&homes, &up, &redis));
+    let token = homes[0].token("openai", Some(LIMIT));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let (proxies, token, stop) = (proxies.clone(), token.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let (s, body) = chat(&proxies[w % 2], &token, "m").await;
+                seen.push((s, body));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            seen
+        }));
+    }
+    while up.count() < 5 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    redis.kill9();
+    wait_ready(&proxies, 503, Duration::from_secs(5)).await;
+    // Down: nothing more reaches the upstream.
+    let forwarded_while_down = up.count();
+    for p in proxies.iter() {
+        let (s, body) = chat(p, &token, "m").await;
+        assert_eq!(s, 503, "{body}");
+        assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        up.count(),
+        forwarded_while_down,
+        "forwarded while redis was down"
+    );
+
+    redis.restart();
+    wait_ready(&proxies, 200, Duration::from_secs(10)).await;
+    let forwarded = up.count() as u64;
+    let counted = family_uses(&proxies[1], &homes[1], LIMIT).await;
+    assert!(
+        counted >= forwarded,
+        "redis restarted with {counted} uses but {forwarded} were forwarded"
+    );
+    // Spend what is left: never more than the limit in all.
+    let t0 = Instant::now();
+    while family_uses(&proxies[0], &homes[0], LIMIT).await < LIMIT {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "load never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut statuses = Vec::new();
+    for w in workers {
+        statuses.extend(w.await.unwrap());
+    }
+    for (s, body) in &statuses {
+        assert!(
+            matches!(s, 200 | 429 | 503),
+            "unexpected {s} (only 200, 429 and 503 are right here): {body}"
+        );
+    }
+    assert!(
+        statuses.iter().any(|(s, _)| *s == 503),
+        "no 503 while redis was down"
+    );
+    assert!(
+        up.count() as u64 <= LIMIT,
+        "{} forwarded over a limit of {LIMIT}",
+        up.count()
+    );
+    for p in proxies.iter() {
+        assert_eq!(chat(p, &token, "m").await.0, 429);
+    }
+}
+
+/// One replica killed with -9: the others keep counting the same budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_proxy_leaves_the_others_counting() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(2);
+    let mut proxies = replicas(&homes, &up, &redis);
+    let token = homes[0].token("openai", Some(6));
+    for _ in 0..3 {
+        assert_eq!(chat(&proxies[0], &token, "m").await.0, 200);
+    }
+    proxies[0].kill9();
+    for _ in 0..3 {
+        assert_eq!(chat(&proxies[1], &token, "m").await.0, 200);
+    }
+    assert_eq!(chat(&proxies[1], &token, "m").await.0, 429);
+    assert_eq!(up.count(), 6);
+}
+
+/// `appendfsync everysec` can lose the last second of counts on a crash:
+/// `till serve` says so at start.
+#[tokio::test]
+async fn serve_warns_when_redis_can_lose_forwarded_uses() {
+    let redis = RedisServer::start_with("everysec");
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let p = Proxy::start(&home, &[openai(&up)], &redis.store_line());
+    let t0 = Instant::now();
+    while !p.logs().contains("appendfsync \"everysec\"") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no warning in:\n{}",
+            p.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(redis.dir().exists());
+}
+
+/// No Redis at the configured address: the proxy refuses to start rather
+/// than run with an unknown revocation list, and says where it looked.
+#[test]
+fn serve_refuses_to_start_without_its_redis() {
+    let (_sock, url) = dead_port();
+    let home = Home::new();
+    let port = url.rsplit(':').next().unwrap();
+    let cfg = home.write(
+        "till.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\nstore = \"redis://:hunter2@127.0.0.1:{port}/0\"\n",
+            home.path().to_str().unwrap()
+        ),
+    );
+    let out = till(["serve", "--config", cfg.to_str().unwrap()])
+        .home(&home)
+        .run();
+    assert_ne!(out.code, 0);
+    out.stderr_has(&format!("127.0.0.1:{port}"));
+    assert!(
+        !out.stderr.contains("hunter2"),
+        "password printed: {}",
+        out.stderr
+    );
+}
