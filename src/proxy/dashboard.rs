@@ -269,6 +269,15 @@ async fn page(
         // The CSRF token is hex made here: nothing from a token reaches the
         // shell, which is why it can be rendered without a template engine.
         Some(s) => html(StatusCode::OK, PAGE.replace("{{csrf}}", &escape(&s.csrf))),
+        // A cookie this proxy does not know: most often a restart, which an
+        // operator would otherwise take for a bug or an attack.
+        None if session_cookie(&headers).is_some() => login_page(
+            StatusCode::OK,
+            Some(
+                "your session has ended: the proxy was restarted (sessions live in its memory), \
+                 the session expired, or its admin token was revoked; log in again",
+            ),
+        ),
         None => login_page(StatusCode::OK, None),
     }
 }
