@@ -95,7 +95,7 @@
   }
 
   function count(uses, limit) {
-    return limit === null || limit === undefined ? uses + " uses" : uses + " / " + limit;
+    return limit === null || limit === undefined ? uses + (uses === 1 ? " use" : " uses") : uses + " / " + limit;
   }
 
   async function revoke(id, what, label) {
@@ -177,8 +177,13 @@
       el("code", { class: "id", title: f.family, text: short(f.family) }),
       f.revoked ? el("span", { class: "badge revoked", text: "revoked" }) : null,
       exp ? el("span", { class: "badge " + (f.expires <= now ? "revoked" : "soon"), text: exp }) : null,
-      el("span", { class: "family-uses count", text: count(f.uses, f.limit) }),
-      f.revoked ? null : revokeButton(f.family, "family", f.label)
+      // Count and button wrap together, to the right, when the line is full.
+      el(
+        "span",
+        { class: "family-actions" },
+        el("span", { class: "family-uses count", text: count(f.uses, f.limit) }),
+        f.revoked ? null : revokeButton(f.family, "family", f.label)
+      )
     );
     const rows = tree(f.blocks || []).map(([b, depth, left]) => {
       const bexp = expiry(now, b.expires);
@@ -318,14 +323,21 @@
     await fetch("/dashboard/logout", { method: "POST", headers: { "x-csrf-token": csrf } }).catch(() => {});
     window.location.reload();
   });
-  document.getElementById("search").addEventListener("input", (e) => {
-    clearTimeout(searchTimer);
-    searchTimer = setTimeout(() => {
-      view.q = e.target.value.trim();
-      view.page = 1;
-      refresh();
-    }, SEARCH_DELAY_MS);
-  });
+  // "change" and "search" too: the field's clear button and scripted
+  // clears do not always send "input".
+  const search = document.getElementById("search");
+  for (const ev of ["input", "change", "search"]) {
+    search.addEventListener(ev, () => {
+      clearTimeout(searchTimer);
+      searchTimer = setTimeout(() => {
+        const q = search.value.trim();
+        if (q === view.q) return;
+        view.q = q;
+        view.page = 1;
+        refresh();
+      }, SEARCH_DELAY_MS);
+    });
+  }
   document.getElementById("prev").addEventListener("click", () => {
     view.page = Math.max(1, view.page - 1);
     refresh();
