@@ -232,8 +232,13 @@
       el(
         "li",
         { class: "expiring-item", "data-id": b.id },
-        b.index ? el("span", { class: "family-name muted", title: b.family_label || "", text: familyName({ label: b.family_label }) + " ›" }) : null,
-        el("span", { class: "label", title: b.label || "", text: b.index ? blockName(b) : familyName({ label: b.family_label }) }),
+        el(
+          "div",
+          { class: "expiring-name" },
+          b.index ? el("span", { class: "family-name muted", title: b.family_label || "", text: familyName({ label: b.family_label }) }) : null,
+          b.index ? el("span", { class: "muted", text: "›" }) : null,
+          el("span", { class: "label", title: b.label || "", text: b.index ? blockName(b) : familyName({ label: b.family_label }) })
+        ),
         el("code", { class: "id", title: b.id, text: short(b.id) }),
         el("span", { class: "muted", text: expiry(now, b.expires) })
       )
