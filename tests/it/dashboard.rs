@@ -437,9 +437,11 @@ impl Browser {
         b.cmd(
             "POST",
             "/goog/cdp/execute",
-            Some(json!({"cmd": "Emulation.setDeviceMetricsOverride", "params": {
-                "width": width, "height": height, "deviceScaleFactor": 1, "mobile": false,
-            }})),
+            Some(
+                json!({"cmd": "Emulation.setDeviceMetricsOverride", "params": {
+                    "width": width, "height": height, "deviceScaleFactor": 1, "mobile": false,
+                }}),
+            ),
         )
         .await;
         b
@@ -1039,7 +1041,9 @@ async fn assert_fits(b: &Browser, width: u32, what: &str) {
         && v["wordy"].as_array().unwrap().is_empty()
         && v["buttons"].as_array().unwrap().is_empty();
     if !ok {
-        let shot = b.screenshot(&format!("dashboard-{width}-failure.png")).await;
+        let shot = b
+            .screenshot(&format!("dashboard-{width}-failure.png"))
+            .await;
         panic!(
             "{what} does not fit {width} px: {v:#}\nscreenshot: {}",
             shot.display()
@@ -1111,9 +1115,11 @@ async fn dashboard_at_420px_is_one_column_with_nothing_wider_than_the_screen() {
 
     // The families list, first page: the most recently used first.
     let fam = format!("article[data-family='{family}']");
-    b.wait_text("the deep family", &format!("{fam} .family-head .label"), |t| {
-        t == long_word
-    })
+    b.wait_text(
+        "the deep family",
+        &format!("{fam} .family-head .label"),
+        |t| t == long_word,
+    )
     .await;
     b.wait_text("the pager", "#page-info", |t| t.starts_with("page 1 of 6"))
         .await;
@@ -1176,17 +1182,17 @@ async fn dashboard_at_420px_is_one_column_with_nothing_wider_than_the_screen() {
     )
     .await;
     assert_eq!(
-        b.js(
-            "return document.getElementById('pager').hidden;",
-            json!([])
-        )
-        .await,
+        b.js("return document.getElementById('pager').hidden;", json!([]))
+            .await,
         true
     );
     assert_fits(&b, 420, "the search results").await;
     // Short enough to show the side panels below: look at this one too.
-    b.js("window.scrollTo(0, document.querySelector('.side').offsetTop - 20);", json!([]))
-        .await;
+    b.js(
+        "window.scrollTo(0, document.querySelector('.side').offsetTop - 20);",
+        json!([]),
+    )
+    .await;
     b.screenshot("dashboard-420-side.png").await;
     let search = b.find("#search").await;
     b.cmd("POST", &format!("/element/{search}/clear"), None)
@@ -1197,10 +1203,7 @@ async fn dashboard_at_420px_is_one_column_with_nothing_wider_than_the_screen() {
     .await;
 
     // The pager walks the pages without a reload.
-    let first = b
-        .text("#families article.family")
-        .await
-        .unwrap_or_default();
+    let first = b.text("#families article.family").await.unwrap_or_default();
     b.click("#next").await;
     b.wait_text("page 2", "#page-info", |t| t.starts_with("page 2 of 6"))
         .await;

@@ -56,7 +56,9 @@ fn seconds(span: &str) -> u64 {
     span.split_whitespace()
         .map(|p| {
             let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
-            let n: u64 = digits.parse().unwrap_or_else(|_| panic!("time span {span}"));
+            let n: u64 = digits
+                .parse()
+                .unwrap_or_else(|_| panic!("time span {span}"));
             match &p[digits.len()..] {
                 "" | "s" | "sec" => n,
                 "min" | "m" => n * 60,
@@ -153,7 +155,10 @@ async fn systemd_unit_commands_start_till_with_its_credential_and_stop_in_time()
         s.replace(INSTALLED, BIN)
             .replace("/var/lib/till", state.to_str().unwrap())
             .replace("/run/credentials/till.service", creds.to_str().unwrap())
-            .replace("/etc/till/till.toml", home.path().join("till.toml").to_str().unwrap())
+            .replace(
+                "/etc/till/till.toml",
+                home.path().join("till.toml").to_str().unwrap(),
+            )
     };
 
     // The config and the unit agree on the state directory, so `till issue`
@@ -164,7 +169,10 @@ async fn systemd_unit_commands_start_till_with_its_credential_and_stop_in_time()
         .find(|(k, _)| k == "TILL_HOME")
         .map(|(_, v)| v.clone())
         .expect("Environment=TILL_HOME");
-    assert_eq!(till_home, format!("/var/lib/{}", unit_value(&unit, "StateDirectory")));
+    assert_eq!(
+        till_home,
+        format!("/var/lib/{}", unit_value(&unit, "StateDirectory"))
+    );
     let cfg: toml::Value = toml::from_str(&config).unwrap();
     assert_eq!(cfg["state_dir"].as_str(), Some(till_home.as_str()));
 
@@ -240,9 +248,14 @@ async fn systemd_unit_commands_start_till_with_its_credential_and_stop_in_time()
 
     // systemd waits TimeoutStopSec after SIGTERM before SIGKILL: longer than
     // the grace Till gives in-flight requests.
-    let grace = cfg["limits"]["shutdown_grace_secs"].as_integer().unwrap_or(30) as u64;
+    let grace = cfg["limits"]["shutdown_grace_secs"]
+        .as_integer()
+        .unwrap_or(30) as u64;
     let timeout = seconds(&unit_value(&unit, "TimeoutStopSec"));
-    assert!(timeout > grace, "TimeoutStopSec={timeout} <= shutdown_grace_secs={grace}");
+    assert!(
+        timeout > grace,
+        "TimeoutStopSec={timeout} <= shutdown_grace_secs={grace}"
+    );
     assert_eq!(proxy.terminate(), 0, "SIGTERM is a clean stop");
 }
 
@@ -300,7 +313,11 @@ fn readme_line(prefix: &str) -> String {
         .map(str::trim)
         .filter(|l| l.starts_with(prefix))
         .collect();
-    assert_eq!(lines.len(), 1, "README lines starting {prefix:?}: {lines:?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "README lines starting {prefix:?}: {lines:?}"
+    );
     // Continuation lines (`\` at the end) belong to the command.
     let start = README.find(lines[0]).unwrap();
     let mut cmd = String::new();
@@ -348,14 +365,20 @@ async fn dockerfile_matches_the_readme_and_its_command_starts_till() {
         .lines()
         .find(|l| l.starts_with("COPY --from="))
         .expect("a multi-stage COPY");
-    assert!(copy.ends_with(&format!("target/release/till {INSTALLED}")), "{copy}");
+    assert!(
+        copy.ends_with(&format!("target/release/till {INSTALLED}")),
+        "{copy}"
+    );
     assert_eq!(exec_form(&dockerfile, "ENTRYPOINT"), [INSTALLED]);
     // Not root.
     let user = dockerfile
         .lines()
         .find_map(|l| l.strip_prefix("USER "))
         .expect("USER");
-    assert!(!user.starts_with("root") && !user.starts_with('0'), "{user}");
+    assert!(
+        !user.starts_with("root") && !user.starts_with('0'),
+        "{user}"
+    );
 
     // The state directory is TILL_HOME and a volume, and the README's run
     // line mounts it, publishes the exposed port and waits longer than the
@@ -368,7 +391,10 @@ async fn dockerfile_matches_the_readme_and_its_command_starts_till() {
     let cmd = exec_form(&dockerfile, "CMD");
     let listen = flag_value(&cmd, "--listen");
     let port = listen.rsplit(':').next().unwrap();
-    assert!(dockerfile.contains(&format!("\nEXPOSE {port}\n")), "EXPOSE {port}");
+    assert!(
+        dockerfile.contains(&format!("\nEXPOSE {port}\n")),
+        "EXPOSE {port}"
+    );
     assert!(
         dockerfile.contains(&format!("http://127.0.0.1:{port}/healthz")),
         "HEALTHCHECK on /healthz"
@@ -391,14 +417,21 @@ async fn dockerfile_matches_the_readme_and_its_command_starts_till() {
     // The CMD's listen address is one the real CLI parser takes ...
     let addr = till::proxy::config::parse_listen(&listen).unwrap();
     assert!(addr.ip().is_unspecified(), "{addr}");
-    // ... and the CMD starts till (on an ephemeral loopback port here), with
-    // a fresh TILL_HOME as on the volume's first start, the key from the
-    // environment as `docker run -e OPENAI_API_KEY` passes it.
+    // ... and the CMD starts till (on an ephemeral port here), with a fresh
+    // TILL_HOME as on the volume's first start, the key from the environment
+    // as `docker run -e OPENAI_API_KEY` passes it.
     let up = Upstream::start().await;
     let home = Home::empty();
+    let ephemeral = format!("{}:0", addr.ip());
     let args: Vec<&str> = cmd
         .iter()
-        .map(|a| if *a == listen { "127.0.0.1:0" } else { a.as_str() })
+        .map(|a| {
+            if *a == listen {
+                ephemeral.as_str()
+            } else {
+                a.as_str()
+            }
+        })
         .collect();
     let proxy = Proxy::spawn_env(
         &home,
@@ -423,4 +456,61 @@ async fn dockerfile_matches_the_readme_and_its_command_starts_till() {
     let token = till(&issue).home(&home).run();
     token.success();
     assert_eq!(chat(&proxy, &token.out(), "gpt-4o-mini").await.0, 200);
+
+    // What a client outside the container is: not loopback (Docker's bridge
+    // here, this machine's own non-loopback address in the test). It gets
+    // the proxy, but the admin plane refuses it, as README, "Container", says.
+    let Some(outside) = non_loopback_address() else {
+        eprintln!("SKIPPED the non-loopback part: this machine has no non-loopback IPv4 address");
+        return;
+    };
+    let base = format!("http://{outside}:{}", proxy.addr.port());
+    let r = client()
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client()
+        .post(format!("{base}/openai/v1/chat/completions"))
+        .bearer_auth(token.out())
+        .header("content-type", "application/json")
+        .body(r#"{"model":"gpt-4o-mini","messages":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let admin = std::fs::read_to_string(home.path().join("admin.token")).unwrap();
+    for (method, path) in [
+        ("GET", "/admin/usage"),
+        ("GET", "/metrics"),
+        ("GET", "/dashboard"),
+    ] {
+        let r = client()
+            .request(method.parse().unwrap(), format!("{base}{path}"))
+            .bearer_auth(admin.trim())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path} from {outside}");
+    }
+    let r = client()
+        .post(format!("{base}/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={}", admin.trim()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "dashboard login from {outside}");
+    assert!(r.headers().get("set-cookie").is_none());
+}
+
+/// This machine's address on its default route, if it has one: the source
+/// address a UDP socket "connected" to a documentation address would use (no
+/// packet is sent).
+fn non_loopback_address() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("198.51.100.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
 }
