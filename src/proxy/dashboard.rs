@@ -703,6 +703,35 @@ mod tests {
     }
 
     #[test]
+    fn a_page_is_never_empty_while_there_are_matches() {
+        let fams: Vec<serde_json::Value> = (0..7).map(|i| json!({ "family": i })).collect();
+        let refs: Vec<&serde_json::Value> = fams.iter().collect();
+        let p = Page::of(refs.clone(), 9, 3);
+        assert_eq!((p.page, p.pages, p.matched, p.items.len()), (3, 3, 7, 1));
+        let p = Page::of(refs, 0, 3);
+        assert_eq!((p.page, p.items.len()), (1, 3));
+        let p = Page::of(Vec::new(), 2, 3);
+        assert_eq!((p.page, p.pages, p.items.len()), (1, 1, 0));
+    }
+
+    #[test]
+    fn used_up_looks_at_every_ancestor_and_stops_on_a_loop() {
+        let a = json!({"id": "a", "parent": "b", "remaining": 3});
+        let b = json!({"id": "b", "parent": "a", "remaining": 2});
+        let by_id: std::collections::HashMap<&str, &serde_json::Value> =
+            [("a", &a), ("b", &b)].into_iter().collect();
+        assert!(
+            !used_up(&a, &by_id),
+            "a parent loop is walked a bounded number of times"
+        );
+        let c = json!({"id": "c", "parent": "d", "remaining": 5});
+        let d = json!({"id": "d", "parent": null, "remaining": 0});
+        let by_id: std::collections::HashMap<&str, &serde_json::Value> =
+            [("c", &c), ("d", &d)].into_iter().collect();
+        assert!(used_up(&c, &by_id));
+    }
+
+    #[test]
     fn constant_time_equality() {
         assert!(ct_eq(b"abc", b"abc"));
         assert!(!ct_eq(b"abc", b"abd"));
