@@ -25,8 +25,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::FormRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::extract::rejection::{FormRejection, QueryRejection};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -269,6 +269,15 @@ async fn page(
         // The CSRF token is hex made here: nothing from a token reaches the
         // shell, which is why it can be rendered without a template engine.
         Some(s) => html(StatusCode::OK, PAGE.replace("{{csrf}}", &escape(&s.csrf))),
+        // A cookie this proxy does not know: most often a restart, which an
+        // operator would otherwise take for a bug or an attack.
+        None if session_cookie(&headers).is_some() => login_page(
+            StatusCode::OK,
+            Some(
+                "your session has ended: the proxy was restarted (sessions live in its memory), \
+                 the session expired, or its admin token was revoked; log in again",
+            ),
+        ),
         None => login_page(StatusCode::OK, None),
     }
 }
@@ -427,13 +436,26 @@ async fn logout(
         .into_response()
 }
 
-/// Everything the page shows, in one answer.
+/// Query of `/dashboard/api/state`: which page of the families list, and
+/// an optional search. Anything unparsable falls back to the default, so a
+/// hand-edited URL still shows the first page rather than an error page.
+#[derive(Deserialize, Default)]
+struct StateQuery {
+    q: Option<String>,
+    page: Option<String>,
+    per_page: Option<String>,
+}
+
+/// Everything the page shows, in one answer. The families list is filtered
+/// and paginated here, not in the browser: a proxy with thousands of token
+/// families would otherwise ship all of them every two seconds.
 async fn state(
     _: admin::OwnHost,
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(sessions): Extension<Arc<Sessions>>,
     headers: HeaderMap,
+    query: Result<Query<StateQuery>, QueryRejection>,
 ) -> Response {
     if let Err(r) = check(&st, peer, &sessions, &headers, false) {
         return *r;
@@ -442,16 +464,159 @@ async fn state(
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
+    let query = query.map(|Query(q)| q).unwrap_or_default();
+    let now = now_unix(&st);
+    let all = usage["families"].as_array().cloned().unwrap_or_default();
+    let expiring = expiring_soon(&all, now);
+    let q = query
+        .q
+        .as_deref()
+        .map(|q| q.trim().chars().take(MAX_QUERY).collect::<String>())
+        .unwrap_or_default();
+    let per_page = number(query.per_page.as_deref(), PER_PAGE).clamp(1, MAX_PER_PAGE);
+    let page = Page::of(
+        all.iter().filter(|f| family_matches(f, &q)).collect(),
+        number(query.page.as_deref(), 1),
+        per_page,
+    );
     let mut alerts = st.monitor.alerts.history();
     alerts.truncate(FEED);
     Json(json!({
-        "now": now_unix(&st),
-        "families": usage["families"],
+        "now": now,
+        "families": page.items,
+        "total": all.len(),
+        "matched": page.matched,
+        "page": page.page,
+        "pages": page.pages,
+        "per_page": per_page,
+        "q": q,
+        "expiring": expiring,
         "decisions": st.monitor.recent(false, FEED),
         "alerts": alerts,
         "revocations": st.revocations.len(),
     }))
     .into_response()
+}
+
+/// Families shown per page unless the page asks otherwise.
+const PER_PAGE: usize = 50;
+/// Families per page at most: bounds the answer whatever the URL says.
+const MAX_PER_PAGE: usize = 200;
+/// Characters of a search kept; a label longer than this is still found
+/// by its first ones.
+const MAX_QUERY: usize = 200;
+/// "Expiring soon" means within this many seconds.
+const EXPIRING_SOON_SECS: u64 = 72 * 3600;
+
+fn number(s: Option<&str>, default: usize) -> usize {
+    s.and_then(|s| s.trim().parse().ok()).unwrap_or(default)
+}
+
+/// One page of the matching families (pages count from 1; a page past the
+/// end gives the last one, so narrowing a search never shows an empty page
+/// while there are matches).
+struct Page {
+    items: Vec<serde_json::Value>,
+    matched: usize,
+    page: usize,
+    pages: usize,
+}
+
+impl Page {
+    fn of(matching: Vec<&serde_json::Value>, page: usize, per_page: usize) -> Page {
+        let matched = matching.len();
+        let pages = matched.div_ceil(per_page).max(1);
+        let page = page.clamp(1, pages);
+        let items = matching
+            .into_iter()
+            .skip((page - 1) * per_page)
+            .take(per_page)
+            .cloned()
+            .collect();
+        Page {
+            items,
+            matched,
+            page,
+            pages,
+        }
+    }
+}
+
+/// Whether a family matches a search: its label or any of its blocks'
+/// labels contains `q` (ignoring case), or `q` starts one of its ids (what
+/// `till usage` prints).
+fn family_matches(f: &serde_json::Value, q: &str) -> bool {
+    if q.is_empty() {
+        return true;
+    }
+    let q = q.to_lowercase();
+    let blocks = f["blocks"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let label_hit = std::iter::once(&f["label"])
+        .chain(blocks.iter().map(|b| &b["label"]))
+        .filter_map(|l| l.as_str())
+        .any(|l| l.to_lowercase().contains(&q));
+    let id_hit = std::iter::once(&f["family"])
+        .chain(blocks.iter().map(|b| &b["id"]))
+        .filter_map(|i| i.as_str())
+        .any(|i| i.starts_with(&q));
+    label_hit || id_hit
+}
+
+/// Blocks whose own expiry falls within [`EXPIRING_SOON_SECS`], soonest
+/// first, over every family (not just the page shown). Left out: revoked
+/// blocks, blocks already expired (the families list marks those), and
+/// blocks with no use left on themselves or an ancestor: a used-up token
+/// expiring is nothing to act on.
+fn expiring_soon(families: &[serde_json::Value], now: u64) -> Vec<serde_json::Value> {
+    use std::collections::HashMap;
+    let mut soon = Vec::new();
+    for f in families {
+        let blocks = f["blocks"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        let by_id: HashMap<&str, &serde_json::Value> = blocks
+            .iter()
+            .filter_map(|b| Some((b["id"].as_str()?, b)))
+            .collect();
+        for b in blocks {
+            let Some(exp) = b["expires"].as_u64() else {
+                continue;
+            };
+            if b["revoked"] == true || exp <= now || exp - now > EXPIRING_SOON_SECS {
+                continue;
+            }
+            if used_up(b, &by_id) {
+                continue;
+            }
+            soon.push(json!({
+                "family": f["family"],
+                "family_label": f["label"],
+                "id": b["id"],
+                "index": b["index"],
+                "label": b["label"],
+                "expires": exp,
+            }));
+        }
+    }
+    soon.sort_by_key(|e| e["expires"].as_u64());
+    soon.truncate(FEED);
+    soon
+}
+
+/// No use left on the block or on any ancestor: every use counts on each of
+/// them, so the fewest remaining on the way up is what the token has.
+fn used_up(
+    b: &serde_json::Value,
+    by_id: &std::collections::HashMap<&str, &serde_json::Value>,
+) -> bool {
+    let mut cur = Some(b);
+    // The parent chain comes from the store; bound the walk in case it loops.
+    for _ in 0..64 {
+        let Some(c) = cur else { return false };
+        if c["remaining"].as_u64() == Some(0) {
+            return true;
+        }
+        cur = c["parent"].as_str().and_then(|p| by_id.get(p).copied());
+    }
+    false
 }
 
 #[derive(Deserialize)]
@@ -535,6 +700,35 @@ mod tests {
         assert!(same_origin(&h));
         h.insert(header::ORIGIN, HeaderValue::from_static("http://evil.test"));
         assert!(!same_origin(&h));
+    }
+
+    #[test]
+    fn a_page_is_never_empty_while_there_are_matches() {
+        let fams: Vec<serde_json::Value> = (0..7).map(|i| json!({ "family": i })).collect();
+        let refs: Vec<&serde_json::Value> = fams.iter().collect();
+        let p = Page::of(refs.clone(), 9, 3);
+        assert_eq!((p.page, p.pages, p.matched, p.items.len()), (3, 3, 7, 1));
+        let p = Page::of(refs, 0, 3);
+        assert_eq!((p.page, p.items.len()), (1, 3));
+        let p = Page::of(Vec::new(), 2, 3);
+        assert_eq!((p.page, p.pages, p.items.len()), (1, 1, 0));
+    }
+
+    #[test]
+    fn used_up_looks_at_every_ancestor_and_stops_on_a_loop() {
+        let a = json!({"id": "a", "parent": "b", "remaining": 3});
+        let b = json!({"id": "b", "parent": "a", "remaining": 2});
+        let by_id: std::collections::HashMap<&str, &serde_json::Value> =
+            [("a", &a), ("b", &b)].into_iter().collect();
+        assert!(
+            !used_up(&a, &by_id),
+            "a parent loop is walked a bounded number of times"
+        );
+        let c = json!({"id": "c", "parent": "d", "remaining": 5});
+        let d = json!({"id": "d", "parent": null, "remaining": 0});
+        let by_id: std::collections::HashMap<&str, &serde_json::Value> =
+            [("c", &c), ("d", &d)].into_iter().collect();
+        assert!(used_up(&c, &by_id));
     }
 
     #[test]

@@ -394,6 +394,11 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 impl Browser {
     async fn open(driver: &Driver) -> Browser {
+        Browser::open_sized(driver, 1280, 900).await
+    }
+
+    /// A browser whose window is `width` x `height` CSS pixels.
+    async fn open_sized(driver: &Driver, width: u32, height: u32) -> Browser {
         let profile = tempfile::tempdir().unwrap();
         let http = client();
         let caps = json!({"capabilities": {"alwaysMatch": {
@@ -405,7 +410,7 @@ impl Browser {
                 "args": [
                     "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                     "--disable-quic", "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--window-size=1280,900",
+                    "--disable-component-update", "--disable-sync", format!("--window-size={width},{height}"),
                     format!("--user-data-dir={}", profile.path().display()),
                 ],
             },
@@ -421,11 +426,25 @@ impl Browser {
         let id = v["value"]["sessionId"]
             .as_str()
             .unwrap_or_else(|| panic!("no session: {v}"));
-        Browser {
+        let b = Browser {
             base: format!("{}/session/{id}", driver.url),
             http,
             profile,
-        }
+        };
+        // A window cannot be narrower than 500 px: emulate the screen of a
+        // phone instead (the CSS viewport; `innerWidth` is checked by the
+        // tests that use it).
+        b.cmd(
+            "POST",
+            "/goog/cdp/execute",
+            Some(
+                json!({"cmd": "Emulation.setDeviceMetricsOverride", "params": {
+                    "width": width, "height": height, "deviceScaleFactor": 1, "mobile": false,
+                }}),
+            ),
+        )
+        .await;
+        b
     }
 
     /// One command; returns `value`, or the WebDriver error as `Err`.
@@ -529,6 +548,25 @@ impl Browser {
         }
     }
 
+    /// Polls until `script`'s value satisfies `pred`; returns it.
+    async fn wait_js(&self, what: &str, script: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let v = self.js(script, json!([])).await;
+            if pred(&v) {
+                return v;
+            }
+            if start.elapsed() > WAIT {
+                let shot = self.screenshot("dashboard-failure.png").await;
+                panic!(
+                    "page never showed {what} (last value {v}); screenshot: {}",
+                    shot.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn alert_text(&self) -> Option<String> {
         self.call("GET", "/alert/text", None)
             .await
@@ -587,6 +625,15 @@ async fn dashboard_in_a_real_browser_shows_usage_live_and_revokes() {
     });
     assert_eq!(chat(&proxy, &other, "gpt-4o").await.0, 200);
     assert_eq!(chat(&proxy, &other, "gpt-4o").await.0, 429);
+    // One with uses left that expires soon.
+    let nightly = home.issue(Scope {
+        services: vec!["openai".into()],
+        max_uses: Some(3),
+        label: Some("nightly-report".into()),
+        expires: Some(std::time::SystemTime::now() + Duration::from_secs(5 * 3600)),
+        ..Scope::default()
+    });
+    assert_eq!(chat(&proxy, &nightly, "gpt-4o").await.0, 200);
 
     let b = Browser::open(&driver).await;
     b.goto(&proxy.url("/dashboard")).await;
@@ -681,9 +728,11 @@ async fn dashboard_in_a_real_browser_shows_usage_live_and_revokes() {
     })
     .await;
     b.wait_text("the expiring token", "#expiring li .label", |t| {
-        t == "batch-job"
+        t == "nightly-report"
     })
     .await;
+    let soon = b.text("#expiring").await.unwrap_or_default();
+    assert!(!soon.contains("batch-job"), "used up, yet expiring: {soon}");
 
     // The page's own requests (favicon included) never reach the proxy path.
     let feed = b.text("#decisions").await.unwrap_or_default();
@@ -695,7 +744,7 @@ async fn dashboard_in_a_real_browser_shows_usage_live_and_revokes() {
     let dom = b
         .js("return document.documentElement.outerHTML;", json!([]))
         .await;
-    for t in [&admin, &token, &kid, &other] {
+    for t in [&admin, &token, &kid, &other, &nightly] {
         assert!(!source.contains(&t[..40]), "a token is in the page source");
         assert!(
             !dom.as_str().unwrap().contains(&t[..40]),
@@ -705,5 +754,463 @@ async fn dashboard_in_a_real_browser_shows_usage_live_and_revokes() {
 
     let shot = b.screenshot("dashboard.png").await;
     eprintln!("dashboard screenshot: {}", shot.display());
+    b.close().await;
+}
+
+// ---------------------------------------------------------------------------
+// Finding one's way: login hints, hundreds of families, expiring soon
+
+/// GET `/dashboard/api/state` with a query, as the page does.
+async fn state_page(proxy: &Proxy, cookie: &str, query: &str) -> Value {
+    let r = client()
+        .get(proxy.url(&format!("/dashboard/api/state?{query}")))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    serde_json::from_str(&r.text().await.unwrap()).unwrap()
+}
+
+fn labels_of(v: &Value) -> Vec<String> {
+    v["families"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["label"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// `n` token families labelled `{prefix}000`, `{prefix}001`, ..., each made
+/// by one allowed request through the proxy (the only way families come to
+/// exist), a few requests at a time.
+async fn families(proxy: &Proxy, home: &Home, prefix: &str, n: usize) {
+    let tokens: Vec<String> = (0..n)
+        .map(|i| {
+            home.issue(Scope {
+                services: vec!["openai".into()],
+                max_uses: Some(10),
+                label: Some(format!("{prefix}{i:03}")),
+                ..Scope::default()
+            })
+        })
+        .collect();
+    for chunk in tokens.chunks(16) {
+        let answers =
+            futures_util::future::join_all(chunk.iter().map(|t| chat(proxy, t, "m"))).await;
+        for (status, body) in answers {
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_login_page_says_where_the_admin_token_is_and_why_a_restart_logged_you_out() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let mut proxy = Proxy::start(&home, &[openai(&up)], "");
+
+    let page = client()
+        .get(proxy.url("/dashboard"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("$TILL_HOME/admin.token"), "{page}");
+    assert!(page.contains("state_dir"), "{page}");
+    assert!(page.contains("restarting the proxy ends them"), "{page}");
+    assert!(
+        !page.contains("your session has ended"),
+        "no session yet: {page}"
+    );
+
+    let (cookie, _) = session(&proxy, &home.admin()).await;
+    assert_eq!(proxy.terminate(), 0);
+    proxy.restart(&home);
+
+    // The old cookie: the login form again, saying why.
+    let r = client()
+        .get(proxy.url("/dashboard"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("action=\"/dashboard/login\""), "{page}");
+    assert!(page.contains("your session has ended"), "{page}");
+    assert!(page.contains("the proxy was restarted"), "{page}");
+    let r = client()
+        .get(proxy.url("/dashboard/api/state"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_pages_hundreds_of_families_and_finds_them_by_label() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    families(&proxy, &home, "agent-", 260).await;
+    let (cookie, _) = session(&proxy, &home.admin()).await;
+
+    // 260 agents and the admin token's own family, 50 a page.
+    let first = state_page(&proxy, &cookie, "").await;
+    let total = first["total"].as_u64().unwrap();
+    assert!(total >= 261, "{total}");
+    assert_eq!(first["per_page"], 50);
+    assert_eq!(first["page"], 1);
+    assert_eq!(first["pages"].as_u64().unwrap(), total.div_ceil(50));
+    assert_eq!(first["families"].as_array().unwrap().len(), 50);
+
+    // Walking the pages shows every family exactly once.
+    let mut seen = std::collections::BTreeSet::new();
+    for page in 1..=first["pages"].as_u64().unwrap() {
+        let v = state_page(&proxy, &cookie, &format!("page={page}")).await;
+        assert_eq!(v["page"], page);
+        for f in v["families"].as_array().unwrap() {
+            assert!(
+                seen.insert(f["family"].as_str().unwrap().to_string()),
+                "{} twice",
+                f["family"]
+            );
+        }
+    }
+    assert_eq!(seen.len() as u64, total);
+    // A page past the end is the last page, not an empty one.
+    let last = state_page(&proxy, &cookie, "page=999").await;
+    assert_eq!(last["page"], first["pages"]);
+    assert!(!last["families"].as_array().unwrap().is_empty());
+
+    // Search: by label, ignoring case, across all pages.
+    let one = state_page(&proxy, &cookie, "q=AGENT-123").await;
+    assert_eq!(labels_of(&one), ["agent-123"]);
+    assert_eq!(one["matched"], 1);
+    assert_eq!(one["total"], total);
+    let mut ten = labels_of(&state_page(&proxy, &cookie, "q=agent-12").await);
+    ten.sort();
+    let want: Vec<String> = (120..130).map(|i| format!("agent-{i}")).collect();
+    assert_eq!(ten, want);
+    // By an id prefix, as `till usage` prints them.
+    let family = one["families"][0]["family"].as_str().unwrap();
+    let by_id = state_page(&proxy, &cookie, &format!("q={}", &family[..12])).await;
+    assert_eq!(labels_of(&by_id), ["agent-123"]);
+    // Nothing matches: an empty page, and the search is echoed back.
+    let none = state_page(&proxy, &cookie, "q=%3Cscript%3E").await;
+    assert_eq!(none["matched"], 0);
+    assert_eq!(none["pages"], 1);
+    assert_eq!(none["q"], "<script>");
+    // A page of another size, bounded whatever the URL asks.
+    let v = state_page(&proxy, &cookie, "q=agent-&per_page=100&page=3").await;
+    assert_eq!(v["families"].as_array().unwrap().len(), 60);
+    let v = state_page(&proxy, &cookie, "per_page=100000").await;
+    assert_eq!(v["families"].as_array().unwrap().len(), 200);
+    let v = state_page(&proxy, &cookie, "page=-1&per_page=abc").await;
+    assert_eq!(v["page"], 1);
+    assert_eq!(v["per_page"], 50);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_expiring_soon_skips_used_up_and_revoked_tokens() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let in_5h = Some(std::time::SystemTime::now() + Duration::from_secs(5 * 3600));
+    let scope = |label: &str, uses: u64| Scope {
+        services: vec!["openai".into()],
+        max_uses: Some(uses),
+        label: Some(label.into()),
+        expires: in_5h,
+        ..Scope::default()
+    };
+    let id_of = |t: &str| {
+        till::token::RawToken::parse(t)
+            .unwrap()
+            .revocation_ids()
+            .last()
+            .unwrap()
+            .clone()
+    };
+
+    // Used up: its one use is spent.
+    let spent = home.issue(scope("spent", 1));
+    assert_eq!(chat(&proxy, &spent, "m").await.0, 200);
+    // A child with uses of its own whose parent is used up.
+    let parent = home.issue(Scope {
+        expires: None,
+        ..scope("parent-out", 1)
+    });
+    let orphan = child(&parent, scope("orphan", 5));
+    assert_eq!(chat(&proxy, &orphan, "m").await.0, 200);
+    // Revoked.
+    let gone = home.issue(scope("gone", 5));
+    assert_eq!(chat(&proxy, &gone, "m").await.0, 200);
+    till(["revoke", "--id", &id_of(&gone)])
+        .home(&home)
+        .env("TILL_URL", &proxy.url(""))
+        .run()
+        .success();
+    // Uses left: listed, the root and an unlabelled child expiring sooner.
+    let live = home.issue(scope("live", 5));
+    let live_kid = child(
+        &live,
+        Scope {
+            expires: Some(std::time::SystemTime::now() + Duration::from_secs(3600)),
+            ..Scope::default()
+        },
+    );
+    assert_eq!(chat(&proxy, &live_kid, "m").await.0, 200);
+
+    let (cookie, _) = session(&proxy, &home.admin()).await;
+    let v = state_page(&proxy, &cookie, "").await;
+    let soon = v["expiring"].as_array().unwrap();
+    let ids: Vec<&str> = soon.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [id_of(&live_kid), id_of(&live)], "{soon:?}");
+    assert_eq!(soon[0]["family_label"], "live");
+    assert_eq!(soon[0]["index"], 1);
+    assert_eq!(soon[0]["label"], Value::Null);
+    assert_eq!(soon[1]["label"], "live");
+    // Over every family, not just the page shown.
+    let v = state_page(&proxy, &cookie, "q=spent").await;
+    assert_eq!(v["expiring"].as_array().unwrap().len(), 2);
+}
+
+/// What breaks a narrow layout, measured in the page: elements reaching
+/// past the viewport, text nodes of three words or more laid out one word
+/// per line, and buttons that wrap or stick out of their family's box.
+const LAYOUT_PROBLEMS: &str = r##"
+const vw = window.innerWidth;
+const name = (e) => e.tagName.toLowerCase() + (e.id ? "#" + e.id : "") +
+  (typeof e.className === "string" && e.className ? "." + e.className.trim().split(/\s+/).join(".") : "");
+const lines = (node) => {
+  const r = document.createRange();
+  r.selectNodeContents(node);
+  return new Set([...r.getClientRects()].filter((x) => x.width > 0).map((x) => Math.round(x.top))).size;
+};
+const wide = [];
+for (const e of document.querySelectorAll("*")) {
+  const r = e.getBoundingClientRect();
+  if (r.width === 0 && r.height === 0) continue;
+  if (r.right > vw + 0.5 || r.left < -0.5) wide.push(name(e) + " spans " + Math.round(r.left) + ".." + Math.round(r.right));
+}
+// Word per line: no two words of the text share a line (a single long word
+// broken over lines is not that).
+const wordy = [];
+const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+  const tops = [];
+  for (const m of n.textContent.matchAll(/\S+/g)) {
+    const r = document.createRange();
+    r.setStart(n, m.index);
+    r.setEnd(n, m.index + m[0].length);
+    const first = [...r.getClientRects()].find((x) => x.width > 0);
+    if (first) tops.push(Math.round(first.top));
+  }
+  if (tops.length >= 3 && new Set(tops).size === tops.length) wordy.push(name(n.parentElement) + ": " + n.textContent.trim().slice(0, 60));
+}
+const buttons = [];
+for (const b of document.querySelectorAll("button")) {
+  const r = b.getBoundingClientRect();
+  if (r.width === 0) continue;
+  const box = (b.closest(".family, .top, .pager, .login-box") || document.body).getBoundingClientRect();
+  if (lines(b) > 1 || r.left < box.left - 0.5 || r.right > box.right + 0.5)
+    buttons.push(name(b) + " " + JSON.stringify(b.textContent) + " at " + Math.round(r.left) + ".." + Math.round(r.right) + " in " + Math.round(box.left) + ".." + Math.round(box.right));
+}
+// Names, ids, counts and badges stay on one line (ellipsis when long).
+for (const e of document.querySelectorAll(".label, .family-name, .id, .badge, .count")) {
+  if (e.getBoundingClientRect().width > 0 && lines(e) > 1) wordy.push(name(e) + " wraps: " + e.textContent.slice(0, 60));
+}
+return { vw: vw, scroll: document.documentElement.scrollWidth, wide: wide, wordy: wordy, buttons: buttons };
+"##;
+
+/// Asserts the page has none of [`LAYOUT_PROBLEMS`] at `width`.
+async fn assert_fits(b: &Browser, width: u32, what: &str) {
+    let v = b.js(LAYOUT_PROBLEMS, json!([])).await;
+    let vw = v["vw"].as_u64().unwrap();
+    assert!(
+        vw <= u64::from(width) && vw + 40 > u64::from(width),
+        "viewport {vw} px, wanted about {width}"
+    );
+    let ok = v["scroll"].as_u64() <= Some(vw)
+        && v["wide"].as_array().unwrap().is_empty()
+        && v["wordy"].as_array().unwrap().is_empty()
+        && v["buttons"].as_array().unwrap().is_empty();
+    if !ok {
+        let shot = b
+            .screenshot(&format!("dashboard-{width}-failure.png"))
+            .await;
+        panic!(
+            "{what} does not fit {width} px: {v:#}\nscreenshot: {}",
+            shot.display()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_at_420px_is_one_column_with_nothing_wider_than_the_screen() {
+    let Some(driver) = Driver::start().await else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let in_5h = Some(std::time::SystemTime::now() + Duration::from_secs(5 * 3600));
+    // A few hundred families, so that there are pages.
+    families(&proxy, &home, "agent-", 260).await;
+    // Families are listed most recently used first, to the second: the
+    // hostile ones below are then on the first page.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Hostile labels: one long word, many words, markup, and a deep tree
+    // of them.
+    let long_word = "W".repeat(300);
+    let many_words = "a label with many words that goes on and on ".repeat(8);
+    let root = home.issue(Scope {
+        services: vec!["openai".into()],
+        max_uses: Some(1000),
+        label: Some(long_word.clone()),
+        expires: in_5h,
+        ..Scope::default()
+    });
+    let mut deep = root.clone();
+    for label in [many_words.as_str(), HOSTILE, &long_word, HOSTILE_CHILD, ""] {
+        deep = child(
+            &deep,
+            Scope {
+                max_uses: Some(900),
+                label: (!label.is_empty()).then(|| label.to_string()),
+                expires: in_5h,
+                ..Scope::default()
+            },
+        );
+    }
+    assert_eq!(chat(&proxy, &deep, "gpt-4o-mini").await.0, 200);
+    let words = home.issue(Scope {
+        services: vec!["openai".into()],
+        max_uses: Some(2),
+        label: Some(many_words.clone()),
+        ..Scope::default()
+    });
+    for _ in 0..3 {
+        chat(&proxy, &words, &"m".repeat(200)).await;
+    }
+    let deep_ids = till::token::RawToken::parse(&deep)
+        .unwrap()
+        .revocation_ids();
+    let family = deep_ids[0].clone();
+
+    // The login page first.
+    let b = Browser::open_sized(&driver, 420, 1600).await;
+    b.goto(&proxy.url("/dashboard")).await;
+    let login = b.text(".login-box").await.unwrap_or_default();
+    assert!(login.contains("admin.token"), "{login}");
+    assert_fits(&b, 420, "the login page").await;
+    b.screenshot("dashboard-login-420.png").await;
+    b.type_into("#token", &home.admin()).await;
+    b.click("#login").await;
+
+    // The families list, first page: the most recently used first.
+    let fam = format!("article[data-family='{family}']");
+    b.wait_text(
+        "the deep family",
+        &format!("{fam} .family-head .label"),
+        |t| t == long_word,
+    )
+    .await;
+    b.wait_text("the pager", "#page-info", |t| t.starts_with("page 1 of 6"))
+        .await;
+    // The denial with its long model name, whatever its code.
+    b.wait_js(
+        "a denial in the feed",
+        "return document.querySelectorAll('#decisions li.deny').length;",
+        |v| v.as_u64() > Some(0),
+    )
+    .await;
+    assert_fits(&b, 420, "the dashboard").await;
+
+    // One column: the side panels come below the families, not beside.
+    let geometry = b
+        .js(
+            "const f = document.querySelector('.families').getBoundingClientRect();
+             const s = document.querySelector('.side').getBoundingClientRect();
+             return [f.left, s.left, f.bottom, s.top, f.width, s.width];",
+            json!([]),
+        )
+        .await;
+    let g: Vec<f64> = serde_json::from_value(geometry).unwrap();
+    assert!((g[0] - g[1]).abs() < 1.0, "{g:?}");
+    assert!(g[3] >= g[2], "side panels beside the families: {g:?}");
+    assert!((g[4] - g[5]).abs() < 1.0, "{g:?}");
+    // The deepest block's revoke button is on screen, in its row.
+    let last = format!("{fam} .block[data-id='{}']", deep_ids[5]);
+    let r = b
+        .js(
+            "const r = document.querySelector(arguments[0]).getBoundingClientRect(); return [r.left, r.right, innerWidth];",
+            json!([format!("{last} button.revoke")]),
+        )
+        .await;
+    let r: Vec<f64> = serde_json::from_value(r).unwrap();
+    assert!(r[0] >= 0.0 && r[1] <= r[2], "{r:?}");
+    // Blocks are named the same way in both lists: an unlabelled child is
+    // "block 5" under its family's name.
+    assert_eq!(
+        b.text(&format!("{last} .label")).await.as_deref(),
+        Some("block 5")
+    );
+    let soon = format!("#expiring li[data-id='{}']", deep_ids[5]);
+    assert_eq!(
+        b.text(&format!("{soon} .label")).await.as_deref(),
+        Some("block 5")
+    );
+    assert_eq!(
+        b.text(&format!("{soon} .family-name")).await,
+        Some(long_word.clone())
+    );
+    let shot = b.screenshot("dashboard-420.png").await;
+    eprintln!("420 px screenshot: {}", shot.display());
+
+    // Search narrows the list to the matching families, across pages.
+    b.type_into("#search", "agent-12").await;
+    b.wait_js(
+        "ten families matching agent-12",
+        "return [...document.querySelectorAll('#families .family-head .label')].map((e) => e.textContent);",
+        |v| v.as_array().is_some_and(|a| a.len() == 10),
+    )
+    .await;
+    assert_eq!(
+        b.js("return document.getElementById('pager').hidden;", json!([]))
+            .await,
+        true
+    );
+    assert_fits(&b, 420, "the search results").await;
+    // Short enough to show the side panels below: look at this one too.
+    b.js(
+        "window.scrollTo(0, document.querySelector('.side').offsetTop - 20);",
+        json!([]),
+    )
+    .await;
+    b.screenshot("dashboard-420-side.png").await;
+    let search = b.find("#search").await;
+    b.cmd("POST", &format!("/element/{search}/clear"), None)
+        .await;
+    b.wait_text("all pages again", "#page-info", |t| {
+        t.starts_with("page 1 of 6")
+    })
+    .await;
+
+    // The pager walks the pages without a reload.
+    let first = b.text("#families article.family").await.unwrap_or_default();
+    b.click("#next").await;
+    b.wait_text("page 2", "#page-info", |t| t.starts_with("page 2 of 6"))
+        .await;
+    assert_ne!(
+        b.text("#families article.family").await.unwrap_or_default(),
+        first
+    );
+    assert_fits(&b, 420, "page 2").await;
     b.close().await;
 }

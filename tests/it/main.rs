@@ -7,6 +7,7 @@ mod cli;
 mod conn;
 mod dashboard;
 mod decide_first;
+mod deploy;
 mod forwarding;
 mod fuzz_smoke;
 mod golden;

@@ -8,9 +8,15 @@
 
 (function () {
   const POLL_MS = 2000;
-  const EXPIRING_SOON_SECS = 72 * 3600;
+  const SEARCH_DELAY_MS = 250;
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   let timer = null;
+  let searchTimer = null;
+  // Answers can arrive out of order (a poll and a search at once): only the
+  // newest request's answer is drawn.
+  let latest = 0;
+  // What the families list shows: the server filters and pages it.
+  const view = { q: "", page: 1, pages: 1 };
 
   // el("div", {class: "x", title: t}, child, "text", ...): children that
   // are strings become text nodes.
@@ -89,7 +95,7 @@
   }
 
   function count(uses, limit) {
-    return limit === null || limit === undefined ? uses + " uses" : uses + " / " + limit;
+    return limit === null || limit === undefined ? uses + (uses === 1 ? " use" : " uses") : uses + " / " + limit;
   }
 
   async function revoke(id, what, label) {
@@ -124,6 +130,17 @@
     });
   }
 
+  // One name for a block wherever it is shown (families list, expiring
+  // soon): its label, else its place in the token.
+  function blockName(b) {
+    if (b.label) return b.label;
+    return b.index ? "block " + b.index : "root";
+  }
+
+  function familyName(f) {
+    return f.label || "(no label)";
+  }
+
   // Orders a family's blocks as a tree: each block under its parent.
   function tree(blocks) {
     const byParent = new Map();
@@ -156,24 +173,29 @@
     const head = el(
       "header",
       { class: "family-head" },
-      el("span", { class: "label", title: f.label || "", text: f.label || "(no label)" }),
+      el("span", { class: "label", title: f.label || "", text: familyName(f) }),
       el("code", { class: "id", title: f.family, text: short(f.family) }),
       f.revoked ? el("span", { class: "badge revoked", text: "revoked" }) : null,
       exp ? el("span", { class: "badge " + (f.expires <= now ? "revoked" : "soon"), text: exp }) : null,
-      el("span", { class: "spacer" }),
-      el("span", { class: "family-uses count", text: count(f.uses, f.limit) }),
-      f.revoked ? null : revokeButton(f.family, "family", f.label)
+      // Count and button wrap together, to the right, when the line is full.
+      el(
+        "span",
+        { class: "family-actions" },
+        el("span", { class: "family-uses count", text: count(f.uses, f.limit) }),
+        f.revoked ? null : revokeButton(f.family, "family", f.label)
+      )
     );
     const rows = tree(f.blocks || []).map(([b, depth, left]) => {
       const bexp = expiry(now, b.expires);
       const name = el(
         "span",
         { class: "block-name" },
-        el("span", { class: "label", title: b.label || "", text: b.label || (depth === 0 ? "root" : "block " + b.index) }),
+        el("span", { class: "label", title: b.label || "", text: blockName(b) }),
         " ",
         el("code", { class: "id", title: b.id, text: short(b.id) })
       );
-      name.style.paddingLeft = depth * 1.4 + "em";
+      // Capped, so a deep tree still fits a phone's width.
+      name.style.paddingLeft = "min(" + depth * 1.2 + "em, 30%)";
       return el(
         "div",
         { class: "block" + (b.revoked ? " is-revoked" : ""), "data-id": b.id, "data-depth": depth },
@@ -202,24 +224,22 @@
     );
   }
 
-  function expiring(now, families) {
-    const soon = [];
-    for (const f of families) {
-      for (const b of f.blocks || []) {
-        if (b.revoked || b.expires === null || b.expires === undefined) continue;
-        if (b.expires - now <= EXPIRING_SOON_SECS) soon.push([b, f]);
-      }
-    }
-    soon.sort((x, y) => x[0].expires - y[0].expires);
-    if (!soon.length) return [el("li", { class: "empty", text: "Nothing expires in the next 72 hours." })];
-    return soon.slice(0, 50).map(([b, f]) =>
+  // The server picks the blocks (over every family, not just this page):
+  // not revoked, not used up, expiring within 72 hours, soonest first.
+  function expiring(now, soon) {
+    if (!soon.length) return [el("li", { class: "empty", text: "Nothing with uses left expires in the next 72 hours." })];
+    return soon.map((b) =>
       el(
         "li",
-        { class: b.expires <= now ? "deny" : "" },
-        el("span", { class: "label", text: b.label || f.label || "(no label)" }),
-        " ",
-        el("code", { class: "id", text: short(b.id) }),
-        " ",
+        { class: "expiring-item", "data-id": b.id },
+        el(
+          "div",
+          { class: "expiring-name" },
+          b.index ? el("span", { class: "family-name muted", title: b.family_label || "", text: familyName({ label: b.family_label }) }) : null,
+          b.index ? el("span", { class: "muted", text: "›" }) : null,
+          el("span", { class: "label", title: b.label || "", text: b.index ? blockName(b) : familyName({ label: b.family_label }) })
+        ),
+        el("code", { class: "id", title: b.id, text: short(b.id) }),
         el("span", { class: "muted", text: expiry(now, b.expires) })
       )
     );
@@ -252,18 +272,27 @@
   function render(s) {
     const now = s.now;
     const fams = s.families || [];
-    replace(
-      "families",
-      fams.length ? fams.map((f) => family(now, f)) : [el("p", { class: "empty", text: "No token has been used through this proxy yet." })]
-    );
-    replace("expiring", expiring(now, fams));
+    view.page = s.page || 1;
+    view.pages = s.pages || 1;
+    const empty = s.total
+      ? "No token family matches “" + (s.q || "") + "”."
+      : "No token has been used through this proxy yet.";
+    replace("families", fams.length ? fams.map((f) => family(now, f)) : [el("p", { class: "empty", text: empty })]);
+    const pager = document.getElementById("pager");
+    pager.hidden = view.pages <= 1;
+    document.getElementById("page-info").textContent =
+      "page " + view.page + " of " + view.pages + " · " + s.matched + (s.q ? " matching" : "") + " famil" + (s.matched === 1 ? "y" : "ies");
+    document.getElementById("prev").disabled = view.page <= 1;
+    document.getElementById("next").disabled = view.page >= view.pages;
+    replace("expiring", expiring(now, s.expiring || []));
     const ds = s.decisions || [];
     replace("decisions", ds.length ? ds.map(decision) : [el("li", { class: "empty", text: "No requests yet." })]);
     const as = s.alerts || [];
     replace("alerts", as.length ? as.map(alert) : [el("li", { class: "empty", text: "No alerts." })]);
     const denied = ds.filter((d) => d.decision === "deny").length;
+    const total = s.total || 0;
     document.getElementById("summary").textContent =
-      fams.length + " famil" + (fams.length === 1 ? "y" : "ies") + " · " + s.revocations + " revoked ids · " + denied + " of the last " + ds.length + " decisions denied";
+      total + " famil" + (total === 1 ? "y" : "ies") + " · " + s.revocations + " revoked ids · " + denied + " of the last " + ds.length + " decisions denied";
   }
 
   function setStatus(text, bad) {
@@ -274,16 +303,22 @@
 
   async function refresh() {
     clearTimeout(timer);
+    const mine = ++latest;
     try {
-      const r = await fetch("/dashboard/api/state", { cache: "no-store" });
+      const params = new URLSearchParams({ page: String(view.page) });
+      if (view.q) params.set("q", view.q);
+      const r = await fetch("/dashboard/api/state?" + params, { cache: "no-store" });
       if (r.status === 401) {
         window.location.reload();
         return;
       }
       if (!r.ok) throw new Error("HTTP " + r.status);
-      render(await r.json());
+      const s = await r.json();
+      if (mine !== latest) return;
+      render(s);
       setStatus("live · " + new Date().toLocaleTimeString(), false);
     } catch (e) {
+      if (mine !== latest) return;
       setStatus("offline: " + e.message, true);
     }
     timer = setTimeout(refresh, POLL_MS);
@@ -292,6 +327,29 @@
   document.getElementById("logout").addEventListener("click", async () => {
     await fetch("/dashboard/logout", { method: "POST", headers: { "x-csrf-token": csrf } }).catch(() => {});
     window.location.reload();
+  });
+  // "change" and "search" too: the field's clear button and scripted
+  // clears do not always send "input".
+  const search = document.getElementById("search");
+  for (const ev of ["input", "change", "search"]) {
+    search.addEventListener(ev, () => {
+      clearTimeout(searchTimer);
+      searchTimer = setTimeout(() => {
+        const q = search.value.trim();
+        if (q === view.q) return;
+        view.q = q;
+        view.page = 1;
+        refresh();
+      }, SEARCH_DELAY_MS);
+    });
+  }
+  document.getElementById("prev").addEventListener("click", () => {
+    view.page = Math.max(1, view.page - 1);
+    refresh();
+  });
+  document.getElementById("next").addEventListener("click", () => {
+    view.page = Math.min(view.pages, view.page + 1);
+    refresh();
   });
   refresh();
 })();
