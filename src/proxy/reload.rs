@@ -143,9 +143,10 @@ pub struct Reloader {
     /// The address listened on, so that no reload can point an upstream
     /// back at the proxy.
     listening: SocketAddr,
-    /// The raw file in effect, for naming keys that changed but need a
-    /// restart. The lock also makes reloads one at a time.
-    current: Mutex<toml::Table>,
+    /// The raw file as read at start: what the restart-only keys in effect
+    /// came from, so every reload names those changed since, not only those
+    /// changed since the last reload. The lock makes reloads one at a time.
+    started_with: Mutex<toml::Table>,
 }
 
 /// What a successful reload did. Names only: never a credential.
@@ -158,7 +159,8 @@ pub struct Reloaded {
     pub removed: Vec<String>,
     /// Upstreams whose URL, credential or headers changed.
     pub changed: Vec<String>,
-    /// Keys of the file that changed but are only applied at restart.
+    /// Keys of the file that changed since start but are only applied at
+    /// restart.
     pub restart_needed: Vec<String>,
 }
 
@@ -176,7 +178,7 @@ impl Reloader {
             overrides,
             env,
             listening,
-            current: Mutex::new(raw),
+            started_with: Mutex::new(raw),
         }
     }
 
@@ -223,7 +225,7 @@ impl Reloader {
     }
 
     fn try_reload(&self, st: &AppState) -> Result<Reloaded, ConfigError> {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let started_with = self.started_with.lock().unwrap_or_else(|p| p.into_inner());
         let (mut cfg, raw) = read(&self.path)?;
         (self.overrides)(&mut cfg)?;
         let credentials = cfg.resolve_credentials(&*self.env)?;
@@ -240,12 +242,11 @@ impl Reloader {
                 message: format!("policies: {e}"),
             },
         )?;
-        let restart_needed = restart_only_changes(&current, &raw);
+        let restart_needed = restart_only_changes(&started_with, &raw);
         let mut names: Vec<String> = table.keys().cloned().collect();
         names.sort();
         let old = st.upstreams.swap(table);
-        *current = raw;
-        drop(current);
+        drop(started_with);
         let new = st.upstreams.0.load();
         let mut added = Vec::new();
         let mut changed = Vec::new();
@@ -278,25 +279,38 @@ impl Reloader {
 /// values are never shown, a webhook URL is a secret.
 pub fn restart_only_changes(old: &toml::Table, new: &toml::Table) -> Vec<String> {
     let mut out = Vec::new();
+    let empty = toml::Table::new();
     let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
     for k in keys {
         if k == "upstreams" {
             continue;
         }
-        match (old.get(k), new.get(k)) {
-            (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
-                let sub: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        let (a, b) = (old.get(k), new.get(k));
+        match (as_table(a, &empty), as_table(b, &empty)) {
+            (Some(ta), Some(tb)) => {
+                let sub: std::collections::BTreeSet<&String> =
+                    ta.keys().chain(tb.keys()).collect();
                 for s in sub {
-                    if a.get(s) != b.get(s) {
+                    if ta.get(s) != tb.get(s) {
                         out.push(format!("{k}.{s}"));
                     }
                 }
             }
-            (a, b) if a != b => out.push(k.clone()),
+            _ if a != b => out.push(k.clone()),
             _ => {}
         }
     }
     out
+}
+
+/// `v` as a table, a key left out reading as an empty one (so adding
+/// `[limits]` with one key names that key); `None` for other values.
+fn as_table<'a>(v: Option<&'a toml::Value>, empty: &'a toml::Table) -> Option<&'a toml::Table> {
+    match v {
+        None => Some(empty),
+        Some(toml::Value::Table(t)) => Some(t),
+        Some(_) => None,
+    }
 }
 
 /// The answer to a refused reload: the error, and that nothing changed.
@@ -328,7 +342,7 @@ mod tests {
             got,
             [
                 "alerts.webhooks",
-                "audit",
+                "audit.enabled",
                 "limits.idle_timeout_secs",
                 "limits.max_connections",
                 "listen"
