@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::revoke::AdminArgs;
+use crate::proxy::reload::Reloaded;
 
 #[derive(Args, Debug)]
 pub struct ReloadArgs {
@@ -17,35 +18,20 @@ pub struct ReloadArgs {
     pub admin: AdminArgs,
 }
 
-fn list(v: &serde_json::Value) -> String {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 pub fn run(home: &Path, a: ReloadArgs) -> anyhow::Result<ExitCode> {
     let v = a.admin.call(home, "POST", "/admin/reload", None)?;
     if a.json {
         outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let mut what = Vec::new();
-    for key in ["changed", "added", "removed"] {
-        let names = list(&v[key]);
-        if !names.is_empty() {
-            what.push(format!("{key} {names}"));
-        }
-    }
-    if what.is_empty() {
-        what.push("no upstream changed".into());
-    }
-    outln!("reloaded: {}", what.join("; "));
-    let restart = list(&v["restart_needed"]);
-    if !restart.is_empty() {
-        eprintln!("till: warning: these keys changed but take effect only at restart: {restart}");
+    let done: Reloaded = serde_json::from_value(v)
+        .map_err(|e| anyhow::anyhow!("the proxy's answer to the reload is not understood: {e}"))?;
+    outln!("reloaded: {}", done.summary());
+    if !done.restart_needed.is_empty() {
+        eprintln!(
+            "till: warning: these keys changed but take effect only at restart: {}",
+            done.restart_needed.join(", ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use http::{HeaderName, HeaderValue};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::config::{Config, ConfigError};
 use super::{AppState, Upstream};
@@ -150,7 +150,7 @@ pub struct Reloader {
 }
 
 /// What a successful reload did. Names only: never a credential.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Reloaded {
     pub reloaded: bool,
     /// Every upstream now configured.
@@ -162,6 +162,26 @@ pub struct Reloaded {
     /// Keys of the file that changed since start but are only applied at
     /// restart.
     pub restart_needed: Vec<String>,
+}
+
+impl Reloaded {
+    /// "changed openai; added other", or "no upstream changed".
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = [
+            ("changed", &self.changed),
+            ("added", &self.added),
+            ("removed", &self.removed),
+        ]
+        .into_iter()
+        .filter(|(_, names)| !names.is_empty())
+        .map(|(what, names)| format!("{what} {}", names.join(", ")))
+        .collect();
+        if parts.is_empty() {
+            "no upstream changed".into()
+        } else {
+            parts.join("; ")
+        }
+    }
 }
 
 impl Reloader {
@@ -197,16 +217,13 @@ impl Reloader {
                 tracing::info!(
                     trigger,
                     upstreams = %r.upstreams.join(","),
-                    added = %r.added.join(","),
-                    removed = %r.removed.join(","),
-                    changed = %r.changed.join(","),
-                    "configuration reloaded: upstreams and their credentials re-read from {}",
-                    self.path.display()
+                    "configuration reloaded from {}: upstreams and their credentials re-read; {}",
+                    self.path.display(),
+                    r.summary()
                 );
                 if !r.restart_needed.is_empty() {
                     tracing::warn!(
                         trigger,
-                        keys = %r.restart_needed.join(","),
                         "these keys changed in {} but take effect only at restart: {}",
                         self.path.display(),
                         r.restart_needed.join(", ")

@@ -115,7 +115,7 @@ async fn regression_sighup_rotates_a_credential_file_without_a_restart() {
     std::fs::write(&key, format!("{NEW_KEY}\n")).unwrap();
     sighup(&proxy);
     let logs = wait_for_log(&proxy, "configuration reloaded", 1).await;
-    assert!(logs.contains("SIGHUP") && logs.contains("changed=openai"), "{logs}");
+    assert!(logs.contains("SIGHUP") && logs.contains("re-read; changed openai"), "{logs}");
     // Same process (SIGHUP no longer ends it), new credential.
     assert_eq!(
         credential_seen(&proxy, &up, &token).await,
