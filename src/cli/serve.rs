@@ -346,10 +346,7 @@ fn listen_error(cfg: &Config, e: std::io::Error) -> anyhow::Error {
 
 /// `kill -HUP`: reload like `POST /admin/reload`; the outcome is logged.
 #[cfg(unix)]
-fn reload_on_sighup(
-    state: AppState,
-    reloader: Arc<proxy::reload::Reloader>,
-) -> anyhow::Result<()> {
+fn reload_on_sighup(state: AppState, reloader: Arc<proxy::reload::Reloader>) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
     tokio::spawn(async move {

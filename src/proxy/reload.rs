@@ -253,12 +253,12 @@ impl Reloader {
         cfg.resolve_webhook_secrets(&*self.env)?;
         cfg.resolve_store_password(&*self.env)?;
         let default_policies = cfg.policies == Path::new("policies");
-        crate::policy::Policies::load_or_default(&cfg.policies, default_policies).map_err(
-            |e| ConfigError {
+        crate::policy::Policies::load_or_default(&cfg.policies, default_policies).map_err(|e| {
+            ConfigError {
                 file: cfg.file.clone(),
                 message: format!("policies: {e}"),
-            },
-        )?;
+            }
+        })?;
         let restart_needed = restart_only_changes(&started_with, &raw);
         let mut names: Vec<String> = table.keys().cloned().collect();
         names.sort();
@@ -305,8 +305,7 @@ pub fn restart_only_changes(old: &toml::Table, new: &toml::Table) -> Vec<String>
         let (a, b) = (old.get(k), new.get(k));
         match (as_table(a, &empty), as_table(b, &empty)) {
             (Some(ta), Some(tb)) => {
-                let sub: std::collections::BTreeSet<&String> =
-                    ta.keys().chain(tb.keys()).collect();
+                let sub: std::collections::BTreeSet<&String> = ta.keys().chain(tb.keys()).collect();
                 for s in sub {
                     if ta.get(s) != tb.get(s) {
                         out.push(format!("{k}.{s}"));

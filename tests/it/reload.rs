@@ -33,7 +33,10 @@ fn write_config(home: &Home, url: &str, key: &Path, extra: &str) -> PathBuf {
 fn start(home: &Home, up: &Upstream) -> (Proxy, PathBuf) {
     let key = home.write("openai.key", &format!("{OLD_KEY}\n"));
     let config = write_config(home, &up.url(), &key, "");
-    (Proxy::start_config(home, &config).expect("proxy starts"), key)
+    (
+        Proxy::start_config(home, &config).expect("proxy starts"),
+        key,
+    )
 }
 
 /// Makes one request through the proxy and returns the credential header
@@ -115,7 +118,10 @@ async fn regression_sighup_rotates_a_credential_file_without_a_restart() {
     std::fs::write(&key, format!("{NEW_KEY}\n")).unwrap();
     sighup(&proxy);
     let logs = wait_for_log(&proxy, "configuration reloaded", 1).await;
-    assert!(logs.contains("SIGHUP") && logs.contains("re-read; changed openai"), "{logs}");
+    assert!(
+        logs.contains("SIGHUP") && logs.contains("re-read; changed openai"),
+        "{logs}"
+    );
     // Same process (SIGHUP no longer ends it), new credential.
     assert_eq!(
         credential_seen(&proxy, &up, &token).await,
@@ -189,7 +195,12 @@ async fn regression_admin_reload_rotates_a_credential_and_says_what_changed() {
         serde_json::json!(["limits.max_connections"]),
         "{v}"
     );
-    wait_for_log(&proxy, "take effect only at restart: limits.max_connections", 1).await;
+    wait_for_log(
+        &proxy,
+        "take effect only at restart: limits.max_connections",
+        1,
+    )
+    .await;
     let r = client()
         .get(proxy.url("/other/v1/models"))
         .bearer_auth(home.token("other", None))
@@ -233,7 +244,9 @@ async fn regression_an_invalid_config_keeps_the_previous_credential() {
             "upstreams.openai.url",
         ),
         (
-            format!("{good}\n[upstreams.twin]\nurl = \"http://127.0.0.1:1\"\ncredential = {{ env = \"TILL_SURELY_UNSET_VAR\" }}\n"),
+            format!(
+                "{good}\n[upstreams.twin]\nurl = \"http://127.0.0.1:1\"\ncredential = {{ env = \"TILL_SURELY_UNSET_VAR\" }}\n"
+            ),
             "TILL_SURELY_UNSET_VAR",
         ),
     ] {
@@ -337,7 +350,72 @@ async fn regression_an_in_flight_stream_finishes_with_its_credential_across_a_re
     let rest = String::from_utf8_lossy(&rest);
     assert!(rest.contains("two") && rest.contains("[DONE]"), "{rest}");
     let seen = old_up.seen();
-    assert_eq!(seen.len(), 1, "nothing after the reload went to the old URL");
-    assert_eq!(seen[0].headers["authorization"], format!("Bearer {OLD_KEY}"));
+    assert_eq!(
+        seen.len(),
+        1,
+        "nothing after the reload went to the old URL"
+    );
+    assert_eq!(
+        seen[0].headers["authorization"],
+        format!("Bearer {OLD_KEY}")
+    );
+    assert_no_secret("the log", &proxy.logs());
+}
+
+/// `till up` builds part of its configuration from the command line and the
+/// environment; a reload must apply those again, not fall back to the bare
+/// file (which would drop the upstream `OPENAI_API_KEY` added).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_under_till_up_keeps_the_upstreams_from_flags_and_environment() {
+    let up = Upstream::start().await;
+    let other = Upstream::start().await;
+    let home = Home::empty();
+    let cfg = home.path().join("till.toml");
+    let flag = format!("openai={}", up.url());
+    let proxy = Proxy::spawn_env(
+        &home,
+        &["up", "--listen", "127.0.0.1:0", "--upstream", &flag],
+        &cfg,
+        &[("OPENAI_API_KEY", OLD_KEY)],
+    )
+    .expect("till up starts");
+    let token = home.token("openai", None);
+    assert_eq!(
+        credential_seen(&proxy, &up, &token).await,
+        format!("Bearer {OLD_KEY}")
+    );
+    // An upstream declared in the file meanwhile is added; the one from
+    // the environment and --upstream stays as it was.
+    let key = home.write("other.key", "other-secret-value\n");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{text}\n[upstreams.other]\nurl = {:?}\ncredential = {{ file = {:?} }}\n",
+            other.url(),
+            key.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = till(["reload", "--json"])
+        .home(&home)
+        .env("TILL_URL", &proxy.url(""));
+    let out = tokio::task::spawn_blocking(move || out.run())
+        .await
+        .unwrap();
+    out.success();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        v["upstreams"],
+        serde_json::json!(["openai", "other"]),
+        "{v}"
+    );
+    assert_eq!(v["added"], serde_json::json!(["other"]), "{v}");
+    assert_eq!(v["changed"], serde_json::json!([]), "{v}");
+    assert_eq!(v["removed"], serde_json::json!([]), "{v}");
+    assert_eq!(
+        credential_seen(&proxy, &up, &token).await,
+        format!("Bearer {OLD_KEY}")
+    );
     assert_no_secret("the log", &proxy.logs());
 }
