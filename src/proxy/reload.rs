@@ -41,16 +41,9 @@ impl Upstreams {
         self.0.load().get(name).cloned()
     }
 
-    /// Names of the configured upstreams, sorted.
-    pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.0.load().keys().cloned().collect();
-        v.sort();
-        v
-    }
-
-    /// Installs `table`, returning the one it replaces.
-    fn swap(&self, table: HashMap<String, Arc<Upstream>>) -> Arc<HashMap<String, Arc<Upstream>>> {
-        self.0.swap(Arc::new(table))
+    /// Installs `table` in one atomic store.
+    fn swap(&self, table: HashMap<String, Arc<Upstream>>) {
+        self.0.store(Arc::new(table));
     }
 }
 
@@ -202,11 +195,6 @@ impl Reloader {
         }
     }
 
-    /// The config file reloads read.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Reads, checks and installs the configuration, and logs the outcome
     /// (`trigger` says what asked for it). On any error nothing changes:
     /// the proxy keeps serving the previous configuration. Blocking (file
@@ -262,24 +250,26 @@ impl Reloader {
         let restart_needed = restart_only_changes(&started_with, &raw);
         let mut names: Vec<String> = table.keys().cloned().collect();
         names.sort();
-        let old = st.upstreams.swap(table);
-        drop(started_with);
-        let new = st.upstreams.0.load();
+        // Under the lock: no other reload can swap between this read and
+        // the swap below.
+        let old = st.upstreams.0.load_full();
         let mut added = Vec::new();
         let mut changed = Vec::new();
         for name in &names {
             match old.get(name) {
                 None => added.push(name.clone()),
-                Some(o) if **o != *new[name] => changed.push(name.clone()),
+                Some(o) if **o != *table[name] => changed.push(name.clone()),
                 Some(_) => {}
             }
         }
         let mut removed: Vec<String> = old
             .keys()
-            .filter(|k| !new.contains_key(*k))
+            .filter(|k| !table.contains_key(*k))
             .cloned()
             .collect();
         removed.sort();
+        st.upstreams.swap(table);
+        drop(started_with);
         Ok(Reloaded {
             reloaded: true,
             upstreams: names,
