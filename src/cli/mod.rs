@@ -22,6 +22,7 @@ mod input;
 mod inspect;
 mod issue;
 mod keys;
+mod reload;
 mod revoke;
 mod serve;
 mod usage;
@@ -125,6 +126,14 @@ till usage agent.token             # the family of this token\n  \
 till usage 0f17ec1a7a9a            # the family of this block (a unique id prefix)\n  \
 till usage --json")]
     Usage(usage::UsageArgs),
+    /// Re-read the running proxy's config file and upstream credentials, without a restart.
+    #[command(after_help = "Examples:\n  \
+printf '%s\\n' \"$NEW_KEY\" > /etc/till/openai-api-key && till reload\n  \
+kill -HUP \"$(pidof till)\"             # the same, by signal (outcome in the proxy's log)\n  \
+till reload --json\n\n\
+Reloads the [upstreams] tables and their credentials; other keys take effect at restart.\n\
+If the new configuration is invalid, the proxy keeps the previous one and this exits 2.")]
+    Reload(reload::ReloadArgs),
 }
 
 /// Parses the command line and runs it; returns the process exit code.
@@ -209,5 +218,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(a) => serve::serve(a),
         Command::Revoke(a) => revoke::run(&home, a),
         Command::Usage(a) => usage::run(&home, a),
+        Command::Reload(a) => reload::run(&home, a),
     }
 }

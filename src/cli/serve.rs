@@ -115,29 +115,38 @@ fn bootstrap(home: &Path) -> anyhow::Result<()> {
 
 pub fn up(home: &Path, a: UpArgs) -> anyhow::Result<ExitCode> {
     bootstrap(home)?;
-    let mut cfg = Config::load(&home.join(CONFIG_FILE))?;
-    cfg.state_dir = home.to_path_buf();
-    let added = cfg.add_well_known_from_env(&env);
-    cfg.apply_base_url_env(&added, &env)?;
-    for spec in &a.upstreams {
-        cfg.apply_upstream_flag(spec)?;
-    }
-    if let Some(l) = a.listen {
-        cfg.listen = l;
-    }
-    start(cfg)
+    let path = home.join(CONFIG_FILE);
+    let home = home.to_path_buf();
+    // Applied again by every reload, so a reload sees what a restart would.
+    let overrides = move |cfg: &mut Config| -> Result<(), config::ConfigError> {
+        cfg.state_dir = home.clone();
+        let added = cfg.add_well_known_from_env(&env);
+        cfg.apply_base_url_env(&added, &env)?;
+        for spec in &a.upstreams {
+            cfg.apply_upstream_flag(spec)?;
+        }
+        if let Some(l) = a.listen {
+            cfg.listen = l;
+        }
+        Ok(())
+    };
+    start(path, Box::new(overrides))
 }
 
 pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
-    let mut cfg = Config::load(&a.config)?;
-    if let Some(l) = a.listen {
-        cfg.listen = l;
-    }
-    if let Some(s) = a.store {
-        cfg.store = Some(s);
-        cfg.validate_store()?;
-    }
-    start(cfg)
+    let path = a.config.clone();
+    // Applied again by every reload, so a reload sees what a restart would.
+    let overrides = move |cfg: &mut Config| -> Result<(), config::ConfigError> {
+        if let Some(l) = a.listen {
+            cfg.listen = l;
+        }
+        if let Some(s) = &a.store {
+            cfg.store = Some(s.clone());
+            cfg.validate_store()?;
+        }
+        Ok(())
+    };
+    start(path, Box::new(overrides))
 }
 
 /// The counter store and revocation list chosen by `store`.
@@ -184,7 +193,9 @@ fn init_logging() {
 
 /// Everything that can fail is checked before the listener is bound, so a
 /// bad config exits 2 without ever listening.
-fn start(mut cfg: Config) -> anyhow::Result<ExitCode> {
+fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<ExitCode> {
+    let (mut cfg, raw) = proxy::reload::read(&path)?;
+    overrides(&mut cfg)?;
     init_logging();
     let key_path = cfg.state_dir.join(keys::ROOT_KEY_FILE);
     if !key_path.exists() {
@@ -254,6 +265,17 @@ fn start(mut cfg: Config) -> anyhow::Result<ExitCode> {
             .map_err(|e| listen_error(&cfg, e))?;
         let addr = listener.local_addr()?;
         cfg.check_not_self(addr)?;
+        let reloader = Arc::new(proxy::reload::Reloader::new(
+            path,
+            overrides,
+            Box::new(env),
+            addr,
+            raw,
+        ));
+        let _ = state.reloader.set(reloader.clone());
+        // Before the banner: until a handler is installed, SIGHUP ends the
+        // process.
+        reload_on_sighup(state.clone(), reloader)?;
         listening = true;
         banner(
             &cfg,
@@ -320,6 +342,30 @@ fn listen_error(cfg: &Config, e: std::io::Error) -> anyhow::Error {
         _ => e.to_string(),
     };
     anyhow::anyhow!("cannot listen on {}: {hint}", cfg.listen)
+}
+
+/// `kill -HUP`: reload like `POST /admin/reload`; the outcome is logged.
+#[cfg(unix)]
+fn reload_on_sighup(state: AppState, reloader: Arc<proxy::reload::Reloader>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let (st, r) = (state.clone(), reloader.clone());
+            // The outcome is logged by `reload`; a refused reload leaves
+            // the previous configuration in place.
+            let _ = tokio::task::spawn_blocking(move || r.reload(&st, "SIGHUP")).await;
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn reload_on_sighup(
+    _state: AppState,
+    _reloader: Arc<proxy::reload::Reloader>,
+) -> anyhow::Result<()> {
+    Ok(())
 }
 
 async fn shutdown_signal() {

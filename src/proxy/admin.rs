@@ -305,6 +305,50 @@ pub async fn revoke(_: Admin, State(st): State<AppState>, body: axum::body::Byte
     }
 }
 
+/// `POST /admin/reload`: re-reads the config file and the upstreams'
+/// credentials and swaps the upstream table (see [`super::reload`]). 422
+/// with the reason when the new configuration is refused, in which case
+/// nothing changed.
+pub async fn reload(_: Admin, State(st): State<AppState>) -> Response {
+    let Some(r) = st.reloader.get().cloned() else {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({"error": {
+                "message": "this proxy was not started from a config file, so there is nothing to reload",
+                "type": "invalid_request_error",
+                "code": "reload_unavailable",
+            }})),
+        )
+            .into_response();
+    };
+    let state = st.clone();
+    // File reads and policy parsing: kept off the async workers.
+    match tokio::task::spawn_blocking(move || r.reload(&state, "POST /admin/reload")).await {
+        Ok(Ok(done)) => Json(done).into_response(),
+        Ok(Err(e)) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"reloaded": false, "error": {
+                "message": super::reload::refused_message(&e),
+                "type": "invalid_request_error",
+                "code": "invalid_config",
+            }})),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "configuration reload task failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"reloaded": false, "error": {
+                    "message": "the reload did not complete; still serving the previous configuration",
+                    "type": "api_error",
+                    "code": "reload_failed",
+                }})),
+            )
+                .into_response()
+        }
+    }
+}
+
 pub async fn revocations(_: Admin, State(st): State<AppState>) -> Response {
     match st.revocations.list().await {
         Ok(list) => {

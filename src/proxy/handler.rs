@@ -454,7 +454,7 @@ async fn handle(
     }
 
     // 5. Forward and stream back.
-    let result = forward(st, upstream, &parts, &facts.path, body).await;
+    let result = forward(st, &upstream, &parts, &facts.path, body).await;
     drop(permit);
     if let Some(t) = ticket {
         t.finish(matches!(&result, Ok(r) if r.status().as_u16() < 500));

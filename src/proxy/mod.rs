@@ -17,9 +17,9 @@ pub mod error;
 pub mod forward;
 pub mod handler;
 pub mod idempotency;
+pub mod reload;
 pub mod server;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,7 @@ use crate::verify::{VerifiedToken, Verifier};
 pub use config::Config;
 
 /// An upstream, ready to forward to.
+#[derive(PartialEq)]
 pub struct Upstream {
     /// Base URL without a trailing slash.
     pub base: String,
@@ -58,7 +59,8 @@ pub struct Inner {
     pub cache: Cache<String, Arc<VerifiedToken>>,
     pub counters: Arc<dyn CounterStore>,
     pub revocations: Arc<dyn RevocationList>,
-    pub upstreams: HashMap<String, Upstream>,
+    /// Swapped whole by a reload ([`reload`]); read once per request.
+    pub upstreams: reload::Upstreams,
     pub client: reqwest::Client,
     pub limits: config::Limits,
     pub idempotency: idempotency::Idempotency,
@@ -75,6 +77,9 @@ pub struct Inner {
     pub datalog_permits: Arc<tokio::sync::Semaphore>,
     /// Signs the revocation feed (`GET /revocations`); unset, no feed.
     pub feed_signer: std::sync::OnceLock<Arc<biscuit_auth::KeyPair>>,
+    /// Re-reads the config file for `POST /admin/reload`; unset, the proxy
+    /// was not started from a file and cannot reload.
+    pub reloader: std::sync::OnceLock<Arc<reload::Reloader>>,
 }
 
 /// Cheap-to-clone handle on the shared state.
@@ -135,59 +140,7 @@ impl AppState {
         revocations: Arc<dyn RevocationList>,
         monitor: crate::monitor::Monitor,
     ) -> Result<Self, config::ConfigError> {
-        let mut upstreams = HashMap::new();
-        for (name, u) in &cfg.upstreams {
-            let header =
-                HeaderName::from_bytes(u.header.as_bytes()).map_err(|_| config::ConfigError {
-                    file: cfg.file.clone(),
-                    message: format!("upstreams.{name}.header: not a header name"),
-                })?;
-            let credential = match credentials.get(name).cloned().flatten() {
-                Some(c) => {
-                    let mut v =
-                        HeaderValue::from_str(&format!("{}{c}", u.prefix)).map_err(|_| {
-                            config::ConfigError {
-                                file: cfg.file.clone(),
-                                message: format!(
-                                    "upstreams.{name}.credential: not a valid header value"
-                                ),
-                            }
-                        })?;
-                    v.set_sensitive(true);
-                    Some(v)
-                }
-                None => None,
-            };
-            let bad = |what: &str| config::ConfigError {
-                file: cfg.file.clone(),
-                message: format!("upstreams.{name}.{what}: not a valid header"),
-            };
-            let mut set_headers = Vec::with_capacity(u.set_headers.len());
-            for (k, v) in &u.set_headers {
-                let mut v = HeaderValue::from_str(v).map_err(|_| bad("set_headers"))?;
-                v.set_sensitive(true);
-                set_headers.push((
-                    HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad("set_headers"))?,
-                    v,
-                ));
-            }
-            let pass_headers = u
-                .pass_headers
-                .iter()
-                .map(|k| HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad("pass_headers")))
-                .collect::<Result<_, _>>()?;
-            upstreams.insert(
-                name.clone(),
-                Upstream {
-                    base: u.url.trim_end_matches('/').to_string(),
-                    header,
-                    credential,
-                    set_headers,
-                    pass_headers,
-                    api: u.api(name),
-                },
-            );
-        }
+        let upstreams = reload::Upstreams::new(reload::build_upstreams(cfg, credentials)?);
         install_crypto();
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -226,6 +179,7 @@ impl AppState {
             monitor: Arc::new(monitor),
             clock: crate::clock::MonotonicClock::default(),
             feed_signer: std::sync::OnceLock::new(),
+            reloader: std::sync::OnceLock::new(),
         })))
     }
 
@@ -250,6 +204,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(handler::readyz))
         .route("/admin/revoke", post(admin::revoke))
+        .route("/admin/reload", post(admin::reload))
         .route("/admin/revocations", get(admin::revocations))
         .route("/admin/usage", get(admin::usage))
         .route("/admin/usage/{id}", get(admin::usage_one))

@@ -16,4 +16,5 @@ mod monitor;
 mod props;
 mod proxy;
 mod redis;
+mod reload;
 mod spec_samples;
