@@ -123,6 +123,21 @@ pub struct UpstreamConfig {
     /// the URL's host or the upstream's name ([`Api::default_for`]).
     #[serde(default)]
     pub api: Option<Api>,
+    /// Forward-auth (`/auth/<name>`): on an allowed check, answer with the
+    /// real credential in a response header named `header`, for the gateway
+    /// to inject upstream. Needs `forward_auth_secret`: otherwise anyone
+    /// holding a token could ask for the credential itself.
+    #[serde(default)]
+    pub forward_auth_credential: bool,
+    /// Where the secret comes from that a gateway sends in
+    /// `x-till-gateway-secret` on every forward-auth check of this upstream;
+    /// set, checks without it are refused.
+    #[serde(default)]
+    pub forward_auth_secret: Option<CredentialSource>,
+    /// The secret itself, read at start
+    /// ([`Config::resolve_forward_auth_secrets`]).
+    #[serde(skip)]
+    pub forward_auth_key: Option<GatewaySecret>,
 }
 
 impl UpstreamConfig {
@@ -131,6 +146,50 @@ impl UpstreamConfig {
         self.api
             .unwrap_or_else(|| Api::default_for(name, &self.url))
     }
+
+    /// What the forward-auth endpoint needs to know about this upstream.
+    pub fn forward_auth(&self) -> ForwardAuth {
+        ForwardAuth {
+            return_credential: self.forward_auth_credential,
+            secret_required: self.forward_auth_secret.is_some(),
+            secret: self.forward_auth_key.clone(),
+        }
+    }
+}
+
+/// A gateway's shared secret for forward-auth checks. Never printed.
+#[derive(Clone)]
+pub struct GatewaySecret(std::sync::Arc<[u8]>);
+
+impl GatewaySecret {
+    /// Whether `given` is the secret, compared in time independent of where
+    /// they differ.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        let own = &self.0;
+        own.len() == given.len()
+            && own
+                .iter()
+                .zip(given)
+                .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                == 0
+    }
+}
+
+impl std::fmt::Debug for GatewaySecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatewaySecret(<redacted>)")
+    }
+}
+
+/// An upstream's forward-auth settings, as the request path reads them.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardAuth {
+    /// Answer an allowed check with the real credential.
+    pub return_credential: bool,
+    /// `forward_auth_secret` is configured: every check must carry it.
+    pub secret_required: bool,
+    /// The secret, once read; required but unread refuses every check.
+    pub secret: Option<GatewaySecret>,
 }
 
 /// Size and time limits. The defaults suit LLM APIs.
@@ -277,7 +336,14 @@ impl Default for Config {
 }
 
 /// Names taken by the proxy's own routes.
-pub const RESERVED: &[&str] = &["admin", "healthz", "readyz", "metrics", "dashboard"];
+pub const RESERVED: &[&str] = &[
+    "admin",
+    "auth",
+    "healthz",
+    "readyz",
+    "metrics",
+    "dashboard",
+];
 
 /// The variables that point a built-in upstream elsewhere (`till up`).
 pub const BASE_URL_VARS: [(&str, &str); 2] = [
@@ -428,6 +494,9 @@ impl Config {
                         set_headers: BTreeMap::new(),
                         pass_headers: Vec::new(),
                         api: None,
+                        forward_auth_credential: false,
+                        forward_auth_secret: None,
+                        forward_auth_key: None,
                     },
                 );
             }
@@ -539,6 +608,31 @@ impl Config {
                 return Err(self.err(&format!("{key}.credential.env"), "empty variable name"));
             }
             self.validate_header_options(&key, u)?;
+            if u.forward_auth_credential && u.forward_auth_secret.is_none() {
+                return Err(self.err(
+                    &format!("{key}.forward_auth_credential"),
+                    format!(
+                        "returning the real credential to a gateway needs forward_auth_secret = {{ env = \"VAR\" }} (or {{ file = \"/path\" }}), a secret the gateway sends in x-till-gateway-secret; without it anyone holding a token could ask /auth/{name} for the credential"
+                    ),
+                ));
+            }
+            if let Some(CredentialSource::Env(v)) = &u.forward_auth_secret
+                && v.is_empty()
+            {
+                return Err(self.err(
+                    &format!("{key}.forward_auth_secret.env"),
+                    "empty variable name",
+                ));
+            }
+            if matches!(
+                u.forward_auth_secret,
+                Some(CredentialSource::None | CredentialSource::Conventional(_))
+            ) {
+                return Err(self.err(
+                    &format!("{key}.forward_auth_secret"),
+                    "give { env = \"VAR\" } or { file = \"/path\" }, or remove it",
+                ));
+            }
         }
         for (i, t) in self.alerts.thresholds.iter().enumerate() {
             if !(*t > 0.0 && *t <= 1.0) {
@@ -741,6 +835,9 @@ impl Config {
                         set_headers: BTreeMap::new(),
                         pass_headers: Vec::new(),
                         api: None,
+                        forward_auth_credential: false,
+                        forward_auth_secret: None,
+                        forward_auth_key: None,
                     },
                 );
                 added.push(svc.to_string());
@@ -803,6 +900,44 @@ impl Config {
                 "give { env = \"VAR\" } or { file = \"/path\" }".to_string(),
             )),
         }
+    }
+
+    /// Reads every upstream's `forward_auth_secret` now, so a missing or
+    /// weak one fails at start (exit 2) rather than refusing every check.
+    pub fn resolve_forward_auth_secrets(
+        &mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let mut keys = Vec::new();
+        for (name, u) in &self.upstreams {
+            let Some(src) = &u.forward_auth_secret else {
+                continue;
+            };
+            let key = format!("upstreams.{name}.forward_auth_secret");
+            let v = self.read_secret(&key, src, env)?;
+            let min = crate::monitor::alerts::MIN_SECRET_LEN;
+            if v.len() < min {
+                return Err(self.err(
+                    &key,
+                    format!(
+                        "the secret is shorter than {min} bytes; use a long random one, e.g. the output of `openssl rand -hex 32`"
+                    ),
+                ));
+            }
+            if http::HeaderValue::from_str(&v).is_err() {
+                return Err(self.err(
+                    &key,
+                    "the secret contains characters not allowed in a header; use e.g. the output of `openssl rand -hex 32`",
+                ));
+            }
+            keys.push((name.clone(), GatewaySecret(std::sync::Arc::from(v.as_bytes()))));
+        }
+        for (name, k) in keys {
+            if let Some(u) = self.upstreams.get_mut(&name) {
+                u.forward_auth_key = Some(k);
+            }
+        }
+        Ok(())
     }
 
     /// Reads every webhook's signing secret now, so a missing or weak one
