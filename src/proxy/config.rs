@@ -167,11 +167,7 @@ impl GatewaySecret {
     pub fn matches(&self, given: &[u8]) -> bool {
         let own = &self.0;
         own.len() == given.len()
-            && own
-                .iter()
-                .zip(given)
-                .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-                == 0
+            && own.iter().zip(given).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 }
 
@@ -336,14 +332,7 @@ impl Default for Config {
 }
 
 /// Names taken by the proxy's own routes.
-pub const RESERVED: &[&str] = &[
-    "admin",
-    "auth",
-    "healthz",
-    "readyz",
-    "metrics",
-    "dashboard",
-];
+pub const RESERVED: &[&str] = &["admin", "auth", "healthz", "readyz", "metrics", "dashboard"];
 
 /// The variables that point a built-in upstream elsewhere (`till up`).
 pub const BASE_URL_VARS: [(&str, &str); 2] = [
@@ -930,7 +919,10 @@ impl Config {
                     "the secret contains characters not allowed in a header; use e.g. the output of `openssl rand -hex 32`",
                 ));
             }
-            keys.push((name.clone(), GatewaySecret(std::sync::Arc::from(v.as_bytes()))));
+            keys.push((
+                name.clone(),
+                GatewaySecret(std::sync::Arc::from(v.as_bytes())),
+            ));
         }
         for (name, k) in keys {
             if let Some(u) = self.upstreams.get_mut(&name) {
@@ -1292,6 +1284,44 @@ prefix = "Bearer "
         assert_eq!(set["openai"], None);
         let unset = c.resolve_credentials(&|_| None).unwrap();
         assert_eq!(unset["anthropic"], None);
+    }
+
+    #[test]
+    fn forward_auth_credential_needs_a_strong_gateway_secret_and_auth_is_reserved() {
+        let e = upstream_error("forward_auth_credential = true");
+        assert!(
+            e.contains("upstreams.openai.forward_auth_credential")
+                && e.contains("forward_auth_secret"),
+            "{e}"
+        );
+        let e = upstream_error("forward_auth_secret = { env = \"\" }");
+        assert!(e.contains("forward_auth_secret.env"), "{e}");
+        let mut c = Config::parse(
+            "[upstreams.openai]\nurl = \"https://api.openai.com\"\n\
+             forward_auth_credential = true\nforward_auth_secret = { env = \"GW\" }\n",
+            "x.toml",
+        )
+        .unwrap();
+        // Required but not read yet: every check is refused.
+        let fa = c.upstreams["openai"].forward_auth();
+        assert!(fa.return_credential && fa.secret_required && fa.secret.is_none());
+        let e = c
+            .resolve_forward_auth_secrets(&|_| Some("tiny-s3cret".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shorter than") && !e.contains("s3cret"), "{e}");
+        assert!(c.resolve_forward_auth_secrets(&|_| None).is_err());
+        c.resolve_forward_auth_secrets(&|_| Some("a-long-gateway-secret-0123".into()))
+            .unwrap();
+        let fa = c.upstreams["openai"].forward_auth();
+        let key = fa.secret.unwrap();
+        assert!(key.matches(b"a-long-gateway-secret-0123"));
+        assert!(!key.matches(b"a-long-gateway-secret-0124"));
+        assert!(!format!("{:?}", c.upstreams["openai"]).contains("a-long-gateway"));
+        let e = Config::parse("[upstreams.auth]\nurl = \"http://x\"", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reserved"), "{e}");
     }
 
     #[test]

@@ -53,7 +53,9 @@ pub async fn check(State(st): State<AppState>, req: Request) -> Response {
     let api = upstream.map_or(Api::OpenAi, |u| u.api);
     let result = match upstream {
         // Only configured names reach the observation (a metric label).
-        None => Err(ProxyError::UnknownService(service.chars().take(64).collect())),
+        None => Err(ProxyError::UnknownService(
+            service.chars().take(64).collect(),
+        )),
         Some(u) => {
             obs.service = service.to_string();
             decide_check(&st, u, service, appended, &parts, &mut obs).await
@@ -100,8 +102,7 @@ async fn decide_check(
     let (path, query) = split_target(&target)?;
     super::forward::refuse_unsafe(&method, query)?;
     obs.method = method.clone();
-    let normal =
-        crate::path::normalize(path).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    let normal = crate::path::normalize(path).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     if normal != path {
         return Err(ProxyError::BadRequest(format!(
             "the path is not in normal form: Till would read it as {normal:?}, but the gateway forwards it as sent, so Till refuses it rather than authorize another path than the service receives; send {normal:?}"
@@ -177,9 +178,9 @@ fn one_header<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Proxy
             "the header {name} is sent more than once; the gateway must send it once"
         )));
     }
-    v.to_str().map(Some).map_err(|_| {
-        ProxyError::BadRequest(format!("the header {name} is not visible ASCII text"))
-    })
+    v.to_str()
+        .map(Some)
+        .map_err(|_| ProxyError::BadRequest(format!("the header {name} is not visible ASCII text")))
 }
 
 /// A method and URI given by a header pair, or none; one without the other
@@ -269,7 +270,11 @@ mod tests {
         b.body(()).unwrap().into_parts().0
     }
 
-    fn original(method: &str, uri: &str, headers: &[(&str, &str)]) -> Result<(String, String), String> {
+    fn original(
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(String, String), String> {
         let p = parts(method, uri, headers);
         let (_, appended) = split(p.uri.path());
         original_request(&p, appended).map_err(|e| e.message())
@@ -301,10 +306,7 @@ mod tests {
         assert_eq!(original("GET", "/auth/openai", &nginx), want());
         assert_eq!(original("POST", "/auth/openai/v1/chat?a=1", &[]), want());
         // Sources that agree are fine.
-        assert_eq!(
-            original("POST", "/auth/openai/v1/chat?a=1", &caddy),
-            want()
-        );
+        assert_eq!(original("POST", "/auth/openai/v1/chat?a=1", &caddy), want());
     }
 
     /// Regression guard: a client adding its own description through a
@@ -334,7 +336,10 @@ mod tests {
         let e = original(
             "GET",
             "/auth/openai/v1/chat",
-            &[("x-original-method", "POST"), ("x-original-uri", "/v1/chat")],
+            &[
+                ("x-original-method", "POST"),
+                ("x-original-uri", "/v1/chat"),
+            ],
         )
         .unwrap_err();
         assert!(e.contains("disagree"), "{e}");
@@ -354,7 +359,10 @@ mod tests {
         let e = original(
             "GET",
             "/auth/openai",
-            &[("x-forwarded-method", "G T"), ("x-forwarded-uri", "/v1/chat")],
+            &[
+                ("x-forwarded-method", "G T"),
+                ("x-forwarded-uri", "/v1/chat"),
+            ],
         )
         .unwrap_err();
         assert!(e.contains("not an HTTP method"), "{e}");

@@ -81,8 +81,7 @@ pub(super) fn respond(
             (e.into_response_for(api), code, Some(reason))
         }
     };
-    st.monitor
-        .record(obs, resp.status().as_u16(), code, reason);
+    st.monitor.record(obs, resp.status().as_u16(), code, reason);
     if let Ok(v) = http::HeaderValue::from_str(request_id) {
         resp.headers_mut().insert("x-till-request-id", v);
     }

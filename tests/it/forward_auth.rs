@@ -258,10 +258,7 @@ async fn forward_auth_via_nginx_lets_exactly_a_tokens_uses_through_under_concurr
     let proxy = till_for_gateways(&home, &up);
     let nginx = Gateway::nginx(proxy.addr, up.addr);
     let token = home.token("openai", Some(10));
-    let answers = join_all(
-        (0..60).map(|_| post(nginx.url("/v1/chat/completions"), &token)),
-    )
-    .await;
+    let answers = join_all((0..60).map(|_| post(nginx.url("/v1/chat/completions"), &token))).await;
     let ok = answers.iter().filter(|a| a.0 == 200).count();
     let exhausted: Vec<_> = answers.iter().filter(|a| a.0 == 429).collect();
     assert_eq!((ok, exhausted.len()), (10, 50), "{answers:?}");
@@ -272,7 +269,10 @@ async fn forward_auth_via_nginx_lets_exactly_a_tokens_uses_through_under_concurr
     assert!(body.contains("activations_exhausted"), "{body}");
     assert_credential_injected(&up, &token);
     for s in up.seen() {
-        assert_eq!((s.method.as_str(), s.uri.as_str()), ("POST", "/v1/chat/completions"));
+        assert_eq!(
+            (s.method.as_str(), s.uri.as_str()),
+            ("POST", "/v1/chat/completions")
+        );
     }
     // Till's count agrees: a later request is refused too.
     assert_eq!(post(nginx.url("/v1/chat/completions"), &token).await.0, 429);
@@ -309,7 +309,11 @@ async fn forward_auth_via_nginx_refuses_out_of_scope_and_revoked_tokens() {
     // A child of the revoked token too.
     let kid = child(&token, limit(5));
     assert_eq!(post(nginx.url("/v1/chat/completions"), &kid).await.0, 403);
-    assert_eq!(up.count(), 2, "nothing reached the service after the revocation");
+    assert_eq!(
+        up.count(),
+        2,
+        "nothing reached the service after the revocation"
+    );
     assert_credential_injected(&up, &token);
 }
 
@@ -364,14 +368,20 @@ async fn regression_forward_auth_authorizes_exactly_the_path_nginx_and_caddy_for
                 );
                 assert!(path.starts_with("/v1/chat"), "{name} {target} -> {path}");
             } else {
-                assert!(seen.is_empty(), "{name} {target} ({status}) reached: {seen:?}");
+                assert!(
+                    seen.is_empty(),
+                    "{name} {target} ({status}) reached: {seen:?}"
+                );
             }
         }
         // The clean targets pass: the test can tell allowed from refused.
         assert!(allowed >= 2, "{name}: {allowed} allowed");
     }
     let forwarded: Vec<_> = up.seen().iter().map(|s| s.uri.clone()).collect();
-    assert!(forwarded.contains(&"/v1/chat/x".to_string()), "{forwarded:?}");
+    assert!(
+        forwarded.contains(&"/v1/chat/x".to_string()),
+        "{forwarded:?}"
+    );
     assert!(
         forwarded.iter().all(|u| !u.contains("files")),
         "{forwarded:?}"
@@ -392,7 +402,10 @@ async fn forward_auth_via_caddy_injects_the_credential_and_passes_tills_answers_
     assert_credential_injected(&up, &token);
     for s in up.seen() {
         assert_eq!(s.uri, "/v1/chat/completions?x=1");
-        assert!(s.body.contains("gpt-4o-mini"), "the gateway forwards the body");
+        assert!(
+            s.body.contains("gpt-4o-mini"),
+            "the gateway forwards the body"
+        );
     }
     // Till's own JSON answers reach the client unchanged.
     let (s, h, body) = post(caddy.url("/v1/chat/completions"), &token).await;
@@ -440,7 +453,13 @@ async fn forward_auth_envoy_style_checks_decide_count_and_refuse_what_they_canno
         // A path that normalises to another one.
         ("GET", "/auth/openai/v1//x", vec![], 400, "normal form"),
         ("TRACE", "/auth/openai/v1/x", vec![], 405, "TRACE"),
-        ("GET", "/auth/openai/v1/x?_method=DELETE", vec![], 400, "_method"),
+        (
+            "GET",
+            "/auth/openai/v1/x?_method=DELETE",
+            vec![],
+            400,
+            "_method",
+        ),
         (
             "GET",
             "/auth/openai/v1/x",
