@@ -90,7 +90,7 @@ pub(super) fn respond(
 
 /// The API whose error shape answers a request to `path`: its upstream's,
 /// or OpenAI's when the path names none.
-pub(super) fn error_shape(st: &AppState, path: &str) -> Api {
+fn error_shape(st: &AppState, path: &str) -> Api {
     split_service(path)
         .ok()
         .and_then(|(svc, _)| st.upstreams.get(svc))
@@ -127,7 +127,7 @@ pub fn extract_token(headers: &HeaderMap) -> Result<&str, ProxyError> {
 }
 
 /// Splits `/service/rest` into the service and the rest of the path.
-pub(super) fn split_service(path: &str) -> Result<(&str, &str), ProxyError> {
+fn split_service(path: &str) -> Result<(&str, &str), ProxyError> {
     let p = path.strip_prefix('/').unwrap_or(path);
     let (svc, rest) = match p.find('/') {
         Some(i) => (&p[..i], &p[i..]),
