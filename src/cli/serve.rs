@@ -212,6 +212,7 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
         .with_context(|| format!("{}: policies", cfg.file))?;
     let credentials = cfg.resolve_credentials(&env)?;
     cfg.resolve_webhook_secrets(&env)?;
+    cfg.resolve_forward_auth_secrets(&env)?;
     let store_password = cfg.resolve_store_password(&env)?;
     let verifier = Verifier::new(root.public(), policies);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -123,6 +123,21 @@ pub struct UpstreamConfig {
     /// the URL's host or the upstream's name ([`Api::default_for`]).
     #[serde(default)]
     pub api: Option<Api>,
+    /// Forward-auth (`/auth/<name>`): on an allowed check, answer with the
+    /// real credential in a response header named `header`, for the gateway
+    /// to inject upstream. Needs `forward_auth_secret`: otherwise anyone
+    /// holding a token could ask for the credential itself.
+    #[serde(default)]
+    pub forward_auth_credential: bool,
+    /// Where the secret comes from that a gateway sends in
+    /// `x-till-gateway-secret` on every forward-auth check of this upstream;
+    /// set, checks without it are refused.
+    #[serde(default)]
+    pub forward_auth_secret: Option<CredentialSource>,
+    /// The secret itself, read at start
+    /// ([`Config::resolve_forward_auth_secrets`]).
+    #[serde(skip)]
+    pub forward_auth_key: Option<GatewaySecret>,
 }
 
 impl UpstreamConfig {
@@ -131,6 +146,51 @@ impl UpstreamConfig {
         self.api
             .unwrap_or_else(|| Api::default_for(name, &self.url))
     }
+
+    /// What the forward-auth endpoint needs to know about this upstream.
+    pub fn forward_auth(&self) -> ForwardAuth {
+        ForwardAuth {
+            return_credential: self.forward_auth_credential,
+            secret_required: self.forward_auth_secret.is_some(),
+            secret: self.forward_auth_key.clone(),
+        }
+    }
+}
+
+/// A gateway's shared secret for forward-auth checks. Never printed.
+#[derive(Clone)]
+pub struct GatewaySecret(std::sync::Arc<[u8]>);
+
+impl GatewaySecret {
+    /// Whether `given` is the secret, compared in time independent of where
+    /// they differ.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(self.0.as_ref().ct_eq(given))
+    }
+}
+
+impl PartialEq for GatewaySecret {
+    fn eq(&self, other: &Self) -> bool {
+        self.matches(&other.0)
+    }
+}
+
+impl std::fmt::Debug for GatewaySecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatewaySecret(<redacted>)")
+    }
+}
+
+/// An upstream's forward-auth settings, as the request path reads them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ForwardAuth {
+    /// Answer an allowed check with the real credential.
+    pub return_credential: bool,
+    /// `forward_auth_secret` is configured: every check must carry it.
+    pub secret_required: bool,
+    /// The secret, once read; required but unread refuses every check.
+    pub secret: Option<GatewaySecret>,
 }
 
 /// Size and time limits. The defaults suit LLM APIs.
@@ -277,7 +337,7 @@ impl Default for Config {
 }
 
 /// Names taken by the proxy's own routes.
-pub const RESERVED: &[&str] = &["admin", "healthz", "readyz", "metrics", "dashboard"];
+pub const RESERVED: &[&str] = &["admin", "auth", "healthz", "readyz", "metrics", "dashboard"];
 
 /// The variables that point a built-in upstream elsewhere (`till up`).
 pub const BASE_URL_VARS: [(&str, &str); 2] = [
@@ -428,6 +488,9 @@ impl Config {
                         set_headers: BTreeMap::new(),
                         pass_headers: Vec::new(),
                         api: None,
+                        forward_auth_credential: false,
+                        forward_auth_secret: None,
+                        forward_auth_key: None,
                     },
                 );
             }
@@ -539,6 +602,31 @@ impl Config {
                 return Err(self.err(&format!("{key}.credential.env"), "empty variable name"));
             }
             self.validate_header_options(&key, u)?;
+            if u.forward_auth_credential && u.forward_auth_secret.is_none() {
+                return Err(self.err(
+                    &format!("{key}.forward_auth_credential"),
+                    format!(
+                        "returning the real credential to a gateway needs forward_auth_secret = {{ env = \"VAR\" }} (or {{ file = \"/path\" }}), a secret the gateway sends in x-till-gateway-secret; without it anyone holding a token could ask /auth/{name} for the credential"
+                    ),
+                ));
+            }
+            if let Some(CredentialSource::Env(v)) = &u.forward_auth_secret
+                && v.is_empty()
+            {
+                return Err(self.err(
+                    &format!("{key}.forward_auth_secret.env"),
+                    "empty variable name",
+                ));
+            }
+            if matches!(
+                u.forward_auth_secret,
+                Some(CredentialSource::None | CredentialSource::Conventional(_))
+            ) {
+                return Err(self.err(
+                    &format!("{key}.forward_auth_secret"),
+                    "give { env = \"VAR\" } or { file = \"/path\" }, or remove it",
+                ));
+            }
         }
         for (i, t) in self.alerts.thresholds.iter().enumerate() {
             if !(*t > 0.0 && *t <= 1.0) {
@@ -741,6 +829,9 @@ impl Config {
                         set_headers: BTreeMap::new(),
                         pass_headers: Vec::new(),
                         api: None,
+                        forward_auth_credential: false,
+                        forward_auth_secret: None,
+                        forward_auth_key: None,
                     },
                 );
                 added.push(svc.to_string());
@@ -803,6 +894,47 @@ impl Config {
                 "give { env = \"VAR\" } or { file = \"/path\" }".to_string(),
             )),
         }
+    }
+
+    /// Reads every upstream's `forward_auth_secret` now, so a missing or
+    /// weak one fails at start (exit 2) rather than refusing every check.
+    pub fn resolve_forward_auth_secrets(
+        &mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let mut keys = Vec::new();
+        for (name, u) in &self.upstreams {
+            let Some(src) = &u.forward_auth_secret else {
+                continue;
+            };
+            let key = format!("upstreams.{name}.forward_auth_secret");
+            let v = self.read_secret(&key, src, env)?;
+            let min = crate::monitor::alerts::MIN_SECRET_LEN;
+            if v.len() < min {
+                return Err(self.err(
+                    &key,
+                    format!(
+                        "the secret is shorter than {min} bytes; use a long random one, e.g. the output of `openssl rand -hex 32`"
+                    ),
+                ));
+            }
+            if http::HeaderValue::from_str(&v).is_err() {
+                return Err(self.err(
+                    &key,
+                    "the secret contains characters not allowed in a header; use e.g. the output of `openssl rand -hex 32`",
+                ));
+            }
+            keys.push((
+                name.clone(),
+                GatewaySecret(std::sync::Arc::from(v.as_bytes())),
+            ));
+        }
+        for (name, k) in keys {
+            if let Some(u) = self.upstreams.get_mut(&name) {
+                u.forward_auth_key = Some(k);
+            }
+        }
+        Ok(())
     }
 
     /// Reads every webhook's signing secret now, so a missing or weak one
@@ -1157,6 +1289,44 @@ prefix = "Bearer "
         assert_eq!(set["openai"], None);
         let unset = c.resolve_credentials(&|_| None).unwrap();
         assert_eq!(unset["anthropic"], None);
+    }
+
+    #[test]
+    fn forward_auth_credential_needs_a_strong_gateway_secret_and_auth_is_reserved() {
+        let e = upstream_error("forward_auth_credential = true");
+        assert!(
+            e.contains("upstreams.openai.forward_auth_credential")
+                && e.contains("forward_auth_secret"),
+            "{e}"
+        );
+        let e = upstream_error("forward_auth_secret = { env = \"\" }");
+        assert!(e.contains("forward_auth_secret.env"), "{e}");
+        let mut c = Config::parse(
+            "[upstreams.openai]\nurl = \"https://api.openai.com\"\n\
+             forward_auth_credential = true\nforward_auth_secret = { env = \"GW\" }\n",
+            "x.toml",
+        )
+        .unwrap();
+        // Required but not read yet: every check is refused.
+        let fa = c.upstreams["openai"].forward_auth();
+        assert!(fa.return_credential && fa.secret_required && fa.secret.is_none());
+        let e = c
+            .resolve_forward_auth_secrets(&|_| Some("tiny-s3cret".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shorter than") && !e.contains("s3cret"), "{e}");
+        assert!(c.resolve_forward_auth_secrets(&|_| None).is_err());
+        c.resolve_forward_auth_secrets(&|_| Some("a-long-gateway-secret-0123".into()))
+            .unwrap();
+        let fa = c.upstreams["openai"].forward_auth();
+        let key = fa.secret.unwrap();
+        assert!(key.matches(b"a-long-gateway-secret-0123"));
+        assert!(!key.matches(b"a-long-gateway-secret-0124"));
+        assert!(!format!("{:?}", c.upstreams["openai"]).contains("a-long-gateway"));
+        let e = Config::parse("[upstreams.auth]\nurl = \"http://x\"", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reserved"), "{e}");
     }
 
     #[test]

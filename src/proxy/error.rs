@@ -78,6 +78,9 @@ pub enum ProxyError {
     GatewayTimeout(String),
     /// 503: counter store unavailable; nothing was forwarded.
     StoreUnavailable(String),
+    /// 403: a forward-auth check for this upstream without the gateway's
+    /// secret (`forward_auth_secret`). Never echoes what was sent.
+    GatewayNotTrusted(String),
 }
 
 impl ProxyError {
@@ -97,7 +100,7 @@ impl ProxyError {
             ProxyError::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::FamilyFull(_) => StatusCode::FORBIDDEN,
+            ProxyError::FamilyFull(_) | ProxyError::GatewayNotTrusted(_) => StatusCode::FORBIDDEN,
             ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::TokenTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -131,6 +134,7 @@ impl ProxyError {
             ProxyError::BadGateway(_) => "upstream_error",
             ProxyError::GatewayTimeout(_) => "upstream_timeout",
             ProxyError::StoreUnavailable(_) => "store_unavailable",
+            ProxyError::GatewayNotTrusted(_) => "gateway_not_trusted",
         }
     }
 
@@ -159,6 +163,7 @@ impl ProxyError {
             | ProxyError::UnknownService(_)
             | ProxyError::IdempotencyMismatch
             | ProxyError::FamilyFull(_)
+            | ProxyError::GatewayNotTrusted(_)
             | ProxyError::TokenTooLarge(_)
             | ProxyError::TooLarge(_) => Retry::Never,
         }
@@ -181,7 +186,7 @@ impl ProxyError {
             | ProxyError::IdempotencyConflict
             | ProxyError::IdempotencyMismatch
             | ProxyError::BodyTimeout(_) => "invalid_request_error",
-            ProxyError::FamilyFull(_) => "permission_error",
+            ProxyError::FamilyFull(_) | ProxyError::GatewayNotTrusted(_) => "permission_error",
             ProxyError::UnknownService(_) => "not_found_error",
             ProxyError::BadGateway(_)
             | ProxyError::GatewayTimeout(_)
@@ -198,7 +203,9 @@ impl ProxyError {
                 "authentication_error"
             }
             ProxyError::Denied(d) if d.kind == DenialKind::Exhausted => "rate_limit_error",
-            ProxyError::Denied(_) | ProxyError::FamilyFull(_) => "permission_error",
+            ProxyError::Denied(_)
+            | ProxyError::FamilyFull(_)
+            | ProxyError::GatewayNotTrusted(_) => "permission_error",
             ProxyError::UnknownService(_) => "not_found_error",
             ProxyError::TooLarge(_) => "request_too_large",
             ProxyError::BadRequest(_)
@@ -249,6 +256,9 @@ impl ProxyError {
             ProxyError::StoreUnavailable(m) => {
                 format!("counter store unavailable, request not forwarded: {m}")
             }
+            ProxyError::GatewayNotTrusted(s) => format!(
+                "this forward-auth check has no valid x-till-gateway-secret header: checks for upstream {s:?} are answered only to the gateway configured with its forward_auth_secret; send requests through the gateway"
+            ),
         }
     }
 }
@@ -363,6 +373,7 @@ mod tests {
                 ProxyError::BadGateway("x".into()),
                 ProxyError::GatewayTimeout("x".into()),
                 ProxyError::StoreUnavailable("x".into()),
+                ProxyError::GatewayNotTrusted("x".into()),
             ]
         };
         for api in [Api::OpenAi, Api::Anthropic, Api::Plain] {

@@ -104,7 +104,12 @@ fn connection_options(headers: &HeaderMap) -> Vec<String> {
 /// `_method` query parameter lets frameworks run another method than the one
 /// authorized.
 pub fn refuse_unsafe_request(parts: &http::request::Parts) -> Result<(), ProxyError> {
-    let m = parts.method.as_str();
+    refuse_unsafe(parts.method.as_str(), parts.uri.query())
+}
+
+/// [`refuse_unsafe_request`] for a request described by its method and
+/// query, as a gateway's forward-auth check describes the request it holds.
+pub fn refuse_unsafe(m: &str, query: Option<&str>) -> Result<(), ProxyError> {
     // Case-insensitive: some servers read `trace` as TRACE.
     if ["TRACE", "TRACK", "CONNECT"]
         .iter()
@@ -112,7 +117,7 @@ pub fn refuse_unsafe_request(parts: &http::request::Parts) -> Result<(), ProxyEr
     {
         return Err(ProxyError::MethodNotAllowed(m.to_string()));
     }
-    if parts.uri.query().is_some_and(has_method_override) {
+    if query.is_some_and(has_method_override) {
         return Err(ProxyError::BadRequest(
             "the query has a `_method` parameter, which some frameworks use to replace the HTTP method; send the request with the method you mean and without `_method`".into(),
         ));

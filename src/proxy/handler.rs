@@ -56,7 +56,20 @@ pub async fn proxy(State(st): State<AppState>, req: Request) -> Response {
     let request_id = format!("{:016x}", rand::random::<u64>());
     let mut obs = Observation::new(request_id.clone(), peer, req.method().as_str());
     let api = error_shape(&st, req.uri().path());
-    let (mut resp, code, reason) = match handle(&st, req, &mut obs).await {
+    let result = handle(&st, req, &mut obs).await;
+    respond(&st, &mut obs, result, api, &request_id)
+}
+
+/// Records a decided request (metrics, audit line, recent decisions,
+/// alerts) and gives its answer, in the shape of `api`, the request id.
+pub(super) fn respond(
+    st: &AppState,
+    obs: &mut Observation,
+    result: Result<Response, ProxyError>,
+    api: Api,
+    request_id: &str,
+) -> Response {
+    let (mut resp, code, reason) = match result {
         Ok(r) => (r, "ok", None),
         Err(e) => {
             tracing::debug!(status = %e.status(), code = e.code(), "request refused");
@@ -68,9 +81,8 @@ pub async fn proxy(State(st): State<AppState>, req: Request) -> Response {
             (e.into_response_for(api), code, Some(reason))
         }
     };
-    st.monitor
-        .record(&obs, resp.status().as_u16(), code, reason);
-    if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+    st.monitor.record(obs, resp.status().as_u16(), code, reason);
+    if let Ok(v) = http::HeaderValue::from_str(request_id) {
         resp.headers_mut().insert("x-till-request-id", v);
     }
     resp
@@ -324,17 +336,7 @@ async fn handle(
 
     // 2. Decide on the head: signature (cached), revocation, expiry, scope
     // and current counts. Nothing is reserved, read or recorded yet.
-    let t0 = Instant::now();
-    let token = st
-        .verify_cached(token_text)
-        .map_err(|e| ProxyError::InvalidToken(e.to_string()));
-    obs.verify = Some(t0.elapsed());
-    let token = token?;
-    obs.token = Some(token.clone());
-    let revoked = st
-        .revocations
-        .first_revoked(&token.ids)
-        .map_err(|e| ProxyError::StoreUnavailable(e.to_string()))?;
+    let (token, revoked) = verify_token(st, token_text, obs)?;
     let idem_key = idem_key.map(|k| {
         format!(
             "{}\n{k}",
@@ -423,33 +425,10 @@ async fn handle(
         }
         None => {
             // 4. Reserve every block, re-check with this request's counts.
-            let t0 = Instant::now();
-            let Reservation { uses, durable } = st
-                .counters
-                .reserve(&token.specs)
-                .await
-                .map_err(store_error)?;
-            let guard = ReservationGuard::new(st.counters.clone(), token.ids.clone());
-            obs.uses = Some(uses.clone());
-            let counted: Vec<u64> = uses.iter().map(|u| u.saturating_sub(1)).collect();
-            if let Err(d) =
-                decide_off_the_workers(st, &token, None, &facts, &counted, Stage::Final).await
-            {
-                // Report the counts as they stand after the rollback.
-                obs.uses = Some(uses.iter().map(|u| u.saturating_sub(1)).collect());
-                if let Err(e) = guard.release().await {
-                    tracing::error!(error = %e, "rollback of a denied reservation failed");
-                }
-                return Err(ProxyError::Denied(d));
-            }
-            // The count must be on disk before anything leaves; if this
-            // future is dropped meanwhile, the guard gives the use back.
-            durable.await.map_err(store_error)?;
-            obs.reserve = Some(t0.elapsed());
+            let uses = reserve_and_recheck(st, &token, &facts, obs).await?;
             if let Some(t) = &mut ticket {
                 t.started(Some(uses));
             }
-            guard.spend();
         }
     }
 
@@ -464,11 +443,67 @@ async fn handle(
     Ok(resp)
 }
 
+/// Verifies the token (cached) and looks its blocks up in the revocation
+/// list; the first revoked block, if any, is for [`decide`] to deny.
+pub(super) fn verify_token(
+    st: &AppState,
+    token_text: &str,
+    obs: &mut Observation,
+) -> Result<(Arc<VerifiedToken>, Option<usize>), ProxyError> {
+    let t0 = Instant::now();
+    let token = st
+        .verify_cached(token_text)
+        .map_err(|e| ProxyError::InvalidToken(e.to_string()));
+    obs.verify = Some(t0.elapsed());
+    let token = token?;
+    obs.token = Some(token.clone());
+    let revoked = st
+        .revocations
+        .first_revoked(&token.ids)
+        .map_err(|e| ProxyError::StoreUnavailable(e.to_string()))?;
+    Ok((token, revoked))
+}
+
+/// Reserves one use of every block of a request already decided, re-checks
+/// with this request's own post-increment counts (releasing on a denial) and
+/// waits until the counts are durable. Returns the counts reserved; from
+/// then on the use is spent.
+pub(super) async fn reserve_and_recheck(
+    st: &AppState,
+    token: &Arc<VerifiedToken>,
+    facts: &RequestFacts,
+    obs: &mut Observation,
+) -> Result<Vec<u64>, ProxyError> {
+    let t0 = Instant::now();
+    let Reservation { uses, durable } = st
+        .counters
+        .reserve(&token.specs)
+        .await
+        .map_err(store_error)?;
+    let guard = ReservationGuard::new(st.counters.clone(), token.ids.clone());
+    obs.uses = Some(uses.clone());
+    let counted: Vec<u64> = uses.iter().map(|u| u.saturating_sub(1)).collect();
+    if let Err(d) = decide_off_the_workers(st, token, None, facts, &counted, Stage::Final).await {
+        // Report the counts as they stand after the rollback.
+        obs.uses = Some(counted);
+        if let Err(e) = guard.release().await {
+            tracing::error!(error = %e, "rollback of a denied reservation failed");
+        }
+        return Err(ProxyError::Denied(d));
+    }
+    // The count must be on disk before anything leaves; if this future is
+    // dropped meanwhile, the guard gives the use back.
+    durable.await.map_err(store_error)?;
+    obs.reserve = Some(t0.elapsed());
+    guard.spend();
+    Ok(uses)
+}
+
 /// [`decide`], inline when the token's decision cache answers, otherwise on
 /// a blocking thread, at most `datalog_permits` at once: a Datalog run can
 /// take milliseconds, and on the async workers a flood of costly tokens
 /// would hold up every other request.
-async fn decide_off_the_workers(
+pub(super) async fn decide_off_the_workers(
     st: &AppState,
     token: &Arc<VerifiedToken>,
     revoked: Option<usize>,

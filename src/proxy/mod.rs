@@ -15,6 +15,7 @@ pub mod config;
 pub mod dashboard;
 pub mod error;
 pub mod forward;
+pub mod forward_auth;
 pub mod handler;
 pub mod idempotency;
 pub mod reload;
@@ -49,6 +50,7 @@ pub struct Upstream {
     pub pass_headers: Vec<HeaderName>,
     /// The shape of Till's own error answers for this upstream.
     pub api: config::Api,
+    pub forward_auth: config::ForwardAuth,
 }
 
 /// Everything the request path needs, shared by all requests.
@@ -212,6 +214,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/alerts", get(admin::alerts))
         .route("/metrics", get(admin::metrics))
         .route("/revocations", get(admin::feed))
+        .route("/auth/{*rest}", any(forward_auth::check))
         .route("/admin", any(admin::not_found))
         .route("/admin/{*rest}", any(admin::not_found))
         .merge(dashboard::routes())

@@ -99,6 +99,7 @@ pub fn build_upstreams(
                 set_headers,
                 pass_headers,
                 api: u.api(name),
+                forward_auth: u.forward_auth(),
             }),
         );
     }
@@ -234,6 +235,9 @@ impl Reloader {
         let (mut cfg, raw) = read(&self.path)?;
         (self.overrides)(&mut cfg)?;
         let credentials = cfg.resolve_credentials(&*self.env)?;
+        // Gateway secrets are part of an upstream: read again, or a reload
+        // would leave forward-auth refusing every check.
+        cfg.resolve_forward_auth_secrets(&*self.env)?;
         let table = build_upstreams(&cfg, &credentials)?;
         cfg.check_not_self(self.listening)?;
         // Not reloaded, but checked as at start: a file accepted now must

@@ -8,6 +8,7 @@ mod conn;
 mod dashboard;
 mod decide_first;
 mod deploy;
+mod forward_auth;
 mod forwarding;
 mod fuzz_smoke;
 mod golden;
