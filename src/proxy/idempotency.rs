@@ -464,8 +464,7 @@ pub(crate) mod conformance {
     /// concurrent requests with one key were both counted as fresh.
     pub async fn concurrent_claims_of_one_key_give_one_fresh_attempt(i: &Idempotency) {
         let k = "fam\nlast\nk5";
-        let claims =
-            futures_util::future::join_all((0..16).map(|_| i.claim(k, A))).await;
+        let claims = futures_util::future::join_all((0..16).map(|_| i.claim(k, A))).await;
         let mut held = Vec::new();
         let mut fresh = 0;
         for c in claims {
