@@ -16,6 +16,7 @@
 //! reservation that is dropped before it was spent (a client that went away).
 
 pub mod embedded;
+pub mod migrate;
 pub mod redis;
 
 use futures_util::future::BoxFuture;

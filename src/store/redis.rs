@@ -46,6 +46,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, IntoConnectionInfo, RedisResult, Script};
 
 mod shared;
+mod snapshot;
 
 use super::embedded::{DEFAULT_MAX_BLOCKS_PER_FAMILY, RETENTION_AFTER_EXPIRY};
 use super::{
