@@ -24,6 +24,7 @@ mod issue;
 mod keys;
 mod revoke;
 mod serve;
+mod store;
 mod usage;
 mod verify;
 mod warn;
@@ -125,6 +126,15 @@ till usage agent.token             # the family of this token\n  \
 till usage 0f17ec1a7a9a            # the family of this block (a unique id prefix)\n  \
 till usage --json")]
     Usage(usage::UsageArgs),
+    /// Move counts, block metadata, retired ids and revocations between stores (embedded, Redis).
+    #[command(after_help = "Examples:\n  \
+till store export counts.json                          # the store till.toml names\n  \
+till store import counts.json --store redis://127.0.0.1:6379/0\n  \
+till store export back.json --store redis://127.0.0.1:6379/0\n  \
+till store import back.json --store embedded           # the embedded store in TILL_HOME\n\n\
+Import never lowers a count: each counter ends at the larger of the file's and the store's.\n\
+Stop the proxy before exporting from or importing into the embedded store (its file is locked).")]
+    Store(store::StoreArgs),
 }
 
 /// Parses the command line and runs it; returns the process exit code.
@@ -209,5 +219,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(a) => serve::serve(a),
         Command::Revoke(a) => revoke::run(&home, a),
         Command::Usage(a) => usage::run(&home, a),
+        Command::Store(a) => store::run(&home, a),
     }
 }

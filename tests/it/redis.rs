@@ -554,3 +554,107 @@ async fn regression_a_revoked_token_used_on_two_replicas_raises_one_alert() {
         hook.kinds()
     );
 }
+
+/// `till store export` / `import` move counts and revocations from the
+/// embedded store to Redis and back without losing a use: a token with 3
+/// of 5 uses spent has exactly 2 left on Redis, importing an older (lower)
+/// count changes nothing, and back in the embedded store the token is used
+/// up and the revocations made on Redis hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_and_revocations_move_to_redis_and_back_without_losing_a_use() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(2);
+    let mut embedded = Proxy::start(&homes[0], &[openai(&up)], "");
+    let token = homes[0].token("openai", Some(5));
+    let revoked_before = homes[0].token("openai", None);
+    for _ in 0..3 {
+        assert_eq!(chat(&embedded, &token, "m").await.0, 200);
+    }
+    let revoke = |t: &str, p: &Proxy, h: &Home| {
+        till(["revoke", t, "--url", &p.url("")])
+            .home(h)
+            .env("TILL_ADMIN_TOKEN", &h.admin())
+            .run()
+            .success();
+    };
+    revoke(&revoked_before, &embedded, &homes[0]);
+    // The embedded store's file is locked while its proxy runs.
+    let first = homes[0].path().join("first.json");
+    let cfg0 = embedded.config.to_str().unwrap().to_string();
+    till([
+        "store",
+        "export",
+        first.to_str().unwrap(),
+        "--config",
+        &cfg0,
+    ])
+    .home(&homes[0])
+    .run()
+    .code(2)
+    .stderr_has("stop the proxy");
+    assert_eq!(embedded.terminate(), 0);
+    till([
+        "store",
+        "export",
+        first.to_str().unwrap(),
+        "--config",
+        &cfg0,
+    ])
+    .home(&homes[0])
+    .run()
+    .success()
+    .stderr_has("revocations from the embedded store");
+    till([
+        "store",
+        "import",
+        first.to_str().unwrap(),
+        "--store",
+        &redis.url(),
+    ])
+    .home(&homes[0])
+    .run()
+    .success();
+
+    let on_redis = Proxy::start(&homes[1], &[openai(&up)], &redis.store_line());
+    assert_eq!(chat(&on_redis, &revoked_before, "m").await.0, 403);
+    assert_eq!(chat(&on_redis, &token, "m").await.0, 200, "use 4 of 5");
+    // Importing the older file again cannot lower the count.
+    till([
+        "store",
+        "import",
+        first.to_str().unwrap(),
+        "--store",
+        &redis.url(),
+    ])
+    .home(&homes[0])
+    .run()
+    .success()
+    .stderr_has(": 0 counters set from the file");
+    assert_eq!(chat(&on_redis, &token, "m").await.0, 200, "use 5 of 5");
+    assert_eq!(
+        chat(&on_redis, &token, "m").await.0,
+        429,
+        "exactly 2 were left"
+    );
+    let revoked_on_redis = homes[0].token("openai", None);
+    revoke(&revoked_on_redis, &on_redis, &homes[1]);
+
+    // And back: exported from Redis while its proxy runs, imported into the
+    // embedded store, which had 3.
+    let back = homes[1].path().join("back.json");
+    let cfg1 = on_redis.config.to_str().unwrap().to_string();
+    till(["store", "export", back.to_str().unwrap(), "--config", &cfg1])
+        .home(&homes[1])
+        .run()
+        .success();
+    till(["store", "import", back.to_str().unwrap(), "--config", &cfg0])
+        .home(&homes[0])
+        .run()
+        .success();
+    embedded.restart(&homes[0]);
+    assert_eq!(chat(&embedded, &token, "m").await.0, 429, "used up");
+    assert_eq!(chat(&embedded, &revoked_on_redis, "m").await.0, 403);
+    assert_eq!(chat(&embedded, &revoked_before, "m").await.0, 403);
+    assert_eq!(up.count(), 5, "five uses in all, across both stores");
+}
