@@ -1475,13 +1475,24 @@ fn start_redis() -> RedisServer {
         .unwrap_or_else(|e| die(&format!("no free port: {e}")));
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
         .arg("--dir")
         .arg(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| die(&format!("cannot start redis-server (is it installed?): {e}")));
+        .unwrap_or_else(|e| {
+            die(&format!(
+                "cannot start redis-server (is it installed?): {e}"
+            ))
+        });
     let r = RedisServer {
         child,
         port,
@@ -1566,7 +1577,10 @@ fn redis_mode(args: &Args) {
     let (on_redis, token_r) = {
         let (first, token) = start_till(args, home_r1.path(), upstream.addr);
         drop(first);
-        (spawn_till(args, home_r1.path(), upstream.addr, &store), token)
+        (
+            spawn_till(args, home_r1.path(), upstream.addr, &store),
+            token,
+        )
     };
     std::fs::copy(
         home_r1.path().join(till::token::keys::ROOT_KEY_FILE),

@@ -8,8 +8,20 @@
 //! counting after the export can never give a token back a use.
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-use super::{BlockMeta, StoreError};
+use super::BlockMeta;
+
+/// Why a file cannot be imported.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    #[error("not a till store export ({0}); give the file `till store export` wrote")]
+    NotAnExport(String),
+    #[error(
+        "this export has format version {0}, this till reads version {VERSION}; import it with the till that wrote it, or a newer one"
+    )]
+    Version(u32),
+}
 
 /// `format` of an export file.
 pub const FORMAT: &str = "till-store-export";
@@ -96,8 +108,8 @@ impl Snapshot {
 
     /// Reads an export file's text, refusing anything this build did not
     /// write or a record that could not have come from a store.
-    pub fn parse(text: &str) -> Result<Self, StoreError> {
-        let bad = |m: String| StoreError::Io(format!("not a till store export: {m}"));
+    pub fn parse(text: &str) -> Result<Self, SnapshotError> {
+        let bad = SnapshotError::NotAnExport;
         let s: Snapshot = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         if s.format != FORMAT {
             return Err(bad(format!(
@@ -106,10 +118,7 @@ impl Snapshot {
             )));
         }
         if s.version != VERSION {
-            return Err(StoreError::Io(format!(
-                "this export has format version {}, this till reads version {VERSION}; import it with the till that wrote it, or a newer one",
-                s.version
-            )));
+            return Err(SnapshotError::Version(s.version));
         }
         let ids = s
             .counters

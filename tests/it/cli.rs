@@ -1876,6 +1876,7 @@ fn every_subcommand_help_has_an_example() {
         "serve",
         "revoke",
         "usage",
+        "store",
     ] {
         let o = till([cmd, "--help"]).run();
         o.success();

@@ -2,7 +2,7 @@
 
 use redb::{ReadableDatabase, ReadableTable};
 
-use super::{BLOCKS, COUNTERS, EmbeddedStore, Entry, RETIRED, REVOKED, io, lock};
+use super::{BLOCKS, COUNTERS, EmbeddedStore, RETIRED, REVOKED, io, lock};
 use crate::store::migrate::{
     ExportedCounter, ExportedRetired, ExportedRevocation, ImportReport, Snapshot,
 };
@@ -118,7 +118,7 @@ impl EmbeddedStore {
         // The file is the truth now; bring the in-memory copy level with it.
         let mut st = lock(&self.shared.state);
         for (id, value, expires, limit) in values {
-            let e = st.counters.entry(id).or_insert_with(Entry::default);
+            let e = st.counters.entry(id).or_default();
             e.count = e.count.max(value);
             e.durable = e.durable.max(value);
             e.requested = e.requested.max(value);
