@@ -3,6 +3,7 @@
 //! ```text
 //! cargo bench --bench load -- --seconds 10          # HTTP + SSE comparison
 //! cargo bench --bench load -- --families 1000000    # store size and RSS
+//! cargo bench --bench load -- --redis --seconds 10  # till on Redis
 //! ```
 //!
 //! The HTTP run starts three processes on 127.0.0.1 (this binary re-executed
@@ -25,6 +26,13 @@
 //! Latencies go into HdrHistograms; CPU per request comes from
 //! `/proc/PID/stat` of each server process. Only 127.0.0.1 is ever a target;
 //! every loop stops at its deadline or after `MAX_REQUESTS_PER_PHASE`.
+//!
+//! The `--redis` mode starts a `redis-server` (AOF, `appendfsync always`,
+//! the recommended settings) and compares, in one run, the baseline, Till
+//! on its embedded store and Till on Redis (throughput, latency at 1
+//! connection), then two Till processes sharing that Redis; it reads
+//! `INFO commandstats` before and after Till-on-Redis's 1-connection phase
+//! to report the Redis commands each request costs.
 //!
 //! The `--families N` mode reserves one activation for each of N distinct
 //! token families in an embedded store (as the proxy does: counters plus
@@ -84,6 +92,7 @@ struct Args {
     till: Option<PathBuf>,
     perf: Option<PathBuf>,
     cache_mib: Option<usize>,
+    redis: bool,
 }
 
 const HELP: &str = "\
@@ -101,6 +110,8 @@ USAGE: cargo bench --bench load -- [OPTIONS]
   --till PATH          till binary (default: the one cargo built for this bench)
   --perf FILE          `perf record --call-graph dwarf` of till during its
                        throughput phase (read with `perf report -i FILE`)
+  --redis              instead: baseline vs till embedded vs till on Redis (needs
+                       redis-server), and 2 till processes sharing one Redis
   --families N         instead: counters for N token families, store size and RSS
   --family-blocks K    blocks (counters) per family in --families mode (default 1)
 ";
@@ -122,6 +133,7 @@ fn parse_args() -> Args {
         till: None,
         perf: None,
         cache_mib: None,
+        redis: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -149,6 +161,7 @@ fn parse_args() -> Args {
             }
             "--no-overload" => a.overload = false,
             "--no-audit" => a.audit = false,
+            "--redis" => a.redis = true,
             "--till" => a.till = Some(val("--till").into()),
             "--perf" => a.perf = Some(val("--perf").into()),
             "--families" => a.families = Some(num("--families", val("--families")) as u64),
@@ -203,6 +216,7 @@ fn main() {
         ),
         Some(other) => die(&format!("unknown role {other:?}")),
         None if args.families.is_some() => families_mode(&args),
+        None if args.redis => redis_mode(&args),
         None => http_mode(&args),
     }
 }
@@ -590,11 +604,18 @@ fn start_till(args: &Args, home: &Path, upstream: SocketAddr) -> (Server, String
         ],
         Some(&child),
     );
+    (spawn_till(args, home, upstream, ""), token)
+}
+
+/// Starts `till serve` in `home` (which has a root key) forwarding to
+/// `upstream`, with `extra` top-level config lines (e.g. `store = ...`).
+fn spawn_till(args: &Args, home: &Path, upstream: SocketAddr, extra: &str) -> Server {
+    let bin = till_binary(args);
     let config = home.join("till.toml");
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = {home:?}\n\n[upstreams.openai]\nurl = \"http://{upstream}\"\ncredential = {{ env = \"{UPSTREAM_KEY_ENV}\" }}\n\n[audit]\nenabled = {audit}\n",
+            "listen = \"127.0.0.1:0\"\nstate_dir = {home:?}\n{extra}\n\n[upstreams.openai]\nurl = \"http://{upstream}\"\ncredential = {{ env = \"{UPSTREAM_KEY_ENV}\" }}\n\n[audit]\nenabled = {audit}\n",
             home = home.display().to_string(),
             audit = args.audit,
         ),
@@ -619,7 +640,7 @@ fn start_till(args: &Args, home: &Path, upstream: SocketAddr) -> (Server, String
     let addr = url
         .parse()
         .unwrap_or_else(|e| die(&format!("till serve: bad address {url:?}: {e}")));
-    (Server { child: c, addr }, token)
+    Server { child: c, addr }
 }
 
 // ---------------------------------------------------------------------------
@@ -1426,4 +1447,266 @@ fn reopen_role(dir: &Path) {
         mib(rss1.saturating_sub(rss0))
     );
     let _ = store.close();
+}
+
+// ---------------------------------------------------------------------------
+// --redis: Till on Redis vs Till embedded vs the baseline
+// ---------------------------------------------------------------------------
+
+/// A `redis-server` with the settings Till recommends, killed on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_redis() -> RedisServer {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| die(&format!("no free port: {e}")));
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            die(&format!(
+                "cannot start redis-server (is it installed?): {e}"
+            ))
+        });
+    let r = RedisServer {
+        child,
+        port,
+        _dir: dir,
+    };
+    let t0 = Instant::now();
+    while redis_command(port, "PING").is_none() {
+        if t0.elapsed() > Duration::from_secs(10) {
+            die("redis-server did not answer PING within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r
+}
+
+/// Sends one inline command and returns the reply's text (a simple string
+/// or a bulk string), or None if Redis did not answer.
+fn redis_command(port: u16, cmd: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("{cmd}\r\n").as_bytes()).ok()?;
+    let mut r = BufReader::new(s);
+    let mut head = String::new();
+    r.read_line(&mut head).ok()?;
+    if let Some(simple) = head.strip_prefix('+') {
+        return Some(simple.trim_end().to_string());
+    }
+    let len: usize = head.strip_prefix('$')?.trim_end().parse().ok()?;
+    let mut body = vec![0; len + 2];
+    r.read_exact(&mut body).ok()?;
+    body.truncate(len);
+    String::from_utf8(body).ok()
+}
+
+/// `calls` per command from `INFO commandstats`.
+fn command_calls(port: u16) -> BTreeMap<String, u64> {
+    let text = redis_command(port, "INFO commandstats").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect()
+}
+
+fn print_row(r: &PhaseResult) {
+    println!(
+        "{:<15} {:>5} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>11.1}µs  {}",
+        r.target,
+        r.connections,
+        r.rps(),
+        r.q_us(0.50),
+        r.q_us(0.99),
+        r.q_us(0.999),
+        r.cpu_per_req_us(),
+        r.errors.describe()
+    );
+    if let Some(e) = &r.errors.first {
+        println!(
+            "                first error: {}",
+            e.chars().take(200).collect::<String>()
+        );
+    }
+}
+
+fn redis_mode(args: &Args) {
+    let redis = start_redis();
+    let upstream = spawn_role("upstream", "upstream", &[]);
+    let upstream_url = format!("http://{}", upstream.addr);
+    let baseline = spawn_role("baseline proxy", "baseline", &["--upstream", &upstream_url]);
+    let home_e = tempfile::tempdir().expect("tempdir");
+    let (embedded, token_e) = start_till(args, home_e.path(), upstream.addr);
+    // Two replicas of one deployment: the same root key, one Redis.
+    let store = format!("store = \"redis://127.0.0.1:{}/0\"", redis.port);
+    let home_r1 = tempfile::tempdir().expect("tempdir");
+    let home_r2 = tempfile::tempdir().expect("tempdir");
+    let (on_redis, token_r) = {
+        let (first, token) = start_till(args, home_r1.path(), upstream.addr);
+        drop(first);
+        (
+            spawn_till(args, home_r1.path(), upstream.addr, &store),
+            token,
+        )
+    };
+    std::fs::copy(
+        home_r1.path().join(till::token::keys::ROOT_KEY_FILE),
+        home_r2.path().join(till::token::keys::ROOT_KEY_FILE),
+    )
+    .expect("copy the root key");
+    let replica = spawn_till(args, home_r2.path(), upstream.addr, &store);
+    let target = |name, s: &Server, token: Option<&String>| Target {
+        name,
+        addr: s.addr,
+        prefix: "/openai",
+        token: token.map(|t| Arc::from(t.as_str())),
+        pid: s.child.id(),
+    };
+    let targets = [
+        target("baseline", &baseline, Some(&token_e)),
+        target("till-embedded", &embedded, Some(&token_e)),
+        target("till-redis", &on_redis, Some(&token_r)),
+    ];
+    let second = target("till-redis #2", &replica, Some(&token_r));
+    println!(
+        "# load benchmark, redis mode ({} cores; load average at start: {})",
+        available_cores(),
+        loadavg()
+    );
+    println!(
+        "redis 127.0.0.1:{} (appendonly yes, appendfsync always); token: 3 blocks, large limits; audit log {}",
+        redis.port,
+        if args.audit { "on" } else { "off" }
+    );
+    println!(
+        "phases: {} s measured after {} s warm-up; throughput at {} connections, latency at 1",
+        args.seconds, args.warmup, args.connections
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        for t in targets.iter().chain([&second]) {
+            let r = run_phase(t, 1, 0.0, 0.2).await;
+            if r.errors.total() > 0 || r.requests == 0 {
+                die(&format!(
+                    "{} does not answer 200: {}",
+                    t.name,
+                    r.errors.first.clone().unwrap_or_default()
+                ));
+            }
+        }
+        let mut rows = Vec::new();
+        for t in &targets {
+            eprintln!("running: {} x{} ...", t.name, args.connections);
+            rows.push(run_phase(t, args.connections, args.warmup, args.seconds).await);
+        }
+        let mut latency = Vec::new();
+        let mut calls = None;
+        for t in &targets {
+            eprintln!("running: {} x1 ...", t.name);
+            let before = command_calls(redis.port);
+            let r = run_phase(t, 1, args.warmup, args.seconds).await;
+            if t.name == "till-redis" {
+                // The warm-up's requests are counted by Redis too.
+                let sent = r.requests + (r.rps() * args.warmup) as u64;
+                calls = Some((before, command_calls(redis.port), sent.max(1)));
+            }
+            latency.push(r);
+        }
+        eprintln!(
+            "running: 2 till processes on one redis, x{} each ...",
+            args.connections / 2
+        );
+        let half = (args.connections / 2).max(1);
+        let (a, b) = tokio::join!(
+            run_phase(&targets[2], half, args.warmup, args.seconds),
+            run_phase(&second, half, args.warmup, args.seconds)
+        );
+
+        println!();
+        println!(
+            "{:<15} {:>5} {:>10} {:>9} {:>9} {:>9} {:>13}  errors",
+            "target", "conns", "req/s", "p50 µs", "p99 µs", "p999 µs", "srv CPU/req"
+        );
+        for r in rows.iter().chain(&latency).chain([&a, &b]) {
+            print_row(r);
+        }
+        println!(
+            "  2 till processes on one redis: {:.0} req/s together ({:.0} + {:.0}), errors {}",
+            a.rps() + b.rps(),
+            a.rps(),
+            b.rps(),
+            a.errors.total() + b.errors.total()
+        );
+        println!(
+            "  throughput at {} connections: till-redis {:.1}% of baseline, till-embedded {:.1}%",
+            args.connections,
+            100.0 * rows[2].rps() / rows[0].rps().max(1.0),
+            100.0 * rows[1].rps() / rows[0].rps().max(1.0)
+        );
+        for r in &latency[1..] {
+            println!(
+                "  added latency at 1 connection, {}: p50 +{:.0} µs, p99 +{:.0} µs",
+                r.target,
+                r.q_us(0.50) - latency[0].q_us(0.50),
+                r.q_us(0.99) - latency[0].q_us(0.99)
+            );
+        }
+        if let Some((before, after, sent)) = calls {
+            let mut per: Vec<String> = after
+                .iter()
+                .filter(|(name, _)| !matches!(name.as_str(), "info" | "ping"))
+                .filter_map(|(name, n)| {
+                    let d = n.saturating_sub(before.get(name).copied().unwrap_or(0));
+                    (d > 0).then(|| format!("{name} {:.2}", d as f64 / sent as f64))
+                })
+                .collect();
+            per.sort();
+            println!(
+                "  redis commands per warm request (till-redis, 1 connection, {sent} requests): {}",
+                per.join(", ")
+            );
+            println!(
+                "  (`get` includes each proxy's revocation-version check every 250 ms; hget calls of one request are one pipelined round trip)"
+            );
+        }
+    });
+    println!("load average at the end: {}", loadavg());
+    drop(replica);
+    drop(on_redis);
+    drop(embedded);
+    drop(baseline);
+    drop(upstream);
 }

@@ -25,6 +25,7 @@ mod keys;
 mod reload;
 mod revoke;
 mod serve;
+mod store;
 mod usage;
 mod verify;
 mod warn;
@@ -134,6 +135,15 @@ till reload --json\n\n\
 Reloads the [upstreams] tables and their credentials; other keys take effect at restart.\n\
 If the new configuration is invalid, the proxy keeps the previous one and this exits 2.")]
     Reload(reload::ReloadArgs),
+    /// Move counts, block metadata, retired ids and revocations between stores (embedded, Redis).
+    #[command(after_help = "Examples:\n  \
+till store export counts.json                          # the store till.toml names\n  \
+till store import counts.json --store redis://127.0.0.1:6379/0\n  \
+till store export back.json --store redis://127.0.0.1:6379/0\n  \
+till store import back.json --store embedded           # the embedded store in TILL_HOME\n\n\
+Import never lowers a count: each counter ends at the larger of the file's and the store's.\n\
+Stop the proxy before exporting from or importing into the embedded store (its file is locked).")]
+    Store(store::StoreArgs),
 }
 
 /// Parses the command line and runs it; returns the process exit code.
@@ -219,5 +229,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Revoke(a) => revoke::run(&home, a),
         Command::Usage(a) => usage::run(&home, a),
         Command::Reload(a) => reload::run(&home, a),
+        Command::Store(a) => store::run(&home, a),
     }
 }

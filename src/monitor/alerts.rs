@@ -5,12 +5,16 @@
 //! retries and exponential backoff, never on the request path. A slow or
 //! failing receiver cannot grow memory: when the queue is full, alerts are
 //! dropped and counted (`till_alerts_dropped_total`). Each alert has a
-//! deduplication key so the same event is not sent twice.
+//! deduplication key so the same event is not sent twice: claimed in this
+//! process first (so a flood of one event costs nothing more), then, when
+//! the proxies share a store, claimed there too ([`AlertClaims`]), so the
+//! whole deployment sends one alert per event instead of one per replica.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use moka::sync::Cache;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -182,15 +186,38 @@ struct Burst {
     fired: bool,
 }
 
+/// How long a [`Alerts::fire_once`] key stays claimed.
+const ONCE_TTL: Duration = Duration::from_secs(30 * 86400);
+/// How long a [`Alerts::fire_recent`] key stays claimed.
+const RECENT_TTL: Duration = Duration::from_secs(300);
+
+/// Alert keys claimed once for every proxy of a deployment (a shared
+/// store). The monitor knows nothing else about the store.
+pub trait AlertClaims: Send + Sync + 'static {
+    /// Claims `key` for `ttl`: true for the one caller, among all proxies,
+    /// that claimed it first.
+    fn claim(
+        &self,
+        key: &str,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<bool, crate::store::StoreError>>;
+}
+
+/// Where alerts go once claimed: the delivery queue and the history.
+struct Sink {
+    tx: Option<mpsc::Sender<Alert>>,
+    history: Mutex<VecDeque<Alert>>,
+    metrics: Arc<Metrics>,
+}
+
 /// The alert dispatcher.
 pub struct Alerts {
     cfg: AlertConfig,
-    tx: Option<mpsc::Sender<Alert>>,
+    sink: Arc<Sink>,
     once: Cache<String, ()>,
     recent: Cache<String, ()>,
     bursts: Cache<String, Arc<Mutex<Burst>>>,
-    history: Mutex<VecDeque<Alert>>,
-    metrics: Arc<Metrics>,
+    shared: Option<Arc<dyn AlertClaims>>,
 }
 
 impl Alerts {
@@ -204,23 +231,31 @@ impl Alerts {
             Some(tx)
         };
         Alerts {
-            tx,
+            sink: Arc::new(Sink {
+                tx,
+                history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+                metrics,
+            }),
             once: Cache::builder()
                 .max_capacity(200_000)
-                .time_to_live(Duration::from_secs(30 * 86400))
+                .time_to_live(ONCE_TTL)
                 .build(),
             recent: Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(300))
+                .time_to_live(RECENT_TTL)
                 .build(),
             bursts: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(cfg.denial_burst_window_secs.max(1) * 2))
                 .build(),
-            history: Mutex::new(VecDeque::with_capacity(HISTORY)),
             cfg,
-            metrics,
+            shared: None,
         }
+    }
+
+    /// De-duplicates alerts with every proxy using `claims` as well.
+    pub fn share_through(&mut self, claims: Arc<dyn AlertClaims>) {
+        self.shared = Some(claims);
     }
 
     pub fn thresholds(&self) -> &[f64] {
@@ -229,41 +264,48 @@ impl Alerts {
 
     /// Recent alerts, newest first.
     pub fn history(&self) -> Vec<Alert> {
-        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let h = self.sink.history.lock().unwrap_or_else(|p| p.into_inner());
         h.iter().rev().cloned().collect()
-    }
-
-    fn emit(&self, a: Alert) {
-        tracing::warn!(kind = a.kind, message = %a.message, "alert");
-        {
-            let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
-            if h.len() == HISTORY {
-                h.pop_front();
-            }
-            h.push_back(a.clone());
-        }
-        if let Some(tx) = &self.tx
-            && tx.try_send(a).is_err()
-        {
-            self.metrics.alerts_dropped.inc();
-        }
     }
 
     /// Fires the alert `a` builds unless one with `key` fired before (for good).
     pub fn fire_once(&self, key: String, a: impl FnOnce() -> Alert) {
         // Claimed atomically, and the alert is built only by the claimer:
         // past a threshold, every request of the family comes through here.
-        if self.once.entry(key).or_insert(()).is_fresh() {
-            self.emit(a());
+        if self.once.entry(key.clone()).or_insert(()).is_fresh() {
+            self.claim_and_emit(key, ONCE_TTL, a());
         }
     }
 
     /// Fires the alert `a` builds unless an alert with `key` fired in the
     /// last five minutes.
     pub fn fire_recent(&self, key: String, a: impl FnOnce() -> Alert) {
-        if self.recent.entry(key).or_insert(()).is_fresh() {
-            self.emit(a());
+        if self.recent.entry(key.clone()).or_insert(()).is_fresh() {
+            self.claim_and_emit(key, RECENT_TTL, a());
         }
+    }
+
+    /// Sends `a`, after claiming `key` in the shared store if there is one.
+    /// The claim is a round trip, so it runs off the request path; if the
+    /// store cannot answer, the alert is sent anyway: a duplicate alert is
+    /// better than a lost one.
+    fn claim_and_emit(&self, key: String, ttl: Duration, a: Alert) {
+        let (Some(shared), Ok(rt)) = (&self.shared, tokio::runtime::Handle::try_current()) else {
+            self.sink.emit(a);
+            return;
+        };
+        let claim = shared.claim(&key, ttl);
+        let sink = self.sink.clone();
+        rt.spawn(async move {
+            match claim.await {
+                Ok(true) => sink.emit(a),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot de-duplicate an alert with the other proxies; sending it anyway");
+                    sink.emit(a);
+                }
+            }
+        });
     }
 
     /// Counts a denial for `family`; returns true when this one makes a burst
@@ -291,6 +333,24 @@ impl Alerts {
             return Some(b.count);
         }
         None
+    }
+}
+
+impl Sink {
+    fn emit(&self, a: Alert) {
+        tracing::warn!(kind = a.kind, message = %a.message, "alert");
+        {
+            let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            if h.len() == HISTORY {
+                h.pop_front();
+            }
+            h.push_back(a.clone());
+        }
+        if let Some(tx) = &self.tx
+            && tx.try_send(a).is_err()
+        {
+            self.metrics.alerts_dropped.inc();
+        }
     }
 }
 

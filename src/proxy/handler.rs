@@ -27,7 +27,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::AppState;
 use super::error::{Api, ProxyError};
 use super::forward::{Outgoing, forward};
-use super::idempotency::{Claim, MAX_KEY_LEN, digest};
+use super::idempotency::{Claim, MAX_KEY_LEN, digest, scoped_key};
 use crate::decide::{Stage, decide, decided_by_cache};
 use crate::monitor::Observation;
 use crate::store::{Reservation, ReservationGuard, StoreError};
@@ -337,17 +337,13 @@ async fn handle(
     // 2. Decide on the head: signature (cached), revocation, expiry, scope
     // and current counts. Nothing is reserved, read or recorded yet.
     let (token, revoked) = verify_token(st, token_text, obs)?;
-    let idem_key = idem_key.map(|k| {
-        format!(
-            "{}\n{k}",
-            token.ids.last().map(String::as_str).unwrap_or("")
-        )
-    });
+    let idem_key = idem_key.map(|k| scoped_key(&token, k));
     // A free retry is judged by the counts of the attempt it repeats.
-    let counts = match idem_key
-        .as_deref()
-        .and_then(|k| st.idempotency.replay_counts(k))
-    {
+    let replay_counts = match idem_key.as_deref() {
+        Some(k) => st.idempotency.replay_counts(k).await.map_err(store_error)?,
+        None => None,
+    };
+    let counts = match replay_counts {
         Some(uses) => uses.iter().map(|u| u.saturating_sub(1)).collect(),
         None => st.counters.peek(&token.ids).await.map_err(store_error)?,
     };
@@ -399,7 +395,7 @@ async fn handle(
 
     // Idempotency: a retry of the same failed request reuses its counts.
     let claim = match (idem_key, body_digest) {
-        (Some(key), Some(d)) => match st.idempotency.claim(&key, d) {
+        (Some(key), Some(d)) => match st.idempotency.claim(&key, d).await.map_err(store_error)? {
             Claim::Conflict => return Err(ProxyError::IdempotencyConflict),
             Claim::Mismatch => return Err(ProxyError::IdempotencyMismatch),
             c => Some(c),
@@ -436,7 +432,8 @@ async fn handle(
     let result = forward(st, &upstream, &parts, &facts.path, body).await;
     drop(permit);
     if let Some(t) = ticket {
-        t.finish(matches!(&result, Ok(r) if r.status().as_u16() < 500));
+        t.finish(matches!(&result, Ok(r) if r.status().as_u16() < 500))
+            .await;
     }
     let resp = result?;
     obs.upstream_status = Some(resp.status().as_u16());

@@ -13,12 +13,23 @@
 //! [`Claim::Conflict`]. The [`Ticket`] a claim returns settles the key when
 //! dropped, so a request refused before it was counted, or abandoned by its
 //! client, never leaves the key stuck "in progress".
+//!
+//! Where the claims live is an [`IdempotencyStore`]: in this process
+//! ([`MemoryIdempotency`], the embedded store's choice) or in Redis, shared
+//! by every proxy of a deployment (chosen by the counter store,
+//! [`crate::store::CounterStore::idempotency`]), so a retry sent to another
+//! replica is still free and still judged against the same attempt.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use moka::sync::Cache;
 use sha2::{Digest as _, Sha256};
+
+use crate::store::{CounterStore, StoreError};
+use crate::verify::VerifiedToken;
 
 /// Free retries per key and window.
 pub const MAX_FREE_RETRIES: u32 = 5;
@@ -39,6 +50,177 @@ pub fn digest(method: &str, path_and_query: &str, body: &[u8]) -> RequestDigest 
     h.finalize().into()
 }
 
+/// The key a client's `Idempotency-Key` is claimed under: the token family,
+/// the token's last block and the client's key, one per line. The last
+/// block keeps two holders of one family from sharing keys; the family comes
+/// first so a shared store can keep the claim next to the family's
+/// counters (one Redis Cluster slot).
+pub fn scoped_key(token: &VerifiedToken, key: &str) -> String {
+    let last = token.ids.last().map(String::as_str).unwrap_or("");
+    format!("{}\n{last}\n{key}", token.family())
+}
+
+/// The family a [`scoped_key`] belongs to (empty if it names none).
+pub fn family_of(scoped: &str) -> &str {
+    scoped.split_once('\n').map_or("", |(f, _)| f)
+}
+
+/// What to do with a request carrying a key.
+pub enum Claim {
+    /// Count it normally, then call [`Ticket::started`].
+    Fresh(Ticket),
+    /// Free retry: authorize with these counts, reserve nothing.
+    Replay(Vec<u64>, Ticket),
+    /// An attempt with this key is still running.
+    Conflict,
+    /// The key was used for a different request within the window.
+    Mismatch,
+}
+
+/// Where idempotency claims are kept. Every transition is atomic in the
+/// store, so the semantics above hold across every proxy sharing it.
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// The counts a retry with this key would reuse, if it can be free
+    /// (claims nothing).
+    fn replay_counts<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u64>>, StoreError>>;
+    /// Claims a key for a request with this digest.
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        digest: RequestDigest,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>>;
+}
+
+/// How a claimed attempt ended, told to the store once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Counted (or replayed) and answered by the upstream below 500: not
+    /// free to retry.
+    Done,
+    /// Counted (or replayed) and failed or abandoned: the same request may
+    /// be retried for free.
+    Failed,
+    /// Refused before anything was counted: the key goes back to what it
+    /// was before the claim.
+    Untouched,
+}
+
+/// A store's side of a [`Ticket`]: applies its outcome.
+pub trait Settle: Send + 'static {
+    /// `uses` are the counts of the counted attempt (none for a replay,
+    /// which keeps the counts of the attempt it repeats).
+    fn settle(
+        self: Box<Self>,
+        outcome: Outcome,
+        uses: Option<Vec<u64>>,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+}
+
+/// Recent idempotency keys, in the store the counter store chose.
+#[derive(Clone)]
+pub struct Idempotency {
+    store: Arc<dyn IdempotencyStore>,
+}
+
+impl Idempotency {
+    /// Keys kept in this process for `window`.
+    pub fn new(window: Duration) -> Self {
+        Idempotency {
+            store: Arc::new(MemoryIdempotency::new(window)),
+        }
+    }
+
+    /// Keys kept where `counters` shares them with other proxies, if it
+    /// does; otherwise in this process.
+    pub fn for_store(counters: &dyn CounterStore, window: Duration) -> Self {
+        match counters.idempotency(window) {
+            Some(store) => Idempotency { store },
+            None => Self::new(window),
+        }
+    }
+
+    /// The counts a retry with this key would reuse, if it can be free
+    /// (claims nothing). The decision before the body judges a free retry
+    /// by these, not by the current counts its first attempt raised.
+    pub async fn replay_counts(&self, key: &str) -> Result<Option<Vec<u64>>, StoreError> {
+        self.store.replay_counts(key).await
+    }
+
+    /// Claims a key ([`scoped_key`]) for a request with this digest.
+    pub async fn claim(&self, key: &str, digest: RequestDigest) -> Result<Claim, StoreError> {
+        self.store.claim(key, digest).await
+    }
+}
+
+/// A claimed key. Dropped without [`Ticket::finish`], it marks a counted
+/// attempt failed (a retry of the same request is then free) and gives back
+/// a claim that was never counted.
+pub struct Ticket {
+    settle: Option<Box<dyn Settle>>,
+    uses: Option<Vec<u64>>,
+    started: bool,
+}
+
+impl Ticket {
+    pub fn new(settle: Box<dyn Settle>) -> Self {
+        Ticket {
+            settle: Some(settle),
+            uses: None,
+            started: false,
+        }
+    }
+
+    /// The attempt was counted with these uses (or, for a replay, is being
+    /// forwarded).
+    pub fn started(&mut self, uses: Option<Vec<u64>>) {
+        if uses.is_some() {
+            self.uses = uses;
+        }
+        self.started = true;
+    }
+
+    /// The upstream answered below 500 (`ok`), or the attempt failed.
+    /// Awaited before the answer goes back, so a client that retries at
+    /// once, through any proxy, finds the key settled.
+    pub async fn finish(mut self, ok: bool) {
+        let outcome = match (self.started, ok) {
+            (false, _) => Outcome::Untouched,
+            (true, true) => Outcome::Done,
+            (true, false) => Outcome::Failed,
+        };
+        if let Some(s) = self.settle.take()
+            && let Err(e) = s.settle(outcome, self.uses.take()).await
+        {
+            tracing::error!(error = %e, "settling an Idempotency-Key failed; the key stays in progress until its window ends");
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let Some(s) = self.settle.take() else { return };
+        let outcome = if self.started {
+            Outcome::Failed
+        } else {
+            Outcome::Untouched
+        };
+        let fut = s.settle(outcome, self.uses.take());
+        // Drop cannot await: the in-process store has settled by the time
+        // `settle` returns; a shared one's round trip is handed to the
+        // runtime (there is always one on the request path).
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                if let Err(e) = fut.await {
+                    tracing::error!(error = %e, "settling an abandoned Idempotency-Key failed; the key stays in progress until its window ends");
+                }
+            });
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     /// As if absent: a claim was given back before anything was counted.
@@ -57,31 +239,18 @@ struct Entry {
     retries: u32,
 }
 
-/// Recent idempotency keys.
-#[derive(Clone)]
-pub struct Idempotency {
-    cache: Cache<String, Arc<Mutex<Entry>>>,
-}
-
-/// What to do with a request carrying a key.
-pub enum Claim {
-    /// Count it normally, then call [`Ticket::started`].
-    Fresh(Ticket),
-    /// Free retry: authorize with these counts, reserve nothing.
-    Replay(Vec<u64>, Ticket),
-    /// An attempt with this key is still running.
-    Conflict,
-    /// The key was used for a different request within the window.
-    Mismatch,
-}
-
 fn lock(e: &Mutex<Entry>) -> std::sync::MutexGuard<'_, Entry> {
     e.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Idempotency {
+/// Idempotency keys in this process (one proxy, or tests).
+pub struct MemoryIdempotency {
+    cache: Cache<String, Arc<Mutex<Entry>>>,
+}
+
+impl MemoryIdempotency {
     pub fn new(window: Duration) -> Self {
-        Idempotency {
+        MemoryIdempotency {
             cache: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(window)
@@ -89,10 +258,7 @@ impl Idempotency {
         }
     }
 
-    /// The counts a retry with this key would reuse, if it can be free
-    /// (claims nothing). The decision before the body judges a free retry
-    /// by these, not by the current counts its first attempt raised.
-    pub fn replay_counts(&self, key: &str) -> Option<Vec<u64>> {
+    fn replay_counts_now(&self, key: &str) -> Option<Vec<u64>> {
         let e = self.cache.get(key)?;
         let g = lock(&e);
         (g.state == State::Failed && g.retries < MAX_FREE_RETRIES)
@@ -100,9 +266,7 @@ impl Idempotency {
             .flatten()
     }
 
-    /// Claims a key (`key` must already include the token identity) for a
-    /// request with this digest.
-    pub fn claim(&self, key: &str, digest: RequestDigest) -> Claim {
+    fn claim_now(&self, key: &str, digest: RequestDigest) -> Claim {
         let e = self.cache.entry(key.to_string()).or_insert_with(|| {
             Arc::new(Mutex::new(Entry {
                 digest,
@@ -115,9 +279,16 @@ impl Idempotency {
         let entry = e.into_value();
         let mut g = lock(&entry);
         let prev = (g.state, g.uses.clone(), g.retries);
+        let ticket = |entry, prev, replay| {
+            Ticket::new(Box::new(MemoryTicket {
+                entry,
+                prev,
+                replay,
+            }))
+        };
         if fresh {
             drop(g);
-            return Claim::Fresh(Ticket::new(entry, (State::Vacant, None, 0), false));
+            return Claim::Fresh(ticket(entry, (State::Vacant, None, 0), false));
         }
         if g.state != State::Vacant && g.digest != digest {
             return Claim::Mismatch;
@@ -129,7 +300,7 @@ impl Idempotency {
                 g.state = State::InFlight;
                 let uses = g.uses.clone().unwrap_or_default();
                 drop(g);
-                Claim::Replay(uses, Ticket::new(entry, prev, true))
+                Claim::Replay(uses, ticket(entry, prev, true))
             }
             _ => {
                 // Vacant, done, or out of free retries: a new counted attempt.
@@ -138,71 +309,183 @@ impl Idempotency {
                 g.uses = None;
                 g.retries = 0;
                 drop(g);
-                Claim::Fresh(Ticket::new(entry, prev, false))
+                Claim::Fresh(ticket(entry, prev, false))
             }
         }
     }
 }
 
-/// A claimed key. Dropped without [`Ticket::finish`], it marks a counted
-/// attempt failed (a retry of the same request is then free) and gives back
-/// a claim that was never counted.
-pub struct Ticket {
+impl IdempotencyStore for MemoryIdempotency {
+    fn replay_counts<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u64>>, StoreError>> {
+        let out = self.replay_counts_now(key);
+        async move { Ok(out) }.boxed()
+    }
+
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        digest: RequestDigest,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        let out = self.claim_now(key, digest);
+        async move { Ok(out) }.boxed()
+    }
+}
+
+struct MemoryTicket {
     entry: Arc<Mutex<Entry>>,
     /// The entry as it was before this claim, restored if nothing happened.
     prev: (State, Option<Vec<u64>>, u32),
     replay: bool,
-    started: bool,
-    finished: bool,
 }
 
-impl Ticket {
-    fn new(entry: Arc<Mutex<Entry>>, prev: (State, Option<Vec<u64>>, u32), replay: bool) -> Self {
-        Ticket {
-            entry,
-            prev,
-            replay,
-            started: false,
-            finished: false,
-        }
-    }
-
-    /// The attempt was counted with these uses (or, for a replay, is being
-    /// forwarded).
-    pub fn started(&mut self, uses: Option<Vec<u64>>) {
+impl Settle for MemoryTicket {
+    fn settle(
+        self: Box<Self>,
+        outcome: Outcome,
+        uses: Option<Vec<u64>>,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
         let mut g = lock(&self.entry);
-        if let Some(u) = uses {
-            g.uses = Some(u);
+        match outcome {
+            Outcome::Done | Outcome::Failed => {
+                if uses.is_some() {
+                    g.uses = uses;
+                }
+                g.state = if outcome == Outcome::Done {
+                    State::Done
+                } else {
+                    State::Failed
+                };
+            }
+            Outcome::Untouched => {
+                // As if this request never came (a replay keeps the retry
+                // it used, so retries stay bounded).
+                let (state, uses, retries) = self.prev;
+                g.state = state;
+                g.uses = uses;
+                if !self.replay {
+                    g.retries = retries;
+                }
+            }
         }
-        self.started = true;
-    }
-
-    /// The upstream answered below 500 (`ok`), or the attempt failed.
-    pub fn finish(mut self, ok: bool) {
-        if self.started {
-            lock(&self.entry).state = if ok { State::Done } else { State::Failed };
-            self.finished = true;
-        }
+        async { Ok(()) }.boxed()
     }
 }
 
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
+/// The semantics every [`IdempotencyStore`] must have, run against the
+/// in-process store here and against a real Redis in `store::redis`.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+
+    pub const A: RequestDigest = [1; 32];
+    pub const B: RequestDigest = [2; 32];
+
+    async fn claim(i: &Idempotency, key: &str, d: RequestDigest) -> Claim {
+        i.claim(key, d).await.expect("the store answers")
+    }
+
+    pub async fn only_failed_attempts_are_free_to_retry(i: &Idempotency) {
+        let k = "fam\nlast\nk1";
+        let Claim::Fresh(mut t) = claim(i, k, A).await else {
+            panic!("first claim is fresh")
+        };
+        t.started(Some(vec![3]));
+        assert!(matches!(claim(i, k, A).await, Claim::Conflict));
+        t.finish(false).await;
+        assert_eq!(i.replay_counts(k).await.unwrap(), Some(vec![3]));
+        let Claim::Replay(u, mut t) = claim(i, k, A).await else {
+            panic!("a failed attempt replays")
+        };
+        assert_eq!(u, vec![3]);
+        t.started(None);
+        t.finish(true).await;
+        assert_eq!(i.replay_counts(k).await.unwrap(), None);
+        assert!(matches!(claim(i, k, A).await, Claim::Fresh(_)));
+    }
+
+    pub async fn free_retries_are_bounded(i: &Idempotency) {
+        let k = "fam\nlast\nk2";
+        let Claim::Fresh(mut t) = claim(i, k, A).await else {
+            panic!()
+        };
+        t.started(Some(vec![1]));
+        t.finish(false).await;
+        for _ in 0..MAX_FREE_RETRIES {
+            let Claim::Replay(_, mut t) = claim(i, k, A).await else {
+                panic!("replay expected")
+            };
+            t.started(None);
+            t.finish(false).await;
         }
-        let mut g = lock(&self.entry);
-        if self.started {
-            g.state = State::Failed;
-        } else {
-            // Refused before counting: as if this request never came (a
-            // replay keeps the retry it used, so retries stay bounded).
-            let (state, uses, retries) =
-                std::mem::replace(&mut self.prev, (State::Vacant, None, 0));
-            g.state = state;
-            g.uses = uses;
-            g.retries = if self.replay { g.retries } else { retries };
+        assert!(matches!(claim(i, k, A).await, Claim::Fresh(_)));
+    }
+
+    pub async fn a_different_request_under_a_used_key_is_refused(i: &Idempotency) {
+        let k = "fam\nlast\nk3";
+        let Claim::Fresh(mut t) = claim(i, k, A).await else {
+            panic!()
+        };
+        t.started(Some(vec![1]));
+        t.finish(false).await;
+        assert!(matches!(claim(i, k, B).await, Claim::Mismatch));
+    }
+
+    pub async fn a_claim_refused_before_counting_leaves_the_key_as_it_was(i: &Idempotency) {
+        let k = "fam\nlast\nk4";
+        let Claim::Fresh(t) = claim(i, k, A).await else {
+            panic!()
+        };
+        t.finish(true).await; // refused before it was counted
+        // Another request may use the key.
+        let Claim::Fresh(mut t) = claim(i, k, B).await else {
+            panic!("the key is free again")
+        };
+        t.started(Some(vec![1]));
+        drop(t); // abandoned after counting: a retry of it is free
+        for _ in 0..200 {
+            if i.replay_counts(k).await.unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let Claim::Replay(_, t) = claim(i, k, B).await else {
+            panic!("an abandoned counted attempt replays")
+        };
+        t.finish(false).await; // refused before it was forwarded
+        let Claim::Replay(..) = claim(i, k, B).await else {
+            panic!("still free to retry")
+        };
+    }
+
+    /// Regression: the claim was a look-up followed by an insert, so two
+    /// concurrent requests with one key were both counted as fresh.
+    pub async fn concurrent_claims_of_one_key_give_one_fresh_attempt(i: &Idempotency) {
+        let k = "fam\nlast\nk5";
+        let claims = futures_util::future::join_all((0..16).map(|_| i.claim(k, A))).await;
+        let mut held = Vec::new();
+        let mut fresh = 0;
+        for c in claims {
+            match c.unwrap() {
+                Claim::Fresh(t) => {
+                    fresh += 1;
+                    held.push(t);
+                }
+                Claim::Conflict => {}
+                _ => panic!("only fresh or conflict"),
+            }
+        }
+        assert_eq!(fresh, 1);
+    }
+
+    pub async fn all(i: &Idempotency) {
+        only_failed_attempts_are_free_to_retry(i).await;
+        free_retries_are_bounded(i).await;
+        a_different_request_under_a_used_key_is_refused(i).await;
+        a_claim_refused_before_counting_leaves_the_key_as_it_was(i).await;
+        concurrent_claims_of_one_key_give_one_fresh_attempt(i).await;
     }
 }
 
@@ -210,55 +493,21 @@ impl Drop for Ticket {
 mod tests {
     use super::*;
 
-    const A: RequestDigest = [1; 32];
-    const B: RequestDigest = [2; 32];
-
-    #[test]
-    fn only_failed_attempts_are_free_to_retry() {
-        let i = Idempotency::new(Duration::from_secs(60));
-        let Claim::Fresh(mut t) = i.claim("k", A) else {
-            panic!("first claim is fresh")
-        };
-        t.started(Some(vec![3]));
-        assert!(matches!(i.claim("k", A), Claim::Conflict));
-        t.finish(false);
-        let Claim::Replay(u, mut t) = i.claim("k", A) else {
-            panic!("a failed attempt replays")
-        };
-        assert_eq!(u, vec![3]);
-        t.started(None);
-        t.finish(true);
-        assert!(matches!(i.claim("k", A), Claim::Fresh(_)));
-    }
-
-    #[test]
-    fn free_retries_are_bounded() {
-        let i = Idempotency::new(Duration::from_secs(60));
-        let Claim::Fresh(mut t) = i.claim("k", A) else {
-            panic!()
-        };
-        t.started(Some(vec![1]));
-        t.finish(false);
-        for _ in 0..MAX_FREE_RETRIES {
-            let Claim::Replay(_, mut t) = i.claim("k", A) else {
-                panic!("replay expected")
-            };
-            t.started(None);
-            t.finish(false);
-        }
-        assert!(matches!(i.claim("k", A), Claim::Fresh(_)));
+    #[tokio::test]
+    async fn the_in_process_store_keeps_the_idempotency_semantics() {
+        conformance::all(&Idempotency::new(Duration::from_secs(60))).await;
     }
 
     /// Regression: the claim was a look-up followed by an insert, so two
     /// concurrent requests with one key were both counted as fresh.
     #[test]
-    fn concurrent_claims_of_one_key_give_one_fresh_attempt() {
-        let i = Idempotency::new(Duration::from_secs(60));
+    fn concurrent_claims_of_one_key_give_one_fresh_attempt_across_threads() {
+        let i = MemoryIdempotency::new(Duration::from_secs(60));
         let fresh = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..16 {
                 s.spawn(|| {
-                    if let Claim::Fresh(mut t) = i.claim("k", A) {
+                    if let Claim::Fresh(mut t) = i.claim_now("k", conformance::A) {
                         fresh.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         t.started(Some(vec![1]));
                         // Held until the scope ends: still in flight.
@@ -268,31 +517,5 @@ mod tests {
             }
         });
         assert_eq!(fresh.into_inner(), 1);
-    }
-
-    /// Regression: a failed attempt's counts could be spent on a different
-    /// request under the same key.
-    #[test]
-    fn a_different_request_under_a_used_key_is_refused() {
-        let i = Idempotency::new(Duration::from_secs(60));
-        let Claim::Fresh(mut t) = i.claim("k", A) else {
-            panic!()
-        };
-        t.started(Some(vec![1]));
-        t.finish(false);
-        assert!(matches!(i.claim("k", B), Claim::Mismatch));
-    }
-
-    #[test]
-    fn a_claim_refused_before_counting_leaves_the_key_as_it_was() {
-        let i = Idempotency::new(Duration::from_secs(60));
-        drop(i.claim("k", A)); // refused before it was counted
-        // Another request may use the key.
-        let Claim::Fresh(mut t) = i.claim("k", B) else {
-            panic!("the key is free again")
-        };
-        t.started(Some(vec![1]));
-        drop(t); // abandoned after counting: a retry of it is free
-        assert!(matches!(i.claim("k", B), Claim::Replay(..)));
     }
 }

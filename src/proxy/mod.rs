@@ -144,6 +144,14 @@ impl AppState {
     ) -> Result<Self, config::ConfigError> {
         let upstreams = reload::Upstreams::new(reload::build_upstreams(cfg, credentials)?);
         install_crypto();
+        let idempotency = idempotency::Idempotency::for_store(
+            counters.as_ref(),
+            Duration::from_secs(cfg.limits.idempotency_window_secs),
+        );
+        let mut monitor = monitor;
+        if let Some(claims) = counters.alert_claims() {
+            monitor.alerts.share_through(claims);
+        }
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(cfg.limits.connect_timeout_secs))
@@ -164,9 +172,7 @@ impl AppState {
             revocations,
             upstreams,
             client,
-            idempotency: idempotency::Idempotency::new(Duration::from_secs(
-                cfg.limits.idempotency_window_secs,
-            )),
+            idempotency,
             body_budget: Arc::new(tokio::sync::Semaphore::new(
                 cfg.limits
                     .max_buffered_bytes

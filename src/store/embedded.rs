@@ -38,6 +38,8 @@ use super::{
     now_unix,
 };
 
+mod snapshot;
+
 /// id → (durable mark, expiry in Unix seconds or 0 for none).
 /// redb's page cache (see `open_file`).
 const REDB_CACHE_BYTES: usize = 32 << 20;

@@ -16,6 +16,7 @@
 //! reservation that is dropped before it was spent (a client that went away).
 
 pub mod embedded;
+pub mod migrate;
 pub mod redis;
 
 use futures_util::future::BoxFuture;
@@ -160,6 +161,19 @@ pub trait CounterStore: Send + Sync + 'static {
     fn register(&self, blocks: &[BlockMeta]);
     /// Every block registered so far.
     fn blocks(&self) -> BoxFuture<'_, Result<Vec<BlockMeta>, StoreError>>;
+    /// Where `Idempotency-Key` claims live when every proxy using this
+    /// store must see them (kept `window` seconds); `None`: in this process.
+    fn idempotency(
+        &self,
+        _window: std::time::Duration,
+    ) -> Option<std::sync::Arc<dyn crate::proxy::idempotency::IdempotencyStore>> {
+        None
+    }
+    /// Where alerts are claimed so one event sends one alert for every
+    /// proxy using this store; `None`: each process de-duplicates its own.
+    fn alert_claims(&self) -> Option<std::sync::Arc<dyn crate::monitor::alerts::AlertClaims>> {
+        None
+    }
 }
 
 /// Revoked block ids.

@@ -45,6 +45,9 @@ use futures_util::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, IntoConnectionInfo, RedisResult, Script};
 
+mod shared;
+mod snapshot;
+
 use super::embedded::{DEFAULT_MAX_BLOCKS_PER_FAMILY, RETENTION_AFTER_EXPIRY};
 use super::{
     BlockMeta, CounterInfo, CounterSpec, CounterStore, Reservation, RevocationList, StoreError,
@@ -782,6 +785,22 @@ impl CounterStore for RedisStore {
         }
         .boxed()
     }
+
+    fn idempotency(
+        &self,
+        window: Duration,
+    ) -> Option<Arc<dyn crate::proxy::idempotency::IdempotencyStore>> {
+        Some(Arc::new(shared::RedisIdempotency::new(
+            self.inner.clone(),
+            window,
+        )))
+    }
+
+    fn alert_claims(&self) -> Option<Arc<dyn crate::monitor::alerts::AlertClaims>> {
+        Some(Arc::new(shared::RedisAlertClaims {
+            inner: self.inner.clone(),
+        }))
+    }
 }
 
 impl RevocationList for RedisStore {
@@ -1045,6 +1064,50 @@ mod tests {
         let listed = RevocationList::list(&late).await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].0, "abcd");
+    }
+
+    /// Idempotency claims in Redis keep the in-process semantics, and two
+    /// proxies on one Redis see one claim.
+    #[tokio::test]
+    async fn idempotency_claims_in_redis_keep_the_semantics_across_stores() {
+        use crate::proxy::idempotency::{Claim, Idempotency, conformance};
+        let server = Server::start();
+        let a = RedisStore::connect(&server.url(), None).await.unwrap();
+        let b = RedisStore::connect(&server.url(), None).await.unwrap();
+        let window = Duration::from_secs(60);
+        let ia = Idempotency::for_store(&a, window);
+        let ib = Idempotency::for_store(&b, window);
+        conformance::all(&ia).await;
+        let k = "fam\nlast\nacross";
+        let Claim::Fresh(mut t) = ia.claim(k, conformance::A).await.unwrap() else {
+            panic!("fresh on a")
+        };
+        assert!(matches!(
+            ib.claim(k, conformance::A).await.unwrap(),
+            Claim::Conflict
+        ));
+        t.started(Some(vec![4, 2]));
+        t.finish(false).await;
+        assert!(matches!(
+            ib.claim(k, conformance::B).await.unwrap(),
+            Claim::Mismatch
+        ));
+        let Claim::Replay(uses, _) = ib.claim(k, conformance::A).await.unwrap() else {
+            panic!("free retry on b")
+        };
+        assert_eq!(uses, vec![4, 2]);
+    }
+
+    #[tokio::test]
+    async fn an_alert_key_is_claimed_once_across_stores() {
+        let server = Server::start();
+        let a = RedisStore::connect(&server.url(), None).await.unwrap();
+        let b = RedisStore::connect(&server.url(), None).await.unwrap();
+        let (ca, cb) = (a.alert_claims().unwrap(), b.alert_claims().unwrap());
+        let ttl = Duration::from_secs(60);
+        assert!(ca.claim("revoked:x", ttl).await.unwrap());
+        assert!(!cb.claim("revoked:x", ttl).await.unwrap());
+        assert!(cb.claim("revoked:y", ttl).await.unwrap());
     }
 
     /// Redis gone: the local revocation list can no longer be confirmed,

@@ -1877,6 +1877,7 @@ fn every_subcommand_help_has_an_example() {
         "revoke",
         "usage",
         "reload",
+        "store",
     ] {
         let o = till([cmd, "--help"]).run();
         o.success();

@@ -15,14 +15,14 @@ type Delivery = (Option<String>, String);
 
 /// A webhook receiver that records what it got.
 #[derive(Clone, Default)]
-struct Receiver {
+pub struct Receiver {
     got: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Each delivery's `Till-Signature` header and body, as received.
     raw: Arc<Mutex<Vec<Delivery>>>,
 }
 
 impl Receiver {
-    async fn start() -> (Receiver, String) {
+    pub async fn start() -> (Receiver, String) {
         let r = Receiver::default();
         let app = Router::new()
             .fallback(
@@ -44,7 +44,7 @@ impl Receiver {
         tokio::spawn(async move { axum::serve(l, app).await });
         (r, url)
     }
-    fn kinds(&self) -> Vec<String> {
+    pub fn kinds(&self) -> Vec<String> {
         self.got
             .lock()
             .unwrap()
@@ -53,7 +53,7 @@ impl Receiver {
             .collect()
     }
     /// Waits until `pred` holds on what was received (delivery is async).
-    async fn wait_for(&self, what: &str, pred: impl Fn(&[serde_json::Value]) -> bool) {
+    pub async fn wait_for(&self, what: &str, pred: impl Fn(&[serde_json::Value]) -> bool) {
         for _ in 0..100 {
             if pred(&self.got.lock().unwrap()) {
                 return;

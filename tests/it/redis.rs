@@ -431,3 +431,230 @@ fn serve_refuses_to_start_without_its_redis() {
         out.stderr
     );
 }
+
+/// Regression: `Idempotency-Key` claims were kept per process, so a retry
+/// of a failed request sent to another replica was counted again, and a
+/// different request could reuse the key there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_an_idempotent_retry_through_another_replica_is_free() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(2);
+    let proxies = replicas(&homes, &up, &redis);
+    let token = homes[0].token("openai", Some(5));
+    let send = |p: &Proxy, body: &'static str| {
+        client()
+            .post(p.url("/openai/v1/chat/completions"))
+            .bearer_auth(&token)
+            .header("idempotency-key", "K")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    up.state.fail_next.store(1, Ordering::SeqCst);
+    let first = send(&proxies[0], r#"{"model":"a"}"#).await.unwrap();
+    assert_eq!(first.status(), 500, "the upstream failed the first attempt");
+    // The same request through the other replica: a free retry.
+    let again = send(&proxies[1], r#"{"model":"a"}"#).await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(up.count(), 2, "both attempts reached the upstream");
+    for (p, h) in proxies.iter().zip(&homes) {
+        assert_eq!(family_uses(p, h, 5).await, 1, "one use for two attempts");
+    }
+    // A different request under the same key, on either replica: refused.
+    for p in &proxies {
+        let r = send(p, r#"{"model":"b"}"#).await.unwrap();
+        assert_eq!(r.status(), 422);
+        let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert_eq!(v["error"]["code"], "idempotency_key_reused", "{v}");
+    }
+    // A success is not free to replay, whichever replica sees it.
+    assert_eq!(
+        send(&proxies[0], r#"{"model":"a"}"#)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(family_uses(&proxies[1], &homes[1], 5).await, 2);
+}
+
+/// Concurrent attempts with one key, spread over two replicas: one runs,
+/// every other one gets 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_concurrent_requests_with_one_key_across_replicas_run_once() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(2);
+    let proxies = replicas(&homes, &up, &redis);
+    let token = homes[0].token("openai", Some(100));
+    // The attempt that wins hangs at the upstream: the key stays in flight.
+    let send = |i: usize| {
+        client()
+            .get(proxies[i % 2].url("/openai/hang"))
+            .bearer_auth(&token)
+            .header("idempotency-key", "same")
+            .timeout(Duration::from_secs(3))
+            .send()
+    };
+    let results = join_all((0..10).map(send)).await;
+    let conflicts = results
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status() == 409))
+        .count();
+    assert_eq!(conflicts, 9, "exactly one attempt may run");
+    assert_eq!(up.count(), 1, "exactly one attempt reached the upstream");
+    assert_eq!(family_uses(&proxies[0], &homes[0], 100).await, 1);
+}
+
+/// Regression: alert de-duplication was per process, so every replica that
+/// saw a revoked token sent its own alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_revoked_token_used_on_two_replicas_raises_one_alert() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let (hook, hook_url) = crate::monitor::Receiver::start().await;
+    let homes = replica_homes(2);
+    let extra = format!(
+        "{}\n[[alerts.webhooks]]\nurl = {hook_url:?}\n",
+        redis.store_line()
+    );
+    let proxies: Vec<Proxy> = homes
+        .iter()
+        .map(|h| Proxy::start(h, &[openai(&up)], &extra))
+        .collect();
+    let token = homes[0].token("openai", None);
+    assert_eq!(chat(&proxies[0], &token, "m").await.0, 200);
+    till(["revoke", &token, "--url", &proxies[0].url("")])
+        .home(&homes[0])
+        .env("TILL_ADMIN_TOKEN", &homes[0].admin())
+        .run()
+        .success();
+    for p in &proxies {
+        for _ in 0..3 {
+            assert_eq!(chat(p, &token, "m").await.0, 403);
+        }
+    }
+    hook.wait_for("a revoked_token_used alert", |g| {
+        g.iter().any(|a| a["kind"] == "revoked_token_used")
+    })
+    .await;
+    // Give the other replica's claim and delivery time to happen, if they
+    // were going to.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let revoked = hook
+        .kinds()
+        .iter()
+        .filter(|k| *k == "revoked_token_used")
+        .count();
+    assert_eq!(
+        revoked,
+        1,
+        "one alert for the deployment: {:?}",
+        hook.kinds()
+    );
+}
+
+/// `till store export` / `import` move counts and revocations from the
+/// embedded store to Redis and back without losing a use: a token with 3
+/// of 5 uses spent has exactly 2 left on Redis, importing an older (lower)
+/// count changes nothing, and back in the embedded store the token is used
+/// up and the revocations made on Redis hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_and_revocations_move_to_redis_and_back_without_losing_a_use() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(2);
+    let mut embedded = Proxy::start(&homes[0], &[openai(&up)], "");
+    let token = homes[0].token("openai", Some(5));
+    let revoked_before = homes[0].token("openai", None);
+    for _ in 0..3 {
+        assert_eq!(chat(&embedded, &token, "m").await.0, 200);
+    }
+    let revoke = |t: &str, p: &Proxy, h: &Home| {
+        till(["revoke", t, "--url", &p.url("")])
+            .home(h)
+            .env("TILL_ADMIN_TOKEN", &h.admin())
+            .run()
+            .success();
+    };
+    revoke(&revoked_before, &embedded, &homes[0]);
+    // The embedded store's file is locked while its proxy runs.
+    let first = homes[0].path().join("first.json");
+    let cfg0 = embedded.config.to_str().unwrap().to_string();
+    till([
+        "store",
+        "export",
+        first.to_str().unwrap(),
+        "--config",
+        &cfg0,
+    ])
+    .home(&homes[0])
+    .run()
+    .code(2)
+    .stderr_has("stop the proxy");
+    assert_eq!(embedded.terminate(), 0);
+    till([
+        "store",
+        "export",
+        first.to_str().unwrap(),
+        "--config",
+        &cfg0,
+    ])
+    .home(&homes[0])
+    .run()
+    .success()
+    .stderr_has("revocations from the embedded store");
+    till([
+        "store",
+        "import",
+        first.to_str().unwrap(),
+        "--store",
+        &redis.url(),
+    ])
+    .home(&homes[0])
+    .run()
+    .success();
+
+    let on_redis = Proxy::start(&homes[1], &[openai(&up)], &redis.store_line());
+    assert_eq!(chat(&on_redis, &revoked_before, "m").await.0, 403);
+    assert_eq!(chat(&on_redis, &token, "m").await.0, 200, "use 4 of 5");
+    // Importing the older file again cannot lower the count.
+    till([
+        "store",
+        "import",
+        first.to_str().unwrap(),
+        "--store",
+        &redis.url(),
+    ])
+    .home(&homes[0])
+    .run()
+    .success()
+    .stderr_has(": 0 counters set from the file");
+    assert_eq!(chat(&on_redis, &token, "m").await.0, 200, "use 5 of 5");
+    assert_eq!(
+        chat(&on_redis, &token, "m").await.0,
+        429,
+        "exactly 2 were left"
+    );
+    let revoked_on_redis = homes[0].token("openai", None);
+    revoke(&revoked_on_redis, &on_redis, &homes[1]);
+
+    // And back: exported from Redis while its proxy runs, imported into the
+    // embedded store, which had 3.
+    let back = homes[1].path().join("back.json");
+    let cfg1 = on_redis.config.to_str().unwrap().to_string();
+    till(["store", "export", back.to_str().unwrap(), "--config", &cfg1])
+        .home(&homes[1])
+        .run()
+        .success();
+    till(["store", "import", back.to_str().unwrap(), "--config", &cfg0])
+        .home(&homes[0])
+        .run()
+        .success();
+    embedded.restart(&homes[0]);
+    assert_eq!(chat(&embedded, &token, "m").await.0, 429, "used up");
+    assert_eq!(chat(&embedded, &revoked_on_redis, "m").await.0, 403);
+    assert_eq!(chat(&embedded, &revoked_before, "m").await.0, 403);
+    assert_eq!(up.count(), 5, "five uses in all, across both stores");
+}
