@@ -64,7 +64,10 @@ pub fn key_path(home: &Path, explicit: Option<&Path>) -> PathBuf {
 }
 
 /// What the operator must do for a running proxy to see a key change.
-const PICK_UP: &str = "a running proxy picks the key set up on `till reload` (or SIGHUP, or a restart)";
+const PICK_UP: &str = "a running proxy picks the key set up on SIGHUP (kill -HUP), `till reload` or a restart";
+/// After a rotation the admin token is under a key the proxy does not know
+/// yet, so `till reload` cannot authenticate: only SIGHUP or a restart.
+const PICK_UP_ROTATION: &str = "a running proxy picks the new key set up on SIGHUP (kill -HUP) or a restart";
 
 pub fn keygen(home: &Path, a: KeygenArgs) -> anyhow::Result<ExitCode> {
     if a.rotate {
@@ -102,7 +105,7 @@ fn rotate(home: &Path) -> anyhow::Result<ExitCode> {
     let admin_path = home.join(super::serve::ADMIN_TOKEN_FILE);
     keyset::write_atomic(&admin_path, format!("{admin}\n").as_bytes())?;
     eprintln!(
-        "made root key {id} (now active; {}); key {previous} keeps verifying until `till key retire {previous}`; re-issued {} under key {id}; {PICK_UP}",
+        "made root key {id} (now active; {}); key {previous} keeps verifying until `till key retire {previous}`; re-issued {} under key {id}; {PICK_UP_ROTATION}",
         keyset::key_file(home, id).display(),
         admin_path.display()
     );
