@@ -7,6 +7,12 @@
 //! tell them whether it is stale. `till verify --revocations FILE` accepts
 //! only this feed, within `--max-feed-age`; a plain list of ids, which
 //! nothing authenticates, goes through its own flag, `--revoked-ids`.
+//!
+//! After a root key rotation the feed is signed by the active key, named by
+//! `key_id`, and carries the key set ([`KeysDocument`], signed on its own by
+//! every key that still verifies): [`Feed::verify_with`] follows that set
+//! from the keys the verifier trusts, then accepts the feed's signature from
+//! any key of it that is not retired.
 
 use biscuit_auth::{KeyPair, PublicKey};
 use ed25519_dalek::Signer;

@@ -64,16 +64,22 @@ pub fn key_path(home: &Path, explicit: Option<&Path>) -> PathBuf {
 }
 
 /// What the operator must do for a running proxy to see a key change.
-const PICK_UP: &str = "a running proxy picks the key set up on SIGHUP (kill -HUP), `till reload` or a restart";
+const PICK_UP: &str =
+    "a running proxy picks the key set up on SIGHUP (kill -HUP), `till reload` or a restart";
 /// After a rotation the admin token is under a key the proxy does not know
 /// yet, so `till reload` cannot authenticate: only SIGHUP or a restart.
-const PICK_UP_ROTATION: &str = "a running proxy picks the new key set up on SIGHUP (kill -HUP) or a restart";
+const PICK_UP_ROTATION: &str =
+    "a running proxy picks the new key set up on SIGHUP (kill -HUP) or a restart";
 
 pub fn keygen(home: &Path, a: KeygenArgs) -> anyhow::Result<ExitCode> {
     if a.rotate {
         return rotate(home);
     }
-    if home.join(keyset::KEYS_DIR).join(keyset::INDEX_FILE).exists() {
+    if home
+        .join(keyset::KEYS_DIR)
+        .join(keyset::INDEX_FILE)
+        .exists()
+    {
         bail!(
             "{} already holds a rotated key set; use `till keygen --rotate` to add a key",
             home.display()
@@ -151,9 +157,11 @@ pub fn key(home: &Path, a: KeyArgs) -> anyhow::Result<ExitCode> {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for r in ks.records() {
-                    let when = |t: u64| crate::token::format_time(
-                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
-                    );
+                    let when = |t: u64| {
+                        crate::token::format_time(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                        )
+                    };
                     let mut line = format!(
                         "{}  {:<9}  created {}  {}",
                         r.id,

@@ -281,7 +281,13 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
         // process.
         reload_on_sighup(state.clone(), reloader)?;
         listening = true;
-        banner(&cfg, &credentials, addr, &public_key, key_summary.as_deref());
+        banner(
+            &cfg,
+            &credentials,
+            addr,
+            &public_key,
+            key_summary.as_deref(),
+        );
         let gc_store = store.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(3600));

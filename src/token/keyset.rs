@@ -214,11 +214,7 @@ impl PublicKeySet {
 
     /// Checks a token's signatures with the key it names; returns the
     /// token and that key's `not_after`.
-    pub fn verify(
-        &self,
-        raw: &RawToken,
-        now: u64,
-    ) -> Result<(Biscuit, Option<u64>), TokenError> {
+    pub fn verify(&self, raw: &RawToken, now: u64) -> Result<(Biscuit, Option<u64>), TokenError> {
         let id = raw.root_key_id();
         match self.candidates(id, now) {
             Ok(keys) => {
@@ -226,7 +222,8 @@ impl PublicKeySet {
                 for k in &keys {
                     match raw.verify(k) {
                         Ok(b) => {
-                            let not_after = self.by_id.get(&id.unwrap_or(0)).and_then(|r| r.not_after);
+                            let not_after =
+                                self.by_id.get(&id.unwrap_or(0)).and_then(|r| r.not_after);
                             return Ok((b, not_after));
                         }
                         Err(e) => last = e,
@@ -438,11 +435,7 @@ impl KeysDocument {
     ) -> Result<PublicKeySet, KeysError> {
         let invalid = |m: String| KeysError::Invalid(m);
         let mut set = PublicKeySet::from_records(&self.keys).map_err(|e| invalid(e.to_string()))?;
-        if !set
-            .by_id
-            .get(&self.active)
-            .is_some_and(|r| !r.retired(now))
-        {
+        if set.by_id.get(&self.active).is_none_or(|r| r.retired(now)) {
             return Err(invalid(format!(
                 "its active key {} is not a current key of the set",
                 self.active
@@ -637,7 +630,10 @@ impl KeySet {
     /// The id of the key whose public half is `pk`, if it is in the set.
     pub fn id_of(&self, pk: &PublicKey) -> Option<u32> {
         let s = keys::public_string(pk);
-        self.records.iter().find(|r| r.public_key == s).map(|r| r.id)
+        self.records
+            .iter()
+            .find(|r| r.public_key == s)
+            .map(|r| r.id)
     }
 
     /// What verifiers need: every key, retired ones included.
@@ -831,14 +827,20 @@ mod tests {
     #[test]
     fn a_key_id_names_the_key_and_retirement_refuses_only_genuine_tokens() {
         let dir = tempfile::tempdir().unwrap();
-        keys::save(&dir.path().join(keys::ROOT_KEY_FILE), &keys::generate(), false).unwrap();
+        keys::save(
+            &dir.path().join(keys::ROOT_KEY_FILE),
+            &keys::generate(),
+            false,
+        )
+        .unwrap();
         let mut ks = KeySet::load(dir.path()).unwrap();
         let old = issue(ks.active_key(), &scope()).unwrap();
         assert_eq!(ks.rotate().unwrap(), 1);
         let new = issue_as(ks.active_key(), ks.active_token_id(), &scope()).unwrap();
         let set = ks.public();
         for t in [&old, &new] {
-            set.verify(&RawToken::parse(t).unwrap(), now_unix()).unwrap();
+            set.verify(&RawToken::parse(t).unwrap(), now_unix())
+                .unwrap();
         }
         ks.retire(0, None).unwrap();
         let set = KeySet::load(dir.path()).unwrap().public();
@@ -865,7 +867,12 @@ mod tests {
     #[test]
     fn a_document_is_followed_only_from_a_trusted_key_and_never_revives_a_retired_one() {
         let dir = tempfile::tempdir().unwrap();
-        keys::save(&dir.path().join(keys::ROOT_KEY_FILE), &keys::generate(), false).unwrap();
+        keys::save(
+            &dir.path().join(keys::ROOT_KEY_FILE),
+            &keys::generate(),
+            false,
+        )
+        .unwrap();
         let mut ks = KeySet::load(dir.path()).unwrap();
         let pinned = PublicKeySet::single(ks.active_key().public());
         let before = ks.document(now_unix());
@@ -882,11 +889,17 @@ mod tests {
         );
         // A stranger's document.
         let other = PublicKeySet::single(keys::generate().public());
-        assert_eq!(doc.follow(&other, now_unix(), 60), Err(KeysError::Untrusted));
+        assert_eq!(
+            doc.follow(&other, now_unix(), 60),
+            Err(KeysError::Untrusted)
+        );
         // Retire 0: the followed set keeps it retired even if an older
         // document (still listing it as current) is replayed.
         ks.retire(0, None).unwrap();
-        let after = ks.document(now_unix()).follow(&followed, now_unix(), 60).unwrap();
+        let after = ks
+            .document(now_unix())
+            .follow(&followed, now_unix(), 60)
+            .unwrap();
         let replay = before.follow(&after, now_unix(), 60);
         assert!(
             replay.is_err()
@@ -895,11 +908,7 @@ mod tests {
                     .records()
                     .all(|r| r.id != 0 || r.retired(now_unix())),
         );
-        assert!(
-            after
-                .records()
-                .any(|r| r.id == 0 && r.retired(now_unix()))
-        );
+        assert!(after.records().any(|r| r.id == 0 && r.retired(now_unix())));
         // Stale.
         assert!(matches!(
             doc.follow(&pinned, now_unix() + 3600, 60),

@@ -186,9 +186,7 @@ pub fn issue_as(
     if let Some(id) = root_key_id {
         builder = builder.root_key_id(id);
     }
-    let token = builder
-        .build(root)
-        .map_err(TokenError::from_biscuit)?;
+    let token = builder.build(root).map_err(TokenError::from_biscuit)?;
     token.to_base64().map_err(TokenError::from_biscuit)
 }
 

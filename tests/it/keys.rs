@@ -42,9 +42,7 @@ fn verify_with(home: Option<&Home>, token: &str, args: &[&str]) -> Out {
 /// `till reload` against `proxy` with the admin token of `home`'s file
 /// (re-issued under the active key on rotation).
 async fn till_reload(home: &Home, proxy: &Proxy) -> Out {
-    let cmd = till(["reload"])
-        .home(home)
-        .env("TILL_URL", &proxy.url(""));
+    let cmd = till(["reload"]).home(home).env("TILL_URL", &proxy.url(""));
     tokio::task::spawn_blocking(move || cmd.run())
         .await
         .unwrap()
@@ -103,7 +101,11 @@ async fn regression_rotation_keeps_old_tokens_until_retired_then_refuses_them_by
     // new admin token cannot ask it to reload, SIGHUP can.
     let (s, v) = chat(&proxy, &new, "gpt-4o-mini").await;
     assert_eq!(s, 401, "{v}");
-    assert!(v.to_string().contains("root key 1, which this verifier does not know"), "{v}");
+    assert!(
+        v.to_string()
+            .contains("root key 1, which this verifier does not know"),
+        "{v}"
+    );
     till_reload(&home, &proxy)
         .await
         .code(2)
@@ -111,7 +113,9 @@ async fn regression_rotation_keeps_old_tokens_until_retired_then_refuses_them_by
     sighup(&proxy, 1).await;
     for t in [&old, &new] {
         assert_eq!(chat(&proxy, t, "gpt-4o-mini").await.0, 200);
-        verify_with(Some(&home), t, &[]).success().stdout_has("allowed");
+        verify_with(Some(&home), t, &[])
+            .success()
+            .stdout_has("allowed");
     }
 
     // Retire key 0: its tokens get a clear 401, even the one whose
@@ -164,7 +168,10 @@ async fn regression_an_offline_verifier_follows_the_published_key_set_through_a_
     verify_with(None, &new, &["--public-key", &pinned]).code(1);
 
     // Saved /.well-known/till-keys, signed by key 0 among others: followed.
-    let doc = home.write("till-keys.json", &get_text(&proxy, "/.well-known/till-keys").await);
+    let doc = home.write(
+        "till-keys.json",
+        &get_text(&proxy, "/.well-known/till-keys").await,
+    );
     let doc = doc.to_str().unwrap();
     for t in [&old, &new] {
         verify_with(None, t, &["--public-key", &pinned, "--keys", doc])
@@ -174,12 +181,21 @@ async fn regression_an_offline_verifier_follows_the_published_key_set_through_a_
     // The same through the revocation feed, which carries the key set.
     let feed = home.write("feed.json", &get_text(&proxy, "/revocations").await);
     let feed = feed.to_str().unwrap();
-    verify_with(None, &new, &["--public-key", &pinned, "--revocations", feed]).success();
+    verify_with(
+        None,
+        &new,
+        &["--public-key", &pinned, "--revocations", feed],
+    )
+    .success();
 
     // A key set from another installation is refused, whatever it says.
     let other = Home::new();
     till(["keygen", "--rotate"]).home(&other).run().success();
-    let foreign = till(["pubkey", "--json"]).home(&other).run().success().out();
+    let foreign = till(["pubkey", "--json"])
+        .home(&other)
+        .run()
+        .success()
+        .out();
     let foreign = home.write("foreign.json", &foreign);
     verify_with(
         None,
@@ -193,8 +209,14 @@ async fn regression_an_offline_verifier_follows_the_published_key_set_through_a_
     till(["key", "retire", "0"]).home(&home).run().success();
     sighup(&proxy, 2).await;
     let key1 = till(["pubkey", "--all"]).home(&home).run().success().out();
-    assert!(key1.starts_with("1=ed25519/") && !key1.contains('\n'), "{key1}");
-    let doc = home.write("till-keys.json", &get_text(&proxy, "/.well-known/till-keys").await);
+    assert!(
+        key1.starts_with("1=ed25519/") && !key1.contains('\n'),
+        "{key1}"
+    );
+    let doc = home.write(
+        "till-keys.json",
+        &get_text(&proxy, "/.well-known/till-keys").await,
+    );
     let doc = doc.to_str().unwrap();
     verify_with(None, &old, &["--public-key", &key1, "--keys", doc])
         .code(1)
