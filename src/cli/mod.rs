@@ -71,8 +71,8 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
 TILL_HOME=/srv/till till keygen             # prints ed25519/<hex>\n  \
 TILL_HOME=/srv/till till keygen --rotate    # new active key; the old one keeps verifying\n  \
-till reload                                 # the running proxy picks the new key set up\n  \
-till key retire 0                           # later: tokens of key 0 are refused")]
+kill -HUP \"$(pidof till)\"                   # the running proxy reads the new key set (or restart it)\n  \
+till key retire 0 && till reload            # later: tokens of key 0 are refused")]
     Keygen(keys::KeygenArgs),
     /// Print the active root public key ("ed25519/<hex>"), or the whole key set.
     #[command(after_help = "Examples:\n  \
