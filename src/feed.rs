@@ -7,11 +7,19 @@
 //! tell them whether it is stale. `till verify --revocations FILE` accepts
 //! only this feed, within `--max-feed-age`; a plain list of ids, which
 //! nothing authenticates, goes through its own flag, `--revoked-ids`.
+//!
+//! After a root key rotation the feed is signed by the active key, named by
+//! `key_id`, and carries the key set ([`KeysDocument`], signed on its own by
+//! every key that still verifies): [`Feed::verify_with`] follows that set
+//! from the keys the verifier trusts, then accepts the feed's signature from
+//! any key of it that is not retired.
 
 use biscuit_auth::{KeyPair, PublicKey};
 use ed25519_dalek::Signer;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::token::keyset::{KeysDocument, KeysError, PublicKeySet, SignatureRefusal};
 
 /// A signed, versioned list of revoked block ids.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -25,6 +33,14 @@ pub struct Feed {
     pub ids: Vec<String>,
     /// Hex Ed25519 signature of [`Feed::signed_bytes`] by the root key.
     pub signature: String,
+    /// The root key that signed it (the active one); absent for key 0, so
+    /// an installation that never rotated serves the feed it always did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<u32>,
+    /// The current key set, signed on its own by every key that still
+    /// verifies, so a verifier following the feed follows rotations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<KeysDocument>,
 }
 
 /// Why a feed was refused.
@@ -44,6 +60,16 @@ pub enum FeedError {
     Inconsistent { version: u64, ids: usize },
     #[error("the root key is not an Ed25519 key")]
     Key,
+    #[error(
+        "revocation feed is signed by root key {0}, which this verifier does not know: give it the current key set (`till pubkey --all`, or the proxy's /.well-known/till-keys)"
+    )]
+    UnknownKey(u32),
+    #[error(
+        "revocation feed is signed by root key {0}, which is retired; fetch a fresh feed from the proxy's /revocations"
+    )]
+    RetiredKey(u32),
+    #[error("revocation feed: {0}")]
+    Keys(#[from] KeysError),
 }
 
 impl Feed {
@@ -75,7 +101,59 @@ impl Feed {
             issued_at,
             ids,
             signature: hex::encode(sig.to_bytes()),
+            key_id: None,
+            keys: None,
         })
+    }
+
+    /// Signs `ids` with root key `key_id` (none: key 0), publishing the key
+    /// set `keys` along.
+    pub fn sign_with(
+        root: &KeyPair,
+        key_id: Option<u32>,
+        ids: Vec<String>,
+        issued_at: u64,
+        keys: Option<KeysDocument>,
+    ) -> Result<Feed, FeedError> {
+        let mut f = Self::sign(root, ids, issued_at)?;
+        f.key_id = key_id;
+        f.keys = keys;
+        Ok(f)
+    }
+
+    /// Parses and verifies a feed with a set of root keys: the key set it
+    /// carries is followed first ([`KeysDocument::follow`]), then the feed's
+    /// signature must be by a key of that set that is not retired. Returns
+    /// the feed and the key set to use from now on.
+    pub fn verify_with(
+        text: &str,
+        trusted: &PublicKeySet,
+        now: u64,
+        max_age: u64,
+    ) -> Result<(Feed, PublicKeySet), FeedError> {
+        let feed: Feed = serde_json::from_str(text).map_err(|e| FeedError::Json(e.to_string()))?;
+        let set = match &feed.keys {
+            Some(doc) => doc.follow(trusted, now, max_age)?,
+            None => trusted.clone(),
+        };
+        let msg = Self::signed_bytes(feed.version, feed.issued_at, &feed.ids);
+        set.check_signature(feed.key_id, &msg, &feed.signature, now)
+            .map_err(|r| match r {
+                SignatureRefusal::Unknown(id) => FeedError::UnknownKey(id),
+                SignatureRefusal::Retired(id) => FeedError::RetiredKey(id),
+                SignatureRefusal::Bad => FeedError::BadSignature,
+            })?;
+        if feed.version != feed.ids.len() as u64 {
+            return Err(FeedError::Inconsistent {
+                version: feed.version,
+                ids: feed.ids.len(),
+            });
+        }
+        let age = now.saturating_sub(feed.issued_at);
+        if age > max_age {
+            return Err(FeedError::Stale { age, max: max_age });
+        }
+        Ok((feed, set))
     }
 
     /// Parses and verifies a feed; refuses one older than `max_age` seconds

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::policy::Policies;
 use crate::token::inspect::{CheckMeaning, TokenView, inspect};
+use crate::token::keyset::{PublicKeySet, RootKeys};
 use crate::token::{RawToken, RequestFacts, TokenError};
 
 /// Longest string a request fact (service, method, path, model) may hold:
@@ -39,6 +40,8 @@ pub struct VerifiedToken {
     pub expires_unix: Option<u64>,
     /// Present when the decision cache is sound for this token.
     fast: Option<FastPath>,
+    /// The key set it was verified with ([`Verifier::is_current`]).
+    pub root_key: crate::token::keyset::KeyStamp,
 }
 
 /// Decision cache of a "plain" token: every check of every block is one Till
@@ -202,23 +205,36 @@ impl std::fmt::Display for Denial {
     }
 }
 
-/// Verifies tokens against one root key and one set of policies.
+/// Verifies tokens against a set of root keys and one set of policies.
 #[derive(Clone)]
 pub struct Verifier {
-    root: PublicKey,
+    keys: RootKeys,
     policies: Arc<Policies>,
 }
 
 impl Verifier {
+    /// One root key, checking every token whatever key id it names.
     pub fn new(root: PublicKey, policies: Policies) -> Self {
+        Self::with_keys(RootKeys::new(PublicKeySet::single(root)), policies)
+    }
+
+    /// A set of root keys (rotation), shared with every clone and
+    /// replaceable through [`Verifier::keys`].
+    pub fn with_keys(keys: RootKeys, policies: Policies) -> Self {
         Verifier {
-            root,
+            keys,
             policies: Arc::new(policies),
         }
     }
 
-    pub fn root(&self) -> &PublicKey {
-        &self.root
+    pub fn keys(&self) -> &RootKeys {
+        &self.keys
+    }
+
+    /// Whether a verification (cached) still holds: the key set has not
+    /// been replaced and the token's key has not passed its `not_after`.
+    pub fn is_current(&self, token: &VerifiedToken) -> bool {
+        self.keys.is_current(&token.root_key)
     }
 
     /// Bounds, decodes and checks the signatures of a token (the expensive,
@@ -227,7 +243,7 @@ impl Verifier {
         let raw = RawToken::parse(text)?;
         // Shape first: it is cheaper than the signatures it protects.
         crate::token::shape::check(&raw)?;
-        let biscuit = raw.verify(&self.root)?;
+        let (biscuit, root_key) = self.keys.verify(&raw)?;
         let view = inspect(&raw)?;
         let ids = raw.revocation_ids();
         let limits: Vec<Option<u64>> = view.blocks.iter().map(|b| b.use_limit).collect();
@@ -246,6 +262,7 @@ impl Verifier {
             specs,
             expires_unix,
             fast,
+            root_key,
         })
     }
 

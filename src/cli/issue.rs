@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use anyhow::bail;
 use clap::Args;
 
+use crate::token::keyset::KeySet;
 use crate::token::{self, Scope, TokenError, keys, vocab};
 
 /// Scope flags. Repeatable flags mean "any of these".
@@ -140,7 +141,7 @@ pub struct IssueArgs {
     /// Issue an admin token for the proxy's admin API (revoke, usage) instead of an API token.
     #[arg(long, conflicts_with_all = ["services", "any_service", "methods", "paths", "models"])]
     pub admin: bool,
-    /// Root private key file (default: TILL_HOME/root.key).
+    /// Root private key file (default: the active key of TILL_HOME).
     #[arg(long, env = "TILL_ROOT_KEY")]
     pub key: Option<PathBuf>,
     /// Refuse (exit 2, no token printed) instead of warning when the token can never
@@ -161,8 +162,22 @@ pub fn run(home: &Path, a: IssueArgs) -> anyhow::Result<ExitCode> {
              (or pass the dangerous --any-service)"
         );
     }
-    let root = keys::load(&super::keys::key_path(home, a.key.as_deref()))?;
-    let t = token::issue(&root, &scope)?;
+    let t = match &a.key {
+        Some(path) => {
+            let root = keys::load(path)?;
+            // A key of the home's set is named in the token, so a proxy
+            // holding the set checks it with the right key.
+            let id = KeySet::load(home)
+                .ok()
+                .and_then(|ks| ks.id_of(&root.public()))
+                .filter(|&id| id != 0);
+            token::issue_as(&root, id, &scope)?
+        }
+        None => {
+            let ks = KeySet::load(home)?;
+            token::issue_as(ks.active_key(), ks.active_token_id(), &scope)?
+        }
+    };
     let view = token::inspect::inspect(&token::RawToken::parse(&t)?)?;
     super::warn::report(&super::warn::for_root(&view, SystemTime::now()), a.strict)?;
     outln!("{t}");

@@ -67,16 +67,27 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Create the root key (Ed25519, mode 0600) under TILL_HOME and print its public key.
-    #[command(
-        after_help = "Example:\n  TILL_HOME=/srv/till till keygen        # prints ed25519/<hex>"
-    )]
+    /// Create the root key (Ed25519, mode 0600) under TILL_HOME and print its public key;
+    /// with --rotate, add a new active key.
+    #[command(after_help = "Examples:\n  \
+TILL_HOME=/srv/till till keygen             # prints ed25519/<hex>\n  \
+TILL_HOME=/srv/till till keygen --rotate    # new active key; the old one keeps verifying\n  \
+kill -HUP \"$(pidof till)\"                   # the running proxy reads the new key set (or restart it)\n  \
+till key retire 0 && till reload            # later: tokens of key 0 are refused")]
     Keygen(keys::KeygenArgs),
-    /// Print the root public key ("ed25519/<hex>").
-    #[command(
-        after_help = "Example:\n  till verify --public-key \"$(till pubkey)\" --service openai agent.token"
-    )]
+    /// Print the active root public key ("ed25519/<hex>"), or the whole key set.
+    #[command(after_help = "Examples:\n  \
+till verify --public-key \"$(till pubkey)\" --service openai agent.token\n  \
+till pubkey --all       # 0=ed25519/<hex> and 1=ed25519/<hex>: each key that still verifies\n  \
+till pubkey --json      # the signed key set, as served at /.well-known/till-keys")]
     Pubkey(keys::PubkeyArgs),
+    /// List or retire root keys (rotation: see `till keygen --rotate`).
+    #[command(after_help = "Examples:\n  \
+till key list\n  \
+till key retire 0                 # tokens issued under key 0 are refused (401) from now on\n  \
+till key retire 0 --after 7d      # keep verifying them for a week first\n  \
+till reload                       # the running proxy picks the change up (or SIGHUP, or restart)")]
+    Key(keys::KeyArgs),
     /// Mint a root token (operator; needs the root key).
     #[command(after_help = "Examples:\n  \
 till issue --service openai --max-uses 100 --ttl 24h --label my-agent > agent.token\n  \
@@ -220,6 +231,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Keygen(a) => keys::keygen(&home, a),
         Command::Pubkey(a) => keys::pubkey(&home, a),
+        Command::Key(a) => keys::key(&home, a),
         Command::Issue(a) => issue::run(&home, a),
         Command::Attenuate(a) => attenuate::run(a),
         Command::Inspect(a) => inspect::run(a),

@@ -130,6 +130,16 @@ impl AdminArgs {
             let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
             if !status.is_success() {
                 let msg = v["error"]["message"].as_str().unwrap_or(text.as_str());
+                // After `till keygen --rotate` the admin token is under the
+                // new key, which the proxy learns only from a reload that
+                // needs no token.
+                if status == reqwest::StatusCode::UNAUTHORIZED
+                    && msg.contains("which this verifier does not know")
+                {
+                    bail!(
+                        "proxy answered {status}: {msg} (after `till keygen --rotate`: make the proxy read the new key set with SIGHUP, e.g. kill -HUP $(pidof till), or a restart)"
+                    );
+                }
                 bail!("proxy answered {status}: {msg}");
             }
             Ok(v)

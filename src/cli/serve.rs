@@ -9,12 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use biscuit_auth::KeyPair;
-
 use crate::monitor::Monitor;
 use crate::policy::Policies;
 use crate::proxy::{self, AppState, Config, config};
 use crate::store::{CounterStore, EmbeddedStore, RedisStore, RevocationList};
+use crate::token::keyset::{KeySet, RootKeys, Signer};
 use crate::token::{self, Scope, keys, vocab};
 use crate::verify::Verifier;
 
@@ -71,21 +70,27 @@ fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `<state_dir>/admin.token` if it is missing, so that `till usage`
-/// and `till revoke` work against `till serve` as they do against `till up`.
-fn ensure_admin_token(state_dir: &Path, root: &KeyPair) -> anyhow::Result<()> {
-    let admin_path = state_dir.join(ADMIN_TOKEN_FILE);
-    if admin_path.exists() {
-        return Ok(());
-    }
-    let t = token::issue(
-        root,
+/// An admin token under the active root key.
+pub(crate) fn admin_token(keys: &KeySet) -> anyhow::Result<String> {
+    Ok(token::issue_as(
+        keys.active_key(),
+        keys.active_token_id(),
         &Scope {
             services: vec![vocab::ADMIN_SERVICE.into()],
             label: Some("admin".into()),
             ..Scope::default()
         },
-    )?;
+    )?)
+}
+
+/// Writes `<state_dir>/admin.token` if it is missing, so that `till usage`
+/// and `till revoke` work against `till serve` as they do against `till up`.
+fn ensure_admin_token(state_dir: &Path, keys: &KeySet) -> anyhow::Result<()> {
+    let admin_path = state_dir.join(ADMIN_TOKEN_FILE);
+    if admin_path.exists() {
+        return Ok(());
+    }
+    let t = admin_token(keys)?;
     write_secret(&admin_path, &t)?;
     eprintln!("till: created admin token {}", admin_path.display());
     Ok(())
@@ -95,15 +100,13 @@ fn ensure_admin_token(state_dir: &Path, root: &KeyPair) -> anyhow::Result<()> {
 fn bootstrap(home: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
     let key_path = home.join(keys::ROOT_KEY_FILE);
-    let root = if key_path.exists() {
-        keys::load(&key_path)?
-    } else {
-        let k = keys::generate();
-        keys::save(&key_path, &k, false)?;
+    // After a rotation key 0 may be retired and its file shredded: the
+    // index, not root.key, says whether there is a key.
+    if !KeySet::exists(home) {
+        keys::save(&key_path, &keys::generate(), false)?;
         eprintln!("till: created root key {}", key_path.display());
-        k
-    };
-    ensure_admin_token(home, &root)?;
+    }
+    ensure_admin_token(home, &KeySet::load(home)?)?;
     let cfg_path = home.join(CONFIG_FILE);
     if !cfg_path.exists() {
         std::fs::write(&cfg_path, config::default_file(home))
@@ -198,15 +201,15 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
     overrides(&mut cfg)?;
     init_logging();
     let key_path = cfg.state_dir.join(keys::ROOT_KEY_FILE);
-    if !key_path.exists() {
+    if !KeySet::exists(&cfg.state_dir) {
         bail!(
             "no root key at {}; run `till keygen` with TILL_HOME={} (or use `till up`)",
             key_path.display(),
             cfg.state_dir.display()
         );
     }
-    let root = keys::load(&key_path)?;
-    ensure_admin_token(&cfg.state_dir, &root)?;
+    let root_keys = KeySet::load(&cfg.state_dir)?;
+    ensure_admin_token(&cfg.state_dir, &root_keys)?;
     let default_policies = cfg.policies == Path::new("policies");
     let policies = Policies::load_or_default(&cfg.policies, default_policies)
         .with_context(|| format!("{}: policies", cfg.file))?;
@@ -214,7 +217,9 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
     cfg.resolve_webhook_secrets(&env)?;
     cfg.resolve_forward_auth_secrets(&env)?;
     let store_password = cfg.resolve_store_password(&env)?;
-    let verifier = Verifier::new(root.public(), policies);
+    let verifier = Verifier::with_keys(RootKeys::new(root_keys.public()), policies);
+    let public_key = keys::public_string(&root_keys.active_key().public());
+    let key_summary = key_summary(&root_keys);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -258,9 +263,7 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
         }
         let state =
             AppState::with_monitor(&cfg, &credentials, verifier, counters, revocations, monitor)?;
-        let _ = state
-            .feed_signer
-            .set(Arc::new(KeyPair::from(&root.private())));
+        let _ = state.feed_signer.set(Arc::new(Signer::new(root_keys)));
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| listen_error(&cfg, e))?;
@@ -282,7 +285,8 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
             &cfg,
             &credentials,
             addr,
-            &keys::public_string(&root.public()),
+            &public_key,
+            key_summary.as_deref(),
         );
         let gc_store = store.clone();
         tokio::spawn(async move {
@@ -323,6 +327,18 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
         }
     }
     result.map(|_| ExitCode::SUCCESS)
+}
+
+/// "0 verifying, 1 active" once there is more than one key.
+fn key_summary(ks: &KeySet) -> Option<String> {
+    let now = crate::store::now_unix();
+    (ks.records().len() > 1).then(|| {
+        ks.records()
+            .iter()
+            .map(|r| format!("{} {}", r.id, r.status(ks.active_id(), now)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
 }
 
 fn listen_error(cfg: &Config, e: std::io::Error) -> anyhow::Error {
@@ -396,6 +412,7 @@ fn banner(
     credentials: &std::collections::BTreeMap<String, Option<String>>,
     addr: SocketAddr,
     public_key: &str,
+    key_summary: Option<&str>,
 ) {
     use std::fmt::Write as _;
     let mut o = String::new();
@@ -408,6 +425,9 @@ fn banner(
     let admin = cfg.state_dir.join(ADMIN_TOKEN_FILE);
     say!("till: listening on {base}");
     say!("  public key:  {public_key}");
+    if let Some(k) = key_summary {
+        say!("  root keys:   {k}");
+    }
     say!("  admin token: {}", admin.display());
     if cfg.upstreams.is_empty() {
         say!(

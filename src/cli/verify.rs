@@ -11,16 +11,23 @@ use clap::Args;
 use super::EXIT_DENIED;
 use super::input::TokenInput;
 use crate::policy::Policies;
-use crate::token::{self, RequestFacts, TokenError, keys, vocab};
+use crate::token::keyset::{KeySet, KeysDocument, PublicKeySet, RootKeys};
+use crate::token::{self, RequestFacts, TokenError, vocab};
 use crate::verify::{Verifier, first_revoked, revoked_denial};
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
     #[command(flatten)]
     pub input: TokenInput,
-    /// Root public key, "ed25519/<hex>" (default: derived from TILL_HOME/root.key).
-    #[arg(long, env = "TILL_PUBLIC_KEY")]
-    pub public_key: Option<String>,
+    /// Root public key to trust (repeatable): "ID=ed25519/<hex>" as `till pubkey --all` prints,
+    /// or a bare "ed25519/<hex>" that checks any key id (default: the key set of TILL_HOME).
+    #[arg(long = "public-key", value_name = "KEY", env = "TILL_PUBLIC_KEY")]
+    pub public_keys: Vec<String>,
+    /// Key set document saved from the proxy's GET /.well-known/till-keys (or `till pubkey
+    /// --json`): follow a rotation. It must be signed by a key you trust (--public-key or
+    /// TILL_HOME); its age is checked against --max-feed-age.
+    #[arg(long, value_name = "FILE")]
+    pub keys: Option<PathBuf>,
     /// Service of the request to check, e.g. openai.
     #[arg(long)]
     pub service: String,
@@ -41,8 +48,8 @@ pub struct VerifyArgs {
     /// is not such a feed (empty, a plain list) is refused.
     #[arg(long, value_name = "FILE")]
     pub revocations: Option<PathBuf>,
-    /// Oldest signed revocation feed accepted, e.g. 10m, 1h [default: 1h].
-    /// Applies to --revocations only.
+    /// Oldest signed revocation feed or key set document accepted, e.g. 10m, 1h [default: 1h].
+    /// Applies to --revocations and --keys.
     #[arg(long, value_name = "DURATION")]
     pub max_feed_age: Option<String>,
     /// Plain list of revoked ids, one hex revocation id per line (`#` starts a
@@ -106,7 +113,7 @@ fn parse_uses(specs: &[String], blocks: usize) -> anyhow::Result<Vec<u64>> {
 /// swapped for an empty file or a list that leaves a token out.
 fn read_feed(
     path: &Path,
-    root: &biscuit_auth::PublicKey,
+    keys: &mut PublicKeySet,
     max_age: std::time::Duration,
 ) -> anyhow::Result<HashSet<String>> {
     let text = std::fs::read_to_string(path)
@@ -123,8 +130,12 @@ fn read_feed(
             path.display()
         );
     }
-    let feed = crate::feed::Feed::verify(&text, root, crate::store::now_unix(), max_age.as_secs())
-        .with_context(|| format!("{}", path.display()))?;
+    let (feed, followed) =
+        crate::feed::Feed::verify_with(&text, keys, crate::store::now_unix(), max_age.as_secs())
+            .with_context(|| format!("{}", path.display()))?;
+    // The feed carries the key set: a rotation it announces applies to the
+    // token too.
+    *keys = followed;
     Ok(feed.ids.into_iter().collect())
 }
 
@@ -157,27 +168,35 @@ fn read_ids(path: &Path) -> anyhow::Result<HashSet<String>> {
 }
 
 pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let root = match &a.public_key {
-        Some(k) => keys::parse_public(k)?,
-        None => keys::load(&home.join(keys::ROOT_KEY_FILE))
+    let mut root = PublicKeySet::default();
+    for k in &a.public_keys {
+        root.add_flag(k)?;
+    }
+    if root.is_empty() {
+        root = KeySet::load(home)
             .context("no --public-key given and no root key in TILL_HOME")?
-            .public(),
-    };
+            .public();
+    }
     let policies = match &a.policies {
         Some(dir) => Policies::load_dir(dir)?,
         None => Policies::load_or_default(Path::new("policies"), true)?,
     };
     let mut revoked = HashSet::new();
-    match (&a.revocations, &a.max_feed_age) {
-        (Some(f), age) => {
-            let age =
-                token::parse_duration(age.as_deref().unwrap_or("1h")).context("--max-feed-age")?;
-            revoked.extend(read_feed(f, &root, age)?);
-        }
-        (None, Some(_)) => bail!(
-            "--max-feed-age needs a signed feed given with --revocations FILE (a --revoked-ids list has no date to check)"
-        ),
-        (None, None) => {}
+    if a.revocations.is_none() && a.keys.is_none() && a.max_feed_age.is_some() {
+        bail!(
+            "--max-feed-age needs a signed feed given with --revocations FILE or a key set given with --keys FILE (a --revoked-ids list has no date to check)"
+        );
+    }
+    let age = token::parse_duration(a.max_feed_age.as_deref().unwrap_or("1h"))
+        .context("--max-feed-age")?;
+    if let Some(f) = &a.keys {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read key set {}", f.display()))?;
+        root = KeysDocument::follow_text(&text, &root, crate::store::now_unix(), age.as_secs())
+            .with_context(|| format!("{}", f.display()))?;
+    }
+    if let Some(f) = &a.revocations {
+        revoked.extend(read_feed(f, &mut root, age)?);
     }
     if let Some(f) = &a.revoked_ids {
         revoked.extend(read_ids(f)?);
@@ -190,12 +209,14 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
         None => SystemTime::now(),
     };
     let text = a.input.read()?;
-    let verifier = Verifier::new(root, policies);
+    let verifier = Verifier::with_keys(RootKeys::new(root), policies);
     let verified = match verifier.verify_token(&text) {
         Ok(v) => v,
         // The token is readable but not acceptable: a denial, not bad input.
         Err(
             e @ (TokenError::WrongRootKey
+            | TokenError::RetiredRootKey { .. }
+            | TokenError::UnknownRootKey(_)
             | TokenError::Shape(_)
             | TokenError::UnsupportedAlgorithm(_)),
         ) => {

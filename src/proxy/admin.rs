@@ -535,17 +535,36 @@ pub async fn not_found() -> Response {
 /// The signed revocation feed. Revocation ids are not secrets (they are in
 /// every token), so this needs no token and answers any client.
 pub async fn feed(State(st): State<AppState>) -> Response {
-    let Some(key) = st.feed_signer.get() else {
+    let Some(signer) = st.feed_signer.get() else {
         return not_found().await;
     };
     let ids = match st.revocations.list().await {
         Ok(l) => l.into_iter().map(|(id, _)| id).collect(),
         Err(e) => return ProxyError::StoreUnavailable(e.to_string()).into_response(),
     };
-    match crate::feed::Feed::sign(key, ids, crate::store::now_unix()) {
+    let ks = signer.current();
+    let now = crate::store::now_unix();
+    match crate::feed::Feed::sign_with(
+        ks.active_key(),
+        ks.active_token_id(),
+        ids,
+        now,
+        Some(ks.document(now)),
+    ) {
         Ok(f) => ([(axum::http::header::CACHE_CONTROL, "no-store")], Json(f)).into_response(),
         Err(e) => ProxyError::StoreUnavailable(e.to_string()).into_response(),
     }
+}
+
+/// `GET /.well-known/till-keys`: the root key set, signed by every key that
+/// still verifies, for verifiers that follow rotations. Public keys only, so
+/// it answers any client, like the feed.
+pub async fn keys(State(st): State<AppState>) -> Response {
+    let Some(signer) = st.feed_signer.get() else {
+        return not_found().await;
+    };
+    let doc = signer.current().document(crate::store::now_unix());
+    ([(axum::http::header::CACHE_CONTROL, "no-store")], Json(doc)).into_response()
 }
 
 #[cfg(test)]

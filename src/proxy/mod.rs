@@ -78,7 +78,7 @@ pub struct Inner {
     /// holding the async workers that serve every other request.
     pub datalog_permits: Arc<tokio::sync::Semaphore>,
     /// Signs the revocation feed (`GET /revocations`); unset, no feed.
-    pub feed_signer: std::sync::OnceLock<Arc<biscuit_auth::KeyPair>>,
+    pub feed_signer: std::sync::OnceLock<Arc<crate::token::keyset::Signer>>,
     /// Re-reads the config file for `POST /admin/reload`; unset, the proxy
     /// was not started from a file and cannot reload.
     pub reloader: std::sync::OnceLock<Arc<reload::Reloader>>,
@@ -195,7 +195,7 @@ impl AppState {
     /// are cached. Nothing is recorded about the token here: its blocks are
     /// recorded by the store when a request with it is allowed.
     pub fn verify_cached(&self, text: &str) -> Result<Arc<VerifiedToken>, TokenError> {
-        if let Some(t) = self.cache.get(text) {
+        if let Some(t) = self.cache.get(text).filter(|t| self.verifier.is_current(t)) {
             self.monitor.metrics.cache_hits.inc();
             return Ok(t);
         }
@@ -220,6 +220,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/alerts", get(admin::alerts))
         .route("/metrics", get(admin::metrics))
         .route("/revocations", get(admin::feed))
+        .route("/.well-known/till-keys", get(admin::keys))
         .route("/auth/{*rest}", any(forward_auth::check))
         .route("/admin", any(admin::not_found))
         .route("/admin/{*rest}", any(admin::not_found))

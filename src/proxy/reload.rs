@@ -4,7 +4,8 @@
 //!
 //! What reloads: the `[upstreams.*]` tables (URL, credential, header,
 //! prefix, `set_headers`, `pass_headers`, `api`; upstreams added and
-//! removed) with their credentials read again. Everything else (listen
+//! removed) with their credentials read again, and the root key set of the
+//! state directory (`till keygen --rotate`, `till key retire`). Everything else (listen
 //! address, state directory, store, policies, limits, admin settings, audit
 //! and alerts) sizes or owns shared structures and is only applied at
 //! restart; a reload that sees such a key changed says so.
@@ -251,6 +252,19 @@ impl Reloader {
                 message: format!("policies: {e}"),
             }
         })?;
+        // Root keys, re-read from the state directory the proxy started with,
+        // so `till keygen --rotate` and `till key retire` need no restart.
+        let root_keys = match st.feed_signer.get() {
+            Some(signer) => Some(
+                crate::token::keyset::KeySet::load(signer.current().dir()).map_err(|e| {
+                    ConfigError {
+                        file: cfg.file.clone(),
+                        message: format!("root keys: {e}"),
+                    }
+                })?,
+            ),
+            None => None,
+        };
         let restart_needed = restart_only_changes(&started_with, &raw);
         let mut names: Vec<String> = table.keys().cloned().collect();
         names.sort();
@@ -273,6 +287,15 @@ impl Reloader {
             .collect();
         removed.sort();
         st.upstreams.swap(table);
+        if let (Some(ks), Some(signer)) = (root_keys, st.feed_signer.get()) {
+            if st.verifier.keys().replace(ks.public()) {
+                tracing::info!(
+                    active = ks.active_id(),
+                    "root key set changed: tokens are checked with the new set from now on"
+                );
+            }
+            signer.replace(ks);
+        }
         drop(started_with);
         Ok(Reloaded {
             reloaded: true,

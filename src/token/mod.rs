@@ -6,6 +6,7 @@
 
 pub mod inspect;
 pub mod keys;
+pub mod keyset;
 pub mod shape;
 pub mod vocab;
 
@@ -35,6 +36,14 @@ pub enum TokenError {
         "token signature does not verify with this root public key: it was issued under a different root key, or it was altered"
     )]
     WrongRootKey,
+    #[error(
+        "token was issued under a retired root key (key {id}, retired {since}): tokens issued under it are no longer accepted; ask for a new token issued under the current key"
+    )]
+    RetiredRootKey { id: u32, since: String },
+    #[error(
+        "token was issued under root key {0}, which this verifier does not know: give it the current key set (`till pubkey --all`, or the proxy's /.well-known/till-keys), or ask for a new token"
+    )]
+    UnknownRootKey(u32),
     #[error("token is {len} bytes, more than the limit of {max}")]
     TooLarge { len: usize, max: usize },
     #[error("token has {n} blocks, more than the limit of {max}")]
@@ -125,6 +134,12 @@ impl RawToken {
         &self.proto
     }
 
+    /// The root key id the token names (Biscuit's `root_key_id`; none for
+    /// key 0). Not signed: it only chooses the key to check with.
+    pub fn root_key_id(&self) -> Option<u32> {
+        self.proto.root_key_id
+    }
+
     /// Checks every signature against the root public key.
     pub fn verify(&self, root: &PublicKey) -> Result<Biscuit, TokenError> {
         Biscuit::from(&self.bytes, root).map_err(TokenError::from_biscuit)
@@ -156,11 +171,22 @@ impl RawToken {
 /// assert!(raw.verify(&root.public()).is_ok());
 /// ```
 pub fn issue(root: &KeyPair, scope: &Scope) -> Result<String, TokenError> {
+    issue_as(root, None, scope)
+}
+
+/// Same as [`issue`], naming the root key in the token (`root_key_id`), as
+/// a key set after rotation needs ([`keyset`]). `None` for key 0.
+pub fn issue_as(
+    root: &KeyPair,
+    root_key_id: Option<u32>,
+    scope: &Scope,
+) -> Result<String, TokenError> {
     let block = vocab::authority_block(scope)?;
-    let token = Biscuit::builder()
-        .merge(block)
-        .build(root)
-        .map_err(TokenError::from_biscuit)?;
+    let mut builder = Biscuit::builder().merge(block);
+    if let Some(id) = root_key_id {
+        builder = builder.root_key_id(id);
+    }
+    let token = builder.build(root).map_err(TokenError::from_biscuit)?;
     token.to_base64().map_err(TokenError::from_biscuit)
 }
 

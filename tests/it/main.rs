@@ -13,6 +13,7 @@ mod forwarding;
 mod fuzz_smoke;
 mod golden;
 mod hostile;
+mod keys;
 mod monitor;
 mod props;
 mod proxy;
