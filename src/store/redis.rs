@@ -233,6 +233,10 @@ impl RedisStore {
             let settings = info.redis_settings().clone().set_password(p);
             info = info.set_redis_settings(settings);
         }
+        // Nagle's algorithm would hold each request's small write until the
+        // previous one is acknowledged: on one multiplexed connection that
+        // serialises every proxy request behind the one before it.
+        let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         let client = Client::open(info).map_err(|e| open(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(OP_TIMEOUT))
