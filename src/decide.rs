@@ -39,35 +39,50 @@ pub fn decide(
     counts: &[u64],
     stage: Stage,
 ) -> Result<(), Denial> {
-    if let Some(b) = revoked {
-        return Err(revoked_denial(&token.view, b));
+    let uses = next_uses(token, counts);
+    if let Some(answer) = answer_without_datalog(token, revoked, facts, &uses, stage) {
+        return answer;
     }
-    let uses: Vec<u64> = (0..token.ids.len())
-        .map(|k| counts.get(k).copied().unwrap_or(0).saturating_add(1))
-        .collect();
     match stage {
         Stage::BeforeBody => verifier.authorize_before_body(token, facts, &uses),
         Stage::Final => verifier.authorize(token, facts, &uses),
     }
 }
 
-/// Whether [`decide`] would answer from the token's decision cache, without
-/// running Datalog: the caller may then decide inline, and otherwise hand
-/// the decision to a thread where its cost cannot hold up other requests.
-pub fn decided_by_cache(
+/// [`decide`]'s answer when it needs no Datalog (a revoked block, or the
+/// token's decision cache allows), `None` otherwise: the caller may then
+/// hand the decision to a thread where its cost cannot hold up other
+/// requests.
+pub fn cached_decision(
     token: &VerifiedToken,
     revoked: Option<usize>,
     facts: &RequestFacts,
     counts: &[u64],
     stage: Stage,
-) -> bool {
-    if revoked.is_some() {
-        return true;
-    }
-    let uses: Vec<u64> = (0..token.ids.len())
+) -> Option<Result<(), Denial>> {
+    answer_without_datalog(token, revoked, facts, &next_uses(token, counts), stage)
+}
+
+/// The uses this request would make of every block: the next one.
+fn next_uses(token: &VerifiedToken, counts: &[u64]) -> Vec<u64> {
+    (0..token.ids.len())
         .map(|k| counts.get(k).copied().unwrap_or(0).saturating_add(1))
-        .collect();
-    token.cache_allows(facts, &uses, stage == Stage::BeforeBody)
+        .collect()
+}
+
+fn answer_without_datalog(
+    token: &VerifiedToken,
+    revoked: Option<usize>,
+    facts: &RequestFacts,
+    uses: &[u64],
+    stage: Stage,
+) -> Option<Result<(), Denial>> {
+    if let Some(b) = revoked {
+        return Some(Err(revoked_denial(&token.view, b)));
+    }
+    token
+        .cache_allows(facts, uses, stage == Stage::BeforeBody)
+        .then_some(Ok(()))
 }
 
 /// After reserving: the same decision with this request's own
@@ -121,10 +136,19 @@ mod tests {
     #[test]
     fn a_model_check_waits_for_the_body_and_then_decides() {
         let (v, t) = token(&["gpt-4o-mini"], 5);
-        // Twice: the second answer comes from the decision cache.
-        for _ in 0..2 {
-            decide(&v, &t, None, &facts(None), &[0], Stage::BeforeBody).unwrap();
-        }
+        // The first answer needs Datalog; the second comes from the cache.
+        assert!(cached_decision(&t, None, &facts(None), &[0], Stage::BeforeBody).is_none());
+        decide(&v, &t, None, &facts(None), &[0], Stage::BeforeBody).unwrap();
+        assert!(matches!(
+            cached_decision(&t, None, &facts(None), &[0], Stage::BeforeBody),
+            Some(Ok(()))
+        ));
+        // The cache never answers past a limit; a revoked block needs none.
+        assert!(cached_decision(&t, None, &facts(None), &[5], Stage::BeforeBody).is_none());
+        assert!(matches!(
+            cached_decision(&t, Some(0), &facts(None), &[0], Stage::BeforeBody),
+            Some(Err(_))
+        ));
         decide(
             &v,
             &t,

@@ -28,7 +28,7 @@ use super::AppState;
 use super::error::{Api, ProxyError};
 use super::forward::{Outgoing, forward};
 use super::idempotency::{Claim, MAX_KEY_LEN, digest, scoped_key};
-use crate::decide::{Stage, decide, decided_by_cache};
+use crate::decide::{Stage, cached_decision, decide};
 use crate::monitor::Observation;
 use crate::store::{Reservation, ReservationGuard, StoreError};
 use crate::token::{MAX_TOKEN_LEN, RequestFacts};
@@ -508,8 +508,8 @@ pub(super) async fn decide_off_the_workers(
     counts: &[u64],
     stage: Stage,
 ) -> Result<(), Denial> {
-    if decided_by_cache(token, revoked, facts, counts, stage) {
-        return decide(&st.verifier, token, revoked, facts, counts, stage);
+    if let Some(answer) = cached_decision(token, revoked, facts, counts, stage) {
+        return answer;
     }
     let _permit = st.datalog_permits.acquire().await.map_err(|_| Denial {
         kind: DenialKind::Scope,
