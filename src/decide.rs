@@ -11,9 +11,14 @@
 //! every block's counter and re-checks the limits with the post-increment
 //! values ([`recheck`]), because concurrent requests may have spent the
 //! budget in between.
+//!
+//! Rate windows and concurrency caps are facts too (`rate`, `in_flight`):
+//! the `_windowed` variants take what the window store counted. The plain
+//! variants supply none, so a token with a window or a cap is denied by a
+//! caller that does not count them (deny when unsure).
 
 use crate::token::RequestFacts;
-use crate::verify::{Denial, VerifiedToken, Verifier, revoked_denial};
+use crate::verify::{Denial, VerifiedToken, Verifier, WindowCounts, revoked_denial};
 
 /// How much of the request is known.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,13 +44,37 @@ pub fn decide(
     counts: &[u64],
     stage: Stage,
 ) -> Result<(), Denial> {
+    decide_windowed(
+        verifier,
+        token,
+        revoked,
+        facts,
+        counts,
+        &WindowCounts::default(),
+        stage,
+    )
+}
+
+/// [`decide`] with the window counts this request makes (itself included;
+/// before the window store is asked, [`WindowCounts::alone`]).
+pub fn decide_windowed(
+    verifier: &Verifier,
+    token: &VerifiedToken,
+    revoked: Option<usize>,
+    facts: &RequestFacts,
+    counts: &[u64],
+    windows: &WindowCounts,
+    stage: Stage,
+) -> Result<(), Denial> {
     let uses = next_uses(token, counts);
-    if let Some(answer) = answer_without_datalog(token, revoked, facts, &uses, stage) {
+    if let Some(answer) = answer_without_datalog(token, revoked, facts, &uses, windows, stage) {
         return answer;
     }
     match stage {
-        Stage::BeforeBody => verifier.authorize_before_body(token, facts, &uses),
-        Stage::Final => verifier.authorize(token, facts, &uses),
+        Stage::BeforeBody => {
+            verifier.authorize_before_body_windowed(token, facts, &uses, windows)
+        }
+        Stage::Final => verifier.authorize_windowed(token, facts, &uses, windows),
     }
 }
 
@@ -60,7 +89,33 @@ pub fn cached_decision(
     counts: &[u64],
     stage: Stage,
 ) -> Option<Result<(), Denial>> {
-    answer_without_datalog(token, revoked, facts, &next_uses(token, counts), stage)
+    cached_decision_windowed(
+        token,
+        revoked,
+        facts,
+        counts,
+        &WindowCounts::default(),
+        stage,
+    )
+}
+
+/// [`cached_decision`] with the window counts.
+pub fn cached_decision_windowed(
+    token: &VerifiedToken,
+    revoked: Option<usize>,
+    facts: &RequestFacts,
+    counts: &[u64],
+    windows: &WindowCounts,
+    stage: Stage,
+) -> Option<Result<(), Denial>> {
+    answer_without_datalog(
+        token,
+        revoked,
+        facts,
+        &next_uses(token, counts),
+        windows,
+        stage,
+    )
 }
 
 /// The uses this request would make of every block: the next one.
@@ -75,13 +130,14 @@ fn answer_without_datalog(
     revoked: Option<usize>,
     facts: &RequestFacts,
     uses: &[u64],
+    windows: &WindowCounts,
     stage: Stage,
 ) -> Option<Result<(), Denial>> {
     if let Some(b) = revoked {
         return Some(Err(revoked_denial(&token.view, b)));
     }
     token
-        .cache_allows(facts, uses, stage == Stage::BeforeBody)
+        .cache_allows_windowed(facts, uses, windows, stage == Stage::BeforeBody)
         .then_some(Ok(()))
 }
 
@@ -94,6 +150,17 @@ pub fn recheck(
     uses: &[u64],
 ) -> Result<(), Denial> {
     verifier.authorize(token, facts, uses)
+}
+
+/// [`recheck`] with what the window store counted for this request.
+pub fn recheck_windowed(
+    verifier: &Verifier,
+    token: &VerifiedToken,
+    facts: &RequestFacts,
+    uses: &[u64],
+    windows: &WindowCounts,
+) -> Result<(), Denial> {
+    verifier.authorize_windowed(token, facts, uses, windows)
 }
 
 #[cfg(test)]

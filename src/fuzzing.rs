@@ -44,6 +44,8 @@ fn parent() -> &'static str {
                 expires: Some(UNIX_EPOCH + Duration::from_secs(4_000_000_000)),
                 label: Some("fuzz".into()),
                 datalog: None,
+                rates: Vec::new(),
+                concurrency: None,
             },
         )
         .expect("a vocabulary scope issues")

@@ -38,10 +38,72 @@ pub struct VerifiedToken {
     pub specs: Vec<crate::store::CounterSpec>,
     /// Earliest expiry of any block, as seconds since the Unix epoch.
     pub expires_unix: Option<u64>,
+    /// The rate windows a request with this token must fit in: every
+    /// block's own windows, so a child's requests fill its ancestors'.
+    pub windows: Vec<WindowSpec>,
+    /// The concurrency caps a request with this token must fit in.
+    pub caps: Vec<CapSpec>,
     /// Present when the decision cache is sound for this token.
     fast: Option<FastPath>,
     /// The key set it was verified with ([`Verifier::is_current`]).
     pub root_key: crate::token::keyset::KeyStamp,
+}
+
+/// One rate window of a block: at most `limit` requests in any `seconds`,
+/// counted over every request of the block and of the keys made from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowSpec {
+    /// Index of the block in the token.
+    pub block: usize,
+    /// Revocation id of the block: with `seconds`, the window's identity.
+    pub id: String,
+    pub limit: u64,
+    pub seconds: u64,
+}
+
+/// One concurrency cap of a block: at most `limit` requests in flight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapSpec {
+    pub block: usize,
+    pub id: String,
+    pub limit: u64,
+}
+
+/// What the window store counted for one request, itself included: the
+/// `rate(block, seconds, n)` and `in_flight(block, n)` facts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WindowCounts {
+    /// `(block, seconds, requests in the window)`.
+    pub rates: Vec<(usize, u64, u64)>,
+    /// `(block, requests in flight)`.
+    pub in_flight: Vec<(usize, u64)>,
+}
+
+impl WindowCounts {
+    /// This request alone in every window and cap: the decision before the
+    /// window store is asked. The store's own atomic admission (and the
+    /// re-check with what it counted) is what keeps a window exact.
+    pub fn alone(token: &VerifiedToken) -> Self {
+        WindowCounts {
+            rates: token
+                .windows
+                .iter()
+                .map(|w| (w.block, w.seconds, 1))
+                .collect(),
+            in_flight: token.caps.iter().map(|c| (c.block, 1)).collect(),
+        }
+    }
+
+    fn rate(&self, k: usize, secs: u64) -> Option<u64> {
+        self.rates
+            .iter()
+            .find(|&&(b, d, _)| b == k && d == secs)
+            .map(|r| r.2)
+    }
+
+    fn flight(&self, k: usize) -> Option<u64> {
+        self.in_flight.iter().find(|&&(b, _)| b == k).map(|r| r.1)
+    }
 }
 
 /// Decision cache of a "plain" token: every check of every block is one Till
@@ -62,6 +124,10 @@ pub struct VerifiedToken {
 struct FastPath {
     /// Every `uses(k, $u), $u <= n` check, as (k, n).
     limits: Vec<(usize, u64)>,
+    /// Every `rate(k, d, $u), $u <= n` check, as (k, d, n).
+    rates: Vec<(usize, u64, u64)>,
+    /// Every `in_flight(k, $c), $c <= n` check, as (k, n).
+    caps: Vec<(usize, u64)>,
     /// Every `time($t), $t <= d` check's d.
     expires: Vec<u64>,
     /// Request shapes Datalog allowed.
@@ -83,6 +149,8 @@ fn fast_path(view: &TokenView, policies: &Policies) -> Option<FastPath> {
         return None;
     }
     let mut limits = Vec::new();
+    let mut rates = Vec::new();
+    let mut caps = Vec::new();
     let mut expires = Vec::new();
     for b in &view.blocks {
         if b.has_rules_or_scopes || b.third_party_key.is_some() {
@@ -91,6 +159,12 @@ fn fast_path(view: &TokenView, policies: &Policies) -> Option<FastPath> {
         for c in &b.checks {
             match c {
                 CheckMeaning::UseLimit { block, limit } => limits.push((*block, *limit)),
+                CheckMeaning::RateLimit {
+                    block,
+                    limit,
+                    seconds,
+                } => rates.push((*block, *seconds, *limit)),
+                CheckMeaning::Concurrency { block, limit } => caps.push((*block, *limit)),
                 CheckMeaning::Expires { unix, .. } => expires.push(*unix),
                 CheckMeaning::Services { .. }
                 | CheckMeaning::Methods { .. }
@@ -102,6 +176,8 @@ fn fast_path(view: &TokenView, policies: &Policies) -> Option<FastPath> {
     }
     Some(FastPath {
         limits,
+        rates,
+        caps,
         expires,
         allowed: std::sync::RwLock::new(Vec::new()),
         pending: std::sync::RwLock::new(Vec::new()),
@@ -114,7 +190,13 @@ impl FastPath {
     }
     /// True when the cached decision applies and allows the request (or,
     /// with `pending`, lets it go on to read its body).
-    fn allows(&self, req: &RequestFacts, uses: &[u64], pending: bool) -> bool {
+    fn allows(
+        &self,
+        req: &RequestFacts,
+        uses: &[u64],
+        windows: &WindowCounts,
+        pending: bool,
+    ) -> bool {
         let now = match req.time.duration_since(std::time::UNIX_EPOCH) {
             Ok(d) => d.as_secs(),
             Err(_) => return false,
@@ -124,6 +206,14 @@ impl FastPath {
                 .limits
                 .iter()
                 .all(|&(k, n)| uses.get(k).is_some_and(|&u| u <= n))
+            && self
+                .rates
+                .iter()
+                .all(|&(k, d, n)| windows.rate(k, d).is_some_and(|u| u <= n))
+            && self
+                .caps
+                .iter()
+                .all(|&(k, n)| windows.flight(k).is_some_and(|c| c <= n))
             && if pending {
                 &self.pending
             } else {
@@ -165,9 +255,21 @@ impl VerifiedToken {
     /// uses (`before_body`: the model is not known yet). `false` means only
     /// that Datalog must decide. Cheap: no Datalog runs here.
     pub fn cache_allows(&self, req: &RequestFacts, uses: &[u64], before_body: bool) -> bool {
+        self.cache_allows_windowed(req, uses, &WindowCounts::default(), before_body)
+    }
+
+    /// [`VerifiedToken::cache_allows`] with the window counts of the
+    /// request.
+    pub fn cache_allows_windowed(
+        &self,
+        req: &RequestFacts,
+        uses: &[u64],
+        windows: &WindowCounts,
+        before_body: bool,
+    ) -> bool {
         self.fast
             .as_ref()
-            .is_some_and(|f| f.allows(req, uses, before_body))
+            .is_some_and(|f| f.allows(req, uses, windows, before_body))
     }
 
     /// The token family: the authority block's revocation id.
@@ -184,6 +286,9 @@ pub enum DenialKind {
     Scope,
     /// Only use limits failed (429).
     Exhausted,
+    /// Only rate windows or concurrency caps failed: full now, free later
+    /// (429 with `Retry-After`).
+    RateLimited,
     /// A block expired (403; alerts treat it specially).
     Expired,
     /// A block is revoked (403).
@@ -245,6 +350,9 @@ impl Verifier {
         crate::token::shape::check(&raw)?;
         let (biscuit, root_key) = self.keys.verify(&raw)?;
         let view = inspect(&raw)?;
+        if let Some(p) = view.blocks.iter().find_map(|b| b.window_problem.clone()) {
+            return Err(TokenError::Shape(p));
+        }
         let ids = raw.revocation_ids();
         let limits: Vec<Option<u64>> = view.blocks.iter().map(|b| b.use_limit).collect();
         let specs = counter_specs(&view, &ids, &limits);
@@ -254,6 +362,7 @@ impl Verifier {
                 .map(|d| d.as_secs())
         });
         let fast = fast_path(&view, &self.policies);
+        let (windows, caps) = window_specs(&view, &ids);
         Ok(VerifiedToken {
             biscuit,
             view,
@@ -261,6 +370,8 @@ impl Verifier {
             limits,
             specs,
             expires_unix,
+            windows,
+            caps,
             fast,
             root_key,
         })
@@ -268,18 +379,32 @@ impl Verifier {
 
     /// Runs the policies and every block's checks with the request facts and
     /// `uses[k]` = activations of block `k`, this request included.
+    /// No window counts are supplied: a token with rate windows or a
+    /// concurrency cap is denied ([`Verifier::authorize_windowed`] counts).
     pub fn authorize(
         &self,
         token: &VerifiedToken,
         req: &RequestFacts,
         uses: &[u64],
     ) -> Result<(), Denial> {
+        self.authorize_windowed(token, req, uses, &WindowCounts::default())
+    }
+
+    /// [`Verifier::authorize`] with the `rate` and `in_flight` facts of
+    /// the request.
+    pub fn authorize_windowed(
+        &self,
+        token: &VerifiedToken,
+        req: &RequestFacts,
+        uses: &[u64],
+        windows: &WindowCounts,
+    ) -> Result<(), Denial> {
         if let Some(f) = &token.fast
-            && f.allows(req, uses, false)
+            && f.allows(req, uses, windows, false)
         {
             return Ok(());
         }
-        match self.run(token, req, uses)? {
+        match self.run(token, req, uses, windows)? {
             Ok(()) => {
                 if let Some(f) = &token.fast {
                     f.remember(req, false);
@@ -300,12 +425,23 @@ impl Verifier {
         req: &RequestFacts,
         uses: &[u64],
     ) -> Result<(), Denial> {
+        self.authorize_before_body_windowed(token, req, uses, &WindowCounts::default())
+    }
+
+    /// [`Verifier::authorize_before_body`] with the window counts.
+    pub fn authorize_before_body_windowed(
+        &self,
+        token: &VerifiedToken,
+        req: &RequestFacts,
+        uses: &[u64],
+        windows: &WindowCounts,
+    ) -> Result<(), Denial> {
         if let Some(f) = &token.fast
-            && f.allows(req, uses, true)
+            && f.allows(req, uses, windows, true)
         {
             return Ok(());
         }
-        let outcome = match self.run(token, req, uses)? {
+        let outcome = match self.run(token, req, uses, windows)? {
             Ok(()) => Ok(()),
             Err(e) if self.model_could_change(&e, token) => Ok(()),
             // What the model would decide is not the reason: leave it out.
@@ -350,6 +486,7 @@ impl Verifier {
         token: &VerifiedToken,
         req: &RequestFacts,
         uses: &[u64],
+        windows: &WindowCounts,
     ) -> Result<Result<(), BToken>, Denial> {
         let internal = |e: TokenError| Denial {
             kind: DenialKind::Scope,
@@ -379,6 +516,9 @@ impl Verifier {
         }
         let builder = req
             .add_to(self.policies.builder(), uses)
+            .and_then(|b| {
+                crate::token::vocab::add_windows_to(b, &windows.rates, &windows.in_flight)
+            })
             .map_err(internal)?;
         let mut authorizer = match builder.build(&token.biscuit) {
             Ok(a) => a,
@@ -470,6 +610,30 @@ fn counter_specs(
         .collect()
 }
 
+/// Every block's own rate windows and concurrency cap, authority first.
+fn window_specs(view: &TokenView, ids: &[String]) -> (Vec<WindowSpec>, Vec<CapSpec>) {
+    let mut windows = Vec::new();
+    let mut caps = Vec::new();
+    for (b, id) in view.blocks.iter().zip(ids) {
+        for r in &b.rates {
+            windows.push(WindowSpec {
+                block: b.index,
+                id: id.clone(),
+                limit: r.limit,
+                seconds: r.seconds,
+            });
+        }
+        if let Some(limit) = b.concurrency {
+            caps.push(CapSpec {
+                block: b.index,
+                id: id.clone(),
+                limit,
+            });
+        }
+    }
+    (windows, caps)
+}
+
 /// Returns the first revoked block of the token, if any.
 pub fn first_revoked(token_ids: &[String], revoked: &HashSet<String>) -> Option<usize> {
     token_ids.iter().position(|id| revoked.contains(id))
@@ -542,6 +706,7 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
         .filter(|c| !(skip_model && reads_model(c, token)))
         .collect();
     let mut all_limits = !checks.is_empty();
+    let mut any_use_limit = false;
     let mut expired = false;
     for c in &checks {
         match c {
@@ -554,9 +719,11 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
                     .and_then(|blk| blk.checks.get(b.check_id as usize));
                 match meaning {
                     Some(m) => {
-                        all_limits &= m.is_use_limit();
+                        let limit = m.is_use_limit() || m.is_window();
+                        all_limits &= limit;
+                        any_use_limit |= m.is_use_limit();
                         expired |= matches!(m, CheckMeaning::Expires { .. });
-                        reasons.push((m.is_use_limit(), m.explain(i, &token.view)));
+                        reasons.push((limit, m.explain(i, &token.view)));
                     }
                     None => {
                         all_limits = false;
@@ -597,8 +764,11 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
     }
     let kind = if expired {
         DenialKind::Expired
-    } else if all_limits {
+    } else if all_limits && any_use_limit {
+        // Spent for good beats full for now: retrying cannot help.
         DenialKind::Exhausted
+    } else if all_limits {
+        DenialKind::RateLimited
     } else {
         DenialKind::Scope
     };

@@ -66,6 +66,16 @@ pub fn render(v: &TokenView) -> String {
                 CheckMeaning::UseLimit { block, limit } => {
                     format!("use limit on block {block}: {limit}")
                 }
+                CheckMeaning::RateLimit { limit, seconds, .. } => format!(
+                    "rate limit: {} (at most {limit} requests in any {seconds} s)",
+                    crate::token::vocab::Rate {
+                        limit: *limit,
+                        seconds: *seconds
+                    }
+                ),
+                CheckMeaning::Concurrency { limit, .. } => {
+                    format!("concurrency cap: {limit} in flight")
+                }
                 CheckMeaning::Expires { at, .. } => format!("expires: {at}"),
                 CheckMeaning::Services { allowed } => format!("services: {}", list(allowed)),
                 CheckMeaning::Methods { allowed } => format!("methods: {}", list(allowed)),

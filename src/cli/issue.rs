@@ -30,6 +30,15 @@ pub struct ScopeArgs {
     // error from us rather than clap's "unexpected argument '-1'".
     #[arg(long, value_name = "N", allow_hyphen_values = true)]
     pub max_uses: Option<String>,
+    /// Rate window N/DURATION (repeatable): at most N requests in any DURATION, e.g. 10/1s,
+    /// 100/1h. Counts every request of this token and of tokens derived from it; a full window
+    /// answers 429 rate_limited with Retry-After.
+    #[arg(long = "rate", value_name = "N/DURATION")]
+    pub rates: Vec<String>,
+    /// At most N requests of this token (and tokens derived from it) in flight at once;
+    /// a request holds its slot until its response (streamed or not) ends.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub concurrency: Option<String>,
     /// Lifetime from now, e.g. 10m, 24h, 7d, 1h30m.
     #[arg(
         long,
@@ -70,6 +79,16 @@ impl ScopeArgs {
             (None, None) => None,
         };
         let max_uses = self.max_uses.as_deref().map(parse_max_uses).transpose()?;
+        let rates = self
+            .rates
+            .iter()
+            .map(|r| vocab::Rate::parse(r).map_err(|e| flag_error("--rate", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let concurrency = self
+            .concurrency
+            .as_deref()
+            .map(parse_concurrency)
+            .transpose()?;
         Ok(Scope {
             services: self.services.clone(),
             methods,
@@ -79,6 +98,8 @@ impl ScopeArgs {
             expires,
             label: self.label.clone(),
             datalog: self.datalog.clone(),
+            rates,
+            concurrency,
         })
     }
 }
@@ -99,6 +120,17 @@ fn parse_max_uses(s: &str) -> anyhow::Result<u64> {
         ),
         Err(_) => bail!(
             "--max-uses {s:?} is not a whole number: a use limit is a whole number of at least 1, e.g. --max-uses 100"
+        ),
+    }
+}
+
+/// `--concurrency`: 1 to [`vocab::MAX_CONCURRENCY`].
+fn parse_concurrency(s: &str) -> anyhow::Result<u64> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if (1..=vocab::MAX_CONCURRENCY).contains(&n) => Ok(n),
+        _ => bail!(
+            "--concurrency {s:?}: give how many requests may be in flight at once, a whole number from 1 to {}, e.g. --concurrency 4",
+            vocab::MAX_CONCURRENCY
         ),
     }
 }

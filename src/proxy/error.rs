@@ -51,6 +51,9 @@ pub enum ProxyError {
     ProviderKey,
     /// 403 / 429 from authorization or revocation.
     Denied(Denial),
+    /// 429 with `Retry-After` (whole seconds until a slot frees): a rate
+    /// window or concurrency cap of the token is full right now.
+    RateLimited { reason: String, retry_after: u32 },
     /// 400: the request itself is malformed (path tricks, bad header).
     BadRequest(String),
     /// 405: a method that is never forwarded (TRACE, TRACK, CONNECT), with
@@ -89,9 +92,12 @@ impl ProxyError {
             ProxyError::MissingToken | ProxyError::InvalidToken(_) | ProxyError::ProviderKey => {
                 StatusCode::UNAUTHORIZED
             }
-            ProxyError::Denied(d) if d.kind == DenialKind::Exhausted => {
+            ProxyError::Denied(d)
+                if matches!(d.kind, DenialKind::Exhausted | DenialKind::RateLimited) =>
+            {
                 StatusCode::TOO_MANY_REQUESTS
             }
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Denied(_) => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -116,11 +122,13 @@ impl ProxyError {
             ProxyError::InvalidToken(_) | ProxyError::ProviderKey => "invalid_token",
             ProxyError::Denied(d) => match d.kind {
                 DenialKind::Exhausted => "activations_exhausted",
+                DenialKind::RateLimited => "rate_limited",
                 DenialKind::Expired => "token_expired",
                 DenialKind::Revoked => "token_revoked",
                 DenialKind::Limits => "authorization_limits",
                 DenialKind::Scope => "out_of_scope",
             },
+            ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::UnknownService(_) => "unknown_service",
@@ -147,6 +155,10 @@ impl ProxyError {
             // may be gone in a moment.
             ProxyError::Busy(_) | ProxyError::IdempotencyConflict => Retry::After(1),
             ProxyError::StoreUnavailable(_) => Retry::After(5),
+            // A window frees a slot at a known time; the SDKs' own backoff
+            // then succeeds without spending anything meanwhile.
+            ProxyError::RateLimited { retry_after, .. } => Retry::After((*retry_after).max(1)),
+            ProxyError::Denied(d) if d.kind == DenialKind::RateLimited => Retry::After(1),
             // The upstream or the network may recover; each new attempt
             // is counted unless it repeats an `Idempotency-Key`.
             ProxyError::BodyTimeout(_)
@@ -178,6 +190,9 @@ impl ProxyError {
             // What OpenAI answers when the credit is spent: agent frameworks
             // treat it as final, unlike `rate_limit_error`.
             ProxyError::Denied(d) if d.kind == DenialKind::Exhausted => "insufficient_quota",
+            // OpenAI's own name for a full rate window: SDKs back off and retry.
+            ProxyError::Denied(d) if d.kind == DenialKind::RateLimited => "rate_limit_error",
+            ProxyError::RateLimited { .. } => "rate_limit_error",
             ProxyError::Denied(_) => "permission_error",
             ProxyError::BadRequest(_)
             | ProxyError::MethodNotAllowed(_)
@@ -202,7 +217,12 @@ impl ProxyError {
             ProxyError::MissingToken | ProxyError::InvalidToken(_) | ProxyError::ProviderKey => {
                 "authentication_error"
             }
-            ProxyError::Denied(d) if d.kind == DenialKind::Exhausted => "rate_limit_error",
+            ProxyError::Denied(d)
+                if matches!(d.kind, DenialKind::Exhausted | DenialKind::RateLimited) =>
+            {
+                "rate_limit_error"
+            }
+            ProxyError::RateLimited { .. } => "rate_limit_error",
             ProxyError::Denied(_)
             | ProxyError::FamilyFull(_)
             | ProxyError::GatewayNotTrusted(_) => "permission_error",
@@ -229,6 +249,7 @@ impl ProxyError {
             ProxyError::InvalidToken(m) => format!("invalid Till token: {m}"),
             ProxyError::ProviderKey => "this looks like a provider API key, not a Till token; ask your operator for a Till token".into(),
             ProxyError::Denied(d) => d.reason.clone(),
+            ProxyError::RateLimited { reason, .. } => reason.clone(),
             ProxyError::BadRequest(m) => format!("bad request: {m}"),
             ProxyError::MethodNotAllowed(m) => format!(
                 "method {m} is not allowed: Till never forwards TRACE, TRACK or CONNECT, whatever the token; use GET, POST or another ordinary method"

@@ -29,6 +29,18 @@ pub enum CheckMeaning {
         block: usize,
         limit: u64,
     },
+    /// `check if rate(block, seconds, $u), $u <= limit`: at most `limit`
+    /// requests in any `seconds`.
+    RateLimit {
+        block: usize,
+        limit: u64,
+        seconds: u64,
+    },
+    /// `check if in_flight(block, $c), $c <= limit`
+    Concurrency {
+        block: usize,
+        limit: u64,
+    },
     /// `check if time($t), $t <= expires`
     Expires {
         at: String,
@@ -68,6 +80,15 @@ pub struct BlockView {
     pub rights: Vec<(String, String, String)>,
     /// Own use limit (`check if uses(index, ..)` in this block), if any.
     pub use_limit: Option<u64>,
+    /// Rate windows this block declares on itself, e.g. `10/1m`.
+    pub rates: Vec<super::vocab::Rate>,
+    /// Concurrency cap this block declares on itself.
+    pub concurrency: Option<u64>,
+    /// Why this block's use of the window vocabulary (`rate`, `in_flight`)
+    /// cannot be enforced exactly, if it cannot: the verifier refuses such
+    /// a token rather than count a window that other requests do not feed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_problem: Option<String>,
     /// Earliest expiry among this block's checks.
     pub expires: Option<String>,
     #[serde(skip)]
@@ -356,6 +377,50 @@ fn describe(
             _ => None,
         })
         .min();
+    let mut rates: Vec<super::vocab::Rate> = Vec::new();
+    let mut concurrency: Option<u64> = None;
+    let mut window_problem = None;
+    for (c, raw) in checks.iter().zip(&block.checks) {
+        let reads_window = raw.queries.iter().any(|q| {
+            q.body.iter().any(|p| {
+                let n = sym(syms, p.name);
+                n == names::RATE || n == names::IN_FLIGHT
+            })
+        });
+        match c {
+            CheckMeaning::RateLimit {
+                block,
+                limit,
+                seconds,
+            } if *block == index => match super::vocab::Rate::new(*limit, *seconds) {
+                Ok(r) => match rates.iter_mut().find(|x| x.seconds == r.seconds) {
+                    Some(x) => x.limit = x.limit.min(r.limit),
+                    None => rates.push(r),
+                },
+                Err(e) => {
+                    window_problem.get_or_insert(format!("block {index}'s rate window: {e}"));
+                }
+            },
+            CheckMeaning::Concurrency { block, limit }
+                if *block == index && (1..=super::vocab::MAX_CONCURRENCY).contains(limit) =>
+            {
+                concurrency = Some(concurrency.map_or(*limit, |c: u64| c.min(*limit)));
+            }
+            _ if reads_window => {
+                window_problem.get_or_insert(format!(
+                    "block {index} has a check on rate or in_flight that is not its own window or cap (`check if rate({index}, SECONDS, $u), $u <= N` or `check if in_flight({index}, $c), $c <= N`): only those are counted"
+                ));
+            }
+            _ => {}
+        }
+    }
+    if rates.len() > super::vocab::MAX_WINDOWS_PER_BLOCK {
+        window_problem.get_or_insert(format!(
+            "block {index} declares {} rate windows, more than {}",
+            rates.len(),
+            super::vocab::MAX_WINDOWS_PER_BLOCK
+        ));
+    }
     let expires_unix = checks
         .iter()
         .filter_map(|c| match c {
@@ -372,6 +437,9 @@ fn describe(
         labels,
         rights,
         use_limit,
+        rates,
+        concurrency,
+        window_problem,
         expires: expires_at.map(format_time),
         expires_at,
         checks,
@@ -503,6 +571,36 @@ fn meaning(check: &Check, syms: &SymbolTable, esc: &SymbolTable) -> CheckMeaning
         }
         return custom();
     }
+    if check.queries.len() == 1 && names0 == [names::RATE] && is_at_most(q0) {
+        if let (
+            [Term::Integer(k), Term::Integer(d), Term::Variable(_)],
+            [Term::Integer(n)],
+        ) = (q0.body[0].terms.as_slice(), constants(q0).as_slice())
+            && *k >= 0
+            && *d >= 0
+            && *n >= 0
+        {
+            return CheckMeaning::RateLimit {
+                block: *k as usize,
+                limit: *n as u64,
+                seconds: *d as u64,
+            };
+        }
+        return custom();
+    }
+    if check.queries.len() == 1 && names0 == [names::IN_FLIGHT] && is_at_most(q0) {
+        if let ([Term::Integer(k), Term::Variable(_)], [Term::Integer(n)]) =
+            (q0.body[0].terms.as_slice(), constants(q0).as_slice())
+            && *k >= 0
+            && *n >= 0
+        {
+            return CheckMeaning::Concurrency {
+                block: *k as usize,
+                limit: *n as u64,
+            };
+        }
+        return custom();
+    }
     if check.queries.len() == 1 && names0 == [names::TIME] && is_at_most(q0) {
         if let [Term::Date(d)] = constants(q0).as_slice() {
             let at = format_time(UNIX_EPOCH + Duration::from_secs(*d));
@@ -561,6 +659,16 @@ impl CheckMeaning {
                 view.key_name(*block),
                 times(*limit)
             ),
+            CheckMeaning::RateLimit { limit, seconds, .. } => {
+                let r = super::vocab::Rate {
+                    limit: *limit,
+                    seconds: *seconds,
+                };
+                format!("{who} allows {r} (at most {limit} requests in any {seconds} s) and that window is full; retry when a slot frees")
+            }
+            CheckMeaning::Concurrency { limit, .. } => format!(
+                "{who} allows {limit} request(s) in flight at once and that many are running; retry when one finishes"
+            ),
             CheckMeaning::Expires { at, .. } => format!("{who} expired at {at}; {ask}"),
             CheckMeaning::Services { allowed } => {
                 format!("{who} only allows service {}", list(allowed))
@@ -582,6 +690,15 @@ impl CheckMeaning {
     /// Whether this is an activation limit (429) rather than a scope denial (403).
     pub fn is_use_limit(&self) -> bool {
         matches!(self, CheckMeaning::UseLimit { .. })
+    }
+
+    /// Whether this is a rate window or concurrency cap: full now, free
+    /// later (429, retryable).
+    pub fn is_window(&self) -> bool {
+        matches!(
+            self,
+            CheckMeaning::RateLimit { .. } | CheckMeaning::Concurrency { .. }
+        )
     }
 }
 

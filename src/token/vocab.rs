@@ -22,6 +22,19 @@ pub mod names {
     pub const USE_LIMIT: &str = "use_limit";
     /// `uses($block, $n)`: supplied by the verifier for every block.
     pub const USES: &str = "uses";
+    /// `rate_limit($block, $n, $seconds)`: informational twin of the `rate`
+    /// check (at most `$n` requests in any `$seconds`).
+    pub const RATE_LIMIT: &str = "rate_limit";
+    /// `rate($block, $seconds, $n)`: supplied by the verifier for every
+    /// window a block declares on itself: requests admitted to that window
+    /// in the last `$seconds`, this one included.
+    pub const RATE: &str = "rate";
+    /// `concurrency_limit($block, $n)`: informational twin of the
+    /// `in_flight` check.
+    pub const CONCURRENCY_LIMIT: &str = "concurrency_limit";
+    /// `in_flight($block, $n)`: supplied by the verifier for every block
+    /// with a concurrency cap: its requests in flight, this one included.
+    pub const IN_FLIGHT: &str = "in_flight";
     pub const SERVICE: &str = "service";
     pub const METHOD: &str = "method";
     pub const PATH: &str = "path";
@@ -52,10 +65,90 @@ pub struct Scope {
     pub max_uses: Option<u64>,
     /// The block stops being valid at this instant.
     pub expires: Option<SystemTime>,
+    /// Rate windows of this block (and everything under it): at most
+    /// `limit` requests in any `seconds`.
+    pub rates: Vec<Rate>,
+    /// At most this many requests of this block (and everything under it)
+    /// in flight at once.
+    pub concurrency: Option<u64>,
     /// Free text shown in `inspect`, usage and audit logs.
     pub label: Option<String>,
     /// Extra Datalog for experts, appended verbatim to the block.
     pub datalog: Option<String>,
+}
+
+/// Most requests one rate window may admit: the in-process sliding log
+/// holds one timestamp (8 bytes) per admitted request for the window's
+/// length, so this bounds a window's memory to 800 KB.
+pub const MAX_RATE: u64 = 100_000;
+/// Longest rate window: 31 days. Longer spans are what use limits are for.
+pub const MAX_WINDOW_SECS: u64 = 31 * 86_400;
+/// Most rate windows one block may declare on itself.
+pub const MAX_WINDOWS_PER_BLOCK: usize = 4;
+/// Largest concurrency cap.
+pub const MAX_CONCURRENCY: u64 = 100_000;
+
+/// One rate window: at most `limit` requests in any `seconds`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Rate {
+    pub limit: u64,
+    pub seconds: u64,
+}
+
+impl Rate {
+    /// Parses `N/DURATION`, e.g. `10/1s`, `100/1h`, `1000/1d`.
+    pub fn parse(s: &str) -> Result<Rate, TokenError> {
+        let err = |why: &str| {
+            TokenError::InvalidScope(format!(
+                "{s:?} {why}; write N/DURATION, e.g. 10/1s, 100/1h or 1000/1d"
+            ))
+        };
+        let (n, d) = s.trim().split_once('/').ok_or_else(|| err("has no '/'"))?;
+        let limit: u64 = n
+            .trim()
+            .parse()
+            .map_err(|_| err("does not start with a whole number of requests"))?;
+        let span = super::parse_duration(d.trim()).map_err(|_| {
+            err("does not end with a duration (a number with a unit s, m, h or d)")
+        })?;
+        Rate::new(limit, span.as_secs()).map_err(|e| match e {
+            TokenError::InvalidScope(m) => err(&m),
+            e => e,
+        })
+    }
+
+    /// Checks the bounds Till accepts.
+    pub fn new(limit: u64, seconds: u64) -> Result<Rate, TokenError> {
+        if limit == 0 {
+            return Err(TokenError::InvalidScope(
+                "allows 0 requests, so the key could never be used; allow at least 1".into(),
+            ));
+        }
+        if limit > MAX_RATE {
+            return Err(TokenError::InvalidScope(format!(
+                "allows more than {MAX_RATE} requests per window; use a shorter window (or a use limit)"
+            )));
+        }
+        if seconds == 0 || seconds > MAX_WINDOW_SECS {
+            return Err(TokenError::InvalidScope(format!(
+                "has a window of {seconds} s; windows are 1s to 31d"
+            )));
+        }
+        Ok(Rate { limit, seconds })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.seconds;
+        let unit = [(86_400, "d"), (3600, "h"), (60, "m")]
+            .into_iter()
+            .find(|(u, _)| s % u == 0);
+        match unit {
+            Some((u, name)) => write!(f, "{}/{}{name}", self.limit, s / u),
+            None => write!(f, "{}/{s}s", self.limit),
+        }
+    }
 }
 
 /// Upper-cases and validates a method name (letters only).
@@ -145,6 +238,45 @@ fn common(mut b: BlockBuilder, scope: &Scope, index: usize) -> Result<BlockBuild
             b,
             "use_limit({k}, {n}); check if uses({k}, $u), $u <= {n}",
             vec![("k", Term::Integer(k)), ("n", Term::Integer(n))],
+        )?;
+    }
+    let mut seen = BTreeSet::new();
+    for r in &scope.rates {
+        let r = Rate::new(r.limit, r.seconds)?;
+        if !seen.insert(r.seconds) {
+            return Err(TokenError::InvalidScope(format!(
+                "two rates with the same window ({}s); keep the smaller one",
+                r.seconds
+            )));
+        }
+        let k = index as i64;
+        b = add_code(
+            b,
+            "rate_limit({k}, {n}, {d}); check if rate({k}, {d}, $u), $u <= {n}",
+            vec![
+                ("k", Term::Integer(k)),
+                ("n", Term::Integer(r.limit as i64)),
+                ("d", Term::Integer(r.seconds as i64)),
+            ],
+        )?;
+    }
+    if seen.len() > MAX_WINDOWS_PER_BLOCK {
+        return Err(TokenError::InvalidScope(format!(
+            "{} rate windows on one key; at most {MAX_WINDOWS_PER_BLOCK}",
+            seen.len()
+        )));
+    }
+    if let Some(n) = scope.concurrency {
+        if n == 0 || n > MAX_CONCURRENCY {
+            return Err(TokenError::InvalidScope(format!(
+                "--concurrency {n}: a concurrency cap is 1 to {MAX_CONCURRENCY} requests in flight"
+            )));
+        }
+        let k = index as i64;
+        b = add_code(
+            b,
+            "concurrency_limit({k}, {n}); check if in_flight({k}, $c), $c <= {n}",
+            vec![("k", Term::Integer(k)), ("n", Term::Integer(n as i64))],
         )?;
     }
     if let Some(code) = &scope.datalog {
@@ -266,4 +398,27 @@ impl RequestFacts {
         }
         Ok(a)
     }
+}
+
+/// Appends `rate(k, seconds, n)` for each window and `in_flight(k, n)` for
+/// each concurrency cap: the counts this request makes, itself included.
+pub(crate) fn add_windows_to(
+    mut a: biscuit_auth::AuthorizerBuilder,
+    rates: &[(usize, u64, u64)],
+    in_flight: &[(usize, u64)],
+) -> Result<biscuit_auth::AuthorizerBuilder, TokenError> {
+    use builder::{fact, int};
+    let e = TokenError::from_biscuit;
+    let i = |n: u64| int(i64::try_from(n).unwrap_or(i64::MAX));
+    for &(k, secs, n) in rates {
+        a = a
+            .fact(fact(names::RATE, &[i(k as u64), i(secs), i(n)]))
+            .map_err(e)?;
+    }
+    for &(k, n) in in_flight {
+        a = a
+            .fact(fact(names::IN_FLIGHT, &[i(k as u64), i(n)]))
+            .map_err(e)?;
+    }
+    Ok(a)
 }
