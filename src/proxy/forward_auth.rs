@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::{Api, ProxyError};
 use super::handler::{
-    decide_off_the_workers, extract_token, reserve_and_recheck, respond, store_error, verify_token,
+    admit_windows, decide_off_the_workers, extract_token, reserve_and_recheck, respond, store_error, verify_token,
 };
 use super::{AppState, Upstream};
 use crate::decide::Stage;
@@ -121,8 +121,10 @@ async fn decide_check(
         model: None,
         time: st.clock.now(),
     };
+    let alone = crate::verify::WindowCounts::alone(&token);
     if let Err(d) =
-        decide_off_the_workers(st, &token, revoked, &facts, &counts, Stage::BeforeBody).await
+        decide_off_the_workers(st, &token, revoked, &facts, &counts, &alone, Stage::BeforeBody)
+            .await
     {
         obs.uses = Some(counts);
         return Err(ProxyError::Denied(d));
@@ -138,7 +140,7 @@ async fn decide_check(
     let decided = if reads_model {
         Err(None)
     } else {
-        decide_off_the_workers(st, &token, None, &facts, &counts, Stage::Final)
+        decide_off_the_workers(st, &token, None, &facts, &counts, &alone, Stage::Final)
             .await
             .map_err(Some)
     };
@@ -152,8 +154,26 @@ async fn decide_check(
         }));
     }
 
+    // A concurrency slot is held until the response ends, and only the
+    // gateway sees that end: a cap cannot be kept here, so it is refused
+    // rather than ignored.
+    if let Some(c) = token.caps.first() {
+        return Err(ProxyError::Denied(Denial {
+            kind: crate::verify::DenialKind::Scope,
+            reason: format!(
+                "{} has a concurrency cap ({} in flight), which Till can only hold when it forwards the request itself, and a forward-auth check does not see when the request ends; send this key's requests through Till's proxy (/{service}/...), or use a key without --concurrency here",
+                token.view.key_name(c.block),
+                c.limit
+            ),
+        }));
+    }
+    // Rate windows: every slot or none, before anything is counted.
+    let (windows, window_guard) = admit_windows(st, &token, obs).await?;
+
     // 3. Reserve, re-check with this request's own counts, make durable.
-    reserve_and_recheck(st, &token, &facts, obs).await?;
+    reserve_and_recheck(st, &token, &facts, &windows, obs).await?;
+    // The request is allowed: its rate slots are spent (no in-flight slot).
+    drop(window_guard.map(crate::store::window::WindowGuard::forwarded));
 
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();

@@ -6,6 +6,9 @@
 //!    revocation, expiry, scope on service/method/path, and the current use
 //!    counts, *without* reserving. A refused request stops here: it never
 //!    reads its body, reserves, or creates state.
+//!    A token with rate windows or a concurrency cap then takes its slots
+//!    ([`admit_windows`]): a full window refuses here (429 `rate_limited`,
+//!    `Retry-After`) before the body is read, taking nothing.
 //! 3. Only then read a JSON body (deadline `body_timeout_secs`, global cap
 //!    `max_buffered_bytes`) and decide again with its `model`.
 //! 4. Reserve every block's counter, re-check the limits with this
@@ -28,11 +31,12 @@ use super::AppState;
 use super::error::{Api, ProxyError};
 use super::forward::{Outgoing, forward};
 use super::idempotency::{Claim, MAX_KEY_LEN, digest, scoped_key};
-use crate::decide::{Stage, cached_decision, decide};
+use crate::decide::{Stage, cached_decision_windowed, decide_windowed};
 use crate::monitor::Observation;
+use crate::store::window::{Admit, InFlight, WindowGuard};
 use crate::store::{Reservation, ReservationGuard, StoreError};
 use crate::token::{MAX_TOKEN_LEN, RequestFacts};
-use crate::verify::{Denial, DenialKind, VerifiedToken};
+use crate::verify::{Denial, DenialKind, VerifiedToken, WindowCounts};
 
 /// `/readyz`: ready when the counter store takes reservations.
 pub async fn readyz(State(st): State<AppState>) -> Response {
@@ -361,10 +365,15 @@ async fn handle(
     } else {
         Stage::Final
     };
-    if let Err(d) = decide_off_the_workers(st, &token, revoked, &facts, &counts, stage).await {
+    let alone = WindowCounts::alone(&token);
+    if let Err(d) =
+        decide_off_the_workers(st, &token, revoked, &facts, &counts, &alone, stage).await
+    {
         obs.uses = Some(counts);
         return Err(ProxyError::Denied(d));
     }
+    // Rate windows and concurrency caps: all slots or none, before the body.
+    let (windows, window_guard) = admit_windows(st, &token, obs).await?;
 
     // 3. The body, read only now and only when it can name a model.
     let (body, permit, body_digest) = if json {
@@ -372,7 +381,7 @@ async fn handle(
         facts.model = model_of(&bytes).map_err(ProxyError::BadRequest)?;
         obs.model = facts.model.clone();
         if let Err(d) =
-            decide_off_the_workers(st, &token, None, &facts, &counts, Stage::Final).await
+            decide_off_the_workers(st, &token, None, &facts, &counts, &alone, Stage::Final).await
         {
             obs.uses = Some(counts);
             return Err(ProxyError::Denied(d));
@@ -412,7 +421,7 @@ async fn handle(
         Some(uses) => {
             obs.uses = Some(uses.clone());
             let counted: Vec<u64> = uses.iter().map(|u| u.saturating_sub(1)).collect();
-            decide_off_the_workers(st, &token, None, &facts, &counted, Stage::Final)
+            decide_off_the_workers(st, &token, None, &facts, &counted, &windows, Stage::Final)
                 .await
                 .map_err(ProxyError::Denied)?;
             if let Some(t) = &mut ticket {
@@ -421,14 +430,16 @@ async fn handle(
         }
         None => {
             // 4. Reserve every block, re-check with this request's counts.
-            let uses = reserve_and_recheck(st, &token, &facts, obs).await?;
+            let uses = reserve_and_recheck(st, &token, &facts, &windows, obs).await?;
             if let Some(t) = &mut ticket {
                 t.started(Some(uses));
             }
         }
     }
 
-    // 5. Forward and stream back.
+    // 5. Forward and stream back. The rate slots are spent; in-flight
+    // slots stay taken until the response body ends.
+    let in_flight = window_guard.map(WindowGuard::forwarded);
     let result = forward(st, &upstream, &parts, &facts.path, body).await;
     drop(permit);
     if let Some(t) = ticket {
@@ -437,7 +448,71 @@ async fn handle(
     }
     let resp = result?;
     obs.upstream_status = Some(resp.status().as_u16());
-    Ok(resp)
+    Ok(match in_flight.filter(InFlight::holds_slots) {
+        Some(slot) => hold_until_sent(resp, slot),
+        None => resp,
+    })
+}
+
+/// Keeps `slot` until the body of `resp` has been sent or dropped (the
+/// client went away): a streamed answer is in flight until its end.
+fn hold_until_sent(resp: Response, slot: InFlight) -> Response {
+    use futures_util::StreamExt;
+    resp.map(|body| {
+        let stream = body.into_data_stream().map(move |frame| {
+            let _held = &slot;
+            frame
+        });
+        Body::from_stream(stream)
+    })
+}
+
+/// Takes one slot in every rate window and concurrency cap of the token,
+/// all or none. A full one refuses with 429 `rate_limited` and the seconds
+/// until a slot frees. Returns the counts (this request included) for the
+/// Datalog, and the guard that gives the slots back if the request is not
+/// forwarded after all.
+pub(super) async fn admit_windows(
+    st: &AppState,
+    token: &Arc<VerifiedToken>,
+    obs: &mut Observation,
+) -> Result<(WindowCounts, Option<WindowGuard>), ProxyError> {
+    if token.windows.is_empty() && token.caps.is_empty() {
+        return Ok((WindowCounts::default(), None));
+    }
+    match st
+        .windows
+        .admit(token.family(), &token.windows, &token.caps)
+        .await
+        .map_err(store_error)?
+    {
+        Admit::Admitted { counts, ticket } => {
+            Ok((counts, Some(WindowGuard::new(st.windows.clone(), ticket))))
+        }
+        Admit::Full(f) => {
+            obs.denial = Some(DenialKind::RateLimited);
+            let secs = f.retry_after_ms.div_ceil(1000).max(1);
+            let who = token.view.key_name(f.block);
+            let reason = match f.window {
+                Some(w) => format!(
+                    "{who} allows {} (at most {} requests in any {w} s) and that window is full; a slot frees in {secs} s",
+                    crate::token::vocab::Rate {
+                        limit: f.limit,
+                        seconds: w
+                    },
+                    f.limit
+                ),
+                None => format!(
+                    "{who} allows {} request(s) in flight at once and that many are running; retry when one finishes",
+                    f.limit
+                ),
+            };
+            Err(ProxyError::RateLimited {
+                reason,
+                retry_after: u32::try_from(secs).unwrap_or(u32::MAX),
+            })
+        }
+    }
 }
 
 /// Verifies the token (cached) and looks its blocks up in the revocation
@@ -469,6 +544,7 @@ pub(super) async fn reserve_and_recheck(
     st: &AppState,
     token: &Arc<VerifiedToken>,
     facts: &RequestFacts,
+    windows: &WindowCounts,
     obs: &mut Observation,
 ) -> Result<Vec<u64>, ProxyError> {
     let t0 = Instant::now();
@@ -480,7 +556,9 @@ pub(super) async fn reserve_and_recheck(
     let guard = ReservationGuard::new(st.counters.clone(), token.ids.clone());
     obs.uses = Some(uses.clone());
     let counted: Vec<u64> = uses.iter().map(|u| u.saturating_sub(1)).collect();
-    if let Err(d) = decide_off_the_workers(st, token, None, facts, &counted, Stage::Final).await {
+    if let Err(d) =
+        decide_off_the_workers(st, token, None, facts, &counted, windows, Stage::Final).await
+    {
         // Report the counts as they stand after the rollback.
         obs.uses = Some(counted);
         if let Err(e) = guard.release().await {
@@ -506,22 +584,29 @@ pub(super) async fn decide_off_the_workers(
     revoked: Option<usize>,
     facts: &RequestFacts,
     counts: &[u64],
+    windows: &WindowCounts,
     stage: Stage,
 ) -> Result<(), Denial> {
-    if let Some(answer) = cached_decision(token, revoked, facts, counts, stage) {
+    if let Some(answer) = cached_decision_windowed(token, revoked, facts, counts, windows, stage)
+    {
         return answer;
     }
     let _permit = st.datalog_permits.acquire().await.map_err(|_| Denial {
         kind: DenialKind::Scope,
         reason: "the proxy is shutting down".into(),
     })?;
-    let (verifier, token, facts, counts) = (
+    let (verifier, token, facts, counts, windows) = (
         st.verifier.clone(),
         token.clone(),
         facts.clone(),
         counts.to_vec(),
+        windows.clone(),
     );
-    tokio::task::spawn_blocking(move || decide(&verifier, &token, revoked, &facts, &counts, stage))
+    tokio::task::spawn_blocking(move || {
+        decide_windowed(
+            &verifier, &token, revoked, &facts, &counts, &windows, stage,
+        )
+    })
         .await
         .unwrap_or_else(|e| {
             Err(Denial {

@@ -66,6 +66,9 @@ pub struct Inner {
     pub client: reqwest::Client,
     pub limits: config::Limits,
     pub idempotency: idempotency::Idempotency,
+    /// Rate windows and concurrency caps: the counter store's shared ones
+    /// (Redis), or in this process.
+    pub windows: Arc<dyn crate::store::window::WindowStore>,
     pub admin_remote: bool,
     pub admin_hosts: Vec<String>,
     pub monitor: Arc<crate::monitor::Monitor>,
@@ -148,6 +151,9 @@ impl AppState {
             counters.as_ref(),
             Duration::from_secs(cfg.limits.idempotency_window_secs),
         );
+        let windows = counters
+            .windows()
+            .unwrap_or_else(|| Arc::new(crate::store::window::LocalWindows::default()));
         let mut monitor = monitor;
         if let Some(claims) = counters.alert_claims() {
             monitor.alerts.share_through(claims);
@@ -173,6 +179,7 @@ impl AppState {
             upstreams,
             client,
             idempotency,
+            windows,
             body_budget: Arc::new(tokio::sync::Semaphore::new(
                 cfg.limits
                     .max_buffered_bytes

@@ -18,6 +18,7 @@
 pub mod embedded;
 pub mod migrate;
 pub mod redis;
+pub mod window;
 
 use futures_util::future::BoxFuture;
 use serde::Serialize;
@@ -167,6 +168,12 @@ pub trait CounterStore: Send + Sync + 'static {
         &self,
         _window: std::time::Duration,
     ) -> Option<std::sync::Arc<dyn crate::proxy::idempotency::IdempotencyStore>> {
+        None
+    }
+    /// Where rate windows and concurrency caps live when every proxy using
+    /// this store must share them; `None`: in this process
+    /// ([`window::LocalWindows`]).
+    fn windows(&self) -> Option<std::sync::Arc<dyn window::WindowStore>> {
         None
     }
     /// Where alerts are claimed so one event sends one alert for every
