@@ -65,6 +65,8 @@ fn generate() -> Generated {
             expires: Some(at("2030-01-01T00:00:00Z")),
             label: Some("golden: ci-bot".into()),
             datalog: None,
+            rates: Vec::new(),
+            concurrency: None,
         },
         &mut rng,
     )

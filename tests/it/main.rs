@@ -17,6 +17,7 @@ mod keys;
 mod monitor;
 mod props;
 mod proxy;
+mod rate;
 mod redis;
 mod reload;
 mod spec_samples;

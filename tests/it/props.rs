@@ -82,6 +82,8 @@ fn scope(authority: bool) -> impl Strategy<Value = Scope> {
             expires: exp.map(at),
             label: None,
             datalog: None,
+            rates: Vec::new(),
+            concurrency: None,
         })
 }
 

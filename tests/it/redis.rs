@@ -135,7 +135,7 @@ fn ping(port: u16) -> bool {
 
 /// `n` state directories sharing one root key, as replicas of one
 /// deployment are.
-fn replica_homes(n: usize) -> Vec<Home> {
+pub fn replica_homes(n: usize) -> Vec<Home> {
     let first = Home::new();
     let key = first.path().join(till::token::keys::ROOT_KEY_FILE);
     let mut homes = vec![first];
@@ -147,7 +147,7 @@ fn replica_homes(n: usize) -> Vec<Home> {
     homes
 }
 
-fn replicas(homes: &[Home], up: &Upstream, redis: &RedisServer) -> Vec<Proxy> {
+pub fn replicas(homes: &[Home], up: &Upstream, redis: &RedisServer) -> Vec<Proxy> {
     homes
         .iter()
         .map(|h| Proxy::start(h, &[openai(up)], &redis.store_line()))

@@ -1,0 +1,316 @@
+//! Rate windows (`--rate N/DURATION`) and concurrency caps
+//! (`--concurrency N`) through a real `till serve`: exact under concurrency,
+//! shared by every key made from a windowed one, refused with a retryable
+//! 429 `rate_limited` and `Retry-After`, on the embedded store and across
+//! proxies sharing one Redis.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use till::token::Scope;
+use till::token::vocab::Rate;
+
+use crate::helpers::*;
+use crate::redis::{RedisServer, replica_homes, replicas};
+
+fn rate(limit: u64, seconds: u64) -> Rate {
+    Rate { limit, seconds }
+}
+
+fn windowed(rates: &[Rate]) -> Scope {
+    Scope {
+        rates: rates.to_vec(),
+        ..Scope::default()
+    }
+}
+
+fn root(home: &Home, rates: &[Rate], concurrency: Option<u64>) -> String {
+    home.issue(Scope {
+        services: vec!["openai".into()],
+        rates: rates.to_vec(),
+        concurrency,
+        ..Scope::default()
+    })
+}
+
+/// One answer: status, `Retry-After`, `x-should-retry`, error code.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    retry_after: Option<u64>,
+    should_retry: Option<String>,
+    code: Option<String>,
+}
+
+async fn call(url: &str, token: &str) -> Answer {
+    let r = client()
+        .post(url)
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(r#"{"model":"gpt-4o-mini","messages":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    let h = |n: &str| {
+        r.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (retry_after, should_retry) = (
+        h("retry-after").and_then(|v| v.parse().ok()),
+        h("x-should-retry"),
+    );
+    let status = r.status().as_u16();
+    let body: serde_json::Value =
+        serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or_default();
+    Answer {
+        status,
+        retry_after,
+        should_retry,
+        code: body["error"]["code"].as_str().map(str::to_string),
+    }
+}
+
+/// Sends all `(proxy, token)` requests at once; returns the answers.
+async fn burst(calls: &[(&Proxy, &str)]) -> Vec<Answer> {
+    join_all(
+        calls
+            .iter()
+            .map(|(p, t)| call_owned(p.url("/openai/v1/chat/completions"), t.to_string())),
+    )
+    .await
+}
+
+async fn call_owned(url: String, token: String) -> Answer {
+    call(&url, &token).await
+}
+
+/// Every refusal is a retryable `rate_limited` with a `Retry-After` of at
+/// most `window` seconds; returns how many passed.
+fn passed(answers: &[Answer], window: u64) -> usize {
+    for a in answers.iter().filter(|a| a.status != 200) {
+        assert_eq!(a.status, 429, "{a:?}");
+        assert_eq!(a.code.as_deref(), Some("rate_limited"), "{a:?}");
+        assert_eq!(a.should_retry.as_deref(), Some("true"), "{a:?}");
+        let secs = a.retry_after.expect("Retry-After on a full window");
+        assert!((1..=window).contains(&secs), "{a:?}");
+    }
+    answers.iter().filter(|a| a.status == 200).count()
+}
+
+/// The issue's acceptance test: a `5/2s` token, 50 concurrent requests →
+/// exactly 5 pass and 45 get a retryable 429; once the window has passed,
+/// exactly 5 more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_window_admits_exactly_n_of_50_concurrent_requests_then_n_more_after_it() {
+    let home = Home::new();
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let t = root(&home, &[rate(5, 2)], None);
+    let first = burst(&vec![(&proxy, t.as_str()); 50]).await;
+    assert_eq!(passed(&first, 2), 5);
+    assert_eq!(up.count(), 5, "the upstream saw exactly the window");
+    // The window slides past the first five admissions.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let second = burst(&vec![(&proxy, t.as_str()); 50]).await;
+    assert_eq!(passed(&second, 2), 5);
+    assert_eq!(up.count(), 10);
+}
+
+/// 20 children of a `6/1m` key, 60 concurrent requests: 6 in total, as
+/// with use limits; a child's own looser window changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn children_share_their_parents_window() {
+    let home = Home::new();
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let parent = root(&home, &[rate(6, 60)], None);
+    let kids: Vec<String> = (0..20)
+        .map(|i| {
+            // Every other child writes a window of its own, far looser.
+            let own = if i % 2 == 0 { vec![rate(1000, 60)] } else { vec![] };
+            child(&parent, windowed(&own))
+        })
+        .collect();
+    let calls: Vec<(&Proxy, &str)> = (0..60).map(|i| (&proxy, kids[i % 20].as_str())).collect();
+    assert_eq!(passed(&burst(&calls).await, 60), 6);
+    assert_eq!(up.count(), 6);
+    // The parent itself finds its window full.
+    assert_eq!(passed(&burst(&[(&proxy, parent.as_str())]).await, 60), 0);
+}
+
+/// root `8/1m` → child `5/1m` → grandchild `2/1m`: each request fills
+/// every ancestor's window, each key stops at its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_three_level_chain_with_different_windows() {
+    let home = Home::new();
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let r = root(&home, &[rate(8, 60)], None);
+    let c = child(&r, windowed(&[rate(5, 60)]));
+    let g = child(&c, windowed(&[rate(2, 60), rate(100, 3600)]));
+    assert_eq!(passed(&burst(&ten(&proxy, &g)).await, 3600), 2, "grandchild");
+    assert_eq!(passed(&burst(&ten(&proxy, &c)).await, 60), 3, "child: 5 minus 2");
+    assert_eq!(passed(&burst(&ten(&proxy, &r)).await, 60), 3, "root: 8 minus 5");
+    assert_eq!(passed(&burst(&ten(&proxy, &g)).await, 3600), 0, "every window is full");
+    assert_eq!(up.count(), 8);
+}
+
+fn ten<'a>(p: &'a Proxy, t: &'a str) -> Vec<(&'a Proxy, &'a str)> {
+    vec![(p, t); 10]
+}
+
+/// Holds `n` slow (gated SSE) requests open; returns their responses.
+async fn open_streams(proxy: &Proxy, token: &str, n: usize) -> Vec<reqwest::Response> {
+    let mut open = Vec::new();
+    for _ in 0..n {
+        let r = client()
+            .post(proxy.url("/openai/v1/chat/completions"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(r#"{"model":"m","stream":true,"gated":true,"messages":[]}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        open.push(r);
+    }
+    open
+}
+
+/// `--concurrency 2` with slow streamed answers: while two are streaming,
+/// every other request (of the key or a child) is a retryable 429; once
+/// they end, the slots are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_concurrency_cap_holds_its_slots_until_slow_responses_end() {
+    let home = Home::new();
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let t = root(&home, &[], Some(2));
+    let kid = child(&t, Scope::default());
+    let mut open = open_streams(&proxy, &t, 2).await;
+    let calls: Vec<(&Proxy, &str)> = (0..10)
+        .map(|i| (&proxy, if i % 2 == 0 { t.as_str() } else { kid.as_str() }))
+        .collect();
+    let answers = burst(&calls).await;
+    assert_eq!(passed(&answers, 1), 0, "no third request while two stream");
+    assert_eq!(up.count(), 2);
+    // The streams end: both bodies arrive whole, and the slots come back.
+    up.state.gate.notify_waiters();
+    for r in open.drain(..) {
+        let body = r.text().await.unwrap();
+        assert!(body.contains("[DONE]"), "{body}");
+    }
+    let mut ok = false;
+    for _ in 0..100 {
+        // The slot is given back as the proxy drops the finished body.
+        if call(&proxy.url("/openai/v1/chat/completions"), &kid).await.status == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "a slot came back after the streams ended");
+    // A client that goes away mid-stream frees its slot too.
+    let open = open_streams(&proxy, &t, 2).await;
+    drop(open);
+    let mut freed = 0;
+    for _ in 0..100 {
+        let a = call(&proxy.url("/openai/v1/chat/completions"), &t).await;
+        if a.status == 200 {
+            freed += 1;
+            if freed == 1 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(freed, 1, "a dropped stream's slot came back");
+    up.state.gate.notify_waiters();
+}
+
+/// A full window is retryable (429 `rate_limited`, `x-should-retry: true`);
+/// spent uses are not (429 `activations_exhausted`, `x-should-retry:
+/// false`), and a refusal by a full window spends no use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_window_is_retryable_and_spends_nothing_unlike_exhausted_uses() {
+    let home = Home::new();
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let t = home.issue(Scope {
+        services: vec!["openai".into()],
+        rates: vec![rate(2, 60)],
+        max_uses: Some(3),
+        ..Scope::default()
+    });
+    let url = proxy.url("/openai/v1/chat/completions");
+    let answers = burst(&vec![(&proxy, t.as_str()); 6]).await;
+    assert_eq!(passed(&answers, 60), 2);
+    // A child with an empty window of its own: its parent's is full.
+    let kid = child(&t, windowed(&[rate(5, 60)]));
+    let a = call(&url, &kid).await;
+    assert_eq!((a.status, a.code.as_deref()), (429, Some("rate_limited")), "{a:?}");
+    let once = home.issue(Scope {
+        services: vec!["openai".into()],
+        rates: vec![rate(10, 60)],
+        max_uses: Some(1),
+        ..Scope::default()
+    });
+    assert_eq!(call(&url, &once).await.status, 200);
+    let a = call(&url, &once).await;
+    assert_eq!(a.status, 429, "{a:?}");
+    assert_eq!(a.code.as_deref(), Some("activations_exhausted"), "{a:?}");
+    assert_eq!(a.should_retry.as_deref(), Some("false"), "{a:?}");
+    assert_eq!(up.count(), 3, "2 + 1 forwarded");
+}
+
+/// Three proxies on one Redis: 90 concurrent requests of 9 children of a
+/// `5/2s` key, spread over the proxies, pass exactly 5; after the window,
+/// exactly 5 more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_proxies_on_one_redis_share_a_window_exactly() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(3);
+    let proxies = replicas(&homes, &up, &redis);
+    let t = root(&homes[0], &[rate(5, 2)], None);
+    let kids: Vec<String> = (0..9).map(|_| child(&t, Scope::default())).collect();
+    let calls: Vec<(&Proxy, &str)> = (0..90)
+        .map(|i| (&proxies[i % 3], kids[i % 9].as_str()))
+        .collect();
+    assert_eq!(passed(&burst(&calls).await, 2), 5);
+    assert_eq!(up.count(), 5);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(passed(&burst(&calls).await, 2), 5);
+    assert_eq!(up.count(), 10);
+}
+
+/// A concurrency cap across proxies on one Redis: two slow streams through
+/// two proxies hold both slots; the third proxy refuses; once they end it
+/// admits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_concurrency_cap_holds_across_proxies_on_one_redis() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(3);
+    let proxies = replicas(&homes, &up, &redis);
+    let t = root(&homes[0], &[], Some(2));
+    let mut open = open_streams(&proxies[0], &t, 1).await;
+    open.extend(open_streams(&proxies[1], &t, 1).await);
+    let calls: Vec<(&Proxy, &str)> = (0..9).map(|i| (&proxies[i % 3], t.as_str())).collect();
+    assert_eq!(passed(&burst(&calls).await, 1), 0);
+    up.state.gate.notify_waiters();
+    for r in open.drain(..) {
+        assert!(r.text().await.unwrap().contains("[DONE]"));
+    }
+    let mut ok = false;
+    for _ in 0..100 {
+        if call(&proxies[2].url("/openai/v1/chat/completions"), &t).await.status == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "the slots came back");
+}
