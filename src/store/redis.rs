@@ -47,6 +47,7 @@ use redis::{AsyncCommands, Client, IntoConnectionInfo, RedisResult, Script};
 
 mod shared;
 mod snapshot;
+mod windows;
 
 use super::embedded::{DEFAULT_MAX_BLOCKS_PER_FAMILY, RETENTION_AFTER_EXPIRY};
 use super::{
@@ -798,6 +799,10 @@ impl CounterStore for RedisStore {
             self.inner.clone(),
             window,
         )))
+    }
+
+    fn windows(&self) -> Option<Arc<dyn crate::store::window::WindowStore>> {
+        Some(Arc::new(windows::RedisWindows::new(self.inner.clone())))
     }
 
     fn alert_claims(&self) -> Option<Arc<dyn crate::monitor::alerts::AlertClaims>> {
