@@ -314,3 +314,68 @@ async fn a_concurrency_cap_holds_across_proxies_on_one_redis() {
     }
     assert!(ok, "the slots came back");
 }
+
+/// The official OpenAI Python SDK (installed by `.ci/run`) meets a full
+/// window: it reads `x-should-retry: true` and `Retry-After`, waits, and
+/// its retry succeeds once the window frees a slot, with no code of the
+/// agent's own.
+const PY_RETRY: &str = r#"
+import json, sys
+import openai
+base, token = sys.argv[1:3]
+seen = []
+http = openai.DefaultHttpxClient(event_hooks={"response": [lambda r: seen.append(r.status_code)]})
+c = openai.OpenAI(base_url=base + "/openai/v1", api_key=token, max_retries=3, http_client=http)
+for _ in range(2):
+    c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+print(json.dumps({"statuses": seen}))
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openai_sdk_retries_a_rate_limited_call_and_succeeds_when_the_window_frees() {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the OpenAI SDK is required in CI: python3 -m pip install openai==3.57.0"
+        );
+        eprintln!("\n******** SKIPPED: the openai SDK is not installed ********\n");
+        return;
+    }
+    let home = Home::new();
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let t = root(&home, &[rate(1, 2)], None);
+    let base = proxy.url("");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args(["-c", PY_RETRY, &base, &t])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let statuses: Vec<u64> = v["statuses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    // First call; second call refused while the window is full, then
+    // retried by the SDK after Retry-After, and let through.
+    assert_eq!(statuses.first(), Some(&200), "{v}");
+    assert_eq!(statuses.last(), Some(&200), "{v}");
+    assert!(statuses[1..statuses.len() - 1].iter().all(|s| *s == 429), "{v}");
+    assert!(statuses.len() >= 3, "the SDK met at least one 429: {v}");
+    assert_eq!(up.count(), 2, "both calls reached the upstream once");
+}
