@@ -1,5 +1,5 @@
-//! Property tests: attenuation only narrows, and path normalisation is
-//! canonical.
+//! Property tests: attenuation only narrows (rate windows included), the
+//! window store admits exactly, and path normalisation is canonical.
 //!
 //! Case counts are modest (the suite runs on 2 cores with real Ed25519 and
 //! Datalog); raise them with `PROPTEST_CASES=10000 cargo test --test it props`.
@@ -12,7 +12,9 @@ use proptest::prelude::*;
 use proptest::sample::subsequence;
 use till::policy::Policies;
 use till::token::{self, RequestFacts, Scope};
-use till::verify::Verifier;
+use till::store::window::{Admit, LocalWindows};
+use till::token::vocab::Rate;
+use till::verify::{Verifier, WindowCounts, WindowSpec};
 
 /// One root key for the whole run.
 fn root() -> &'static KeyPair {
@@ -72,19 +74,56 @@ fn scope(authority: bool) -> impl Strategy<Value = Scope> {
         prop_oneof![2 => Just(Vec::new()), 1 => strings(MODELS, 1)],
         prop::option::of(prop::sample::select(&[1u64, 2, 3, 5, 10][..])),
         prop::option::of(prop::sample::select(OFFSETS)),
+        prop_oneof![2 => Just(Vec::new()), 1 => rates()],
+        prop::option::weighted(0.25, prop::sample::select(&[1u64, 2, 4][..])),
     )
-        .prop_map(|(services, methods, paths, models, max_uses, exp)| Scope {
-            services,
-            methods,
-            paths,
-            models,
-            max_uses,
-            expires: exp.map(at),
-            label: None,
-            datalog: None,
-            rates: Vec::new(),
-            concurrency: None,
+        .prop_map(
+            |(services, methods, paths, models, max_uses, exp, rates, concurrency)| Scope {
+                services,
+                methods,
+                paths,
+                models,
+                max_uses,
+                expires: exp.map(at),
+                label: None,
+                datalog: None,
+                rates,
+                concurrency,
+            },
+        )
+}
+
+/// Window lengths the generators use.
+const SPANS: &[u64] = &[1, 60, 3600];
+
+/// Up to two rate windows of distinct lengths.
+fn rates() -> impl Strategy<Value = Vec<Rate>> {
+    (
+        subsequence(SPANS, 0..=2),
+        prop::collection::vec(prop::sample::select(&[1u64, 2, 5, 10][..]), 2),
+    )
+        .prop_map(|(spans, limits)| {
+            spans
+                .into_iter()
+                .zip(limits)
+                .map(|(seconds, limit)| Rate { limit, seconds })
+                .collect()
         })
+}
+
+/// The `rate` and `in_flight` facts of a token's windows and caps, counts
+/// drawn from `vals` (the same for a block in a child and in its parent: a
+/// request of the child is in every ancestor's windows).
+fn window_counts(t: &till::verify::VerifiedToken, vals: &[u64]) -> WindowCounts {
+    let pick = |k: usize, s: u64| vals[(k * 3 + s as usize) % vals.len()];
+    WindowCounts {
+        rates: t
+            .windows
+            .iter()
+            .map(|w| (w.block, w.seconds, pick(w.block, w.seconds)))
+            .collect(),
+        in_flight: t.caps.iter().map(|c| (c.block, pick(c.block, 7))).collect(),
+    }
 }
 
 /// Dot segments with `;` parameters, read as `.` / `..` by servers that strip
@@ -142,6 +181,7 @@ proptest! {
             (request(), prop::collection::vec(1u64..=12, 4)),
             8,
         ),
+        vals in prop::collection::vec(1u64..=12, 8),
     ) {
         let v = verifier();
         let mut chain = vec![token::issue(root(), &authority).unwrap()];
@@ -156,12 +196,18 @@ proptest! {
                 let child = &verified[depth];
                 let parent = &verified[depth - 1];
                 let child_uses = &uses[..=depth];
-                if v.authorize(child, req, child_uses).is_ok() {
+                let child_windows = window_counts(child, &vals);
+                if v.authorize_windowed(child, req, child_uses, &child_windows).is_ok() {
                     allowed += 1;
-                    let parent_says = v.authorize(parent, req, &child_uses[..depth]);
+                    let parent_says = v.authorize_windowed(
+                        parent,
+                        req,
+                        &child_uses[..depth],
+                        &window_counts(parent, &vals),
+                    );
                     prop_assert!(
                         parent_says.is_ok(),
-                        "block {depth} allows {req:?} with uses {child_uses:?} but its parent denies: {parent_says:?}\nauthority: {authority:?}\nblocks: {blocks:?}"
+                        "block {depth} allows {req:?} with uses {child_uses:?} and windows {child_windows:?} but its parent denies: {parent_says:?}\nauthority: {authority:?}\nblocks: {blocks:?}"
                     );
                 }
             }
@@ -184,6 +230,7 @@ proptest! {
             (request(), prop::collection::vec(1u64..=12, 3)),
             12,
         ),
+        vals in prop::collection::vec(1u64..=12, 8),
     ) {
         let v = verifier();
         let mut t = token::issue(root(), &authority).unwrap();
@@ -203,8 +250,10 @@ proptest! {
                 req.time += Duration::from_secs(later);
                 let req = &req;
                 let cold = v.verify_token(&t).unwrap();
-                let want = v.authorize(&cold, req, &uses).is_ok();
-                let got = v.authorize(&warm, req, &uses).is_ok();
+                let bumped: Vec<u64> = vals.iter().map(|x| x + bump).collect();
+                let windows = window_counts(&cold, &bumped);
+                let want = v.authorize_windowed(&cold, req, &uses, &windows).is_ok();
+                let got = v.authorize_windowed(&warm, req, &uses, &windows).is_ok();
                 prop_assert_eq!(
                     got, want,
                     "cached answer differs for {:?} with uses {:?}\nauthority: {:?}\nblocks: {:?}",
@@ -271,7 +320,8 @@ fn the_property_generators_produce_allowed_requests() {
         for _ in 0..10 {
             let req = request().new_tree(&mut runner).unwrap().current();
             tried += 1;
-            allowed += usize::from(v.authorize(&t, &req, &[1, 1]).is_ok());
+            let windows = window_counts(&t, &[1]);
+            allowed += usize::from(v.authorize_windowed(&t, &req, &[1, 1], &windows).is_ok());
         }
     }
     assert!(allowed * 50 >= tried, "only {allowed} of {tried} allowed");
@@ -509,5 +559,83 @@ proptest! {
             "accepted block hit the run limits: {r:?}\n{blocks:#?}"
         );
         prop_assert!(took < Duration::from_secs(3), "took {took:?}\n{blocks:#?}");
+    }
+}
+
+/// The window store's clock in the model test below (ms).
+static WINDOW_NOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+fn window_now() -> u64 {
+    WINDOW_NOW.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Many children of a windowed key, each maybe with windows of its own,
+    /// requesting at random moments: the store admits a request exactly
+    /// when every window of the parent and of the child holds fewer than
+    /// its limit over the last span (a naive reference log decides), so no
+    /// span ever holds more than the parent's limit, whatever the children
+    /// write.
+    #[test]
+    fn windows_admit_exactly_when_every_ancestor_window_has_room(
+        parent in (1u64..=5, 1u64..=3),
+        children in prop::collection::vec(prop::option::of((1u64..=10, 1u64..=3)), 1..=50),
+        events in prop::collection::vec((0usize..50, 0u64..=700, any::<bool>()), 1..=200),
+    ) {
+        let store = LocalWindows::with_clock(window_now);
+        WINDOW_NOW.store(1_000_000, std::sync::atomic::Ordering::SeqCst);
+        let p = WindowSpec { block: 0, id: "p".into(), limit: parent.0, seconds: parent.1 };
+        // Reference: admission times per window id.
+        let mut log: std::collections::HashMap<(String, u64), Vec<u64>> = Default::default();
+        for (who, advance, give_back) in events {
+            WINDOW_NOW.fetch_add(advance, std::sync::atomic::Ordering::SeqCst);
+            let now = window_now();
+            let who = who % children.len();
+            let mut specs = vec![p.clone()];
+            if let Some((limit, seconds)) = children[who] {
+                specs.push(WindowSpec { block: 1, id: format!("c{who}"), limit, seconds });
+            }
+            let room = specs.iter().all(|w| {
+                let key = (w.id.clone(), w.seconds);
+                let used = log.get(&key).map_or(0, |v| {
+                    v.iter().filter(|t| **t + w.seconds * 1000 > now).count() as u64
+                });
+                used < w.limit
+            });
+            match store.admit_now("p", &specs, &[]) {
+                Admit::Admitted { counts, ticket } => {
+                    prop_assert!(room, "admitted with a full window at {now}");
+                    for (w, c) in specs.iter().zip(&counts.rates) {
+                        prop_assert!(c.2 <= w.limit, "{counts:?}");
+                    }
+                    if give_back {
+                        // Refused after admission (a later check failed):
+                        // the slots come back, the reference forgets it.
+                        futures_util::FutureExt::now_or_never(
+                            till::store::window::WindowStore::cancel(&store, &ticket),
+                        );
+                    } else {
+                        for w in &specs {
+                            log.entry((w.id.clone(), w.seconds)).or_default().push(now);
+                        }
+                    }
+                }
+                Admit::Full(f) => {
+                    prop_assert!(!room, "refused with room in every window at {now}");
+                    prop_assert!(f.retry_after_ms >= 1 && f.retry_after_ms <= 3000, "{f:?}");
+                }
+            }
+        }
+        // No span of the parent's length holds more than its limit.
+        let times = log.get(&("p".to_string(), parent.1)).cloned().unwrap_or_default();
+        for (i, t) in times.iter().enumerate() {
+            let within = times[i..].iter().filter(|u| **u < t + parent.1 * 1000).count() as u64;
+            prop_assert!(within <= parent.0, "{within} admissions in {}s from {t}", parent.1);
+        }
     }
 }
