@@ -61,6 +61,14 @@ pub struct VerifyArgs {
     /// Blocks not named count 1.
     #[arg(long = "uses", value_name = "K=N")]
     pub uses: Vec<String>,
+    /// Evaluate as if block K's rate window of DURATION held N requests, this one included
+    /// (repeatable), e.g. --rate-used 0:1m=10. Windows not named hold 1 (this request alone).
+    #[arg(long = "rate-used", value_name = "K:DURATION=N")]
+    pub rate_used: Vec<String>,
+    /// Evaluate as if block K had N requests in flight, this one included (repeatable).
+    /// Caps not named hold 1.
+    #[arg(long = "in-flight", value_name = "K=N")]
+    pub in_flight: Vec<String>,
     /// Evaluate at this instant (RFC 3339) instead of now.
     #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
@@ -107,6 +115,43 @@ fn parse_uses(specs: &[String], blocks: usize) -> anyhow::Result<Vec<u64>> {
         uses[k] = n;
     }
     Ok(uses)
+}
+
+/// `--rate-used K:DURATION=N` and `--in-flight K=N` over the token's own
+/// windows and caps (this request alone where not named).
+fn parse_windows(
+    token: &crate::verify::VerifiedToken,
+    rate_used: &[String],
+    in_flight: &[String],
+) -> anyhow::Result<crate::verify::WindowCounts> {
+    let mut w = crate::verify::WindowCounts::alone(token);
+    for s in rate_used {
+        let bad = || format!("--rate-used {s:?}: expected K:DURATION=N, e.g. --rate-used 0:1m=10");
+        let (win, n) = s.split_once('=').with_context(bad)?;
+        let (k, d) = win.split_once(':').with_context(bad)?;
+        let k: usize = k.trim().parse().with_context(bad)?;
+        let secs = token::parse_duration(d).with_context(bad)?.as_secs();
+        let n: u64 = n.trim().parse().with_context(bad)?;
+        let slot = w
+            .rates
+            .iter_mut()
+            .find(|r| r.0 == k && r.1 == secs)
+            .with_context(|| {
+                format!("--rate-used {s:?}: block {k} of this token has no {d} window (see `till inspect`)")
+            })?;
+        slot.2 = n;
+    }
+    for s in in_flight {
+        let bad = || format!("--in-flight {s:?}: expected K=N, e.g. --in-flight 0=3");
+        let (k, n) = s.split_once('=').with_context(bad)?;
+        let k: usize = k.trim().parse().with_context(bad)?;
+        let n: u64 = n.trim().parse().with_context(bad)?;
+        let slot = w.in_flight.iter_mut().find(|c| c.0 == k).with_context(|| {
+            format!("--in-flight {s:?}: block {k} of this token has no concurrency cap (see `till inspect`)")
+        })?;
+        slot.1 = n;
+    }
+    Ok(w)
 }
 
 /// Reads a signed feed; nothing else is accepted here, so a feed cannot be
@@ -231,6 +276,7 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
         ));
     }
     let uses = parse_uses(&a.uses, verified.ids.len())?;
+    let windows = parse_windows(&verified, &a.rate_used, &a.in_flight)?;
     let req = RequestFacts {
         service: a.service,
         method,
@@ -238,7 +284,7 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
         model: a.model,
         time,
     };
-    match verifier.authorize(&verified, &req, &uses) {
+    match verifier.authorize_windowed(&verified, &req, &uses, &windows) {
         Ok(()) => Ok(verdict(a.json, None)),
         Err(d) => Ok(verdict(a.json, Some(d.to_string()))),
     }

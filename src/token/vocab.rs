@@ -108,7 +108,11 @@ impl Rate {
             .trim()
             .parse()
             .map_err(|_| err("does not start with a whole number of requests"))?;
-        let span = super::parse_duration(d.trim()).map_err(|_| {
+        let d = d.trim();
+        if d.bytes().any(|b| b.is_ascii_digit()) && d.bytes().all(|b| b == b'0' || b.is_ascii_alphabetic()) {
+            return Err(err("has a window of 0 s; windows are 1s to 31d"));
+        }
+        let span = super::parse_duration(d).map_err(|_| {
             err("does not end with a duration (a number with a unit s, m, h or d)")
         })?;
         Rate::new(limit, span.as_secs()).map_err(|e| match e {

@@ -379,3 +379,100 @@ async fn the_openai_sdk_retries_a_rate_limited_call_and_succeeds_when_the_window
     assert!(statuses.len() >= 3, "the SDK met at least one 429: {v}");
     assert_eq!(up.count(), 2, "both calls reached the upstream once");
 }
+
+/// What a user types: `--rate` and `--concurrency` on issue and attenuate,
+/// read back by inspect, evaluated offline by verify with `--rate-used`
+/// and `--in-flight`, and bad values refused in plain words.
+#[test]
+fn the_cli_issues_inspects_and_verifies_windows() {
+    let home = Home::new();
+    let issue = |extra: &[&str]| {
+        let mut a = vec!["issue", "--service", "openai", "--ttl", "1h"];
+        a.extend_from_slice(extra);
+        till(a).home(&home).run()
+    };
+    let o = issue(&["--rate", "10/1m", "--rate", "1000/1d", "--concurrency", "3"]);
+    o.success();
+    let parent = o.out().trim().to_string();
+    let o = till(["attenuate", "--rate", "2/1s"]).stdin(&parent).run();
+    o.success();
+    let kid = o.out().trim().to_string();
+    till(["inspect", "--token", &kid])
+        .run()
+        .success()
+        .stdout_has("rate limit: 10/1m (at most 10 requests in any 60 s)")
+        .stdout_has("rate limit: 1000/1d")
+        .stdout_has("concurrency cap: 3 in flight")
+        .stdout_has("rate limit: 2/1s")
+        .stdout_has("rate_limit(1, 2, 1)");
+    let verify = |extra: &[&str]| {
+        let mut a = vec!["verify", "--token", &kid, "--service", "openai"];
+        a.extend_from_slice(extra);
+        till(a).home(&home).run()
+    };
+    verify(&[]).success().stdout_has("allowed");
+    verify(&["--rate-used", "0:1m=10", "--rate-used", "1:1s=2", "--in-flight", "0=3"])
+        .success()
+        .stdout_has("allowed");
+    verify(&["--rate-used", "0:1m=11"])
+        .code(1)
+        .stdout_has("allows 10/1m")
+        .stdout_has("that window is full");
+    verify(&["--in-flight", "0=4"])
+        .code(1)
+        .stdout_has("3 request(s) in flight");
+    verify(&["--rate-used", "0:1h=1"])
+        .code(2)
+        .stderr_has("block 0 of this token has no 1h window");
+    for (flag, value, words) in [
+        ("--rate", "10", "has no '/'"),
+        ("--rate", "0/1m", "allows 0 requests"),
+        ("--rate", "10/0s", "windows are 1s to 31d"),
+        ("--rate", "10/40d", "windows are 1s to 31d"),
+        ("--rate", "10/1y", "does not end with a duration"),
+        ("--rate", "1000000/1h", "more than 100000 requests"),
+        ("--concurrency", "0", "a whole number from 1"),
+    ] {
+        issue(&[flag, value]).code(2).stderr_has(words);
+    }
+    issue(&["--rate", "1/1m", "--rate", "5/60s"])
+        .code(2)
+        .stderr_has("two rates with the same window");
+}
+
+/// A block that reads `rate` or `in_flight` in any other form than its own
+/// window or cap (another block's window, a custom comparison) is refused:
+/// such a window would be counted over this key's requests only, not the
+/// whole family's, and could not be exact.
+#[test]
+fn a_window_check_not_on_its_own_block_is_refused() {
+    let home = Home::new();
+    let v = till::verify::Verifier::new(home.key().public(), till::policy::Policies::default_policy());
+    let parent = root(&home, &[rate(10, 60)], None);
+    for code in [
+        "check if rate(0, 60, $u), $u <= 5",
+        "check if rate(1, 60, $u), $u < 5",
+        "check if in_flight(0, $c), $c <= 1",
+        "check if rate($k, 60, $u), $u <= 5",
+    ] {
+        let t = child(
+            &parent,
+            Scope {
+                datalog: Some(code.into()),
+                ..Scope::default()
+            },
+        );
+        let e = v.verify_token(&t).unwrap_err().to_string();
+        assert!(e.contains("rate or in_flight"), "{code}: {e}");
+    }
+    // Its own window in Till's form is fine, written by hand or not.
+    let t = child(
+        &parent,
+        Scope {
+            datalog: Some("check if rate(1, 60, $u), $u <= 5".into()),
+            ..Scope::default()
+        },
+    );
+    let t = v.verify_token(&t).unwrap();
+    assert_eq!(t.windows.len(), 2);
+}
