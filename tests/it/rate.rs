@@ -476,3 +476,55 @@ fn a_window_check_not_on_its_own_block_is_refused() {
     let t = v.verify_token(&t).unwrap();
     assert_eq!(t.windows.len(), 2);
 }
+
+/// Forward-auth (`/auth/<service>`) counts rate windows as the proxy does:
+/// 20 concurrent checks of a `3/1m` key, 3 allowed, the rest a retryable
+/// 429; a key with a concurrency cap is refused there (only the gateway
+/// sees when its request ends), in words that say what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forward_auth_counts_windows_and_refuses_caps_it_cannot_hold() {
+    const SECRET: &str = "gateway-secret-for-the-rate-tests-0123456789";
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let secret = home.write("gateway.secret", SECRET);
+    let config = home.write(
+        "till.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n\
+             [upstreams.openai]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n\
+             forward_auth_credential = true\nforward_auth_secret = {{ file = {:?} }}\n",
+            home.path().to_str().unwrap(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+            up.url(),
+            secret.to_str().unwrap(),
+        ),
+    );
+    let proxy = Proxy::start_config(&home, &config).expect("proxy starts");
+    let check = |token: String| {
+        let url = proxy.url("/auth/openai/v1/chat/completions");
+        async move {
+            let r = client()
+                .post(url)
+                .header("x-till-gateway-secret", SECRET)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let retry = r.headers().get("retry-after").is_some();
+            (status, retry, r.text().await.unwrap_or_default())
+        }
+    };
+    let t = root(&home, &[rate(3, 60)], None);
+    let answers = join_all((0..20).map(|_| check(t.clone()))).await;
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    assert_eq!(ok, 3, "{answers:?}");
+    for a in answers.iter().filter(|a| a.0 != 200) {
+        assert!(a.0 == 429 && a.1 && a.2.contains("rate_limited"), "{a:?}");
+    }
+    let capped = root(&home, &[], Some(2));
+    let (status, _, body) = check(capped).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("concurrency cap"), "{body}");
+    assert_eq!(up.count(), 0, "forward-auth forwards nothing itself");
+}
