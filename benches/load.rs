@@ -93,6 +93,7 @@ struct Args {
     perf: Option<PathBuf>,
     cache_mib: Option<usize>,
     redis: bool,
+    windows: bool,
 }
 
 const HELP: &str = "\
@@ -107,6 +108,8 @@ USAGE: cargo bench --bench load -- [OPTIONS]
   --sse-interval-ms M  delay between SSE events at the upstream (default 5)
   --no-overload        skip the overload phase (till at 4x the connections)
   --no-audit           run till with its audit log disabled
+  --windows            give every block of till's token a rate window (never full at
+                       this load) and the last one a concurrency cap of 1024
   --till PATH          till binary (default: the one cargo built for this bench)
   --perf FILE          `perf record --call-graph dwarf` of till during its
                        throughput phase (read with `perf report -i FILE`)
@@ -134,6 +137,7 @@ fn parse_args() -> Args {
         perf: None,
         cache_mib: None,
         redis: false,
+        windows: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -162,6 +166,7 @@ fn parse_args() -> Args {
             "--no-overload" => a.overload = false,
             "--no-audit" => a.audit = false,
             "--redis" => a.redis = true,
+            "--windows" => a.windows = true,
             "--till" => a.till = Some(val("--till").into()),
             "--perf" => a.perf = Some(val("--perf").into()),
             "--families" => a.families = Some(num("--families", val("--families")) as u64),
@@ -556,52 +561,70 @@ fn till_cmd(bin: &Path, home: &Path, args: &[&str], stdin: Option<&str>) -> Stri
 fn start_till(args: &Args, home: &Path, upstream: SocketAddr) -> (Server, String) {
     let bin = till_binary(args);
     till_cmd(&bin, home, &["keygen"], None);
+    // `--windows`: windows far above the load (tens of thousands of req/s),
+    // so they cost their check and never refuse.
+    let with = |base: &[&'static str], windows: &[&'static str]| -> Vec<&'static str> {
+        let mut v = base.to_vec();
+        if args.windows {
+            v.extend_from_slice(windows);
+        }
+        v
+    };
     let root = till_cmd(
         &bin,
         home,
-        &[
-            "issue",
-            "--service",
-            "openai",
-            "--method",
-            "POST",
-            "--path",
-            "/v1/",
-            "--max-uses",
-            "1000000000",
-            "--ttl",
-            "24h",
-            "--label",
-            "bench-operator",
-        ],
+        &with(
+            &[
+                "issue",
+                "--service",
+                "openai",
+                "--method",
+                "POST",
+                "--path",
+                "/v1/",
+                "--max-uses",
+                "1000000000",
+                "--ttl",
+                "24h",
+                "--label",
+                "bench-operator",
+            ],
+            &["--rate", "100000/1s"],
+        ),
         None,
     );
     let child = till_cmd(
         &bin,
         home,
-        &[
-            "attenuate",
-            "--path",
-            "/v1/chat/",
-            "--max-uses",
-            "100000000",
-            "--label",
-            "bench-agent",
-        ],
+        &with(
+            &[
+                "attenuate",
+                "--path",
+                "/v1/chat/",
+                "--max-uses",
+                "100000000",
+                "--label",
+                "bench-agent",
+            ],
+            &["--rate", "100000/2s"],
+        ),
         Some(&root),
     );
     let token = till_cmd(
         &bin,
         home,
-        &[
-            "attenuate",
-            "--model",
-            "gpt-4o-mini",
-            "--max-uses",
-            "10000000",
-            "--ttl",
-            "12h",
-        ],
+        &with(
+            &[
+                "attenuate",
+                "--model",
+                "gpt-4o-mini",
+                "--max-uses",
+                "10000000",
+                "--ttl",
+                "12h",
+            ],
+            &["--rate", "100000/1s", "--concurrency", "1024"],
+        ),
         Some(&child),
     );
     (spawn_till(args, home, upstream, ""), token)
