@@ -251,6 +251,69 @@ mod tests {
     }
 
     #[test]
+    fn a_caller_that_does_not_count_windows_denies_a_windowed_token() {
+        use crate::token::vocab::Rate;
+        let root = keys::generate();
+        let v = Verifier::new(root.public(), Policies::default_policy());
+        let t = issue(
+            &root,
+            &Scope {
+                services: vec!["openai".into()],
+                rates: vec![Rate {
+                    limit: 2,
+                    seconds: 60,
+                }],
+                concurrency: Some(1),
+                ..Scope::default()
+            },
+        )
+        .unwrap();
+        let t = v.verify_token(&t).unwrap();
+        // No window facts: denied, never let through unlimited.
+        assert!(decide(&v, &t, None, &facts(None), &[0], Stage::Final).is_err());
+        // This request alone: allowed, then answered by the cache.
+        let alone = WindowCounts::alone(&t);
+        decide_windowed(&v, &t, None, &facts(None), &[0], &alone, Stage::Final).unwrap();
+        assert!(matches!(
+            cached_decision_windowed(&t, None, &facts(None), &[0], &alone, Stage::Final),
+            Some(Ok(()))
+        ));
+        // The cache never answers past a window or a cap; Datalog denies,
+        // as a retryable rate limit.
+        let mut full = alone.clone();
+        full.rates[0].2 = 3;
+        assert!(
+            cached_decision_windowed(&t, None, &facts(None), &[0], &full, Stage::Final).is_none()
+        );
+        let d = recheck_windowed(&v, &t, &facts(None), &[1], &full).unwrap_err();
+        assert_eq!(d.kind, DenialKind::RateLimited, "{d:?}");
+        let mut busy = alone.clone();
+        busy.in_flight[0].1 = 2;
+        let d = recheck_windowed(&v, &t, &facts(None), &[1], &busy).unwrap_err();
+        assert_eq!(d.kind, DenialKind::RateLimited, "{d:?}");
+        assert!(d.reason.contains("in flight"), "{d:?}");
+        // Spent uses win over a full window: retrying cannot help.
+        let t2 = issue(
+            &root,
+            &Scope {
+                services: vec!["openai".into()],
+                max_uses: Some(1),
+                rates: vec![Rate {
+                    limit: 1,
+                    seconds: 60,
+                }],
+                ..Scope::default()
+            },
+        )
+        .unwrap();
+        let t2 = v.verify_token(&t2).unwrap();
+        let mut w = WindowCounts::alone(&t2);
+        w.rates[0].2 = 2;
+        let d = recheck_windowed(&v, &t2, &facts(None), &[2], &w).unwrap_err();
+        assert_eq!(d.kind, DenialKind::Exhausted, "{d:?}");
+    }
+
+    #[test]
     fn the_decision_judges_the_next_use_and_the_recheck_the_reserved_one() {
         let (v, t) = token(&[], 2);
         decide(&v, &t, None, &facts(None), &[1], Stage::Final).unwrap();
