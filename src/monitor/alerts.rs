@@ -163,7 +163,8 @@ impl Default for AlertConfig {
 /// One alert.
 #[derive(Clone, Debug, Serialize)]
 pub struct Alert {
-    /// `usage_threshold`, `revoked_token_used`, `denial_burst`, `expired_token_used`.
+    /// `usage_threshold`, `revoked_token_used`, `denial_burst`, `expired_token_used`,
+    /// `family_too_large`, `rate_limited`.
     pub kind: &'static str,
     pub message: String,
     pub time: String,

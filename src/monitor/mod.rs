@@ -335,6 +335,25 @@ impl Monitor {
                     details(),
                 )
             }),
+            // A key meeting its rate window or concurrency cap is working as
+            // configured, but an operator wants to hear of it once: a leaked
+            // key hammering, or a window set too tight for real work.
+            Some(DenialKind::RateLimited) => {
+                self.alerts.fire_recent(format!("rate:{fam}"), || {
+                    a(
+                        "rate_limited",
+                        format!(
+                            "a token{} of family {} is being refused by a full rate window or concurrency cap (from {}): {}",
+                            who(),
+                            short(&family),
+                            o.peer.as_deref().unwrap_or("?"),
+                            reason.as_deref().unwrap_or_default()
+                        ),
+                        last(),
+                        details(),
+                    )
+                })
+            }
             _ => {}
         }
         if let Some(n) = self.alerts.count_denial(&fam) {

@@ -251,6 +251,33 @@ async fn a_full_window_is_retryable_and_spends_nothing_unlike_exhausted_uses() {
     let kid = child(&t, windowed(&[rate(5, 60)]));
     let a = call(&url, &kid).await;
     assert_eq!((a.status, a.code.as_deref()), (429, Some("rate_limited")), "{a:?}");
+    // The operator hears of it once, however many refusals.
+    let alerts: serde_json::Value = serde_json::from_str(
+        &client()
+            .get(proxy.url("/admin/alerts"))
+            .bearer_auth(home.admin())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let rate_alerts: Vec<_> = alerts["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "rate_limited")
+        .collect();
+    assert_eq!(rate_alerts.len(), 1, "{alerts}");
+    assert!(
+        rate_alerts[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("that window is full"),
+        "{alerts}"
+    );
     let once = home.issue(Scope {
         services: vec!["openai".into()],
         rates: vec![rate(10, 60)],
