@@ -742,6 +742,11 @@ mod tests {
             expires: Some(UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
             label: Some("ci-bot".into()),
             datalog: None,
+            rates: vec![crate::token::vocab::Rate {
+                limit: 100,
+                seconds: 3600,
+            }],
+            concurrency: Some(4),
         };
         let t = issue(&root, &scope).unwrap();
         let child = attenuate(
@@ -751,11 +756,27 @@ mod tests {
                 methods: vec!["POST".into()],
                 services: vec!["openai".into()],
                 max_uses: Some(5),
+                rates: vec![
+                    crate::token::vocab::Rate::parse("10/1s").unwrap(),
+                    crate::token::vocab::Rate::parse("50/1m").unwrap(),
+                ],
                 ..Scope::default()
             },
         )
         .unwrap();
         let v = inspect(&RawToken::parse(&child).unwrap()).unwrap();
+        assert_eq!(v.blocks[0].concurrency, Some(4));
+        assert_eq!(v.blocks[1].concurrency, None);
+        assert_eq!(
+            v.blocks[1]
+                .rates
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>(),
+            vec!["10/1s", "50/1m"]
+        );
+        assert_eq!(v.blocks[0].rates[0].to_string(), "100/1h");
+        assert!(v.blocks.iter().all(|b| b.window_problem.is_none()));
         assert_eq!(v.blocks.len(), 2);
         let b0 = &v.blocks[0];
         assert_eq!(
