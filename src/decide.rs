@@ -71,9 +71,7 @@ pub fn decide_windowed(
         return answer;
     }
     match stage {
-        Stage::BeforeBody => {
-            verifier.authorize_before_body_windowed(token, facts, &uses, windows)
-        }
+        Stage::BeforeBody => verifier.authorize_before_body_windowed(token, facts, &uses, windows),
         Stage::Final => verifier.authorize_windowed(token, facts, &uses, windows),
     }
 }

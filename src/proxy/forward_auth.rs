@@ -25,7 +25,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::{Api, ProxyError};
 use super::handler::{
-    admit_windows, decide_off_the_workers, extract_token, reserve_and_recheck, respond, store_error, verify_token,
+    admit_windows, decide_off_the_workers, extract_token, reserve_and_recheck, respond,
+    store_error, verify_token,
 };
 use super::{AppState, Upstream};
 use crate::decide::Stage;
@@ -122,9 +123,16 @@ async fn decide_check(
         time: st.clock.now(),
     };
     let alone = crate::verify::WindowCounts::alone(&token);
-    if let Err(d) =
-        decide_off_the_workers(st, &token, revoked, &facts, &counts, &alone, Stage::BeforeBody)
-            .await
+    if let Err(d) = decide_off_the_workers(
+        st,
+        &token,
+        revoked,
+        &facts,
+        &counts,
+        &alone,
+        Stage::BeforeBody,
+    )
+    .await
     {
         obs.uses = Some(counts);
         return Err(ProxyError::Denied(d));

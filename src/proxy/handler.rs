@@ -587,8 +587,7 @@ pub(super) async fn decide_off_the_workers(
     windows: &WindowCounts,
     stage: Stage,
 ) -> Result<(), Denial> {
-    if let Some(answer) = cached_decision_windowed(token, revoked, facts, counts, windows, stage)
-    {
+    if let Some(answer) = cached_decision_windowed(token, revoked, facts, counts, windows, stage) {
         return answer;
     }
     let _permit = st.datalog_permits.acquire().await.map_err(|_| Denial {
@@ -603,17 +602,15 @@ pub(super) async fn decide_off_the_workers(
         windows.clone(),
     );
     tokio::task::spawn_blocking(move || {
-        decide_windowed(
-            &verifier, &token, revoked, &facts, &counts, &windows, stage,
-        )
+        decide_windowed(&verifier, &token, revoked, &facts, &counts, &windows, stage)
     })
-        .await
-        .unwrap_or_else(|e| {
-            Err(Denial {
-                kind: DenialKind::Scope,
-                reason: format!("authorization failed: {e}"),
-            })
+    .await
+    .unwrap_or_else(|e| {
+        Err(Denial {
+            kind: DenialKind::Scope,
+            reason: format!("authorization failed: {e}"),
         })
+    })
 }
 
 /// The path and query as sent: what makes two retries the same request.

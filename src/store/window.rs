@@ -37,7 +37,10 @@ use crate::verify::{CapSpec, WindowCounts, WindowSpec};
 pub enum Admit {
     /// Slots were taken in every window and cap; `counts` are the counts
     /// with this request included, for the Datalog re-check.
-    Admitted { counts: WindowCounts, ticket: Ticket },
+    Admitted {
+        counts: WindowCounts,
+        ticket: Ticket,
+    },
     /// Nothing was taken: a window or cap is full.
     Full(Full),
 }
@@ -147,12 +150,7 @@ impl LocalWindows {
     }
 
     /// The synchronous admission (what [`WindowStore::admit`] runs).
-    pub fn admit_now(
-        &self,
-        family: &str,
-        windows: &[WindowSpec],
-        caps: &[CapSpec],
-    ) -> Admit {
+    pub fn admit_now(&self, family: &str, windows: &[WindowSpec], caps: &[CapSpec]) -> Admit {
         let now = (self.clock)();
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -429,7 +427,11 @@ mod tests {
             assert!(in_span <= 3, "{in_span} admissions within 10 s of {t}");
         }
         // Sliding: about 3 per 10 s over 60 s, not more.
-        assert!(admitted.len() >= 15 && admitted.len() <= 21, "{}", admitted.len());
+        assert!(
+            admitted.len() >= 15 && admitted.len() <= 21,
+            "{}",
+            admitted.len()
+        );
     }
 
     #[test]
@@ -437,7 +439,8 @@ mod tests {
         let s = LocalWindows::with_clock(fake);
         let parent = w(0, "p", 2, 60);
         let child = w(1, "c", 5, 60);
-        let Admit::Admitted { ticket, .. } = s.admit_now("p", &[parent.clone(), child.clone()], &[])
+        let Admit::Admitted { ticket, .. } =
+            s.admit_now("p", &[parent.clone(), child.clone()], &[])
         else {
             panic!("first admitted")
         };
@@ -474,7 +477,10 @@ mod tests {
         assert_eq!(counts.in_flight, vec![(0, 1)]);
         assert!(matches!(s.admit_now("k", &[], &cap), Admit::Full(_)));
         s.give_back(&ticket, false);
-        assert!(matches!(s.admit_now("k", &[], &cap), Admit::Admitted { .. }));
+        assert!(matches!(
+            s.admit_now("k", &[], &cap),
+            Admit::Admitted { .. }
+        ));
         assert_eq!(s.active(), (0, 1));
     }
 }

@@ -572,10 +572,8 @@ fn meaning(check: &Check, syms: &SymbolTable, esc: &SymbolTable) -> CheckMeaning
         return custom();
     }
     if check.queries.len() == 1 && names0 == [names::RATE] && is_at_most(q0) {
-        if let (
-            [Term::Integer(k), Term::Integer(d), Term::Variable(_)],
-            [Term::Integer(n)],
-        ) = (q0.body[0].terms.as_slice(), constants(q0).as_slice())
+        if let ([Term::Integer(k), Term::Integer(d), Term::Variable(_)], [Term::Integer(n)]) =
+            (q0.body[0].terms.as_slice(), constants(q0).as_slice())
             && *k >= 0
             && *d >= 0
             && *n >= 0
@@ -664,7 +662,9 @@ impl CheckMeaning {
                     limit: *limit,
                     seconds: *seconds,
                 };
-                format!("{who} allows {r} (at most {limit} requests in any {seconds} s) and that window is full; retry when a slot frees")
+                format!(
+                    "{who} allows {r} (at most {limit} requests in any {seconds} s) and that window is full; retry when a slot frees"
+                )
             }
             CheckMeaning::Concurrency { limit, .. } => format!(
                 "{who} allows {limit} request(s) in flight at once and that many are running; retry when one finishes"

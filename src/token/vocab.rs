@@ -109,12 +109,13 @@ impl Rate {
             .parse()
             .map_err(|_| err("does not start with a whole number of requests"))?;
         let d = d.trim();
-        if d.bytes().any(|b| b.is_ascii_digit()) && d.bytes().all(|b| b == b'0' || b.is_ascii_alphabetic()) {
+        if d.bytes().any(|b| b.is_ascii_digit())
+            && d.bytes().all(|b| b == b'0' || b.is_ascii_alphabetic())
+        {
             return Err(err("has a window of 0 s; windows are 1s to 31d"));
         }
-        let span = super::parse_duration(d).map_err(|_| {
-            err("does not end with a duration (a number with a unit s, m, h or d)")
-        })?;
+        let span = super::parse_duration(d)
+            .map_err(|_| err("does not end with a duration (a number with a unit s, m, h or d)"))?;
         Rate::new(limit, span.as_secs()).map_err(|e| match e {
             TokenError::InvalidScope(m) => err(&m),
             e => e,
@@ -147,7 +148,7 @@ impl std::fmt::Display for Rate {
         let s = self.seconds;
         let unit = [(86_400, "d"), (3600, "h"), (60, "m")]
             .into_iter()
-            .find(|(u, _)| s % u == 0);
+            .find(|(u, _)| s.is_multiple_of(*u));
         match unit {
             Some((u, name)) => write!(f, "{}/{}{name}", self.limit, s / u),
             None => write!(f, "{}/{s}s", self.limit),

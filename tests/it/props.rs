@@ -11,9 +11,9 @@ use biscuit_auth::KeyPair;
 use proptest::prelude::*;
 use proptest::sample::subsequence;
 use till::policy::Policies;
-use till::token::{self, RequestFacts, Scope};
 use till::store::window::{Admit, LocalWindows};
 use till::token::vocab::Rate;
+use till::token::{self, RequestFacts, Scope};
 use till::verify::{Verifier, WindowCounts, WindowSpec};
 
 /// One root key for the whole run.

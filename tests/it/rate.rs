@@ -129,7 +129,11 @@ async fn children_share_their_parents_window() {
     let kids: Vec<String> = (0..20)
         .map(|i| {
             // Every other child writes a window of its own, far looser.
-            let own = if i % 2 == 0 { vec![rate(1000, 60)] } else { vec![] };
+            let own = if i % 2 == 0 {
+                vec![rate(1000, 60)]
+            } else {
+                vec![]
+            };
             child(&parent, windowed(&own))
         })
         .collect();
@@ -150,10 +154,26 @@ async fn a_three_level_chain_with_different_windows() {
     let r = root(&home, &[rate(8, 60)], None);
     let c = child(&r, windowed(&[rate(5, 60)]));
     let g = child(&c, windowed(&[rate(2, 60), rate(100, 3600)]));
-    assert_eq!(passed(&burst(&ten(&proxy, &g)).await, 3600), 2, "grandchild");
-    assert_eq!(passed(&burst(&ten(&proxy, &c)).await, 60), 3, "child: 5 minus 2");
-    assert_eq!(passed(&burst(&ten(&proxy, &r)).await, 60), 3, "root: 8 minus 5");
-    assert_eq!(passed(&burst(&ten(&proxy, &g)).await, 3600), 0, "every window is full");
+    assert_eq!(
+        passed(&burst(&ten(&proxy, &g)).await, 3600),
+        2,
+        "grandchild"
+    );
+    assert_eq!(
+        passed(&burst(&ten(&proxy, &c)).await, 60),
+        3,
+        "child: 5 minus 2"
+    );
+    assert_eq!(
+        passed(&burst(&ten(&proxy, &r)).await, 60),
+        3,
+        "root: 8 minus 5"
+    );
+    assert_eq!(
+        passed(&burst(&ten(&proxy, &g)).await, 3600),
+        0,
+        "every window is full"
+    );
     assert_eq!(up.count(), 8);
 }
 
@@ -205,7 +225,11 @@ async fn a_concurrency_cap_holds_its_slots_until_slow_responses_end() {
     let mut ok = false;
     for _ in 0..100 {
         // The slot is given back as the proxy drops the finished body.
-        if call(&proxy.url("/openai/v1/chat/completions"), &kid).await.status == 200 {
+        if call(&proxy.url("/openai/v1/chat/completions"), &kid)
+            .await
+            .status
+            == 200
+        {
             ok = true;
             break;
         }
@@ -245,12 +269,16 @@ async fn a_full_window_is_retryable_and_spends_nothing_unlike_exhausted_uses() {
         ..Scope::default()
     });
     let url = proxy.url("/openai/v1/chat/completions");
-    let answers = burst(&vec![(&proxy, t.as_str()); 6]).await;
+    let answers = burst(&[(&proxy, t.as_str()); 6]).await;
     assert_eq!(passed(&answers, 60), 2);
     // A child with an empty window of its own: its parent's is full.
     let kid = child(&t, windowed(&[rate(5, 60)]));
     let a = call(&url, &kid).await;
-    assert_eq!((a.status, a.code.as_deref()), (429, Some("rate_limited")), "{a:?}");
+    assert_eq!(
+        (a.status, a.code.as_deref()),
+        (429, Some("rate_limited")),
+        "{a:?}"
+    );
     // The operator hears of it once, however many refusals.
     let alerts: serde_json::Value = serde_json::from_str(
         &client()
@@ -333,7 +361,11 @@ async fn a_concurrency_cap_holds_across_proxies_on_one_redis() {
     }
     let mut ok = false;
     for _ in 0..100 {
-        if call(&proxies[2].url("/openai/v1/chat/completions"), &t).await.status == 200 {
+        if call(&proxies[2].url("/openai/v1/chat/completions"), &t)
+            .await
+            .status
+            == 200
+        {
             ok = true;
             break;
         }
@@ -402,7 +434,10 @@ async fn the_openai_sdk_retries_a_rate_limited_call_and_succeeds_when_the_window
     // retried by the SDK after Retry-After, and let through.
     assert_eq!(statuses.first(), Some(&200), "{v}");
     assert_eq!(statuses.last(), Some(&200), "{v}");
-    assert!(statuses[1..statuses.len() - 1].iter().all(|s| *s == 429), "{v}");
+    assert!(
+        statuses[1..statuses.len() - 1].iter().all(|s| *s == 429),
+        "{v}"
+    );
     assert!(statuses.len() >= 3, "the SDK met at least one 429: {v}");
     assert_eq!(up.count(), 2, "both calls reached the upstream once");
 }
@@ -438,9 +473,16 @@ fn the_cli_issues_inspects_and_verifies_windows() {
         till(a).home(&home).run()
     };
     verify(&[]).success().stdout_has("allowed");
-    verify(&["--rate-used", "0:1m=10", "--rate-used", "1:1s=2", "--in-flight", "0=3"])
-        .success()
-        .stdout_has("allowed");
+    verify(&[
+        "--rate-used",
+        "0:1m=10",
+        "--rate-used",
+        "1:1s=2",
+        "--in-flight",
+        "0=3",
+    ])
+    .success()
+    .stdout_has("allowed");
     verify(&["--rate-used", "0:1m=11"])
         .code(1)
         .stdout_has("allows 10/1m")
@@ -474,7 +516,10 @@ fn the_cli_issues_inspects_and_verifies_windows() {
 #[test]
 fn a_window_check_not_on_its_own_block_is_refused() {
     let home = Home::new();
-    let v = till::verify::Verifier::new(home.key().public(), till::policy::Policies::default_policy());
+    let v = till::verify::Verifier::new(
+        home.key().public(),
+        till::policy::Policies::default_policy(),
+    );
     let parent = root(&home, &[rate(10, 60)], None);
     for code in [
         "check if rate(0, 60, $u), $u <= 5",
