@@ -112,7 +112,9 @@ type Log = VecDeque<(u64, u64)>;
 
 #[derive(Default)]
 struct State {
-    logs: HashMap<(String, u64), Log>,
+    /// Block id → (window seconds, log): looked up by `&str`, so the
+    /// request path allocates a key only for a window's first admission.
+    logs: HashMap<String, Vec<(u64, Log)>>,
     flights: HashMap<String, u64>,
 }
 
@@ -156,16 +158,19 @@ impl LocalWindows {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if self.since_sweep.fetch_add(1, Ordering::Relaxed) >= SWEEP_EVERY {
             self.since_sweep.store(0, Ordering::Relaxed);
-            st.logs.retain(|(_, secs), log| {
-                expire(log, now, *secs);
-                !log.is_empty()
+            st.logs.retain(|_, windows| {
+                windows.retain_mut(|(secs, log)| {
+                    expire(log, now, *secs);
+                    !log.is_empty()
+                });
+                !windows.is_empty()
             });
         }
         // Check everything first: a refusal takes nothing.
         let mut full: Option<Full> = None;
         let mut counts = WindowCounts::default();
         for w in windows {
-            let log = st.logs.entry((w.id.clone(), w.seconds)).or_default();
+            let log = log_of(&mut st.logs, &w.id, w.seconds);
             expire(log, now, w.seconds);
             let used = log.len() as u64;
             if used >= w.limit {
@@ -197,20 +202,25 @@ impl LocalWindows {
         if let Some(f) = full {
             // Windows created only to be looked at hold nothing.
             for w in windows {
-                let key = (w.id.clone(), w.seconds);
-                if st.logs.get(&key).is_some_and(VecDeque::is_empty) {
-                    st.logs.remove(&key);
+                if let Some(v) = st.logs.get_mut(w.id.as_str()) {
+                    v.retain(|(_, log)| !log.is_empty());
+                    if v.is_empty() {
+                        st.logs.remove(w.id.as_str());
+                    }
                 }
             }
             return Admit::Full(f);
         }
         for w in windows {
-            if let Some(log) = st.logs.get_mut(&(w.id.clone(), w.seconds)) {
-                log.push_back((now, n));
-            }
+            log_of(&mut st.logs, &w.id, w.seconds).push_back((now, n));
         }
         for c in caps {
-            *st.flights.entry(c.id.clone()).or_insert(0) += 1;
+            match st.flights.get_mut(c.id.as_str()) {
+                Some(busy) => *busy += 1,
+                None => {
+                    st.flights.insert(c.id.clone(), 1);
+                }
+            }
         }
         Admit::Admitted {
             counts,
@@ -229,8 +239,9 @@ impl LocalWindows {
         };
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if windows {
-            for key in &ticket.windows {
-                if let Some(log) = st.logs.get_mut(key)
+            for (id, secs) in &ticket.windows {
+                if let Some(v) = st.logs.get_mut(id.as_str())
+                    && let Some((_, log)) = v.iter_mut().find(|(s, _)| s == secs)
                     && let Some(i) = log.iter().rposition(|e| e.1 == n)
                 {
                     log.remove(i);
@@ -251,6 +262,24 @@ impl LocalWindows {
     pub fn active(&self) -> (usize, usize) {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         (st.logs.len(), st.flights.len())
+    }
+}
+
+/// The log of block `id`'s window of `secs`, created empty if need be.
+fn log_of<'a>(logs: &'a mut HashMap<String, Vec<(u64, Log)>>, id: &str, secs: u64) -> &'a mut Log {
+    if !logs.contains_key(id) {
+        logs.insert(id.to_string(), Vec::new());
+    }
+    let Some(windows) = logs.get_mut(id) else {
+        unreachable!("inserted just above, under the same lock");
+    };
+    match windows.iter().position(|(s, _)| *s == secs) {
+        Some(i) => &mut windows[i].1,
+        None => {
+            windows.push((secs, Log::new()));
+            let last = windows.len() - 1;
+            &mut windows[last].1
+        }
     }
 }
 
