@@ -942,6 +942,48 @@ mod tests {
         CounterSpec::standalone(id, limit, None)
     }
 
+    /// A proxy killed while its requests were in flight cannot hold their
+    /// concurrency slots forever: a slot is a lease, gone unless renewed.
+    /// A renewed one stays.
+    #[tokio::test]
+    async fn an_unrenewed_in_flight_slot_ends_with_its_lease() {
+        use crate::store::window::{Admit, WindowStore};
+        let server = Server::start();
+        let store = RedisStore::connect(&server.url(), None).await.unwrap();
+        let lease = Duration::from_millis(600);
+        let w = windows::RedisWindows::with_lease(store.inner.clone(), lease);
+        let cap = [crate::verify::CapSpec {
+            block: 0,
+            id: "k".into(),
+            limit: 1,
+        }];
+        let Admit::Admitted {
+            ticket: renewed, ..
+        } = w.admit("f", &[], &cap).await.unwrap()
+        else {
+            panic!("first slot")
+        };
+        assert!(matches!(
+            w.admit("f", &[], &cap).await.unwrap(),
+            Admit::Full(_)
+        ));
+        // Renewed past its first lease: still held.
+        for _ in 0..4 {
+            tokio::time::sleep(lease / 3).await;
+            w.renew(&renewed).await.unwrap();
+        }
+        assert!(matches!(
+            w.admit("f", &[], &cap).await.unwrap(),
+            Admit::Full(_)
+        ));
+        // Its holder "dies": no renewal, no finish. The lease ends.
+        tokio::time::sleep(lease + Duration::from_millis(200)).await;
+        assert!(matches!(
+            w.admit("f", &[], &cap).await.unwrap(),
+            Admit::Admitted { .. }
+        ));
+    }
+
     #[tokio::test]
     async fn counts_are_exact_across_two_stores_on_one_redis() {
         let server = Server::start();

@@ -102,14 +102,21 @@ pub struct RedisWindows {
     inner: Arc<Inner>,
     admit: Script,
     renew: Script,
+    lease: Duration,
 }
 
 impl RedisWindows {
     pub(super) fn new(inner: Arc<Inner>) -> Self {
+        Self::with_lease(inner, LEASE)
+    }
+
+    /// In-flight leases of `lease` (tests shorten it).
+    pub(super) fn with_lease(inner: Arc<Inner>, lease: Duration) -> Self {
         RedisWindows {
             inner,
             admit: Script::new(ADMIT_LUA),
             renew: Script::new(RENEW_LUA),
+            lease,
         }
     }
 
@@ -146,7 +153,7 @@ impl WindowStore for RedisWindows {
         }
         inv.arg(windows.len())
             .arg(&member)
-            .arg(LEASE.as_millis() as u64);
+            .arg(self.lease.as_millis() as u64);
         for w in windows {
             inv.arg(w.seconds).arg(w.limit);
         }
@@ -240,7 +247,7 @@ impl WindowStore for RedisWindows {
         for id in &ticket.caps {
             inv.key(cap_key(&ticket.family, id));
         }
-        inv.arg(&ticket.member).arg(LEASE.as_millis() as u64);
+        inv.arg(&ticket.member).arg(self.lease.as_millis() as u64);
         async move {
             let mut c = self.inner.conn.clone();
             self.inner
@@ -251,6 +258,6 @@ impl WindowStore for RedisWindows {
     }
 
     fn lease(&self) -> Option<Duration> {
-        Some(LEASE)
+        Some(self.lease)
     }
 }
