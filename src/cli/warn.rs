@@ -179,6 +179,30 @@ pub fn for_child(view: &TokenView, now: SystemTime) -> Vec<String> {
              been used)"
         ));
     }
+    // A child's window or cap that an ancestor's already implies: harmless,
+    // but whoever reads `--rate 1000/1s` would expect 1,000 requests.
+    if let Some((last, ancestors)) = view.blocks.split_last() {
+        for r in &last.rates {
+            let tighter = ancestors
+                .iter()
+                .flat_map(|b| &b.rates)
+                .find(|p| p.seconds >= r.seconds && p.limit <= r.limit);
+            if let Some(p) = tighter {
+                w.push(format!(
+                    "--rate {r} adds nothing: the parent's {p} already allows at most {} requests in any {} s (a child can only narrow its parent's windows)",
+                    p.limit, r.seconds
+                ));
+            }
+        }
+        let parent_cap = ancestors.iter().filter_map(|b| b.concurrency).min();
+        if let (Some(own), Some(p)) = (last.concurrency, parent_cap)
+            && own >= p
+        {
+            w.push(format!(
+                "--concurrency {own} adds nothing: the parent allows {p} in flight, and every request of the new token counts there too"
+            ));
+        }
+    }
     w
 }
 

@@ -458,6 +458,14 @@ fn the_cli_issues_inspects_and_verifies_windows() {
     let parent = o.out().trim().to_string();
     let o = till(["attenuate", "--rate", "2/1s"]).stdin(&parent).run();
     o.success();
+    assert!(!o.out().is_empty());
+    // Looser than the parent: allowed (it narrows nothing), with a warning.
+    till(["attenuate", "--rate", "1000/1s", "--concurrency", "8"])
+        .stdin(&parent)
+        .run()
+        .success()
+        .stderr_has("--rate 1000/1s adds nothing: the parent's 10/1m already allows at most 10")
+        .stderr_has("--concurrency 8 adds nothing: the parent allows 3 in flight");
     let kid = o.out().trim().to_string();
     till(["inspect", "--token", &kid])
         .run()
