@@ -171,7 +171,7 @@ pub struct IssueArgs {
     #[arg(long, conflicts_with = "services")]
     pub any_service: bool,
     /// Issue an admin token for the proxy's admin API (revoke, usage) instead of an API token.
-    #[arg(long, conflicts_with_all = ["services", "any_service", "methods", "paths", "models"])]
+    #[arg(long, conflicts_with_all = ["services", "any_service", "methods", "paths", "models", "rates", "concurrency"])]
     pub admin: bool,
     /// Root private key file (default: the active key of TILL_HOME).
     #[arg(long, env = "TILL_ROOT_KEY")]

@@ -515,6 +515,12 @@ fn the_cli_issues_inspects_and_verifies_windows() {
     issue(&["--rate", "1/1m", "--rate", "5/60s"])
         .code(2)
         .stderr_has("two rates with the same window");
+    // The admin plane counts no windows, so an admin token cannot carry one.
+    till(["issue", "--admin", "--rate", "10/1m"])
+        .home(&home)
+        .run()
+        .code(2)
+        .stderr_has("--admin");
 }
 
 /// A block that reads `rate` or `in_flight` in any other form than its own
