@@ -1323,6 +1323,8 @@ fn families_mode(args: &Args) {
                                 label: Some(format!("agent-{i}")),
                                 limit: Some(1000),
                                 expires: Some(expires),
+                                rates: Vec::new(),
+                                concurrency: None,
                             })
                             .collect();
                         // What a first allowed request records: the
@@ -1337,6 +1339,8 @@ fn families_mode(args: &Args) {
                                 parent: m.parent.clone(),
                                 index: m.index,
                                 label: m.label.clone(),
+                                rates: Vec::new(),
+                                concurrency: None,
                             })
                             .collect();
                         let r = store.reserve(&specs).await.expect("reserve");

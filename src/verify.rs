@@ -605,6 +605,8 @@ fn counter_specs(
                 parent: k.checked_sub(1).and_then(|p| ids.get(p)).cloned(),
                 index: k,
                 label: b.and_then(|b| b.labels.first().cloned()),
+                rates: b.map(|b| b.rates.clone()).unwrap_or_default(),
+                concurrency: b.and_then(|b| b.concurrency),
             }
         })
         .collect()

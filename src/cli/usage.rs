@@ -162,9 +162,32 @@ pub fn run(home: &Path, a: UsageArgs) -> anyhow::Result<ExitCode> {
         .max()
         .unwrap_or(0)
         .max("block".len());
+    // Rate windows and the concurrency cap, e.g. `10/1m 1000/1d c3`.
+    let windows = |b: &serde_json::Value| {
+        let mut w: Vec<String> = b["rates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str().map(str::to_string))
+            .collect();
+        if let Some(c) = b["concurrency"].as_u64() {
+            w.push(format!("c{c}"));
+        }
+        if w.is_empty() {
+            "-".to_string()
+        } else {
+            w.join(" ")
+        }
+    };
+    let wwidth = rows
+        .iter()
+        .map(|(_, b)| windows(b).len())
+        .max()
+        .unwrap_or(0)
+        .max("windows".len());
     let mut o = format!(
-        "{:<width$} {:>8} {:>8} {:>9}  {:<20}  {:<20}  label\n",
-        "block", "uses", "limit", "remaining", "expires", "last use"
+        "{:<width$} {:>8} {:>8} {:>9}  {:<wwidth$}  {:<20}  {:<20}  label\n",
+        "block", "uses", "limit", "remaining", "windows", "expires", "last use"
     );
     for (name, b) in rows {
         let revoked = if b["revoked"].as_bool() == Some(true) {
@@ -173,10 +196,11 @@ pub fn run(home: &Path, a: UsageArgs) -> anyhow::Result<ExitCode> {
             ""
         };
         o.push_str(&format!(
-            "{name:<width$} {:>8} {:>8} {:>9}  {:<20}  {:<20}  {}{revoked}\n",
+            "{name:<width$} {:>8} {:>8} {:>9}  {:<wwidth$}  {:<20}  {:<20}  {}{revoked}\n",
             num(&b["uses"]),
             num(&b["limit"]),
             num(&b["remaining"]),
+            windows(b),
             time(&b["expires"]),
             time(&b["last_use"]),
             b["label"]

@@ -410,6 +410,8 @@ pub async fn usage_view(st: &AppState) -> Result<serde_json::Value, ProxyError> 
             "uses": c.uses,
             "limit": limit,
             "remaining": limit.map(|l| l.saturating_sub(c.uses)),
+            "rates": m.map(|m| m.rates.iter().map(|r| r.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
+            "concurrency": m.and_then(|m| m.concurrency),
             "expires": c.expires.or(m.and_then(|m| m.expires)),
             "last_use": c.last_use,
             "children_seen": children.get(c.id.as_str()).copied().unwrap_or(0),

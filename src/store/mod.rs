@@ -71,6 +71,10 @@ pub struct CounterSpec {
     pub index: usize,
     /// The block's first label.
     pub label: Option<String>,
+    /// The block's own rate windows and concurrency cap, for the usage
+    /// view (enforced by the window store, never read from here).
+    pub rates: Vec<crate::token::vocab::Rate>,
+    pub concurrency: Option<u64>,
 }
 
 impl CounterSpec {
@@ -84,6 +88,8 @@ impl CounterSpec {
             parent: None,
             index: 0,
             label: None,
+            rates: Vec::new(),
+            concurrency: None,
         }
     }
 
@@ -97,6 +103,8 @@ impl CounterSpec {
             label: self.label.clone(),
             limit: self.limit,
             expires: self.expires,
+            rates: self.rates.clone(),
+            concurrency: self.concurrency,
         }
     }
 }
@@ -134,6 +142,12 @@ pub struct BlockMeta {
     pub label: Option<String>,
     pub limit: Option<u64>,
     pub expires: Option<u64>,
+    /// Rate windows the block sets on itself (absent in metadata recorded
+    /// before windows existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rates: Vec<crate::token::vocab::Rate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u64>,
 }
 
 /// Activation counters keyed by block revocation id.

@@ -89,7 +89,7 @@ pub const MAX_WINDOWS_PER_BLOCK: usize = 4;
 pub const MAX_CONCURRENCY: u64 = 100_000;
 
 /// One rate window: at most `limit` requests in any `seconds`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rate {
     pub limit: u64,
     pub seconds: u64,
