@@ -71,8 +71,14 @@ struct FastPath {
     pending: std::sync::RwLock<Vec<Shape>>,
 }
 
-/// A request without its time: service, method, path, model.
-type Shape = (String, String, String, Option<String>);
+/// A request without its time: service, method, path, model, MCP message.
+type Shape = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<crate::token::McpMessage>,
+);
 
 /// Shapes cached per token: agents reuse few (service, method, path, model)
 /// combinations; the rest go through Datalog.
@@ -95,7 +101,8 @@ fn fast_path(view: &TokenView, policies: &Policies) -> Option<FastPath> {
                 CheckMeaning::Services { .. }
                 | CheckMeaning::Methods { .. }
                 | CheckMeaning::PathPrefixes { .. }
-                | CheckMeaning::Models { .. } => {}
+                | CheckMeaning::Models { .. }
+                | CheckMeaning::Tools { .. } => {}
                 CheckMeaning::Custom { .. } => return None,
             }
         }
@@ -110,7 +117,11 @@ fn fast_path(view: &TokenView, policies: &Policies) -> Option<FastPath> {
 
 impl FastPath {
     fn same(k: &Shape, req: &RequestFacts) -> bool {
-        k.0 == req.service && k.1 == req.method && k.2 == req.path && k.3 == req.model
+        k.0 == req.service
+            && k.1 == req.method
+            && k.2 == req.path
+            && k.3 == req.model
+            && k.4 == req.mcp
     }
     /// True when the cached decision applies and allows the request (or,
     /// with `pending`, lets it go on to read its body).
@@ -147,6 +158,7 @@ impl FastPath {
                 req.method.clone(),
                 req.path.clone(),
                 req.model.clone(),
+                req.mcp.clone(),
             ));
         }
     }
@@ -364,9 +376,12 @@ impl Verifier {
             ("method", &req.method),
             ("path", &req.path),
         ];
+        let mcp = req.mcp.as_ref();
         let long = facts
             .into_iter()
             .chain(req.model.as_ref().map(|m| ("model", m)))
+            .chain(mcp.map(|m| ("MCP method", &m.method)))
+            .chain(mcp.and_then(|m| m.tool.as_ref()).map(|t| ("tool", t)))
             .find(|(_, v)| v.len() > MAX_FACT_LEN);
         if let Some((name, v)) = long {
             return Err(Denial {
@@ -409,6 +424,7 @@ impl Verifier {
             method: method.into(),
             path: path.into(),
             model: None,
+            mcp: None,
             time: now,
         };
         let base = biscuit_auth::AuthorizerBuilder::new()

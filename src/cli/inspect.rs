@@ -73,6 +73,7 @@ pub fn render(v: &TokenView) -> String {
                     format!("path prefixes: {}", list(allowed))
                 }
                 CheckMeaning::Models { allowed } => format!("models: {}", list(allowed)),
+                CheckMeaning::Tools { allowed } => format!("MCP tools: {}", list(allowed)),
                 CheckMeaning::Custom { source } => format!("custom check: {source}"),
             };
             let _ = writeln!(o, "  {line}");

@@ -25,6 +25,11 @@ pub struct ScopeArgs {
     /// Model allowed (repeatable). Requests must then name one of these models in their JSON body.
     #[arg(long = "model", value_name = "MODEL")]
     pub models: Vec<String>,
+    /// MCP tool the token may call (repeatable), for upstreams with api = "mcp"; a trailing '*'
+    /// makes a prefix, e.g. 'github_*'. Default: every tool. Other MCP messages (initialize,
+    /// tools/list, ...) stay allowed; requests to non-MCP upstreams are refused.
+    #[arg(long = "tool", value_name = "NAME")]
+    pub tools: Vec<String>,
     /// Maximum number of uses of this block (at least 1); every use of any token derived from it counts.
     // Taken as text, hyphen values included, so that `-1` gets a plain-words
     // error from us rather than clap's "unexpected argument '-1'".
@@ -70,11 +75,15 @@ impl ScopeArgs {
             (None, None) => None,
         };
         let max_uses = self.max_uses.as_deref().map(parse_max_uses).transpose()?;
+        for t in &self.tools {
+            vocab::tool_pattern(t)?;
+        }
         Ok(Scope {
             services: self.services.clone(),
             methods,
             paths,
             models: self.models.clone(),
+            tools: self.tools.clone(),
             max_uses,
             expires,
             label: self.label.clone(),
@@ -139,7 +148,7 @@ pub struct IssueArgs {
     #[arg(long, conflicts_with = "services")]
     pub any_service: bool,
     /// Issue an admin token for the proxy's admin API (revoke, usage) instead of an API token.
-    #[arg(long, conflicts_with_all = ["services", "any_service", "methods", "paths", "models"])]
+    #[arg(long, conflicts_with_all = ["services", "any_service", "methods", "paths", "models", "tools"])]
     pub admin: bool,
     /// Root private key file (default: the active key of TILL_HOME).
     #[arg(long, env = "TILL_ROOT_KEY")]

@@ -236,6 +236,7 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
         method,
         path,
         model: a.model,
+        mcp: None,
         time,
     };
     match verifier.authorize(&verified, &req, &uses) {

@@ -119,6 +119,7 @@ async fn decide_check(
         method,
         path: normal,
         model: None,
+        mcp: None,
         time: st.clock.now(),
     };
     if let Err(d) =

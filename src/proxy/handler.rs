@@ -354,6 +354,7 @@ async fn handle(
         method: parts.method.as_str().to_string(),
         path,
         model: None,
+        mcp: None,
         time: st.clock.now(),
     };
     let stage = if json {

@@ -46,6 +46,11 @@ pub enum CheckMeaning {
     Models {
         allowed: Vec<String>,
     },
+    /// MCP tools (`tools/call`) allowed: exact names, and prefixes shown
+    /// as `name*`. Other MCP messages pass.
+    Tools {
+        allowed: Vec<String>,
+    },
     /// Anything else; `source` is escaped.
     Custom {
         source: String,
@@ -531,7 +536,55 @@ fn meaning(check: &Check, syms: &SymbolTable, esc: &SymbolTable) -> CheckMeaning
     {
         return CheckMeaning::Models { allowed };
     }
+    if let Some(allowed) = tool_list(check, syms) {
+        return CheckMeaning::Tools { allowed };
+    }
     custom()
+}
+
+/// The tools a check written by [`super::vocab`] allows: first
+/// `mcp($m), $m != "tools/call"`, then only `tool($t)` alternatives that
+/// are `{..}.contains($t)` or `$t.starts_with("..")` (shown as `..*`).
+fn tool_list(check: &Check, syms: &SymbolTable) -> Option<Vec<String>> {
+    use biscuit_auth::datalog::{Binary, Op};
+    let (first, rest) = check.queries.split_first()?;
+    let [pred] = first.body.as_slice() else {
+        return None;
+    };
+    let [Term::Variable(v)] = pred.terms.as_slice() else {
+        return None;
+    };
+    let [e] = first.expressions.as_slice() else {
+        return None;
+    };
+    let housekeeping = sym(syms, pred.name) == names::MCP
+        && first.scopes.is_empty()
+        && matches!(
+            e.ops.as_slice(),
+            [Op::Value(Term::Variable(x)), Op::Value(Term::Str(s)), Op::Binary(Binary::NotEqual | Binary::HeterogeneousNotEqual)]
+                if x == v && sym(syms, *s) == super::vocab::TOOLS_CALL
+        );
+    if !housekeeping || rest.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for q in rest {
+        if q.body.len() != 1 || sym(syms, q.body[0].name) != names::TOOL || !q.scopes.is_empty() {
+            return None;
+        }
+        let one = Check {
+            queries: vec![q.clone()],
+            kind: CheckKind::One,
+        };
+        if let Some(names) = allow_list(&one, syms, false) {
+            out.extend(names);
+        } else {
+            out.extend(allow_list(&one, syms, true)?.into_iter().map(|p| format!("{p}*")));
+        }
+    }
+    out.sort();
+    out.dedup();
+    Some(out)
 }
 
 impl CheckMeaning {
@@ -573,6 +626,10 @@ impl CheckMeaning {
             }
             CheckMeaning::Models { allowed } => format!(
                 "{who} only allows model {} (named in the JSON body's \"model\" field)",
+                list(allowed)
+            ),
+            CheckMeaning::Tools { allowed } => format!(
+                "{who} only allows the MCP tool {} (a name ending in '*' is a prefix)",
                 list(allowed)
             ),
             CheckMeaning::Custom { source } => format!("a check of {who} failed: {source}"),

@@ -17,7 +17,7 @@ use biscuit_auth::{Biscuit, KeyPair, PublicKey, UnverifiedBiscuit};
 use prost::Message;
 use thiserror::Error;
 
-pub use vocab::{RequestFacts, Scope};
+pub use vocab::{McpMessage, RequestFacts, Scope};
 
 /// Largest accepted token, in base64 characters. Checked before any parsing.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;

@@ -27,7 +27,20 @@ pub mod names {
     pub const PATH: &str = "path";
     pub const MODEL: &str = "model";
     pub const TIME: &str = "time";
+    /// `mcp($method)`: the JSON-RPC method of one MCP message, for requests
+    /// to an `api = "mcp"` upstream only; `""` when the request carries no
+    /// JSON-RPC request or notification (a GET, a DELETE, a response).
+    pub const MCP: &str = "mcp";
+    /// `tool($name)`: the tool an MCP `tools/call` message names.
+    pub const TOOL: &str = "tool";
 }
+
+/// The MCP method whose messages spend a use and are checked against the
+/// token's tools.
+pub const TOOLS_CALL: &str = "tools/call";
+
+/// Longest MCP tool name accepted (the MCP specification's bound).
+pub const MAX_TOOL_LEN: usize = 128;
 
 /// Wildcard accepted in the service and method positions of `right`.
 pub const ANY: &str = "*";
@@ -48,6 +61,9 @@ pub struct Scope {
     pub paths: Vec<String>,
     /// Model allow-list. When set, requests must name one of these models.
     pub models: Vec<String>,
+    /// MCP tools this block may call: exact names, or prefixes written
+    /// `name*` ([`ToolPattern`]). Empty means every tool.
+    pub tools: Vec<String>,
     /// Maximum number of activations of this block (and everything under it).
     pub max_uses: Option<u64>,
     /// The block stops being valid at this instant.
@@ -98,6 +114,76 @@ pub fn normalize_prefix(p: &str) -> Result<String, TokenError> {
         .map_err(|e| TokenError::InvalidScope(format!("path prefix {p:?}: {e}")))
 }
 
+/// One `--tool` argument: an exact MCP tool name, or a prefix when it ends
+/// in `*` (`github_*`). Nothing else is a pattern: a `*` anywhere else is
+/// refused, so what a token allows reads the same to everyone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToolPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+/// Parses and validates a `--tool` argument. Tool names are 1–128 ASCII
+/// letters, digits, `_`, `-`, `.` or `/` (the MCP specification's names).
+pub fn tool_pattern(t: &str) -> Result<ToolPattern, TokenError> {
+    let (name, prefix) = match t.strip_suffix('*') {
+        Some(p) => (p, true),
+        None => (t, false),
+    };
+    let ok_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/');
+    if prefix && name.is_empty() {
+        return Err(TokenError::InvalidScope(
+            "--tool '*' allows every tool: leave --tool out instead".into(),
+        ));
+    }
+    if name.is_empty() || name.len() > MAX_TOOL_LEN || !name.bytes().all(ok_char) {
+        return Err(TokenError::InvalidScope(format!(
+            "tool {t:?} is not an MCP tool name: use 1 to {MAX_TOOL_LEN} letters, digits, '_', '-', '.' or '/', optionally ending in '*' for a prefix (e.g. github_*)"
+        )));
+    }
+    Ok(if prefix {
+        ToolPattern::Prefix(name.to_string())
+    } else {
+        ToolPattern::Exact(name.to_string())
+    })
+}
+
+/// `check if mcp($m), $m != "tools/call" or tool($t), {exact}.contains($t)
+/// or tool($t), $t.starts_with({p0}) ...`: only tool calls are narrowed, so
+/// the MCP housekeeping (`initialize`, `tools/list`, ...) stays open to the
+/// token. A request to a non-MCP upstream has neither fact and fails it:
+/// a key narrowed to tools is an MCP key.
+fn tools_check(b: BlockBuilder, tools: &[String]) -> Result<BlockBuilder, TokenError> {
+    let mut exact = Vec::new();
+    let mut prefixes = Vec::new();
+    for t in tools {
+        match tool_pattern(t)? {
+            ToolPattern::Exact(n) => exact.push(n),
+            ToolPattern::Prefix(p) => prefixes.push(p),
+        }
+    }
+    let mut alternatives = vec![format!("{}($m), $m != {{call}}", names::MCP)];
+    let mut p = vec![("call", Term::Str(TOOLS_CALL.into()))];
+    if !exact.is_empty() {
+        alternatives.push(format!("{}($t), {{tools}}.contains($t)", names::TOOL));
+        p.push(("tools", str_set(&exact)));
+    }
+    let keys: Vec<String> = (0..prefixes.len()).map(|i| format!("p{i}")).collect();
+    for (k, v) in keys.iter().zip(&prefixes) {
+        alternatives.push(format!("{}($t), $t.starts_with({{{k}}})", names::TOOL));
+        p.push((k.as_str(), Term::Str(v.clone())));
+    }
+    // One alternative for the housekeeping, one for the exact names, one
+    // per prefix: shape.rs allows 16.
+    if alternatives.len() > super::shape::MAX_QUERIES {
+        return Err(TokenError::InvalidScope(format!(
+            "at most {} tool prefixes per key",
+            super::shape::MAX_QUERIES - 2
+        )));
+    }
+    add_code(b, &format!("check if {}", alternatives.join(" or ")), p)
+}
+
 fn str_set(items: &[String]) -> Term {
     Term::Set(
         items
@@ -126,6 +212,9 @@ fn common(mut b: BlockBuilder, scope: &Scope, index: usize) -> Result<BlockBuild
             "check if model($m), {models}.contains($m)",
             vec![("models", str_set(&scope.models))],
         )?;
+    }
+    if !scope.tools.is_empty() {
+        b = tools_check(b, &scope.tools)?;
     }
     if let Some(exp) = scope.expires {
         b = add_code(
@@ -228,7 +317,30 @@ pub struct RequestFacts {
     /// Already normalised with [`crate::path::normalize`].
     pub path: String,
     pub model: Option<String>,
+    /// One MCP message, for requests to an `api = "mcp"` upstream.
+    pub mcp: Option<McpMessage>,
     pub time: SystemTime,
+}
+
+/// The facts one MCP (JSON-RPC) message contributes: `mcp($method)` and,
+/// for `tools/call`, `tool($name)`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct McpMessage {
+    /// The JSON-RPC method; empty when the request carries none.
+    pub method: String,
+    pub tool: Option<String>,
+}
+
+impl McpMessage {
+    /// A request to an MCP upstream that carries no JSON-RPC request or
+    /// notification: a GET (the server's event stream), a DELETE (end of
+    /// session), or responses the client sends back.
+    pub fn none() -> Self {
+        McpMessage {
+            method: String::new(),
+            tool: None,
+        }
+    }
 }
 
 impl RequestFacts {
@@ -251,6 +363,12 @@ impl RequestFacts {
             .map_err(e)?;
         if let Some(m) = &self.model {
             a = a.fact(fact(names::MODEL, &[string(m)])).map_err(e)?;
+        }
+        if let Some(m) = &self.mcp {
+            a = a.fact(fact(names::MCP, &[string(&m.method)])).map_err(e)?;
+            if let Some(t) = &m.tool {
+                a = a.fact(fact(names::TOOL, &[string(t)])).map_err(e)?;
+            }
         }
         a = a
             .fact(fact(names::TIME, &[builder::date(&self.time)]))
