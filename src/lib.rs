@@ -13,6 +13,7 @@
 //! | [`path`] | request path normalisation (scope checks compare prefixes) |
 //! | [`policy`] | `policies/*.datalog`, parsed once; Datalog run limits |
 //! | [`verify`] | [`verify::Verifier`]: token + request facts + use counts → allow or a [`verify::Denial`] |
+//! | [`mcp`] | MCP JSON-RPC bodies: the messages, the tool each `tools/call` names, `tools/list` filtering |
 //! | [`store`] | [`store::CounterStore`] and [`store::RevocationList`] traits; the embedded durable store |
 //! | [`proxy`] | `till serve`: config, accept loop, router, the request path, forwarding, admin API, dashboard |
 //! | [`monitor`] | metrics, audit log, alerts, recent decisions |
@@ -59,6 +60,7 @@ pub mod decide;
 pub mod feed;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod mcp;
 pub mod monitor;
 pub mod path;
 pub mod policy;

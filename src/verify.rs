@@ -652,6 +652,7 @@ mod tests {
             method: "POST".into(),
             path: path.into(),
             model: None,
+            mcp: None,
             time,
         }
     }

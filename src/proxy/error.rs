@@ -274,6 +274,7 @@ impl ProxyError {
                     "message": self.message(),
                 }
             }),
+            Api::Mcp => super::mcp::error_body(&self, serde_json::Value::Null),
             Api::OpenAi | Api::Plain => json!({
                 "error": {
                     "message": self.message(),
@@ -376,7 +377,7 @@ mod tests {
                 ProxyError::GatewayNotTrusted("x".into()),
             ]
         };
-        for api in [Api::OpenAi, Api::Anthropic, Api::Plain] {
+        for api in [Api::OpenAi, Api::Anthropic, Api::Plain, Api::Mcp] {
             for e in all() {
                 let (status, code) = (e.status().as_u16(), e.code());
                 let resp = e.into_response_for(api);

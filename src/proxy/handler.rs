@@ -56,6 +56,9 @@ pub async fn proxy(State(st): State<AppState>, req: Request) -> Response {
     let request_id = format!("{:016x}", rand::random::<u64>());
     let mut obs = Observation::new(request_id.clone(), peer, req.method().as_str());
     let api = error_shape(&st, req.uri().path());
+    if api == Api::Mcp {
+        return super::mcp::proxy(&st, req, &mut obs, &request_id).await;
+    }
     let result = handle(&st, req, &mut obs).await;
     respond(&st, &mut obs, result, api, &request_id)
 }
@@ -69,6 +72,17 @@ pub(super) fn respond(
     api: Api,
     request_id: &str,
 ) -> Response {
+    respond_with(st, obs, result, |e| e.into_response_for(api), request_id)
+}
+
+/// [`respond`] with the error answer rendered by `render`.
+pub(super) fn respond_with(
+    st: &AppState,
+    obs: &mut Observation,
+    result: Result<Response, ProxyError>,
+    render: impl FnOnce(ProxyError) -> Response,
+    request_id: &str,
+) -> Response {
     let (mut resp, code, reason) = match result {
         Ok(r) => (r, "ok", None),
         Err(e) => {
@@ -78,7 +92,7 @@ pub(super) fn respond(
             }
             let code = e.code();
             let reason = e.message();
-            (e.into_response_for(api), code, Some(reason))
+            (render(e), code, Some(reason))
         }
     };
     st.monitor.record(obs, resp.status().as_u16(), code, reason);
@@ -127,7 +141,7 @@ pub fn extract_token(headers: &HeaderMap) -> Result<&str, ProxyError> {
 }
 
 /// Splits `/service/rest` into the service and the rest of the path.
-fn split_service(path: &str) -> Result<(&str, &str), ProxyError> {
+pub(super) fn split_service(path: &str) -> Result<(&str, &str), ProxyError> {
     let p = path.strip_prefix('/').unwrap_or(path);
     let (svc, rest) = match p.find('/') {
         Some(i) => (&p[..i], &p[i..]),
@@ -227,7 +241,7 @@ pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
 /// Reads a JSON body within the size limit, the deadline and the global
 /// buffer budget. The permit returned holds the body's bytes of the budget
 /// until the request is forwarded.
-async fn read_body(
+pub(super) async fn read_body(
     st: &AppState,
     mut body: Body,
     content_length: Option<u64>,

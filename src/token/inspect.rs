@@ -678,6 +678,7 @@ mod tests {
             methods: vec!["POST".into()],
             paths: vec!["/v1/chat/".into()],
             models: vec!["gpt-4o-mini".into()],
+            tools: vec!["github_*".into(), "add".into(), "echo".into()],
             max_uses: Some(100),
             expires: Some(UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
             label: Some("ci-bot".into()),
@@ -690,6 +691,7 @@ mod tests {
                 paths: vec!["/v1/chat/completions".into(), "/v1/x".into()],
                 methods: vec!["POST".into()],
                 services: vec!["openai".into()],
+                tools: vec!["add".into()],
                 max_uses: Some(5),
                 ..Scope::default()
             },
@@ -707,6 +709,9 @@ mod tests {
         assert!(b0.checks.contains(&CheckMeaning::Models {
             allowed: vec!["gpt-4o-mini".into()]
         }));
+        assert!(b0.checks.contains(&CheckMeaning::Tools {
+            allowed: vec!["add".into(), "echo".into(), "github_*".into()]
+        }));
         let b1 = &v.blocks[1];
         assert_eq!(b1.use_limit, Some(5));
         assert!(b1.checks.contains(&CheckMeaning::PathPrefixes {
@@ -714,6 +719,9 @@ mod tests {
         }));
         assert!(b1.checks.contains(&CheckMeaning::Services {
             allowed: vec!["openai".into()]
+        }));
+        assert!(b1.checks.contains(&CheckMeaning::Tools {
+            allowed: vec!["add".into()]
         }));
         assert_eq!(v.effective_limits(), vec![Some(100), Some(5)]);
         assert_eq!(v.family, v.blocks[0].revocation_id);
