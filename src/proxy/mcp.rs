@@ -173,6 +173,14 @@ async fn handle(
     obs.service = service.to_string();
     let path = crate::path::normalize(rest).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     obs.path = path.clone();
+    // POST carries messages, GET opens the server's event stream, DELETE
+    // ends a session; nothing else is MCP.
+    if ![http::Method::POST, http::Method::GET, http::Method::DELETE].contains(&parts.method) {
+        return Err(ProxyError::BadRequest(format!(
+            "{} is not an MCP request: an MCP server takes POST (messages), GET (its event stream) and DELETE (end of a session)",
+            parts.method
+        )));
+    }
     let token_text = extract_token(&parts.headers)?;
     let (token, revoked) = verify_token(st, token_text, obs)?;
 

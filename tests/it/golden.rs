@@ -61,6 +61,7 @@ fn generate() -> Generated {
             methods: strings(&["POST"]),
             paths: strings(&["/v1/chat/", "/v1/messages"]),
             models: strings(&["gpt-4o-mini", "claude-3-5-haiku"]),
+            tools: Vec::new(),
             max_uses: Some(100),
             expires: Some(at("2030-01-01T00:00:00Z")),
             label: Some("golden: ci-bot".into()),

@@ -14,6 +14,7 @@ mod fuzz_smoke;
 mod golden;
 mod hostile;
 mod keys;
+mod mcp;
 mod monitor;
 mod props;
 mod proxy;
