@@ -79,6 +79,7 @@ fn request() -> RequestFacts {
         method: "POST".into(),
         path: "/v1/chat/completions".into(),
         model: Some("gpt-4o-mini".into()),
+        mcp: None,
         time: SystemTime::now(),
     }
 }

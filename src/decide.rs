@@ -247,8 +247,15 @@ mod tests {
             ok(&mcp(m, None)).unwrap();
             decide_free(&v, &t, None, &mcp(m, None), &[1], Stage::Final).unwrap();
         }
-        let d = decide(&v, &t, None, &mcp("tools/call", Some("add")), &[1], Stage::Final)
-            .unwrap_err();
+        let d = decide(
+            &v,
+            &t,
+            None,
+            &mcp("tools/call", Some("add")),
+            &[1],
+            Stage::Final,
+        )
+        .unwrap_err();
         assert_eq!(d.kind, DenialKind::Exhausted, "{d:?}");
         // A tools/call without a tool fact is no housekeeping.
         assert!(ok(&mcp("tools/call", None)).is_err());
@@ -275,7 +282,10 @@ mod tests {
     #[test]
     fn tool_patterns_are_names_or_trailing_prefixes() {
         use crate::token::vocab::{ToolPattern, tool_pattern};
-        assert_eq!(tool_pattern("add").unwrap(), ToolPattern::Exact("add".into()));
+        assert_eq!(
+            tool_pattern("add").unwrap(),
+            ToolPattern::Exact("add".into())
+        );
         assert_eq!(
             tool_pattern("github_*").unwrap(),
             ToolPattern::Prefix("github_".into())

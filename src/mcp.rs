@@ -46,7 +46,9 @@ impl Message {
 
     /// The tool a `tools/call` names.
     pub fn tool(&self) -> Option<&str> {
-        self.is_tool_call().then_some(self.name.as_deref()).flatten()
+        self.is_tool_call()
+            .then_some(self.name.as_deref())
+            .flatten()
     }
 
     /// The request facts this message contributes (`mcp`, `tool`).
@@ -160,7 +162,12 @@ fn message(v: Value) -> Result<Message, ParseError> {
             None
         }
         Some(Value::String(m)) => Some(m.clone()),
-        Some(_) => return Err(invalid(id, "the message's \"method\" is not a string".into())),
+        Some(_) => {
+            return Err(invalid(
+                id,
+                "the message's \"method\" is not a string".into(),
+            ));
+        }
     };
     let name_key = method
         .as_deref()
@@ -332,7 +339,11 @@ pub fn filter_tool_lists(v: &mut Value, may_call: &mut dyn FnMut(&str) -> bool) 
                 return false;
             };
             let before = tools.len();
-            tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(&mut *may_call));
+            tools.retain(|t| {
+                t.get("name")
+                    .and_then(Value::as_str)
+                    .is_some_and(&mut *may_call)
+            });
             tools.len() != before
         }
         _ => false,
@@ -401,8 +412,9 @@ mod tests {
 
     #[test]
     fn headers_must_agree_with_the_body() {
-        let call = parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add"}}"#)
-            .unwrap();
+        let call =
+            parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add"}}"#)
+                .unwrap();
         assert!(check_headers(&call, None, None).is_ok());
         assert!(check_headers(&call, Some("tools/call"), Some("add")).is_ok());
         assert!(check_headers(&call, Some("tools/list"), None).is_err());

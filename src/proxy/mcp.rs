@@ -391,7 +391,12 @@ type MayCall = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// Whether the token may call a tool: the decision a `tools/call` of it
 /// would get, use counts aside (a list is not a call).
-fn may_call(st: &AppState, token: &Arc<VerifiedToken>, base: RequestFacts, counts: Vec<u64>) -> MayCall {
+fn may_call(
+    st: &AppState,
+    token: &Arc<VerifiedToken>,
+    base: RequestFacts,
+    counts: Vec<u64>,
+) -> MayCall {
     let (verifier, token) = (st.verifier.clone(), token.clone());
     Arc::new(move |name: &str| {
         let facts = RequestFacts {
@@ -615,7 +620,10 @@ mod tests {
         let out = filter_event(ev, &allow_add());
         let text = std::str::from_utf8(&out).unwrap();
         assert!(text.starts_with("event: message\nid: 7\ndata: "), "{text}");
-        assert!(text.contains("\"add\"") && !text.contains("delete_everything"), "{text}");
+        assert!(
+            text.contains("\"add\"") && !text.contains("delete_everything"),
+            "{text}"
+        );
         assert!(text.ends_with("\n\n"));
         // Other events pass byte for byte.
         let ping = Bytes::from_static(b": ping\r\n\r\n");
@@ -625,8 +633,12 @@ mod tests {
     #[tokio::test]
     async fn a_stream_is_filtered_event_by_event_and_bounded() {
         let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
-            Ok(Bytes::from_static(b"data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"na")),
-            Ok(Bytes::from_static(b"me\":\"add\"},{\"name\":\"x\"}]}}\n\ndata: {}\n\n")),
+            Ok(Bytes::from_static(
+                b"data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"na",
+            )),
+            Ok(Bytes::from_static(
+                b"me\":\"add\"},{\"name\":\"x\"}]}}\n\ndata: {}\n\n",
+            )),
         ];
         let body = Body::from_stream(futures_util::stream::iter(chunks));
         let out: Vec<_> = filter_events(body, allow_add(), 1 << 20).collect().await;

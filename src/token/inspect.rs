@@ -579,7 +579,11 @@ fn tool_list(check: &Check, syms: &SymbolTable) -> Option<Vec<String>> {
         if let Some(names) = allow_list(&one, syms, false) {
             out.extend(names);
         } else {
-            out.extend(allow_list(&one, syms, true)?.into_iter().map(|p| format!("{p}*")));
+            out.extend(
+                allow_list(&one, syms, true)?
+                    .into_iter()
+                    .map(|p| format!("{p}*")),
+            );
         }
     }
     out.sort();

@@ -282,7 +282,10 @@ fn a_child_has_fewer_tools_than_its_parent_and_spends_the_parents_uses() {
     assert_eq!(listed, ["add", "echo"]);
     assert_eq!(k.list(), ["echo"]);
     assert!(w.list().is_empty());
-    assert_eq!(k.call("add", json!({"a": 1, "b": 1}))["error"]["code"], -32001);
+    assert_eq!(
+        k.call("add", json!({"a": 1, "b": 1}))["error"]["code"],
+        -32001
+    );
     assert_eq!(
         w.call("delete_everything", json!({}))["error"]["code"],
         -32001
@@ -290,8 +293,14 @@ fn a_child_has_fewer_tools_than_its_parent_and_spends_the_parents_uses() {
     assert_eq!(k.call("echo", json!({"text": "k"}))["ok"], json!(["k"]));
     // The child's call spent one of the parent's two uses.
     assert_eq!(p.call("add", json!({"a": 1, "b": 1}))["ok"], json!(["2"]));
-    assert_eq!(k.call("echo", json!({"text": "k"}))["error"]["code"], -32002);
-    assert_eq!(p.call("add", json!({"a": 1, "b": 1}))["error"]["code"], -32002);
+    assert_eq!(
+        k.call("echo", json!({"text": "k"}))["error"]["code"],
+        -32002
+    );
+    assert_eq!(
+        p.call("add", json!({"a": 1, "b": 1}))["error"]["code"],
+        -32002
+    );
     assert_eq!(server.deletions(), 0);
 }
 
@@ -355,7 +364,10 @@ async fn concurrent_tool_calls_never_exceed_the_limit() {
     let parent = tools_token(&home, &[], Some(3));
     let kids: Vec<String> = (0..4).map(|_| child(&parent, limit(100))).collect();
     let body = call_body(1, "delete_everything").to_string();
-    let hdrs = [("mcp-method", "tools/call"), ("mcp-name", "delete_everything")];
+    let hdrs = [
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "delete_everything"),
+    ];
     let tasks: Vec<_> = (0..16)
         .map(|i| {
             let (t, b) = (kids[i % 4].clone(), body.clone());
@@ -377,7 +389,10 @@ async fn concurrent_tool_calls_never_exceed_the_limit() {
             assert_eq!(v["id"], 1, "{v}");
         }
     }
-    assert_eq!(ok, 3, "children together spent more than the parent's 3 uses");
+    assert_eq!(
+        ok, 3,
+        "children together spent more than the parent's 3 uses"
+    );
     assert_eq!(server.deletions(), 3);
 }
 
@@ -417,9 +432,21 @@ async fn smuggled_tool_names_are_refused_before_the_server() {
 
     // Headers that name another tool than the body.
     let b = call_body(5, "delete_everything").to_string();
-    let (s, v) = at(&proxy).post(&all, &b, &[("mcp-method", "tools/call"), ("mcp-name", "add")]).await;
-    assert_eq!((s, &v["error"]["code"], &v["id"]), (400, &json!(-32020), &json!(5)), "{v}");
-    let (s, v) = at(&proxy).post(&all, &b, &[("mcp-method", "tools/list")]).await;
+    let (s, v) = at(&proxy)
+        .post(
+            &all,
+            &b,
+            &[("mcp-method", "tools/call"), ("mcp-name", "add")],
+        )
+        .await;
+    assert_eq!(
+        (s, &v["error"]["code"], &v["id"]),
+        (400, &json!(-32020), &json!(5)),
+        "{v}"
+    );
+    let (s, v) = at(&proxy)
+        .post(&all, &b, &[("mcp-method", "tools/list")])
+        .await;
     assert_eq!((s, &v["error"]["code"]), (400, &json!(-32020)), "{v}");
 
     // The name twice, or in another case: servers disagree on which wins.
@@ -431,7 +458,11 @@ async fn smuggled_tool_names_are_refused_before_the_server() {
         assert_eq!((s, &v["error"]["code"]), (400, &json!(-32600)), "{v}");
     }
     let (s, v) = at(&proxy).post(&add_only, "{not json", &[]).await;
-    assert_eq!((s, &v["error"]["code"], &v["id"]), (400, &json!(-32700), &Value::Null), "{v}");
+    assert_eq!(
+        (s, &v["error"]["code"], &v["id"]),
+        (400, &json!(-32700), &Value::Null),
+        "{v}"
+    );
 
     // A batch with one denied call: nothing of it is sent, each request
     // gets an error with its own id.

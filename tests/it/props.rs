@@ -37,7 +37,13 @@ const METHODS: &[&str] = &["GET", "POST", "DELETE"];
 const PREFIXES: &[&str] = &["/", "/v1/", "/v1/chat/", "/v1/chat", "/v1/files", "/v2/"];
 const MODELS: &[&str] = &["gpt-4o", "gpt-4o-mini", "claude"];
 /// `--tool` arguments: names and prefixes, nested and not.
-const TOOL_PATTERNS: &[&str] = &["add", "echo", "github_*", "github_pr_*", "delete_everything"];
+const TOOL_PATTERNS: &[&str] = &[
+    "add",
+    "echo",
+    "github_*",
+    "github_pr_*",
+    "delete_everything",
+];
 /// Tools requests call: matching those patterns, almost matching, or not.
 const TOOLS: &[&str] = &[
     "add",
@@ -88,17 +94,19 @@ fn scope(authority: bool) -> impl Strategy<Value = Scope> {
         prop::option::of(prop::sample::select(&[1u64, 2, 3, 5, 10][..])),
         prop::option::of(prop::sample::select(OFFSETS)),
     )
-        .prop_map(|(services, methods, paths, models, tools, max_uses, exp)| Scope {
-            services,
-            methods,
-            paths,
-            models,
-            tools,
-            max_uses,
-            expires: exp.map(at),
-            label: None,
-            datalog: None,
-        })
+        .prop_map(
+            |(services, methods, paths, models, tools, max_uses, exp)| Scope {
+                services,
+                methods,
+                paths,
+                models,
+                tools,
+                max_uses,
+                expires: exp.map(at),
+                label: None,
+                datalog: None,
+            },
+        )
 }
 
 /// Dot segments with `;` parameters, read as `.` / `..` by servers that strip
@@ -129,22 +137,25 @@ fn request() -> impl Strategy<Value = RequestFacts> {
         )),
         prop::sample::select(OFFSETS),
     )
-        .prop_filter_map("path refused by the proxy", |(s, m, segs, model, mcp, t)| {
-            let raw = format!("/{}", segs.join("/"));
-            let path = till::path::normalize(&raw).ok()?;
-            Some(RequestFacts {
-                service: s.into(),
-                method: m.into(),
-                path,
-                model: model.map(String::from),
-                // The proxy names a tool for tools/call only.
-                mcp: mcp.map(|(method, tool)| McpMessage {
-                    method: method.into(),
-                    tool: (method == "tools/call").then(|| tool.into()),
-                }),
-                time: at(t),
-            })
-        })
+        .prop_filter_map(
+            "path refused by the proxy",
+            |(s, m, segs, model, mcp, t)| {
+                let raw = format!("/{}", segs.join("/"));
+                let path = till::path::normalize(&raw).ok()?;
+                Some(RequestFacts {
+                    service: s.into(),
+                    method: m.into(),
+                    path,
+                    model: model.map(String::from),
+                    // The proxy names a tool for tools/call only.
+                    mcp: mcp.map(|(method, tool)| McpMessage {
+                        method: method.into(),
+                        tool: (method == "tools/call").then(|| tool.into()),
+                    }),
+                    time: at(t),
+                })
+            },
+        )
 }
 
 proptest! {
