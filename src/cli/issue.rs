@@ -76,7 +76,7 @@ impl ScopeArgs {
         };
         let max_uses = self.max_uses.as_deref().map(parse_max_uses).transpose()?;
         for t in &self.tools {
-            vocab::tool_pattern(t)?;
+            vocab::tool_pattern(t).map_err(|e| flag_error("--tool", e))?;
         }
         Ok(Scope {
             services: self.services.clone(),

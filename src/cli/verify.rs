@@ -40,6 +40,13 @@ pub struct VerifyArgs {
     /// Model named by the request body, if any.
     #[arg(long)]
     pub model: Option<String>,
+    /// JSON-RPC method of an MCP message (upstreams with api = "mcp"), e.g. tools/list;
+    /// "" for a request that carries none (GET, DELETE). Implied by --tool.
+    #[arg(long, value_name = "METHOD")]
+    pub mcp_method: Option<String>,
+    /// MCP tool called: checks a tools/call message naming it.
+    #[arg(long, value_name = "NAME", conflicts_with = "mcp_method")]
+    pub tool: Option<String>,
     /// Directory of *.datalog policies (default: ./policies, or the built-in default policy).
     #[arg(long, env = "TILL_POLICIES")]
     pub policies: Option<PathBuf>,
@@ -236,11 +243,22 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
         method,
         path,
         model: a.model,
-        mcp: None,
+        mcp: match (a.tool, a.mcp_method) {
+            (Some(tool), _) => Some(till_mcp(crate::token::vocab::TOOLS_CALL, Some(tool))),
+            (None, Some(m)) => Some(till_mcp(&m, None)),
+            (None, None) => None,
+        },
         time,
     };
     match verifier.authorize(&verified, &req, &uses) {
         Ok(()) => Ok(verdict(a.json, None)),
         Err(d) => Ok(verdict(a.json, Some(d.to_string()))),
+    }
+}
+
+fn till_mcp(method: &str, tool: Option<String>) -> crate::token::McpMessage {
+    crate::token::McpMessage {
+        method: method.to_string(),
+        tool,
     }
 }

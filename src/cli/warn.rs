@@ -253,12 +253,22 @@ mod tests {
     #[test]
     fn some_tool_must_pass_every_list() {
         assert!(one_tool(&lists(&[])));
-        assert!(one_tool(&lists(&[(0, &["github_*"]), (1, &["github_get_*"])])));
+        assert!(one_tool(&lists(&[
+            (0, &["github_*"]),
+            (1, &["github_get_*"])
+        ])));
         assert!(one_tool(&lists(&[(0, &["github_*"]), (1, &["github_x"])])));
-        assert!(one_tool(&lists(&[(0, &["a", "b*"]), (1, &["bc*"]), (2, &["bcd"])])));
+        assert!(one_tool(&lists(&[
+            (0, &["a", "b*"]),
+            (1, &["bc*"]),
+            (2, &["bcd"])
+        ])));
         assert!(!one_tool(&lists(&[(0, &["github_*"]), (1, &["gitlab_*"])])));
         assert!(!one_tool(&lists(&[(0, &["add"]), (1, &["add_*"])])));
-        assert!(!one_tool(&lists(&[(0, &["add", "echo"]), (1, &["delete"])])));
+        assert!(!one_tool(&lists(&[
+            (0, &["add", "echo"]),
+            (1, &["delete"])
+        ])));
     }
 
     #[test]

@@ -133,12 +133,12 @@ pub fn tool_pattern(t: &str) -> Result<ToolPattern, TokenError> {
     let ok_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/');
     if prefix && name.is_empty() {
         return Err(TokenError::InvalidScope(
-            "--tool '*' allows every tool: leave --tool out instead".into(),
+            "\"*\" allows every tool: leave --tool out instead".into(),
         ));
     }
     if name.is_empty() || name.len() > MAX_TOOL_LEN || !name.bytes().all(ok_char) {
         return Err(TokenError::InvalidScope(format!(
-            "tool {t:?} is not an MCP tool name: use 1 to {MAX_TOOL_LEN} letters, digits, '_', '-', '.' or '/', optionally ending in '*' for a prefix (e.g. github_*)"
+            "{t:?} is not an MCP tool name: use 1 to {MAX_TOOL_LEN} letters, digits, '_', '-', '.' or '/', optionally ending in '*' for a prefix (e.g. github_*)"
         )));
     }
     Ok(if prefix {

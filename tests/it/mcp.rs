@@ -487,3 +487,65 @@ async fn smuggled_tool_names_are_refused_before_the_server() {
     assert_eq!(v["error"]["code"], -32010, "{v}");
     assert_eq!(server.deletions(), 0);
 }
+
+#[test]
+fn the_cli_issues_inspects_narrows_and_verifies_tool_scopes() {
+    let home = Home::new();
+    let parent = till([
+        "issue",
+        "--service",
+        "github-mcp",
+        "--tool",
+        "github_*",
+        "--tool",
+        "search",
+        "--max-uses",
+        "10",
+    ])
+    .home(&home)
+    .run()
+    .success()
+    .out();
+    let parent = parent.trim();
+    let kid = till(["attenuate", "--tool", "github_get_*"])
+        .home(&home)
+        .stdin(parent)
+        .run()
+        .success()
+        .out();
+    let kid = kid.trim();
+    till(["inspect"])
+        .home(&home)
+        .stdin(kid)
+        .run()
+        .success()
+        .stdout_has(r#"MCP tools: "github_*", "search""#)
+        .stdout_has(r#"MCP tools: "github_get_*""#);
+    let verify = |args: &[&str]| {
+        let mut a = vec!["verify", "--service", "github-mcp", "--method", "POST"];
+        a.extend_from_slice(args);
+        till(a).home(&home).stdin(kid).run()
+    };
+    verify(&["--tool", "github_get_repo"]).success();
+    verify(&["--tool", "search"])
+        .code(1)
+        .stdout_has(r#"only allows the MCP tool "github_get_*""#);
+    verify(&["--mcp-method", "tools/list"]).success();
+    // A tools key is an MCP key: plain HTTP requests fail its check.
+    verify(&[]).code(1);
+    // Patterns are names or trailing prefixes, nothing else.
+    for bad in ["*", "a*b", "has space"] {
+        till(["issue", "--service", "x", "--tool", bad])
+            .home(&home)
+            .run()
+            .code(2)
+            .stderr_has("--tool");
+    }
+    // A child naming only tools its parent lacks is told so.
+    till(["attenuate", "--tool", "delete_everything"])
+        .home(&home)
+        .stdin(parent)
+        .run()
+        .success()
+        .stderr_has("the new token can call no MCP tool");
+}
