@@ -46,7 +46,7 @@
 //! let t = verifier.verify_token(&child).unwrap();
 //! let req = RequestFacts {
 //!     service: "openai".into(), method: "POST".into(),
-//!     path: "/v1/chat/completions".into(), model: None, time: SystemTime::now(),
+//!     path: "/v1/chat/completions".into(), model: None, mcp: None, time: SystemTime::now(),
 //! };
 //! assert!(verifier.authorize(&t, &req, &[1, 1]).is_ok());
 //! // Third use of the child: denied by block 1's limit.

@@ -322,29 +322,30 @@ pub fn check_headers(
 
 /// Narrows a `tools/list` result in one server message (a JSON-RPC
 /// response, or a batch of them) to the tools `may_call` accepts. Returns
-/// whether anything was removed. A tool entry without a string `name` is
-/// removed: deny when unsure.
+/// whether the message holds a tool list: the caller then sends the value
+/// re-serialised even when nothing was removed, so a list a client could
+/// read another way (a key twice) reaches it only as Till read it. A tool
+/// entry without a string `name` is removed: deny when unsure.
 pub fn filter_tool_lists(v: &mut Value, may_call: &mut dyn FnMut(&str) -> bool) -> bool {
     match v {
         Value::Array(items) => {
-            let mut changed = false;
+            let mut found = false;
             for item in items {
-                changed |= filter_tool_lists(item, may_call);
+                found |= filter_tool_lists(item, may_call);
             }
-            changed
+            found
         }
         Value::Object(o) => {
             let Some(Value::Array(tools)) = o.get_mut("result").and_then(|r| r.get_mut("tools"))
             else {
                 return false;
             };
-            let before = tools.len();
             tools.retain(|t| {
                 t.get("name")
                     .and_then(Value::as_str)
                     .is_some_and(&mut *may_call)
             });
-            tools.len() != before
+            true
         }
         _ => false,
     }
@@ -438,5 +439,8 @@ mod tests {
         assert_eq!(v["result"]["nextCursor"], json!("c"));
         let mut other = json!({"jsonrpc":"2.0","id":3,"result":{"content":[]}});
         assert!(!filter_tool_lists(&mut other, &mut |_| false));
+        // A list is reported even when every tool stays.
+        let mut all = json!([{"jsonrpc":"2.0","id":4,"result":{"tools":[{"name":"add"}]}}]);
+        assert!(filter_tool_lists(&mut all, &mut |_| true));
     }
 }

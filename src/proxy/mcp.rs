@@ -26,7 +26,7 @@ use std::sync::Arc;
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -113,22 +113,23 @@ impl Answer {
     /// own status otherwise; the plain MCP error shape when no request id
     /// can be answered (only notifications, or the body was unreadable).
     fn render(self, e: ProxyError) -> Response {
+        let denied = matches!(e, ProxyError::Denied(_));
+        // The status and retry headers of the error, with the body replaced.
+        let plain = e.into_response_for(Api::Mcp);
         if self.errors.is_empty() {
-            return e.into_response_for(Api::Mcp);
+            return plain;
         }
-        let status = match &e {
-            ProxyError::Denied(_) => StatusCode::OK,
-            e => e.status(),
-        };
+        let (mut parts, _) = plain.into_parts();
+        if denied {
+            parts.status = StatusCode::OK;
+        }
         let body = if self.batch {
             Value::Array(self.errors)
         } else {
             self.errors.into_iter().next().unwrap_or(Value::Null)
         };
-        let mut resp = (status, axum::Json(body)).into_response();
-        resp.headers_mut()
-            .insert("x-should-retry", HeaderValue::from_static("false"));
-        resp
+        parts.headers.remove(header::CONTENT_LENGTH);
+        Response::from_parts(parts, Body::from(body.to_string()))
     }
 }
 
@@ -294,7 +295,6 @@ async fn handle(
             };
             answer.errors.push(e);
         }
-        obs.denial = Some(first.kind);
         return Err(ProxyError::Denied(first));
     }
 
@@ -501,7 +501,8 @@ fn filter_event(event: Bytes, may_call: &MayCall) -> Bytes {
     let Ok(text) = std::str::from_utf8(&event) else {
         return event;
     };
-    let lines: Vec<&str> = text.lines().collect();
+    // Any of CRLF, LF and CR ends a line; an event holds no blank line.
+    let lines: Vec<&str> = text.split(['\n', '\r']).filter(|l| !l.is_empty()).collect();
     let data: Vec<&str> = lines
         .iter()
         .filter_map(|l| l.strip_prefix("data:"))
@@ -511,9 +512,6 @@ fn filter_event(event: Bytes, may_call: &MayCall) -> Bytes {
         return event;
     }
     let joined = data.join("\n");
-    if !joined.contains("\"tools\"") {
-        return event;
-    }
     let Ok(mut v) = serde_json::from_str::<Value>(&joined) else {
         return event;
     };
@@ -524,6 +522,7 @@ fn filter_event(event: Bytes, may_call: &MayCall) -> Bytes {
     let mut wrote_data = false;
     for l in lines {
         if l.starts_with("data:") {
+            // Written once, from the value read: one reading for every client.
             if !wrote_data {
                 out.push_str("data: ");
                 out.push_str(&v.to_string());
