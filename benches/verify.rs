@@ -258,7 +258,7 @@ fn bench_mcp(c: &mut Criterion) {
     let call = |name: &str| RequestFacts {
         mcp: Some(token::McpMessage {
             method: "tools/call".into(),
-            tool: Some(name.into()),
+            name: Some(name.into()),
         }),
         ..base.clone()
     };
@@ -291,7 +291,7 @@ fn bench_mcp(c: &mut Criterion) {
             |b, list| {
                 b.iter(|| {
                     let mut v = list.clone();
-                    till::mcp::filter_tool_lists(&mut v, &mut |name| {
+                    till::mcp::filter_lists(&mut v, &mut |_, name| {
                         till::decide::decide_free(
                             &verifier,
                             &t,

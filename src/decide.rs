@@ -213,7 +213,7 @@ mod tests {
             path: "/mcp".into(),
             mcp: Some(crate::token::McpMessage {
                 method: method.into(),
-                tool: tool.map(str::to_string),
+                name: tool.map(str::to_string),
             }),
             ..facts(None)
         }

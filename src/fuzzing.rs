@@ -41,6 +41,8 @@ fn parent() -> &'static str {
                 paths: vec!["/v1/".into()],
                 models: vec!["gpt-4o-mini".into()],
                 tools: Vec::new(),
+                prompts: Vec::new(),
+                resources: Vec::new(),
                 max_uses: Some(10),
                 expires: Some(UNIX_EPOCH + Duration::from_secs(4_000_000_000)),
                 label: Some("fuzz".into()),

@@ -13,18 +13,10 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess,
 use serde_json::Value;
 
 use crate::token::McpMessage;
-use crate::token::vocab::TOOLS_CALL;
+use crate::token::vocab::{NAMED_TARGETS, TOOLS_CALL};
 
 /// Most messages one batch may hold: each is decided on its own.
 pub const MAX_BATCH: usize = 64;
-
-/// The MCP methods whose target is named by a parameter, and that
-/// parameter: what the `Mcp-Name` header must mirror.
-const NAME_BEARING: &[(&str, &str)] = &[
-    ("tools/call", "name"),
-    ("prompts/get", "name"),
-    ("resources/read", "uri"),
-];
 
 /// One JSON-RPC message of a request body.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,11 +43,12 @@ impl Message {
             .flatten()
     }
 
-    /// The request facts this message contributes (`mcp`, `tool`).
+    /// The request facts this message contributes (`mcp`, and `tool`,
+    /// `prompt` or `resource`).
     pub fn facts(&self) -> McpMessage {
         McpMessage {
             method: self.method.clone().unwrap_or_default(),
-            tool: self.tool().map(str::to_string),
+            name: self.name.clone(),
         }
     }
 }
@@ -171,8 +164,8 @@ fn message(v: Value) -> Result<Message, ParseError> {
     };
     let name_key = method
         .as_deref()
-        .and_then(|m| NAME_BEARING.iter().find(|(n, _)| *n == m))
-        .map(|(_, k)| *k);
+        .and_then(|m| NAMED_TARGETS.iter().find(|(n, _, _)| *n == m))
+        .map(|(_, _, k)| *k);
     let name = match name_key {
         None => None,
         Some(key) => match o.get("params").and_then(|p| p.get(key)) {
@@ -320,32 +313,47 @@ pub fn check_headers(
     Ok(())
 }
 
-/// Narrows a `tools/list` result in one server message (a JSON-RPC
-/// response, or a batch of them) to the tools `may_call` accepts. Returns
-/// whether the message holds a tool list: the caller then sends the value
+/// The lists an MCP server answers with, the key naming each entry, and
+/// the method an entry is then used with: what [`filter_lists`] narrows.
+const LISTS: &[(&str, &str, &str)] = &[
+    ("tools", "name", crate::token::vocab::TOOLS_CALL),
+    ("prompts", "name", crate::token::vocab::PROMPTS_GET),
+    ("resources", "uri", crate::token::vocab::RESOURCES_READ),
+];
+
+/// Narrows the `tools`, `prompts` and `resources` lists of the results in
+/// one server message (a JSON-RPC response, or a batch of them) to the
+/// entries `may(method, name)` accepts, `method` being the one that would
+/// use the entry (`tools/call`, `prompts/get`, `resources/read`). Returns
+/// whether the message holds such a list: the caller then sends the value
 /// re-serialised even when nothing was removed, so a list a client could
-/// read another way (a key twice) reaches it only as Till read it. A tool
-/// entry without a string `name` is removed: deny when unsure.
-pub fn filter_tool_lists(v: &mut Value, may_call: &mut dyn FnMut(&str) -> bool) -> bool {
+/// read another way (a key twice) reaches it only as Till read it. An
+/// entry without a string name (or `uri`) is removed: deny when unsure.
+pub fn filter_lists(v: &mut Value, may: &mut dyn FnMut(&str, &str) -> bool) -> bool {
     match v {
         Value::Array(items) => {
             let mut found = false;
             for item in items {
-                found |= filter_tool_lists(item, may_call);
+                found |= filter_lists(item, may);
             }
             found
         }
         Value::Object(o) => {
-            let Some(Value::Array(tools)) = o.get_mut("result").and_then(|r| r.get_mut("tools"))
-            else {
+            let Some(Value::Object(result)) = o.get_mut("result") else {
                 return false;
             };
-            tools.retain(|t| {
-                t.get("name")
-                    .and_then(Value::as_str)
-                    .is_some_and(&mut *may_call)
-            });
-            true
+            let mut found = false;
+            for (list, key, method) in LISTS {
+                if let Some(Value::Array(entries)) = result.get_mut(*list) {
+                    entries.retain(|e| {
+                        e.get(*key)
+                            .and_then(Value::as_str)
+                            .is_some_and(|n| may(method, n))
+                    });
+                    found = true;
+                }
+            }
+            found
         }
         _ => false,
     }
@@ -434,13 +442,27 @@ mod tests {
         let mut v = json!({"jsonrpc":"2.0","id":2,"result":{"tools":[
             {"name":"add"},{"name":"delete_everything"},{"title":"no name"}
         ],"nextCursor":"c"}});
-        assert!(filter_tool_lists(&mut v, &mut |n| n == "add"));
+        assert!(filter_lists(&mut v, &mut |m, n| m == "tools/call" && n == "add"));
         assert_eq!(v["result"]["tools"], json!([{"name":"add"}]));
         assert_eq!(v["result"]["nextCursor"], json!("c"));
         let mut other = json!({"jsonrpc":"2.0","id":3,"result":{"content":[]}});
-        assert!(!filter_tool_lists(&mut other, &mut |_| false));
+        assert!(!filter_lists(&mut other, &mut |_, _| false));
         // A list is reported even when every tool stays.
         let mut all = json!([{"jsonrpc":"2.0","id":4,"result":{"tools":[{"name":"add"}]}}]);
-        assert!(filter_tool_lists(&mut all, &mut |_| true));
+        assert!(filter_lists(&mut all, &mut |_, _| true));
+        // Prompts and resources, by name and by URI.
+        let mut v = json!({"jsonrpc":"2.0","id":5,"result":{
+            "prompts":[{"name":"greet"},{"name":"leak"}],
+            "resources":[{"uri":"res://docs/a","name":"a"},{"uri":"res://secret/k","name":"k"}]}});
+        assert!(filter_lists(&mut v, &mut |m, n| match m {
+            "prompts/get" => n == "greet",
+            "resources/read" => n.starts_with("res://docs/"),
+            _ => false,
+        }));
+        assert_eq!(v["result"]["prompts"], json!([{"name":"greet"}]));
+        assert_eq!(
+            v["result"]["resources"],
+            json!([{"uri":"res://docs/a","name":"a"}])
+        );
     }
 }

@@ -102,7 +102,9 @@ fn fast_path(view: &TokenView, policies: &Policies) -> Option<FastPath> {
                 | CheckMeaning::Methods { .. }
                 | CheckMeaning::PathPrefixes { .. }
                 | CheckMeaning::Models { .. }
-                | CheckMeaning::Tools { .. } => {}
+                | CheckMeaning::Tools { .. }
+                | CheckMeaning::Prompts { .. }
+                | CheckMeaning::Resources { .. } => {}
                 CheckMeaning::Custom { .. } => return None,
             }
         }
@@ -381,7 +383,7 @@ impl Verifier {
             .into_iter()
             .chain(req.model.as_ref().map(|m| ("model", m)))
             .chain(mcp.map(|m| ("MCP method", &m.method)))
-            .chain(mcp.and_then(|m| m.tool.as_ref()).map(|t| ("tool", t)))
+            .chain(mcp.and_then(|m| m.name.as_ref()).map(|t| ("MCP target", t)))
             .find(|(_, v)| v.len() > MAX_FACT_LEN);
         if let Some((name, v)) = long {
             return Err(Denial {

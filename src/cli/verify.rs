@@ -45,8 +45,14 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "METHOD")]
     pub mcp_method: Option<String>,
     /// MCP tool called: checks a tools/call message naming it.
-    #[arg(long, value_name = "NAME", conflicts_with = "mcp_method")]
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["mcp_method", "prompt", "resource"])]
     pub tool: Option<String>,
+    /// MCP prompt got: checks a prompts/get message naming it.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["mcp_method", "resource"])]
+    pub prompt: Option<String>,
+    /// MCP resource read: checks a resources/read message naming its URI.
+    #[arg(long, value_name = "URI", conflicts_with = "mcp_method")]
+    pub resource: Option<String>,
     /// Directory of *.datalog policies (default: ./policies, or the built-in default policy).
     #[arg(long, env = "TILL_POLICIES")]
     pub policies: Option<PathBuf>,
@@ -243,10 +249,15 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
         method,
         path,
         model: a.model,
-        mcp: match (a.tool, a.mcp_method) {
-            (Some(tool), _) => Some(till_mcp(crate::token::vocab::TOOLS_CALL, Some(tool))),
-            (None, Some(m)) => Some(till_mcp(&m, None)),
-            (None, None) => None,
+        mcp: {
+            use crate::token::vocab::{PROMPTS_GET, RESOURCES_READ, TOOLS_CALL};
+            match (a.tool, a.prompt, a.resource, a.mcp_method) {
+                (Some(t), _, _, _) => Some(till_mcp(TOOLS_CALL, Some(t))),
+                (_, Some(p), _, _) => Some(till_mcp(PROMPTS_GET, Some(p))),
+                (_, _, Some(r), _) => Some(till_mcp(RESOURCES_READ, Some(r))),
+                (_, _, _, Some(m)) => Some(till_mcp(&m, None)),
+                _ => None,
+            }
         },
         time,
     };
@@ -256,9 +267,9 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn till_mcp(method: &str, tool: Option<String>) -> crate::token::McpMessage {
+fn till_mcp(method: &str, name: Option<String>) -> crate::token::McpMessage {
     crate::token::McpMessage {
         method: method.to_string(),
-        tool,
+        name,
     }
 }

@@ -22,6 +22,8 @@ struct Scopes {
     paths: Lists,
     models: Lists,
     tools: Lists,
+    prompts: Lists,
+    resources: Lists,
 }
 
 fn scopes(view: &TokenView) -> Scopes {
@@ -34,6 +36,8 @@ fn scopes(view: &TokenView) -> Scopes {
                 CheckMeaning::PathPrefixes { allowed } => (&mut s.paths, allowed),
                 CheckMeaning::Models { allowed } => (&mut s.models, allowed),
                 CheckMeaning::Tools { allowed } => (&mut s.tools, allowed),
+                CheckMeaning::Prompts { allowed } => (&mut s.prompts, allowed),
+                CheckMeaning::Resources { allowed } => (&mut s.resources, allowed),
                 _ => continue,
             };
             list.push((b.index, allowed.clone()));
@@ -161,11 +165,18 @@ fn expired(view: &TokenView, now: SystemTime) -> Option<String> {
     (at < now).then(|| format!("it expired at {}", format_time(at)))
 }
 
-/// Why no MCP tool can ever be called with `view` (its other MCP messages
-/// still pass), if so.
+/// Why no MCP tool (prompt, resource) can ever be used with `view` (its
+/// other MCP messages still pass), if so: "tool: no tool passes ...".
 fn no_tool(view: &TokenView) -> Option<String> {
     let s = scopes(view);
-    (!one_tool(&s.tools)).then(|| explain("tool", Vec::new(), &s.tools))
+    [
+        ("tool", &s.tools),
+        ("prompt", &s.prompts),
+        ("resource", &s.resources),
+    ]
+    .into_iter()
+    .find(|(_, l)| !one_tool(l))
+    .map(|(what, l)| format!("{what}: {}", explain(what, Vec::new(), l)))
 }
 
 /// Warnings for a root token just issued.
@@ -175,7 +186,7 @@ pub fn for_root(view: &TokenView, now: SystemTime) -> Vec<String> {
         w.push(format!("this token can never succeed: {why}"));
     }
     if let Some(why) = no_tool(view) {
-        w.push(format!("this token can call no MCP tool: {why}"));
+        w.push(format!("this token can use no MCP {why}"));
     }
     if let Some(b) = view.blocks.first()
         && b.use_limit.is_none()
@@ -197,7 +208,7 @@ pub fn for_child(view: &TokenView, now: SystemTime) -> Vec<String> {
         w.push(format!("the new token can never succeed: {why}"));
     }
     if let Some(why) = no_tool(view) {
-        w.push(format!("the new token can call no MCP tool: {why}"));
+        w.push(format!("the new token can use no MCP {why}"));
     }
     let n = view.blocks.len();
     let limits = view.effective_limits();

@@ -1,7 +1,8 @@
 //! The request path for `api = "mcp"` upstreams (Streamable HTTP MCP
 //! servers): every JSON-RPC message is decided on its own, a `tools/call`
-//! spends one use, everything else is free, `tools/list` results are
-//! narrowed to the tools the token may call, and denials are JSON-RPC
+//! spends one use, everything else is free, `tools/list` (and
+//! `prompts/list`, `resources/list`) results are narrowed to what the token
+//! may use, and denials are JSON-RPC
 //! errors the MCP client can show.
 //!
 //! 1. Head as for any upstream: service, path, token (missing or invalid:
@@ -19,7 +20,8 @@
 //! 4. Each tool call reserves one use of every block and re-checks, exactly
 //!    as an HTTP request does; then the body is forwarded unchanged.
 //! 5. JSON and event-stream answers pass through, one event at a time; a
-//!    `result.tools` array in them keeps only the tools the token may call.
+//!    `result.tools` (`prompts`, `resources`) array in them keeps only the
+//!    entries the token may use.
 
 use std::sync::Arc;
 
@@ -321,7 +323,7 @@ async fn handle(
         || messages
             .messages
             .iter()
-            .any(|m| m.method.as_deref() == Some("tools/list"));
+            .any(|m| LISTING.contains(&m.method.as_deref().unwrap_or("")));
     let result = forward(st, &upstream, &parts, &path, outgoing).await;
     drop(permit);
     let resp = match result {
@@ -387,10 +389,16 @@ async fn decide_free_off_the_workers(
     })
 }
 
-type MayCall = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// `(method, name)`: whether the token may use a listed entry with the
+/// method that uses it (`tools/call`, `prompts/get`, `resources/read`).
+/// The methods whose answers [`filter_response`] narrows.
+const LISTING: &[&str] = &["tools/list", "prompts/list", "resources/list"];
 
-/// Whether the token may call a tool: the decision a `tools/call` of it
-/// would get, use counts aside (a list is not a call).
+type MayCall = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
+/// Whether the token may use a listed tool, prompt or resource: the
+/// decision a message using it would get, use counts aside (a list is not
+/// a call).
 fn may_call(
     st: &AppState,
     token: &Arc<VerifiedToken>,
@@ -398,11 +406,11 @@ fn may_call(
     counts: Vec<u64>,
 ) -> MayCall {
     let (verifier, token) = (st.verifier.clone(), token.clone());
-    Arc::new(move |name: &str| {
+    Arc::new(move |method: &str, name: &str| {
         let facts = RequestFacts {
             mcp: Some(McpMessage {
-                method: crate::token::vocab::TOOLS_CALL.into(),
-                tool: Some(name.to_string()),
+                method: method.into(),
+                name: Some(name.to_string()),
             }),
             ..base.clone()
         };
@@ -468,7 +476,7 @@ async fn filter_json(body: Body, may_call: MayCall, max: usize) -> Result<Bytes,
         let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
             return bytes;
         };
-        if rpc::filter_tool_lists(&mut v, &mut |n| may_call(n)) {
+        if rpc::filter_lists(&mut v, &mut |m, n| may_call(m, n)) {
             Bytes::from(v.to_string())
         } else {
             bytes
@@ -515,7 +523,7 @@ fn filter_event(event: Bytes, may_call: &MayCall) -> Bytes {
     let Ok(mut v) = serde_json::from_str::<Value>(&joined) else {
         return event;
     };
-    if !rpc::filter_tool_lists(&mut v, &mut |n| may_call(n)) {
+    if !rpc::filter_lists(&mut v, &mut |m, n| may_call(m, n)) {
         return event;
     }
     let mut out = String::with_capacity(event.len());
@@ -600,7 +608,7 @@ mod tests {
     use super::*;
 
     fn allow_add() -> MayCall {
-        Arc::new(|n: &str| n == "add")
+        Arc::new(|_: &str, n: &str| n == "add")
     }
 
     #[test]

@@ -51,6 +51,14 @@ pub enum CheckMeaning {
     Tools {
         allowed: Vec<String>,
     },
+    /// MCP prompts (`prompts/get`) allowed, as for tools.
+    Prompts {
+        allowed: Vec<String>,
+    },
+    /// MCP resource URI prefixes (`resources/read`) allowed, shown as `uri*`.
+    Resources {
+        allowed: Vec<String>,
+    },
     /// Anything else; `source` is escaped.
     Custom {
         source: String,
@@ -536,16 +544,23 @@ fn meaning(check: &Check, syms: &SymbolTable, esc: &SymbolTable) -> CheckMeaning
     {
         return CheckMeaning::Models { allowed };
     }
-    if let Some(allowed) = tool_list(check, syms) {
+    use super::vocab::{PROMPTS_GET, RESOURCES_READ, TOOLS_CALL};
+    if let Some(allowed) = target_list(check, syms, TOOLS_CALL, names::TOOL) {
         return CheckMeaning::Tools { allowed };
+    }
+    if let Some(allowed) = target_list(check, syms, PROMPTS_GET, names::PROMPT) {
+        return CheckMeaning::Prompts { allowed };
+    }
+    if let Some(allowed) = target_list(check, syms, RESOURCES_READ, names::RESOURCE) {
+        return CheckMeaning::Resources { allowed };
     }
     custom()
 }
 
-/// The tools a check written by [`super::vocab`] allows: first
-/// `mcp($m), $m != "tools/call"`, then only `tool($t)` alternatives that
+/// The targets a check written by [`super::vocab`] allows: first
+/// `mcp($m), $m != "<method>"`, then only `<fact>($t)` alternatives that
 /// are `{..}.contains($t)` or `$t.starts_with("..")` (shown as `..*`).
-fn tool_list(check: &Check, syms: &SymbolTable) -> Option<Vec<String>> {
+fn target_list(check: &Check, syms: &SymbolTable, method: &str, fact: &str) -> Option<Vec<String>> {
     use biscuit_auth::datalog::{Binary, Op};
     let (first, rest) = check.queries.split_first()?;
     let [pred] = first.body.as_slice() else {
@@ -562,14 +577,14 @@ fn tool_list(check: &Check, syms: &SymbolTable) -> Option<Vec<String>> {
         && matches!(
             e.ops.as_slice(),
             [Op::Value(Term::Variable(x)), Op::Value(Term::Str(s)), Op::Binary(Binary::NotEqual | Binary::HeterogeneousNotEqual)]
-                if x == v && sym(syms, *s) == super::vocab::TOOLS_CALL
+                if x == v && sym(syms, *s) == method
         );
     if !housekeeping || rest.is_empty() {
         return None;
     }
     let mut out = Vec::new();
     for q in rest {
-        if q.body.len() != 1 || sym(syms, q.body[0].name) != names::TOOL || !q.scopes.is_empty() {
+        if q.body.len() != 1 || sym(syms, q.body[0].name) != fact || !q.scopes.is_empty() {
             return None;
         }
         let one = Check {
@@ -636,6 +651,19 @@ impl CheckMeaning {
                 "{who} only allows the MCP tool {} (a name ending in '*' is a prefix)",
                 list(allowed)
             ),
+            CheckMeaning::Prompts { allowed } => format!(
+                "{who} only allows the MCP prompt {} (a name ending in '*' is a prefix)",
+                list(allowed)
+            ),
+            CheckMeaning::Resources { allowed } => format!(
+                "{who} only allows MCP resources whose URI starts with {}",
+                list(
+                    &allowed
+                        .iter()
+                        .map(|r| r.trim_end_matches('*').to_string())
+                        .collect::<Vec<_>>()
+                )
+            ),
             CheckMeaning::Custom { source } => format!("a check of {who} failed: {source}"),
         }
     }
@@ -683,6 +711,8 @@ mod tests {
             paths: vec!["/v1/chat/".into()],
             models: vec!["gpt-4o-mini".into()],
             tools: vec!["github_*".into(), "add".into(), "echo".into()],
+            prompts: vec!["greet".into()],
+            resources: vec!["res://docs/".into()],
             max_uses: Some(100),
             expires: Some(UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
             label: Some("ci-bot".into()),
@@ -715,6 +745,12 @@ mod tests {
         }));
         assert!(b0.checks.contains(&CheckMeaning::Tools {
             allowed: vec!["add".into(), "echo".into(), "github_*".into()]
+        }));
+        assert!(b0.checks.contains(&CheckMeaning::Prompts {
+            allowed: vec!["greet".into()]
+        }));
+        assert!(b0.checks.contains(&CheckMeaning::Resources {
+            allowed: vec!["res://docs/*".into()]
         }));
         let b1 = &v.blocks[1];
         assert_eq!(b1.use_limit, Some(5));

@@ -23,7 +23,7 @@
 //!   combinations its predicates can match (counting the facts of the blocks
 //!   it can see, and the request's facts: up to [`crate::token::MAX_BLOCKS`]
 //!   `uses`, one each of `service`, `method`, `path`, `model`, `time`,
-//!   `mcp`, `tool`) times
+//!   `mcp`, and one of `tool`, `prompt`, `resource`) times
 //!   its operations plus one, summed over all attenuation blocks, is at most
 //!   [`MAX_WORK`]. A check joining three predicates over 31 facts each is
 //!   29,791 combinations: without this bound such a 6 KB token held a CPU for
@@ -202,7 +202,9 @@ fn ambient(name: &str, arity: usize) -> u64 {
             | names::MODEL
             | names::TIME
             | names::MCP
-            | names::TOOL,
+            | names::TOOL
+            | names::PROMPT
+            | names::RESOURCE,
             1,
         ) => 1,
         _ => 0,

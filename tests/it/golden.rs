@@ -62,6 +62,8 @@ fn generate() -> Generated {
             paths: strings(&["/v1/chat/", "/v1/messages"]),
             models: strings(&["gpt-4o-mini", "claude-3-5-haiku"]),
             tools: Vec::new(),
+            prompts: Vec::new(),
+            resources: Vec::new(),
             max_uses: Some(100),
             expires: Some(at("2030-01-01T00:00:00Z")),
             label: Some("golden: ci-bot".into()),

@@ -547,5 +547,50 @@ fn the_cli_issues_inspects_narrows_and_verifies_tool_scopes() {
         .stdin(parent)
         .run()
         .success()
-        .stderr_has("the new token can call no MCP tool");
+        .stderr_has("the new token can use no MCP tool: no tool passes every block");
+}
+
+#[test]
+fn prompts_and_resources_are_scoped_and_listed_like_tools() {
+    if !sdk_installed() {
+        return;
+    }
+    let server = McpServer::start();
+    let home = Home::new();
+    let proxy = proxy(&home, &server);
+    let token = home.issue(Scope {
+        services: vec!["tools".into()],
+        prompts: vec!["greet".into()],
+        resources: vec!["res://docs/".into()],
+        max_uses: Some(1),
+        ..Scope::default()
+    });
+    for mode in MODES {
+        let mut c = McpClient::start(&proxy, &token, mode);
+        assert_eq!(c.send("prompts")["prompts"], json!(["greet"]), "{mode}");
+        assert_eq!(
+            c.send("resources")["resources"],
+            json!(["res://docs/readme"]),
+            "{mode}"
+        );
+        let r = c.send("prompt greet {\"name\": \"Till\"}");
+        assert_eq!(r["ok"], json!(["Hello Till"]), "{mode}: {r}");
+        let r = c.send("prompt leak {}");
+        assert_eq!(r["error"]["code"], -32001, "{mode}: {r}");
+        assert!(r.to_string().contains("MCP prompt \\\"greet\\\""), "{r}");
+        assert_eq!(c.send("read res://docs/readme")["ok"], json!(["read me"]));
+        let r = c.send("read res://secret/key");
+        assert_eq!(r["error"]["code"], -32001, "{mode}: {r}");
+        assert!(!r.to_string().contains("hunter2"), "{r}");
+        // Prompts and resources spend nothing; tools stay unrestricted
+        // (no --tool), and the one use goes to the first call.
+        assert_eq!(c.list().len(), 3);
+    }
+    let mut c = McpClient::start(&proxy, &token, "auto");
+    assert_eq!(c.call("add", json!({"a": 1, "b": 1}))["ok"], json!(["2"]));
+    assert_eq!(
+        c.call("add", json!({"a": 1, "b": 1}))["error"]["code"],
+        -32002
+    );
+    assert_eq!(c.send("read res://docs/readme")["ok"], json!(["read me"]));
 }

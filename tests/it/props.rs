@@ -54,8 +54,21 @@ const TOOLS: &[&str] = &[
     "github_issues",
     "githubx",
     "delete_everything",
+    "greet",
+    "leak",
+    "res://docs/a",
+    "res://secret/k",
 ];
-const MCP_METHODS: &[&str] = &["tools/call", "tools/list", "initialize", ""];
+const PROMPT_PATTERNS: &[&str] = &["greet", "leak", "g*"];
+const RESOURCE_PREFIXES: &[&str] = &["res://docs/", "res://"];
+const MCP_METHODS: &[&str] = &[
+    "tools/call",
+    "prompts/get",
+    "resources/read",
+    "tools/list",
+    "initialize",
+    "",
+];
 /// Offsets (seconds from T0) for expiries and request times.
 const OFFSETS: &[i64] = &[-86_400, -60, 0, 60, 86_400];
 const SEGMENTS: &[&str] = &[
@@ -91,16 +104,20 @@ fn scope(authority: bool) -> impl Strategy<Value = Scope> {
         strings(PREFIXES, 0),
         prop_oneof![2 => Just(Vec::new()), 1 => strings(MODELS, 1)],
         prop_oneof![2 => Just(Vec::new()), 1 => strings(TOOL_PATTERNS, 1)],
+        prop_oneof![3 => Just(Vec::new()), 1 => strings(PROMPT_PATTERNS, 1)],
+        prop_oneof![3 => Just(Vec::new()), 1 => strings(RESOURCE_PREFIXES, 1)],
         prop::option::of(prop::sample::select(&[1u64, 2, 3, 5, 10][..])),
         prop::option::of(prop::sample::select(OFFSETS)),
     )
         .prop_map(
-            |(services, methods, paths, models, tools, max_uses, exp)| Scope {
+            |(services, methods, paths, models, tools, prompts, resources, max_uses, exp)| Scope {
                 services,
                 methods,
                 paths,
                 models,
                 tools,
+                prompts,
+                resources,
                 max_uses,
                 expires: exp.map(at),
                 label: None,
@@ -150,7 +167,7 @@ fn request() -> impl Strategy<Value = RequestFacts> {
                     // The proxy names a tool for tools/call only.
                     mcp: mcp.map(|(method, tool)| McpMessage {
                         method: method.into(),
-                        tool: (method == "tools/call").then(|| tool.into()),
+                        name: Some(tool.into()),
                     }),
                     time: at(t),
                 })

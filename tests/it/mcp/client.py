@@ -7,6 +7,10 @@ answers each with one JSON line on stdout, all in one MCP session:
 
     list                  -> {"tools": [names]}
     call NAME JSON-ARGS   -> {"ok": text} or {"error": {"code", "message", "data"}}
+    resources             -> {"resources": [uris]}
+    read URI              -> {"ok": text} or {"error": ...}
+    prompts               -> {"prompts": [names]}
+    prompt NAME JSON-ARGS -> {"ok": text} or {"error": ...}
     quit
 """
 
@@ -46,6 +50,19 @@ async def main(url: str, token: str, mode: str) -> None:
                         say({"tool_error": [c.text for c in result.content]})
                     else:
                         say({"ok": [c.text for c in result.content]})
+                elif cmd == "resources":
+                    result = await client.list_resources()
+                    say({"resources": [str(r.uri) for r in result.resources]})
+                elif cmd == "read":
+                    result = await client.read_resource(rest)
+                    say({"ok": [c.text for c in result.contents]})
+                elif cmd == "prompts":
+                    result = await client.list_prompts()
+                    say({"prompts": [p.name for p in result.prompts]})
+                elif cmd == "prompt":
+                    name, _, args = rest.partition(" ")
+                    result = await client.get_prompt(name, json.loads(args or "{}"))
+                    say({"ok": [m.content.text for m in result.messages]})
                 else:
                     say({"unknown": cmd})
             except MCPError as e:

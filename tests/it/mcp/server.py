@@ -1,4 +1,5 @@
-"""A small Streamable-HTTP MCP server for tests/it/mcp.rs: three tools.
+"""A small Streamable-HTTP MCP server for tests/it/mcp.rs: three tools, two
+resources and two prompts.
 
 Binds 127.0.0.1 on an ephemeral port and prints `PORT <n>` once it listens.
 `delete_everything` appends to the file named by MCP_TEST_EFFECTS, so the
@@ -36,6 +37,30 @@ def delete_everything() -> str:
     with open(EFFECTS, "a") as f:
         f.write("delete_everything\n")
     return "deleted"
+
+
+@server.resource("res://docs/readme")
+def readme() -> str:
+    """Public documentation."""
+    return "read me"
+
+
+@server.resource("res://secret/key")
+def secret() -> str:
+    """Must not leak."""
+    return "hunter2"
+
+
+@server.prompt()
+def greet(name: str) -> str:
+    """A greeting."""
+    return f"Hello {name}"
+
+
+@server.prompt()
+def leak() -> str:
+    """Must not leak."""
+    return "the secret plan"
 
 
 def main() -> None:
