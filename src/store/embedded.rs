@@ -561,7 +561,7 @@ impl CounterStore for EmbeddedStore {
                     }
                 }
                 for c in fresh {
-                    let m = c.meta();
+                    let m = BlockMeta::from(c);
                     *st.family_blocks.entry(m.family.clone()).or_default() += 1;
                     st.pending_meta.push(m.clone());
                     st.meta.insert(m.id.clone(), m);

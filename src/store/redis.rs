@@ -636,7 +636,7 @@ impl CounterStore for RedisStore {
                 .arg(TTL_AFTER_EXPIRY);
             for c in &counters {
                 let f = fams.iter().position(|f| *f == c.family).unwrap_or(0) + 1;
-                let meta = serde_json::to_string(&c.meta()).map_err(|e| StoreError::Io(e.to_string()))?;
+                let meta = serde_json::to_string(&BlockMeta::from(c)).map_err(|e| StoreError::Io(e.to_string()))?;
                 inv.arg(f).arg(&c.id).arg(meta).arg(c.expires.unwrap_or(0));
             }
             let mut conn = inner.conn.clone();

@@ -163,7 +163,7 @@ impl RawToken {
 /// Mints a root token for `scope`, signed by `root`.
 ///
 /// ```
-/// use till::token::{issue, Scope, RawToken, keys};
+/// use till_core::token::{issue, Scope, RawToken, keys};
 /// let root = keys::generate();
 /// let scope = Scope { services: vec!["openai".into()], max_uses: Some(10), ..Scope::default() };
 /// let token = issue(&root, &scope).unwrap();

@@ -8,7 +8,7 @@ use thiserror::Error;
 
 /// The policy shipped in `policies/default.datalog`, embedded so `till up`
 /// works from any directory.
-pub const DEFAULT_POLICY: &str = include_str!("../policies/default.datalog");
+pub const DEFAULT_POLICY: &str = include_str!("../../../policies/default.datalog");
 
 /// Why the policies could not be loaded.
 #[derive(Debug, Error)]

@@ -35,7 +35,7 @@ pub struct VerifiedToken {
     /// cannot change what is shared about its parent.
     pub limits: Vec<Option<u64>>,
     /// The counters a request with this token reserves, one per block.
-    pub specs: Vec<crate::store::CounterSpec>,
+    pub specs: Vec<CounterSpec>,
     /// Earliest expiry of any block, as seconds since the Unix epoch.
     pub expires_unix: Option<u64>,
     /// Present when the decision cache is sound for this token.
@@ -438,11 +438,7 @@ impl Verifier {
 /// The counters of a token's blocks: each block's own limit, the earliest
 /// expiry of it and its ancestors (a block cannot outlive them), and what the
 /// usage view shows.
-fn counter_specs(
-    view: &TokenView,
-    ids: &[String],
-    limits: &[Option<u64>],
-) -> Vec<crate::store::CounterSpec> {
+fn counter_specs(view: &TokenView, ids: &[String], limits: &[Option<u64>]) -> Vec<CounterSpec> {
     let mut exp: Option<u64> = None;
     ids.iter()
         .enumerate()
@@ -457,7 +453,7 @@ fn counter_specs(
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            crate::store::CounterSpec {
+            CounterSpec {
                 id: id.clone(),
                 limit: limits.get(k).copied().flatten(),
                 expires: exp,
@@ -609,6 +605,45 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
             .map(|(_, r)| r)
             .collect::<Vec<_>>()
             .join("; "),
+    }
+}
+
+/// One counter to reserve: a block's revocation id, what the store may use
+/// to size its durability lease and its retention, and what the usage view
+/// shows about the block (recorded when its counter is first created, i.e.
+/// on the block's first allowed request — never for a denied one).
+#[derive(Clone, Debug)]
+pub struct CounterSpec {
+    /// Hex revocation id of the block.
+    pub id: String,
+    /// The block's own use limit (the one it sets on itself), when it has
+    /// one. Limits a child writes about its ancestors are enforced by the
+    /// Datalog but never shared: a child cannot rewrite its parent's figure.
+    pub limit: Option<u64>,
+    /// Seconds since the Unix epoch after which the token cannot be valid.
+    pub expires: Option<u64>,
+    /// Revocation id of the token family's authority block.
+    pub family: String,
+    /// Revocation id of the block before this one.
+    pub parent: Option<String>,
+    /// Index of the block in its token.
+    pub index: usize,
+    /// The block's first label.
+    pub label: Option<String>,
+}
+
+impl CounterSpec {
+    /// A counter that is its own family (tests and benchmarks).
+    pub fn standalone(id: &str, limit: Option<u64>, expires: Option<u64>) -> Self {
+        CounterSpec {
+            id: id.to_string(),
+            limit,
+            expires,
+            family: id.to_string(),
+            parent: None,
+            index: 0,
+            label: None,
+        }
     }
 }
 
