@@ -27,17 +27,7 @@ pub enum Retry {
     ClientDefault,
 }
 
-/// Key prefixes of the providers Till fronts. A Till token is a Biscuit in
-/// URL-safe base64, which starts with `C` or `E` (its first protobuf tag),
-/// so none of these can be a Till token.
-const PROVIDER_KEY_PREFIXES: &[&str] =
-    &["sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"];
-
-/// Whether `token` is a provider's API key sent by mistake instead of a
-/// Till token.
-pub fn looks_like_provider_key(token: &str) -> bool {
-    PROVIDER_KEY_PREFIXES.iter().any(|p| token.starts_with(p))
-}
+pub use crate::request::looks_like_provider_key;
 
 /// An error answer from the proxy.
 #[derive(Debug)]

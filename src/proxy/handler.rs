@@ -30,7 +30,7 @@ use super::idempotency::{Claim, MAX_KEY_LEN, digest, scoped_key};
 use crate::decide::{Stage, cached_decision, decide};
 use crate::monitor::Observation;
 use crate::store::{Reservation, ReservationGuard, StoreError};
-use crate::token::{MAX_TOKEN_LEN, RequestFacts};
+use crate::token::RequestFacts;
 use crate::verify::{Denial, DenialKind, VerifiedToken};
 
 /// `/readyz`: ready when the counter store takes reservations.
@@ -100,31 +100,15 @@ pub use till_core::request::model_of;
 
 /// Reads the token from `Authorization: Bearer` or `x-api-key`.
 pub fn extract_token(headers: &HeaderMap) -> Result<&str, ProxyError> {
-    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| {
-        let s = v.to_str().ok()?;
-        let (scheme, rest) = s.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-    });
-    let token = match bearer {
-        Some(t) => t,
-        None => match headers.get("x-api-key") {
-            Some(v) => v
-                .to_str()
-                .map_err(|_| ProxyError::InvalidToken("x-api-key is not text".into()))?
-                .trim(),
-            None => return Err(ProxyError::MissingToken),
-        },
-    };
-    if token.is_empty() {
-        return Err(ProxyError::MissingToken);
-    }
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(ProxyError::TokenTooLarge(MAX_TOKEN_LEN));
-    }
-    if super::error::looks_like_provider_key(token) {
-        return Err(ProxyError::ProviderKey);
-    }
-    Ok(token)
+    use crate::request::TokenHeaderError as E;
+    crate::request::token_from_headers(headers).map_err(|e| match e {
+        E::Missing => ProxyError::MissingToken,
+        E::NotText => ProxyError::InvalidToken("x-api-key is not text".into()),
+        E::TooLarge { max } => ProxyError::TokenTooLarge(max),
+        E::ProviderKey => ProxyError::ProviderKey,
+        // Deny when unsure: a reason added later is still no token.
+        _ => ProxyError::MissingToken,
+    })
 }
 
 /// Splits `/service/rest` into the service and the rest of the path.

@@ -1,7 +1,85 @@
-//! Facts read from a request's body: what the proxy and the service
-//! middleware both need, so both read a body the same way.
+//! Facts read from a request: the token from its headers and the `model`
+//! of its JSON body. The proxy and the service middleware (`till-tower`)
+//! both need them, so both read a request the same way.
 
 use serde::de::{IgnoredAny, MapAccess, Visitor};
+use thiserror::Error;
+
+use crate::token::MAX_TOKEN_LEN;
+
+/// Key prefixes of the providers Till fronts. A Till token is a Biscuit in
+/// URL-safe base64, which starts with `C` or `E` (its first protobuf tag),
+/// so none of these can be a Till token.
+const PROVIDER_KEY_PREFIXES: &[&str] =
+    &["sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"];
+
+/// Whether `token` is a provider's API key sent by mistake instead of a
+/// Till token.
+pub fn looks_like_provider_key(token: &str) -> bool {
+    PROVIDER_KEY_PREFIXES.iter().any(|p| token.starts_with(p))
+}
+
+/// Why no token could be read from a request's headers.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TokenHeaderError {
+    /// Neither `Authorization: Bearer` nor `x-api-key`, or an empty one.
+    #[error("no Till token: send it as `Authorization: Bearer <token>` or `x-api-key: <token>`")]
+    Missing,
+    /// `x-api-key` holds bytes that are not visible text.
+    #[error("x-api-key is not text")]
+    NotText,
+    /// Longer than [`MAX_TOKEN_LEN`] (the bound applies before any parsing).
+    #[error("the Till token is longer than {max} bytes")]
+    TooLarge {
+        /// The limit, in bytes.
+        max: usize,
+    },
+    /// A provider's API key (`sk-...`) sent instead of a Till token. The
+    /// key itself is never kept, so it cannot be echoed or logged.
+    #[error("this looks like a provider API key, not a Till token; ask your operator for a Till token")]
+    ProviderKey,
+}
+
+/// The Till token of a request: `Authorization: Bearer <token>` (scheme
+/// case-insensitive), else `x-api-key: <token>`; surrounding spaces are
+/// trimmed. Bounded by [`MAX_TOKEN_LEN`] before anything parses it.
+///
+/// ```
+/// use http::{HeaderMap, HeaderValue};
+/// use till_core::request::{TokenHeaderError, token_from_headers};
+///
+/// let mut h = HeaderMap::new();
+/// assert_eq!(token_from_headers(&h), Err(TokenHeaderError::Missing));
+/// h.insert("x-api-key", HeaderValue::from_static("EoQB..."));
+/// assert_eq!(token_from_headers(&h), Ok("EoQB..."));
+/// h.insert("authorization", HeaderValue::from_static("bearer sk-proj-123"));
+/// assert_eq!(token_from_headers(&h), Err(TokenHeaderError::ProviderKey));
+/// ```
+pub fn token_from_headers(headers: &http::HeaderMap) -> Result<&str, TokenHeaderError> {
+    let bearer = headers.get(http::header::AUTHORIZATION).and_then(|v| {
+        let s = v.to_str().ok()?;
+        let (scheme, rest) = s.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    });
+    let token = match bearer {
+        Some(t) => t,
+        None => match headers.get("x-api-key") {
+            Some(v) => v.to_str().map_err(|_| TokenHeaderError::NotText)?.trim(),
+            None => return Err(TokenHeaderError::Missing),
+        },
+    };
+    if token.is_empty() {
+        return Err(TokenHeaderError::Missing);
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenHeaderError::TooLarge { max: MAX_TOKEN_LEN });
+    }
+    if looks_like_provider_key(token) {
+        return Err(TokenHeaderError::ProviderKey);
+    }
+    Ok(token)
+}
 
 /// The `model` field of a JSON body, or why the body is refused.
 ///
