@@ -92,7 +92,10 @@ async fn main() -> anyhow::Result<()> {
         Limits::DangerIgnore => UseLimits::DangerIgnoreUseLimits,
         Limits::Remote => {
             let Some(check_url) = args.check_url.clone() else {
-                bail!("--use-limits remote needs --check-url http://HOST:PORT/auth/{}", args.service);
+                bail!(
+                    "--use-limits remote needs --check-url http://HOST:PORT/auth/{}",
+                    args.service
+                );
             };
             let gateway_secret = match &args.gateway_secret_file {
                 Some(p) => Some(

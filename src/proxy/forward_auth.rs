@@ -144,12 +144,12 @@ async fn decide_check(
     };
     if let Err(d) = decided {
         obs.uses = Some(counts);
-        return Err(ProxyError::Denied(Denial {
-            kind: d.map_or(crate::verify::DenialKind::Scope, |d| d.kind),
-            reason: format!(
+        return Err(ProxyError::Denied(Denial::new(
+            d.map_or(crate::verify::DenialKind::Scope, |d| d.kind),
+            format!(
                 "this key's scope depends on the request's model, and a gateway's forward-auth check carries no body, so Till cannot see the model; send this key's requests through Till's proxy (/{service}/...), or use a key without a model list here"
             ),
-        }));
+        )));
     }
 
     // 3. Reserve, re-check with this request's own counts, make durable.

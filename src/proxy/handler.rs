@@ -201,10 +201,10 @@ async fn read_body(
 pub(crate) fn store_error(e: StoreError) -> ProxyError {
     match e {
         StoreError::FamilyFull { limit } => ProxyError::FamilyFull(limit),
-        StoreError::Retired => ProxyError::Denied(Denial {
-            kind: DenialKind::Expired,
-            reason: "this key expired and its use counter was retired; ask whoever gave it to you for a new one".into(),
-        }),
+        StoreError::Retired => ProxyError::Denied(Denial::new(
+            DenialKind::Expired,
+            "this key expired and its use counter was retired; ask whoever gave it to you for a new one",
+        )),
         e => ProxyError::StoreUnavailable(e.to_string()),
     }
 }
@@ -427,10 +427,11 @@ pub(super) async fn decide_off_the_workers(
     if let Some(answer) = cached_decision(token, revoked, facts, counts, stage) {
         return answer;
     }
-    let _permit = st.datalog_permits.acquire().await.map_err(|_| Denial {
-        kind: DenialKind::Scope,
-        reason: "the proxy is shutting down".into(),
-    })?;
+    let _permit = st
+        .datalog_permits
+        .acquire()
+        .await
+        .map_err(|_| Denial::new(DenialKind::Scope, "the proxy is shutting down"))?;
     let (verifier, token, facts, counts) = (
         st.verifier.clone(),
         token.clone(),
@@ -440,10 +441,10 @@ pub(super) async fn decide_off_the_workers(
     tokio::task::spawn_blocking(move || decide(&verifier, &token, revoked, &facts, &counts, stage))
         .await
         .unwrap_or_else(|e| {
-            Err(Denial {
-                kind: DenialKind::Scope,
-                reason: format!("authorization failed: {e}"),
-            })
+            Err(Denial::new(
+                DenialKind::Scope,
+                format!("authorization failed: {e}"),
+            ))
         })
 }
 

@@ -39,7 +39,9 @@ struct Service {
 
 impl Service {
     fn start(home: &Home, args: &[&str]) -> Service {
-        let log = home.path().join(format!("service-{}.log", rand::random::<u32>()));
+        let log = home
+            .path()
+            .join(format!("service-{}.log", rand::random::<u32>()));
         let mut child = Command::new(example_binary())
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
@@ -83,7 +85,10 @@ impl Service {
             .await
             .unwrap();
         let s = r.status().as_u16();
-        (s, serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default())
+        (
+            s,
+            serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default(),
+        )
     }
 
     async fn metrics(&self) -> String {
@@ -284,7 +289,10 @@ async fn remote_count_mode_lets_exactly_three_of_twenty_concurrent_requests_thro
     let exhausted = answers.iter().filter(|a| a.0 == 429).count();
     assert_eq!((ok, exhausted), (3, 17), "{answers:?}");
     let used_up = answers.iter().find(|a| a.0 == 429).unwrap();
-    assert_eq!(used_up.1["error"]["code"], "activations_exhausted", "{used_up:?}");
+    assert_eq!(
+        used_up.1["error"]["code"], "activations_exhausted",
+        "{used_up:?}"
+    );
     // The proxy's count holds for the service's next request too.
     assert_eq!(svc.get(&token).await.0, 429);
 }
@@ -341,5 +349,9 @@ async fn the_service_follows_a_root_key_rotation_at_the_proxy() {
     // Key 1 reaches the service with the feed's signed key set.
     svc.wait_for(&new, 200).await;
     assert_eq!(svc.get(&old).await.0, 200, "key 0 still verifies");
-    assert!(svc.logs().contains("root key set changed"), "{}", svc.logs());
+    assert!(
+        svc.logs().contains("root key set changed"),
+        "{}",
+        svc.logs()
+    );
 }

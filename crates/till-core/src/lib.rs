@@ -21,11 +21,17 @@
 //! | [`policy`] | `policies/*.datalog`, parsed once; Datalog run limits |
 //! | [`verify`] | [`Verifier`]: token + request facts + use counts → allow or a [`Denial`] |
 //! | [`decide`] | the decision every request path calls before it spends anything |
-//! | [`request`] | facts read from a request body ([`model_of`]) |
+//! | [`request`] | facts read from a request: the token from its headers ([`token_from_headers`]), the `model` of a JSON body ([`model_of`]) |
 //! | [`feed`] | the signed revocation feed services follow |
 //! | [`clock`] | the wall clock tokens are checked against, never going backwards |
 //!
-//! The items most users need are re-exported at the crate root.
+//! The items a service needs are re-exported at the crate root; the
+//! modules stay public for the `till` crate and for the rarer items (key
+//! files, inspection details). Error enums are `#[non_exhaustive]`: match
+//! them with a wildcard arm, and deny in it.
+//!
+//! For a tower/axum service, the `till-tower` crate wraps all of this as a
+//! layer that also follows the proxy's signed revocation feed.
 //!
 //! ## Quickstart (library)
 //!
@@ -74,7 +80,8 @@ pub use decide::{Stage, decide};
 pub use feed::{Feed, FeedError};
 pub use path::{PathError, normalize as normalize_path};
 pub use policy::{Policies, PolicyError};
-pub use request::model_of;
+pub use request::{TokenHeaderError, model_of, token_from_headers};
+pub use token::inspect::{BlockView, CheckMeaning, TokenView};
 pub use token::keyset::{KeysDocument, KeysError, PublicKeySet, RootKeys};
 pub use token::{RawToken, RequestFacts, Scope, TokenError, attenuate, issue, keys};
-pub use verify::{CounterSpec, Denial, DenialKind, VerifiedToken, Verifier};
+pub use verify::{CounterSpec, Denial, DenialKind, VerifiedToken, Verifier, first_revoked};

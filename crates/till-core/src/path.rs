@@ -12,6 +12,7 @@ use thiserror::Error;
 
 /// Why a path was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PathError {
     #[error("path must start with '/'")]
     NotAbsolute,

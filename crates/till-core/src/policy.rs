@@ -12,6 +12,7 @@ pub const DEFAULT_POLICY: &str = include_str!("../../../policies/default.datalog
 
 /// Why the policies could not be loaded.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum PolicyError {
     #[error("cannot read policies from {path}: {err}")]
     Io { path: PathBuf, err: std::io::Error },

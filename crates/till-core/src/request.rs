@@ -37,7 +37,9 @@ pub enum TokenHeaderError {
     },
     /// A provider's API key (`sk-...`) sent instead of a Till token. The
     /// key itself is never kept, so it cannot be echoed or logged.
-    #[error("this looks like a provider API key, not a Till token; ask your operator for a Till token")]
+    #[error(
+        "this looks like a provider API key, not a Till token; ask your operator for a Till token"
+    )]
     ProviderKey,
 }
 

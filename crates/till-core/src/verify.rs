@@ -179,6 +179,7 @@ impl VerifiedToken {
 /// What kind of denial, which decides the HTTP status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum DenialKind {
     /// Out of scope, or a custom check failed (403).
     Scope,
@@ -195,8 +196,27 @@ pub enum DenialKind {
 /// Why a request was denied, in plain words.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Denial {
+    /// What kind of denial (decides the HTTP status).
     pub kind: DenialKind,
+    /// What failed, in plain words, for the client.
     pub reason: String,
+    /// The block to blame, authority = 0: the first revoked block, or the
+    /// block of the first failed check (scope checks before use limits).
+    /// `None` when no block's check failed (no right covers the request, a
+    /// policy denied, run limits). For callers; not serialized.
+    #[serde(skip)]
+    pub block: Option<usize>,
+}
+
+impl Denial {
+    /// A denial that blames no block.
+    pub fn new(kind: DenialKind, reason: impl Into<String>) -> Self {
+        Denial {
+            kind,
+            reason: reason.into(),
+            block: None,
+        }
+    }
 }
 
 impl std::fmt::Display for Denial {
@@ -351,10 +371,8 @@ impl Verifier {
         req: &RequestFacts,
         uses: &[u64],
     ) -> Result<Result<(), BToken>, Denial> {
-        let internal = |e: TokenError| Denial {
-            kind: DenialKind::Scope,
-            reason: format!("authorization error: {e}"),
-        };
+        let internal =
+            |e: TokenError| Denial::new(DenialKind::Scope, format!("authorization error: {e}"));
         // Datalog string operations cost time in proportion to their
         // operands: with attenuation blocks bounded by `token::shape`,
         // bounding the request's strings bounds the work (a model name can
@@ -369,13 +387,13 @@ impl Verifier {
             .chain(req.model.as_ref().map(|m| ("model", m)))
             .find(|(_, v)| v.len() > MAX_FACT_LEN);
         if let Some((name, v)) = long {
-            return Err(Denial {
-                kind: DenialKind::Scope,
-                reason: format!(
+            return Err(Denial::new(
+                DenialKind::Scope,
+                format!(
                     "the request's {name} is {} bytes, more than the {MAX_FACT_LEN} Till accepts",
                     v.len()
                 ),
-            });
+            ));
         }
         let builder = req
             .add_to(self.policies.builder(), uses)
@@ -414,14 +432,10 @@ impl Verifier {
         let base = biscuit_auth::AuthorizerBuilder::new()
             .set_limits(crate::policy::run_limits())
             .code("allow if right(\"till:admin\", \"*\", \"/\")")
-            .map_err(|e| Denial {
-                kind: DenialKind::Scope,
-                reason: e.to_string(),
-            })?;
-        let builder = facts.add_to(base, uses).map_err(|e| Denial {
-            kind: DenialKind::Scope,
-            reason: e.to_string(),
-        })?;
+            .map_err(|e| Denial::new(DenialKind::Scope, e.to_string()))?;
+        let builder = facts
+            .add_to(base, uses)
+            .map_err(|e| Denial::new(DenialKind::Scope, e.to_string()))?;
         let mut a = builder
             .build(&token.biscuit)
             .map_err(|e| explain(e, token, &facts))?;
@@ -483,6 +497,7 @@ pub fn revoked_denial(view: &TokenView, block: usize) -> Denial {
         } else {
             format!("{who} was revoked, and so every key made from it; {ask}")
         },
+        block: Some(block),
     }
 }
 
@@ -517,22 +532,19 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
         }
         BToken::FailedLogic(Logic::NoMatchingPolicy { checks }) => (checks, true, None),
         BToken::RunLimit(l) => {
-            return Denial {
-                kind: DenialKind::Limits,
-                reason: format!(
+            return Denial::new(
+                DenialKind::Limits,
+                format!(
                     "authorization stopped at its run limits ({l}); the token's Datalog is too expensive"
                 ),
-            };
+            );
         }
         other => {
-            return Denial {
-                kind: DenialKind::Scope,
-                reason: format!("authorization error: {other}"),
-            };
+            return Denial::new(DenialKind::Scope, format!("authorization error: {other}"));
         }
     };
-    // (is a use limit, reason)
-    let mut reasons: Vec<(bool, String)> = Vec::new();
+    // (is a use limit, reason, block to blame)
+    let mut reasons: Vec<(bool, String, Option<usize>)> = Vec::new();
     let checks: Vec<FailedCheck> = checks
         .into_iter()
         .filter(|c| !(skip_model && reads_model(c, token)))
@@ -552,13 +564,14 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
                     Some(m) => {
                         all_limits &= m.is_use_limit();
                         expired |= matches!(m, CheckMeaning::Expires { .. });
-                        reasons.push((m.is_use_limit(), m.explain(i, &token.view)));
+                        reasons.push((m.is_use_limit(), m.explain(i, &token.view), Some(i)));
                     }
                     None => {
                         all_limits = false;
                         reasons.push((
                             false,
                             format!("check {} of {} failed", b.check_id, token.view.key_name(i)),
+                            Some(i),
                         ));
                     }
                 }
@@ -568,12 +581,14 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
                 reasons.push((
                     false,
                     format!("policy check failed: {}", a.rule.escape_debug()),
+                    None,
                 ));
             }
         }
     }
     // Scope reasons first: they are what the caller must fix.
     reasons.sort_by_key(|r| r.0);
+    let block = reasons.iter().find_map(|r| r.2);
     if no_policy {
         all_limits = false;
         reasons.insert(
@@ -584,12 +599,13 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
                     "no right of the authority block covers {} {} on service {:?}",
                     req.method, req.path, req.service
                 ),
+                None,
             ),
         );
     }
     if let Some(p) = deny_policy {
         all_limits = false;
-        reasons.insert(0, (false, p.to_string()));
+        reasons.insert(0, (false, p.to_string(), None));
     }
     let kind = if expired {
         DenialKind::Expired
@@ -602,9 +618,10 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
         kind,
         reason: reasons
             .into_iter()
-            .map(|(_, r)| r)
+            .map(|(_, r, _)| r)
             .collect::<Vec<_>>()
             .join("; "),
+        block,
     }
 }
 

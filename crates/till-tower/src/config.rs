@@ -6,10 +6,10 @@ use std::time::Duration;
 use thiserror::Error;
 use till_core::{Policies, PublicKeySet, RootKeys, Verifier};
 
+use crate::TillHandle;
 use crate::feed::{FeedSource, FeedState, Refresher};
 use crate::layer::{Shared, TillLayer};
 use crate::remote::Remote;
-use crate::TillHandle;
 
 /// What the layer does with tokens that carry use limits, which it cannot
 /// count by itself.
@@ -45,7 +45,9 @@ pub enum UseLimits {
 #[non_exhaustive]
 pub enum BuildError {
     /// No root public key was given.
-    #[error("no root public key: give the installation's key (`till pubkey`, or `till pubkey --all` after a rotation)")]
+    #[error(
+        "no root public key: give the installation's key (`till pubkey`, or `till pubkey --all` after a rotation)"
+    )]
     NoKey,
     /// A root public key did not parse.
     #[error("root public key {given:?} is not valid: {reason}")]
@@ -64,7 +66,9 @@ pub enum BuildError {
     Durations(String),
     /// `build` was called outside a Tokio runtime, which the refresh task
     /// needs.
-    #[error("TillLayer::builder(..).build() must run inside a Tokio runtime (it spawns the feed refresh task)")]
+    #[error(
+        "TillLayer::builder(..).build() must run inside a Tokio runtime (it spawns the feed refresh task)"
+    )]
     NoRuntime,
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]

@@ -11,10 +11,10 @@ use axum_core::body::Body;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, header};
 use http_body_util::{BodyExt, Limited};
-use till_core::request::token_from_headers;
-use till_core::token::inspect::CheckMeaning;
-use till_core::verify::first_revoked;
-use till_core::{RequestFacts, Stage, VerifiedToken, Verifier, decide, model_of, normalize_path};
+use till_core::{
+    CheckMeaning, RequestFacts, Stage, VerifiedToken, Verifier, decide, first_revoked, model_of,
+    normalize_path, token_from_headers,
+};
 
 use crate::feed::{FeedState, now_unix};
 use crate::remote::Remote;
@@ -207,6 +207,8 @@ where
     match Limited::new(body, max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Refusal::BodyTooLarge(max)),
-        Err(e) => Err(Refusal::BadRequest(format!("the body could not be read: {e}"))),
+        Err(e) => Err(Refusal::BadRequest(format!(
+            "the body could not be read: {e}"
+        ))),
     }
 }

@@ -17,10 +17,10 @@ pub(crate) struct Remote {
 impl Remote {
     /// Asks the proxy to count this request; `Ok` when it answered 2xx.
     pub async fn check(&self, parts: &http::request::Parts, token: &str) -> Result<(), Refusal> {
-        let target = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| parts.uri.path().to_string(), |pq| pq.as_str().to_string());
+        let target = parts.uri.path_and_query().map_or_else(
+            || parts.uri.path().to_string(),
+            |pq| pq.as_str().to_string(),
+        );
         let mut req = self
             .client
             .get(&self.url)
@@ -44,9 +44,7 @@ impl Remote {
         ) {
             // 400, 404 (no such upstream at the proxy), 5xx: not a decision
             // about this token, so no answer that passes.
-            return Err(Refusal::CounterUnavailable(format!(
-                "it answered {status}"
-            )));
+            return Err(Refusal::CounterUnavailable(format!("it answered {status}")));
         }
         // The proxy's error bodies are small; a larger one is not its.
         let text = resp.text().await.unwrap_or_default();
@@ -59,7 +57,8 @@ impl Remote {
         Err(Refusal::Remote {
             status,
             code: field("code").unwrap_or_else(|| "denied".into()),
-            message: field("message").unwrap_or_else(|| format!("the Till proxy answered {status}")),
+            message: field("message")
+                .unwrap_or_else(|| format!("the Till proxy answered {status}")),
         })
     }
 }

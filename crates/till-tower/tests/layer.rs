@@ -97,7 +97,10 @@ async fn wait_until(mut cond: impl FnMut() -> bool, handle: &TillHandle) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("condition never held; last refresh error: {:?}", handle.last_refresh_error());
+    panic!(
+        "condition never held; last refresh error: {:?}",
+        handle.last_refresh_error()
+    );
 }
 
 async fn send(app: &Router, req: Request<Body>) -> (u16, serde_json::Value, String) {
@@ -107,7 +110,9 @@ async fn send(app: &Router, req: Request<Body>) -> (u16, serde_json::Value, Stri
         .headers()
         .get("x-should-retry")
         .map(|v| v.to_str().unwrap().to_string());
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
     let text = String::from_utf8_lossy(&bytes).to_string();
     let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
     (status, json, retry.unwrap_or_default() + "|" + &text)
@@ -148,7 +153,10 @@ async fn in_scope_passes_with_the_token_out_of_scope_and_bad_tokens_are_refused(
 
     // Another path, another service, no token, garbage, a provider key.
     let (s, j, _) = send(&app, post_json("/v1/admin", &token, "{}")).await;
-    assert_eq!((s, j["error"]["code"].as_str()), (403, Some("out_of_scope")));
+    assert_eq!(
+        (s, j["error"]["code"].as_str()),
+        (403, Some("out_of_scope"))
+    );
     let billing = f.token(Scope {
         services: vec!["billing".into()],
         ..Scope::default()
@@ -156,7 +164,10 @@ async fn in_scope_passes_with_the_token_out_of_scope_and_bad_tokens_are_refused(
     assert_eq!(send(&app, get_items(&billing)).await.0, 403);
     let none = Request::get("/v1/items").body(Body::empty()).unwrap();
     let (s, j, text) = send(&app, none).await;
-    assert_eq!((s, j["error"]["code"].as_str()), (401, Some("missing_token")));
+    assert_eq!(
+        (s, j["error"]["code"].as_str()),
+        (401, Some("missing_token"))
+    );
     assert!(text.starts_with("false|"), "{text}");
     assert_eq!(send(&app, get_items("garbage")).await.0, 401);
     let (s, j, _) = send(&app, get_items("sk-proj-0123456789")).await;
@@ -231,15 +242,25 @@ async fn a_revoked_block_is_refused_once_the_feed_lists_it() {
     let child = attenuate(&parent, &Scope::default()).unwrap();
     assert_eq!(send(&app, get_items(&child)).await.0, 200);
     // Revoking the parent revokes the child.
-    let id = till_core::RawToken::parse(&parent).unwrap().revocation_ids()[0].clone();
+    let id = till_core::RawToken::parse(&parent)
+        .unwrap()
+        .revocation_ids()[0]
+        .clone();
     f.publish(&[id], now());
     wait_until(|| h.feed_version() == Some(1), &h).await;
     let (s, j, _) = send(&app, get_items(&child)).await;
-    assert_eq!((s, j["error"]["code"].as_str()), (403, Some("token_revoked")));
+    assert_eq!(
+        (s, j["error"]["code"].as_str()),
+        (403, Some("token_revoked"))
+    );
     // A replayed older feed (genuinely signed, fresh, without the id) is
     // not taken: revocations are never undone.
     f.publish(&[], now() + 1);
-    wait_until(|| h.refresh_failures() > 0 && h.last_refresh_error().is_some_and(|e| e.contains("older")), &h).await;
+    wait_until(
+        || h.refresh_failures() > 0 && h.last_refresh_error().is_some_and(|e| e.contains("older")),
+        &h,
+    )
+    .await;
     assert_eq!(send(&app, get_items(&child)).await.0, 403);
 }
 
@@ -260,14 +281,28 @@ async fn a_stale_or_forged_feed_fails_closed_until_a_fresh_one_arrives() {
         .layer(layer);
     let token = f.items();
     let (s, j, text) = send(&app, get_items(&token)).await;
-    assert_eq!((s, j["error"]["code"].as_str()), (503, Some("revocation_feed_stale")));
+    assert_eq!(
+        (s, j["error"]["code"].as_str()),
+        (503, Some("revocation_feed_stale"))
+    );
     assert!(text.starts_with("true|"), "{text}");
-    wait_until(|| h.last_refresh_error().is_some_and(|e| e.contains("stale")), &h).await;
+    wait_until(
+        || h.last_refresh_error().is_some_and(|e| e.contains("stale")),
+        &h,
+    )
+    .await;
     assert!(h.feed_stale());
     assert!(h.render_prometheus().contains("till_feed_stale 1"));
     // A fresh feed signed by another key is refused: still 503.
     f.publish_signed_by(&keys::generate(), &[], now());
-    wait_until(|| h.last_refresh_error().is_some_and(|e| e.contains("signature")), &h).await;
+    wait_until(
+        || {
+            h.last_refresh_error()
+                .is_some_and(|e| e.contains("signature"))
+        },
+        &h,
+    )
+    .await;
     assert_eq!(send(&app, get_items(&token)).await.0, 503);
     // The genuine fresh feed: served again.
     f.publish(&[], now());
@@ -318,7 +353,10 @@ async fn the_model_of_a_json_body_is_checked_and_the_body_reaches_the_handler() 
     assert_eq!(s, 400);
     // A body over the bound is not read to the end.
     let big = format!(r#"{{"model":"small","pad":"{}"}}"#, "x".repeat(2 << 20));
-    assert_eq!(send(&app, post_json("/v1/items", &token, &big)).await.0, 413);
+    assert_eq!(
+        send(&app, post_json("/v1/items", &token, &big)).await.0,
+        413
+    );
 }
 
 #[tokio::test]
@@ -326,9 +364,17 @@ async fn a_configuration_that_would_always_refuse_or_trust_nothing_is_refused() 
     let f = Fixture::new();
     let key = keys::public_string(&f.root.public());
     let src = || FeedSource::File(f.feed.clone());
-    let e = TillLayer::builder("items").feed(src()).build().err().unwrap();
+    let e = TillLayer::builder("items")
+        .feed(src())
+        .build()
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("no root public key"), "{e}");
-    let e = TillLayer::builder("items").public_key(&key).build().err().unwrap();
+    let e = TillLayer::builder("items")
+        .public_key(&key)
+        .build()
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("no revocation feed"), "{e}");
     let e = TillLayer::builder("items")
         .public_key("ed25519/nothex")

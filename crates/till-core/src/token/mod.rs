@@ -27,6 +27,7 @@ pub const MAX_BLOCKS: usize = 16;
 
 /// Everything that can go wrong with a token or a key.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum TokenError {
     #[error("token is not valid URL-safe base64 (is it truncated, or mangled in copying?)")]
     Base64,
