@@ -20,7 +20,7 @@
 //! | [`path`] | request path normalisation (scope checks compare prefixes) |
 //! | [`policy`] | `policies/*.datalog`, parsed once; Datalog run limits |
 //! | [`verify`] | [`Verifier`]: token + request facts + use counts → allow or a [`Denial`] |
-//! | [`decide`] | the decision every request path calls before it spends anything |
+//! | [`decide`](mod@decide) | the decision every request path calls before it spends anything |
 //! | [`request`] | facts read from a request: the token from its headers ([`token_from_headers`]), the `model` of a JSON body ([`model_of`]) |
 //! | [`feed`] | the signed revocation feed services follow |
 //! | [`clock`] | the wall clock tokens are checked against, never going backwards |
