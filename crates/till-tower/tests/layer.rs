@@ -393,3 +393,76 @@ async fn a_configuration_that_would_always_refuse_or_trust_nothing_is_refused() 
         .unwrap();
     assert!(e.to_string().contains("shorter than max_feed_age"), "{e}");
 }
+
+/// After a rotation, a feed (here a file) signed by the new key cannot be
+/// checked with the old key alone; following the proxy's
+/// `/.well-known/till-keys` (signed by the old key too) teaches the layer
+/// the new one, and tokens of the new key pass.
+#[tokio::test]
+async fn the_key_set_url_teaches_a_rotated_key() {
+    use till_core::token::keyset::KeySet;
+
+    let f = Fixture::new();
+    let state = tempfile::tempdir().unwrap();
+    keys::save(&state.path().join(keys::ROOT_KEY_FILE), &f.root, false).unwrap();
+    let mut ks = KeySet::load(state.path()).unwrap();
+    assert_eq!(ks.rotate().unwrap(), 1);
+    let doc = serde_json::to_string(&ks.document(now())).unwrap();
+    let feed = Feed::sign_with(ks.active_key(), Some(1), vec![], now(), None).unwrap();
+    std::fs::write(&f.feed, serde_json::to_string(&feed).unwrap()).unwrap();
+    let new = till_core::token::issue_as(
+        ks.active_key(),
+        Some(1),
+        &Scope {
+            services: vec!["items".into()],
+            ..Scope::default()
+        },
+    )
+    .unwrap();
+
+    // The key set, served as the proxy does.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/.well-known/till-keys",
+        listener.local_addr().unwrap()
+    );
+    let server = tokio::spawn(async move {
+        let app = Router::new().route("/.well-known/till-keys", get(move || async move { doc }));
+        axum::serve(listener, app).await.unwrap();
+    });
+
+    let build = |keys_url: Option<&str>| {
+        let mut b = TillLayer::builder("items")
+            .public_key(&keys::public_string(&f.root.public()))
+            .feed(FeedSource::File(f.feed.clone()))
+            .refresh_every(Duration::from_millis(20));
+        if let Some(u) = keys_url {
+            b = b.keys_url(u);
+        }
+        let (layer, handle) = b.build().unwrap();
+        (
+            Router::new()
+                .route("/v1/items", get(|| async { "ok" }))
+                .layer(layer),
+            handle,
+        )
+    };
+    // Key 0 alone: the feed's signature does not verify, so no feed, so
+    // 503.
+    let (app, h) = build(None);
+    wait_until(
+        || {
+            h.last_refresh_error()
+                .is_some_and(|e| e.contains("signature"))
+        },
+        &h,
+    )
+    .await;
+    assert_eq!(send(&app, get_items(&new)).await.0, 503);
+    // Following the key set: the feed verifies and key 1's token passes.
+    let (app, h) = build(Some(&url));
+    wait_until(|| h.feed_version().is_some(), &h).await;
+    assert_eq!(send(&app, get_items(&new)).await.0, 200);
+    assert_eq!(send(&app, get_items(&f.items())).await.0, 200);
+    server.abort();
+}
