@@ -206,6 +206,10 @@ pub struct Denial {
     /// policy denied, run limits). For callers; not serialized.
     #[serde(skip)]
     pub block: Option<usize>,
+    /// The failed check's index within [`Denial::block`], when a check
+    /// failed (not for a revoked block). For callers; not serialized.
+    #[serde(skip)]
+    pub check: Option<usize>,
 }
 
 impl Denial {
@@ -215,6 +219,7 @@ impl Denial {
             kind,
             reason: reason.into(),
             block: None,
+            check: None,
         }
     }
 }
@@ -498,6 +503,7 @@ pub fn revoked_denial(view: &TokenView, block: usize) -> Denial {
             format!("{who} was revoked, and so every key made from it; {ask}")
         },
         block: Some(block),
+        check: None,
     }
 }
 
@@ -543,8 +549,8 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
             return Denial::new(DenialKind::Scope, format!("authorization error: {other}"));
         }
     };
-    // (is a use limit, reason, block to blame)
-    let mut reasons: Vec<(bool, String, Option<usize>)> = Vec::new();
+    // (is a use limit, reason, (block, check) to blame)
+    let mut reasons: Vec<(bool, String, Option<(usize, usize)>)> = Vec::new();
     let checks: Vec<FailedCheck> = checks
         .into_iter()
         .filter(|c| !(skip_model && reads_model(c, token)))
@@ -564,14 +570,18 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
                     Some(m) => {
                         all_limits &= m.is_use_limit();
                         expired |= matches!(m, CheckMeaning::Expires { .. });
-                        reasons.push((m.is_use_limit(), m.explain(i, &token.view), Some(i)));
+                        reasons.push((
+                            m.is_use_limit(),
+                            m.explain(i, &token.view),
+                            Some((i, b.check_id as usize)),
+                        ));
                     }
                     None => {
                         all_limits = false;
                         reasons.push((
                             false,
                             format!("check {} of {} failed", b.check_id, token.view.key_name(i)),
-                            Some(i),
+                            Some((i, b.check_id as usize)),
                         ));
                     }
                 }
@@ -588,7 +598,7 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
     }
     // Scope reasons first: they are what the caller must fix.
     reasons.sort_by_key(|r| r.0);
-    let block = reasons.iter().find_map(|r| r.2);
+    let blame = reasons.iter().find_map(|r| r.2);
     if no_policy {
         all_limits = false;
         reasons.insert(
@@ -621,7 +631,8 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
             .map(|(_, r, _)| r)
             .collect::<Vec<_>>()
             .join("; "),
-        block,
+        block: blame.map(|b| b.0),
+        check: blame.map(|b| b.1),
     }
 }
 

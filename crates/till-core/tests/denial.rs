@@ -17,7 +17,7 @@ fn facts(path: &str) -> RequestFacts {
 }
 
 #[test]
-fn a_denial_names_the_block_whose_check_failed_or_that_was_revoked() {
+fn a_denial_names_the_block_and_check_that_failed_or_the_block_revoked() {
     let root = keys::generate();
     let v = Verifier::new(root.public(), Policies::default_policy());
     let parent = issue(
@@ -42,12 +42,28 @@ fn a_denial_names_the_block_whose_check_failed_or_that_was_revoked() {
     // The child's path check (block 1).
     let d = decide(&v, &t, None, &facts("/v1/admin"), &[0, 0], Stage::Final).unwrap_err();
     assert_eq!((d.kind, d.block), (DenialKind::Scope, Some(1)), "{d:?}");
+    let checks = &t.view.blocks[1].checks;
+    assert!(
+        matches!(
+            checks[d.check.unwrap()],
+            till_core::CheckMeaning::PathPrefixes { .. }
+        ),
+        "{d:?} {checks:?}"
+    );
     // The child's use limit (block 1), used up.
     let d = decide(&v, &t, None, &facts("/v1/items"), &[2, 2], Stage::Final).unwrap_err();
     assert_eq!((d.kind, d.block), (DenialKind::Exhausted, Some(1)), "{d:?}");
+    assert!(matches!(
+        checks[d.check.unwrap()],
+        till_core::CheckMeaning::UseLimit { block: 1, limit: 2 }
+    ));
     // The parent revoked (block 0).
     let d = decide(&v, &t, Some(0), &facts("/v1/items"), &[0, 0], Stage::Final).unwrap_err();
-    assert_eq!((d.kind, d.block), (DenialKind::Revoked, Some(0)), "{d:?}");
+    assert_eq!(
+        (d.kind, d.block, d.check),
+        (DenialKind::Revoked, Some(0), None),
+        "{d:?}"
+    );
     // No right covers another service: no block to blame.
     let mut f = facts("/v1/items");
     f.service = "billing".into();
