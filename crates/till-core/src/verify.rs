@@ -550,7 +550,8 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
         }
     };
     // (is a use limit, reason, (block, check) to blame)
-    let mut reasons: Vec<(bool, String, Option<(usize, usize)>)> = Vec::new();
+    type Blame = Option<(usize, usize)>;
+    let mut reasons: Vec<(bool, String, Blame)> = Vec::new();
     let checks: Vec<FailedCheck> = checks
         .into_iter()
         .filter(|c| !(skip_model && reads_model(c, token)))
