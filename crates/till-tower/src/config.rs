@@ -259,6 +259,10 @@ impl Builder {
             max_feed_age: self.max_feed_age,
             refresh_every: self.refresh_every,
             max_body_bytes: self.max_body_bytes,
+            cache: moka::sync::Cache::builder()
+                .max_capacity(crate::layer::CACHE_BYTES)
+                .weigher(|k: &String, _| crate::layer::cache_weight(k.len()))
+                .build(),
         });
         Ok((
             TillLayer { shared },

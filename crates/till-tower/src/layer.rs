@@ -32,6 +32,32 @@ pub(crate) struct Shared {
     pub max_feed_age: Duration,
     pub refresh_every: Duration,
     pub max_body_bytes: usize,
+    /// Verified tokens by their full text (so no hash collision can pass
+    /// an unverified token); only successes, and only while the key set
+    /// they were verified with is current. Revocation, expiry and scope are
+    /// decided on every request, never cached here.
+    pub cache: moka::sync::Cache<String, Arc<VerifiedToken>>,
+}
+
+/// Verified-token cache budget, in (estimated) bytes. Weighed, not counted:
+/// anyone holding one token can mint any number of valid children offline,
+/// each up to 16 KiB.
+pub(crate) const CACHE_BYTES: u64 = 64 << 20;
+
+/// A cached token's weight: its text and the view read from it.
+pub(crate) fn cache_weight(len: usize) -> u32 {
+    u32::try_from(len * 4 + 1024).unwrap_or(u32::MAX)
+}
+
+impl Shared {
+    fn verify_cached(&self, text: &str) -> Result<Arc<VerifiedToken>, till_core::TokenError> {
+        if let Some(t) = self.cache.get(text).filter(|t| self.verifier.is_current(t)) {
+            return Ok(t);
+        }
+        let t = Arc::new(self.verifier.verify_token(text)?);
+        self.cache.insert(text.to_string(), t.clone());
+        Ok(t)
+    }
 }
 
 /// A [`tower_layer::Layer`] that admits only requests carrying a Till
@@ -130,10 +156,7 @@ where
     }
 
     // 3. Signatures, revocation, the use-limit choice.
-    let token = shared
-        .verifier
-        .verify_token(text)
-        .map_err(Refusal::InvalidToken)?;
+    let token = shared.verify_cached(text).map_err(Refusal::InvalidToken)?;
     let revoked = first_revoked(&token.ids, &feed.revoked);
     if revoked.is_none() && matches!(shared.use_limits, UseLimits::Deny) && has_use_limits(&token) {
         return Err(Refusal::UseLimitsUnenforced);
@@ -168,7 +191,7 @@ where
     }
 
     let mut req = Request::from_parts(parts, body);
-    req.extensions_mut().insert(TillToken::new(Arc::new(token)));
+    req.extensions_mut().insert(TillToken::new(token));
     Ok(req)
 }
 
