@@ -8,6 +8,10 @@ use crate::Refusal;
 /// The header the proxy reads a gateway's `forward_auth_secret` from.
 const GATEWAY_SECRET_HEADER: &str = "x-till-gateway-secret";
 
+/// Largest refusal body read from the proxy (its bodies are a few hundred
+/// bytes); a larger one is not read, and the refusal keeps a generic text.
+const MAX_ANSWER_BYTES: usize = 64 << 10;
+
 pub(crate) struct Remote {
     pub url: String,
     pub secret: Option<String>,
@@ -30,7 +34,7 @@ impl Remote {
         if let Some(s) = &self.secret {
             req = req.header(GATEWAY_SECRET_HEADER, s);
         }
-        let resp = req
+        let mut resp = req
             .send()
             .await
             .map_err(|e| Refusal::CounterUnavailable(e.without_url().to_string()))?;
@@ -46,13 +50,16 @@ impl Remote {
             // about this token, so no answer that passes.
             return Err(Refusal::CounterUnavailable(format!("it answered {status}")));
         }
-        // The proxy's error bodies are small; a larger one is not its.
-        let text = resp.text().await.unwrap_or_default();
-        let body: serde_json::Value = if text.len() <= 64 << 10 {
-            serde_json::from_str(&text).unwrap_or_default()
-        } else {
-            serde_json::Value::Null
-        };
+        // The proxy's error bodies are small; read at most this much.
+        let mut text = Vec::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            if text.len() + chunk.len() > MAX_ANSWER_BYTES {
+                text.clear();
+                break;
+            }
+            text.extend_from_slice(&chunk);
+        }
+        let body: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
         let field = |k: &str| body["error"][k].as_str().map(str::to_string);
         Err(Refusal::Remote {
             status,
