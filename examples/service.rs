@@ -58,6 +58,9 @@ struct Args {
     /// (http://HOST:PORT/auth/<service>), for --use-limits remote.
     #[arg(long)]
     check_url: Option<String>,
+    /// Timeout of each feed, key set or remote-count request.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    timeout: Duration,
     /// File holding the proxy's forward_auth_secret for this service.
     #[arg(long)]
     gateway_secret_file: Option<std::path::PathBuf>,
@@ -121,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
         .feed(feed)
         .max_feed_age(args.max_feed_age)
         .refresh_every(args.refresh_every)
+        .timeout(args.timeout)
         .use_limits(use_limits);
     for k in &args.public_keys {
         builder = builder.public_key(k);
