@@ -118,6 +118,15 @@ impl Refresher {
         let (feed, set) = Feed::verify_with(&text, &self.trusted, now_unix(), max_age)
             .map_err(|e| e.to_string())?;
         self.follow(set);
+        let now = now_unix();
+        if feed.issued_at > now.saturating_add(max_age) {
+            // Its age would read 0 for that long: a proxy clock far ahead
+            // must not stretch how long the service runs without a feed.
+            return Err(format!(
+                "refused a revocation feed issued {} s in the future, more than the allowed {max_age} s; check the clocks of the proxy and this service",
+                feed.issued_at - now
+            ));
+        }
         if let Some(old) = self.state.current()
             && (feed.version < old.version || feed.issued_at < old.issued_at)
         {

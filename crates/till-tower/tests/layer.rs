@@ -304,6 +304,15 @@ async fn a_stale_or_forged_feed_fails_closed_until_a_fresh_one_arrives() {
     )
     .await;
     assert_eq!(send(&app, get_items(&token)).await.0, 503);
+    // Dated in the future beyond the allowed age: refused (its age would
+    // read 0 for that long).
+    f.publish(&[], now() + 3600);
+    wait_until(
+        || h.last_refresh_error().is_some_and(|e| e.contains("future")),
+        &h,
+    )
+    .await;
+    assert_eq!(send(&app, get_items(&token)).await.0, 503);
     // The genuine fresh feed: served again.
     f.publish(&[], now());
     wait_until(|| !h.feed_stale(), &h).await;
