@@ -13,7 +13,7 @@ use crate::remote::Remote;
 
 /// What the layer does with tokens that carry use limits, which it cannot
 /// count by itself.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 #[non_exhaustive]
 pub enum UseLimits {
     /// Refuse every token that carries a use limit (403
@@ -38,6 +38,27 @@ pub enum UseLimits {
         /// one (sent as `x-till-gateway-secret`).
         gateway_secret: Option<String>,
     },
+}
+
+/// Never shows the gateway secret.
+impl std::fmt::Debug for UseLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UseLimits::Deny => f.write_str("Deny"),
+            UseLimits::DangerIgnoreUseLimits => f.write_str("DangerIgnoreUseLimits"),
+            UseLimits::Remote {
+                check_url,
+                gateway_secret,
+            } => f
+                .debug_struct("Remote")
+                .field("check_url", check_url)
+                .field(
+                    "gateway_secret",
+                    &gateway_secret.as_ref().map(|_| "<redacted>"),
+                )
+                .finish(),
+        }
+    }
 }
 
 /// Why [`Builder::build`] refused a configuration.

@@ -475,3 +475,16 @@ async fn the_key_set_url_teaches_a_rotated_key() {
     assert_eq!(send(&app, get_items(&f.items())).await.0, 200);
     server.abort();
 }
+
+#[test]
+fn the_gateway_secret_never_shows_in_debug_output() {
+    let u = UseLimits::Remote {
+        check_url: "http://till/auth/items".into(),
+        gateway_secret: Some("s3cret-value".into()),
+    };
+    let shown = format!("{u:?}");
+    assert!(
+        !shown.contains("s3cret-value") && shown.contains("redacted"),
+        "{shown}"
+    );
+}
