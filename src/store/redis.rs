@@ -185,6 +185,10 @@ struct Inner {
     /// get ids; the request path passes a token's ids in block order, so
     /// the first is the family when an id is not known here.
     families: moka::sync::Cache<String, String>,
+    /// Block id → the count this process last read or reserved: lets a warm
+    /// token decide without a round trip (`peek_cached`). Only ever allows;
+    /// exact counts come back from the reserve script that follows.
+    seen: moka::sync::Cache<String, u64>,
     revoked: RwLock<Revoked>,
     /// Start of the last version check that confirmed the local copy, in
     /// milliseconds since `base`.
@@ -265,6 +269,10 @@ impl RedisStore {
             max_blocks_per_family: AtomicUsize::new(DEFAULT_MAX_BLOCKS_PER_FAMILY),
             closing: AtomicBool::new(false),
             families: moka::sync::Cache::new(1_000_000),
+            seen: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_idle(std::time::Duration::from_secs(600))
+                .build(),
             revoked: RwLock::new(Revoked::default()),
             fresh_at: AtomicU64::new(0),
             base: Instant::now(),
@@ -601,15 +609,24 @@ impl CounterStore for RedisStore {
             p.hget(&family_keys(&self.family_of(ids, id))[0], id);
         }
         let empty = ids.is_empty();
+        let ids = ids.to_vec();
         async move {
             if empty {
                 return Ok(Vec::new());
             }
             let mut c = self.inner.conn.clone();
             let got: Vec<Option<u64>> = self.inner.op("peek", p.query_async(&mut c)).await?;
-            Ok(got.into_iter().map(|v| v.unwrap_or(0)).collect())
+            let got: Vec<u64> = got.into_iter().map(|v| v.unwrap_or(0)).collect();
+            for (id, v) in ids.iter().zip(&got) {
+                self.inner.seen.insert(id.clone(), *v);
+            }
+            Ok(got)
         }
         .boxed()
+    }
+
+    fn peek_cached(&self, ids: &[String]) -> Option<Vec<u64>> {
+        ids.iter().map(|id| self.inner.seen.get(id)).collect()
     }
 
     fn reserve(&self, counters: &[CounterSpec]) -> BoxFuture<'_, Result<Reservation, StoreError>> {
@@ -656,8 +673,9 @@ impl CounterStore for RedisStore {
                     )));
                 }
             }
-            for c in &counters {
+            for (c, v) in counters.iter().zip(&out[2..]) {
                 inner.families.insert(c.id.clone(), c.family.clone());
+                inner.seen.insert(c.id.clone(), (*v).max(0) as u64);
             }
             if out[1] == 1 {
                 // Only for the usage view and the collector: a failure here
@@ -679,6 +697,7 @@ impl CounterStore for RedisStore {
     fn release(&self, ids: &[String]) -> BoxFuture<'_, Result<(), StoreError>> {
         let mut inv = self.inner.release.prepare_invoke();
         for id in ids {
+            self.inner.seen.invalidate(id);
             inv.key(&family_keys(&self.family_of(ids, id))[0]).arg(id);
         }
         async move {
