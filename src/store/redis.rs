@@ -1052,6 +1052,73 @@ mod tests {
         ));
     }
 
+    /// Regression (issue "Scale out on Redis"): the embedded store forgot a
+    /// retired block's family, so a moved child block was filed under its
+    /// own id, where the reserve script (which looks in the token's family)
+    /// never found it: a retired child got a fresh budget on Redis.
+    #[tokio::test]
+    async fn a_child_retired_on_the_embedded_store_stays_retired_on_redis() {
+        let dir = tempfile::tempdir().unwrap();
+        let embedded = crate::store::EmbeddedStore::open(dir.path()).unwrap();
+        let expires = now_unix() + 60;
+        let root = CounterSpec::standalone("f00d", Some(5), Some(expires));
+        let child = CounterSpec {
+            id: "c41d".into(),
+            limit: Some(2),
+            expires: Some(expires),
+            family: "f00d".into(),
+            parent: Some("f00d".into()),
+            index: 1,
+            label: None,
+        };
+        let both = [root.clone(), child.clone()];
+        embedded
+            .reserve(&both)
+            .await
+            .unwrap()
+            .durable
+            .await
+            .unwrap();
+        assert_eq!(embedded.gc_expired(expires + 30 * 24 * 3600).unwrap(), 2);
+        let file = embedded.export().unwrap();
+        let retired: Vec<_> = file
+            .retired
+            .iter()
+            .map(|r| (r.id.as_str(), r.family.as_deref()))
+            .collect();
+        assert_eq!(
+            retired,
+            vec![("c41d", Some("f00d")), ("f00d", Some("f00d"))]
+        );
+
+        let server = Server::start();
+        let redis = RedisStore::connect(&server.url(), None).await.unwrap();
+        redis.import(&file).await.unwrap();
+        for specs in [&both[..], std::slice::from_ref(&child)] {
+            assert!(matches!(
+                redis.reserve(specs).await,
+                Err(StoreError::Retired)
+            ));
+        }
+        // And back: the family survives a second move.
+        let dir2 = tempfile::tempdir().unwrap();
+        let again = crate::store::EmbeddedStore::open(dir2.path()).unwrap();
+        again.import(&redis.export().await.unwrap()).unwrap();
+        let back: Vec<_> = again
+            .export()
+            .unwrap()
+            .retired
+            .into_iter()
+            .map(|r| (r.id, r.family))
+            .collect();
+        let sent: Vec<_> = file
+            .retired
+            .iter()
+            .map(|r| (r.id.clone(), r.family.clone()))
+            .collect();
+        assert_eq!(back, sent);
+    }
+
     #[tokio::test]
     async fn nothing_reserves_once_the_final_flush_started() {
         let server = Server::start();
