@@ -259,9 +259,9 @@ async fn handle(
         Some(k) => st.idempotency.replay_counts(k).await.map_err(store_error)?,
         None => None,
     };
-    let counts = match replay_counts {
-        Some(uses) => uses.iter().map(|u| u.saturating_sub(1)).collect(),
-        None => st.counters.peek(&token.ids).await.map_err(store_error)?,
+    let mut counts = match replay_counts {
+        Some(uses) => Counts::exact(uses.iter().map(|u| u.saturating_sub(1)).collect()),
+        None => Counts::current(st, &token.ids).await?,
     };
     let mut facts = RequestFacts {
         service: service.to_string(),
@@ -277,8 +277,8 @@ async fn handle(
     } else {
         Stage::Final
     };
-    if let Err(d) = decide_off_the_workers(st, &token, revoked, &facts, &counts, stage).await {
-        obs.uses = Some(counts);
+    if let Err(d) = counts.decide(st, &token, revoked, &facts, stage).await? {
+        obs.uses = Some(counts.values);
         return Err(ProxyError::Denied(d));
     }
 
@@ -287,10 +287,11 @@ async fn handle(
         let (bytes, permit) = read_body(st, body, content_length).await?;
         facts.model = model_of(&bytes).map_err(ProxyError::BadRequest)?;
         obs.model = facts.model.clone();
-        if let Err(d) =
-            decide_off_the_workers(st, &token, None, &facts, &counts, Stage::Final).await
+        if let Err(d) = counts
+            .decide(st, &token, None, &facts, Stage::Final)
+            .await?
         {
-            obs.uses = Some(counts);
+            obs.uses = Some(counts.values);
             return Err(ProxyError::Denied(d));
         }
         let d = idem_key
@@ -410,6 +411,57 @@ pub(super) async fn reserve_and_recheck(
     obs.reserve = Some(t0.elapsed());
     guard.spend();
     Ok(uses)
+}
+
+/// The use counts a decision before reserving starts from.
+pub(super) struct Counts {
+    pub(super) values: Vec<u64>,
+    /// False for figures the store remembered rather than read
+    /// ([`crate::store::CounterStore::peek_cached`]).
+    exact: bool,
+}
+
+impl Counts {
+    fn exact(values: Vec<u64>) -> Self {
+        Counts {
+            values,
+            exact: true,
+        }
+    }
+
+    /// The store's remembered counts when it has them (no round trip to a
+    /// shared store for a warm token), else its current ones.
+    pub(super) async fn current(st: &AppState, ids: &[String]) -> Result<Self, ProxyError> {
+        match st.counters.peek_cached(ids) {
+            Some(values) => Ok(Counts {
+                values,
+                exact: false,
+            }),
+            None => Ok(Counts::exact(
+                st.counters.peek(ids).await.map_err(store_error)?,
+            )),
+        }
+    }
+
+    /// [`decide_off_the_workers`] with these counts. Remembered counts may
+    /// only allow: an allowed request reserves and re-checks with exact
+    /// counts, but a denial on remembered counts (which another proxy's
+    /// release may have made too high) is decided again on a fresh read.
+    pub(super) async fn decide(
+        &mut self,
+        st: &AppState,
+        token: &Arc<VerifiedToken>,
+        revoked: Option<usize>,
+        facts: &RequestFacts,
+        stage: Stage,
+    ) -> Result<Result<(), Denial>, ProxyError> {
+        let first = decide_off_the_workers(st, token, revoked, facts, &self.values, stage).await;
+        if first.is_ok() || self.exact {
+            return Ok(first);
+        }
+        *self = Counts::exact(st.counters.peek(&token.ids).await.map_err(store_error)?);
+        Ok(decide_off_the_workers(st, token, revoked, facts, &self.values, stage).await)
+    }
 }
 
 /// [`decide`], inline when the token's decision cache answers, otherwise on

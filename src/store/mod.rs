@@ -105,6 +105,16 @@ pub trait CounterStore: Send + Sync + 'static {
     /// Current values, 0 for unknown ids; creates and changes nothing. The
     /// decision before reserving uses these.
     fn peek(&self, ids: &[String]) -> BoxFuture<'_, Result<Vec<u64>, StoreError>>;
+    /// The counts this process saw last for `ids`, without asking the store,
+    /// when it keeps such figures (a store across the network: one round
+    /// trip saved per warm request); `None` when it does not, or does not
+    /// know every id. They may be stale in either direction, so a caller
+    /// only lets them *allow* a request, which then reserves and re-checks
+    /// with exact post-increment counts, and reads [`CounterStore::peek`]
+    /// before it denies on them.
+    fn peek_cached(&self, _ids: &[String]) -> Option<Vec<u64>> {
+        None
+    }
     /// Atomically adds one to every counter and returns the new values.
     /// Counters and block metadata are created here, so only requests that
     /// passed the decision create state. Refused once [`CounterStore::flush`]
