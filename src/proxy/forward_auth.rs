@@ -24,9 +24,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::error::{Api, ProxyError};
-use super::handler::{
-    decide_off_the_workers, extract_token, reserve_and_recheck, respond, store_error, verify_token,
-};
+use super::handler::{Counts, extract_token, reserve_and_recheck, respond, verify_token};
 use super::{AppState, Upstream};
 use crate::decide::Stage;
 use crate::monitor::Observation;
@@ -113,7 +111,7 @@ async fn decide_check(
 
     // 2. Decide without touching state, as the proxy does before a body.
     let (token, revoked) = verify_token(st, token_text, obs)?;
-    let counts = st.counters.peek(&token.ids).await.map_err(store_error)?;
+    let mut counts = Counts::current(st, &token.ids).await?;
     let facts = RequestFacts {
         service: service.to_string(),
         method,
@@ -122,10 +120,11 @@ async fn decide_check(
         mcp: None,
         time: st.clock.now(),
     };
-    if let Err(d) =
-        decide_off_the_workers(st, &token, revoked, &facts, &counts, Stage::BeforeBody).await
+    if let Err(d) = counts
+        .decide(st, &token, revoked, &facts, Stage::BeforeBody)
+        .await?
     {
-        obs.uses = Some(counts);
+        obs.uses = Some(counts.values);
         return Err(ProxyError::Denied(d));
     }
     // A gateway sends no body, so the model is never known here: a token
@@ -139,18 +138,19 @@ async fn decide_check(
     let decided = if reads_model {
         Err(None)
     } else {
-        decide_off_the_workers(st, &token, None, &facts, &counts, Stage::Final)
-            .await
+        counts
+            .decide(st, &token, None, &facts, Stage::Final)
+            .await?
             .map_err(Some)
     };
     if let Err(d) = decided {
-        obs.uses = Some(counts);
-        return Err(ProxyError::Denied(Denial {
-            kind: d.map_or(crate::verify::DenialKind::Scope, |d| d.kind),
-            reason: format!(
+        obs.uses = Some(counts.values);
+        return Err(ProxyError::Denied(Denial::new(
+            d.map_or(crate::verify::DenialKind::Scope, |d| d.kind),
+            format!(
                 "this key's scope depends on the request's model, and a gateway's forward-auth check carries no body, so Till cannot see the model; send this key's requests through Till's proxy (/{service}/...), or use a key without a model list here"
             ),
-        }));
+        )));
     }
 
     // 3. Reserve, re-check with this request's own counts, make durable.

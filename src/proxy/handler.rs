@@ -21,7 +21,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
-use serde::de::{IgnoredAny, MapAccess, Visitor};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::AppState;
@@ -31,7 +30,7 @@ use super::idempotency::{Claim, MAX_KEY_LEN, digest, scoped_key};
 use crate::decide::{Stage, cached_decision, decide};
 use crate::monitor::Observation;
 use crate::store::{Reservation, ReservationGuard, StoreError};
-use crate::token::{MAX_TOKEN_LEN, RequestFacts};
+use crate::token::RequestFacts;
 use crate::verify::{Denial, DenialKind, VerifiedToken};
 
 /// `/readyz`: ready when the counter store takes reservations.
@@ -111,33 +110,19 @@ fn error_shape(st: &AppState, path: &str) -> Api {
         .map_or(Api::OpenAi, |u| u.api)
 }
 
+pub use till_core::request::model_of;
+
 /// Reads the token from `Authorization: Bearer` or `x-api-key`.
 pub fn extract_token(headers: &HeaderMap) -> Result<&str, ProxyError> {
-    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| {
-        let s = v.to_str().ok()?;
-        let (scheme, rest) = s.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-    });
-    let token = match bearer {
-        Some(t) => t,
-        None => match headers.get("x-api-key") {
-            Some(v) => v
-                .to_str()
-                .map_err(|_| ProxyError::InvalidToken("x-api-key is not text".into()))?
-                .trim(),
-            None => return Err(ProxyError::MissingToken),
-        },
-    };
-    if token.is_empty() {
-        return Err(ProxyError::MissingToken);
-    }
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(ProxyError::TokenTooLarge(MAX_TOKEN_LEN));
-    }
-    if super::error::looks_like_provider_key(token) {
-        return Err(ProxyError::ProviderKey);
-    }
-    Ok(token)
+    use crate::request::TokenHeaderError as E;
+    crate::request::token_from_headers(headers).map_err(|e| match e {
+        E::Missing => ProxyError::MissingToken,
+        E::NotText => ProxyError::InvalidToken("x-api-key is not text".into()),
+        E::TooLarge { max } => ProxyError::TokenTooLarge(max),
+        E::ProviderKey => ProxyError::ProviderKey,
+        // Deny when unsure: a reason added later is still no token.
+        _ => ProxyError::MissingToken,
+    })
 }
 
 /// Splits `/service/rest` into the service and the rest of the path.
@@ -167,75 +152,6 @@ fn is_json(headers: &HeaderMap) -> bool {
             ct == "application/json" || ct.ends_with("+json")
         })
         .unwrap_or(false)
-}
-
-/// The `model` field of a JSON body, or why the body is refused.
-///
-/// `Ok(None)` (no model fact, which fails any model check: deny when unsure)
-/// for malformed JSON, a body that is not an object (serde would read a
-/// struct from an array too: `["gpt-4o-mini"]` would name a model the
-/// upstream never sees), a `model` that is not a string, and invalid UTF-8
-/// anywhere (an upstream may decode such a body differently).
-///
-/// `Err` for a body an upstream could read as naming another model: `model`
-/// twice, or another top-level key that case-folds to `model` (`MODEL`,
-/// `Model`, escapes such as `"\u004dodel"`), which Go's `encoding/json`,
-/// ASP.NET and others match case-insensitively, taking the last one.
-pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
-    struct Scan(Result<Option<String>, String>);
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = Scan;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Scan, A::Error> {
-            let mut model: Option<Option<String>> = None;
-            let mut problem = None;
-            while let Some(k) = m.next_key::<String>()? {
-                if k == "model" {
-                    if model.is_some() {
-                        problem.get_or_insert_with(|| {
-                            "the JSON body has the key \"model\" twice; send it once".to_string()
-                        });
-                    }
-                    let v = m.next_value::<serde_json::Value>()?;
-                    model = Some(match v {
-                        serde_json::Value::String(s) => Some(s),
-                        _ => None,
-                    });
-                } else {
-                    if k.to_lowercase() == "model" {
-                        problem.get_or_insert_with(|| {
-                            format!(
-                                "the JSON body has a key {k:?} besides or instead of \"model\"; upstreams that match keys case-insensitively would read it as the model, so Till refuses it: send the model only as \"model\""
-                            )
-                        });
-                    }
-                    m.next_value::<IgnoredAny>()?;
-                }
-            }
-            Ok(Scan(match problem {
-                Some(p) => Err(p),
-                None => Ok(model.flatten()),
-            }))
-        }
-    }
-    impl<'de> serde::Deserialize<'de> for Scan {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            d.deserialize_map(V)
-        }
-    }
-    let Ok(text) = std::str::from_utf8(body) else {
-        return Ok(None);
-    };
-    if !text.trim_start().starts_with('{') {
-        return Ok(None);
-    }
-    match serde_json::from_str::<Scan>(text) {
-        Ok(Scan(r)) => r,
-        Err(_) => Ok(None),
-    }
 }
 
 /// Reads a JSON body within the size limit, the deadline and the global
@@ -299,10 +215,10 @@ pub(super) async fn read_body(
 pub(crate) fn store_error(e: StoreError) -> ProxyError {
     match e {
         StoreError::FamilyFull { limit } => ProxyError::FamilyFull(limit),
-        StoreError::Retired => ProxyError::Denied(Denial {
-            kind: DenialKind::Expired,
-            reason: "this key expired and its use counter was retired; ask whoever gave it to you for a new one".into(),
-        }),
+        StoreError::Retired => ProxyError::Denied(Denial::new(
+            DenialKind::Expired,
+            "this key expired and its use counter was retired; ask whoever gave it to you for a new one",
+        )),
         e => ProxyError::StoreUnavailable(e.to_string()),
     }
 }
@@ -357,9 +273,9 @@ async fn handle(
         Some(k) => st.idempotency.replay_counts(k).await.map_err(store_error)?,
         None => None,
     };
-    let counts = match replay_counts {
-        Some(uses) => uses.iter().map(|u| u.saturating_sub(1)).collect(),
-        None => st.counters.peek(&token.ids).await.map_err(store_error)?,
+    let mut counts = match replay_counts {
+        Some(uses) => Counts::exact(uses.iter().map(|u| u.saturating_sub(1)).collect()),
+        None => Counts::current(st, &token.ids).await?,
     };
     let mut facts = RequestFacts {
         service: service.to_string(),
@@ -376,8 +292,8 @@ async fn handle(
     } else {
         Stage::Final
     };
-    if let Err(d) = decide_off_the_workers(st, &token, revoked, &facts, &counts, stage).await {
-        obs.uses = Some(counts);
+    if let Err(d) = counts.decide(st, &token, revoked, &facts, stage).await? {
+        obs.uses = Some(counts.values);
         return Err(ProxyError::Denied(d));
     }
 
@@ -386,10 +302,11 @@ async fn handle(
         let (bytes, permit) = read_body(st, body, content_length).await?;
         facts.model = model_of(&bytes).map_err(ProxyError::BadRequest)?;
         obs.model = facts.model.clone();
-        if let Err(d) =
-            decide_off_the_workers(st, &token, None, &facts, &counts, Stage::Final).await
+        if let Err(d) = counts
+            .decide(st, &token, None, &facts, Stage::Final)
+            .await?
         {
-            obs.uses = Some(counts);
+            obs.uses = Some(counts.values);
             return Err(ProxyError::Denied(d));
         }
         let d = idem_key
@@ -511,6 +428,57 @@ pub(super) async fn reserve_and_recheck(
     Ok(uses)
 }
 
+/// The use counts a decision before reserving starts from.
+pub(super) struct Counts {
+    pub(super) values: Vec<u64>,
+    /// False for figures the store remembered rather than read
+    /// ([`crate::store::CounterStore::peek_cached`]).
+    exact: bool,
+}
+
+impl Counts {
+    fn exact(values: Vec<u64>) -> Self {
+        Counts {
+            values,
+            exact: true,
+        }
+    }
+
+    /// The store's remembered counts when it has them (no round trip to a
+    /// shared store for a warm token), else its current ones.
+    pub(super) async fn current(st: &AppState, ids: &[String]) -> Result<Self, ProxyError> {
+        match st.counters.peek_cached(ids) {
+            Some(values) => Ok(Counts {
+                values,
+                exact: false,
+            }),
+            None => Ok(Counts::exact(
+                st.counters.peek(ids).await.map_err(store_error)?,
+            )),
+        }
+    }
+
+    /// [`decide_off_the_workers`] with these counts. Remembered counts may
+    /// only allow: an allowed request reserves and re-checks with exact
+    /// counts, but a denial on remembered counts (which another proxy's
+    /// release may have made too high) is decided again on a fresh read.
+    pub(super) async fn decide(
+        &mut self,
+        st: &AppState,
+        token: &Arc<VerifiedToken>,
+        revoked: Option<usize>,
+        facts: &RequestFacts,
+        stage: Stage,
+    ) -> Result<Result<(), Denial>, ProxyError> {
+        let first = decide_off_the_workers(st, token, revoked, facts, &self.values, stage).await;
+        if first.is_ok() || self.exact {
+            return Ok(first);
+        }
+        *self = Counts::exact(st.counters.peek(&token.ids).await.map_err(store_error)?);
+        Ok(decide_off_the_workers(st, token, revoked, facts, &self.values, stage).await)
+    }
+}
+
 /// [`decide`], inline when the token's decision cache answers, otherwise on
 /// a blocking thread, at most `datalog_permits` at once: a Datalog run can
 /// take milliseconds, and on the async workers a flood of costly tokens
@@ -526,10 +494,11 @@ pub(super) async fn decide_off_the_workers(
     if let Some(answer) = cached_decision(token, revoked, facts, counts, stage) {
         return answer;
     }
-    let _permit = st.datalog_permits.acquire().await.map_err(|_| Denial {
-        kind: DenialKind::Scope,
-        reason: "the proxy is shutting down".into(),
-    })?;
+    let _permit = st
+        .datalog_permits
+        .acquire()
+        .await
+        .map_err(|_| Denial::new(DenialKind::Scope, "the proxy is shutting down"))?;
     let (verifier, token, facts, counts) = (
         st.verifier.clone(),
         token.clone(),
@@ -539,10 +508,10 @@ pub(super) async fn decide_off_the_workers(
     tokio::task::spawn_blocking(move || decide(&verifier, &token, revoked, &facts, &counts, stage))
         .await
         .unwrap_or_else(|e| {
-            Err(Denial {
-                kind: DenialKind::Scope,
-                reason: format!("authorization failed: {e}"),
-            })
+            Err(Denial::new(
+                DenialKind::Scope,
+                format!("authorization failed: {e}"),
+            ))
         })
 }
 
@@ -576,42 +545,5 @@ mod tests {
         assert_eq!(split_service("/openai/v1/x").unwrap(), ("openai", "/v1/x"));
         assert_eq!(split_service("/openai").unwrap(), ("openai", "/"));
         assert!(split_service("/").is_err());
-    }
-
-    #[test]
-    fn model_extraction_denies_when_unsure() {
-        assert_eq!(
-            model_of(br#"{"model":"a","x":1}"#).unwrap().as_deref(),
-            Some("a")
-        );
-        assert!(model_of(br#"{"model":"a","model":"b"}"#).is_err());
-        assert_eq!(model_of(b"not json"), Ok(None));
-        assert_eq!(model_of(br#"{"model":5}"#), Ok(None));
-        // Found by fuzzing (tests/fuzz-regressions/request/).
-        assert_eq!(model_of(br#"["gpt-4o-mini"]"#), Ok(None));
-        assert_eq!(model_of(b"{\"model\":\"a\",\"x\":\"\xff\"}"), Ok(None));
-    }
-
-    /// Regression: the allow-list read only the exact key `model`, and
-    /// case-insensitive upstreams (Go's encoding/json) used the last
-    /// `MODEL`.
-    #[test]
-    fn a_key_that_case_folds_to_model_is_refused() {
-        for body in [
-            r#"{"model":"gpt-4o-mini","MODEL":"gpt-4"}"#,
-            r#"{"Model":"gpt-4","model":"gpt-4o-mini"}"#,
-            r#"{"model":"gpt-4o-mini","\u004dODEL":"gpt-4"}"#,
-            r#"{"MoDeL":"gpt-4"}"#,
-        ] {
-            let e = model_of(body.as_bytes()).expect_err(body);
-            assert!(e.contains("\"model\""), "{e}");
-        }
-        // Nested keys do not name the model.
-        assert_eq!(
-            model_of(br#"{"model":"a","meta":{"MODEL":"b"}}"#)
-                .unwrap()
-                .as_deref(),
-            Some("a")
-        );
     }
 }

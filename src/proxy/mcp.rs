@@ -73,11 +73,12 @@ pub mod codes {
 fn code_of(e: &ProxyError) -> i64 {
     match e {
         ProxyError::Denied(d) => match d.kind {
-            DenialKind::Scope => codes::OUT_OF_SCOPE,
             DenialKind::Exhausted => codes::EXHAUSTED,
             DenialKind::Expired => codes::EXPIRED,
             DenialKind::Revoked => codes::REVOKED,
             DenialKind::Limits => codes::LIMITS,
+            // Scope, and any kind added later: refused all the same.
+            _ => codes::OUT_OF_SCOPE,
         },
         ProxyError::MissingToken | ProxyError::InvalidToken(_) | ProxyError::ProviderKey => {
             codes::UNAUTHENTICATED
@@ -367,10 +368,11 @@ async fn decide_free_off_the_workers(
     facts: &RequestFacts,
     counts: &[u64],
 ) -> Result<(), Denial> {
-    let _permit = st.datalog_permits.acquire().await.map_err(|_| Denial {
-        kind: DenialKind::Scope,
-        reason: "the proxy is shutting down".into(),
-    })?;
+    let _permit = st
+        .datalog_permits
+        .acquire()
+        .await
+        .map_err(|_| Denial::new(DenialKind::Scope, "the proxy is shutting down"))?;
     let (verifier, token, facts, counts) = (
         st.verifier.clone(),
         token.clone(),
@@ -382,10 +384,10 @@ async fn decide_free_off_the_workers(
     })
     .await
     .unwrap_or_else(|e| {
-        Err(Denial {
-            kind: DenialKind::Scope,
-            reason: format!("authorization failed: {e}"),
-        })
+        Err(Denial::new(
+            DenialKind::Scope,
+            format!("authorization failed: {e}"),
+        ))
     })
 }
 

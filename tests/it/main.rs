@@ -20,4 +20,5 @@ mod props;
 mod proxy;
 mod redis;
 mod reload;
+mod service;
 mod spec_samples;
