@@ -16,6 +16,13 @@
 //!   verify (cache hit) → revocation → reserve in the embedded store (large
 //!   limits, so leases make most reservations free) → authorize → await
 //!   durability → monitor record. Compared with the issue's 40 µs target.
+//! * `mcp/parse/tools_call`: `mcp::parse` of a typical `tools/call` body
+//!   (the strict pass for twin keys, then the message).
+//! * `mcp/decide/tools_call`: the decision for a tool call with a 2-block
+//!   `--tool` token, asked again (the decision cache answers).
+//! * `mcp/filter_tools_list/{10,100}`: narrowing a `tools/list` result of
+//!   10 or 100 tools, of which a tenth may be called, to what the token may
+//!   call (one decision per tool; denials always run Datalog).
 //!
 //! Run: `cargo bench --bench verify` (add `-- --quick` for a fast pass).
 
@@ -79,6 +86,7 @@ fn request() -> RequestFacts {
         method: "POST".into(),
         path: "/v1/chat/completions".into(),
         model: Some("gpt-4o-mini".into()),
+        mcp: None,
         time: SystemTime::now(),
     }
 }
@@ -215,11 +223,98 @@ fn bench_request_path(c: &mut Criterion) {
     drop(store);
 }
 
+fn bench_mcp(c: &mut Criterion) {
+    let root = keys::generate();
+    let verifier = Verifier::new(root.public(), Policies::default_policy());
+    let parent = token::issue(
+        &root,
+        &Scope {
+            services: vec!["github".into()],
+            tools: vec!["github_*".into()],
+            max_uses: Some(1_000_000),
+            ..Scope::default()
+        },
+    )
+    .unwrap();
+    let child = token::attenuate(
+        &parent,
+        &Scope {
+            tools: vec!["github_1*".into(), "add".into()],
+            max_uses: Some(1_000_000),
+            ..Scope::default()
+        },
+    )
+    .unwrap();
+    let t = verifier.verify_token(&child).unwrap();
+    let body = br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"github_10","arguments":{"owner":"till","repo":"till","state":"open"},"_meta":{"progressToken":3}}}"#;
+    let base = RequestFacts {
+        service: "github".into(),
+        method: "POST".into(),
+        path: "/mcp".into(),
+        model: None,
+        mcp: None,
+        time: SystemTime::now(),
+    };
+    let call = |name: &str| RequestFacts {
+        mcp: Some(token::McpMessage {
+            method: "tools/call".into(),
+            name: Some(name.into()),
+        }),
+        ..base.clone()
+    };
+    let mut g = c.benchmark_group("mcp");
+    g.bench_function("parse/tools_call", |b| {
+        b.iter(|| till::mcp::parse(black_box(body)).unwrap())
+    });
+    let facts = call("github_10");
+    g.bench_function("decide/tools_call", |b| {
+        b.iter(|| {
+            decide(
+                &verifier,
+                &t,
+                None,
+                black_box(&facts),
+                &[1, 1],
+                Stage::Final,
+            )
+            .unwrap()
+        })
+    });
+    for n in [10usize, 100] {
+        let list = serde_json::json!({"jsonrpc": "2.0", "id": 2, "result": {"tools":
+            (0..n).map(|i| serde_json::json!({"name": format!("github_{}", i % 10 * 10 + i / 10),
+                "description": "a tool", "inputSchema": {"type": "object"}}))
+            .collect::<Vec<_>>()}});
+        g.bench_with_input(
+            BenchmarkId::new("filter_tools_list", n),
+            &list,
+            |b, list| {
+                b.iter(|| {
+                    let mut v = list.clone();
+                    till::mcp::filter_lists(&mut v, &mut |_, name| {
+                        till::decide::decide_free(
+                            &verifier,
+                            &t,
+                            None,
+                            &call(name),
+                            &[0, 0],
+                            Stage::Final,
+                        )
+                        .is_ok()
+                    });
+                    v
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = bench_verify, bench_request_path
+    targets = bench_verify, bench_request_path, bench_mcp
 }
 criterion_main!(benches);

@@ -40,6 +40,9 @@ fn parent() -> &'static str {
                 methods: vec!["POST".into()],
                 paths: vec!["/v1/".into()],
                 models: vec!["gpt-4o-mini".into()],
+                tools: Vec::new(),
+                prompts: Vec::new(),
+                resources: Vec::new(),
                 max_uses: Some(10),
                 expires: Some(UNIX_EPOCH + Duration::from_secs(4_000_000_000)),
                 label: Some("fuzz".into()),
@@ -110,6 +113,7 @@ fn authorize_all(t: &crate::verify::VerifiedToken) {
             method: "POST".into(),
             path: path.into(),
             model: model.map(Into::into),
+            mcp: None,
             time: SystemTime::now(),
         };
         let _ = v.authorize(t, &req, &vec![uses; n]);

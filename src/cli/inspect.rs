@@ -83,6 +83,11 @@ pub fn render(v: &TokenView) -> String {
                     format!("path prefixes: {}", list(allowed))
                 }
                 CheckMeaning::Models { allowed } => format!("models: {}", list(allowed)),
+                CheckMeaning::Tools { allowed } => format!("MCP tools: {}", list(allowed)),
+                CheckMeaning::Prompts { allowed } => format!("MCP prompts: {}", list(allowed)),
+                CheckMeaning::Resources { allowed } => {
+                    format!("MCP resources: {}", list(allowed))
+                }
                 CheckMeaning::Custom { source } => format!("custom check: {source}"),
             };
             let _ = writeln!(o, "  {line}");

@@ -25,6 +25,19 @@ pub struct ScopeArgs {
     /// Model allowed (repeatable). Requests must then name one of these models in their JSON body.
     #[arg(long = "model", value_name = "MODEL")]
     pub models: Vec<String>,
+    /// MCP tool the token may call (repeatable), for upstreams with api = "mcp"; a trailing '*'
+    /// makes a prefix, e.g. 'github_*'. Default: every tool. Other MCP messages (initialize,
+    /// tools/list, ...) stay allowed; requests to non-MCP upstreams are refused.
+    #[arg(long = "tool", value_name = "NAME")]
+    pub tools: Vec<String>,
+    /// MCP prompt the token may get (repeatable), as for --tool ('name*' for a prefix).
+    /// Default: every prompt.
+    #[arg(long = "prompt", value_name = "NAME")]
+    pub prompts: Vec<String>,
+    /// MCP resource URI prefix the token may read (repeatable), e.g. file:///docs/.
+    /// Default: every resource.
+    #[arg(long = "resource", value_name = "URI-PREFIX")]
+    pub resources: Vec<String>,
     /// Maximum number of uses of this block (at least 1); every use of any token derived from it counts.
     // Taken as text, hyphen values included, so that `-1` gets a plain-words
     // error from us rather than clap's "unexpected argument '-1'".
@@ -89,11 +102,23 @@ impl ScopeArgs {
             .as_deref()
             .map(parse_concurrency)
             .transpose()?;
+        for t in &self.tools {
+            vocab::tool_pattern(t).map_err(|e| flag_error("--tool", e))?;
+        }
+        for p in &self.prompts {
+            vocab::tool_pattern(p).map_err(|e| flag_error("--prompt", e))?;
+        }
+        for r in &self.resources {
+            vocab::resource_prefix(r).map_err(|e| flag_error("--resource", e))?;
+        }
         Ok(Scope {
             services: self.services.clone(),
             methods,
             paths,
             models: self.models.clone(),
+            tools: self.tools.clone(),
+            prompts: self.prompts.clone(),
+            resources: self.resources.clone(),
             max_uses,
             expires,
             label: self.label.clone(),
@@ -171,7 +196,7 @@ pub struct IssueArgs {
     #[arg(long, conflicts_with = "services")]
     pub any_service: bool,
     /// Issue an admin token for the proxy's admin API (revoke, usage) instead of an API token.
-    #[arg(long, conflicts_with_all = ["services", "any_service", "methods", "paths", "models", "rates", "concurrency"])]
+    #[arg(long, conflicts_with_all = ["services", "any_service", "methods", "paths", "models", "tools", "prompts", "resources", "rates", "concurrency"])]
     pub admin: bool,
     /// Root private key file (default: the active key of TILL_HOME).
     #[arg(long, env = "TILL_ROOT_KEY")]

@@ -67,9 +67,15 @@ pub fn key_path(home: &Path, explicit: Option<&Path>) -> PathBuf {
 const PICK_UP: &str =
     "a running proxy picks the key set up on SIGHUP (kill -HUP), `till reload` or a restart";
 /// After a rotation the admin token is under a key the proxy does not know
-/// yet, so `till reload` cannot authenticate: only SIGHUP or a restart.
+/// yet; `till reload` then authenticates with the previous admin token
+/// (kept as `admin.token.previous`, see [`ADMIN_TOKEN_PREVIOUS`]).
 const PICK_UP_ROTATION: &str =
-    "a running proxy picks the new key set up on SIGHUP (kill -HUP) or a restart";
+    "a running proxy picks the new key set up on `till reload`, SIGHUP (kill -HUP) or a restart";
+
+/// The admin token from before the last rotation, under a key the running
+/// proxy still knows: what `till reload` (and every admin command) falls
+/// back to while the proxy has not read the new key set yet.
+pub const ADMIN_TOKEN_PREVIOUS: &str = "admin.token.previous";
 
 pub fn keygen(home: &Path, a: KeygenArgs) -> anyhow::Result<ExitCode> {
     if a.rotate {
@@ -109,6 +115,9 @@ fn rotate(home: &Path) -> anyhow::Result<ExitCode> {
     // The admin token the CLI uses must outlive the old key's retirement.
     let admin = super::serve::admin_token(&ks)?;
     let admin_path = home.join(super::serve::ADMIN_TOKEN_FILE);
+    if let Ok(previous) = std::fs::read(&admin_path) {
+        keyset::write_atomic(&home.join(ADMIN_TOKEN_PREVIOUS), &previous)?;
+    }
     keyset::write_atomic(&admin_path, format!("{admin}\n").as_bytes())?;
     eprintln!(
         "made root key {id} (now active; {}); key {previous} keeps verifying until `till key retire {previous}`; re-issued {} under key {id}; {PICK_UP_ROTATION}",
@@ -185,6 +194,19 @@ pub fn key(home: &Path, a: KeyArgs) -> anyhow::Result<ExitCode> {
                 .transpose()?
                 .map(|d| now.saturating_add(d.as_secs()));
             ks.retire(id, at)?;
+            if at.is_none() {
+                // Only needed between a rotation and the proxy's reload;
+                // an admin token under a retired key is of no use.
+                match std::fs::remove_file(home.join(ADMIN_TOKEN_PREVIOUS)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        eprintln!(
+                            "till: warning: cannot remove {}: {e}",
+                            home.join(ADMIN_TOKEN_PREVIOUS).display()
+                        );
+                    }
+                    _ => {}
+                }
+            }
             match at {
                 Some(t) => eprintln!(
                     "root key {id} verifies until {}, then its tokens are refused; {PICK_UP}",

@@ -72,7 +72,7 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
 TILL_HOME=/srv/till till keygen             # prints ed25519/<hex>\n  \
 TILL_HOME=/srv/till till keygen --rotate    # new active key; the old one keeps verifying\n  \
-kill -HUP \"$(pidof till)\"                   # the running proxy reads the new key set (or restart it)\n  \
+TILL_HOME=/srv/till till reload             # the running proxy reads the new key set (or SIGHUP)\n  \
 till key retire 0 && till reload            # later: tokens of key 0 are refused")]
     Keygen(keys::KeygenArgs),
     /// Print the active root public key ("ed25519/<hex>"), or the whole key set.

@@ -110,32 +110,49 @@ impl AdminArgs {
         rt.block_on(async {
             crate::proxy::install_crypto();
             let client = reqwest::Client::new();
-            let mut req = match method {
-                "POST" => client.post(&url),
-                _ => client.get(&url),
+            let send = |token: String| {
+                let mut req = match method {
+                    "POST" => client.post(&url),
+                    _ => client.get(&url),
+                }
+                .bearer_auth(token);
+                if let Some(b) = &body {
+                    req = req
+                        .header("content-type", "application/json")
+                        .body(b.to_string());
+                }
+                async {
+                    let resp = req.send().await.with_context(|| {
+                        format!(
+                            "cannot reach the proxy at {base} (from {from}); is `till up` running? (set --url or TILL_URL)"
+                        )
+                    })?;
+                    let status = resp.status();
+                    let text = resp.text().await.unwrap_or_default();
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    anyhow::Ok((status, v, text))
+                }
+            };
+            let (mut status, mut v, mut text) = send(token).await?;
+            let unknown_key = |status: reqwest::StatusCode, v: &Value| {
+                status == reqwest::StatusCode::UNAUTHORIZED
+                    && v["error"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("which this verifier does not know"))
+            };
+            // After `till keygen --rotate` the admin token is under the new
+            // key, which the proxy learns only from a reload: the token from
+            // before the rotation, under a key it knows, can ask for one.
+            let previous = home.join(super::keys::ADMIN_TOKEN_PREVIOUS);
+            if unknown_key(status, &v)
+                && self.admin_token.is_none()
+                && let Ok(old) = std::fs::read_to_string(&previous)
+            {
+                (status, v, text) = send(old.trim().to_string()).await?;
             }
-            .bearer_auth(&token);
-            if let Some(b) = body {
-                req = req
-                    .header("content-type", "application/json")
-                    .body(b.to_string());
-            }
-            let resp = req.send().await.with_context(|| {
-                format!(
-                    "cannot reach the proxy at {base} (from {from}); is `till up` running? (set --url or TILL_URL)"
-                )
-            })?;
-            let status = resp.status();
-            let text = resp.text().await.unwrap_or_default();
-            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
             if !status.is_success() {
                 let msg = v["error"]["message"].as_str().unwrap_or(text.as_str());
-                // After `till keygen --rotate` the admin token is under the
-                // new key, which the proxy learns only from a reload that
-                // needs no token.
-                if status == reqwest::StatusCode::UNAUTHORIZED
-                    && msg.contains("which this verifier does not know")
-                {
+                if unknown_key(status, &v) {
                     bail!(
                         "proxy answered {status}: {msg} (after `till keygen --rotate`: make the proxy read the new key set with SIGHUP, e.g. kill -HUP $(pidof till), or a restart)"
                     );

@@ -280,6 +280,7 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
         // Before the banner: until a handler is installed, SIGHUP ends the
         // process.
         reload_on_sighup(state.clone(), reloader)?;
+        let shutdown = shutdown_signal()?;
         listening = true;
         banner(
             &cfg,
@@ -305,7 +306,7 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
                 }
             }
         });
-        proxy::run(listener, state, shutdown_signal())
+        proxy::run(listener, state, shutdown)
             .await
             .context("server error")
     });
@@ -385,26 +386,30 @@ fn reload_on_sighup(
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Installs the SIGTERM and SIGINT handlers now and returns the future that
+/// resolves on either. Installed before the banner: a signal that came
+/// between the banner and the first poll of a lazily installed handler
+/// would end the process without the final flush (and exit code 0).
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down: no new connections; finishing in-flight requests");
+        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+    })
 }
 
 fn banner(

@@ -40,6 +40,19 @@ pub struct VerifyArgs {
     /// Model named by the request body, if any.
     #[arg(long)]
     pub model: Option<String>,
+    /// JSON-RPC method of an MCP message (upstreams with api = "mcp"), e.g. tools/list;
+    /// "" for a request that carries none (GET, DELETE). Implied by --tool.
+    #[arg(long, value_name = "METHOD")]
+    pub mcp_method: Option<String>,
+    /// MCP tool called: checks a tools/call message naming it.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["mcp_method", "prompt", "resource"])]
+    pub tool: Option<String>,
+    /// MCP prompt got: checks a prompts/get message naming it.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["mcp_method", "resource"])]
+    pub prompt: Option<String>,
+    /// MCP resource read: checks a resources/read message naming its URI.
+    #[arg(long, value_name = "URI", conflicts_with = "mcp_method")]
+    pub resource: Option<String>,
     /// Directory of *.datalog policies (default: ./policies, or the built-in default policy).
     #[arg(long, env = "TILL_POLICIES")]
     pub policies: Option<PathBuf>,
@@ -282,10 +295,27 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
         method,
         path,
         model: a.model,
+        mcp: {
+            use crate::token::vocab::{PROMPTS_GET, RESOURCES_READ, TOOLS_CALL};
+            match (a.tool, a.prompt, a.resource, a.mcp_method) {
+                (Some(t), _, _, _) => Some(till_mcp(TOOLS_CALL, Some(t))),
+                (_, Some(p), _, _) => Some(till_mcp(PROMPTS_GET, Some(p))),
+                (_, _, Some(r), _) => Some(till_mcp(RESOURCES_READ, Some(r))),
+                (_, _, _, Some(m)) => Some(till_mcp(&m, None)),
+                _ => None,
+            }
+        },
         time,
     };
     match verifier.authorize_windowed(&verified, &req, &uses, &windows) {
         Ok(()) => Ok(verdict(a.json, None)),
         Err(d) => Ok(verdict(a.json, Some(d.to_string()))),
+    }
+}
+
+fn till_mcp(method: &str, name: Option<String>) -> crate::token::McpMessage {
+    crate::token::McpMessage {
+        method: method.to_string(),
+        name,
     }
 }

@@ -21,6 +21,9 @@ struct Scopes {
     methods: Lists,
     paths: Lists,
     models: Lists,
+    tools: Lists,
+    prompts: Lists,
+    resources: Lists,
 }
 
 fn scopes(view: &TokenView) -> Scopes {
@@ -32,6 +35,9 @@ fn scopes(view: &TokenView) -> Scopes {
                 CheckMeaning::Methods { allowed } => (&mut s.methods, allowed),
                 CheckMeaning::PathPrefixes { allowed } => (&mut s.paths, allowed),
                 CheckMeaning::Models { allowed } => (&mut s.models, allowed),
+                CheckMeaning::Tools { allowed } => (&mut s.tools, allowed),
+                CheckMeaning::Prompts { allowed } => (&mut s.prompts, allowed),
+                CheckMeaning::Resources { allowed } => (&mut s.resources, allowed),
                 _ => continue,
             };
             list.push((b.index, allowed.clone()));
@@ -77,6 +83,23 @@ fn one_path(start: &str, lists: &Lists) -> bool {
         candidates = next;
     }
     true
+}
+
+/// Whether some tool name passes every list (names, and prefixes written
+/// `name*`). If one does, so does one of the lists' own names or prefixes:
+/// a name listed exactly, or the longest of the prefixes it matches.
+fn one_tool(lists: &Lists) -> bool {
+    let passes = |name: &str, l: &[String]| {
+        l.iter().any(|t| match t.strip_suffix('*') {
+            Some(p) => name.starts_with(p),
+            None => name == t,
+        })
+    };
+    lists.is_empty()
+        || lists
+            .iter()
+            .flat_map(|(_, l)| l.iter().map(|t| t.trim_end_matches('*')))
+            .any(|c| lists.iter().all(|(_, l)| passes(c, l)))
 }
 
 fn quoted(v: &[String]) -> String {
@@ -142,11 +165,28 @@ fn expired(view: &TokenView, now: SystemTime) -> Option<String> {
     (at < now).then(|| format!("it expired at {}", format_time(at)))
 }
 
+/// Why no MCP tool (prompt, resource) can ever be used with `view` (its
+/// other MCP messages still pass), if so: "tool: no tool passes ...".
+fn no_tool(view: &TokenView) -> Option<String> {
+    let s = scopes(view);
+    [
+        ("tool", &s.tools),
+        ("prompt", &s.prompts),
+        ("resource", &s.resources),
+    ]
+    .into_iter()
+    .find(|(_, l)| !one_tool(l))
+    .map(|(what, l)| format!("{what}: {}", explain(what, Vec::new(), l)))
+}
+
 /// Warnings for a root token just issued.
 pub fn for_root(view: &TokenView, now: SystemTime) -> Vec<String> {
     let mut w = Vec::new();
     if let Some(why) = expired(view, now).or_else(|| unreachable(view)) {
         w.push(format!("this token can never succeed: {why}"));
+    }
+    if let Some(why) = no_tool(view) {
+        w.push(format!("this token can use no MCP {why}"));
     }
     if let Some(b) = view.blocks.first()
         && b.use_limit.is_none()
@@ -166,6 +206,9 @@ pub fn for_child(view: &TokenView, now: SystemTime) -> Vec<String> {
     let mut w = Vec::new();
     if let Some(why) = expired(view, now).or_else(|| unreachable(view)) {
         w.push(format!("the new token can never succeed: {why}"));
+    }
+    if let Some(why) = no_tool(view) {
+        w.push(format!("the new token can use no MCP {why}"));
     }
     let n = view.blocks.len();
     let limits = view.effective_limits();
@@ -240,6 +283,27 @@ mod tests {
         assert!(one_path("/v1/", &lists(&[(1, &["/v2/", "/v1/chat"])])));
         assert!(!one_path("/v1/", &lists(&[(1, &["/v2/"])])));
         assert!(!one_path("/", &lists(&[(1, &["/a/"]), (2, &["/b/"])])));
+    }
+
+    #[test]
+    fn some_tool_must_pass_every_list() {
+        assert!(one_tool(&lists(&[])));
+        assert!(one_tool(&lists(&[
+            (0, &["github_*"]),
+            (1, &["github_get_*"])
+        ])));
+        assert!(one_tool(&lists(&[(0, &["github_*"]), (1, &["github_x"])])));
+        assert!(one_tool(&lists(&[
+            (0, &["a", "b*"]),
+            (1, &["bc*"]),
+            (2, &["bcd"])
+        ])));
+        assert!(!one_tool(&lists(&[(0, &["github_*"]), (1, &["gitlab_*"])])));
+        assert!(!one_tool(&lists(&[(0, &["add"]), (1, &["add_*"])])));
+        assert!(!one_tool(&lists(&[
+            (0, &["add", "echo"]),
+            (1, &["delete"])
+        ])));
     }
 
     #[test]

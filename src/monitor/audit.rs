@@ -35,6 +35,12 @@ pub struct AuditRecord {
     pub method: String,
     pub path: String,
     pub model: Option<String>,
+    /// MCP upstreams only: the JSON-RPC method(s) of the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp_method: Option<String>,
+    /// MCP upstreams only: the tool(s) a `tools/call` names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
     /// "allow" or "deny".
     pub decision: &'static str,
     pub code: String,

@@ -27,10 +27,7 @@ use crate::token::RawToken;
 use crate::verify::{Denial, DenialKind, VerifiedToken, revoked_denial};
 
 fn forbidden(reason: &str) -> ProxyError {
-    ProxyError::Denied(Denial {
-        kind: DenialKind::Scope,
-        reason: reason.into(),
-    })
+    ProxyError::Denied(Denial::new(DenialKind::Scope, reason))
 }
 
 /// Extractor for admin endpoints: the caller is an allowed peer (loopback

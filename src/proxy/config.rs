@@ -76,6 +76,12 @@ pub enum Api {
     /// frameworks print.
     #[serde(rename = "plain")]
     Plain,
+    /// An MCP server (Streamable HTTP): Till reads each JSON-RPC message,
+    /// checks `tools/call` against the token's tools and counts it as one
+    /// use, filters `tools/list`, and answers denials as JSON-RPC errors
+    /// (src/proxy/mcp.rs).
+    #[serde(rename = "mcp")]
+    Mcp,
 }
 
 impl Api {

@@ -27,17 +27,7 @@ pub enum Retry {
     ClientDefault,
 }
 
-/// Key prefixes of the providers Till fronts. A Till token is a Biscuit in
-/// URL-safe base64, which starts with `C` or `E` (its first protobuf tag),
-/// so none of these can be a Till token.
-const PROVIDER_KEY_PREFIXES: &[&str] =
-    &["sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"];
-
-/// Whether `token` is a provider's API key sent by mistake instead of a
-/// Till token.
-pub fn looks_like_provider_key(token: &str) -> bool {
-    PROVIDER_KEY_PREFIXES.iter().any(|p| token.starts_with(p))
-}
+pub use crate::request::looks_like_provider_key;
 
 /// An error answer from the proxy.
 #[derive(Debug)]
@@ -126,7 +116,8 @@ impl ProxyError {
                 DenialKind::Expired => "token_expired",
                 DenialKind::Revoked => "token_revoked",
                 DenialKind::Limits => "authorization_limits",
-                DenialKind::Scope => "out_of_scope",
+                // Scope, and any kind added later: refused all the same.
+                _ => "out_of_scope",
             },
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::BadRequest(_) => "bad_request",
@@ -295,6 +286,7 @@ impl ProxyError {
                     "message": self.message(),
                 }
             }),
+            Api::Mcp => super::mcp::error_body(&self, serde_json::Value::Null),
             Api::OpenAi | Api::Plain => json!({
                 "error": {
                     "message": self.message(),
@@ -365,12 +357,7 @@ mod tests {
     /// waiting helps; each body in the shape asked for.
     #[test]
     fn every_error_says_whether_to_retry_in_the_shape_asked_for() {
-        let denial = |kind| {
-            ProxyError::Denied(Denial {
-                kind,
-                reason: "r".into(),
-            })
-        };
+        let denial = |kind| ProxyError::Denied(Denial::new(kind, "r"));
         let all = || {
             vec![
                 ProxyError::MissingToken,
@@ -397,7 +384,7 @@ mod tests {
                 ProxyError::GatewayNotTrusted("x".into()),
             ]
         };
-        for api in [Api::OpenAi, Api::Anthropic, Api::Plain] {
+        for api in [Api::OpenAi, Api::Anthropic, Api::Plain, Api::Mcp] {
             for e in all() {
                 let (status, code) = (e.status().as_u16(), e.code());
                 let resp = e.into_response_for(api);

@@ -25,8 +25,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::{Api, ProxyError};
 use super::handler::{
-    admit_windows, decide_off_the_workers, extract_token, reserve_and_recheck, respond,
-    store_error, verify_token,
+    Counts, admit_windows, extract_token, reserve_and_recheck, respond, verify_token,
 };
 use super::{AppState, Upstream};
 use crate::decide::Stage;
@@ -114,27 +113,21 @@ async fn decide_check(
 
     // 2. Decide without touching state, as the proxy does before a body.
     let (token, revoked) = verify_token(st, token_text, obs)?;
-    let counts = st.counters.peek(&token.ids).await.map_err(store_error)?;
+    let mut counts = Counts::current(st, &token.ids).await?;
     let facts = RequestFacts {
         service: service.to_string(),
         method,
         path: normal,
         model: None,
+        mcp: None,
         time: st.clock.now(),
     };
     let alone = crate::verify::WindowCounts::alone(&token);
-    if let Err(d) = decide_off_the_workers(
-        st,
-        &token,
-        revoked,
-        &facts,
-        &counts,
-        &alone,
-        Stage::BeforeBody,
-    )
-    .await
+    if let Err(d) = counts
+        .decide(st, &token, revoked, &facts, &alone, Stage::BeforeBody)
+        .await?
     {
-        obs.uses = Some(counts);
+        obs.uses = Some(counts.values);
         return Err(ProxyError::Denied(d));
     }
     // A gateway sends no body, so the model is never known here: a token
@@ -148,32 +141,33 @@ async fn decide_check(
     let decided = if reads_model {
         Err(None)
     } else {
-        decide_off_the_workers(st, &token, None, &facts, &counts, &alone, Stage::Final)
-            .await
+        counts
+            .decide(st, &token, None, &facts, &alone, Stage::Final)
+            .await?
             .map_err(Some)
     };
     if let Err(d) = decided {
-        obs.uses = Some(counts);
-        return Err(ProxyError::Denied(Denial {
-            kind: d.map_or(crate::verify::DenialKind::Scope, |d| d.kind),
-            reason: format!(
+        obs.uses = Some(counts.values);
+        return Err(ProxyError::Denied(Denial::new(
+            d.map_or(crate::verify::DenialKind::Scope, |d| d.kind),
+            format!(
                 "this key's scope depends on the request's model, and a gateway's forward-auth check carries no body, so Till cannot see the model; send this key's requests through Till's proxy (/{service}/...), or use a key without a model list here"
             ),
-        }));
+        )));
     }
 
     // A concurrency slot is held until the response ends, and only the
     // gateway sees that end: a cap cannot be kept here, so it is refused
     // rather than ignored.
     if let Some(c) = token.caps.first() {
-        return Err(ProxyError::Denied(Denial {
-            kind: crate::verify::DenialKind::Scope,
-            reason: format!(
+        return Err(ProxyError::Denied(Denial::new(
+            crate::verify::DenialKind::Scope,
+            format!(
                 "{} has a concurrency cap ({} in flight), which Till can only hold when it forwards the request itself, and a forward-auth check does not see when the request ends; send this key's requests through Till's proxy (/{service}/...), or use a key without --concurrency here",
                 token.view.key_name(c.block),
                 c.limit
             ),
-        }));
+        )));
     }
     // Rate windows: every slot or none, before anything is counted.
     let (windows, window_guard) = admit_windows(st, &token, obs).await?;

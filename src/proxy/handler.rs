@@ -24,7 +24,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
-use serde::de::{IgnoredAny, MapAccess, Visitor};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::AppState;
@@ -35,7 +34,7 @@ use crate::decide::{Stage, cached_decision_windowed, decide_windowed};
 use crate::monitor::Observation;
 use crate::store::window::{Admit, InFlight, WindowGuard};
 use crate::store::{Reservation, ReservationGuard, StoreError};
-use crate::token::{MAX_TOKEN_LEN, RequestFacts};
+use crate::token::RequestFacts;
 use crate::verify::{Denial, DenialKind, VerifiedToken, WindowCounts};
 
 /// `/readyz`: ready when the counter store takes reservations.
@@ -60,6 +59,9 @@ pub async fn proxy(State(st): State<AppState>, req: Request) -> Response {
     let request_id = format!("{:016x}", rand::random::<u64>());
     let mut obs = Observation::new(request_id.clone(), peer, req.method().as_str());
     let api = error_shape(&st, req.uri().path());
+    if api == Api::Mcp {
+        return super::mcp::proxy(&st, req, &mut obs, &request_id).await;
+    }
     let result = handle(&st, req, &mut obs).await;
     respond(&st, &mut obs, result, api, &request_id)
 }
@@ -73,6 +75,17 @@ pub(super) fn respond(
     api: Api,
     request_id: &str,
 ) -> Response {
+    respond_with(st, obs, result, |e| e.into_response_for(api), request_id)
+}
+
+/// [`respond`] with the error answer rendered by `render`.
+pub(super) fn respond_with(
+    st: &AppState,
+    obs: &mut Observation,
+    result: Result<Response, ProxyError>,
+    render: impl FnOnce(ProxyError) -> Response,
+    request_id: &str,
+) -> Response {
     let (mut resp, code, reason) = match result {
         Ok(r) => (r, "ok", None),
         Err(e) => {
@@ -82,7 +95,7 @@ pub(super) fn respond(
             }
             let code = e.code();
             let reason = e.message();
-            (e.into_response_for(api), code, Some(reason))
+            (render(e), code, Some(reason))
         }
     };
     st.monitor.record(obs, resp.status().as_u16(), code, reason);
@@ -101,37 +114,23 @@ fn error_shape(st: &AppState, path: &str) -> Api {
         .map_or(Api::OpenAi, |u| u.api)
 }
 
+pub use till_core::request::model_of;
+
 /// Reads the token from `Authorization: Bearer` or `x-api-key`.
 pub fn extract_token(headers: &HeaderMap) -> Result<&str, ProxyError> {
-    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| {
-        let s = v.to_str().ok()?;
-        let (scheme, rest) = s.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-    });
-    let token = match bearer {
-        Some(t) => t,
-        None => match headers.get("x-api-key") {
-            Some(v) => v
-                .to_str()
-                .map_err(|_| ProxyError::InvalidToken("x-api-key is not text".into()))?
-                .trim(),
-            None => return Err(ProxyError::MissingToken),
-        },
-    };
-    if token.is_empty() {
-        return Err(ProxyError::MissingToken);
-    }
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(ProxyError::TokenTooLarge(MAX_TOKEN_LEN));
-    }
-    if super::error::looks_like_provider_key(token) {
-        return Err(ProxyError::ProviderKey);
-    }
-    Ok(token)
+    use crate::request::TokenHeaderError as E;
+    crate::request::token_from_headers(headers).map_err(|e| match e {
+        E::Missing => ProxyError::MissingToken,
+        E::NotText => ProxyError::InvalidToken("x-api-key is not text".into()),
+        E::TooLarge { max } => ProxyError::TokenTooLarge(max),
+        E::ProviderKey => ProxyError::ProviderKey,
+        // Deny when unsure: a reason added later is still no token.
+        _ => ProxyError::MissingToken,
+    })
 }
 
 /// Splits `/service/rest` into the service and the rest of the path.
-fn split_service(path: &str) -> Result<(&str, &str), ProxyError> {
+pub(super) fn split_service(path: &str) -> Result<(&str, &str), ProxyError> {
     let p = path.strip_prefix('/').unwrap_or(path);
     let (svc, rest) = match p.find('/') {
         Some(i) => (&p[..i], &p[i..]),
@@ -159,79 +158,10 @@ fn is_json(headers: &HeaderMap) -> bool {
         .unwrap_or(false)
 }
 
-/// The `model` field of a JSON body, or why the body is refused.
-///
-/// `Ok(None)` (no model fact, which fails any model check: deny when unsure)
-/// for malformed JSON, a body that is not an object (serde would read a
-/// struct from an array too: `["gpt-4o-mini"]` would name a model the
-/// upstream never sees), a `model` that is not a string, and invalid UTF-8
-/// anywhere (an upstream may decode such a body differently).
-///
-/// `Err` for a body an upstream could read as naming another model: `model`
-/// twice, or another top-level key that case-folds to `model` (`MODEL`,
-/// `Model`, escapes such as `"\u004dodel"`), which Go's `encoding/json`,
-/// ASP.NET and others match case-insensitively, taking the last one.
-pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
-    struct Scan(Result<Option<String>, String>);
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = Scan;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Scan, A::Error> {
-            let mut model: Option<Option<String>> = None;
-            let mut problem = None;
-            while let Some(k) = m.next_key::<String>()? {
-                if k == "model" {
-                    if model.is_some() {
-                        problem.get_or_insert_with(|| {
-                            "the JSON body has the key \"model\" twice; send it once".to_string()
-                        });
-                    }
-                    let v = m.next_value::<serde_json::Value>()?;
-                    model = Some(match v {
-                        serde_json::Value::String(s) => Some(s),
-                        _ => None,
-                    });
-                } else {
-                    if k.to_lowercase() == "model" {
-                        problem.get_or_insert_with(|| {
-                            format!(
-                                "the JSON body has a key {k:?} besides or instead of \"model\"; upstreams that match keys case-insensitively would read it as the model, so Till refuses it: send the model only as \"model\""
-                            )
-                        });
-                    }
-                    m.next_value::<IgnoredAny>()?;
-                }
-            }
-            Ok(Scan(match problem {
-                Some(p) => Err(p),
-                None => Ok(model.flatten()),
-            }))
-        }
-    }
-    impl<'de> serde::Deserialize<'de> for Scan {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            d.deserialize_map(V)
-        }
-    }
-    let Ok(text) = std::str::from_utf8(body) else {
-        return Ok(None);
-    };
-    if !text.trim_start().starts_with('{') {
-        return Ok(None);
-    }
-    match serde_json::from_str::<Scan>(text) {
-        Ok(Scan(r)) => r,
-        Err(_) => Ok(None),
-    }
-}
-
 /// Reads a JSON body within the size limit, the deadline and the global
 /// buffer budget. The permit returned holds the body's bytes of the budget
 /// until the request is forwarded.
-async fn read_body(
+pub(super) async fn read_body(
     st: &AppState,
     mut body: Body,
     content_length: Option<u64>,
@@ -289,10 +219,10 @@ async fn read_body(
 pub(crate) fn store_error(e: StoreError) -> ProxyError {
     match e {
         StoreError::FamilyFull { limit } => ProxyError::FamilyFull(limit),
-        StoreError::Retired => ProxyError::Denied(Denial {
-            kind: DenialKind::Expired,
-            reason: "this key expired and its use counter was retired; ask whoever gave it to you for a new one".into(),
-        }),
+        StoreError::Retired => ProxyError::Denied(Denial::new(
+            DenialKind::Expired,
+            "this key expired and its use counter was retired; ask whoever gave it to you for a new one",
+        )),
         e => ProxyError::StoreUnavailable(e.to_string()),
     }
 }
@@ -347,9 +277,9 @@ async fn handle(
         Some(k) => st.idempotency.replay_counts(k).await.map_err(store_error)?,
         None => None,
     };
-    let counts = match replay_counts {
-        Some(uses) => uses.iter().map(|u| u.saturating_sub(1)).collect(),
-        None => st.counters.peek(&token.ids).await.map_err(store_error)?,
+    let mut counts = match replay_counts {
+        Some(uses) => Counts::exact(uses.iter().map(|u| u.saturating_sub(1)).collect()),
+        None => Counts::current(st, &token.ids).await?,
     };
     let mut facts = RequestFacts {
         service: service.to_string(),
@@ -358,6 +288,7 @@ async fn handle(
         method: parts.method.as_str().to_string(),
         path,
         model: None,
+        mcp: None,
         time: st.clock.now(),
     };
     let stage = if json {
@@ -366,10 +297,11 @@ async fn handle(
         Stage::Final
     };
     let alone = WindowCounts::alone(&token);
-    if let Err(d) =
-        decide_off_the_workers(st, &token, revoked, &facts, &counts, &alone, stage).await
+    if let Err(d) = counts
+        .decide(st, &token, revoked, &facts, &alone, stage)
+        .await?
     {
-        obs.uses = Some(counts);
+        obs.uses = Some(counts.values);
         return Err(ProxyError::Denied(d));
     }
     // Rate windows and concurrency caps: all slots or none, before the body.
@@ -380,10 +312,11 @@ async fn handle(
         let (bytes, permit) = read_body(st, body, content_length).await?;
         facts.model = model_of(&bytes).map_err(ProxyError::BadRequest)?;
         obs.model = facts.model.clone();
-        if let Err(d) =
-            decide_off_the_workers(st, &token, None, &facts, &counts, &alone, Stage::Final).await
+        if let Err(d) = counts
+            .decide(st, &token, None, &facts, &alone, Stage::Final)
+            .await?
         {
-            obs.uses = Some(counts);
+            obs.uses = Some(counts.values);
             return Err(ProxyError::Denied(d));
         }
         let d = idem_key
@@ -456,7 +389,7 @@ async fn handle(
 
 /// Keeps `slot` until the body of `resp` has been sent or dropped (the
 /// client went away): a streamed answer is in flight until its end.
-fn hold_until_sent(resp: Response, slot: InFlight) -> Response {
+pub(super) fn hold_until_sent<S: Send + 'static>(resp: Response, slot: S) -> Response {
     use futures_util::StreamExt;
     resp.map(|body| {
         let stream = body.into_data_stream().map(move |frame| {
@@ -574,6 +507,59 @@ pub(super) async fn reserve_and_recheck(
     Ok(uses)
 }
 
+/// The use counts a decision before reserving starts from.
+pub(super) struct Counts {
+    pub(super) values: Vec<u64>,
+    /// False for figures the store remembered rather than read
+    /// ([`crate::store::CounterStore::peek_cached`]).
+    exact: bool,
+}
+
+impl Counts {
+    fn exact(values: Vec<u64>) -> Self {
+        Counts {
+            values,
+            exact: true,
+        }
+    }
+
+    /// The store's remembered counts when it has them (no round trip to a
+    /// shared store for a warm token), else its current ones.
+    pub(super) async fn current(st: &AppState, ids: &[String]) -> Result<Self, ProxyError> {
+        match st.counters.peek_cached(ids) {
+            Some(values) => Ok(Counts {
+                values,
+                exact: false,
+            }),
+            None => Ok(Counts::exact(
+                st.counters.peek(ids).await.map_err(store_error)?,
+            )),
+        }
+    }
+
+    /// [`decide_off_the_workers`] with these counts. Remembered counts may
+    /// only allow: an allowed request reserves and re-checks with exact
+    /// counts, but a denial on remembered counts (which another proxy's
+    /// release may have made too high) is decided again on a fresh read.
+    pub(super) async fn decide(
+        &mut self,
+        st: &AppState,
+        token: &Arc<VerifiedToken>,
+        revoked: Option<usize>,
+        facts: &RequestFacts,
+        windows: &WindowCounts,
+        stage: Stage,
+    ) -> Result<Result<(), Denial>, ProxyError> {
+        let first =
+            decide_off_the_workers(st, token, revoked, facts, &self.values, windows, stage).await;
+        if first.is_ok() || self.exact {
+            return Ok(first);
+        }
+        *self = Counts::exact(st.counters.peek(&token.ids).await.map_err(store_error)?);
+        Ok(decide_off_the_workers(st, token, revoked, facts, &self.values, windows, stage).await)
+    }
+}
+
 /// [`decide`], inline when the token's decision cache answers, otherwise on
 /// a blocking thread, at most `datalog_permits` at once: a Datalog run can
 /// take milliseconds, and on the async workers a flood of costly tokens
@@ -590,10 +576,11 @@ pub(super) async fn decide_off_the_workers(
     if let Some(answer) = cached_decision_windowed(token, revoked, facts, counts, windows, stage) {
         return answer;
     }
-    let _permit = st.datalog_permits.acquire().await.map_err(|_| Denial {
-        kind: DenialKind::Scope,
-        reason: "the proxy is shutting down".into(),
-    })?;
+    let _permit = st
+        .datalog_permits
+        .acquire()
+        .await
+        .map_err(|_| Denial::new(DenialKind::Scope, "the proxy is shutting down"))?;
     let (verifier, token, facts, counts, windows) = (
         st.verifier.clone(),
         token.clone(),
@@ -606,10 +593,10 @@ pub(super) async fn decide_off_the_workers(
     })
     .await
     .unwrap_or_else(|e| {
-        Err(Denial {
-            kind: DenialKind::Scope,
-            reason: format!("authorization failed: {e}"),
-        })
+        Err(Denial::new(
+            DenialKind::Scope,
+            format!("authorization failed: {e}"),
+        ))
     })
 }
 
@@ -643,42 +630,5 @@ mod tests {
         assert_eq!(split_service("/openai/v1/x").unwrap(), ("openai", "/v1/x"));
         assert_eq!(split_service("/openai").unwrap(), ("openai", "/"));
         assert!(split_service("/").is_err());
-    }
-
-    #[test]
-    fn model_extraction_denies_when_unsure() {
-        assert_eq!(
-            model_of(br#"{"model":"a","x":1}"#).unwrap().as_deref(),
-            Some("a")
-        );
-        assert!(model_of(br#"{"model":"a","model":"b"}"#).is_err());
-        assert_eq!(model_of(b"not json"), Ok(None));
-        assert_eq!(model_of(br#"{"model":5}"#), Ok(None));
-        // Found by fuzzing (tests/fuzz-regressions/request/).
-        assert_eq!(model_of(br#"["gpt-4o-mini"]"#), Ok(None));
-        assert_eq!(model_of(b"{\"model\":\"a\",\"x\":\"\xff\"}"), Ok(None));
-    }
-
-    /// Regression: the allow-list read only the exact key `model`, and
-    /// case-insensitive upstreams (Go's encoding/json) used the last
-    /// `MODEL`.
-    #[test]
-    fn a_key_that_case_folds_to_model_is_refused() {
-        for body in [
-            r#"{"model":"gpt-4o-mini","MODEL":"gpt-4"}"#,
-            r#"{"Model":"gpt-4","model":"gpt-4o-mini"}"#,
-            r#"{"model":"gpt-4o-mini","\u004dODEL":"gpt-4"}"#,
-            r#"{"MoDeL":"gpt-4"}"#,
-        ] {
-            let e = model_of(body.as_bytes()).expect_err(body);
-            assert!(e.contains("\"model\""), "{e}");
-        }
-        // Nested keys do not name the model.
-        assert_eq!(
-            model_of(br#"{"model":"a","meta":{"MODEL":"b"}}"#)
-                .unwrap()
-                .as_deref(),
-            Some("a")
-        );
     }
 }

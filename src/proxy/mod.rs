@@ -18,6 +18,7 @@ pub mod forward;
 pub mod forward_auth;
 pub mod handler;
 pub mod idempotency;
+pub mod mcp;
 pub mod reload;
 pub mod server;
 

@@ -52,6 +52,11 @@ const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked");
 /// block is refused for good: if the clock that judged it expired was wrong
 /// (ahead), forgetting its count would otherwise give it a fresh budget.
 const RETIRED: TableDefinition<&str, u64> = TableDefinition::new("retired");
+/// Retired id → its token family, when the block's metadata was known at
+/// retirement: a move to Redis must file the id under its real family,
+/// where the reserve script looks (stores written before this table
+/// existed have no rows; their export says "family unknown").
+const RETIRED_FAMILY: TableDefinition<&str, &str> = TableDefinition::new("retired_family");
 
 /// File name of the store inside the state directory.
 pub const STORE_FILE: &str = "state.redb";
@@ -208,6 +213,8 @@ impl EmbeddedStore {
                 .map_err(|e| open_err(e.to_string()))?;
             txn.open_table(RETIRED)
                 .map_err(|e| open_err(e.to_string()))?;
+            txn.open_table(RETIRED_FAMILY)
+                .map_err(|e| open_err(e.to_string()))?;
         }
         txn.commit().map_err(|e| open_err(e.to_string()))?;
         let mut counters = HashMap::new();
@@ -325,15 +332,15 @@ impl EmbeddedStore {
     /// wrong then has had no chance to be noticed (retiring keeps even that
     /// safe, but a live token would be refused until re-issued).
     pub fn gc_expired(&self, now: u64) -> Result<usize, StoreError> {
-        let dead: Vec<String> = {
+        let (dead, families): (Vec<String>, Vec<Option<String>>) = {
             let st = lock(&self.shared.state);
             st.counters
                 .iter()
                 .filter(|(_, e)| {
                     e.expires != 0 && e.expires.saturating_add(RETENTION_AFTER_EXPIRY) < now
                 })
-                .map(|(k, _)| k.clone())
-                .collect()
+                .map(|(k, _)| (k.clone(), st.meta.get(k).map(|m| m.family.clone())))
+                .unzip()
         };
         if dead.is_empty() {
             return Ok(0);
@@ -351,6 +358,12 @@ impl EmbeddedStore {
             let mut t = txn.open_table(RETIRED).map_err(io)?;
             for id in &dead {
                 t.insert(id.as_str(), now).map_err(io)?;
+            }
+            let mut t = txn.open_table(RETIRED_FAMILY).map_err(io)?;
+            for (id, f) in dead.iter().zip(&families) {
+                if let Some(f) = f {
+                    t.insert(id.as_str(), f.as_str()).map_err(io)?;
+                }
             }
         }
         txn.commit().map_err(io)?;
@@ -561,7 +574,7 @@ impl CounterStore for EmbeddedStore {
                     }
                 }
                 for c in fresh {
-                    let m = c.meta();
+                    let m = BlockMeta::from(c);
                     *st.family_blocks.entry(m.family.clone()).or_default() += 1;
                     st.pending_meta.push(m.clone());
                     st.meta.insert(m.id.clone(), m);

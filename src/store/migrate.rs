@@ -62,8 +62,10 @@ pub struct ExportedCounter {
 #[serde(deny_unknown_fields)]
 pub struct ExportedRetired {
     pub id: String,
-    /// The block's token family, when the store knows it (the embedded
-    /// store does not keep it once the counter is retired).
+    /// The block's token family, when the store knows it (an embedded
+    /// store retires a block without its family only when it never
+    /// recorded the block's metadata, or retired it before it kept families
+    /// of retired blocks).
     pub family: Option<String>,
     /// Unix seconds of the retirement (of the export, when unknown).
     pub at: u64,

@@ -49,62 +49,21 @@ pub enum StoreError {
     Retired,
 }
 
-/// One counter to reserve: a block's revocation id, what the store may use
-/// to size its durability lease and its retention, and what the usage view
-/// shows about the block (recorded when its counter is first created, i.e.
-/// on the block's first allowed request — never for a denied one).
-#[derive(Clone, Debug)]
-pub struct CounterSpec {
-    /// Hex revocation id of the block.
-    pub id: String,
-    /// The block's own use limit (the one it sets on itself), when it has
-    /// one. Limits a child writes about its ancestors are enforced by the
-    /// Datalog but never shared: a child cannot rewrite its parent's figure.
-    pub limit: Option<u64>,
-    /// Seconds since the Unix epoch after which the token cannot be valid.
-    pub expires: Option<u64>,
-    /// Revocation id of the token family's authority block.
-    pub family: String,
-    /// Revocation id of the block before this one.
-    pub parent: Option<String>,
-    /// Index of the block in its token.
-    pub index: usize,
-    /// The block's first label.
-    pub label: Option<String>,
-    /// The block's own rate windows and concurrency cap, for the usage
-    /// view (enforced by the window store, never read from here).
-    pub rates: Vec<crate::token::vocab::Rate>,
-    pub concurrency: Option<u64>,
-}
+pub use till_core::CounterSpec;
 
-impl CounterSpec {
-    /// A counter that is its own family (tests and benchmarks).
-    pub fn standalone(id: &str, limit: Option<u64>, expires: Option<u64>) -> Self {
-        CounterSpec {
-            id: id.to_string(),
-            limit,
-            expires,
-            family: id.to_string(),
-            parent: None,
-            index: 0,
-            label: None,
-            rates: Vec::new(),
-            concurrency: None,
-        }
-    }
-
-    /// What the usage view records about this block.
-    pub fn meta(&self) -> BlockMeta {
+/// What the usage view records about a block.
+impl From<&CounterSpec> for BlockMeta {
+    fn from(spec: &CounterSpec) -> Self {
         BlockMeta {
-            id: self.id.clone(),
-            family: self.family.clone(),
-            parent: self.parent.clone(),
-            index: self.index,
-            label: self.label.clone(),
-            limit: self.limit,
-            expires: self.expires,
-            rates: self.rates.clone(),
-            concurrency: self.concurrency,
+            id: spec.id.clone(),
+            family: spec.family.clone(),
+            parent: spec.parent.clone(),
+            index: spec.index,
+            label: spec.label.clone(),
+            limit: spec.limit,
+            expires: spec.expires,
+            rates: spec.rates.clone(),
+            concurrency: spec.concurrency,
         }
     }
 }
@@ -155,6 +114,16 @@ pub trait CounterStore: Send + Sync + 'static {
     /// Current values, 0 for unknown ids; creates and changes nothing. The
     /// decision before reserving uses these.
     fn peek(&self, ids: &[String]) -> BoxFuture<'_, Result<Vec<u64>, StoreError>>;
+    /// The counts this process saw last for `ids`, without asking the store,
+    /// when it keeps such figures (a store across the network: one round
+    /// trip saved per warm request); `None` when it does not, or does not
+    /// know every id. They may be stale in either direction, so a caller
+    /// only lets them *allow* a request, which then reserves and re-checks
+    /// with exact post-increment counts, and reads [`CounterStore::peek`]
+    /// before it denies on them.
+    fn peek_cached(&self, _ids: &[String]) -> Option<Vec<u64>> {
+        None
+    }
     /// Atomically adds one to every counter and returns the new values.
     /// Counters and block metadata are created here, so only requests that
     /// passed the decision create state. Refused once [`CounterStore::flush`]

@@ -186,6 +186,10 @@ struct Inner {
     /// get ids; the request path passes a token's ids in block order, so
     /// the first is the family when an id is not known here.
     families: moka::sync::Cache<String, String>,
+    /// Block id → the count this process last read or reserved: lets a warm
+    /// token decide without a round trip (`peek_cached`). Only ever allows;
+    /// exact counts come back from the reserve script that follows.
+    seen: moka::sync::Cache<String, u64>,
     revoked: RwLock<Revoked>,
     /// Start of the last version check that confirmed the local copy, in
     /// milliseconds since `base`.
@@ -266,6 +270,10 @@ impl RedisStore {
             max_blocks_per_family: AtomicUsize::new(DEFAULT_MAX_BLOCKS_PER_FAMILY),
             closing: AtomicBool::new(false),
             families: moka::sync::Cache::new(1_000_000),
+            seen: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_idle(std::time::Duration::from_secs(600))
+                .build(),
             revoked: RwLock::new(Revoked::default()),
             fresh_at: AtomicU64::new(0),
             base: Instant::now(),
@@ -602,15 +610,24 @@ impl CounterStore for RedisStore {
             p.hget(&family_keys(&self.family_of(ids, id))[0], id);
         }
         let empty = ids.is_empty();
+        let ids = ids.to_vec();
         async move {
             if empty {
                 return Ok(Vec::new());
             }
             let mut c = self.inner.conn.clone();
             let got: Vec<Option<u64>> = self.inner.op("peek", p.query_async(&mut c)).await?;
-            Ok(got.into_iter().map(|v| v.unwrap_or(0)).collect())
+            let got: Vec<u64> = got.into_iter().map(|v| v.unwrap_or(0)).collect();
+            for (id, v) in ids.iter().zip(&got) {
+                self.inner.seen.insert(id.clone(), *v);
+            }
+            Ok(got)
         }
         .boxed()
+    }
+
+    fn peek_cached(&self, ids: &[String]) -> Option<Vec<u64>> {
+        ids.iter().map(|id| self.inner.seen.get(id)).collect()
     }
 
     fn reserve(&self, counters: &[CounterSpec]) -> BoxFuture<'_, Result<Reservation, StoreError>> {
@@ -637,7 +654,7 @@ impl CounterStore for RedisStore {
                 .arg(TTL_AFTER_EXPIRY);
             for c in &counters {
                 let f = fams.iter().position(|f| *f == c.family).unwrap_or(0) + 1;
-                let meta = serde_json::to_string(&c.meta()).map_err(|e| StoreError::Io(e.to_string()))?;
+                let meta = serde_json::to_string(&BlockMeta::from(c)).map_err(|e| StoreError::Io(e.to_string()))?;
                 inv.arg(f).arg(&c.id).arg(meta).arg(c.expires.unwrap_or(0));
             }
             let mut conn = inner.conn.clone();
@@ -657,8 +674,9 @@ impl CounterStore for RedisStore {
                     )));
                 }
             }
-            for c in &counters {
+            for (c, v) in counters.iter().zip(&out[2..]) {
                 inner.families.insert(c.id.clone(), c.family.clone());
+                inner.seen.insert(c.id.clone(), (*v).max(0) as u64);
             }
             if out[1] == 1 {
                 // Only for the usage view and the collector: a failure here
@@ -680,6 +698,7 @@ impl CounterStore for RedisStore {
     fn release(&self, ids: &[String]) -> BoxFuture<'_, Result<(), StoreError>> {
         let mut inv = self.inner.release.prepare_invoke();
         for id in ids {
+            self.inner.seen.invalidate(id);
             inv.key(&family_keys(&self.family_of(ids, id))[0]).arg(id);
         }
         async move {
@@ -1078,6 +1097,75 @@ mod tests {
             other.reserve(std::slice::from_ref(&a)).await,
             Err(StoreError::Retired)
         ));
+    }
+
+    /// Regression (issue "Scale out on Redis"): the embedded store forgot a
+    /// retired block's family, so a moved child block was filed under its
+    /// own id, where the reserve script (which looks in the token's family)
+    /// never found it: a retired child got a fresh budget on Redis.
+    #[tokio::test]
+    async fn a_child_retired_on_the_embedded_store_stays_retired_on_redis() {
+        let dir = tempfile::tempdir().unwrap();
+        let embedded = crate::store::EmbeddedStore::open(dir.path()).unwrap();
+        let expires = now_unix() + 60;
+        let root = CounterSpec::standalone("f00d", Some(5), Some(expires));
+        let child = CounterSpec {
+            id: "c41d".into(),
+            limit: Some(2),
+            expires: Some(expires),
+            family: "f00d".into(),
+            parent: Some("f00d".into()),
+            index: 1,
+            label: None,
+            rates: Vec::new(),
+            concurrency: None,
+        };
+        let both = [root.clone(), child.clone()];
+        embedded
+            .reserve(&both)
+            .await
+            .unwrap()
+            .durable
+            .await
+            .unwrap();
+        assert_eq!(embedded.gc_expired(expires + 30 * 24 * 3600).unwrap(), 2);
+        let file = embedded.export().unwrap();
+        let retired: Vec<_> = file
+            .retired
+            .iter()
+            .map(|r| (r.id.as_str(), r.family.as_deref()))
+            .collect();
+        assert_eq!(
+            retired,
+            vec![("c41d", Some("f00d")), ("f00d", Some("f00d"))]
+        );
+
+        let server = Server::start();
+        let redis = RedisStore::connect(&server.url(), None).await.unwrap();
+        redis.import(&file).await.unwrap();
+        for specs in [&both[..], std::slice::from_ref(&child)] {
+            assert!(matches!(
+                redis.reserve(specs).await,
+                Err(StoreError::Retired)
+            ));
+        }
+        // And back: the family survives a second move.
+        let dir2 = tempfile::tempdir().unwrap();
+        let again = crate::store::EmbeddedStore::open(dir2.path()).unwrap();
+        again.import(&redis.export().await.unwrap()).unwrap();
+        let back: Vec<_> = again
+            .export()
+            .unwrap()
+            .retired
+            .into_iter()
+            .map(|r| (r.id, r.family))
+            .collect();
+        let sent: Vec<_> = file
+            .retired
+            .iter()
+            .map(|r| (r.id.clone(), r.family.clone()))
+            .collect();
+        assert_eq!(back, sent);
     }
 
     #[tokio::test]

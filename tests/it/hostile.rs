@@ -18,6 +18,7 @@ fn req(path: &str) -> RequestFacts {
         method: "POST".into(),
         path: path.into(),
         model: None,
+        mcp: None,
         time: SystemTime::now(),
     }
 }

@@ -13,7 +13,7 @@ use proptest::sample::subsequence;
 use till::policy::Policies;
 use till::store::window::{Admit, LocalWindows};
 use till::token::vocab::Rate;
-use till::token::{self, RequestFacts, Scope};
+use till::token::{self, McpMessage, RequestFacts, Scope};
 use till::verify::{Verifier, WindowCounts, WindowSpec};
 
 /// One root key for the whole run.
@@ -38,6 +38,39 @@ const SERVICES: &[&str] = &["openai", "anthropic", "github"];
 const METHODS: &[&str] = &["GET", "POST", "DELETE"];
 const PREFIXES: &[&str] = &["/", "/v1/", "/v1/chat/", "/v1/chat", "/v1/files", "/v2/"];
 const MODELS: &[&str] = &["gpt-4o", "gpt-4o-mini", "claude"];
+/// `--tool` arguments: names and prefixes, nested and not.
+const TOOL_PATTERNS: &[&str] = &[
+    "add",
+    "echo",
+    "github_*",
+    "github_pr_*",
+    "delete_everything",
+];
+/// Tools requests call: matching those patterns, almost matching, or not.
+const TOOLS: &[&str] = &[
+    "add",
+    "add2",
+    "echo",
+    "github_",
+    "github_pr_list",
+    "github_issues",
+    "githubx",
+    "delete_everything",
+    "greet",
+    "leak",
+    "res://docs/a",
+    "res://secret/k",
+];
+const PROMPT_PATTERNS: &[&str] = &["greet", "leak", "g*"];
+const RESOURCE_PREFIXES: &[&str] = &["res://docs/", "res://"];
+const MCP_METHODS: &[&str] = &[
+    "tools/call",
+    "prompts/get",
+    "resources/read",
+    "tools/list",
+    "initialize",
+    "",
+];
 /// Offsets (seconds from T0) for expiries and request times.
 const OFFSETS: &[i64] = &[-86_400, -60, 0, 60, 86_400];
 const SEGMENTS: &[&str] = &[
@@ -72,17 +105,35 @@ fn scope(authority: bool) -> impl Strategy<Value = Scope> {
         strings(METHODS, 0),
         strings(PREFIXES, 0),
         prop_oneof![2 => Just(Vec::new()), 1 => strings(MODELS, 1)],
+        prop_oneof![2 => Just(Vec::new()), 1 => strings(TOOL_PATTERNS, 1)],
+        prop_oneof![3 => Just(Vec::new()), 1 => strings(PROMPT_PATTERNS, 1)],
+        prop_oneof![3 => Just(Vec::new()), 1 => strings(RESOURCE_PREFIXES, 1)],
         prop::option::of(prop::sample::select(&[1u64, 2, 3, 5, 10][..])),
         prop::option::of(prop::sample::select(OFFSETS)),
         prop_oneof![2 => Just(Vec::new()), 1 => rates()],
         prop::option::weighted(0.25, prop::sample::select(&[1u64, 2, 4][..])),
     )
         .prop_map(
-            |(services, methods, paths, models, max_uses, exp, rates, concurrency)| Scope {
+            |(
                 services,
                 methods,
                 paths,
                 models,
+                tools,
+                prompts,
+                resources,
+                max_uses,
+                exp,
+                rates,
+                concurrency,
+            )| Scope {
+                services,
+                methods,
+                paths,
+                models,
+                tools,
+                prompts,
+                resources,
                 max_uses,
                 expires: exp.map(at),
                 label: None,
@@ -148,19 +199,31 @@ fn request() -> impl Strategy<Value = RequestFacts> {
         prop::sample::select(METHODS),
         prop::collection::vec(prop::sample::select(SEGMENTS), 0..6),
         prop::option::of(prop::sample::select(MODELS)),
+        prop::option::of((
+            prop::sample::select(MCP_METHODS),
+            prop::sample::select(TOOLS),
+        )),
         prop::sample::select(OFFSETS),
     )
-        .prop_filter_map("path refused by the proxy", |(s, m, segs, model, t)| {
-            let raw = format!("/{}", segs.join("/"));
-            let path = till::path::normalize(&raw).ok()?;
-            Some(RequestFacts {
-                service: s.into(),
-                method: m.into(),
-                path,
-                model: model.map(String::from),
-                time: at(t),
-            })
-        })
+        .prop_filter_map(
+            "path refused by the proxy",
+            |(s, m, segs, model, mcp, t)| {
+                let raw = format!("/{}", segs.join("/"));
+                let path = till::path::normalize(&raw).ok()?;
+                Some(RequestFacts {
+                    service: s.into(),
+                    method: m.into(),
+                    path,
+                    model: model.map(String::from),
+                    // The proxy names a tool for tools/call only.
+                    mcp: mcp.map(|(method, tool)| McpMessage {
+                        method: method.into(),
+                        name: Some(tool.into()),
+                    }),
+                    time: at(t),
+                })
+            },
+        )
 }
 
 proptest! {
@@ -357,6 +420,7 @@ fn long_request() -> RequestFacts {
         method: "POST".into(),
         path: format!("/v1/{}", "p".repeat(4000)),
         model: Some("m".repeat(till::verify::MAX_FACT_LEN)),
+        mcp: None,
         time: SystemTime::now(),
     }
 }

@@ -658,3 +658,74 @@ async fn counts_and_revocations_move_to_redis_and_back_without_losing_a_use() {
     assert_eq!(chat(&embedded, &revoked_before, "m").await.0, 403);
     assert_eq!(up.count(), 5, "five uses in all, across both stores");
 }
+
+/// `INFO commandstats` as (command, calls).
+fn command_calls(redis: &RedisServer) -> std::collections::HashMap<String, u64> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "INFO", "commandstats"])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect()
+}
+
+/// Issue "Scale out on Redis": one round trip per warm request. The
+/// decision starts from the counts this proxy saw last, and the reserve
+/// script returns the exact ones; only the revocation version poll runs
+/// besides it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_token_costs_one_redis_round_trip_per_request() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(1);
+    let proxies = replicas(&homes, &up, &redis);
+    let token = homes[0].token("openai", Some(100));
+    assert_eq!(chat(&proxies[0], &token, "m").await.0, 200, "warm-up");
+    let before = command_calls(&redis);
+    for _ in 0..20 {
+        assert_eq!(chat(&proxies[0], &token, "m").await.0, 200);
+    }
+    let after = command_calls(&redis);
+    let delta = |c: &str| after.get(c).unwrap_or(&0) - before.get(c).unwrap_or(&0);
+    // commandstats also counts the commands the reserve script runs inside
+    // Redis (hincrby, hset, ...); what crosses the network is the EVALSHA,
+    // plus the HGETs a read of the counts would send.
+    assert_eq!(delta("evalsha"), 20, "one reserve script per request");
+    assert_eq!(delta("hget"), 0, "no read of the counts before deciding");
+    assert_eq!(delta("eval") + delta("hmget") + delta("exec"), 0);
+    assert_eq!(up.count(), 21);
+}
+
+/// The remembered counts only ever allow: a token spent to its limit
+/// through another replica is refused with the exact count, and nothing
+/// is forwarded past the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remembered_counts_never_let_a_replica_overshoot() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(2);
+    let proxies = replicas(&homes, &up, &redis);
+    let token = homes[0].token("openai", Some(3));
+    // Replica 0 remembers 1 use; replica 1 spends the other 2.
+    assert_eq!(chat(&proxies[0], &token, "m").await.0, 200);
+    assert_eq!(chat(&proxies[1], &token, "m").await.0, 200);
+    assert_eq!(chat(&proxies[1], &token, "m").await.0, 200);
+    let (status, body) = chat(&proxies[0], &token, "m").await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(up.count(), 3);
+    assert_eq!(family_uses(&proxies[0], &homes[0], 3).await, 3);
+    // Still refused, and still not overshot, on the next try.
+    assert_eq!(chat(&proxies[0], &token, "m").await.0, 429);
+    assert_eq!(family_uses(&proxies[1], &homes[0], 3).await, 3);
+}

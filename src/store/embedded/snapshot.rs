@@ -2,7 +2,7 @@
 
 use redb::{ReadableDatabase, ReadableTable};
 
-use super::{BLOCKS, COUNTERS, EmbeddedStore, RETIRED, REVOKED, io, lock};
+use super::{BLOCKS, COUNTERS, EmbeddedStore, RETIRED, RETIRED_FAMILY, REVOKED, io, lock};
 use crate::store::migrate::{
     ExportedCounter, ExportedRetired, ExportedRevocation, ImportReport, Snapshot,
 };
@@ -26,11 +26,16 @@ impl EmbeddedStore {
         }
         let r = self.shared.db.begin_read().map_err(io)?;
         let t = r.open_table(RETIRED).map_err(io)?;
+        let fams = r.open_table(RETIRED_FAMILY).map_err(io)?;
         for item in t.iter().map_err(io)? {
             let (k, v) = item.map_err(io)?;
+            let family = fams
+                .get(k.value())
+                .map_err(io)?
+                .map(|f| f.value().to_string());
             s.retired.push(ExportedRetired {
                 id: k.value().to_string(),
-                family: None,
+                family,
                 at: v.value(),
             });
         }
@@ -100,6 +105,12 @@ impl EmbeddedStore {
             for r in &s.retired {
                 if t.get(r.id.as_str()).map_err(io)?.is_none() {
                     t.insert(r.id.as_str(), r.at).map_err(io)?;
+                }
+            }
+            let mut t = txn.open_table(RETIRED_FAMILY).map_err(io)?;
+            for r in &s.retired {
+                if let Some(f) = &r.family {
+                    t.insert(r.id.as_str(), f.as_str()).map_err(io)?;
                 }
             }
             let mut t = txn.open_table(REVOKED).map_err(io)?;

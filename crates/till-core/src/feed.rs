@@ -13,6 +13,28 @@
 //! every key that still verifies): [`Feed::verify_with`] follows that set
 //! from the keys the verifier trusts, then accepts the feed's signature from
 //! any key of it that is not retired.
+//!
+//! ```
+//! use till_core::{Feed, FeedError, PublicKeySet, keys};
+//!
+//! let root = keys::generate();
+//! // The proxy signs its list (here two revoked block ids) at time 1000.
+//! let feed = Feed::sign(&root, vec!["bb".into(), "aa".into()], 1000).unwrap();
+//! let text = serde_json::to_string(&feed).unwrap();
+//!
+//! // A service trusting the root public key accepts it within 60 s...
+//! let trusted = PublicKeySet::single(root.public());
+//! let (got, _keys) = Feed::verify_with(&text, &trusted, 1030, 60).unwrap();
+//! assert_eq!(got.ids, ["aa", "bb"]);
+//!
+//! // ...refuses it once it is older: stale feeds fail closed...
+//! let e = Feed::verify_with(&text, &trusted, 1100, 60).unwrap_err();
+//! assert!(matches!(e, FeedError::Stale { age: 100, max: 60 }));
+//!
+//! // ...and refuses one with a revocation removed.
+//! let forged = text.replace(r#""aa","#, "").replace(r#""version":2"#, r#""version":1"#);
+//! assert_eq!(Feed::verify_with(&forged, &trusted, 1030, 60).unwrap_err(), FeedError::BadSignature);
+//! ```
 
 use biscuit_auth::{KeyPair, PublicKey};
 use ed25519_dalek::Signer;
@@ -45,6 +67,7 @@ pub struct Feed {
 
 /// Why a feed was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FeedError {
     #[error("revocation feed is not valid JSON: {0}")]
     Json(String),

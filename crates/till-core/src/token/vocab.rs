@@ -40,7 +40,39 @@ pub mod names {
     pub const PATH: &str = "path";
     pub const MODEL: &str = "model";
     pub const TIME: &str = "time";
+    /// `mcp($method)`: the JSON-RPC method of one MCP message, for requests
+    /// to an `api = "mcp"` upstream only; `""` when the request carries no
+    /// JSON-RPC request or notification (a GET, a DELETE, a response).
+    pub const MCP: &str = "mcp";
+    /// `tool($name)`: the tool an MCP `tools/call` message names.
+    pub const TOOL: &str = "tool";
+    /// `prompt($name)`: the prompt an MCP `prompts/get` message names.
+    pub const PROMPT: &str = "prompt";
+    /// `resource($uri)`: the resource an MCP `resources/read` message names.
+    pub const RESOURCE: &str = "resource";
 }
+
+/// The MCP method whose messages spend a use and are checked against the
+/// token's tools.
+pub const TOOLS_CALL: &str = "tools/call";
+/// The MCP method checked against the token's prompts.
+pub const PROMPTS_GET: &str = "prompts/get";
+/// The MCP method checked against the token's resources.
+pub const RESOURCES_READ: &str = "resources/read";
+
+/// The MCP methods that name a target, the fact the target becomes, and
+/// the parameter that holds it.
+pub const NAMED_TARGETS: &[(&str, &str, &str)] = &[
+    (TOOLS_CALL, names::TOOL, "name"),
+    (PROMPTS_GET, names::PROMPT, "name"),
+    (RESOURCES_READ, names::RESOURCE, "uri"),
+];
+
+/// Longest resource URI prefix accepted in a token.
+pub const MAX_RESOURCE_LEN: usize = 1024;
+
+/// Longest MCP tool name accepted (the MCP specification's bound).
+pub const MAX_TOOL_LEN: usize = 128;
 
 /// Wildcard accepted in the service and method positions of `right`.
 pub const ANY: &str = "*";
@@ -61,6 +93,15 @@ pub struct Scope {
     pub paths: Vec<String>,
     /// Model allow-list. When set, requests must name one of these models.
     pub models: Vec<String>,
+    /// MCP tools this block may call: exact names, or prefixes written
+    /// `name*` ([`ToolPattern`]). Empty means every tool.
+    pub tools: Vec<String>,
+    /// MCP prompts this block may get (`prompts/get`): names or `name*`
+    /// prefixes. Empty means every prompt.
+    pub prompts: Vec<String>,
+    /// MCP resource URI prefixes this block may read (`resources/read`).
+    /// Empty means every resource.
+    pub resources: Vec<String>,
     /// Maximum number of activations of this block (and everything under it).
     pub max_uses: Option<u64>,
     /// The block stops being valid at this instant.
@@ -196,6 +237,96 @@ pub fn normalize_prefix(p: &str) -> Result<String, TokenError> {
         .map_err(|e| TokenError::InvalidScope(format!("path prefix {p:?}: {e}")))
 }
 
+/// One `--tool` argument: an exact MCP tool name, or a prefix when it ends
+/// in `*` (`github_*`). Nothing else is a pattern: a `*` anywhere else is
+/// refused, so what a token allows reads the same to everyone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToolPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+/// Validates a `--resource` URI prefix: printable ASCII without spaces, at
+/// most [`MAX_RESOURCE_LEN`] bytes; a trailing `*` is accepted and dropped
+/// (every `--resource` is a prefix).
+pub fn resource_prefix(r: &str) -> Result<String, TokenError> {
+    let p = r.strip_suffix('*').unwrap_or(r);
+    if p.is_empty() || p.len() > MAX_RESOURCE_LEN || !p.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(TokenError::InvalidScope(format!(
+            "{r:?} is not a resource URI prefix: use 1 to {MAX_RESOURCE_LEN} printable characters without spaces, e.g. file:///docs/"
+        )));
+    }
+    Ok(p.to_string())
+}
+
+/// Parses and validates a `--tool` (or `--prompt`) argument. Names are
+/// 1–128 ASCII letters, digits, `_`, `-`, `.` or `/` (the MCP
+/// specification's tool names).
+pub fn tool_pattern(t: &str) -> Result<ToolPattern, TokenError> {
+    let (name, prefix) = match t.strip_suffix('*') {
+        Some(p) => (p, true),
+        None => (t, false),
+    };
+    let ok_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/');
+    if prefix && name.is_empty() {
+        return Err(TokenError::InvalidScope(
+            "\"*\" allows everything: leave the flag out instead".into(),
+        ));
+    }
+    if name.is_empty() || name.len() > MAX_TOOL_LEN || !name.bytes().all(ok_char) {
+        return Err(TokenError::InvalidScope(format!(
+            "{t:?} is not an MCP tool or prompt name: use 1 to {MAX_TOOL_LEN} letters, digits, '_', '-', '.' or '/', optionally ending in '*' for a prefix (e.g. github_*)"
+        )));
+    }
+    Ok(if prefix {
+        ToolPattern::Prefix(name.to_string())
+    } else {
+        ToolPattern::Exact(name.to_string())
+    })
+}
+
+/// `check if mcp($m), $m != "tools/call" or tool($t), {exact}.contains($t)
+/// or tool($t), $t.starts_with({p0}) ...` (and the same for prompts and
+/// resources): only messages of `method` are narrowed, so the MCP
+/// housekeeping (`initialize`, `tools/list`, ...) stays open to the token.
+/// A request to a non-MCP upstream has neither fact and fails it: a key
+/// narrowed to tools is an MCP key.
+fn target_check(
+    b: BlockBuilder,
+    method: &str,
+    fact: &str,
+    patterns: Vec<ToolPattern>,
+) -> Result<BlockBuilder, TokenError> {
+    let mut exact = Vec::new();
+    let mut prefixes = Vec::new();
+    for t in patterns {
+        match t {
+            ToolPattern::Exact(n) => exact.push(n),
+            ToolPattern::Prefix(p) => prefixes.push(p),
+        }
+    }
+    let mut alternatives = vec![format!("{}($m), $m != {{method}}", names::MCP)];
+    let mut p = vec![("method", Term::Str(method.into()))];
+    if !exact.is_empty() {
+        alternatives.push(format!("{fact}($t), {{names}}.contains($t)"));
+        p.push(("names", str_set(&exact)));
+    }
+    let keys: Vec<String> = (0..prefixes.len()).map(|i| format!("p{i}")).collect();
+    for (k, v) in keys.iter().zip(&prefixes) {
+        alternatives.push(format!("{fact}($t), $t.starts_with({{{k}}})"));
+        p.push((k.as_str(), Term::Str(v.clone())));
+    }
+    // One alternative for the housekeeping, one for the exact names, one
+    // per prefix: shape.rs allows 16.
+    if alternatives.len() > super::shape::MAX_QUERIES {
+        return Err(TokenError::InvalidScope(format!(
+            "at most {} {fact} prefixes per key",
+            super::shape::MAX_QUERIES - 2
+        )));
+    }
+    add_code(b, &format!("check if {}", alternatives.join(" or ")), p)
+}
+
 fn str_set(items: &[String]) -> Term {
     Term::Set(
         items
@@ -224,6 +355,25 @@ fn common(mut b: BlockBuilder, scope: &Scope, index: usize) -> Result<BlockBuild
             "check if model($m), {models}.contains($m)",
             vec![("models", str_set(&scope.models))],
         )?;
+    }
+    let patterns = |v: &[String]| {
+        v.iter()
+            .map(|t| tool_pattern(t))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    if !scope.tools.is_empty() {
+        b = target_check(b, TOOLS_CALL, names::TOOL, patterns(&scope.tools)?)?;
+    }
+    if !scope.prompts.is_empty() {
+        b = target_check(b, PROMPTS_GET, names::PROMPT, patterns(&scope.prompts)?)?;
+    }
+    if !scope.resources.is_empty() {
+        let prefixes = scope
+            .resources
+            .iter()
+            .map(|r| resource_prefix(r).map(ToolPattern::Prefix))
+            .collect::<Result<Vec<_>, _>>()?;
+        b = target_check(b, RESOURCES_READ, names::RESOURCE, prefixes)?;
     }
     if let Some(exp) = scope.expires {
         b = add_code(
@@ -365,7 +515,42 @@ pub struct RequestFacts {
     /// Already normalised with [`crate::path::normalize`].
     pub path: String,
     pub model: Option<String>,
+    /// One MCP message, for requests to an `api = "mcp"` upstream.
+    pub mcp: Option<McpMessage>,
     pub time: SystemTime,
+}
+
+/// The facts one MCP (JSON-RPC) message contributes: `mcp($method)` and,
+/// for a method that names a target ([`NAMED_TARGETS`]), `tool($name)`,
+/// `prompt($name)` or `resource($uri)`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct McpMessage {
+    /// The JSON-RPC method; empty when the request carries none.
+    pub method: String,
+    /// The tool, prompt or resource URI the message names; ignored for
+    /// other methods.
+    pub name: Option<String>,
+}
+
+impl McpMessage {
+    /// A request to an MCP upstream that carries no JSON-RPC request or
+    /// notification: a GET (the server's event stream), a DELETE (end of
+    /// session), or responses the client sends back.
+    pub fn none() -> Self {
+        McpMessage {
+            method: String::new(),
+            name: None,
+        }
+    }
+
+    /// The fact this message's target becomes, with the target.
+    pub fn target(&self) -> Option<(&'static str, &str)> {
+        let fact = NAMED_TARGETS
+            .iter()
+            .find(|(m, _, _)| *m == self.method)
+            .map(|(_, f, _)| *f)?;
+        Some((fact, self.name.as_deref()?))
+    }
 }
 
 impl RequestFacts {
@@ -388,6 +573,12 @@ impl RequestFacts {
             .map_err(e)?;
         if let Some(m) = &self.model {
             a = a.fact(fact(names::MODEL, &[string(m)])).map_err(e)?;
+        }
+        if let Some(m) = &self.mcp {
+            a = a.fact(fact(names::MCP, &[string(&m.method)])).map_err(e)?;
+            if let Some((name, target)) = m.target() {
+                a = a.fact(fact(name, &[string(target)])).map_err(e)?;
+            }
         }
         a = a
             .fact(fact(names::TIME, &[builder::date(&self.time)]))

@@ -58,6 +58,19 @@ pub enum CheckMeaning {
     Models {
         allowed: Vec<String>,
     },
+    /// MCP tools (`tools/call`) allowed: exact names, and prefixes shown
+    /// as `name*`. Other MCP messages pass.
+    Tools {
+        allowed: Vec<String>,
+    },
+    /// MCP prompts (`prompts/get`) allowed, as for tools.
+    Prompts {
+        allowed: Vec<String>,
+    },
+    /// MCP resource URI prefixes (`resources/read`) allowed, shown as `uri*`.
+    Resources {
+        allowed: Vec<String>,
+    },
     /// Anything else; `source` is escaped.
     Custom {
         source: String,
@@ -627,7 +640,66 @@ fn meaning(check: &Check, syms: &SymbolTable, esc: &SymbolTable) -> CheckMeaning
     {
         return CheckMeaning::Models { allowed };
     }
+    use super::vocab::{PROMPTS_GET, RESOURCES_READ, TOOLS_CALL};
+    if let Some(allowed) = target_list(check, syms, TOOLS_CALL, names::TOOL) {
+        return CheckMeaning::Tools { allowed };
+    }
+    if let Some(allowed) = target_list(check, syms, PROMPTS_GET, names::PROMPT) {
+        return CheckMeaning::Prompts { allowed };
+    }
+    if let Some(allowed) = target_list(check, syms, RESOURCES_READ, names::RESOURCE) {
+        return CheckMeaning::Resources { allowed };
+    }
     custom()
+}
+
+/// The targets a check written by [`super::vocab`] allows: first
+/// `mcp($m), $m != "<method>"`, then only `<fact>($t)` alternatives that
+/// are `{..}.contains($t)` or `$t.starts_with("..")` (shown as `..*`).
+fn target_list(check: &Check, syms: &SymbolTable, method: &str, fact: &str) -> Option<Vec<String>> {
+    use biscuit_auth::datalog::{Binary, Op};
+    let (first, rest) = check.queries.split_first()?;
+    let [pred] = first.body.as_slice() else {
+        return None;
+    };
+    let [Term::Variable(v)] = pred.terms.as_slice() else {
+        return None;
+    };
+    let [e] = first.expressions.as_slice() else {
+        return None;
+    };
+    let housekeeping = sym(syms, pred.name) == names::MCP
+        && first.scopes.is_empty()
+        && matches!(
+            e.ops.as_slice(),
+            [Op::Value(Term::Variable(x)), Op::Value(Term::Str(s)), Op::Binary(Binary::NotEqual | Binary::HeterogeneousNotEqual)]
+                if x == v && sym(syms, *s) == method
+        );
+    if !housekeeping || rest.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for q in rest {
+        if q.body.len() != 1 || sym(syms, q.body[0].name) != fact || !q.scopes.is_empty() {
+            return None;
+        }
+        let one = Check {
+            queries: vec![q.clone()],
+            kind: CheckKind::One,
+        };
+        if let Some(names) = allow_list(&one, syms, false) {
+            out.extend(names);
+        } else {
+            out.extend(
+                allow_list(&one, syms, true)?
+                    .into_iter()
+                    .map(|p| format!("{p}*")),
+            );
+        }
+    }
+    out.sort();
+    out.dedup();
+    Some(out)
 }
 
 impl CheckMeaning {
@@ -682,6 +754,23 @@ impl CheckMeaning {
             CheckMeaning::Models { allowed } => format!(
                 "{who} only allows model {} (named in the JSON body's \"model\" field)",
                 list(allowed)
+            ),
+            CheckMeaning::Tools { allowed } => format!(
+                "{who} only allows the MCP tool {} (a name ending in '*' is a prefix)",
+                list(allowed)
+            ),
+            CheckMeaning::Prompts { allowed } => format!(
+                "{who} only allows the MCP prompt {} (a name ending in '*' is a prefix)",
+                list(allowed)
+            ),
+            CheckMeaning::Resources { allowed } => format!(
+                "{who} only allows MCP resources whose URI starts with {}",
+                list(
+                    &allowed
+                        .iter()
+                        .map(|r| r.trim_end_matches('*').to_string())
+                        .collect::<Vec<_>>()
+                )
             ),
             CheckMeaning::Custom { source } => format!("a check of {who} failed: {source}"),
         }
@@ -738,6 +827,9 @@ mod tests {
             methods: vec!["POST".into()],
             paths: vec!["/v1/chat/".into()],
             models: vec!["gpt-4o-mini".into()],
+            tools: vec!["github_*".into(), "add".into(), "echo".into()],
+            prompts: vec!["greet".into()],
+            resources: vec!["res://docs/".into()],
             max_uses: Some(100),
             expires: Some(UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
             label: Some("ci-bot".into()),
@@ -755,6 +847,7 @@ mod tests {
                 paths: vec!["/v1/chat/completions".into(), "/v1/x".into()],
                 methods: vec!["POST".into()],
                 services: vec!["openai".into()],
+                tools: vec!["add".into()],
                 max_uses: Some(5),
                 rates: vec![
                     crate::token::vocab::Rate::parse("10/1s").unwrap(),
@@ -788,6 +881,15 @@ mod tests {
         assert!(b0.checks.contains(&CheckMeaning::Models {
             allowed: vec!["gpt-4o-mini".into()]
         }));
+        assert!(b0.checks.contains(&CheckMeaning::Tools {
+            allowed: vec!["add".into(), "echo".into(), "github_*".into()]
+        }));
+        assert!(b0.checks.contains(&CheckMeaning::Prompts {
+            allowed: vec!["greet".into()]
+        }));
+        assert!(b0.checks.contains(&CheckMeaning::Resources {
+            allowed: vec!["res://docs/*".into()]
+        }));
         let b1 = &v.blocks[1];
         assert_eq!(b1.use_limit, Some(5));
         assert!(b1.checks.contains(&CheckMeaning::PathPrefixes {
@@ -795,6 +897,9 @@ mod tests {
         }));
         assert!(b1.checks.contains(&CheckMeaning::Services {
             allowed: vec!["openai".into()]
+        }));
+        assert!(b1.checks.contains(&CheckMeaning::Tools {
+            allowed: vec!["add".into()]
         }));
         assert_eq!(v.effective_limits(), vec![Some(100), Some(5)]);
         assert_eq!(v.family, v.blocks[0].revocation_id);

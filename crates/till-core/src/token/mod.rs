@@ -17,7 +17,7 @@ use biscuit_auth::{Biscuit, KeyPair, PublicKey, UnverifiedBiscuit};
 use prost::Message;
 use thiserror::Error;
 
-pub use vocab::{RequestFacts, Scope};
+pub use vocab::{McpMessage, RequestFacts, Scope};
 
 /// Largest accepted token, in base64 characters. Checked before any parsing.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -27,6 +27,7 @@ pub const MAX_BLOCKS: usize = 16;
 
 /// Everything that can go wrong with a token or a key.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum TokenError {
     #[error("token is not valid URL-safe base64 (is it truncated, or mangled in copying?)")]
     Base64,
@@ -163,7 +164,7 @@ impl RawToken {
 /// Mints a root token for `scope`, signed by `root`.
 ///
 /// ```
-/// use till::token::{issue, Scope, RawToken, keys};
+/// use till_core::token::{issue, Scope, RawToken, keys};
 /// let root = keys::generate();
 /// let scope = Scope { services: vec!["openai".into()], max_uses: Some(10), ..Scope::default() };
 /// let token = issue(&root, &scope).unwrap();

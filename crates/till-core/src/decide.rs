@@ -139,6 +139,31 @@ fn answer_without_datalog(
         .then_some(Ok(()))
 }
 
+/// [`decide`] for a request that makes no use (MCP housekeeping such as
+/// `initialize` or `tools/list`): judged with the current counts, so a
+/// used-up token can still list what it could call, never call it. It
+/// takes no window slot either, so it is judged as alone in every window.
+pub fn decide_free(
+    verifier: &Verifier,
+    token: &VerifiedToken,
+    revoked: Option<usize>,
+    facts: &RequestFacts,
+    counts: &[u64],
+    stage: Stage,
+) -> Result<(), Denial> {
+    let uses: Vec<u64> = (0..token.ids.len())
+        .map(|k| counts.get(k).copied().unwrap_or(0))
+        .collect();
+    let windows = WindowCounts::alone(token);
+    if let Some(answer) = answer_without_datalog(token, revoked, facts, &uses, &windows, stage) {
+        return answer;
+    }
+    match stage {
+        Stage::BeforeBody => verifier.authorize_before_body_windowed(token, facts, &uses, &windows),
+        Stage::Final => verifier.authorize_windowed(token, facts, &uses, &windows),
+    }
+}
+
 /// After reserving: the same decision with this request's own
 /// post-increment counts, which is what makes concurrent requests exact.
 pub fn recheck(
@@ -176,6 +201,7 @@ mod tests {
             method: "POST".into(),
             path: "/v1/chat/completions".into(),
             model: model.map(str::to_string),
+            mcp: None,
             time: SystemTime::now(),
         }
     }
@@ -246,6 +272,94 @@ mod tests {
         // Revoked.
         let d = decide(&v, &t, Some(0), &facts(None), &[0], Stage::BeforeBody).unwrap_err();
         assert_eq!(d.kind, DenialKind::Revoked, "{d:?}");
+    }
+
+    fn mcp(method: &str, tool: Option<&str>) -> RequestFacts {
+        RequestFacts {
+            service: "tools".into(),
+            path: "/mcp".into(),
+            mcp: Some(crate::token::McpMessage {
+                method: method.into(),
+                name: tool.map(str::to_string),
+            }),
+            ..facts(None)
+        }
+    }
+
+    #[test]
+    fn tools_narrow_tool_calls_only_and_prefixes_stay_prefixes() {
+        let root = keys::generate();
+        let v = Verifier::new(root.public(), Policies::default_policy());
+        let parent = issue(
+            &root,
+            &Scope {
+                services: vec!["tools".into(), "openai".into()],
+                tools: vec!["add".into(), "github_*".into()],
+                max_uses: Some(1),
+                ..Scope::default()
+            },
+        )
+        .unwrap();
+        let t = v.verify_token(&parent).unwrap();
+        let ok = |f: &RequestFacts| decide(&v, &t, None, f, &[0], Stage::Final);
+        ok(&mcp("tools/call", Some("add"))).unwrap();
+        ok(&mcp("tools/call", Some("github_issues"))).unwrap();
+        for tool in ["delete_everything", "github", "githubx_", "ad", "add2"] {
+            let d = ok(&mcp("tools/call", Some(tool))).unwrap_err();
+            assert_eq!(d.kind, DenialKind::Scope, "{tool}: {d:?}");
+            assert!(d.reason.contains("MCP tool"), "{d:?}");
+        }
+        // Housekeeping passes, even for a used-up token when judged free.
+        for m in ["initialize", "tools/list", "notifications/initialized", ""] {
+            ok(&mcp(m, None)).unwrap();
+            decide_free(&v, &t, None, &mcp(m, None), &[1], Stage::Final).unwrap();
+        }
+        let d = decide(
+            &v,
+            &t,
+            None,
+            &mcp("tools/call", Some("add")),
+            &[1],
+            Stage::Final,
+        )
+        .unwrap_err();
+        assert_eq!(d.kind, DenialKind::Exhausted, "{d:?}");
+        // A tools/call without a tool fact is no housekeeping.
+        assert!(ok(&mcp("tools/call", None)).is_err());
+        // A key narrowed to tools is an MCP key: HTTP APIs refuse it.
+        assert!(ok(&facts(None)).is_err());
+
+        // A child narrows: a prefix inside the parent's prefix.
+        let child = crate::token::attenuate(
+            &parent,
+            &Scope {
+                tools: vec!["github_pr_*".into()],
+                ..Scope::default()
+            },
+        )
+        .unwrap();
+        let c = v.verify_token(&child).unwrap();
+        let ok = |f: &RequestFacts| decide(&v, &c, None, f, &[0, 0], Stage::Final);
+        ok(&mcp("tools/call", Some("github_pr_list"))).unwrap();
+        assert!(ok(&mcp("tools/call", Some("github_issues"))).is_err());
+        assert!(ok(&mcp("tools/call", Some("add"))).is_err());
+        ok(&mcp("tools/list", None)).unwrap();
+    }
+
+    #[test]
+    fn tool_patterns_are_names_or_trailing_prefixes() {
+        use crate::token::vocab::{ToolPattern, tool_pattern};
+        assert_eq!(
+            tool_pattern("add").unwrap(),
+            ToolPattern::Exact("add".into())
+        );
+        assert_eq!(
+            tool_pattern("github_*").unwrap(),
+            ToolPattern::Prefix("github_".into())
+        );
+        for bad in ["*", "", "a*b", "**", "a b", "x\"y", &"a".repeat(129)] {
+            assert!(tool_pattern(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub struct VerifiedToken {
     /// cannot change what is shared about its parent.
     pub limits: Vec<Option<u64>>,
     /// The counters a request with this token reserves, one per block.
-    pub specs: Vec<crate::store::CounterSpec>,
+    pub specs: Vec<CounterSpec>,
     /// Earliest expiry of any block, as seconds since the Unix epoch.
     pub expires_unix: Option<u64>,
     /// The rate windows a request with this token must fit in: every
@@ -137,8 +137,14 @@ struct FastPath {
     pending: std::sync::RwLock<Vec<Shape>>,
 }
 
-/// A request without its time: service, method, path, model.
-type Shape = (String, String, String, Option<String>);
+/// A request without its time: service, method, path, model, MCP message.
+type Shape = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<crate::token::McpMessage>,
+);
 
 /// Shapes cached per token: agents reuse few (service, method, path, model)
 /// combinations; the rest go through Datalog.
@@ -169,7 +175,10 @@ fn fast_path(view: &TokenView, policies: &Policies) -> Option<FastPath> {
                 CheckMeaning::Services { .. }
                 | CheckMeaning::Methods { .. }
                 | CheckMeaning::PathPrefixes { .. }
-                | CheckMeaning::Models { .. } => {}
+                | CheckMeaning::Models { .. }
+                | CheckMeaning::Tools { .. }
+                | CheckMeaning::Prompts { .. }
+                | CheckMeaning::Resources { .. } => {}
                 CheckMeaning::Custom { .. } => return None,
             }
         }
@@ -186,7 +195,11 @@ fn fast_path(view: &TokenView, policies: &Policies) -> Option<FastPath> {
 
 impl FastPath {
     fn same(k: &Shape, req: &RequestFacts) -> bool {
-        k.0 == req.service && k.1 == req.method && k.2 == req.path && k.3 == req.model
+        k.0 == req.service
+            && k.1 == req.method
+            && k.2 == req.path
+            && k.3 == req.model
+            && k.4 == req.mcp
     }
     /// True when the cached decision applies and allows the request (or,
     /// with `pending`, lets it go on to read its body).
@@ -237,6 +250,7 @@ impl FastPath {
                 req.method.clone(),
                 req.path.clone(),
                 req.model.clone(),
+                req.mcp.clone(),
             ));
         }
     }
@@ -281,6 +295,7 @@ impl VerifiedToken {
 /// What kind of denial, which decides the HTTP status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum DenialKind {
     /// Out of scope, or a custom check failed (403).
     Scope,
@@ -300,8 +315,32 @@ pub enum DenialKind {
 /// Why a request was denied, in plain words.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Denial {
+    /// What kind of denial (decides the HTTP status).
     pub kind: DenialKind,
+    /// What failed, in plain words, for the client.
     pub reason: String,
+    /// The block to blame, authority = 0: the first revoked block, or the
+    /// block of the first failed check (scope checks before use limits).
+    /// `None` when no block's check failed (no right covers the request, a
+    /// policy denied, run limits). For callers; not serialized.
+    #[serde(skip)]
+    pub block: Option<usize>,
+    /// The failed check's index within [`Denial::block`], when a check
+    /// failed (not for a revoked block). For callers; not serialized.
+    #[serde(skip)]
+    pub check: Option<usize>,
+}
+
+impl Denial {
+    /// A denial that blames no block.
+    pub fn new(kind: DenialKind, reason: impl Into<String>) -> Self {
+        Denial {
+            kind,
+            reason: reason.into(),
+            block: None,
+            check: None,
+        }
+    }
 }
 
 impl std::fmt::Display for Denial {
@@ -488,10 +527,8 @@ impl Verifier {
         uses: &[u64],
         windows: &WindowCounts,
     ) -> Result<Result<(), BToken>, Denial> {
-        let internal = |e: TokenError| Denial {
-            kind: DenialKind::Scope,
-            reason: format!("authorization error: {e}"),
-        };
+        let internal =
+            |e: TokenError| Denial::new(DenialKind::Scope, format!("authorization error: {e}"));
         // Datalog string operations cost time in proportion to their
         // operands: with attenuation blocks bounded by `token::shape`,
         // bounding the request's strings bounds the work (a model name can
@@ -501,18 +538,21 @@ impl Verifier {
             ("method", &req.method),
             ("path", &req.path),
         ];
+        let mcp = req.mcp.as_ref();
         let long = facts
             .into_iter()
             .chain(req.model.as_ref().map(|m| ("model", m)))
+            .chain(mcp.map(|m| ("MCP method", &m.method)))
+            .chain(mcp.and_then(|m| m.name.as_ref()).map(|t| ("MCP target", t)))
             .find(|(_, v)| v.len() > MAX_FACT_LEN);
         if let Some((name, v)) = long {
-            return Err(Denial {
-                kind: DenialKind::Scope,
-                reason: format!(
+            return Err(Denial::new(
+                DenialKind::Scope,
+                format!(
                     "the request's {name} is {} bytes, more than the {MAX_FACT_LEN} Till accepts",
                     v.len()
                 ),
-            });
+            ));
         }
         let builder = req
             .add_to(self.policies.builder(), uses)
@@ -549,19 +589,16 @@ impl Verifier {
             method: method.into(),
             path: path.into(),
             model: None,
+            mcp: None,
             time: now,
         };
         let base = biscuit_auth::AuthorizerBuilder::new()
             .set_limits(crate::policy::run_limits())
             .code("allow if right(\"till:admin\", \"*\", \"/\")")
-            .map_err(|e| Denial {
-                kind: DenialKind::Scope,
-                reason: e.to_string(),
-            })?;
-        let builder = facts.add_to(base, uses).map_err(|e| Denial {
-            kind: DenialKind::Scope,
-            reason: e.to_string(),
-        })?;
+            .map_err(|e| Denial::new(DenialKind::Scope, e.to_string()))?;
+        let builder = facts
+            .add_to(base, uses)
+            .map_err(|e| Denial::new(DenialKind::Scope, e.to_string()))?;
         let mut a = builder
             .build(&token.biscuit)
             .map_err(|e| explain(e, token, &facts))?;
@@ -578,11 +615,7 @@ impl Verifier {
 /// The counters of a token's blocks: each block's own limit, the earliest
 /// expiry of it and its ancestors (a block cannot outlive them), and what the
 /// usage view shows.
-fn counter_specs(
-    view: &TokenView,
-    ids: &[String],
-    limits: &[Option<u64>],
-) -> Vec<crate::store::CounterSpec> {
+fn counter_specs(view: &TokenView, ids: &[String], limits: &[Option<u64>]) -> Vec<CounterSpec> {
     let mut exp: Option<u64> = None;
     ids.iter()
         .enumerate()
@@ -597,7 +630,7 @@ fn counter_specs(
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            crate::store::CounterSpec {
+            CounterSpec {
                 id: id.clone(),
                 limit: limits.get(k).copied().flatten(),
                 expires: exp,
@@ -653,6 +686,8 @@ pub fn revoked_denial(view: &TokenView, block: usize) -> Denial {
         } else {
             format!("{who} was revoked, and so every key made from it; {ask}")
         },
+        block: Some(block),
+        check: None,
     }
 }
 
@@ -687,22 +722,20 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
         }
         BToken::FailedLogic(Logic::NoMatchingPolicy { checks }) => (checks, true, None),
         BToken::RunLimit(l) => {
-            return Denial {
-                kind: DenialKind::Limits,
-                reason: format!(
+            return Denial::new(
+                DenialKind::Limits,
+                format!(
                     "authorization stopped at its run limits ({l}); the token's Datalog is too expensive"
                 ),
-            };
+            );
         }
         other => {
-            return Denial {
-                kind: DenialKind::Scope,
-                reason: format!("authorization error: {other}"),
-            };
+            return Denial::new(DenialKind::Scope, format!("authorization error: {other}"));
         }
     };
-    // (is a use limit, reason)
-    let mut reasons: Vec<(bool, String)> = Vec::new();
+    // (is a use limit, reason, (block, check) to blame)
+    type Blame = Option<(usize, usize)>;
+    let mut reasons: Vec<(bool, String, Blame)> = Vec::new();
     let checks: Vec<FailedCheck> = checks
         .into_iter()
         .filter(|c| !(skip_model && reads_model(c, token)))
@@ -725,13 +758,18 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
                         all_limits &= limit;
                         any_use_limit |= m.is_use_limit();
                         expired |= matches!(m, CheckMeaning::Expires { .. });
-                        reasons.push((limit, m.explain(i, &token.view)));
+                        reasons.push((
+                            limit,
+                            m.explain(i, &token.view),
+                            Some((i, b.check_id as usize)),
+                        ));
                     }
                     None => {
                         all_limits = false;
                         reasons.push((
                             false,
                             format!("check {} of {} failed", b.check_id, token.view.key_name(i)),
+                            Some((i, b.check_id as usize)),
                         ));
                     }
                 }
@@ -741,12 +779,14 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
                 reasons.push((
                     false,
                     format!("policy check failed: {}", a.rule.escape_debug()),
+                    None,
                 ));
             }
         }
     }
     // Scope reasons first: they are what the caller must fix.
     reasons.sort_by_key(|r| r.0);
+    let blame = reasons.iter().find_map(|r| r.2);
     if no_policy {
         all_limits = false;
         reasons.insert(
@@ -757,12 +797,13 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
                     "no right of the authority block covers {} {} on service {:?}",
                     req.method, req.path, req.service
                 ),
+                None,
             ),
         );
     }
     if let Some(p) = deny_policy {
         all_limits = false;
-        reasons.insert(0, (false, p.to_string()));
+        reasons.insert(0, (false, p.to_string(), None));
     }
     let kind = if expired {
         DenialKind::Expired
@@ -778,9 +819,56 @@ fn explain_with(e: BToken, token: &VerifiedToken, req: &RequestFacts, skip_model
         kind,
         reason: reasons
             .into_iter()
-            .map(|(_, r)| r)
+            .map(|(_, r, _)| r)
             .collect::<Vec<_>>()
             .join("; "),
+        block: blame.map(|b| b.0),
+        check: blame.map(|b| b.1),
+    }
+}
+
+/// One counter to reserve: a block's revocation id, what the store may use
+/// to size its durability lease and its retention, and what the usage view
+/// shows about the block (recorded when its counter is first created, i.e.
+/// on the block's first allowed request — never for a denied one).
+#[derive(Clone, Debug)]
+pub struct CounterSpec {
+    /// Hex revocation id of the block.
+    pub id: String,
+    /// The block's own use limit (the one it sets on itself), when it has
+    /// one. Limits a child writes about its ancestors are enforced by the
+    /// Datalog but never shared: a child cannot rewrite its parent's figure.
+    pub limit: Option<u64>,
+    /// Seconds since the Unix epoch after which the token cannot be valid.
+    pub expires: Option<u64>,
+    /// Revocation id of the token family's authority block.
+    pub family: String,
+    /// Revocation id of the block before this one.
+    pub parent: Option<String>,
+    /// Index of the block in its token.
+    pub index: usize,
+    /// The block's first label.
+    pub label: Option<String>,
+    /// The block's own rate windows and concurrency cap, for the usage
+    /// view (enforced by the window store, never read from here).
+    pub rates: Vec<crate::token::vocab::Rate>,
+    pub concurrency: Option<u64>,
+}
+
+impl CounterSpec {
+    /// A counter that is its own family (tests and benchmarks).
+    pub fn standalone(id: &str, limit: Option<u64>, expires: Option<u64>) -> Self {
+        CounterSpec {
+            id: id.to_string(),
+            limit,
+            expires,
+            family: id.to_string(),
+            parent: None,
+            index: 0,
+            label: None,
+            rates: Vec::new(),
+            concurrency: None,
+        }
     }
 }
 
@@ -808,6 +896,7 @@ mod tests {
             method: "POST".into(),
             path: path.into(),
             model: None,
+            mcp: None,
             time,
         }
     }

@@ -8,10 +8,11 @@ use thiserror::Error;
 
 /// The policy shipped in `policies/default.datalog`, embedded so `till up`
 /// works from any directory.
-pub const DEFAULT_POLICY: &str = include_str!("../policies/default.datalog");
+pub const DEFAULT_POLICY: &str = include_str!("../../../policies/default.datalog");
 
 /// Why the policies could not be loaded.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum PolicyError {
     #[error("cannot read policies from {path}: {err}")]
     Io { path: PathBuf, err: std::io::Error },

@@ -22,7 +22,9 @@
 //! * a work budget: for every alternative of every check, the number of fact
 //!   combinations its predicates can match (counting the facts of the blocks
 //!   it can see, and the request's facts: up to [`crate::token::MAX_BLOCKS`]
-//!   `uses` and `in_flight`, four times as many `rate`, one each of `service`, `method`, `path`, `model`, `time`) times
+//!   `uses` and `in_flight`, four times as many `rate`, one each of
+//!   `service`, `method`, `path`, `model`, `time`, `mcp`, and one of
+//!   `tool`, `prompt`, `resource`) times
 //!   its operations plus one, summed over all attenuation blocks, is at most
 //!   [`MAX_WORK`]. A check joining three predicates over 31 facts each is
 //!   29,791 combinations: without this bound such a 6 KB token held a CPU for
@@ -195,7 +197,18 @@ fn ambient(name: &str, arity: usize) -> u64 {
     match (name, arity) {
         (names::USES, 2) | (names::IN_FLIGHT, 2) => MAX_BLOCKS as u64,
         (names::RATE, 3) => (MAX_BLOCKS * super::vocab::MAX_WINDOWS_PER_BLOCK) as u64,
-        (names::SERVICE | names::METHOD | names::PATH | names::MODEL | names::TIME, 1) => 1,
+        (
+            names::SERVICE
+            | names::METHOD
+            | names::PATH
+            | names::MODEL
+            | names::TIME
+            | names::MCP
+            | names::TOOL
+            | names::PROMPT
+            | names::RESOURCE,
+            1,
+        ) => 1,
         _ => 0,
     }
 }

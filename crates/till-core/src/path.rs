@@ -12,6 +12,7 @@ use thiserror::Error;
 
 /// Why a path was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PathError {
     #[error("path must start with '/'")]
     NotAbsolute,
@@ -107,9 +108,9 @@ fn is_dot_segment_with_parameters(seg: &str) -> bool {
 /// Returns the normalised form of an absolute path (no query string).
 ///
 /// ```
-/// assert_eq!(till::path::normalize("/v1/chat/../files").unwrap(), "/v1/files");
-/// assert_eq!(till::path::normalize("/v1//chat/%2e%2e/files").unwrap(), "/v1/files");
-/// assert!(till::path::normalize("/v1/chat%2f..%2ffiles").is_err());
+/// assert_eq!(till_core::path::normalize("/v1/chat/../files").unwrap(), "/v1/files");
+/// assert_eq!(till_core::path::normalize("/v1//chat/%2e%2e/files").unwrap(), "/v1/files");
+/// assert!(till_core::path::normalize("/v1/chat%2f..%2ffiles").is_err());
 /// ```
 pub fn normalize(raw: &str) -> Result<String, PathError> {
     if raw.len() > MAX_PATH {

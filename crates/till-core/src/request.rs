@@ -1,0 +1,195 @@
+//! Facts read from a request: the token from its headers and the `model`
+//! of its JSON body. The proxy and the service middleware (`till-tower`)
+//! both need them, so both read a request the same way.
+
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use thiserror::Error;
+
+use crate::token::MAX_TOKEN_LEN;
+
+/// Key prefixes of the providers Till fronts. A Till token is a Biscuit in
+/// URL-safe base64, which starts with `C` or `E` (its first protobuf tag),
+/// so none of these can be a Till token.
+const PROVIDER_KEY_PREFIXES: &[&str] =
+    &["sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"];
+
+/// Whether `token` is a provider's API key sent by mistake instead of a
+/// Till token.
+pub fn looks_like_provider_key(token: &str) -> bool {
+    PROVIDER_KEY_PREFIXES.iter().any(|p| token.starts_with(p))
+}
+
+/// Why no token could be read from a request's headers.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TokenHeaderError {
+    /// Neither `Authorization: Bearer` nor `x-api-key`, or an empty one.
+    #[error("no Till token: send it as `Authorization: Bearer <token>` or `x-api-key: <token>`")]
+    Missing,
+    /// `x-api-key` holds bytes that are not visible text.
+    #[error("x-api-key is not text")]
+    NotText,
+    /// Longer than [`MAX_TOKEN_LEN`] (the bound applies before any parsing).
+    #[error("the Till token is longer than {max} bytes")]
+    TooLarge {
+        /// The limit, in bytes.
+        max: usize,
+    },
+    /// A provider's API key (`sk-...`) sent instead of a Till token. The
+    /// key itself is never kept, so it cannot be echoed or logged.
+    #[error(
+        "this looks like a provider API key, not a Till token; ask your operator for a Till token"
+    )]
+    ProviderKey,
+}
+
+/// The Till token of a request: `Authorization: Bearer <token>` (scheme
+/// case-insensitive), else `x-api-key: <token>`; surrounding spaces are
+/// trimmed. Bounded by [`MAX_TOKEN_LEN`] before anything parses it.
+///
+/// ```
+/// use http::{HeaderMap, HeaderValue};
+/// use till_core::request::{TokenHeaderError, token_from_headers};
+///
+/// let mut h = HeaderMap::new();
+/// assert_eq!(token_from_headers(&h), Err(TokenHeaderError::Missing));
+/// h.insert("x-api-key", HeaderValue::from_static("EoQB..."));
+/// assert_eq!(token_from_headers(&h), Ok("EoQB..."));
+/// h.insert("authorization", HeaderValue::from_static("bearer sk-proj-123"));
+/// assert_eq!(token_from_headers(&h), Err(TokenHeaderError::ProviderKey));
+/// ```
+pub fn token_from_headers(headers: &http::HeaderMap) -> Result<&str, TokenHeaderError> {
+    let bearer = headers.get(http::header::AUTHORIZATION).and_then(|v| {
+        let s = v.to_str().ok()?;
+        let (scheme, rest) = s.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    });
+    let token = match bearer {
+        Some(t) => t,
+        None => match headers.get("x-api-key") {
+            Some(v) => v.to_str().map_err(|_| TokenHeaderError::NotText)?.trim(),
+            None => return Err(TokenHeaderError::Missing),
+        },
+    };
+    if token.is_empty() {
+        return Err(TokenHeaderError::Missing);
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenHeaderError::TooLarge { max: MAX_TOKEN_LEN });
+    }
+    if looks_like_provider_key(token) {
+        return Err(TokenHeaderError::ProviderKey);
+    }
+    Ok(token)
+}
+
+/// The `model` field of a JSON body, or why the body is refused.
+///
+/// `Ok(None)` (no model fact, which fails any model check: deny when unsure)
+/// for malformed JSON, a body that is not an object (serde would read a
+/// struct from an array too: `["gpt-4o-mini"]` would name a model the
+/// upstream never sees), a `model` that is not a string, and invalid UTF-8
+/// anywhere (an upstream may decode such a body differently).
+///
+/// `Err` for a body an upstream could read as naming another model: `model`
+/// twice, or another top-level key that case-folds to `model` (`MODEL`,
+/// `Model`, escapes such as `"\u004dodel"`), which Go's `encoding/json`,
+/// ASP.NET and others match case-insensitively, taking the last one.
+pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
+    struct Scan(Result<Option<String>, String>);
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Scan;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Scan, A::Error> {
+            let mut model: Option<Option<String>> = None;
+            let mut problem = None;
+            while let Some(k) = m.next_key::<String>()? {
+                if k == "model" {
+                    if model.is_some() {
+                        problem.get_or_insert_with(|| {
+                            "the JSON body has the key \"model\" twice; send it once".to_string()
+                        });
+                    }
+                    let v = m.next_value::<serde_json::Value>()?;
+                    model = Some(match v {
+                        serde_json::Value::String(s) => Some(s),
+                        _ => None,
+                    });
+                } else {
+                    if k.to_lowercase() == "model" {
+                        problem.get_or_insert_with(|| {
+                            format!(
+                                "the JSON body has a key {k:?} besides or instead of \"model\"; upstreams that match keys case-insensitively would read it as the model, so Till refuses it: send the model only as \"model\""
+                            )
+                        });
+                    }
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(Scan(match problem {
+                Some(p) => Err(p),
+                None => Ok(model.flatten()),
+            }))
+        }
+    }
+    impl<'de> serde::Deserialize<'de> for Scan {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(V)
+        }
+    }
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Ok(None);
+    };
+    if !text.trim_start().starts_with('{') {
+        return Ok(None);
+    }
+    match serde_json::from_str::<Scan>(text) {
+        Ok(Scan(r)) => r,
+        Err(_) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_extraction_denies_when_unsure() {
+        assert_eq!(
+            model_of(br#"{"model":"a","x":1}"#).unwrap().as_deref(),
+            Some("a")
+        );
+        assert!(model_of(br#"{"model":"a","model":"b"}"#).is_err());
+        assert_eq!(model_of(b"not json"), Ok(None));
+        assert_eq!(model_of(br#"{"model":5}"#), Ok(None));
+        // Found by fuzzing (tests/fuzz-regressions/request/).
+        assert_eq!(model_of(br#"["gpt-4o-mini"]"#), Ok(None));
+        assert_eq!(model_of(b"{\"model\":\"a\",\"x\":\"\xff\"}"), Ok(None));
+    }
+
+    /// Regression: the allow-list read only the exact key `model`, and
+    /// case-insensitive upstreams (Go's encoding/json) used the last
+    /// `MODEL`.
+    #[test]
+    fn a_key_that_case_folds_to_model_is_refused() {
+        for body in [
+            r#"{"model":"gpt-4o-mini","MODEL":"gpt-4"}"#,
+            r#"{"Model":"gpt-4","model":"gpt-4o-mini"}"#,
+            r#"{"model":"gpt-4o-mini","\u004dODEL":"gpt-4"}"#,
+            r#"{"MoDeL":"gpt-4"}"#,
+        ] {
+            let e = model_of(body.as_bytes()).expect_err(body);
+            assert!(e.contains("\"model\""), "{e}");
+        }
+        // Nested keys do not name the model.
+        assert_eq!(
+            model_of(br#"{"model":"a","meta":{"MODEL":"b"}}"#)
+                .unwrap()
+                .as_deref(),
+            Some("a")
+        );
+    }
+}

@@ -1,0 +1,272 @@
+//! The revocation feed the layer follows: fetched from a URL (a Till
+//! proxy's `/revocations`) or read from a file, verified (signature, key
+//! set, age), and swapped in whole; and the background task that does it.
+//!
+//! Fail closed: requests are refused while the newest accepted feed is
+//! older than `max_feed_age`, so an attacker who cuts the service off from
+//! the proxy cannot keep a revoked key working for longer than that.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use till_core::{Feed, KeysDocument, PublicKeySet, Verifier};
+use tokio::task::JoinHandle;
+
+/// Where the signed revocation feed comes from.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum FeedSource {
+    /// A URL answering the feed, e.g. `http://till:8080/revocations`.
+    Url(String),
+    /// A file holding the feed (written by something else, e.g. a sidecar
+    /// that copies it from the proxy); read again on every refresh.
+    File(PathBuf),
+}
+
+/// Largest feed or key set accepted, so a hostile or broken server cannot
+/// exhaust memory (a revoked id is 64 hex characters: ~400,000 ids).
+pub(crate) const MAX_DOCUMENT_BYTES: usize = 32 << 20;
+
+/// The revocation list in force.
+pub(crate) struct Current {
+    pub revoked: HashSet<String>,
+    pub version: u64,
+    pub issued_at: u64,
+}
+
+/// What the refresh task shares with the requests: the feed in force and
+/// the figures the metrics show.
+#[derive(Default)]
+pub(crate) struct FeedState {
+    current: RwLock<Option<Arc<Current>>>,
+    refreshes: AtomicU64,
+    failures: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl FeedState {
+    pub fn current(&self) -> Option<Arc<Current>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn install(&self, c: Current) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(c));
+    }
+
+    fn failed(&self, why: String) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+}
+
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What one refresh needs.
+pub(crate) struct Refresher {
+    pub source: FeedSource,
+    pub keys_url: Option<String>,
+    pub every: Duration,
+    pub max_age: Duration,
+    pub client: reqwest::Client,
+    pub verifier: Verifier,
+    pub state: Arc<FeedState>,
+    /// The keys trusted so far: the configured ones, then each key set
+    /// followed from them (so a retired key stays retired).
+    pub trusted: PublicKeySet,
+}
+
+impl Refresher {
+    pub fn spawn(mut self) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                match self.refresh().await {
+                    Ok(()) => {
+                        self.state.refreshes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(why) => {
+                        tracing::warn!(error = %why, "till-tower: revocation feed refresh failed");
+                        self.state.failed(why);
+                    }
+                }
+                tokio::time::sleep(self.every).await;
+            }
+        })
+    }
+
+    async fn refresh(&mut self) -> Result<(), String> {
+        let max_age = self.max_age.as_secs();
+        if let Some(url) = self.keys_url.clone() {
+            let text = self.fetch_url(&url).await?;
+            let set = KeysDocument::follow_text(&text, &self.trusted, now_unix(), max_age)
+                .map_err(|e| format!("{url}: {e}"))?;
+            self.follow(set);
+        }
+        let text = match &self.source {
+            FeedSource::Url(url) => self.fetch_url(&url.clone()).await?,
+            FeedSource::File(path) => read_file(path).await?,
+        };
+        let (feed, set) = Feed::verify_with(&text, &self.trusted, now_unix(), max_age)
+            .map_err(|e| e.to_string())?;
+        self.follow(set);
+        let now = now_unix();
+        if feed.issued_at > now.saturating_add(max_age) {
+            // Its age would read 0 for that long: a proxy clock far ahead
+            // must not stretch how long the service runs without a feed.
+            return Err(format!(
+                "refused a revocation feed issued {} s in the future, more than the allowed {max_age} s; check the clocks of the proxy and this service",
+                feed.issued_at - now
+            ));
+        }
+        if let Some(old) = self.state.current()
+            && (feed.version < old.version || feed.issued_at < old.issued_at)
+        {
+            // Revocations are never undone: an older list, even genuinely
+            // signed, would bring revoked keys back (a replay).
+            return Err(format!(
+                "refused a revocation feed older than the one in force (version {} issued at {}, have version {} issued at {})",
+                feed.version, feed.issued_at, old.version, old.issued_at
+            ));
+        }
+        self.state.install(Current {
+            revoked: feed.ids.into_iter().collect(),
+            version: feed.version,
+            issued_at: feed.issued_at,
+        });
+        Ok(())
+    }
+
+    fn follow(&mut self, set: PublicKeySet) {
+        if self.verifier.keys().replace(set.clone()) {
+            tracing::info!("till-tower: root key set changed");
+        }
+        self.trusted = set;
+    }
+
+    async fn fetch_url(&self, url: &str) -> Result<String, String> {
+        let mut resp = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("{url}: answered {}", resp.status()));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+                return Err(format!("{url}: larger than {MAX_DOCUMENT_BYTES} bytes"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        String::from_utf8(body).map_err(|_| format!("{url}: not UTF-8"))
+    }
+}
+
+async fn read_file(path: &std::path::Path) -> Result<String, String> {
+    let shown = path.display();
+    let meta = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| format!("{shown}: {e}"))?;
+    if meta.len() > MAX_DOCUMENT_BYTES as u64 {
+        return Err(format!("{shown}: larger than {MAX_DOCUMENT_BYTES} bytes"));
+    }
+    tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| format!("{shown}: {e}"))
+}
+
+/// Owns the background refresh: dropping it stops the task, after which
+/// the feed ages and the layer refuses requests once it is older than
+/// `max_feed_age` (fail closed). Also the layer's metrics.
+pub struct TillHandle {
+    pub(crate) task: JoinHandle<()>,
+    pub(crate) state: Arc<FeedState>,
+    pub(crate) max_age: Duration,
+}
+
+impl Drop for TillHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TillHandle {
+    /// Seconds since the feed in force was issued; `None` before the first
+    /// feed is accepted.
+    pub fn feed_age_seconds(&self) -> Option<u64> {
+        self.state
+            .current()
+            .map(|c| now_unix().saturating_sub(c.issued_at))
+    }
+
+    /// Version of the feed in force (the number of revoked ids).
+    pub fn feed_version(&self) -> Option<u64> {
+        self.state.current().map(|c| c.version)
+    }
+
+    /// Whether requests are being refused for want of a fresh feed.
+    pub fn feed_stale(&self) -> bool {
+        self.feed_age_seconds()
+            .is_none_or(|a| a > self.max_age.as_secs())
+    }
+
+    /// Refreshes that failed (unreachable, refused signature, stale...).
+    pub fn refresh_failures(&self) -> u64 {
+        self.state.failures.load(Ordering::Relaxed)
+    }
+
+    /// Why the last failed refresh failed.
+    pub fn last_refresh_error(&self) -> Option<String> {
+        self.state
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The metrics in the Prometheus text format, for a `/metrics` route.
+    /// Before any feed is accepted the age is `+Inf` and the version `-1`.
+    pub fn render_prometheus(&self) -> String {
+        let age = self
+            .feed_age_seconds()
+            .map_or_else(|| "+Inf".to_string(), |a| a.to_string());
+        let version = self
+            .feed_version()
+            .map_or_else(|| "-1".to_string(), |v| v.to_string());
+        format!(
+            "# HELP till_feed_age_seconds Age of the revocation feed in force (requests are refused past the maximum).\n\
+             # TYPE till_feed_age_seconds gauge\n\
+             till_feed_age_seconds {age}\n\
+             # HELP till_feed_max_age_seconds Oldest feed the layer accepts.\n\
+             # TYPE till_feed_max_age_seconds gauge\n\
+             till_feed_max_age_seconds {}\n\
+             # HELP till_feed_version Version (number of revoked ids) of the revocation feed in force.\n\
+             # TYPE till_feed_version gauge\n\
+             till_feed_version {version}\n\
+             # HELP till_feed_stale Whether requests are refused for want of a fresh feed.\n\
+             # TYPE till_feed_stale gauge\n\
+             till_feed_stale {}\n\
+             # HELP till_feed_refreshes_total Feed refreshes accepted.\n\
+             # TYPE till_feed_refreshes_total counter\n\
+             till_feed_refreshes_total {}\n\
+             # HELP till_feed_refresh_failures_total Feed refreshes that failed.\n\
+             # TYPE till_feed_refresh_failures_total counter\n\
+             till_feed_refresh_failures_total {}\n",
+            self.max_age.as_secs(),
+            u8::from(self.feed_stale()),
+            self.state.refreshes.load(Ordering::Relaxed),
+            self.refresh_failures(),
+        )
+    }
+}

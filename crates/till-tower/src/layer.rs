@@ -1,0 +1,238 @@
+//! The tower layer and service: read the token, check the feed, verify,
+//! decide, count remotely if asked, and hand the verified token on.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use axum_core::body::Body;
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, header};
+use http_body_util::{BodyExt, Limited};
+use till_core::{
+    CheckMeaning, RequestFacts, Stage, VerifiedToken, Verifier, decide, first_revoked, model_of,
+    normalize_path, token_from_headers,
+};
+
+use crate::feed::{FeedState, now_unix};
+use crate::remote::Remote;
+use crate::{Refusal, TillToken, UseLimits};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What every request of one layer shares.
+pub(crate) struct Shared {
+    pub verifier: Verifier,
+    pub service: String,
+    pub use_limits: UseLimits,
+    pub remote: Option<Remote>,
+    pub feed: Arc<FeedState>,
+    pub max_feed_age: Duration,
+    pub refresh_every: Duration,
+    pub max_body_bytes: usize,
+    /// Verified tokens by their full text (so no hash collision can pass
+    /// an unverified token); only successes, and only while the key set
+    /// they were verified with is current. Revocation, expiry and scope are
+    /// decided on every request, never cached here.
+    pub cache: moka::sync::Cache<String, Arc<VerifiedToken>>,
+}
+
+/// Verified-token cache budget, in (estimated) bytes. Weighed, not counted:
+/// anyone holding one token can mint any number of valid children offline,
+/// each up to 16 KiB.
+pub(crate) const CACHE_BYTES: u64 = 64 << 20;
+
+/// A cached token's weight: its text and the view read from it.
+pub(crate) fn cache_weight(len: usize) -> u32 {
+    u32::try_from(len * 4 + 1024).unwrap_or(u32::MAX)
+}
+
+impl Shared {
+    fn verify_cached(&self, text: &str) -> Result<Arc<VerifiedToken>, till_core::TokenError> {
+        if let Some(t) = self.cache.get(text).filter(|t| self.verifier.is_current(t)) {
+            return Ok(t);
+        }
+        let t = Arc::new(self.verifier.verify_token(text)?);
+        self.cache.insert(text.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+/// A [`tower_layer::Layer`] that admits only requests carrying a Till
+/// token allowed for them. Built with [`TillLayer::builder`].
+#[derive(Clone)]
+pub struct TillLayer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl<S> tower_layer::Layer<S> for TillLayer {
+    type Service = TillService<S>;
+    fn layer(&self, inner: S) -> TillService<S> {
+        TillService {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The service [`TillLayer`] wraps around yours.
+#[derive(Clone)]
+pub struct TillService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S, B> tower_service::Service<Request<B>> for TillService<S>
+where
+    S: tower_service::Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The clone that was polled ready is the one that serves.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            match authorize(&shared, req).await {
+                Ok(req) => inner.call(req).await,
+                Err(refusal) => {
+                    tracing::debug!(code = refusal.code(), "till-tower: request refused");
+                    Ok(refusal.into_response())
+                }
+            }
+        })
+    }
+}
+
+/// The checks, cheapest first; nothing of the body is read unless the
+/// head passed.
+async fn authorize<B>(shared: &Shared, req: Request<B>) -> Result<Request<Body>, Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    // 1. A fresh feed, or nothing passes (fail closed).
+    let max = shared.max_feed_age.as_secs();
+    let feed = shared.feed.current();
+    let stale = |age| Refusal::FeedStale {
+        age,
+        max,
+        retry_after: u32::try_from(shared.refresh_every.as_secs()).unwrap_or(u32::MAX),
+    };
+    let feed = match feed {
+        None => return Err(stale(None)),
+        Some(f) => {
+            let age = now_unix().saturating_sub(f.issued_at);
+            if age > max {
+                return Err(stale(Some(age)));
+            }
+            f
+        }
+    };
+
+    // 2. The head: token, path, before any cryptography.
+    let (parts, body) = req.into_parts();
+    let text = token_from_headers(&parts.headers).map_err(Refusal::Header)?;
+    let path = parts.uri.path();
+    let normal = normalize_path(path).map_err(|e| Refusal::BadRequest(e.to_string()))?;
+    if normal != path {
+        // The router sees the path as sent: authorizing another spelling
+        // of it would authorize a different route than the one served.
+        return Err(Refusal::BadRequest(format!(
+            "the path is not in normal form: Till would read it as {normal:?}; send {normal:?}"
+        )));
+    }
+
+    // 3. Signatures, revocation, the use-limit choice.
+    let token = shared.verify_cached(text).map_err(Refusal::InvalidToken)?;
+    let revoked = first_revoked(&token.ids, &feed.revoked);
+    if revoked.is_none() && matches!(shared.use_limits, UseLimits::Deny) && has_use_limits(&token) {
+        return Err(Refusal::UseLimitsUnenforced);
+    }
+
+    // 4. Decide on the head, then, for a JSON body, with its model. No
+    // counter here: each request is judged as the token's first use (use
+    // limits are refused above, ignored by choice, or counted remotely).
+    let counts = vec![0; token.ids.len()];
+    let mut facts = RequestFacts {
+        service: shared.service.clone(),
+        method: parts.method.as_str().to_string(),
+        path: normal,
+        model: None,
+        mcp: None,
+        time: SystemTime::now(),
+    };
+    let v = &shared.verifier;
+    let body = if is_json(&parts.headers) {
+        decide(v, &token, revoked, &facts, &counts, Stage::BeforeBody).map_err(Refusal::Denied)?;
+        let bytes = read_body(body, shared.max_body_bytes).await?;
+        facts.model = model_of(&bytes).map_err(Refusal::BadRequest)?;
+        Body::from(bytes)
+    } else {
+        Body::new(body)
+    };
+    decide(v, &token, revoked, &facts, &counts, Stage::Final).map_err(Refusal::Denied)?;
+
+    // 5. Remote count, last: only a request that passed everything here
+    // spends a use at the proxy.
+    if let Some(remote) = &shared.remote {
+        remote.check(&parts, text).await?;
+    }
+
+    let mut req = Request::from_parts(parts, body);
+    req.extensions_mut().insert(TillToken::new(token));
+    Ok(req)
+}
+
+/// Whether any block limits uses: its own limit, a limit on another
+/// block, or a custom check reading `uses` (which no counter here feeds).
+fn has_use_limits(token: &VerifiedToken) -> bool {
+    token.view.blocks.iter().any(|b| {
+        b.use_limit.is_some()
+            || b.checks
+                .iter()
+                .any(|c| matches!(c, CheckMeaning::UseLimit { .. }))
+            || b.source.contains("uses(")
+    })
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            let ct = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            ct == "application/json" || ct.ends_with("+json")
+        })
+}
+
+async fn read_body<B>(body: B, max: usize) -> Result<Bytes, Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, max).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Refusal::BodyTooLarge(max)),
+        Err(e) => Err(Refusal::BadRequest(format!(
+            "the body could not be read: {e}"
+        ))),
+    }
+}

@@ -1,0 +1,490 @@
+//! The layer in process, fed from a file: what a service relies on, and
+//! what an attacker would try (forged, replayed and stale feeds, use limits
+//! without a counter, ambiguous bodies, paths in disguise).
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::{get, post};
+use biscuit_auth::KeyPair;
+use http::Request;
+use till_core::{Feed, Scope, attenuate, issue, keys};
+use till_tower::{FeedSource, TillHandle, TillLayer, TillToken, UseLimits};
+use tower::ServiceExt;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+struct Fixture {
+    root: KeyPair,
+    _dir: tempfile::TempDir,
+    feed: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let feed = dir.path().join("feed.json");
+        let f = Fixture {
+            root: keys::generate(),
+            _dir: dir,
+            feed,
+        };
+        f.publish(&[], now());
+        f
+    }
+
+    fn publish_signed_by(&self, key: &KeyPair, ids: &[String], issued_at: u64) {
+        let feed = Feed::sign(key, ids.to_vec(), issued_at).unwrap();
+        // Atomic, so a refresh never reads half a file.
+        let tmp = self.feed.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string(&feed).unwrap()).unwrap();
+        std::fs::rename(&tmp, &self.feed).unwrap();
+    }
+
+    fn publish(&self, ids: &[String], issued_at: u64) {
+        self.publish_signed_by(&self.root, ids, issued_at);
+    }
+
+    fn token(&self, scope: Scope) -> String {
+        issue(&self.root, &scope).unwrap()
+    }
+
+    fn items(&self) -> String {
+        self.token(Scope {
+            services: vec!["items".into()],
+            paths: vec!["/v1/items".into()],
+            ..Scope::default()
+        })
+    }
+
+    async fn app(&self, use_limits: UseLimits, max_age: u64) -> (Router, TillHandle) {
+        let (layer, handle) = TillLayer::builder("items")
+            .public_key(&keys::public_string(&self.root.public()))
+            .feed(FeedSource::File(self.feed.clone()))
+            .max_feed_age(Duration::from_secs(max_age))
+            .refresh_every(Duration::from_millis(20))
+            .use_limits(use_limits)
+            .build()
+            .unwrap();
+        let app = Router::new()
+            .route(
+                "/v1/items",
+                get(|t: TillToken| async move {
+                    format!("{} {}", t.family(), t.label().unwrap_or("-"))
+                })
+                .post(|body: String| async move { body }),
+            )
+            .route("/v1/admin", post(|| async { "admin" }))
+            .layer(layer);
+        wait_until(|| handle.feed_version().is_some(), &handle).await;
+        (app, handle)
+    }
+}
+
+/// Polls `cond` every 10 ms for up to 10 s (no timed assertion: the bound
+/// only stops a broken build from hanging).
+async fn wait_until(mut cond: impl FnMut() -> bool, handle: &TillHandle) {
+    for _ in 0..1000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "condition never held; last refresh error: {:?}",
+        handle.last_refresh_error()
+    );
+}
+
+async fn send(app: &Router, req: Request<Body>) -> (u16, serde_json::Value, String) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("x-should-retry")
+        .map(|v| v.to_str().unwrap().to_string());
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    (status, json, retry.unwrap_or_default() + "|" + &text)
+}
+
+fn get_items(token: &str) -> Request<Body> {
+    Request::get("/v1/items")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap()
+}
+
+fn post_json(path: &str, token: &str, body: &str) -> Request<Body> {
+    Request::post(path)
+        .header("x-api-key", token)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn in_scope_passes_with_the_token_out_of_scope_and_bad_tokens_are_refused() {
+    let f = Fixture::new();
+    let (app, _h) = f.app(UseLimits::Deny, 60).await;
+    let token = f.items();
+    let family = till_core::RawToken::parse(&token).unwrap().revocation_ids()[0].clone();
+    let labelled = attenuate(
+        &token,
+        &Scope {
+            label: Some("agent-7".into()),
+            ..Scope::default()
+        },
+    )
+    .unwrap();
+    let (s, _, body) = send(&app, get_items(&labelled)).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.ends_with(&format!("{family} agent-7")), "{body}");
+
+    // Another path, another service, no token, garbage, a provider key.
+    let (s, j, _) = send(&app, post_json("/v1/admin", &token, "{}")).await;
+    assert_eq!(
+        (s, j["error"]["code"].as_str()),
+        (403, Some("out_of_scope"))
+    );
+    let billing = f.token(Scope {
+        services: vec!["billing".into()],
+        ..Scope::default()
+    });
+    assert_eq!(send(&app, get_items(&billing)).await.0, 403);
+    let none = Request::get("/v1/items").body(Body::empty()).unwrap();
+    let (s, j, text) = send(&app, none).await;
+    assert_eq!(
+        (s, j["error"]["code"].as_str()),
+        (401, Some("missing_token"))
+    );
+    assert!(text.starts_with("false|"), "{text}");
+    assert_eq!(send(&app, get_items("garbage")).await.0, 401);
+    let (s, j, _) = send(&app, get_items("sk-proj-0123456789")).await;
+    assert_eq!(s, 401);
+    assert!(!j.to_string().contains("0123456789"), "{j}");
+    // A token of another installation.
+    let foreign = issue(
+        &keys::generate(),
+        &Scope {
+            services: vec!["items".into()],
+            ..Scope::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(send(&app, get_items(&foreign)).await.0, 401);
+}
+
+/// A path spelled so that it normalises into the scope must not reach a
+/// route outside it.
+#[tokio::test]
+async fn a_path_not_in_normal_form_is_refused() {
+    let f = Fixture::new();
+    let (app, _h) = f.app(UseLimits::Deny, 60).await;
+    let token = f.items();
+    for p in ["/v1/items/../admin", "/v1//items", "/v1/items/%2e%2e/admin"] {
+        let (s, _, body) = send(&app, post_json(p, &token, "{}")).await;
+        assert_eq!(s, 400, "{p}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn use_limits_are_refused_by_default_and_ignored_only_by_the_danger_choice() {
+    let f = Fixture::new();
+    let limited = f.token(Scope {
+        services: vec!["items".into()],
+        max_uses: Some(3),
+        ..Scope::default()
+    });
+    // A child's limit too.
+    let child = attenuate(
+        &f.items(),
+        &Scope {
+            max_uses: Some(1),
+            ..Scope::default()
+        },
+    )
+    .unwrap();
+    let (app, _h) = f.app(UseLimits::Deny, 60).await;
+    for t in [&limited, &child] {
+        let (s, j, _) = send(&app, get_items(t)).await;
+        assert_eq!(s, 403, "{j}");
+        assert_eq!(j["error"]["code"], "use_limits_unenforced");
+        assert!(
+            j["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("cannot enforce them"),
+            "{j}"
+        );
+    }
+    let (app, _h2) = f.app(UseLimits::DangerIgnoreUseLimits, 60).await;
+    for _ in 0..5 {
+        assert_eq!(send(&app, get_items(&child)).await.0, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_block_is_refused_once_the_feed_lists_it() {
+    let f = Fixture::new();
+    let (app, h) = f.app(UseLimits::Deny, 60).await;
+    let parent = f.items();
+    let child = attenuate(&parent, &Scope::default()).unwrap();
+    assert_eq!(send(&app, get_items(&child)).await.0, 200);
+    // Revoking the parent revokes the child.
+    let id = till_core::RawToken::parse(&parent)
+        .unwrap()
+        .revocation_ids()[0]
+        .clone();
+    f.publish(&[id], now());
+    wait_until(|| h.feed_version() == Some(1), &h).await;
+    let (s, j, _) = send(&app, get_items(&child)).await;
+    assert_eq!(
+        (s, j["error"]["code"].as_str()),
+        (403, Some("token_revoked"))
+    );
+    // A replayed older feed (genuinely signed, fresh, without the id) is
+    // not taken: revocations are never undone.
+    f.publish(&[], now() + 1);
+    wait_until(
+        || h.refresh_failures() > 0 && h.last_refresh_error().is_some_and(|e| e.contains("older")),
+        &h,
+    )
+    .await;
+    assert_eq!(send(&app, get_items(&child)).await.0, 403);
+}
+
+#[tokio::test]
+async fn a_stale_or_forged_feed_fails_closed_until_a_fresh_one_arrives() {
+    let f = Fixture::new();
+    // Two seconds old already: stale for a 1 s maximum.
+    f.publish(&[], now() - 2);
+    let (layer, h) = TillLayer::builder("items")
+        .public_key(&keys::public_string(&f.root.public()))
+        .feed(FeedSource::File(f.feed.clone()))
+        .max_feed_age(Duration::from_secs(1))
+        .refresh_every(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/v1/items", get(|| async { "ok" }))
+        .layer(layer);
+    let token = f.items();
+    let (s, j, text) = send(&app, get_items(&token)).await;
+    assert_eq!(
+        (s, j["error"]["code"].as_str()),
+        (503, Some("revocation_feed_stale"))
+    );
+    assert!(text.starts_with("true|"), "{text}");
+    wait_until(
+        || h.last_refresh_error().is_some_and(|e| e.contains("stale")),
+        &h,
+    )
+    .await;
+    assert!(h.feed_stale());
+    assert!(h.render_prometheus().contains("till_feed_stale 1"));
+    // A fresh feed signed by another key is refused: still 503.
+    f.publish_signed_by(&keys::generate(), &[], now());
+    wait_until(
+        || {
+            h.last_refresh_error()
+                .is_some_and(|e| e.contains("signature"))
+        },
+        &h,
+    )
+    .await;
+    assert_eq!(send(&app, get_items(&token)).await.0, 503);
+    // Dated in the future beyond the allowed age: refused (its age would
+    // read 0 for that long).
+    f.publish(&[], now() + 3600);
+    wait_until(
+        || h.last_refresh_error().is_some_and(|e| e.contains("future")),
+        &h,
+    )
+    .await;
+    assert_eq!(send(&app, get_items(&token)).await.0, 503);
+    // The genuine fresh feed: served again.
+    f.publish(&[], now());
+    wait_until(|| !h.feed_stale(), &h).await;
+    assert_eq!(send(&app, get_items(&token)).await.0, 200);
+    assert!(h.render_prometheus().contains("till_feed_version 0"));
+}
+
+#[tokio::test]
+async fn dropping_the_handle_stops_the_refresh_and_the_feed_goes_stale() {
+    let f = Fixture::new();
+    let (app, h) = f.app(UseLimits::Deny, 1).await;
+    let token = f.items();
+    assert_eq!(send(&app, get_items(&token)).await.0, 200);
+    drop(h);
+    // Fresh files keep coming, but nobody reads them.
+    for _ in 0..1000 {
+        f.publish(&[], now());
+        if send(&app, get_items(&token)).await.0 == 503 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the layer kept serving with no refresh");
+}
+
+#[tokio::test]
+async fn the_model_of_a_json_body_is_checked_and_the_body_reaches_the_handler() {
+    let f = Fixture::new();
+    let (app, _h) = f.app(UseLimits::Deny, 60).await;
+    let token = f.token(Scope {
+        services: vec!["items".into()],
+        models: vec!["small".into()],
+        ..Scope::default()
+    });
+    let body = r#"{"model":"small","n":1}"#;
+    let (s, _, text) = send(&app, post_json("/v1/items", &token, body)).await;
+    assert_eq!(s, 200, "{text}");
+    assert!(text.ends_with(body), "the handler got the body: {text}");
+    let (s, _, _) = send(&app, post_json("/v1/items", &token, r#"{"model":"large"}"#)).await;
+    assert_eq!(s, 403);
+    // A second key an upstream may read as the model.
+    let (s, _, _) = send(
+        &app,
+        post_json("/v1/items", &token, r#"{"model":"small","MODEL":"large"}"#),
+    )
+    .await;
+    assert_eq!(s, 400);
+    // A body over the bound is not read to the end.
+    let big = format!(r#"{{"model":"small","pad":"{}"}}"#, "x".repeat(2 << 20));
+    assert_eq!(
+        send(&app, post_json("/v1/items", &token, &big)).await.0,
+        413
+    );
+}
+
+#[tokio::test]
+async fn a_configuration_that_would_always_refuse_or_trust_nothing_is_refused() {
+    let f = Fixture::new();
+    let key = keys::public_string(&f.root.public());
+    let src = || FeedSource::File(f.feed.clone());
+    let e = TillLayer::builder("items")
+        .feed(src())
+        .build()
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("no root public key"), "{e}");
+    let e = TillLayer::builder("items")
+        .public_key(&key)
+        .build()
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("no revocation feed"), "{e}");
+    let e = TillLayer::builder("items")
+        .public_key("ed25519/nothex")
+        .feed(src())
+        .build()
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("not valid"), "{e}");
+    let e = TillLayer::builder("items")
+        .public_key(&key)
+        .feed(src())
+        .max_feed_age(Duration::from_secs(5))
+        .refresh_every(Duration::from_secs(5))
+        .build()
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("shorter than max_feed_age"), "{e}");
+}
+
+/// After a rotation, a feed (here a file) signed by the new key cannot be
+/// checked with the old key alone; following the proxy's
+/// `/.well-known/till-keys` (signed by the old key too) teaches the layer
+/// the new one, and tokens of the new key pass.
+#[tokio::test]
+async fn the_key_set_url_teaches_a_rotated_key() {
+    use till_core::token::keyset::KeySet;
+
+    let f = Fixture::new();
+    let state = tempfile::tempdir().unwrap();
+    keys::save(&state.path().join(keys::ROOT_KEY_FILE), &f.root, false).unwrap();
+    let mut ks = KeySet::load(state.path()).unwrap();
+    assert_eq!(ks.rotate().unwrap(), 1);
+    let doc = serde_json::to_string(&ks.document(now())).unwrap();
+    let feed = Feed::sign_with(ks.active_key(), Some(1), vec![], now(), None).unwrap();
+    std::fs::write(&f.feed, serde_json::to_string(&feed).unwrap()).unwrap();
+    let new = till_core::token::issue_as(
+        ks.active_key(),
+        Some(1),
+        &Scope {
+            services: vec!["items".into()],
+            ..Scope::default()
+        },
+    )
+    .unwrap();
+
+    // The key set, served as the proxy does.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/.well-known/till-keys",
+        listener.local_addr().unwrap()
+    );
+    let server = tokio::spawn(async move {
+        let app = Router::new().route("/.well-known/till-keys", get(move || async move { doc }));
+        axum::serve(listener, app).await.unwrap();
+    });
+
+    let build = |keys_url: Option<&str>| {
+        let mut b = TillLayer::builder("items")
+            .public_key(&keys::public_string(&f.root.public()))
+            .feed(FeedSource::File(f.feed.clone()))
+            .refresh_every(Duration::from_millis(20));
+        if let Some(u) = keys_url {
+            b = b.keys_url(u);
+        }
+        let (layer, handle) = b.build().unwrap();
+        (
+            Router::new()
+                .route("/v1/items", get(|| async { "ok" }))
+                .layer(layer),
+            handle,
+        )
+    };
+    // Key 0 alone: the feed's signature does not verify, so no feed, so
+    // 503.
+    let (app, h) = build(None);
+    wait_until(
+        || {
+            h.last_refresh_error()
+                .is_some_and(|e| e.contains("signature"))
+        },
+        &h,
+    )
+    .await;
+    assert_eq!(send(&app, get_items(&new)).await.0, 503);
+    // Following the key set: the feed verifies and key 1's token passes.
+    let (app, h) = build(Some(&url));
+    wait_until(|| h.feed_version().is_some(), &h).await;
+    assert_eq!(send(&app, get_items(&new)).await.0, 200);
+    assert_eq!(send(&app, get_items(&f.items())).await.0, 200);
+    server.abort();
+}
+
+#[test]
+fn the_gateway_secret_never_shows_in_debug_output() {
+    let u = UseLimits::Remote {
+        check_url: "http://till/auth/items".into(),
+        gateway_secret: Some("s3cret-value".into()),
+    };
+    let shown = format!("{u:?}");
+    assert!(
+        !shown.contains("s3cret-value") && shown.contains("redacted"),
+        "{shown}"
+    );
+}

@@ -1,0 +1,468 @@
+//! MCP (Model Context Protocol) messages as Till reads them: the JSON-RPC
+//! body a client POSTs to a Streamable-HTTP MCP server, the request headers
+//! that mirror it, and the `tools/list` results Till narrows to what a token
+//! may call.
+//!
+//! Pure functions over bytes and `serde_json` values, so the decision can be
+//! made by anything that holds the body (the proxy, a service). Everything
+//! is read the strict way: a body an MCP server could read differently from
+//! Till (a key twice, a key that differs only in case, a `tools/call`
+//! without a string `name`) is refused rather than guessed at.
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+
+use crate::token::McpMessage;
+use crate::token::vocab::{NAMED_TARGETS, TOOLS_CALL};
+
+/// Most messages one batch may hold: each is decided on its own.
+pub const MAX_BATCH: usize = 64;
+
+/// One JSON-RPC message of a request body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    /// The request id; `None` for a notification or a response.
+    pub id: Option<Value>,
+    /// `None` for a response the client sends back to the server.
+    pub method: Option<String>,
+    /// The target a name-bearing method names (`params.name` of
+    /// `tools/call` and `prompts/get`, `params.uri` of `resources/read`).
+    pub name: Option<String>,
+}
+
+impl Message {
+    /// Whether this message is a tool call: the one kind that spends a use.
+    pub fn is_tool_call(&self) -> bool {
+        self.method.as_deref() == Some(TOOLS_CALL)
+    }
+
+    /// The tool a `tools/call` names.
+    pub fn tool(&self) -> Option<&str> {
+        self.is_tool_call()
+            .then_some(self.name.as_deref())
+            .flatten()
+    }
+
+    /// The request facts this message contributes (`mcp`, and `tool`,
+    /// `prompt` or `resource`).
+    pub fn facts(&self) -> McpMessage {
+        McpMessage {
+            method: self.method.clone().unwrap_or_default(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// The messages of one POSTed body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Body {
+    pub messages: Vec<Message>,
+    /// Sent as a JSON array (a JSON-RPC batch), even of one message.
+    pub batch: bool,
+}
+
+/// Why a body is not read as MCP messages.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ParseError {
+    /// Not JSON at all (JSON-RPC "parse error", -32700).
+    #[error("the body is not JSON: {0}")]
+    NotJson(String),
+    /// JSON, but not JSON-RPC messages Till can read unambiguously
+    /// (JSON-RPC "invalid request", -32600). `id` when the message had one.
+    #[error("{why}")]
+    Invalid { id: Option<Value>, why: String },
+}
+
+/// Reads the JSON-RPC message(s) of a POST body: one object, or a non-empty
+/// array of at most [`MAX_BATCH`] objects.
+pub fn parse(body: &[u8]) -> Result<Body, ParseError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ParseError::NotJson("it is not valid UTF-8".into()))?;
+    // First pass: refuse keys an MCP server could read differently.
+    let mut de = serde_json::Deserializer::from_str(text);
+    NoTwins { objects: 0 }
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| {
+            if e.is_syntax() || e.is_eof() {
+                ParseError::NotJson(e.to_string())
+            } else {
+                invalid(None, e.to_string())
+            }
+        })?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| ParseError::NotJson(e.to_string()))?;
+    match value {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(invalid(None, "the batch is empty".into()));
+            }
+            if items.len() > MAX_BATCH {
+                return Err(invalid(
+                    None,
+                    format!(
+                        "the batch has {} messages, more than the {MAX_BATCH} Till accepts; send fewer at a time",
+                        items.len()
+                    ),
+                ));
+            }
+            let messages = items
+                .into_iter()
+                .map(message)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Body {
+                messages,
+                batch: true,
+            })
+        }
+        v => Ok(Body {
+            messages: vec![message(v)?],
+            batch: false,
+        }),
+    }
+}
+
+fn invalid(id: Option<Value>, why: String) -> ParseError {
+    ParseError::Invalid { id, why }
+}
+
+fn message(v: Value) -> Result<Message, ParseError> {
+    let Value::Object(mut o) = v else {
+        return Err(invalid(None, "a JSON-RPC message must be an object".into()));
+    };
+    let id = match o.remove("id") {
+        None => None,
+        Some(id @ (Value::String(_) | Value::Number(_) | Value::Null)) => Some(id),
+        Some(_) => {
+            return Err(invalid(
+                None,
+                "the message's \"id\" must be a string or a number".into(),
+            ));
+        }
+    };
+    if o.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err(invalid(id, "the message lacks \"jsonrpc\": \"2.0\"".into()));
+    }
+    let method = match o.get("method") {
+        None => {
+            if !(o.contains_key("result") || o.contains_key("error")) {
+                return Err(invalid(
+                    id,
+                    "a message without \"method\" must be a response (\"result\" or \"error\")"
+                        .into(),
+                ));
+            }
+            None
+        }
+        Some(Value::String(m)) => Some(m.clone()),
+        Some(_) => {
+            return Err(invalid(
+                id,
+                "the message's \"method\" is not a string".into(),
+            ));
+        }
+    };
+    let name_key = method
+        .as_deref()
+        .and_then(|m| NAMED_TARGETS.iter().find(|(n, _, _)| *n == m))
+        .map(|(_, _, k)| *k);
+    let name = match name_key {
+        None => None,
+        Some(key) => match o.get("params").and_then(|p| p.get(key)) {
+            Some(Value::String(n)) => Some(n.clone()),
+            _ => {
+                return Err(invalid(
+                    id,
+                    format!(
+                        "{} needs a string \"params.{key}\"",
+                        method.as_deref().unwrap_or_default()
+                    ),
+                ));
+            }
+        },
+    };
+    Ok(Message { id, method, name })
+}
+
+/// Refuses, in the message objects and the objects directly inside them
+/// (`params`, `result`, `error`), a key sent twice or two keys that differ
+/// only in case: JSON parsers disagree on which one wins (last, first, or
+/// case-insensitive matching as in Go's `encoding/json`), so Till could
+/// authorize one tool while the server calls another. Deeper objects (tool
+/// arguments) are the server's business.
+struct NoTwins {
+    /// Objects around this value.
+    objects: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for NoTwins {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NoTwins {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+        while s
+            .next_element_seed(NoTwins {
+                objects: self.objects,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        let mut seen: Vec<String> = Vec::new();
+        while let Some(k) = m.next_key::<String>()? {
+            if self.objects < 2 {
+                let folded = k.to_lowercase();
+                if seen.contains(&folded) {
+                    return Err(serde::de::Error::custom(format!(
+                        "the key {k:?} appears twice (or differs only in case from another key); MCP servers could read either one, so Till refuses the message: send each key once"
+                    )));
+                }
+                seen.push(folded);
+                m.next_value_seed(NoTwins {
+                    objects: self.objects + 1,
+                })?;
+            } else {
+                m.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decodes an `Mcp-Name` header value: verbatim, or `=?base64?…?=` for
+/// names that are not plain printable ASCII (the MCP specification's
+/// encoding). `None` for a malformed encoded value, which then matches
+/// nothing.
+pub fn decode_header_value(v: &str) -> Option<String> {
+    match v
+        .strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+    {
+        Some(b64) => base64::decode(b64)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok()),
+        None => Some(v.to_string()),
+    }
+}
+
+/// Checks that the `Mcp-Method` and `Mcp-Name` request headers, when the
+/// client sends them, say what the body says: an intermediary (or the MCP
+/// server) routing on the headers must not see another method or tool than
+/// the one Till authorized. A header with a batch, or `Mcp-Name` for a
+/// method that names nothing, disagrees.
+pub fn check_headers(
+    body: &Body,
+    method_header: Option<&str>,
+    name_header: Option<&str>,
+) -> Result<(), String> {
+    if method_header.is_none() && name_header.is_none() {
+        return Ok(());
+    }
+    let one = match body.messages.as_slice() {
+        [m] if !body.batch => m,
+        _ => {
+            return Err(
+                "the Mcp-Method or Mcp-Name header comes with a batch of messages; send them only with a single message".into(),
+            );
+        }
+    };
+    if let Some(h) = method_header
+        && one.method.as_deref() != Some(h)
+    {
+        return Err(format!(
+            "the Mcp-Method header ({h:?}) does not match the body's method ({:?})",
+            one.method.as_deref().unwrap_or("")
+        ));
+    }
+    if let Some(h) = name_header {
+        let decoded = decode_header_value(h);
+        if decoded.is_none() || decoded != one.name {
+            return Err(format!(
+                "the Mcp-Name header ({h:?}) does not match the name the body's {} names",
+                one.method.as_deref().unwrap_or("message")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The lists an MCP server answers with, the key naming each entry, and
+/// the method an entry is then used with: what [`filter_lists`] narrows.
+const LISTS: &[(&str, &str, &str)] = &[
+    ("tools", "name", crate::token::vocab::TOOLS_CALL),
+    ("prompts", "name", crate::token::vocab::PROMPTS_GET),
+    ("resources", "uri", crate::token::vocab::RESOURCES_READ),
+];
+
+/// Narrows the `tools`, `prompts` and `resources` lists of the results in
+/// one server message (a JSON-RPC response, or a batch of them) to the
+/// entries `may(method, name)` accepts, `method` being the one that would
+/// use the entry (`tools/call`, `prompts/get`, `resources/read`). Returns
+/// whether the message holds such a list: the caller then sends the value
+/// re-serialised even when nothing was removed, so a list a client could
+/// read another way (a key twice) reaches it only as Till read it. An
+/// entry without a string name (or `uri`) is removed: deny when unsure.
+pub fn filter_lists(v: &mut Value, may: &mut dyn FnMut(&str, &str) -> bool) -> bool {
+    match v {
+        Value::Array(items) => {
+            let mut found = false;
+            for item in items {
+                found |= filter_lists(item, may);
+            }
+            found
+        }
+        Value::Object(o) => {
+            let Some(Value::Object(result)) = o.get_mut("result") else {
+                return false;
+            };
+            let mut found = false;
+            for (list, key, method) in LISTS {
+                if let Some(Value::Array(entries)) = result.get_mut(*list) {
+                    entries.retain(|e| {
+                        e.get(*key)
+                            .and_then(Value::as_str)
+                            .is_some_and(|n| may(method, n))
+                    });
+                    found = true;
+                }
+            }
+            found
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_tool_call_names_its_tool_and_housekeeping_names_none() {
+        let b = parse(br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"add","arguments":{"a":1}}}"#).unwrap();
+        assert!(!b.batch);
+        assert_eq!(b.messages[0].tool(), Some("add"));
+        assert_eq!(b.messages[0].id, Some(json!(3)));
+        let b = parse(br#"[{"jsonrpc":"2.0","method":"notifications/initialized"},{"jsonrpc":"2.0","id":"x","method":"tools/list"}]"#).unwrap();
+        assert!(b.batch);
+        assert_eq!(b.messages.len(), 2);
+        assert!(b.messages.iter().all(|m| m.tool().is_none()));
+        assert_eq!(b.messages[0].id, None);
+        // A response the client sends back names no method.
+        let b = parse(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#).unwrap();
+        assert_eq!(b.messages[0].facts(), McpMessage::none());
+    }
+
+    #[test]
+    fn bodies_a_server_could_read_differently_are_refused() {
+        for body in [
+            // Two method keys: which one wins depends on the parser.
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call","params":{"name":"x"}}"#,
+            // Two names: Till would authorize one, Python calls the last.
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","name":"delete_everything"}}"#,
+            // Go's encoding/json matches keys case-insensitively.
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","Name":"delete_everything"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","Method":"x","params":{"name":"add"}}"#,
+            // A tool call without a string name.
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":5}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":["add"]}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":5}"#,
+            r#"{"jsonrpc":"2.0","id":1}"#,
+            r#"{"id":1,"method":"tools/list"}"#,
+            r#"[]"#,
+            r#""tools/call""#,
+        ] {
+            assert!(
+                matches!(parse(body.as_bytes()), Err(ParseError::Invalid { .. })),
+                "{body}: {:?}",
+                parse(body.as_bytes())
+            );
+        }
+        assert!(matches!(parse(b"{"), Err(ParseError::NotJson(_))));
+        assert!(matches!(parse(b"\xff"), Err(ParseError::NotJson(_))));
+        // Keys that differ in case deep inside the arguments are the tool's.
+        assert!(parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"x":1,"X":2}}}"#).is_ok());
+        // The id of an invalid message is kept for the error answer.
+        assert_eq!(
+            parse(br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{}}"#),
+            Err(ParseError::Invalid {
+                id: Some(json!(7)),
+                why: "tools/call needs a string \"params.name\"".into()
+            })
+        );
+    }
+
+    #[test]
+    fn headers_must_agree_with_the_body() {
+        let call =
+            parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add"}}"#)
+                .unwrap();
+        assert!(check_headers(&call, None, None).is_ok());
+        assert!(check_headers(&call, Some("tools/call"), Some("add")).is_ok());
+        assert!(check_headers(&call, Some("tools/list"), None).is_err());
+        assert!(check_headers(&call, Some("tools/call"), Some("delete_everything")).is_err());
+        // The base64 form of the specification.
+        assert!(check_headers(&call, None, Some("=?base64?YWRk?=")).is_ok());
+        assert!(check_headers(&call, None, Some("=?base64?!!?=")).is_err());
+        let list = parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#).unwrap();
+        assert!(check_headers(&list, Some("tools/list"), Some("add")).is_err());
+        let batch = parse(br#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#).unwrap();
+        assert!(check_headers(&batch, Some("tools/list"), None).is_err());
+    }
+
+    #[test]
+    fn tool_lists_keep_only_what_may_be_called() {
+        let mut v = json!({"jsonrpc":"2.0","id":2,"result":{"tools":[
+            {"name":"add"},{"name":"delete_everything"},{"title":"no name"}
+        ],"nextCursor":"c"}});
+        assert!(filter_lists(&mut v, &mut |m, n| m == "tools/call" && n == "add"));
+        assert_eq!(v["result"]["tools"], json!([{"name":"add"}]));
+        assert_eq!(v["result"]["nextCursor"], json!("c"));
+        let mut other = json!({"jsonrpc":"2.0","id":3,"result":{"content":[]}});
+        assert!(!filter_lists(&mut other, &mut |_, _| false));
+        // A list is reported even when every tool stays.
+        let mut all = json!([{"jsonrpc":"2.0","id":4,"result":{"tools":[{"name":"add"}]}}]);
+        assert!(filter_lists(&mut all, &mut |_, _| true));
+        // Prompts and resources, by name and by URI.
+        let mut v = json!({"jsonrpc":"2.0","id":5,"result":{
+            "prompts":[{"name":"greet"},{"name":"leak"}],
+            "resources":[{"uri":"res://docs/a","name":"a"},{"uri":"res://secret/k","name":"k"}]}});
+        assert!(filter_lists(&mut v, &mut |m, n| match m {
+            "prompts/get" => n == "greet",
+            "resources/read" => n.starts_with("res://docs/"),
+            _ => false,
+        }));
+        assert_eq!(v["result"]["prompts"], json!([{"name":"greet"}]));
+        assert_eq!(
+            v["result"]["resources"],
+            json!([{"uri":"res://docs/a","name":"a"}])
+        );
+    }
+}

@@ -1,0 +1,596 @@
+//! MCP servers behind Till, with the official MCP SDK on both sides: a
+//! Streamable-HTTP server with three tools (tests/it/mcp/server.py) as the
+//! upstream, and the SDK's client (tests/it/mcp/client.py) through the
+//! proxy, in both the session-based protocol (`legacy`: initialize,
+//! `Mcp-Session-Id`, event streams) and the newest one (`auto`: JSON
+//! answers, `Mcp-Method` / `Mcp-Name` headers). Raw JSON-RPC requests cover
+//! what a well-behaved client never sends.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use serde_json::{Value, json};
+use till::token::Scope;
+
+use crate::helpers::*;
+
+const SERVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/mcp/server.py");
+const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/mcp/client.py");
+const INSTALL: &str = "python3 -m pip install mcp==2.3.0";
+
+fn sdk_installed() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import mcp, uvicorn, httpx2"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("the MCP SDK is required in CI: {INSTALL}");
+        }
+        eprintln!("\n******** SKIPPED: the mcp package is not installed ({INSTALL}) ********\n");
+    }
+    ok
+}
+
+/// The Python MCP server, on an ephemeral port; stopped on drop.
+struct McpServer {
+    child: Child,
+    port: u16,
+    /// One line per `delete_everything` call that reached the server.
+    effects: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl McpServer {
+    fn start() -> McpServer {
+        let dir = tempfile::tempdir().unwrap();
+        let effects = dir.path().join("effects");
+        let mut child = Command::new("python3")
+            .arg(SERVER)
+            .env("MCP_TEST_EFFECTS", &effects)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the MCP server did not start: {line:?}"));
+        McpServer {
+            child,
+            port,
+            effects,
+            _dir: dir,
+        }
+    }
+
+    /// How many `delete_everything` calls reached the server.
+    fn deletions(&self) -> usize {
+        std::fs::read_to_string(&self.effects)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    }
+}
+
+impl Drop for McpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The proxy with the MCP server as upstream `tools` (`api = "mcp"`).
+fn proxy(home: &Home, server: &McpServer) -> Proxy {
+    let cfg = format!(
+        "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n\
+         [upstreams.tools]\nurl = \"http://127.0.0.1:{}\"\napi = \"mcp\"\n\
+         credential = {{ env = \"TEST_OPENAI_KEY\" }}\n",
+        home.path().to_str().unwrap(),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+        server.port,
+    );
+    let config = home.write("till.toml", &cfg);
+    Proxy::start_config(home, &config).expect("proxy starts")
+}
+
+/// The official MCP client in one session, driven command by command.
+struct McpClient {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl McpClient {
+    fn start(proxy: &Proxy, token: &str, mode: &str) -> McpClient {
+        let mut child = Command::new("python3")
+            .args([CLIENT, &proxy.url("/tools/mcp"), token, mode])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 runs");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut c = McpClient {
+            child,
+            stdin,
+            stdout,
+        };
+        let ready = c.read();
+        assert!(ready.get("ready").is_some(), "{ready}");
+        c
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("client said {line:?}"))
+    }
+
+    fn send(&mut self, cmd: &str) -> Value {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.read()
+    }
+
+    fn list(&mut self) -> Vec<String> {
+        let v = self.send("list");
+        serde_json::from_value(v["tools"].clone()).unwrap_or_else(|_| panic!("{v}"))
+    }
+
+    fn call(&mut self, tool: &str, args: Value) -> Value {
+        self.send(&format!("call {tool} {args}"))
+    }
+}
+
+impl Drop for McpClient {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.child.wait();
+    }
+}
+
+fn tools_token(home: &Home, tools: &[&str], max_uses: Option<u64>) -> String {
+    home.issue(Scope {
+        services: vec!["tools".into()],
+        tools: tools.iter().map(|t| t.to_string()).collect(),
+        max_uses,
+        label: Some("mcp-agent".into()),
+        ..Scope::default()
+    })
+}
+
+const MODES: [&str; 2] = ["legacy", "auto"];
+
+#[test]
+fn a_token_with_one_tool_lists_and_calls_only_that_tool() {
+    if !sdk_installed() {
+        return;
+    }
+    let server = McpServer::start();
+    let home = Home::new();
+    let proxy = proxy(&home, &server);
+    let token = tools_token(&home, &["add"], None);
+    for mode in MODES {
+        let mut c = McpClient::start(&proxy, &token, mode);
+        assert_eq!(c.list(), ["add"], "{mode}");
+        assert_eq!(c.call("add", json!({"a": 1, "b": 2}))["ok"], json!(["3"]));
+        let denied = c.call("delete_everything", json!({}));
+        let e = &denied["error"];
+        assert_eq!(e["code"], -32001, "{mode}: {denied}");
+        assert_eq!(e["data"]["till_code"], "out_of_scope", "{denied}");
+        let msg = e["message"].as_str().unwrap();
+        assert!(msg.contains("only allows the MCP tool \"add\""), "{msg}");
+        // The session goes on after a denial.
+        assert_eq!(c.call("add", json!({"a": 2, "b": 2}))["ok"], json!(["4"]));
+    }
+    assert_eq!(server.deletions(), 0, "a denied call reached the server");
+
+    // A token for every tool lists all three.
+    let all = tools_token(&home, &[], None);
+    let mut c = McpClient::start(&proxy, &all, "legacy");
+    let mut listed = c.list();
+    listed.sort();
+    assert_eq!(listed, ["add", "delete_everything", "echo"]);
+    drop(c);
+
+    // The audit line names the tool of every call, allowed or denied.
+    let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).unwrap();
+    let calls: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["mcp_method"] == "tools/call")
+        .collect();
+    assert!(
+        calls
+            .iter()
+            .any(|v| v["tool"] == "delete_everything" && v["decision"] == "deny"),
+        "{audit}"
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|v| v["tool"] == "add" && v["decision"] == "allow"),
+        "{audit}"
+    );
+    assert!(!audit.contains(&token[..40]), "a token in the audit log");
+}
+
+#[test]
+fn a_three_use_token_gets_three_tool_calls_and_housekeeping_is_free() {
+    if !sdk_installed() {
+        return;
+    }
+    let server = McpServer::start();
+    let home = Home::new();
+    let proxy = proxy(&home, &server);
+    for mode in MODES {
+        let token = tools_token(&home, &[], Some(3));
+        let mut c = McpClient::start(&proxy, &token, mode);
+        for _ in 0..5 {
+            assert_eq!(c.list().len(), 3, "tools/list spends nothing");
+        }
+        for i in 0..3 {
+            let r = c.call("echo", json!({"text": format!("hi {i}")}));
+            assert_eq!(r["ok"], json!([format!("hi {i}")]), "{mode} call {i}: {r}");
+        }
+        let r = c.call("echo", json!({"text": "one too many"}));
+        assert_eq!(r["error"]["code"], -32002, "{mode}: {r}");
+        assert_eq!(r["error"]["data"]["till_code"], "activations_exhausted");
+        // Used up, it may still list what it can no longer call.
+        assert_eq!(c.list().len(), 3);
+    }
+}
+
+#[test]
+fn a_child_has_fewer_tools_than_its_parent_and_spends_the_parents_uses() {
+    if !sdk_installed() {
+        return;
+    }
+    let server = McpServer::start();
+    let home = Home::new();
+    let proxy = proxy(&home, &server);
+    let parent = tools_token(&home, &["add", "echo"], Some(2));
+    let kid = child(
+        &parent,
+        Scope {
+            tools: vec!["echo".into()],
+            ..Scope::default()
+        },
+    );
+    // Naming a tool the parent lacks widens nothing: the child gets the
+    // intersection, here no tool at all.
+    let wider = child(
+        &parent,
+        Scope {
+            tools: vec!["delete_everything".into()],
+            ..Scope::default()
+        },
+    );
+    let mut p = McpClient::start(&proxy, &parent, "legacy");
+    let mut k = McpClient::start(&proxy, &kid, "legacy");
+    let mut w = McpClient::start(&proxy, &wider, "legacy");
+    let mut listed = p.list();
+    listed.sort();
+    assert_eq!(listed, ["add", "echo"]);
+    assert_eq!(k.list(), ["echo"]);
+    assert!(w.list().is_empty());
+    assert_eq!(
+        k.call("add", json!({"a": 1, "b": 1}))["error"]["code"],
+        -32001
+    );
+    assert_eq!(
+        w.call("delete_everything", json!({}))["error"]["code"],
+        -32001
+    );
+    assert_eq!(k.call("echo", json!({"text": "k"}))["ok"], json!(["k"]));
+    // The child's call spent one of the parent's two uses.
+    assert_eq!(p.call("add", json!({"a": 1, "b": 1}))["ok"], json!(["2"]));
+    assert_eq!(
+        k.call("echo", json!({"text": "k"}))["error"]["code"],
+        -32002
+    );
+    assert_eq!(
+        p.call("add", json!({"a": 1, "b": 1}))["error"]["code"],
+        -32002
+    );
+    assert_eq!(server.deletions(), 0);
+}
+
+#[test]
+fn revocation_mid_session_answers_the_next_call_with_an_error() {
+    if !sdk_installed() {
+        return;
+    }
+    let server = McpServer::start();
+    let home = Home::new();
+    let proxy = proxy(&home, &server);
+    let token = tools_token(&home, &["add"], None);
+    let mut c = McpClient::start(&proxy, &token, "legacy");
+    assert_eq!(c.call("add", json!({"a": 1, "b": 2}))["ok"], json!(["3"]));
+    till(["revoke", &token, "--url", &proxy.url("")])
+        .home(&home)
+        .env("TILL_ADMIN_TOKEN", &home.admin())
+        .run()
+        .success();
+    let r = c.call("add", json!({"a": 1, "b": 2}));
+    assert_eq!(r["error"]["code"], -32004, "{r}");
+    assert_eq!(r["error"]["data"]["till_code"], "token_revoked");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("revoked"),
+        "{r}"
+    );
+    // Housekeeping is refused too: the key is dead.
+    assert!(c.send("list").get("error").is_some());
+}
+
+// ---------------------------------------------------------------------------
+// Raw JSON-RPC: what the SDK never sends.
+
+/// A tools/call in the newest protocol, which needs no session.
+fn call_body(id: u64, tool: &str) -> Value {
+    json!({
+        "jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": tool, "arguments": {}, "_meta": meta()},
+    })
+}
+
+fn meta() -> Value {
+    json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+    })
+}
+
+fn at(proxy: &Proxy) -> ProxyAt {
+    ProxyAt(proxy.url(""))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_tool_calls_never_exceed_the_limit() {
+    if !sdk_installed() {
+        return;
+    }
+    let server = McpServer::start();
+    let home = Home::new();
+    let proxy = proxy(&home, &server);
+    let parent = tools_token(&home, &[], Some(3));
+    let kids: Vec<String> = (0..4).map(|_| child(&parent, limit(100))).collect();
+    let body = call_body(1, "delete_everything").to_string();
+    let hdrs = [
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "delete_everything"),
+    ];
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let (t, b) = (kids[i % 4].clone(), body.clone());
+            let url = proxy.url("");
+            tokio::spawn(async move {
+                let p = ProxyAt(url);
+                p.post(&t, &b, &hdrs).await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        let (s, v) = t.await.unwrap();
+        assert_eq!(s, 200, "{v}");
+        if v.get("result").is_some() {
+            ok += 1;
+        } else {
+            assert_eq!(v["error"]["code"], -32002, "{v}");
+            assert_eq!(v["id"], 1, "{v}");
+        }
+    }
+    assert_eq!(
+        ok, 3,
+        "children together spent more than the parent's 3 uses"
+    );
+    assert_eq!(server.deletions(), 3);
+}
+
+/// Raw requests to the proxy's `tools` upstream.
+struct ProxyAt(String);
+
+impl ProxyAt {
+    async fn post(&self, token: &str, body: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut req = client()
+            .post(format!("{}/tools/mcp", self.0))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .body(body.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, v)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smuggled_tool_names_are_refused_before_the_server() {
+    if !sdk_installed() {
+        return;
+    }
+    let server = McpServer::start();
+    let home = Home::new();
+    let proxy = proxy(&home, &server);
+    let add_only = tools_token(&home, &["add"], None);
+    let all = tools_token(&home, &[], None);
+
+    // Headers that name another tool than the body.
+    let b = call_body(5, "delete_everything").to_string();
+    let (s, v) = at(&proxy)
+        .post(
+            &all,
+            &b,
+            &[("mcp-method", "tools/call"), ("mcp-name", "add")],
+        )
+        .await;
+    assert_eq!(
+        (s, &v["error"]["code"], &v["id"]),
+        (400, &json!(-32020), &json!(5)),
+        "{v}"
+    );
+    let (s, v) = at(&proxy)
+        .post(&all, &b, &[("mcp-method", "tools/list")])
+        .await;
+    assert_eq!((s, &v["error"]["code"]), (400, &json!(-32020)), "{v}");
+
+    // The name twice, or in another case: servers disagree on which wins.
+    for body in [
+        r#"{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"add","name":"delete_everything","arguments":{}}}"#,
+        r#"{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"add","Name":"delete_everything","arguments":{}}}"#,
+    ] {
+        let (s, v) = at(&proxy).post(&add_only, body, &[]).await;
+        assert_eq!((s, &v["error"]["code"]), (400, &json!(-32600)), "{v}");
+    }
+    let (s, v) = at(&proxy).post(&add_only, "{not json", &[]).await;
+    assert_eq!(
+        (s, &v["error"]["code"], &v["id"]),
+        (400, &json!(-32700), &Value::Null),
+        "{v}"
+    );
+
+    // A batch with one denied call: nothing of it is sent, each request
+    // gets an error with its own id.
+    let batch = json!([call_body(7, "add"), call_body(8, "delete_everything")]).to_string();
+    let (s, v) = at(&proxy).post(&add_only, &batch, &[]).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v[0]["id"], 7, "{v}");
+    assert_eq!(v[0]["error"]["code"], -32006, "{v}");
+    assert_eq!(v[1]["id"], 8, "{v}");
+    assert_eq!(v[1]["error"]["code"], -32001, "{v}");
+
+    // No token: 401, which MCP clients read as "authenticate".
+    let resp = client()
+        .post(proxy.url("/tools/mcp"))
+        .header("content-type", "application/json")
+        .body(call_body(9, "add").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let v: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], -32010, "{v}");
+    assert_eq!(server.deletions(), 0);
+}
+
+#[test]
+fn the_cli_issues_inspects_narrows_and_verifies_tool_scopes() {
+    let home = Home::new();
+    let parent = till([
+        "issue",
+        "--service",
+        "github-mcp",
+        "--tool",
+        "github_*",
+        "--tool",
+        "search",
+        "--max-uses",
+        "10",
+    ])
+    .home(&home)
+    .run()
+    .success()
+    .out();
+    let parent = parent.trim();
+    let kid = till(["attenuate", "--tool", "github_get_*"])
+        .home(&home)
+        .stdin(parent)
+        .run()
+        .success()
+        .out();
+    let kid = kid.trim();
+    till(["inspect"])
+        .home(&home)
+        .stdin(kid)
+        .run()
+        .success()
+        .stdout_has(r#"MCP tools: "github_*", "search""#)
+        .stdout_has(r#"MCP tools: "github_get_*""#);
+    let verify = |args: &[&str]| {
+        let mut a = vec!["verify", "--service", "github-mcp", "--method", "POST"];
+        a.extend_from_slice(args);
+        till(a).home(&home).stdin(kid).run()
+    };
+    verify(&["--tool", "github_get_repo"]).success();
+    verify(&["--tool", "search"])
+        .code(1)
+        .stdout_has(r#"only allows the MCP tool "github_get_*""#);
+    verify(&["--mcp-method", "tools/list"]).success();
+    // A tools key is an MCP key: plain HTTP requests fail its check.
+    verify(&[]).code(1);
+    // Patterns are names or trailing prefixes, nothing else.
+    for bad in ["*", "a*b", "has space"] {
+        till(["issue", "--service", "x", "--tool", bad])
+            .home(&home)
+            .run()
+            .code(2)
+            .stderr_has("--tool");
+    }
+    // A child naming only tools its parent lacks is told so.
+    till(["attenuate", "--tool", "delete_everything"])
+        .home(&home)
+        .stdin(parent)
+        .run()
+        .success()
+        .stderr_has("the new token can use no MCP tool: no tool passes every block");
+}
+
+#[test]
+fn prompts_and_resources_are_scoped_and_listed_like_tools() {
+    if !sdk_installed() {
+        return;
+    }
+    let server = McpServer::start();
+    let home = Home::new();
+    let proxy = proxy(&home, &server);
+    let token = home.issue(Scope {
+        services: vec!["tools".into()],
+        prompts: vec!["greet".into()],
+        resources: vec!["res://docs/".into()],
+        max_uses: Some(1),
+        ..Scope::default()
+    });
+    for mode in MODES {
+        let mut c = McpClient::start(&proxy, &token, mode);
+        assert_eq!(c.send("prompts")["prompts"], json!(["greet"]), "{mode}");
+        assert_eq!(
+            c.send("resources")["resources"],
+            json!(["res://docs/readme"]),
+            "{mode}"
+        );
+        let r = c.send("prompt greet {\"name\": \"Till\"}");
+        assert_eq!(r["ok"], json!(["Hello Till"]), "{mode}: {r}");
+        let r = c.send("prompt leak {}");
+        assert_eq!(r["error"]["code"], -32001, "{mode}: {r}");
+        assert!(r.to_string().contains("MCP prompt \\\"greet\\\""), "{r}");
+        assert_eq!(c.send("read res://docs/readme")["ok"], json!(["read me"]));
+        let r = c.send("read res://secret/key");
+        assert_eq!(r["error"]["code"], -32001, "{mode}: {r}");
+        assert!(!r.to_string().contains("hunter2"), "{r}");
+        // Prompts and resources spend nothing; tools stay unrestricted
+        // (no --tool), and the one use goes to the first call.
+        assert_eq!(c.list().len(), 3);
+    }
+    let mut c = McpClient::start(&proxy, &token, "auto");
+    assert_eq!(c.call("add", json!({"a": 1, "b": 1}))["ok"], json!(["2"]));
+    assert_eq!(
+        c.call("add", json!({"a": 1, "b": 1}))["error"]["code"],
+        -32002
+    );
+    assert_eq!(c.send("read res://docs/readme")["ok"], json!(["read me"]));
+}
