@@ -110,7 +110,7 @@ fn scope(authority: bool) -> impl Strategy<Value = Scope> {
         prop_oneof![3 => Just(Vec::new()), 1 => strings(RESOURCE_PREFIXES, 1)],
         prop::option::of(prop::sample::select(&[1u64, 2, 3, 5, 10][..])),
         prop::option::of(prop::sample::select(OFFSETS)),
-        prop_oneof![2 => Just(Vec::new()), 1 => rates()],
+        prop_oneof![3 => Just(Vec::new()), 1 => rates()],
         prop::option::weighted(0.25, prop::sample::select(&[1u64, 2, 4][..])),
     )
         .prop_map(
