@@ -219,6 +219,8 @@ pub struct Alerts {
     recent: Cache<String, ()>,
     bursts: Cache<String, Arc<Mutex<Burst>>>,
     shared: Option<Arc<dyn AlertClaims>>,
+    /// Serialises the first claim of a key ([`Alerts::claim_here`]).
+    claiming: Mutex<()>,
 }
 
 impl Alerts {
@@ -251,6 +253,7 @@ impl Alerts {
                 .build(),
             cfg,
             shared: None,
+            claiming: Mutex::new(()),
         }
     }
 
@@ -273,7 +276,7 @@ impl Alerts {
     pub fn fire_once(&self, key: String, a: impl FnOnce() -> Alert) {
         // Claimed atomically, and the alert is built only by the claimer:
         // past a threshold, every request of the family comes through here.
-        if self.once.entry(key.clone()).or_insert(()).is_fresh() {
+        if self.claim_here(&self.once, &key) {
             self.claim_and_emit(key, ONCE_TTL, a());
         }
     }
@@ -281,9 +284,26 @@ impl Alerts {
     /// Fires the alert `a` builds unless an alert with `key` fired in the
     /// last five minutes.
     pub fn fire_recent(&self, key: String, a: impl FnOnce() -> Alert) {
-        if self.recent.entry(key.clone()).or_insert(()).is_fresh() {
+        if self.claim_here(&self.recent, &key) {
             self.claim_and_emit(key, RECENT_TTL, a());
         }
+    }
+
+    /// True for exactly one caller per `key` while it stays in `cache`.
+    /// The cache's own entry API let two concurrent callers both see a
+    /// fresh entry (two `rate_limited` alerts from one burst of refusals),
+    /// so the insert is serialised here; the lock is taken only by callers
+    /// that found no entry, i.e. about once per alert.
+    fn claim_here(&self, cache: &Cache<String, ()>, key: &str) -> bool {
+        if cache.contains_key(key) {
+            return false;
+        }
+        let _one = self.claiming.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.contains_key(key) {
+            return false;
+        }
+        cache.insert(key.to_string(), ());
+        true
     }
 
     /// Sends `a`, after claiming `key` in the shared store if there is one.
@@ -422,6 +442,39 @@ async fn deliver(hooks: Vec<Webhook>, mut rx: mpsc::Receiver<Alert>, metrics: Ar
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: a burst of refusals raised two `rate_limited` alerts.
+    #[test]
+    fn concurrent_callers_raise_one_alert_per_key() {
+        for _ in 0..20 {
+            let alerts = Arc::new(Alerts::start(
+                AlertConfig::default(),
+                Arc::new(Metrics::new()),
+            ));
+            let gate = Arc::new(std::sync::Barrier::new(8));
+            let threads: Vec<_> = (0..8)
+                .map(|i| {
+                    let (alerts, gate) = (alerts.clone(), gate.clone());
+                    std::thread::spawn(move || {
+                        gate.wait();
+                        alerts.fire_recent("rate:f".into(), || Alert {
+                            kind: "rate_limited",
+                            message: format!("from thread {i}"),
+                            time: String::new(),
+                            family: None,
+                            block: None,
+                            labels: Vec::new(),
+                            details: serde_json::Value::Null,
+                        });
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            assert_eq!(alerts.history().len(), 1);
+        }
+    }
 
     #[test]
     fn slack_control_characters_are_escaped() {
