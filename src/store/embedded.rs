@@ -33,6 +33,7 @@ use futures_util::future::BoxFuture;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
+use super::window::{LocalWindows, SAVE_EVERY, WindowStore};
 use super::{
     BlockMeta, CounterInfo, CounterSpec, CounterStore, Reservation, RevocationList, StoreError,
     now_unix,
@@ -60,6 +61,9 @@ const RETIRED_FAMILY: TableDefinition<&str, &str> = TableDefinition::new("retire
 
 /// File name of the store inside the state directory.
 pub const STORE_FILE: &str = "state.redb";
+/// The rate windows of this process, beside the store file (not durable:
+/// see `store::window`).
+pub const WINDOWS_FILE: &str = "windows.json";
 
 /// Largest lease, in uses, taken ahead of actual use.
 const MAX_LEASE: u64 = 256;
@@ -155,6 +159,29 @@ struct Shared {
 pub struct EmbeddedStore {
     shared: Arc<Shared>,
     writer: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// Rate windows and concurrency caps of this process, saved beside the
+    /// store file (`windows.json`) off the request path.
+    windows: Arc<LocalWindows>,
+    windows_file: PathBuf,
+}
+
+/// Saves `windows` to `path` every [`SAVE_EVERY`] when they changed, until
+/// the store is dropped.
+fn window_saver(windows: std::sync::Weak<LocalWindows>, path: PathBuf) {
+    let mut saved = 0;
+    loop {
+        std::thread::sleep(SAVE_EVERY);
+        let Some(w) = windows.upgrade() else { return };
+        let now = w.changes();
+        if now != saved {
+            match w.save(&path) {
+                Ok(()) => saved = now,
+                Err(e) => {
+                    tracing::warn!(error = %e, file = %path.display(), "saving the rate windows failed; a restart may forget recent admissions")
+                }
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -295,9 +322,23 @@ impl EmbeddedStore {
             .name("till-store-writer".into())
             .spawn(move || writer_loop(&s))
             .map_err(|e| open_err(e.to_string()))?;
+        let windows = Arc::new(LocalWindows::default());
+        let windows_file = path.with_file_name(WINDOWS_FILE);
+        // An unreadable window file loses rate history, not uses: start
+        // with empty windows and say so, rather than refuse to start.
+        if let Err(e) = windows.load(&windows_file) {
+            tracing::warn!(error = %e, "rate windows start empty");
+        }
+        let (w, f) = (Arc::downgrade(&windows), windows_file.clone());
+        std::thread::Builder::new()
+            .name("till-window-saver".into())
+            .spawn(move || window_saver(w, f))
+            .map_err(|e| open_err(e.to_string()))?;
         Ok(EmbeddedStore {
             shared,
             writer: Arc::new(Mutex::new(Some(writer))),
+            windows,
+            windows_file,
         })
     }
 
@@ -691,6 +732,10 @@ impl CounterStore for EmbeddedStore {
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        // Graceful shutdown: the next start continues these windows.
+        if let Err(e) = self.windows.save(&self.windows_file) {
+            tracing::warn!(error = %e, "saving the rate windows at shutdown failed");
+        }
         let epoch = {
             let mut st = lock(&self.shared.state);
             st.closing = true;
@@ -725,6 +770,9 @@ impl CounterStore for EmbeddedStore {
         }
     }
 
+    fn windows(&self) -> Option<Arc<dyn WindowStore>> {
+        Some(self.windows.clone())
+    }
     fn blocks(&self) -> BoxFuture<'_, Result<Vec<BlockMeta>, StoreError>> {
         let out = lock(&self.shared.state).meta.values().cloned().collect();
         async move { Ok(out) }.boxed()

@@ -17,9 +17,12 @@
 //! with the window slots and held until the response body has been sent (a
 //! streamed answer included) or the client went away.
 //!
-//! Windows are not durable (no disk write, no fsync on the request path):
-//! after a restart of an in-process store every window starts empty. See
-//! SECURITY.md for why that is the chosen trade-off.
+//! Windows are not durable the way use counts are (no disk write, no fsync
+//! on the request path). The in-process store used with the embedded
+//! counter store is saved off the request path ([`LocalWindows::save`]):
+//! every [`SAVE_EVERY`] when it changed, and at a graceful shutdown, and
+//! read back at start, so a restart keeps the windows and a crash forgets
+//! at most the admissions of the last interval. See SECURITY.md.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -124,6 +127,8 @@ struct State {
 pub struct LocalWindows {
     state: Mutex<State>,
     seq: AtomicU64,
+    /// Bumped by every change of a log: what the saver compares.
+    changes: AtomicU64,
     /// Admissions since the last sweep of idle windows.
     since_sweep: AtomicU64,
     clock: fn() -> u64,
@@ -146,9 +151,88 @@ impl LocalWindows {
         LocalWindows {
             state: Mutex::new(State::default()),
             seq: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
             since_sweep: AtomicU64::new(0),
             clock,
         }
+    }
+
+    /// A count that moves whenever a window's log changes.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    /// Writes every live window's admission times to `path` (a temporary
+    /// file renamed over it, so a crash leaves the old file or the new
+    /// one). No fsync: this bounds what a process crash forgets, not what
+    /// a power loss does. Concurrency caps are not saved: the requests
+    /// they counted end with the process.
+    pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let now = (self.clock)();
+        let saved = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut saved = Vec::new();
+            for (id, windows) in st.logs.iter_mut() {
+                for (secs, log) in windows.iter_mut() {
+                    expire(log, now, *secs);
+                    if !log.is_empty() {
+                        saved.push(SavedWindow {
+                            block: id.clone(),
+                            seconds: *secs,
+                            times: log.iter().map(|e| e.0).collect(),
+                        });
+                    }
+                }
+            }
+            saved
+        };
+        let file = SavedWindows {
+            version: 1,
+            windows: saved,
+        };
+        let text = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Reads windows saved by [`LocalWindows::save`] into an empty store;
+    /// returns how many windows hold admissions. A missing file is an
+    /// empty store (a first start).
+    pub fn load(&self, path: &std::path::Path) -> Result<usize, String> {
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let file: SavedWindows = serde_json::from_slice(&text)
+            .map_err(|e| format!("{} is not a saved window file: {e}", path.display()))?;
+        if file.version != 1 {
+            return Err(format!(
+                "{} has version {}, this Till reads version 1",
+                path.display(),
+                file.version
+            ));
+        }
+        let now = (self.clock)();
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut loaded = 0;
+        for w in file.windows {
+            let log = log_of(&mut st.logs, &w.block, w.seconds);
+            for t in w.times {
+                let n = self.seq.fetch_add(1, Ordering::Relaxed);
+                log.push_back((t, n));
+            }
+            log.make_contiguous().sort_unstable();
+            expire(log, now, w.seconds);
+            loaded += usize::from(!log.is_empty());
+        }
+        st.logs.retain(|_, windows| {
+            windows.retain(|(_, log)| !log.is_empty());
+            !windows.is_empty()
+        });
+        Ok(loaded)
     }
 
     /// The synchronous admission (what [`WindowStore::admit`] runs).
@@ -214,6 +298,9 @@ impl LocalWindows {
         for w in windows {
             log_of(&mut st.logs, &w.id, w.seconds).push_back((now, n));
         }
+        if !windows.is_empty() {
+            self.changes.fetch_add(1, Ordering::Relaxed);
+        }
         for c in caps {
             match st.flights.get_mut(c.id.as_str()) {
                 Some(busy) => *busy += 1,
@@ -245,6 +332,7 @@ impl LocalWindows {
                     && let Some(i) = log.iter().rposition(|e| e.1 == n)
                 {
                     log.remove(i);
+                    self.changes.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -263,6 +351,24 @@ impl LocalWindows {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         (st.logs.len(), st.flights.len())
     }
+}
+
+/// How often the embedded store saves its windows when they changed.
+pub const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The file [`LocalWindows::save`] writes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedWindows {
+    version: u32,
+    windows: Vec<SavedWindow>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedWindow {
+    block: String,
+    seconds: u64,
+    /// Admission times, ms since the Unix epoch.
+    times: Vec<u64>,
 }
 
 /// The log of block `id`'s window of `secs`, created empty if need be.

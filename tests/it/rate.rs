@@ -614,3 +614,54 @@ async fn forward_auth_counts_windows_and_refuses_caps_it_cannot_hold() {
     assert!(body.contains("concurrency cap"), "{body}");
     assert_eq!(up.count(), 0, "forward-auth forwards nothing itself");
 }
+
+/// A restart keeps the windows of a proxy on the embedded store: saved at
+/// a graceful shutdown, and every couple of seconds when they changed, so
+/// a `kill -9` forgets at most the admissions of that last interval.
+#[tokio::test(flavor = "multi_thread")]
+async fn windows_survive_a_graceful_restart_and_a_crash() {
+    let home = Home::new();
+    let up = Upstream::start().await;
+    let mut proxy = Proxy::start(&home, &[openai(&up)], "");
+    let t = root(&home, &[rate(3, 600)], None);
+    let url = |p: &Proxy| p.url("/openai/v1/chat/completions");
+    for _ in 0..3 {
+        assert_eq!(call(&url(&proxy), &t).await.status, 200);
+    }
+    assert_eq!(
+        call(&url(&proxy), &t).await.code.as_deref(),
+        Some("rate_limited")
+    );
+
+    // Graceful: SIGTERM, then a new process on the same state directory.
+    assert_eq!(proxy.terminate(), 0);
+    proxy.restart(&home);
+    let a = call(&url(&proxy), &t).await;
+    assert_eq!(a.code.as_deref(), Some("rate_limited"), "{a:?}");
+    assert!(a.retry_after.is_some_and(|s| s > 500), "{a:?}");
+
+    // Crash: once the saver has run (it saves every 2 s when something
+    // changed), kill -9 loses nothing either.
+    let t2 = root(&home, &[rate(2, 600)], None);
+    for _ in 0..2 {
+        assert_eq!(call(&url(&proxy), &t2).await.status, 200);
+    }
+    let saved = home.path().join("windows.json");
+    let mut seen = false;
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&saved).unwrap_or_default();
+        if text.matches("\"seconds\":600").count() >= 2 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen, "windows.json never held both windows");
+    proxy.kill9();
+    proxy.restart(&home);
+    for token in [&t, &t2] {
+        let a = call(&url(&proxy), token).await;
+        assert_eq!(a.code.as_deref(), Some("rate_limited"), "{a:?}");
+    }
+    assert_eq!(up.count(), 5, "3 + 2 forwarded, none after a restart");
+}
