@@ -609,6 +609,11 @@ async fn dashboard_in_a_real_browser_shows_usage_live_and_revokes() {
         Scope {
             max_uses: Some(4),
             label: Some(HOSTILE_CHILD.into()),
+            rates: vec![till::token::vocab::Rate {
+                limit: 100,
+                seconds: 60,
+            }],
+            concurrency: Some(5),
             ..Scope::default()
         },
     );
@@ -658,6 +663,11 @@ async fn dashboard_in_a_real_browser_shows_usage_live_and_revokes() {
         t == "2 / 4"
     })
     .await;
+    // The child's rate window and concurrency cap, as issued.
+    assert_eq!(
+        b.text(&format!("{child_row} .windows")).await.as_deref(),
+        Some("100/1m · 5 in flight")
+    );
     assert_eq!(
         b.js("return window.__stillHere;", json!([])).await,
         42,

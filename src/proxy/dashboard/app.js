@@ -94,6 +94,15 @@
     );
   }
 
+  // Rate windows (`10/1m`) and the concurrency cap, as issued.
+  function windows(b) {
+    const parts = (b.rates || []).slice();
+    if (b.concurrency !== null && b.concurrency !== undefined) {
+      parts.push(b.concurrency + " in flight");
+    }
+    return parts.join(" · ");
+  }
+
   function count(uses, limit) {
     return limit === null || limit === undefined ? uses + (uses === 1 ? " use" : " uses") : uses + " / " + limit;
   }
@@ -207,7 +216,9 @@
           { class: "meta muted" },
           "last use " + ago(now, b.last_use),
           b.children_seen ? " · " + b.children_seen + " child" + (b.children_seen === 1 ? "" : "ren") : "",
-          bexp ? " · " + bexp : ""
+          bexp ? " · " + bexp : "",
+          windows(b) ? " · " : "",
+          windows(b) ? el("span", { class: "windows", title: "rate windows and concurrency cap of this key", text: windows(b) }) : ""
         ),
         b.revoked
           ? el("span", { class: "badge revoked", text: "revoked" })
