@@ -67,6 +67,9 @@ def main() -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    # Listening before saying the port: connections made while uvicorn is
+    # still starting wait in the backlog instead of being refused.
+    sock.listen(128)
     app = server.streamable_http_app(json_response=JSON)
     config = uvicorn.Config(app, log_level="warning")
     print(f"PORT {port}", flush=True)
