@@ -12,23 +12,22 @@
 //! little else. The `till` crate (CLI, proxy, stores, monitoring) is built
 //! on it, and `till-tower` wraps it as middleware for Rust services.
 //!
-//! ## Map of the crate
+//! ## The public API
 //!
-//! | module | job |
-//! |---|---|
-//! | [`token`] | issue, attenuate, parse within bounds, inspect; [`token::vocab`] is the one home of fact names; [`token::keyset`] holds several root keys (rotation) |
-//! | [`path`] | request path normalisation (scope checks compare prefixes) |
-//! | [`policy`] | `policies/*.datalog`, parsed once; Datalog run limits |
-//! | [`verify`] | [`Verifier`]: token + request facts + use counts → allow or a [`Denial`] |
-//! | [`decide`](mod@decide) | the decision every request path calls before it spends anything |
-//! | [`request`] | facts read from a request: the token from its headers ([`token_from_headers`]), the `model` of a JSON body ([`model_of`]) |
-//! | [`feed`] | the signed revocation feed services follow |
-//! | [`clock`] | the wall clock tokens are checked against, never going backwards |
+//! What a service uses is re-exported at the crate root and documented
+//! there: [`Verifier`], [`VerifiedToken`], [`decide()`] and [`Stage`],
+//! [`RequestFacts`], [`Scope`] and [`Rate`], [`issue`], [`attenuate`], the
+//! [`keys`] helpers, [`PublicKeySet`] and [`KeysDocument`] for rotations,
+//! [`Feed`], [`Policies`], [`normalize_path`], [`token_from_headers`],
+//! [`model_of`], [`TokenView`] for inspection, and the errors
+//! ([`TokenError`], [`Denial`], [`FeedError`], ...). Error enums are
+//! `#[non_exhaustive]`: match them with a wildcard arm, and deny in it.
 //!
-//! The items a service needs are re-exported at the crate root; the
-//! modules stay public for the `till` crate and for the rarer items (key
-//! files, inspection details). Error enums are `#[non_exhaustive]`: match
-//! them with a wildcard arm, and deny in it.
+//! The modules behind them (`token`, `verify`, `decide`, `path`, `policy`,
+//! `request`, `feed`, `clock`) are `#[doc(hidden)]`: they are public only
+//! because the `till` crate (CLI, proxy, stores) is built on their
+//! internals, and they are not part of this crate's API. ARCHITECTURE.md
+//! maps them.
 //!
 //! For a tower/axum service, the `till-tower` crate wraps all of this as a
 //! layer that also follows the proxy's signed revocation feed.
@@ -67,13 +66,21 @@
 
 #![forbid(unsafe_code)]
 
+#[doc(hidden)]
 pub mod clock;
+#[doc(hidden)]
 pub mod decide;
+#[doc(hidden)]
 pub mod feed;
+#[doc(hidden)]
 pub mod path;
+#[doc(hidden)]
 pub mod policy;
+#[doc(hidden)]
 pub mod request;
+#[doc(hidden)]
 pub mod token;
+#[doc(hidden)]
 pub mod verify;
 
 pub use decide::{Stage, decide};
@@ -83,5 +90,6 @@ pub use policy::{Policies, PolicyError};
 pub use request::{TokenHeaderError, model_of, token_from_headers};
 pub use token::inspect::{BlockView, CheckMeaning, TokenView};
 pub use token::keyset::{KeysDocument, KeysError, PublicKeySet, RootKeys};
+pub use token::vocab::{McpMessage, Rate};
 pub use token::{RawToken, RequestFacts, Scope, TokenError, attenuate, issue, keys};
 pub use verify::{CounterSpec, Denial, DenialKind, VerifiedToken, Verifier, first_revoked};
