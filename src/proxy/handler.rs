@@ -114,6 +114,7 @@ fn error_shape(st: &AppState, path: &str) -> Api {
         .map_or(Api::OpenAi, |u| u.api)
 }
 
+use till_core::request::is_json;
 pub use till_core::request::model_of;
 
 /// Reads the token from `Authorization: Bearer` or `x-api-key`.
@@ -140,22 +141,6 @@ pub(super) fn split_service(path: &str) -> Result<(&str, &str), ProxyError> {
         return Err(ProxyError::UnknownService(String::new()));
     }
     Ok((svc, rest))
-}
-
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|ct| {
-            let ct = ct
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            ct == "application/json" || ct.ends_with("+json")
-        })
-        .unwrap_or(false)
 }
 
 /// Reads a JSON body within the size limit, the deadline and the global

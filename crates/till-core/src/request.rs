@@ -83,6 +83,20 @@ pub fn token_from_headers(headers: &http::HeaderMap) -> Result<&str, TokenHeader
     Ok(token)
 }
 
+/// Whether the request's body is JSON (`application/json` or a `+json`
+/// type), i.e. whether it is read for its `model`: the proxy and the
+/// service middleware must agree on which bodies name a model.
+pub fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            let ct = ct.split(';').next().unwrap_or("").trim();
+            ct.eq_ignore_ascii_case("application/json")
+                || ct.to_ascii_lowercase().ends_with("+json")
+        })
+}
+
 /// The `model` field of a JSON body, or why the body is refused.
 ///
 /// `Ok(None)` (no model fact, which fails any model check: deny when unsure)
@@ -155,6 +169,26 @@ pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_bodies_are_recognised_by_media_type() {
+        let h = |ct: &str| {
+            let mut m = http::HeaderMap::new();
+            m.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+            m
+        };
+        for ct in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/vnd.api+json",
+        ] {
+            assert!(is_json(&h(ct)), "{ct}");
+        }
+        for ct in ["text/plain", "application/jsonx", "multipart/form-data"] {
+            assert!(!is_json(&h(ct)), "{ct}");
+        }
+        assert!(!is_json(&http::HeaderMap::new()));
+    }
 
     #[test]
     fn model_extraction_denies_when_unsure() {

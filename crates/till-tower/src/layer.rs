@@ -9,11 +9,11 @@ use std::time::{Duration, SystemTime};
 
 use axum_core::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, header};
+use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use till_core::{
-    CheckMeaning, RequestFacts, Stage, VerifiedToken, Verifier, decide, first_revoked, model_of,
-    normalize_path, token_from_headers,
+    CheckMeaning, RequestFacts, Stage, VerifiedToken, Verifier, decide, first_revoked, is_json,
+    model_of, normalize_path, token_from_headers,
 };
 
 use crate::feed::{FeedState, now_unix};
@@ -206,21 +206,6 @@ fn has_use_limits(token: &VerifiedToken) -> bool {
                 .any(|c| matches!(c, CheckMeaning::UseLimit { .. }))
             || b.source.contains("uses(")
     })
-}
-
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            let ct = ct
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            ct == "application/json" || ct.ends_with("+json")
-        })
 }
 
 async fn read_body<B>(body: B, max: usize) -> Result<Bytes, Refusal>
