@@ -199,7 +199,7 @@ fn bench_request_path(c: &mut Criterion) {
             o.token = Some(token.clone());
             o.uses = Some(vec![1, 1, 1]);
             o.upstream_status = Some(200);
-            monitor.record(black_box(&o), 200, "ok", None);
+            monitor.record(black_box(&mut o), 200, "ok", None);
         })
     });
     g.finish();

@@ -11,8 +11,9 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub service: String,
-    pub decision: String,
-    pub code: String,
+    // Static text: no allocation per request for the label lookup.
+    pub decision: &'static str,
+    pub code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

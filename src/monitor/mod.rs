@@ -143,16 +143,23 @@ impl Monitor {
             .collect()
     }
 
-    /// Records the outcome of one request.
-    pub fn record(&self, o: &Observation, status: u16, code: &str, reason: Option<String>) {
+    /// Records the outcome of one request. Takes the observation's text
+    /// (the request is over): the audit record owns it without copies.
+    pub fn record(
+        &self,
+        o: &mut Observation,
+        status: u16,
+        code: &'static str,
+        reason: Option<String>,
+    ) {
         let allowed = code == "ok";
         let latency = o.started.elapsed();
         let m = &self.metrics;
         m.requests
             .get_or_create(&metrics::RequestLabels {
                 service: o.service.clone(),
-                decision: if allowed { "allow" } else { "deny" }.into(),
-                code: code.into(),
+                decision: if allowed { "allow" } else { "deny" },
+                code,
             })
             .inc();
         m.request_seconds.observe(latency.as_secs_f64());
@@ -163,35 +170,41 @@ impl Monitor {
             m.reserve_seconds.observe(r.as_secs_f64());
         }
 
-        let token = o.token.as_deref();
+        let token = o.token.take();
+        let uses = o.uses.take();
         let blocks: Vec<BlockUse> = token
+            .as_deref()
             .map(|t| {
                 t.ids
                     .iter()
                     .enumerate()
                     .map(|(k, id)| BlockUse {
                         id: id.clone(),
-                        uses: o.uses.as_ref().and_then(|u| u.get(k).copied()),
+                        uses: uses.as_ref().and_then(|u| u.get(k).copied()),
                         limit: t.limits.get(k).copied().flatten(),
                     })
                     .collect()
             })
             .unwrap_or_default();
-        let labels = token.map(|t| t.view.labels()).unwrap_or_default();
-        let family = token.map(|t| t.family().to_string());
+        let labels = token
+            .as_deref()
+            .map(|t| t.view.labels())
+            .unwrap_or_default();
+        let family = token.as_deref().map(|t| t.family().to_string());
+        let take = std::mem::take::<String>;
         let rec = AuditRecord {
             time: crate::token::format_time(SystemTime::now()),
-            request_id: o.request_id.clone(),
-            peer: o.peer.clone(),
+            request_id: take(&mut o.request_id),
+            peer: o.peer.take(),
             family,
             blocks,
             labels,
-            service: o.service.clone(),
-            method: o.method.clone(),
-            path: o.path.clone(),
-            model: o.model.clone(),
-            mcp_method: o.mcp_method.clone(),
-            tool: o.tool.clone(),
+            service: take(&mut o.service),
+            method: take(&mut o.method),
+            path: take(&mut o.path),
+            model: o.model.take(),
+            mcp_method: o.mcp_method.take(),
+            tool: o.tool.take(),
             decision: if allowed { "allow" } else { "deny" },
             code: code.to_string(),
             reason,
@@ -200,14 +213,7 @@ impl Monitor {
             latency_ms: (latency.as_secs_f64() * 1e6).round() / 1e3,
         };
         self.audit.log(&rec);
-        self.alert(
-            o,
-            &rec.blocks,
-            &rec.labels,
-            rec.family.clone(),
-            rec.reason.clone(),
-            code,
-        );
+        self.alert(&rec, token.as_deref(), o.denial, code);
         {
             let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             if r.len() == RECENT {
@@ -219,13 +225,12 @@ impl Monitor {
 
     fn alert(
         &self,
-        o: &Observation,
-        blocks: &[BlockUse],
-        labels: &[String],
-        family: Option<String>,
-        reason: Option<String>,
+        rec: &AuditRecord,
+        token: Option<&VerifiedToken>,
+        denial: Option<DenialKind>,
         code: &str,
     ) {
+        let (blocks, labels, family, reason) = (&rec.blocks, &rec.labels, &rec.family, &rec.reason);
         let allowed = code == "ok";
         // Built only when an alert may fire: this runs on every request.
         let who = || {
@@ -265,7 +270,7 @@ impl Monitor {
                         self.alerts.fire_once(format!("threshold:{}:{t}", b.id), || {
                             a(
                                 "usage_threshold",
-                                format!("block {k}{} of family {} reached {}% of its use limit: {uses}/{limit}", who(), short(&family), (t * 100.0).round()),
+                                format!("block {k}{} of family {} reached {}% of its use limit: {uses}/{limit}", who(), short(family), (t * 100.0).round()),
                                 Some(b.id.clone()),
                                 serde_json::json!({"block_index": k, "uses": uses, "limit": limit, "threshold": t}),
                             )
@@ -279,8 +284,8 @@ impl Monitor {
         let last = || blocks.last().map(|b| b.id.clone());
         let details = || {
             serde_json::json!({
-                "peer": o.peer, "service": o.service, "method": o.method, "path": o.path,
-                "reason": reason, "request_id": o.request_id,
+                "peer": rec.peer, "service": rec.service, "method": rec.method, "path": rec.path,
+                "reason": reason, "request_id": rec.request_id,
             })
         };
         // Someone minted more children of one token than the proxy tracks:
@@ -291,23 +296,21 @@ impl Monitor {
                     "family_too_large",
                     format!(
                         "family {}{} reached limits.max_blocks_per_family; new keys of it are refused (from {})",
-                        short(&family),
+                        short(family),
                         who(),
-                        o.peer.as_deref().unwrap_or("?")
+                        rec.peer.as_deref().unwrap_or("?")
                     ),
                     last(),
                     details(),
                 )
             });
         }
-        match o.denial {
+        match denial {
             // Keyed by the revoked block alone: whoever holds a revoked token
             // can mint any number of children offline and connect from any
             // port, and each attempt must not become a message to the operator.
             Some(DenialKind::Revoked) => {
-                let revoked = o
-                    .token
-                    .as_deref()
+                let revoked = token
                     .and_then(|t| revoked_block(&t.view, blocks, reason.as_deref()))
                     .map(|b| b.id.clone());
                 let key = revoked.clone().unwrap_or_else(|| fam.clone());
@@ -317,11 +320,11 @@ impl Monitor {
                         format!(
                             "a revoked token{} of family {} was used from {} for {} /{}{}",
                             who(),
-                            short(&family),
-                            o.peer.as_deref().unwrap_or("?"),
-                            o.method,
-                            o.service,
-                            o.path
+                            short(family),
+                            rec.peer.as_deref().unwrap_or("?"),
+                            rec.method,
+                            rec.service,
+                            rec.path
                         ),
                         revoked.or_else(last),
                         details(),
@@ -336,8 +339,8 @@ impl Monitor {
                     format!(
                         "an expired token{} of family {} is still being used (from {})",
                         who(),
-                        short(&family),
-                        o.peer.as_deref().unwrap_or("?")
+                        short(family),
+                        rec.peer.as_deref().unwrap_or("?")
                     ),
                     last(),
                     details(),
@@ -353,8 +356,8 @@ impl Monitor {
                         format!(
                             "a token{} of family {} is being refused by a full rate window or concurrency cap (from {}): {}",
                             who(),
-                            short(&family),
-                            o.peer.as_deref().unwrap_or("?"),
+                            short(family),
+                            rec.peer.as_deref().unwrap_or("?"),
                             reason.as_deref().unwrap_or_default()
                         ),
                         last(),
@@ -370,7 +373,7 @@ impl Monitor {
                     "denial_burst",
                     format!(
                         "{n} denials for family {}{} within the burst window; last: {}",
-                        short(&family),
+                        short(family),
                         who(),
                         reason.as_deref().unwrap_or_default()
                     ),

@@ -202,24 +202,27 @@ fn a_token_with_one_tool_lists_and_calls_only_that_tool() {
     drop(c);
 
     // The audit line names the tool of every call, allowed or denied.
-    let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).unwrap();
-    let calls: Vec<Value> = audit
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v["mcp_method"] == "tools/call")
-        .collect();
-    assert!(
+    // The audit writer batches its lines: wait for them.
+    let (mut audit, mut calls) = (String::new(), Vec::new());
+    let has = |calls: &[Value], tool: &str, decision: &str| {
         calls
             .iter()
-            .any(|v| v["tool"] == "delete_everything" && v["decision"] == "deny"),
-        "{audit}"
-    );
-    assert!(
-        calls
-            .iter()
-            .any(|v| v["tool"] == "add" && v["decision"] == "allow"),
-        "{audit}"
-    );
+            .any(|v| v["tool"] == tool && v["decision"] == decision)
+    };
+    for _ in 0..100 {
+        audit = std::fs::read_to_string(home.path().join("audit.jsonl")).unwrap_or_default();
+        calls = audit
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|v| v["mcp_method"] == "tools/call")
+            .collect();
+        if has(&calls, "delete_everything", "deny") && has(&calls, "add", "allow") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(has(&calls, "delete_everything", "deny"), "{audit}");
+    assert!(has(&calls, "add", "allow"), "{audit}");
     assert!(!audit.contains(&token[..40]), "a token in the audit log");
 }
 
