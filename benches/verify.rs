@@ -190,7 +190,7 @@ fn bench_request_path(c: &mut Criterion) {
         b.iter(|| {
             let mut o = Observation::new(
                 "0123456789abcdef".into(),
-                Some("127.0.0.1:50000".into()),
+                Some(([127, 0, 0, 1], 50000).into()),
                 "POST",
             );
             o.service = "openai".into();

@@ -28,7 +28,8 @@ pub struct BlockUse {
 pub struct AuditRecord {
     pub time: String,
     pub request_id: String,
-    pub peer: Option<String>,
+    /// Serialised as text, `"127.0.0.1:50000"`.
+    pub peer: Option<std::net::SocketAddr>,
     /// Revocation id of the authority block.
     pub family: Option<String>,
     pub blocks: Vec<BlockUse>,

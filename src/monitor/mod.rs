@@ -45,7 +45,7 @@ impl Default for AuditConfig {
 pub struct Observation {
     pub started: Instant,
     pub request_id: String,
-    pub peer: Option<String>,
+    pub peer: Option<std::net::SocketAddr>,
     pub service: String,
     pub method: String,
     pub path: String,
@@ -63,7 +63,7 @@ pub struct Observation {
 }
 
 impl Observation {
-    pub fn new(request_id: String, peer: Option<String>, method: &str) -> Self {
+    pub fn new(request_id: String, peer: Option<std::net::SocketAddr>, method: &str) -> Self {
         Observation {
             started: Instant::now(),
             request_id,
@@ -231,6 +231,7 @@ impl Monitor {
         code: &str,
     ) {
         let (blocks, labels, family, reason) = (&rec.blocks, &rec.labels, &rec.family, &rec.reason);
+        let peer = || rec.peer.map_or_else(|| "?".to_string(), |p| p.to_string());
         let allowed = code == "ok";
         // Built only when an alert may fire: this runs on every request.
         let who = || {
@@ -298,7 +299,7 @@ impl Monitor {
                         "family {}{} reached limits.max_blocks_per_family; new keys of it are refused (from {})",
                         short(family),
                         who(),
-                        rec.peer.as_deref().unwrap_or("?")
+                        peer()
                     ),
                     last(),
                     details(),
@@ -321,7 +322,7 @@ impl Monitor {
                             "a revoked token{} of family {} was used from {} for {} /{}{}",
                             who(),
                             short(family),
-                            rec.peer.as_deref().unwrap_or("?"),
+                            peer(),
                             rec.method,
                             rec.service,
                             rec.path
@@ -340,7 +341,7 @@ impl Monitor {
                         "an expired token{} of family {} is still being used (from {})",
                         who(),
                         short(family),
-                        rec.peer.as_deref().unwrap_or("?")
+                        peer()
                     ),
                     last(),
                     details(),
@@ -357,7 +358,7 @@ impl Monitor {
                             "a token{} of family {} is being refused by a full rate window or concurrency cap (from {}): {}",
                             who(),
                             short(family),
-                            rec.peer.as_deref().unwrap_or("?"),
+                            peer(),
                             reason.as_deref().unwrap_or_default()
                         ),
                         last(),

@@ -44,7 +44,7 @@ pub async fn check(State(st): State<AppState>, req: Request) -> Response {
     let peer = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.to_string());
+        .map(|c| c.0);
     let request_id = format!("{:016x}", rand::random::<u64>());
     let mut obs = Observation::new(request_id.clone(), peer, req.method().as_str());
     let (parts, _body) = req.into_parts();

@@ -186,53 +186,53 @@ pub trait RevocationList: Send + Sync + 'static {
 /// request abandoned between reserve and forward (the client went away, the
 /// handler future was dropped) neither leaks nor double-spends a use. Call
 /// [`ReservationGuard::spend`] when the request is forwarded.
-pub struct ReservationGuard {
+pub struct ReservationGuard<I: AsRef<[String]> + Send + 'static = Vec<String>> {
     store: std::sync::Arc<dyn CounterStore>,
-    ids: Vec<String>,
-    armed: bool,
+    /// `None` once spent or released. Any owner of the ids will do (the
+    /// request path passes its verified token: no copy of the ids per
+    /// request).
+    ids: Option<I>,
 }
 
-impl ReservationGuard {
+impl<I: AsRef<[String]> + Send + 'static> ReservationGuard<I> {
     /// Guards a reservation of `ids` made on `store`.
-    pub fn new(store: std::sync::Arc<dyn CounterStore>, ids: Vec<String>) -> Self {
+    pub fn new(store: std::sync::Arc<dyn CounterStore>, ids: I) -> Self {
         ReservationGuard {
             store,
-            ids,
-            armed: true,
+            ids: Some(ids),
         }
     }
 
     /// The use happened (the request was forwarded): keep the counts.
     pub fn spend(mut self) {
-        self.armed = false;
+        self.ids = None;
     }
 
     /// Gives the reservation back now, waiting for the store.
     pub async fn release(mut self) -> Result<(), StoreError> {
-        self.armed = false;
-        self.store.release(&self.ids).await
+        match self.ids.take() {
+            Some(ids) => self.store.release(ids.as_ref()).await,
+            None => Ok(()),
+        }
     }
 }
 
-impl Drop for ReservationGuard {
+impl<I: AsRef<[String]> + Send + 'static> Drop for ReservationGuard<I> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
+        let Some(ids) = self.ids.take() else { return };
         let store = self.store.clone();
-        let ids = std::mem::take(&mut self.ids);
         // Drop cannot await: hand the release to the runtime. Without one
         // (a test tearing down), the embedded store has already released
         // by the time `release` returns its future.
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {
                 h.spawn(async move {
-                    if let Err(e) = store.release(&ids).await {
+                    if let Err(e) = store.release(ids.as_ref()).await {
                         tracing::error!(error = %e, "releasing an abandoned reservation failed");
                     }
                 });
             }
-            Err(_) => drop(store.release(&ids)),
+            Err(_) => drop(store.release(ids.as_ref())),
         }
     }
 }
