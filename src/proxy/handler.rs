@@ -514,11 +514,11 @@ pub(super) struct Counts {
     pub(super) values: Vec<u64>,
     /// False for figures the store remembered rather than read
     /// ([`crate::store::CounterStore::peek_cached`]).
-    exact: bool,
+    pub(super) exact: bool,
 }
 
 impl Counts {
-    fn exact(values: Vec<u64>) -> Self {
+    pub(super) fn exact(values: Vec<u64>) -> Self {
         Counts {
             values,
             exact: true,

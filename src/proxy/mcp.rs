@@ -36,7 +36,7 @@ use super::AppState;
 use super::error::{Api, ProxyError};
 use super::forward::{Outgoing, forward};
 use super::handler::{
-    admit_windows, decide_off_the_workers, extract_token, read_body, reserve_and_recheck,
+    Counts, admit_windows, decide_off_the_workers, extract_token, read_body, reserve_and_recheck,
     respond_with, split_service, store_error, verify_token,
 };
 use crate::decide::{Stage, decide_free};
@@ -251,9 +251,11 @@ async fn handle(
         return Err(err);
     }
 
-    // Decide every message before anything is spent.
-    let counts = st.counters.peek(&token.ids).await.map_err(store_error)?;
-    obs.uses = Some(counts.clone());
+    // Decide every message before anything is spent, on the counts the
+    // store remembers when it has them (no round trip to a shared store
+    // for a warm token). Remembered counts may only allow: a denial on them
+    // is decided again on a fresh read, as on the HTTP path.
+    let mut counts = Counts::current(st, &token.ids).await?;
     let base = RequestFacts {
         service: service.to_string(),
         method: parts.method.as_str().to_string(),
@@ -262,27 +264,36 @@ async fn handle(
         mcp: None,
         time: st.clock.now(),
     };
-    let mut calls: Vec<RequestFacts> = Vec::new();
-    let mut denials: Vec<Option<Denial>> = Vec::with_capacity(messages.messages.len());
-    for m in &messages.messages {
-        let facts = RequestFacts {
-            mcp: Some(m.facts()),
-            ..base.clone()
-        };
-        let verdict = if m.is_tool_call() {
-            // The k-th call of a batch is the k-th next use.
-            let ahead: Vec<u64> = counts
-                .iter()
-                .map(|c| c.saturating_add(calls.len() as u64))
-                .collect();
-            calls.push(facts.clone());
-            let alone = crate::verify::WindowCounts::alone(&token);
-            decide_off_the_workers(st, &token, revoked, &facts, &ahead, &alone, Stage::Final).await
-        } else {
-            decide_free_off_the_workers(st, &token, revoked, &facts, &counts).await
-        };
-        denials.push(verdict.err());
-    }
+    let (calls, denials) = loop {
+        let mut calls: Vec<RequestFacts> = Vec::new();
+        let mut denials: Vec<Option<Denial>> = Vec::with_capacity(messages.messages.len());
+        for m in &messages.messages {
+            let facts = RequestFacts {
+                mcp: Some(m.facts()),
+                ..base.clone()
+            };
+            let verdict = if m.is_tool_call() {
+                // The k-th call of a batch is the k-th next use.
+                let ahead: Vec<u64> = counts
+                    .values
+                    .iter()
+                    .map(|c| c.saturating_add(calls.len() as u64))
+                    .collect();
+                calls.push(facts.clone());
+                let alone = crate::verify::WindowCounts::alone(&token);
+                decide_off_the_workers(st, &token, revoked, &facts, &ahead, &alone, Stage::Final)
+                    .await
+            } else {
+                decide_free_off_the_workers(st, &token, revoked, &facts, &counts.values).await
+            };
+            denials.push(verdict.err());
+        }
+        if counts.exact || denials.iter().all(Option::is_none) {
+            break (calls, denials);
+        }
+        counts = Counts::exact(st.counters.peek(&token.ids).await.map_err(store_error)?);
+    };
+    obs.uses = Some(counts.values.clone());
     if let Some(first) = denials.iter().flatten().next().cloned() {
         for (m, d) in messages.messages.iter().zip(&denials) {
             let Some(id) = m.method.as_ref().and(m.id.clone()) else {
@@ -352,7 +363,7 @@ async fn handle(
     let resp = if !lists {
         resp
     } else {
-        let may_call = may_call(st, &token, base, counts);
+        let may_call = may_call(st, &token, base, counts.values);
         filter_response(resp, may_call, st.limits.max_body_bytes)
     };
     Ok(if in_flight.is_empty() {

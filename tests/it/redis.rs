@@ -729,3 +729,63 @@ async fn remembered_counts_never_let_a_replica_overshoot() {
     assert_eq!(chat(&proxies[0], &token, "m").await.0, 429);
     assert_eq!(family_uses(&proxies[1], &homes[0], 3).await, 3);
 }
+
+/// The same for an MCP tool call: the decision starts from the counts this
+/// proxy saw last (it used to read them from Redis first), and remembered
+/// counts still never overshoot a limit another replica spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_mcp_tool_call_costs_one_redis_round_trip_and_never_overshoots() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(2);
+    let extra = format!(
+        "{}\n[upstreams.tools]\nurl = {:?}\napi = \"mcp\"\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n",
+        redis.store_line(),
+        up.url()
+    );
+    let proxies: Vec<Proxy> = homes.iter().map(|h| Proxy::start(h, &[], &extra)).collect();
+    let call = |p: &Proxy, token: &str| {
+        let (url, token) = (p.url("/tools/mcp"), token.to_string());
+        async move {
+            let r = client()
+                .post(url)
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .body(
+                    serde_json::json!({
+                        "jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                        "params": {"name": "add", "arguments": {}},
+                    })
+                    .to_string(),
+                )
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        }
+    };
+    let token = homes[0].token("tools", Some(23));
+    let (s, body) = call(&proxies[0], &token).await;
+    assert_eq!(s, 200, "warm-up: {body}");
+    let before = command_calls(&redis);
+    for _ in 0..20 {
+        assert_eq!(call(&proxies[0], &token).await.0, 200);
+    }
+    let after = command_calls(&redis);
+    let delta = |c: &str| after.get(c).unwrap_or(&0) - before.get(c).unwrap_or(&0);
+    assert_eq!(delta("evalsha"), 20, "one reserve script per tool call");
+    assert_eq!(delta("hget"), 0, "no read of the counts before deciding");
+    // Replica 0 remembers 21 uses; replica 1 spends the last 2.
+    assert_eq!(call(&proxies[1], &token).await.0, 200);
+    assert_eq!(call(&proxies[1], &token).await.0, 200);
+    let (_, refused) = call(&proxies[0], &token).await;
+    assert!(refused.contains("\"error\""), "{refused}");
+    assert!(refused.contains("\"id\":7"), "{refused}");
+    assert_eq!(
+        up.count(),
+        23,
+        "a tool call past the limit reached the server"
+    );
+}
