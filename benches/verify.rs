@@ -10,6 +10,9 @@
 //! * `authorize/4_datalog`: the same token with a fourth block holding a
 //!   check Till does not recognise, so every call runs Datalog (policies +
 //!   every block's checks, with `uses` facts).
+//! * `authorize/costliest_block`: the most expensive attenuation block the
+//!   shape check accepts, with the longest request facts accepted: the
+//!   worst case one request can make Datalog do.
 //! * `monitor_record/3`: `Monitor::record` for an allowed request (metrics,
 //!   an audit line queued to a file, recent decisions, threshold alerts).
 //! * `request_path/warm/3`: the handler's steps minus HTTP and forwarding:
@@ -150,6 +153,46 @@ fn bench_verify(c: &mut Criterion) {
             verifier
                 .authorize(black_box(&t3), black_box(&req), black_box(&[1, 1, 1]))
                 .unwrap()
+        })
+    });
+    // The most expensive attenuation block the shape check accepts: 32
+    // facts of 2,500 bytes joined with a model of the longest accepted
+    // length, then 8 expressions of 59 string scans each (about 15,000
+    // evaluations, near the work budget), the last one false.
+    let long = "y".repeat(2500);
+    let scan = vec![format!("$s.contains(\"{long}q\") || $m.contains($s)"); 6].join(" || ");
+    let mut exprs = vec![format!("!({scan})"); 7];
+    exprs.push(format!("({scan})"));
+    let facts: String = (0..32).map(|i| format!("f({i}, \"{long}\");")).collect();
+    let block = format!(
+        "{facts} check if f($a, $s), model($m), {}",
+        exprs.join(", ")
+    );
+    let root_only = token::issue(
+        &root,
+        &Scope {
+            services: vec!["openai".into()],
+            ..Scope::default()
+        },
+    )
+    .unwrap();
+    let costliest = biscuit_auth::UnverifiedBiscuit::from_base64(&root_only)
+        .unwrap()
+        .append(biscuit_auth::BlockBuilder::new().code(&block).unwrap())
+        .unwrap()
+        .to_base64()
+        .unwrap();
+    let costliest = verifier.verify_token(&costliest).unwrap();
+    let long_req = RequestFacts {
+        path: format!("/v1/{}", "p".repeat(4000)),
+        model: Some("m".repeat(till::verify::MAX_FACT_LEN)),
+        ..request()
+    };
+    g.bench_function("costliest_block", |b| {
+        b.iter(|| {
+            verifier
+                .authorize(black_box(&costliest), black_box(&long_req), &[1, 1])
+                .unwrap_err()
         })
     });
     g.bench_function("4_datalog", |b| {

@@ -487,10 +487,24 @@ fn datalog_bombs_within_the_old_shape_limits_are_refused() {
 }
 
 /// The most expensive block the shape accepts (the whole work budget spent
-/// on scans of the longest strings a token and a request can carry)
-/// authorizes in milliseconds.
+/// on scans of the longest strings a token and a request can carry) runs to
+/// its end within the authorizer's run limits: the answer is the failing
+/// check (`Scope`), not `Limits`, which is what a run stopped by the fact,
+/// iteration or time limit gets. How long it takes is measured by
+/// `cargo bench --bench verify` (`authorize/costliest_block`), not here.
 #[test]
-fn the_costliest_accepted_block_authorizes_quickly() {
+fn the_costliest_accepted_block_runs_to_its_end_within_the_run_limits() {
+    let t = costliest_block_token();
+    let v = verifier();
+    let vt = v.verify_token(&t).expect("accepted by the shape");
+    let d = v
+        .authorize(&vt, &long_request(), &[1, 1])
+        .expect_err("the last expression is false");
+    assert_eq!(d.kind, till::verify::DenialKind::Scope, "{d:?}");
+}
+
+/// A token whose one attenuation block costs the most the shape accepts.
+fn costliest_block_token() -> String {
     let long = "y".repeat(2500);
     // 32 facts, each joined with the model, then 8 expressions of 59
     // operations that scan long strings and find nothing, so that every
@@ -504,18 +518,7 @@ fn the_costliest_accepted_block_authorizes_quickly() {
         facts(32, &long),
         exprs.join(", ")
     );
-    let t = append_raw(&plain_root_token(), &[block]).unwrap();
-    let v = verifier();
-    let vt = v.verify_token(&t).expect("accepted by the shape");
-    let start = std::time::Instant::now();
-    let r = v.authorize(&vt, &long_request(), &[1, 1]);
-    let took = start.elapsed();
-    let d = r.expect_err("the last expression is false");
-    assert_eq!(d.kind, till::verify::DenialKind::Scope, "{d:?}");
-    // Generous for a loaded 2-core machine; the bombs this guards against
-    // took 18 s.
-    assert!(took < Duration::from_secs(3), "took {took:?}");
-    eprintln!("costliest accepted block: {took:?}");
+    append_raw(&plain_root_token(), &[block]).unwrap()
 }
 
 /// Request facts longer than Till accepts are refused (their length would
