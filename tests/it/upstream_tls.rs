@@ -311,3 +311,62 @@ async fn a_tls_handshake_that_never_completes_is_cut_by_the_connect_timeout() {
         "the TCP connect succeeded"
     );
 }
+
+/// Not TLS-specific, but the same client: an upstream that sends the head
+/// and one event and then stays silent with the connection open has its
+/// stream cut after the idle timeout, and the client gets what was sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_that_goes_silent_is_cut_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\nb\r\ndata: one\n\n\r\n")
+            .await
+            .unwrap();
+        // Silent, connection open, until the test ends.
+        let _ = released.await;
+    });
+    let home = Home::new();
+    let up = Up {
+        name: "openai",
+        url: format!("http://{addr}"),
+        header: "authorization",
+        prefix: "Bearer ",
+        env: "TEST_OPENAI_KEY",
+    };
+    let proxy = Proxy::start(&home, &[up], "[limits]\nidle_timeout_secs = 1\n");
+    let token = home.token("openai", None);
+    let mut resp = client()
+        .post(proxy.url("/openai/v1/chat/completions"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(r#"{"model":"gpt-4o-mini","stream":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut got = Vec::new();
+    // A guard against a hang far past the 1 s idle timeout, not a measure.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => got.extend_from_slice(&c),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    })
+    .await;
+    let _ = release.send(());
+    assert!(ended.is_ok(), "the silent stream was not cut");
+    assert_eq!(String::from_utf8_lossy(&got), "data: one\n\n");
+    assert!(
+        proxy.logs().contains("upstream stream ended with an error"),
+        "{}",
+        proxy.logs()
+    );
+}
