@@ -6,29 +6,33 @@
 //! cargo bench --bench load -- --redis --seconds 10  # till on Redis
 //! ```
 //!
-//! The HTTP run starts three processes on 127.0.0.1 (this binary re-executed
-//! with `--role upstream` and `--role baseline`, and the real `till serve`)
-//! and drives each of them with the same closed-loop load from this process:
+//! The HTTP run starts four processes on 127.0.0.1 (this binary re-executed
+//! with `--role upstream`, `--role baseline` and `--role hyper-baseline`, and
+//! the real `till serve`) and drives each of them with the same closed-loop
+//! load from this process:
 //!
 //! * **direct**: the local upstream itself (a small JSON answer, or an SSE
 //!   stream of `--sse-chunks` events `--sse-interval-ms` apart);
 //! * **baseline**: a minimal forwarding proxy written for this benchmark, no
 //!   authorization: axum + reqwest, forwarding like `src/proxy/forward.rs`
 //!   (same hop-by-hop filtering, credential injection, streamed answer);
-//! * **till**: `till serve` with durable counters (group commit), the
+//! * **hyper-baseline**: the same proxy on hyper alone (hyper's HTTP/1
+//!   server, `hyper_util`'s pooled client with an idle pool as large as
+//!   the overload phase's connections): the floor issue 15's targets are
+//!   ratios against;//! * **till**: `till serve` with durable counters (group commit), the
 //!   default policy and the default audit log, and a 3-block token with
 //!   large use limits (`till issue` + `till attenuate` twice).
 //!
 //! Phases: `--connections` (64) keep-alive connections for `--seconds`, then
 //! 1 connection for `--seconds` (latency), then SSE streams over 1
-//! connection, then (unless `--no-overload`) Till at 4× the connections to
-//! count false denials. Each phase first runs `--warmup` seconds unrecorded.
+//! connection, then (unless `--no-overload`) the hyper baseline and Till at
+//! 4× the connections (false denials, and p99 at equal overload). Each phase first runs `--warmup` seconds unrecorded.
 //! Latencies go into HdrHistograms; CPU per request comes from
 //! `/proc/PID/stat` of each server process. Only 127.0.0.1 is ever a target;
 //! every loop stops at its deadline or after `MAX_REQUESTS_PER_PHASE`.
 //!
 //! The `--redis` mode starts a `redis-server` (AOF, `appendfsync always`,
-//! the recommended settings) and compares, in one run, the baseline, Till
+//! the recommended settings) and compares, in one run, both baselines, Till
 //! on its embedded store and Till on Redis (throughput, latency at 1
 //! connection), then two Till processes sharing that Redis; it reads
 //! `INFO commandstats` before and after Till-on-Redis's 1-connection phase
@@ -97,7 +101,7 @@ struct Args {
 }
 
 const HELP: &str = "\
-load benchmark: direct upstream vs minimal proxy vs till serve
+load benchmark: direct upstream vs minimal proxies (axum+reqwest, hyper) vs till serve
 
 USAGE: cargo bench --bench load -- [OPTIONS]
 
@@ -106,14 +110,14 @@ USAGE: cargo bench --bench load -- [OPTIONS]
   --connections N      connections of the throughput phase (default 64)
   --sse-chunks N       events per SSE stream (default 20)
   --sse-interval-ms M  delay between SSE events at the upstream (default 5)
-  --no-overload        skip the overload phase (till at 4x the connections)
+  --no-overload        skip the overload phase (hyper-baseline and till at 4x the connections)
   --no-audit           run till with its audit log disabled
   --windows            give every block of till's token a rate window (never full at
                        this load) and the last one a concurrency cap of 1024
   --till PATH          till binary (default: the one cargo built for this bench)
   --perf FILE          `perf record --call-graph dwarf` of till during its
                        throughput phase (read with `perf report -i FILE`)
-  --redis              instead: baseline vs till embedded vs till on Redis (needs
+  --redis              instead: baselines vs till embedded vs till on Redis (needs
                        redis-server), and 2 till processes sharing one Redis
   --families N         instead: counters for N token families, store size and RSS
   --family-blocks K    blocks (counters) per family in --families mode (default 1)
