@@ -206,8 +206,9 @@ struct IdleTimeout {
     inner: Incoming,
     idle: Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
-    /// Whether `sleep` runs from the last frame; reset lazily, on the poll
-    /// after a frame, so a fast stream costs no timer update per frame.
+    /// Whether `sleep` runs from the last frame (or the first poll); reset
+    /// lazily, on the poll after a frame, so a frame already buffered costs
+    /// no timer update.
     armed: bool,
 }
 
@@ -217,7 +218,9 @@ impl IdleTimeout {
             inner,
             idle,
             sleep: Box::pin(tokio::time::sleep(idle)),
-            armed: true,
+            // Armed at the first poll: the wait is the upstream's, not the
+            // time Till takes to start sending the answer.
+            armed: false,
         }
     }
 }
