@@ -6,29 +6,33 @@
 //! cargo bench --bench load -- --redis --seconds 10  # till on Redis
 //! ```
 //!
-//! The HTTP run starts three processes on 127.0.0.1 (this binary re-executed
-//! with `--role upstream` and `--role baseline`, and the real `till serve`)
-//! and drives each of them with the same closed-loop load from this process:
+//! The HTTP run starts four processes on 127.0.0.1 (this binary re-executed
+//! with `--role upstream`, `--role baseline` and `--role hyper-baseline`, and
+//! the real `till serve`) and drives each of them with the same closed-loop
+//! load from this process:
 //!
 //! * **direct**: the local upstream itself (a small JSON answer, or an SSE
 //!   stream of `--sse-chunks` events `--sse-interval-ms` apart);
 //! * **baseline**: a minimal forwarding proxy written for this benchmark, no
 //!   authorization: axum + reqwest, forwarding like `src/proxy/forward.rs`
 //!   (same hop-by-hop filtering, credential injection, streamed answer);
-//! * **till**: `till serve` with durable counters (group commit), the
+//! * **hyper-baseline**: the same proxy on hyper alone (hyper's HTTP/1
+//!   server, `hyper_util`'s pooled client with an idle pool as large as
+//!   the overload phase's connections): the floor issue 15's targets are
+//!   ratios against;//! * **till**: `till serve` with durable counters (group commit), the
 //!   default policy and the default audit log, and a 3-block token with
 //!   large use limits (`till issue` + `till attenuate` twice).
 //!
 //! Phases: `--connections` (64) keep-alive connections for `--seconds`, then
 //! 1 connection for `--seconds` (latency), then SSE streams over 1
-//! connection, then (unless `--no-overload`) Till at 4× the connections to
-//! count false denials. Each phase first runs `--warmup` seconds unrecorded.
+//! connection, then (unless `--no-overload`) the hyper baseline and Till at
+//! 4× the connections (false denials, and p99 at equal overload). Each phase first runs `--warmup` seconds unrecorded.
 //! Latencies go into HdrHistograms; CPU per request comes from
 //! `/proc/PID/stat` of each server process. Only 127.0.0.1 is ever a target;
 //! every loop stops at its deadline or after `MAX_REQUESTS_PER_PHASE`.
 //!
 //! The `--redis` mode starts a `redis-server` (AOF, `appendfsync always`,
-//! the recommended settings) and compares, in one run, the baseline, Till
+//! the recommended settings) and compares, in one run, both baselines, Till
 //! on its embedded store and Till on Redis (throughput, latency at 1
 //! connection), then two Till processes sharing that Redis; it reads
 //! `INFO commandstats` before and after Till-on-Redis's 1-connection phase
@@ -97,7 +101,7 @@ struct Args {
 }
 
 const HELP: &str = "\
-load benchmark: direct upstream vs minimal proxy vs till serve
+load benchmark: direct upstream vs minimal proxies (axum+reqwest, hyper) vs till serve
 
 USAGE: cargo bench --bench load -- [OPTIONS]
 
@@ -106,14 +110,14 @@ USAGE: cargo bench --bench load -- [OPTIONS]
   --connections N      connections of the throughput phase (default 64)
   --sse-chunks N       events per SSE stream (default 20)
   --sse-interval-ms M  delay between SSE events at the upstream (default 5)
-  --no-overload        skip the overload phase (till at 4x the connections)
+  --no-overload        skip the overload phase (hyper-baseline and till at 4x the connections)
   --no-audit           run till with its audit log disabled
   --windows            give every block of till's token a rate window (never full at
                        this load) and the last one a concurrency cap of 1024
   --till PATH          till binary (default: the one cargo built for this bench)
   --perf FILE          `perf record --call-graph dwarf` of till during its
                        throughput phase (read with `perf report -i FILE`)
-  --redis              instead: baseline vs till embedded vs till on Redis (needs
+  --redis              instead: baselines vs till embedded vs till on Redis (needs
                        redis-server), and 2 till processes sharing one Redis
   --families N         instead: counters for N token families, store size and RSS
   --family-blocks K    blocks (counters) per family in --families mode (default 1)
@@ -213,6 +217,13 @@ fn main() {
                 .clone()
                 .unwrap_or_else(|| die("--role baseline needs --upstream URL"));
             serve_role(baseline_router(up))
+        }
+        Some("hyper-baseline") => {
+            let up = args
+                .upstream
+                .clone()
+                .unwrap_or_else(|| die("--role hyper-baseline needs --upstream URL"));
+            hyper_baseline_role(&up, args.connections)
         }
         Some("reopen") => reopen_role(args.dir.as_deref().unwrap_or_else(|| die("--dir"))),
         Some("scan") => scan_role(
@@ -426,6 +437,137 @@ async fn baseline(State(b): State<Arc<Baseline>>, req: Request) -> Response {
     let stream = resp.bytes_stream().map_err(std::io::Error::other);
     out.body(Body::from_stream(stream))
         .unwrap_or_else(|_| status(StatusCode::BAD_GATEWAY))
+}
+
+// ---------------------------------------------------------------------------
+// The hyper baseline: the same proxy on hyper's own server and client
+// ---------------------------------------------------------------------------
+
+type HyperClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+type HyperBody = http_body_util::Either<hyper::body::Incoming, http_body_util::Empty<Bytes>>;
+
+struct HyperBaseline {
+    /// `http://host:port`, prepended to each request's rest of path.
+    base: String,
+    client: HyperClient,
+    credential: HeaderValue,
+}
+
+/// Child process: the floor a forwarding proxy can reach on this machine.
+/// hyper's HTTP/1 server and `hyper_util`'s pooled client (no reqwest, no
+/// axum router), doing the baseline's work: hop-by-hop filtering,
+/// credential injection, request body read, answer streamed unbuffered.
+fn hyper_baseline_role(upstream: &str, connections: usize) {
+    use hyper_util::client::legacy::{Client, connect::HttpConnector};
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
+    runtime().block_on(async move {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            // Every client connection (4x in the overload phase) keeps its
+            // own upstream connection warm.
+            .pool_max_idle_per_host(connections * 4 + 16)
+            .build(http);
+        let mut credential = HeaderValue::from_static("Bearer sk-bench-upstream-key");
+        credential.set_sensitive(true);
+        let state = Arc::new(HyperBaseline {
+            base: upstream.trim_end_matches('/').to_string(),
+            client,
+            credential,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        println!("listening on {}", listener.local_addr().unwrap());
+        std::io::stdout().flush().unwrap();
+        tokio::spawn(async {
+            let _ = tokio::task::spawn_blocking(|| {
+                let mut sink = Vec::new();
+                let _ = std::io::stdin().read_to_end(&mut sink);
+            })
+            .await;
+            std::process::exit(0);
+        });
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, std::convert::Infallible>(hyper_forward(&state, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+async fn hyper_forward(
+    b: &HyperBaseline,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<HyperBody> {
+    let fail = |s: StatusCode| {
+        let mut r = http::Response::new(HyperBody::Right(http_body_util::Empty::new()));
+        *r.status_mut() = s;
+        r
+    };
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let rest = path
+        .strip_prefix('/')
+        .and_then(|p| p.find('/').map(|i| &p[i..]))
+        .unwrap_or("/");
+    let mut uri = String::with_capacity(b.base.len() + rest.len() + 64);
+    uri.push_str(&b.base);
+    uri.push_str(rest);
+    if let Some(q) = parts.uri.query() {
+        uri.push('?');
+        uri.push_str(q);
+    }
+    let Ok(uri) = http::Uri::try_from(uri) else {
+        return fail(StatusCode::BAD_REQUEST);
+    };
+    let mut headers = HeaderMap::with_capacity(parts.headers.len() + 1);
+    for (name, value) in parts.headers.iter() {
+        if !skip_request_header(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers.insert(header::AUTHORIZATION, b.credential.clone());
+    let body = match http_body_util::Limited::new(body, 8 << 20).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => return fail(StatusCode::BAD_REQUEST),
+    };
+    let mut out = http::Request::new(Full::new(body));
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = uri;
+    *out.headers_mut() = headers;
+    let resp = match b.client.request(out).await {
+        Ok(r) => r,
+        Err(_) => return fail(StatusCode::BAD_GATEWAY),
+    };
+    let (mut rp, rb) = resp.into_parts();
+    let names: Vec<HeaderName> = rp
+        .headers
+        .keys()
+        .filter(|n| skip_response_header(n))
+        .cloned()
+        .collect();
+    for n in names {
+        rp.headers.remove(n);
+    }
+    http::Response::from_parts(rp, HyperBody::Left(rb))
 }
 
 fn status(s: StatusCode) -> Response {
@@ -994,6 +1136,7 @@ fn http_mode(args: &Args) {
     let upstream = spawn_role("upstream", "upstream", &[]);
     let upstream_url = format!("http://{}", upstream.addr);
     let baseline = spawn_role("baseline proxy", "baseline", &["--upstream", &upstream_url]);
+    let hyper_baseline = spawn_hyper_baseline(args, &upstream_url);
     let (till, token) = start_till(args, home.path(), upstream.addr);
     let token: Arc<str> = token.into();
     println!(
@@ -1002,9 +1145,10 @@ fn http_mode(args: &Args) {
         loadavg()
     );
     println!(
-        "upstream {}  baseline {}  till {}  (token: 3 blocks, large limits; audit log {})",
+        "upstream {}  baseline {}  hyper-baseline {}  till {}  (token: 3 blocks, large limits; audit log {})",
         upstream.addr,
         baseline.addr,
+        hyper_baseline.addr,
         till.addr,
         if args.audit { "on" } else { "off" }
     );
@@ -1026,6 +1170,13 @@ fn http_mode(args: &Args) {
             prefix: "/openai",
             token: Some(token.clone()),
             pid: baseline.child.id(),
+        },
+        Target {
+            name: "hyper-baseline",
+            addr: hyper_baseline.addr,
+            prefix: "/openai",
+            token: Some(token.clone()),
+            pid: hyper_baseline.child.id(),
         },
         Target {
             name: "till",
@@ -1072,16 +1223,30 @@ fn http_mode(args: &Args) {
             eprintln!("running: {} SSE ...", t.name);
             sse.push(run_sse(t, args).await);
         }
-        let overload = if args.overload {
-            eprintln!("running: till x{} (overload) ...", args.connections * 4);
-            Some(run_phase(&targets[2], args.connections * 4, args.warmup, args.seconds).await)
-        } else {
-            None
-        };
-        report(args, &throughput, &latency, &sse, overload.as_ref());
+        // Till and the hyper baseline at the same overload, so their p99s
+        // compare at equal load.
+        let mut overload = Vec::new();
+        if args.overload {
+            for t in targets
+                .iter()
+                .filter(|t| matches!(t.name, "hyper-baseline" | "till"))
+            {
+                eprintln!(
+                    "running: {} x{} (overload) ...",
+                    t.name,
+                    args.connections * 4
+                );
+                overload.push(run_phase(t, args.connections * 4, args.warmup, args.seconds).await);
+            }
+        }
+        report(args, &throughput, &latency, &sse, &overload);
     });
     report_till_store(home.path());
-    for (name, s) in [("till", &till), ("baseline", &baseline)] {
+    for (name, s) in [
+        ("till", &till),
+        ("baseline", &baseline),
+        ("hyper-baseline", &hyper_baseline),
+    ] {
         let pid = s.child.id().to_string();
         println!(
             "{name} process memory after the run: VmRSS {:.1} MiB, VmHWM {:.1} MiB",
@@ -1091,8 +1256,81 @@ fn http_mode(args: &Args) {
     }
     println!("load average at the end: {}", loadavg());
     drop(till);
+    drop(hyper_baseline);
     drop(baseline);
     drop(upstream);
+}
+
+/// The hyper baseline, its pool sized for the overload phase.
+fn spawn_hyper_baseline(args: &Args, upstream_url: &str) -> Server {
+    let conns = args.connections.to_string();
+    spawn_role(
+        "hyper baseline proxy",
+        "hyper-baseline",
+        &["--upstream", upstream_url, "--connections", &conns],
+    )
+}
+
+/// The phase of target `name`.
+fn by_name<'a>(rows: &'a [PhaseResult], name: &str) -> &'a PhaseResult {
+    rows.iter()
+        .find(|r| r.target == name)
+        .unwrap_or_else(|| die(&format!("no {name} phase")))
+}
+
+/// Issue 15's targets for `till` against the hyper baseline `hyper`,
+/// measured in the same run: throughput and p99 at the throughput phase's
+/// connections, added latency at 1 connection, and (when run) 0 errors and
+/// p99 at 4x the connections.
+fn print_hyper_targets(
+    connections: usize,
+    (t, h): (&PhaseResult, &PhaseResult),
+    (tl, hl): (&PhaseResult, &PhaseResult),
+    overload: Option<(&PhaseResult, &PhaseResult)>,
+) {
+    println!();
+    println!("{} / hyper-baseline (issue 15 targets):", t.target);
+    let share = t.rps() / h.rps().max(1.0);
+    println!(
+        "  throughput at {connections} connections: {:.1}% of hyper-baseline ({:.0} vs {:.0} req/s)   target >= 85%: {}",
+        100.0 * share,
+        t.rps(),
+        h.rps(),
+        verdict(share >= 0.85)
+    );
+    let (d50, d99) = (tl.q_us(0.5) - hl.q_us(0.5), tl.q_us(0.99) - hl.q_us(0.99));
+    println!(
+        "  added latency at 1 connection: p50 {d50:+.0} µs (target <= 30: {}), p99 {d99:+.0} µs (target <= 100: {})",
+        verdict(d50 <= 30.0),
+        verdict(d99 <= 100.0)
+    );
+    let r99 = t.q_us(0.99) / h.q_us(0.99).max(1.0);
+    println!(
+        "  p99 at {connections} connections: {r99:.2}x hyper-baseline's ({:.0} vs {:.0} µs)   target <= 1.3x: {}",
+        t.q_us(0.99),
+        h.q_us(0.99),
+        verdict(r99 <= 1.3)
+    );
+    println!(
+        "  server CPU per request at {connections} connections: {} {:.1} µs, hyper-baseline {:.1} µs, difference {:+.1} µs",
+        t.target,
+        t.cpu_per_req_us(),
+        h.cpu_per_req_us(),
+        t.cpu_per_req_us() - h.cpu_per_req_us()
+    );
+    if let Some((to, ho)) = overload {
+        let r = to.q_us(0.99) / ho.q_us(0.99).max(1.0);
+        println!(
+            "  overload at {} connections: {} errors (hyper-baseline {}) (target 0: {}), p99 {r:.2}x hyper-baseline's ({:.0} vs {:.0} µs) (target <= 2x: {})",
+            to.connections,
+            to.errors.total(),
+            ho.errors.total(),
+            verdict(to.errors.total() == 0),
+            to.q_us(0.99),
+            ho.q_us(0.99),
+            verdict(r <= 2.0)
+        );
+    }
 }
 
 /// The 1, 5 and 15 minute load averages: other work on the machine skews
@@ -1136,11 +1374,11 @@ fn report(
     throughput: &[PhaseResult],
     latency: &[PhaseResult],
     sse: &[SseResult],
-    overload: Option<&PhaseResult>,
+    overload: &[PhaseResult],
 ) {
     println!();
     println!(
-        "{:<9} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}  errors",
+        "{:<14} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}  errors",
         "target",
         "conns",
         "req/s",
@@ -1153,7 +1391,7 @@ fn report(
     );
     for r in throughput.iter().chain(latency).chain(overload) {
         println!(
-            "{:<9} {:>5} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.1}µs {:>9.1}µs  {}",
+            "{:<14} {:>5} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.1}µs {:>9.1}µs  {}",
             r.target,
             r.connections,
             r.rps(),
@@ -1172,8 +1410,8 @@ fn report(
             );
         }
     }
-    let (b, t) = (&throughput[1], &throughput[2]);
-    let (bl, tl) = (&latency[1], &latency[2]);
+    let (b, t) = (by_name(throughput, "baseline"), by_name(throughput, "till"));
+    let (bl, tl) = (by_name(latency, "baseline"), by_name(latency, "till"));
     println!();
     println!("Till / baseline:");
     println!(
@@ -1198,12 +1436,19 @@ fn report(
         b.cpu_per_req_us(),
         t.cpu_per_req_us() - b.cpu_per_req_us()
     );
+    let till_overload = overload.iter().find(|r| r.target == "till");
     let denials: u64 = [t, tl]
         .into_iter()
-        .chain(overload)
+        .chain(till_overload)
         .map(|r| r.errors.total())
         .sum();
     println!("  non-200 answers from till over all phases: {denials}");
+    print_hyper_targets(
+        args.connections,
+        (t, by_name(throughput, "hyper-baseline")),
+        (tl, by_name(latency, "hyper-baseline")),
+        till_overload.zip(overload.iter().find(|r| r.target == "hyper-baseline")),
+    );
 
     println!();
     println!(
@@ -1211,7 +1456,7 @@ fn report(
         args.sse_chunks, args.sse_interval_ms
     );
     println!(
-        "{:<9} {:>7} {:>13} {:>13} {:>12} {:>12} {:>12} {:>13}  errors",
+        "{:<14} {:>7} {:>13} {:>13} {:>12} {:>12} {:>12} {:>13}  errors",
         "target",
         "streams",
         "1st chunk p50",
@@ -1223,7 +1468,7 @@ fn report(
     );
     for r in sse {
         println!(
-            "{:<9} {:>7} {:>10.0} µs {:>10.0} µs {:>9.0} µs {:>9.0} µs {:>9.0} µs {:>13.1}  {}",
+            "{:<14} {:>7} {:>10.0} µs {:>10.0} µs {:>9.0} µs {:>9.0} µs {:>9.0} µs {:>13.1}  {}",
             r.target,
             r.streams,
             r.ttfc.value_at_quantile(0.5) as f64 / 1e3,
@@ -1235,14 +1480,26 @@ fn report(
             r.errors.describe()
         );
     }
-    let (bs, ts) = (&sse[1], &sse[2]);
-    println!(
-        "  till vs baseline: first chunk p50 {:+.0} µs, p99 {:+.0} µs; gap p50 {:+.0} µs, p99 {:+.0} µs",
-        (ts.ttfc.value_at_quantile(0.5) as f64 - bs.ttfc.value_at_quantile(0.5) as f64) / 1e3,
-        (ts.ttfc.value_at_quantile(0.99) as f64 - bs.ttfc.value_at_quantile(0.99) as f64) / 1e3,
-        (ts.gaps.value_at_quantile(0.5) as f64 - bs.gaps.value_at_quantile(0.5) as f64) / 1e3,
-        (ts.gaps.value_at_quantile(0.99) as f64 - bs.gaps.value_at_quantile(0.99) as f64) / 1e3,
-    );
+    let sse_of = |name: &str| sse.iter().find(|r| r.target == name);
+    if let Some(ts) = sse_of("till") {
+        for bs in ["baseline", "hyper-baseline"]
+            .into_iter()
+            .filter_map(sse_of)
+        {
+            println!(
+                "  till vs {}: first chunk p50 {:+.0} µs, p99 {:+.0} µs; gap p50 {:+.0} µs, p99 {:+.0} µs",
+                bs.target,
+                (ts.ttfc.value_at_quantile(0.5) as f64 - bs.ttfc.value_at_quantile(0.5) as f64)
+                    / 1e3,
+                (ts.ttfc.value_at_quantile(0.99) as f64 - bs.ttfc.value_at_quantile(0.99) as f64)
+                    / 1e3,
+                (ts.gaps.value_at_quantile(0.5) as f64 - bs.gaps.value_at_quantile(0.5) as f64)
+                    / 1e3,
+                (ts.gaps.value_at_quantile(0.99) as f64 - bs.gaps.value_at_quantile(0.99) as f64)
+                    / 1e3,
+            );
+        }
+    }
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -1595,6 +1852,7 @@ fn redis_mode(args: &Args) {
     let upstream = spawn_role("upstream", "upstream", &[]);
     let upstream_url = format!("http://{}", upstream.addr);
     let baseline = spawn_role("baseline proxy", "baseline", &["--upstream", &upstream_url]);
+    let hyper_baseline = spawn_hyper_baseline(args, &upstream_url);
     let home_e = tempfile::tempdir().expect("tempdir");
     let (embedded, token_e) = start_till(args, home_e.path(), upstream.addr);
     // Two replicas of one deployment: the same root key, one Redis.
@@ -1624,6 +1882,7 @@ fn redis_mode(args: &Args) {
     };
     let targets = [
         target("baseline", &baseline, Some(&token_e)),
+        target("hyper-baseline", &hyper_baseline, Some(&token_e)),
         target("till-embedded", &embedded, Some(&token_e)),
         target("till-redis", &on_redis, Some(&token_r)),
     ];
@@ -1677,8 +1936,9 @@ fn redis_mode(args: &Args) {
             args.connections / 2
         );
         let half = (args.connections / 2).max(1);
+        let on_redis = targets.iter().find(|t| t.name == "till-redis").unwrap();
         let (a, b) = tokio::join!(
-            run_phase(&targets[2], half, args.warmup, args.seconds),
+            run_phase(on_redis, half, args.warmup, args.seconds),
             run_phase(&second, half, args.warmup, args.seconds)
         );
 
@@ -1697,18 +1957,27 @@ fn redis_mode(args: &Args) {
             b.rps(),
             a.errors.total() + b.errors.total()
         );
+        let (base, base1) = (by_name(&rows, "baseline"), by_name(&latency, "baseline"));
         println!(
             "  throughput at {} connections: till-redis {:.1}% of baseline, till-embedded {:.1}%",
             args.connections,
-            100.0 * rows[2].rps() / rows[0].rps().max(1.0),
-            100.0 * rows[1].rps() / rows[0].rps().max(1.0)
+            100.0 * by_name(&rows, "till-redis").rps() / base.rps().max(1.0),
+            100.0 * by_name(&rows, "till-embedded").rps() / base.rps().max(1.0)
         );
-        for r in &latency[1..] {
+        for r in latency.iter().filter(|r| r.target != "baseline") {
             println!(
-                "  added latency at 1 connection, {}: p50 +{:.0} µs, p99 +{:.0} µs",
+                "  added latency at 1 connection over baseline, {}: p50 {:+.0} µs, p99 {:+.0} µs",
                 r.target,
-                r.q_us(0.50) - latency[0].q_us(0.50),
-                r.q_us(0.99) - latency[0].q_us(0.99)
+                r.q_us(0.50) - base1.q_us(0.50),
+                r.q_us(0.99) - base1.q_us(0.99)
+            );
+        }
+        for name in ["till-redis", "till-embedded"] {
+            print_hyper_targets(
+                args.connections,
+                (by_name(&rows, name), by_name(&rows, "hyper-baseline")),
+                (by_name(&latency, name), by_name(&latency, "hyper-baseline")),
+                None,
             );
         }
         if let Some((before, after, sent)) = calls {
@@ -1734,6 +2003,7 @@ fn redis_mode(args: &Args) {
     drop(replica);
     drop(on_redis);
     drop(embedded);
+    drop(hyper_baseline);
     drop(baseline);
     drop(upstream);
 }

@@ -13,11 +13,11 @@
 
 use axum::body::{Body, Bytes};
 use axum::response::Response;
-use futures_util::TryStreamExt;
 use http::HeaderMap;
-use http::header::{self, HeaderName};
+use http::header::{self, HeaderName, HeaderValue};
 
 use super::error::ProxyError;
+use super::upstream_client::SendError;
 use super::{AppState, Upstream};
 
 /// The request body as it will be sent.
@@ -184,15 +184,12 @@ pub async fn forward(
     path: &str,
     body: Outgoing,
 ) -> Result<Response, ProxyError> {
-    let mut url = String::with_capacity(upstream.base.len() + path.len() + 64);
-    url.push_str(&upstream.base);
-    url.push_str(path);
-    if let Some(q) = parts.uri.query() {
-        url.push('?');
-        url.push_str(q);
-    }
+    let uri = upstream.target.uri(path, parts.uri.query()).map_err(|e| {
+        tracing::warn!(error = %e, "cannot build the upstream URI");
+        ProxyError::BadGateway("the request path cannot be sent to the upstream".into())
+    })?;
     let mut headers =
-        HeaderMap::with_capacity(parts.headers.len() + upstream.set_headers.len() + 1);
+        HeaderMap::with_capacity(parts.headers.len() + upstream.set_headers.len() + 2);
     let named_in_connection = connection_options(&parts.headers);
     for (name, value) in parts.headers.iter() {
         if !skip_request_header(name, upstream, &named_in_connection) {
@@ -206,37 +203,45 @@ pub async fn forward(
     if let Some(c) = &upstream.credential {
         headers.insert(upstream.header.clone(), c.clone());
     }
-    let body = match body {
-        Outgoing::Buffered(b) => reqwest::Body::from(b),
-        Outgoing::Stream(b) => reqwest::Body::wrap_stream(b.into_data_stream()),
-    };
-    let resp = st
-        .client
-        .request(parts.method.clone(), url)
-        .headers(headers)
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| upstream_error(&e))?;
-
-    let mut out = Response::builder().status(resp.status());
-    if let Some(h) = out.headers_mut() {
-        for (name, value) in resp.headers().iter() {
-            if !skip_response_header(name) {
-                h.append(name.clone(), value.clone());
-            }
-        }
-        // SSE must not be buffered by anything between us and the client.
-        if is_event_stream(resp.headers()) {
-            h.insert("x-accel-buffering", http::HeaderValue::from_static("no"));
-        }
+    // What the reqwest client this replaced sent when the client had none.
+    if !headers.contains_key(header::ACCEPT) {
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
     }
-    let stream = resp.bytes_stream().map_err(|e| {
-        tracing::warn!(error = %describe(&e), "upstream stream ended with an error");
-        std::io::Error::other(describe(&e))
-    });
-    out.body(Body::from_stream(stream))
-        .map_err(|e| ProxyError::BadGateway(e.to_string()))
+    let body = match body {
+        Outgoing::Buffered(b) => Body::from(b),
+        Outgoing::Stream(b) => b,
+    };
+    let mut req = http::Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    let resp = st.client.send(req).await.map_err(|e| upstream_error(&e))?;
+
+    let (mut head, body) = resp.into_parts();
+    strip_response_headers(&mut head.headers);
+    // SSE must not be buffered by anything between us and the client.
+    if is_event_stream(&head.headers) {
+        head.headers
+            .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    }
+    Ok(Response::from_parts(head, body))
+}
+
+/// Removes the hop-by-hop headers of an upstream's answer, in place (the
+/// answer's other headers pass as they are).
+fn strip_response_headers(h: &mut HeaderMap) {
+    // Rare: answers seldom carry any, so the common case allocates nothing.
+    if !h.keys().any(skip_response_header) {
+        return;
+    }
+    let names: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| skip_response_header(n))
+        .cloned()
+        .collect();
+    for n in names {
+        h.remove(n);
+    }
 }
 
 fn is_event_stream(h: &HeaderMap) -> bool {
@@ -245,31 +250,17 @@ fn is_event_stream(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
-/// The error with its cause chain (it never contains a header value).
-fn describe(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
-fn upstream_error(e: &reqwest::Error) -> ProxyError {
-    let msg = if e.is_connect() {
-        "cannot connect to the upstream".to_string()
-    } else if e.is_timeout() {
-        "no answer from the upstream in time".to_string()
-    } else {
-        "the upstream connection failed".to_string()
-    };
-    tracing::warn!(error = %describe(e), "upstream request failed");
-    if e.is_timeout() {
-        ProxyError::GatewayTimeout(msg)
-    } else {
-        ProxyError::BadGateway(msg)
+fn upstream_error(e: &SendError) -> ProxyError {
+    tracing::warn!(error = %e, "upstream request failed");
+    match e {
+        SendError::ConnectTimeout => {
+            ProxyError::GatewayTimeout("cannot connect to the upstream".into())
+        }
+        SendError::Connect(_) => ProxyError::BadGateway("cannot connect to the upstream".into()),
+        SendError::Timeout => {
+            ProxyError::GatewayTimeout("no answer from the upstream in time".into())
+        }
+        SendError::Failed(_) => ProxyError::BadGateway("the upstream connection failed".into()),
     }
 }
 

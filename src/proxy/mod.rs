@@ -21,6 +21,7 @@ pub mod idempotency;
 pub mod mcp;
 pub mod reload;
 pub mod server;
+pub mod upstream_client;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -42,6 +43,8 @@ pub use config::Config;
 pub struct Upstream {
     /// Base URL without a trailing slash.
     pub base: String,
+    /// `base` split for the forwarder, once per config load.
+    pub target: upstream_client::Target,
     pub header: HeaderName,
     /// The real credential, marked sensitive so it is never printed.
     pub credential: Option<HeaderValue>,
@@ -64,7 +67,8 @@ pub struct Inner {
     pub revocations: Arc<dyn RevocationList>,
     /// Swapped whole by a reload ([`reload`]); read once per request.
     pub upstreams: reload::Upstreams,
-    pub client: reqwest::Client,
+    /// Forwards to upstreams ([`upstream_client`]).
+    pub client: upstream_client::UpstreamClient,
     pub limits: config::Limits,
     pub idempotency: idempotency::Idempotency,
     /// Rate windows and concurrency caps: the counter store's shared ones
@@ -99,8 +103,9 @@ impl std::ops::Deref for AppState {
     }
 }
 
-/// Installs the process-wide TLS crypto provider (ring) once. reqwest is
-/// built without a default provider to avoid compiling a second one.
+/// Installs the process-wide TLS crypto provider (ring) once, for the
+/// upstream client and for reqwest (built without a default provider to
+/// avoid compiling a second one).
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
@@ -159,16 +164,14 @@ impl AppState {
         if let Some(claims) = counters.alert_claims() {
             monitor.alerts.share_through(claims);
         }
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(cfg.limits.connect_timeout_secs))
-            .read_timeout(Duration::from_secs(cfg.limits.idle_timeout_secs))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| config::ConfigError {
-                file: cfg.file.clone(),
-                message: format!("cannot build the HTTP client: {e}"),
-            })?;
+        let client = upstream_client::UpstreamClient::new(
+            Duration::from_secs(cfg.limits.connect_timeout_secs),
+            Duration::from_secs(cfg.limits.idle_timeout_secs),
+        )
+        .map_err(|e| config::ConfigError {
+            file: cfg.file.clone(),
+            message: format!("cannot build the HTTP client: {e}"),
+        })?;
         Ok(AppState(Arc::new(Inner {
             verifier,
             cache: Cache::builder()

@@ -91,10 +91,15 @@ pub fn build_upstreams(
             .iter()
             .map(|k| HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad("pass_headers")))
             .collect::<Result<_, _>>()?;
+        let target = super::upstream_client::Target::parse(&u.url).map_err(|e| ConfigError {
+            file: cfg.file.clone(),
+            message: format!("upstreams.{name}.url: {e}"),
+        })?;
         upstreams.insert(
             name.clone(),
             Arc::new(Upstream {
                 base: u.url.trim_end_matches('/').to_string(),
+                target,
                 header,
                 credential,
                 set_headers,

@@ -23,3 +23,4 @@ mod redis;
 mod reload;
 mod service;
 mod spec_samples;
+mod upstream_tls;
