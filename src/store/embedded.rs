@@ -95,6 +95,20 @@ struct FamilyOf<'a> {
 }
 
 fn family_of(json: &str) -> Option<String> {
+    // Fast path for the rows this store writes (`{"id":"…","family":"…",…`,
+    // serde's field order): when neither string holds a backslash, neither
+    // has an escape, so the first quote ends each. Parsing whole rows was
+    // about a third of a reopen's CPU time (perf, 200 000 families).
+    let fast = || {
+        let rest = json.strip_prefix("{\"id\":\"")?;
+        let (id, rest) = rest.split_once('"')?;
+        let rest = rest.strip_prefix(",\"family\":\"")?;
+        let (family, _) = rest.split_once('"')?;
+        (!id.contains('\\') && !family.contains('\\')).then_some(family)
+    };
+    if let Some(f) = fast() {
+        return Some(f.to_string());
+    }
     serde_json::from_str::<FamilyOf>(json)
         .ok()
         .map(|f| f.family.into_owned())
@@ -1285,6 +1299,29 @@ mod tests {
         assert_eq!(export.retired.len(), 1);
         assert_eq!(export.retired[0].family.as_deref(), Some(root.as_str()));
         assert_eq!(export.counters.len(), 2);
+    }
+
+    #[test]
+    fn the_family_of_a_row_is_read_fast_and_exactly() {
+        let m = BlockMeta {
+            id: hex_id(1),
+            family: hex_id(2),
+            parent: None,
+            index: 0,
+            label: Some("a \"quoted\" label".into()),
+            limit: None,
+            expires: None,
+            rates: Vec::new(),
+            concurrency: None,
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(family_of(&json), Some(hex_id(2)));
+        // Escapes and other field orders go through serde.
+        let odd = r#"{"family":"f\u0031","id":"x\"y"}"#;
+        assert_eq!(family_of(odd).as_deref(), Some("f1"));
+        let escaped = r#"{"id":"a","family":"b\u0032"}"#;
+        assert_eq!(family_of(escaped).as_deref(), Some("b2"));
+        assert_eq!(family_of("not json"), None);
     }
 
     #[test]
