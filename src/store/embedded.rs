@@ -268,32 +268,73 @@ impl EmbeddedStore {
         let mut retired = HashSet::new();
         {
             let r = db.begin_read().map_err(|e| open_err(e.to_string()))?;
-            let t = r
+            let counters = r
                 .open_table(COUNTERS)
                 .map_err(|e| open_err(e.to_string()))?;
-            let n = t.len().map_err(|e| open_err(e.to_string()))?;
+            let metas = r.open_table(BLOCKS).map_err(|e| open_err(e.to_string()))?;
+            let n = counters.len().map_err(|e| open_err(e.to_string()))?;
             blocks.reserve(usize::try_from(n).unwrap_or(0));
-            for item in t.iter().map_err(|e| open_err(e.to_string()))? {
-                let (k, v) = item.map_err(|e| open_err(e.to_string()))?;
-                let (value, expires) = v.value();
-                let i = blocks.find_or_insert(k.value());
-                let e = blocks.slot_mut(i);
-                e.flags |= COUNTER;
-                e.count = value;
-                e.durable = value;
-                e.requested = value;
-                e.expires = expires;
-            }
-            let t = r.open_table(BLOCKS).map_err(|e| open_err(e.to_string()))?;
-            for item in t.iter().map_err(|e| open_err(e.to_string()))? {
-                let (k, v) = item.map_err(|e| open_err(e.to_string()))?;
-                // Metadata is informational: a row we cannot read is skipped.
-                let Some(family) = family_of(v.value()) else {
-                    continue;
+            // Both tables are sorted by id: walking them together looks up a
+            // block with a counter and metadata (nearly every one) once.
+            let mut cs = counters
+                .iter()
+                .map_err(|e| open_err(e.to_string()))?
+                .peekable();
+            let mut ms = metas
+                .iter()
+                .map_err(|e| open_err(e.to_string()))?
+                .peekable();
+            loop {
+                use std::cmp::Ordering::{Equal, Greater, Less};
+                let order = match (cs.peek(), ms.peek()) {
+                    (None, None) => break,
+                    (Some(Ok((c, _))), Some(Ok((m, _)))) => c.value().cmp(m.value()),
+                    // An error is taken (and returned) first.
+                    (Some(_), None) | (Some(Err(_)), _) => Less,
+                    (None, Some(_)) | (_, Some(Err(_))) => Greater,
                 };
-                let i = blocks.find_or_insert(k.value());
-                blocks.slot_mut(i).flags |= META;
-                add_to_family(&mut blocks, &family);
+                let c = match order {
+                    Less | Equal => cs.next(),
+                    Greater => None,
+                }
+                .transpose()
+                .map_err(|e| open_err(e.to_string()))?;
+                let m = match order {
+                    Greater | Equal => ms.next(),
+                    Less => None,
+                }
+                .transpose()
+                .map_err(|e| open_err(e.to_string()))?;
+                let Some(id) = c
+                    .as_ref()
+                    .map(|(k, _)| k.value())
+                    .or_else(|| m.as_ref().map(|(k, _)| k.value()))
+                else {
+                    break;
+                };
+                // Metadata is informational: a row we cannot read is skipped.
+                let family = m.as_ref().and_then(|(_, v)| family_of(v.value()));
+                if c.is_none() && family.is_none() {
+                    continue;
+                }
+                let i = blocks.find_or_insert(id);
+                let e = blocks.slot_mut(i);
+                if let Some((_, v)) = &c {
+                    let (value, expires) = v.value();
+                    e.flags |= COUNTER;
+                    e.count = value;
+                    e.durable = value;
+                    e.requested = value;
+                    e.expires = expires;
+                }
+                if let Some(family) = family {
+                    e.flags |= META;
+                    if family == id {
+                        e.family_blocks = e.family_blocks.saturating_add(1);
+                    } else {
+                        add_to_family(&mut blocks, &family);
+                    }
+                }
             }
             let t = r.open_table(REVOKED).map_err(|e| open_err(e.to_string()))?;
             for item in t.iter().map_err(|e| open_err(e.to_string()))? {
@@ -1165,7 +1206,13 @@ mod tests {
                 t.insert(kid.as_str(), (9, 0)).unwrap();
                 t.insert("legacy-text-id", (3, 0)).unwrap();
                 let mut t = txn.open_table(BLOCKS).unwrap();
-                for (id, parent, index) in [(&root, None, 0), (&kid, Some(root.clone()), 1)] {
+                // The last one has metadata but no counter.
+                let quiet = hex_id(15);
+                for (id, parent, index) in [
+                    (&root, None, 0),
+                    (&kid, Some(root.clone()), 1),
+                    (&quiet, Some(root.clone()), 1),
+                ] {
                     let m = BlockMeta {
                         id: id.clone(),
                         family: root.clone(),
@@ -1192,8 +1239,9 @@ mod tests {
         assert_eq!(s.peek(&ids).await.unwrap(), vec![40, 9, 3]);
         assert_eq!(CounterStore::list(&s).await.unwrap().len(), 3);
         let mut metas = s.blocks().await.unwrap();
-        metas.sort_by(|a, b| a.index.cmp(&b.index));
-        assert_eq!(metas.len(), 2);
+        metas.sort_by(|a, b| (a.index, &a.id).cmp(&(b.index, &b.id)));
+        assert_eq!(metas.len(), 3);
+        assert_eq!(metas[1].id, kid);
         assert_eq!(metas[1].parent.as_deref(), Some(root.as_str()));
         assert_eq!(metas[1].label.as_deref(), Some("agent"));
         assert!(matches!(
@@ -1201,8 +1249,8 @@ mod tests {
             Err(StoreError::Retired)
         ));
         assert_eq!(s.first_revoked(std::slice::from_ref(&bad)).unwrap(), Some(0));
-        // The family already has two tracked blocks on disk.
-        s.set_max_blocks_per_family(3);
+        // The family already has three tracked blocks on disk.
+        s.set_max_blocks_per_family(4);
         let r = s
             .reserve(&[block_of(&root, &root, Some(50)), block_of(&root, &hex_id(5), None)])
             .await
@@ -1212,8 +1260,8 @@ mod tests {
             .reserve(&[block_of(&root, &root, Some(50)), block_of(&root, &hex_id(6), None)])
             .await
             .err()
-            .expect("a fourth block of the family is refused");
-        assert!(matches!(err, StoreError::FamilyFull { limit: 3 }), "{err}");
+            .expect("a fifth block of the family is refused");
+        assert!(matches!(err, StoreError::FamilyFull { limit: 4 }), "{err}");
         let export = s.export().unwrap();
         let k = export.counters.iter().find(|c| c.id == kid).unwrap();
         assert_eq!(k.uses, 9);
