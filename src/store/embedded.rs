@@ -114,6 +114,16 @@ fn family_of(json: &str) -> Option<String> {
         .map(|f| f.family.into_owned())
 }
 
+/// A mark asked of the writer and not yet known durable. Kept beside the
+/// slots rather than in them: only counters crossing their mark have one,
+/// so a slot stays 112 bytes.
+struct Asked {
+    /// The mark asked for (> the slot's `durable`).
+    requested: u64,
+    /// Commit epoch that makes `requested` durable.
+    epoch: u64,
+}
+
 struct Pending {
     value: u64,
     expires: u64,
@@ -125,6 +135,8 @@ struct State {
     /// Every block with a counter or recorded metadata, and each family's
     /// block count (see `index`). The metadata itself is on disk.
     blocks: Index,
+    /// Marks in flight, by slot number (see `Asked`).
+    asked: HashMap<u32, Asked>,
     pending: HashMap<String, Pending>,
     /// Metadata of blocks seen for the first time, until the writer puts it
     /// on disk.
@@ -324,7 +336,6 @@ impl EmbeddedStore {
                     e.flags |= COUNTER;
                     e.count = value;
                     e.durable = value;
-                    e.requested = value;
                     e.expires = expires;
                 }
                 if let Some(family) = family {
@@ -358,6 +369,7 @@ impl EmbeddedStore {
             path: path.to_path_buf(),
             state: Mutex::new(State {
                 blocks,
+                asked: HashMap::new(),
                 pending: HashMap::new(),
                 pending_meta: Vec::new(),
                 next_epoch: 1,
@@ -485,6 +497,9 @@ impl EmbeddedStore {
         for (id, family) in dead.iter().zip(&families) {
             st.retired.insert(id.clone());
             st.pending.remove(id);
+            if let Some(i) = st.blocks.find(id) {
+                st.asked.remove(&i);
+            }
             let had_meta = st.blocks.get(id).is_some_and(|e| e.has(META));
             forget_block(&mut st.blocks, id);
             if had_meta && let Some(f) = family {
@@ -575,7 +590,7 @@ fn forget_block(blocks: &mut Index, id: &str) {
 fn queue_exact(st: &mut State) {
     let mut writes = Vec::new();
     for (i, e) in st.blocks.iter() {
-        if e.has(COUNTER) && (e.durable != e.count || e.requested != e.count) {
+        if e.has(COUNTER) && (e.durable != e.count || st.asked.contains_key(&i)) {
             writes.push((st.blocks.id(i), e.count, e.expires));
         }
     }
@@ -631,20 +646,29 @@ fn writer_loop(s: &Shared) {
         s.stats
             .commit_micros_total
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        let mut st = lock(&s.state);
+        let mut guard = lock(&s.state);
         match result {
             Ok(()) => {
+                let st = &mut *guard;
                 for (id, p) in batch {
-                    if let Some(e) = st.blocks.get_mut(&id).filter(|e| e.has(COUNTER)) {
-                        if p.exact {
-                            e.durable = p.value;
-                            e.requested = p.value.max(e.count);
-                        } else {
-                            e.durable = e.durable.max(p.value);
+                    let Some(i) = st.blocks.find(&id) else {
+                        continue;
+                    };
+                    let e = st.blocks.slot_mut(i);
+                    if !e.has(COUNTER) {
+                        continue;
+                    }
+                    if p.exact {
+                        e.durable = p.value;
+                        st.asked.remove(&i);
+                    } else {
+                        e.durable = e.durable.max(p.value);
+                        if st.asked.get(&i).is_some_and(|a| a.requested <= e.durable) {
+                            st.asked.remove(&i);
                         }
                     }
                 }
-                drop(st);
+                drop(guard);
                 s.committed.send_replace(Committed {
                     epoch,
                     failed: None,
@@ -653,8 +677,8 @@ fn writer_loop(s: &Shared) {
             Err(msg) => {
                 // Fail closed: a store that cannot persist must not count.
                 tracing::error!(store = %s.path.display(), error = %msg, "counter store commit failed; refusing further reservations");
-                st.failed = Some(msg.clone());
-                drop(st);
+                guard.failed = Some(msg.clone());
+                drop(guard);
                 s.committed.send_replace(Committed {
                     epoch: epoch.saturating_sub(1),
                     failed: Some(msg),
@@ -692,7 +716,8 @@ fn write_batch(
 impl CounterStore for EmbeddedStore {
     fn reserve(&self, counters: &[CounterSpec]) -> BoxFuture<'_, Result<Reservation, StoreError>> {
         let result = (|| {
-            let mut st = lock(&self.shared.state);
+            let mut guard = lock(&self.shared.state);
+            let st = &mut *guard;
             if let Some(f) = &st.failed {
                 return Err(StoreError::Failed(f.clone()));
             }
@@ -756,14 +781,22 @@ impl CounterStore for EmbeddedStore {
                 if e.count <= e.durable {
                     continue;
                 }
-                if e.count <= e.requested {
-                    need_epoch = need_epoch.max(e.epoch);
+                if let Some(a) = st.asked.get(&i)
+                    && e.count <= a.requested
+                {
+                    need_epoch = need_epoch.max(a.epoch);
                     continue;
                 }
-                e.requested = e.count + lease(e.limit(), e.count);
-                e.epoch = next_epoch;
+                let requested = e.count + lease(e.limit(), e.count);
+                writes.push((c.id.clone(), requested, e.expires));
+                st.asked.insert(
+                    i,
+                    Asked {
+                        requested,
+                        epoch: next_epoch,
+                    },
+                );
                 need_epoch = need_epoch.max(next_epoch);
-                writes.push((c.id.clone(), e.requested, e.expires));
                 wake = true;
             }
             for (id, value, expires) in writes {
@@ -777,7 +810,7 @@ impl CounterStore for EmbeddedStore {
                 p.exact = false;
             }
             wake |= !st.pending_meta.is_empty();
-            drop(st);
+            drop(guard);
             if wake {
                 self.shared.wake.notify_one();
             }

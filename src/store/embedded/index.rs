@@ -32,7 +32,7 @@ pub const META: u8 = 4;
 /// `limit` holds the block's own use limit.
 pub const HAS_LIMIT: u8 = 8;
 
-/// One block. 128 bytes.
+/// One block. 112 bytes.
 #[derive(Clone, Debug)]
 pub struct Slot {
     /// Decoded id when `id_len > 0`; otherwise the id is in `Index::text`.
@@ -48,12 +48,9 @@ pub struct Slot {
     pub family_blocks: u32,
     /// Exact uses granted (minus rollbacks) since the counter was created.
     pub count: u64,
-    /// Value known to be on disk.
+    /// Value known to be on disk (a mark asked of the writer and not yet
+    /// committed is kept beside the slots).
     pub durable: u64,
-    /// Value asked of the writer (≥ durable).
-    pub requested: u64,
-    /// Commit epoch that makes `requested` durable.
-    pub epoch: u64,
     /// Meaningful with [`HAS_LIMIT`].
     pub limit: u64,
     /// Unix seconds, 0 for none.
@@ -70,8 +67,6 @@ impl Default for Slot {
             family_blocks: 0,
             count: 0,
             durable: 0,
-            requested: 0,
-            epoch: 0,
             limit: 0,
             expires: 0,
         }
@@ -321,8 +316,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_slot_is_128_bytes() {
-        assert_eq!(std::mem::size_of::<Slot>(), 128);
+    fn a_slot_is_112_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 112);
     }
 
     #[test]

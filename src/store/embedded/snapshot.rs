@@ -146,14 +146,17 @@ impl EmbeddedStore {
         report.retired = s.retired.len();
         report.revoked = new_revoked.len();
         // The file is the truth now; bring the in-memory copy level with it.
-        let mut st = lock(&self.shared.state);
+        let mut guard = lock(&self.shared.state);
+        let st = &mut *guard;
         for (id, value, expires, limit) in values {
             let i = st.blocks.find_or_insert(&id);
             let e = st.blocks.slot_mut(i);
             e.flags |= COUNTER;
             e.count = e.count.max(value);
             e.durable = e.durable.max(value);
-            e.requested = e.requested.max(value);
+            if st.asked.get(&i).is_some_and(|a| a.requested <= e.durable) {
+                st.asked.remove(&i);
+            }
             e.expires = expires;
             if e.limit().is_none() {
                 e.set_limit(limit);
@@ -168,7 +171,7 @@ impl EmbeddedStore {
             }
         }
         st.retired.extend(s.retired.iter().map(|r| r.id.clone()));
-        drop(st);
+        drop(guard);
         self.shared
             .revoked
             .write()
