@@ -1367,7 +1367,7 @@ fn families_mode(args: &Args) {
     let commits = store.stats().commits.load(Ordering::Relaxed);
     store.close().expect("close");
     drop(store);
-    let file = &dir.join(till::store::embedded::STORE_FILE);
+    let file = dir.join(till::store::embedded::STORE_FILE);
     let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
 
     // Reopen in a fresh process: what a restarted proxy holds.

@@ -1281,16 +1281,25 @@ mod tests {
             s.reserve(&[block_of(&gone, &gone, None)]).await,
             Err(StoreError::Retired)
         ));
-        assert_eq!(s.first_revoked(std::slice::from_ref(&bad)).unwrap(), Some(0));
+        assert_eq!(
+            s.first_revoked(std::slice::from_ref(&bad)).unwrap(),
+            Some(0)
+        );
         // The family already has three tracked blocks on disk.
         s.set_max_blocks_per_family(4);
         let r = s
-            .reserve(&[block_of(&root, &root, Some(50)), block_of(&root, &hex_id(5), None)])
+            .reserve(&[
+                block_of(&root, &root, Some(50)),
+                block_of(&root, &hex_id(5), None),
+            ])
             .await
             .unwrap();
         assert_eq!(r.uses, vec![41, 1]);
         let err = s
-            .reserve(&[block_of(&root, &root, Some(50)), block_of(&root, &hex_id(6), None)])
+            .reserve(&[
+                block_of(&root, &root, Some(50)),
+                block_of(&root, &hex_id(6), None),
+            ])
             .await
             .err()
             .expect("a fifth block of the family is refused");
@@ -1311,25 +1320,34 @@ mod tests {
             let s = EmbeddedStore::open(dir.path()).unwrap();
             s.set_max_blocks_per_family(3);
             for kid in [8, 9] {
-                s.reserve(&[block_of(&root, &root, None), block_of(&root, &hex_id(kid), None)])
-                    .await
-                    .unwrap()
-                    .durable
-                    .await
-                    .unwrap();
+                s.reserve(&[
+                    block_of(&root, &root, None),
+                    block_of(&root, &hex_id(kid), None),
+                ])
+                .await
+                .unwrap()
+                .durable
+                .await
+                .unwrap();
             }
             s.close().unwrap();
         }
         let s = EmbeddedStore::open(dir.path()).unwrap();
         s.set_max_blocks_per_family(3);
         let err = s
-            .reserve(&[block_of(&root, &root, None), block_of(&root, &hex_id(10), None)])
+            .reserve(&[
+                block_of(&root, &root, None),
+                block_of(&root, &hex_id(10), None),
+            ])
             .await
             .err()
             .expect("still full after the restart");
         assert!(matches!(err, StoreError::FamilyFull { limit: 3 }), "{err}");
         let r = s
-            .reserve(&[block_of(&root, &root, None), block_of(&root, &hex_id(8), None)])
+            .reserve(&[
+                block_of(&root, &root, None),
+                block_of(&root, &hex_id(8), None),
+            ])
             .await
             .unwrap();
         assert_eq!(r.uses, vec![3, 2]);

@@ -134,7 +134,7 @@ fn nibble(c: u8) -> Option<u8> {
 /// CPU time (perf, 200 000 families).
 fn key(id: &str) -> Key<'_> {
     let b = id.as_bytes();
-    if b.is_empty() || b.len() % 2 != 0 || b.len() > 2 * INLINE {
+    if b.is_empty() || !b.len().is_multiple_of(2) || b.len() > 2 * INLINE {
         return Key::Text(id);
     }
     let mut out = [0u8; INLINE];
@@ -327,7 +327,7 @@ mod tests {
         let ids = [
             hex_id.as_str(),
             "fedcba9876543210",
-            "0g", // not hex
+            "0g",   // not hex
             "AB",   // upper case: text, distinct from "ab"
             "ab",   // hex, one byte
             "abc",  // odd length: text
