@@ -727,11 +727,16 @@ impl CounterStore for EmbeddedStore {
             if !st.retired.is_empty() && counters.iter().any(|c| st.retired.contains(&c.id)) {
                 return Err(StoreError::Retired);
             }
+            // Each id is decoded and hashed once here (slot numbers stay
+            // valid: nothing is removed while the lock is held).
+            let found: Vec<Option<u32>> = counters.iter().map(|c| st.blocks.find(&c.id)).collect();
             // Blocks seen for the first time: bounded per family, and their
             // metadata recorded now, on an allowed request.
             let fresh: Vec<&CounterSpec> = counters
                 .iter()
-                .filter(|c| !st.blocks.get(&c.id).is_some_and(|e| e.has(META)))
+                .zip(&found)
+                .filter(|(_, i)| !i.is_some_and(|i| st.blocks.slot(i).has(META)))
+                .map(|(c, _)| c)
                 .collect();
             if !fresh.is_empty() {
                 let max = st.max_blocks_per_family;
@@ -759,8 +764,11 @@ impl CounterStore for EmbeddedStore {
             let mut need_epoch = 0;
             let mut wake = false;
             let mut writes = Vec::new();
-            for c in counters {
-                let i = st.blocks.find_or_insert(&c.id);
+            for (c, found) in counters.iter().zip(found) {
+                let i = match found {
+                    Some(i) => i,
+                    None => st.blocks.find_or_insert(&c.id),
+                };
                 let e = st.blocks.slot_mut(i);
                 e.flags |= COUNTER;
                 e.count += 1;
