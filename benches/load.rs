@@ -121,6 +121,8 @@ USAGE: cargo bench --bench load -- [OPTIONS]
                        redis-server), and 2 till processes sharing one Redis
   --families N         instead: counters for N token families, store size and RSS
   --family-blocks K    blocks (counters) per family in --families mode (default 1)
+  --dir D              in --families mode: fill the store in D and keep it (time
+                       reopens with `--role reopen --dir D`)
 ";
 
 fn parse_args() -> Args {
@@ -1548,9 +1550,12 @@ fn random_id() -> String {
 fn families_mode(args: &Args) {
     let n = args.families.unwrap_or(0);
     let k = args.family_blocks;
-    let dir = tempfile::tempdir().expect("tempdir");
+    // `--dir D` keeps the filled store in D, to time reopens again with
+    // `--role reopen --dir D`.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     let rss0 = status_kb("self", "VmRSS:");
-    let store = EmbeddedStore::open(dir.path()).expect("open store");
+    let store = EmbeddedStore::open(&dir).expect("open store");
     let rt = runtime();
     let started = Instant::now();
     let concurrency = 256u64;
@@ -1619,13 +1624,13 @@ fn families_mode(args: &Args) {
     let commits = store.stats().commits.load(Ordering::Relaxed);
     store.close().expect("close");
     drop(store);
-    let file = dir.path().join(till::store::embedded::STORE_FILE);
+    let file = dir.join(till::store::embedded::STORE_FILE);
     let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
 
     // Reopen in a fresh process: what a restarted proxy holds.
     let out = Command::new(std::env::current_exe().unwrap())
         .args(["--role", "reopen", "--dir"])
-        .arg(dir.path())
+        .arg(&dir)
         .output()
         .expect("reopen");
     let mut reopen = String::from_utf8_lossy(&out.stdout).to_string();
@@ -1633,7 +1638,7 @@ fn families_mode(args: &Args) {
     // cache and Till's in-memory maps.
     for cache in [None, Some("16")] {
         let mut c = Command::new(std::env::current_exe().unwrap());
-        c.args(["--role", "scan", "--dir"]).arg(dir.path());
+        c.args(["--role", "scan", "--dir"]).arg(&dir);
         if let Some(m) = cache {
             c.args(["--cache-mib", m]);
         }

@@ -29,8 +29,15 @@ fn family(name: &str, limits: [u64; 3]) -> Vec<CounterSpec> {
     let expires = till::store::now_unix() + 86400;
     (0..3)
         .map(|k: usize| {
-            // Real ids are 128 hex characters (an ed25519 signature).
-            let id = |k: usize| format!("{name}-{k}-{}", "ab".repeat(60));
+            // Real ids are 128 hex characters (an ed25519 signature): the
+            // name in hex, padded.
+            let id = |k: usize| {
+                let mut id = hex::encode(format!("{name}-{k}"));
+                while id.len() < 128 {
+                    id.push_str("ab");
+                }
+                id
+            };
             CounterSpec {
                 family: id(0),
                 parent: k.checked_sub(1).map(id),

@@ -22,6 +22,7 @@
 //!   crash can only over-count by the lease, i.e. err towards deny; it can
 //!   never grant an extra use. A graceful shutdown writes exact values.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +31,7 @@ use std::thread::JoinHandle;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::watch;
 
 use super::window::{LocalWindows, SAVE_EVERY, WindowStore};
@@ -39,7 +40,10 @@ use super::{
     now_unix,
 };
 
+mod index;
 mod snapshot;
+
+use index::{COUNTER, Index, META, Slot};
 
 /// id → (durable mark, expiry in Unix seconds or 0 for none).
 /// redb's page cache (see `open_file`).
@@ -82,19 +86,42 @@ fn lease(limit: Option<u64>, count: u64) -> u64 {
     }
 }
 
-#[derive(Debug, Default)]
-struct Entry {
-    /// Exact uses granted (minus rollbacks) since the counter was created.
-    count: u64,
-    /// Value known to be on disk.
-    durable: u64,
-    /// Value asked of the writer (≥ durable).
+/// The one field of a `BLOCKS` row the opening scan needs; parsing only it
+/// keeps a reopen of a million blocks quick.
+#[derive(serde::Deserialize)]
+struct FamilyOf<'a> {
+    #[serde(borrow)]
+    family: Cow<'a, str>,
+}
+
+fn family_of(json: &str) -> Option<String> {
+    // Fast path for the rows this store writes (`{"id":"…","family":"…",…`,
+    // serde's field order): when neither string holds a backslash, neither
+    // has an escape, so the first quote ends each. Parsing whole rows was
+    // about a third of a reopen's CPU time (perf, 200 000 families).
+    let fast = || {
+        let rest = json.strip_prefix("{\"id\":\"")?;
+        let (id, rest) = rest.split_once('"')?;
+        let rest = rest.strip_prefix(",\"family\":\"")?;
+        let (family, _) = rest.split_once('"')?;
+        (!id.contains('\\') && !family.contains('\\')).then_some(family)
+    };
+    if let Some(f) = fast() {
+        return Some(f.to_string());
+    }
+    serde_json::from_str::<FamilyOf>(json)
+        .ok()
+        .map(|f| f.family.into_owned())
+}
+
+/// A mark asked of the writer and not yet known durable. Kept beside the
+/// slots rather than in them: only counters crossing their mark have one,
+/// so a slot stays 112 bytes.
+struct Asked {
+    /// The mark asked for (> the slot's `durable`).
     requested: u64,
     /// Commit epoch that makes `requested` durable.
     epoch: u64,
-    limit: Option<u64>,
-    expires: u64,
-    last_use: Option<u64>,
 }
 
 struct Pending {
@@ -105,9 +132,14 @@ struct Pending {
 }
 
 struct State {
-    counters: HashMap<String, Entry>,
+    /// Every block with a counter or recorded metadata, and each family's
+    /// block count (see `index`). The metadata itself is on disk.
+    blocks: Index,
+    /// Marks in flight, by slot number (see `Asked`).
+    asked: HashMap<u32, Asked>,
     pending: HashMap<String, Pending>,
-    meta: HashMap<String, BlockMeta>,
+    /// Metadata of blocks seen for the first time, until the writer puts it
+    /// on disk.
     pending_meta: Vec<BlockMeta>,
     /// Epoch of the batch being gathered.
     next_epoch: u64,
@@ -115,9 +147,8 @@ struct State {
     shutdown: bool,
     /// Set when the exact flush starts: no reservation after it.
     closing: bool,
-    /// Tracked blocks per family (authority id), to bound what one token
-    /// holder can make the store remember by minting children offline.
-    family_blocks: HashMap<String, usize>,
+    /// Bounds what one token holder can make the store remember by minting
+    /// children offline (counted per family in `blocks`).
     max_blocks_per_family: usize,
     retired: HashSet<String>,
 }
@@ -244,35 +275,76 @@ impl EmbeddedStore {
                 .map_err(|e| open_err(e.to_string()))?;
         }
         txn.commit().map_err(|e| open_err(e.to_string()))?;
-        let mut counters = HashMap::new();
+        let mut blocks = Index::default();
         let mut revoked = HashSet::new();
-        let mut meta = HashMap::new();
         let mut retired = HashSet::new();
         {
             let r = db.begin_read().map_err(|e| open_err(e.to_string()))?;
-            let t = r
+            let counters = r
                 .open_table(COUNTERS)
                 .map_err(|e| open_err(e.to_string()))?;
-            for item in t.iter().map_err(|e| open_err(e.to_string()))? {
-                let (k, v) = item.map_err(|e| open_err(e.to_string()))?;
-                let (value, expires) = v.value();
-                counters.insert(
-                    k.value().to_string(),
-                    Entry {
-                        count: value,
-                        durable: value,
-                        requested: value,
-                        expires,
-                        ..Entry::default()
-                    },
-                );
-            }
-            let t = r.open_table(BLOCKS).map_err(|e| open_err(e.to_string()))?;
-            for item in t.iter().map_err(|e| open_err(e.to_string()))? {
-                let (k, v) = item.map_err(|e| open_err(e.to_string()))?;
+            let metas = r.open_table(BLOCKS).map_err(|e| open_err(e.to_string()))?;
+            let n = counters.len().map_err(|e| open_err(e.to_string()))?;
+            blocks.reserve(usize::try_from(n).unwrap_or(0));
+            // Both tables are sorted by id: walking them together looks up a
+            // block with a counter and metadata (nearly every one) once.
+            let mut cs = counters
+                .iter()
+                .map_err(|e| open_err(e.to_string()))?
+                .peekable();
+            let mut ms = metas
+                .iter()
+                .map_err(|e| open_err(e.to_string()))?
+                .peekable();
+            loop {
+                use std::cmp::Ordering::{Equal, Greater, Less};
+                let order = match (cs.peek(), ms.peek()) {
+                    (None, None) => break,
+                    (Some(Ok((c, _))), Some(Ok((m, _)))) => c.value().cmp(m.value()),
+                    // An error is taken (and returned) first.
+                    (Some(_), None) | (Some(Err(_)), _) => Less,
+                    (None, Some(_)) | (_, Some(Err(_))) => Greater,
+                };
+                let c = match order {
+                    Less | Equal => cs.next(),
+                    Greater => None,
+                }
+                .transpose()
+                .map_err(|e| open_err(e.to_string()))?;
+                let m = match order {
+                    Greater | Equal => ms.next(),
+                    Less => None,
+                }
+                .transpose()
+                .map_err(|e| open_err(e.to_string()))?;
+                let Some(id) = c
+                    .as_ref()
+                    .map(|(k, _)| k.value())
+                    .or_else(|| m.as_ref().map(|(k, _)| k.value()))
+                else {
+                    break;
+                };
                 // Metadata is informational: a row we cannot read is skipped.
-                if let Ok(m) = serde_json::from_str::<BlockMeta>(v.value()) {
-                    meta.insert(k.value().to_string(), m);
+                let family = m.as_ref().and_then(|(_, v)| family_of(v.value()));
+                if c.is_none() && family.is_none() {
+                    continue;
+                }
+                let i = blocks.find_or_insert(id);
+                let e = blocks.slot_mut(i);
+                if let Some((_, v)) = &c {
+                    let (value, expires) = v.value();
+                    e.flags |= COUNTER;
+                    e.count = value;
+                    e.durable = value;
+                    e.expires = expires;
+                }
+                if let Some(family) = family {
+                    e.flags |= META;
+                    if family == id {
+                        e.family_blocks = e.family_blocks.saturating_add(1);
+                    } else {
+                        add_to_family(&mut blocks, &family);
+                    }
                 }
             }
             let t = r.open_table(REVOKED).map_err(|e| open_err(e.to_string()))?;
@@ -286,10 +358,6 @@ impl EmbeddedStore {
                 retired.insert(k.value().to_string());
             }
         }
-        let mut family_blocks: HashMap<String, usize> = HashMap::new();
-        for m in meta.values() {
-            *family_blocks.entry(m.family.clone()).or_default() += 1;
-        }
         let (tx, _) = watch::channel(Committed {
             epoch: 0,
             failed: None,
@@ -300,15 +368,14 @@ impl EmbeddedStore {
             db,
             path: path.to_path_buf(),
             state: Mutex::new(State {
-                counters,
+                blocks,
+                asked: HashMap::new(),
                 pending: HashMap::new(),
-                meta,
                 pending_meta: Vec::new(),
                 next_epoch: 1,
                 failed: None,
                 shutdown: false,
                 closing: false,
-                family_blocks,
                 max_blocks_per_family: DEFAULT_MAX_BLOCKS_PER_FAMILY,
                 retired,
             }),
@@ -373,19 +440,24 @@ impl EmbeddedStore {
     /// wrong then has had no chance to be noticed (retiring keeps even that
     /// safe, but a live token would be refused until re-issued).
     pub fn gc_expired(&self, now: u64) -> Result<usize, StoreError> {
-        let (dead, families): (Vec<String>, Vec<Option<String>>) = {
+        let dead: Vec<String> = {
             let st = lock(&self.shared.state);
-            st.counters
+            st.blocks
                 .iter()
                 .filter(|(_, e)| {
-                    e.expires != 0 && e.expires.saturating_add(RETENTION_AFTER_EXPIRY) < now
+                    e.has(COUNTER)
+                        && e.expires != 0
+                        && e.expires.saturating_add(RETENTION_AFTER_EXPIRY) < now
                 })
-                .map(|(k, _)| (k.clone(), st.meta.get(k).map(|m| m.family.clone())))
-                .unzip()
+                .map(|(i, _)| st.blocks.id(i))
+                .collect()
         };
         if dead.is_empty() {
             return Ok(0);
         }
+        // The family of each block, from its metadata row (on disk, or still
+        // queued for the writer), so a move to Redis files it correctly.
+        let mut families: Vec<Option<String>> = vec![None; dead.len()];
         let txn = self.shared.db.begin_write().map_err(io)?;
         {
             let mut t = txn.open_table(COUNTERS).map_err(io)?;
@@ -393,13 +465,26 @@ impl EmbeddedStore {
                 t.remove(id.as_str()).map_err(io)?;
             }
             let mut t = txn.open_table(BLOCKS).map_err(io)?;
-            for id in &dead {
-                t.remove(id.as_str()).map_err(io)?;
+            for (id, f) in dead.iter().zip(families.iter_mut()) {
+                if let Some(row) = t.remove(id.as_str()).map_err(io)? {
+                    *f = family_of(row.value());
+                }
             }
             let mut t = txn.open_table(RETIRED).map_err(io)?;
             for id in &dead {
                 t.insert(id.as_str(), now).map_err(io)?;
             }
+            let st = lock(&self.shared.state);
+            for (id, f) in dead.iter().zip(families.iter_mut()) {
+                if f.is_none() {
+                    *f = st
+                        .pending_meta
+                        .iter()
+                        .find(|m| &m.id == id)
+                        .map(|m| m.family.clone());
+                }
+            }
+            drop(st);
             let mut t = txn.open_table(RETIRED_FAMILY).map_err(io)?;
             for (id, f) in dead.iter().zip(&families) {
                 if let Some(f) = f {
@@ -409,13 +494,16 @@ impl EmbeddedStore {
         }
         txn.commit().map_err(io)?;
         let mut st = lock(&self.shared.state);
-        for id in &dead {
-            st.counters.remove(id);
+        for (id, family) in dead.iter().zip(&families) {
             st.retired.insert(id.clone());
-            if let Some(m) = st.meta.remove(id)
-                && let Some(n) = st.family_blocks.get_mut(&m.family)
-            {
-                *n = n.saturating_sub(1);
+            st.pending.remove(id);
+            if let Some(i) = st.blocks.find(id) {
+                st.asked.remove(&i);
+            }
+            let had_meta = st.blocks.get(id).is_some_and(|e| e.has(META));
+            forget_block(&mut st.blocks, id);
+            if had_meta && let Some(f) = family {
+                remove_from_family(&mut st.blocks, f);
             }
         }
         Ok(dead.len())
@@ -469,11 +557,41 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|_| (0, 0))
 }
 
+/// One more tracked block in `family`.
+fn add_to_family(blocks: &mut Index, family: &str) {
+    let i = blocks.find_or_insert(family);
+    let f = blocks.slot_mut(i);
+    f.family_blocks = f.family_blocks.saturating_add(1);
+}
+
+/// One tracked block of `family` fewer; a slot kept only for the count goes
+/// when it reaches zero.
+fn remove_from_family(blocks: &mut Index, family: &str) {
+    let Some(f) = blocks.get_mut(family) else {
+        return;
+    };
+    f.family_blocks = f.family_blocks.saturating_sub(1);
+    if f.family_blocks == 0 && !f.has(COUNTER) && !f.has(META) {
+        blocks.remove(family);
+    }
+}
+
+/// Forgets a block's counter and metadata flag; its slot stays while it
+/// still holds its family's block count.
+fn forget_block(blocks: &mut Index, id: &str) {
+    let Some(e) = blocks.get_mut(id) else { return };
+    if e.family_blocks == 0 {
+        blocks.remove(id);
+    } else {
+        e.clear();
+    }
+}
+
 fn queue_exact(st: &mut State) {
     let mut writes = Vec::new();
-    for (id, e) in st.counters.iter() {
-        if e.durable != e.count || e.requested != e.count {
-            writes.push((id.clone(), e.count, e.expires));
+    for (i, e) in st.blocks.iter() {
+        if e.has(COUNTER) && (e.durable != e.count || st.asked.contains_key(&i)) {
+            writes.push((st.blocks.id(i), e.count, e.expires));
         }
     }
     for (id, value, expires) in writes {
@@ -528,20 +646,29 @@ fn writer_loop(s: &Shared) {
         s.stats
             .commit_micros_total
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        let mut st = lock(&s.state);
+        let mut guard = lock(&s.state);
         match result {
             Ok(()) => {
+                let st = &mut *guard;
                 for (id, p) in batch {
-                    if let Some(e) = st.counters.get_mut(&id) {
-                        if p.exact {
-                            e.durable = p.value;
-                            e.requested = p.value.max(e.count);
-                        } else {
-                            e.durable = e.durable.max(p.value);
+                    let Some(i) = st.blocks.find(&id) else {
+                        continue;
+                    };
+                    let e = st.blocks.slot_mut(i);
+                    if !e.has(COUNTER) {
+                        continue;
+                    }
+                    if p.exact {
+                        e.durable = p.value;
+                        st.asked.remove(&i);
+                    } else {
+                        e.durable = e.durable.max(p.value);
+                        if st.asked.get(&i).is_some_and(|a| a.requested <= e.durable) {
+                            st.asked.remove(&i);
                         }
                     }
                 }
-                drop(st);
+                drop(guard);
                 s.committed.send_replace(Committed {
                     epoch,
                     failed: None,
@@ -550,8 +677,8 @@ fn writer_loop(s: &Shared) {
             Err(msg) => {
                 // Fail closed: a store that cannot persist must not count.
                 tracing::error!(store = %s.path.display(), error = %msg, "counter store commit failed; refusing further reservations");
-                st.failed = Some(msg.clone());
-                drop(st);
+                guard.failed = Some(msg.clone());
+                drop(guard);
                 s.committed.send_replace(Committed {
                     epoch: epoch.saturating_sub(1),
                     failed: Some(msg),
@@ -589,7 +716,8 @@ fn write_batch(
 impl CounterStore for EmbeddedStore {
     fn reserve(&self, counters: &[CounterSpec]) -> BoxFuture<'_, Result<Reservation, StoreError>> {
         let result = (|| {
-            let mut st = lock(&self.shared.state);
+            let mut guard = lock(&self.shared.state);
+            let st = &mut *guard;
             if let Some(f) = &st.failed {
                 return Err(StoreError::Failed(f.clone()));
             }
@@ -599,16 +727,24 @@ impl CounterStore for EmbeddedStore {
             if !st.retired.is_empty() && counters.iter().any(|c| st.retired.contains(&c.id)) {
                 return Err(StoreError::Retired);
             }
+            // Each id is decoded and hashed once here (slot numbers stay
+            // valid: nothing is removed while the lock is held).
+            let found: Vec<Option<u32>> = counters.iter().map(|c| st.blocks.find(&c.id)).collect();
             // Blocks seen for the first time: bounded per family, and their
             // metadata recorded now, on an allowed request.
             let fresh: Vec<&CounterSpec> = counters
                 .iter()
-                .filter(|c| !st.meta.contains_key(&c.id))
+                .zip(&found)
+                .filter(|(_, i)| !i.is_some_and(|i| st.blocks.slot(i).has(META)))
+                .map(|(c, _)| c)
                 .collect();
             if !fresh.is_empty() {
                 let max = st.max_blocks_per_family;
                 for c in &fresh {
-                    let have = st.family_blocks.get(&c.family).copied().unwrap_or(0);
+                    let have = st
+                        .blocks
+                        .get(&c.family)
+                        .map_or(0, |f| f.family_blocks as usize);
                     let adding = fresh.iter().filter(|f| f.family == c.family).count();
                     if have + adding > max {
                         return Err(StoreError::FamilyFull { limit: max });
@@ -616,9 +752,10 @@ impl CounterStore for EmbeddedStore {
                 }
                 for c in fresh {
                     let m = BlockMeta::from(c);
-                    *st.family_blocks.entry(m.family.clone()).or_default() += 1;
-                    st.pending_meta.push(m.clone());
-                    st.meta.insert(m.id.clone(), m);
+                    add_to_family(&mut st.blocks, &m.family);
+                    let i = st.blocks.find_or_insert(&m.id);
+                    st.blocks.slot_mut(i).flags |= META;
+                    st.pending_meta.push(m);
                 }
             }
             let now = now_unix();
@@ -627,13 +764,18 @@ impl CounterStore for EmbeddedStore {
             let mut need_epoch = 0;
             let mut wake = false;
             let mut writes = Vec::new();
-            for c in counters {
-                let e = st.counters.entry(c.id.clone()).or_default();
+            for (c, found) in counters.iter().zip(found) {
+                let i = match found {
+                    Some(i) => i,
+                    None => st.blocks.find_or_insert(&c.id),
+                };
+                let e = st.blocks.slot_mut(i);
+                e.flags |= COUNTER;
                 e.count += 1;
-                e.last_use = Some(now);
+                e.set_last_use(now);
                 // The block's own limit: the same block (same signature)
                 // always states the same one.
-                e.limit = c.limit;
+                e.set_limit(c.limit);
                 // 0 means "never expires" and wins over any date.
                 let expires = c.expires.unwrap_or(0);
                 e.expires = if e.count == 1 && e.durable == 0 {
@@ -647,14 +789,22 @@ impl CounterStore for EmbeddedStore {
                 if e.count <= e.durable {
                     continue;
                 }
-                if e.count <= e.requested {
-                    need_epoch = need_epoch.max(e.epoch);
+                if let Some(a) = st.asked.get(&i)
+                    && e.count <= a.requested
+                {
+                    need_epoch = need_epoch.max(a.epoch);
                     continue;
                 }
-                e.requested = e.count + lease(e.limit, e.count);
-                e.epoch = next_epoch;
+                let requested = e.count + lease(e.limit(), e.count);
+                writes.push((c.id.clone(), requested, e.expires));
+                st.asked.insert(
+                    i,
+                    Asked {
+                        requested,
+                        epoch: next_epoch,
+                    },
+                );
                 need_epoch = need_epoch.max(next_epoch);
-                writes.push((c.id.clone(), e.requested, e.expires));
                 wake = true;
             }
             for (id, value, expires) in writes {
@@ -668,7 +818,7 @@ impl CounterStore for EmbeddedStore {
                 p.exact = false;
             }
             wake |= !st.pending_meta.is_empty();
-            drop(st);
+            drop(guard);
             if wake {
                 self.shared.wake.notify_one();
             }
@@ -685,7 +835,7 @@ impl CounterStore for EmbeddedStore {
         {
             let mut st = lock(&self.shared.state);
             for id in ids {
-                if let Some(e) = st.counters.get_mut(id) {
+                if let Some(e) = st.blocks.get_mut(id).filter(|e| e.has(COUNTER)) {
                     // The durable mark stays: it only has to be ≥ the count.
                     e.count = e.count.saturating_sub(1);
                 }
@@ -700,7 +850,12 @@ impl CounterStore for EmbeddedStore {
             Some(f) => Err(StoreError::Failed(f.clone())),
             None => Ok(ids
                 .iter()
-                .map(|id| st.counters.get(id).map_or(0, |e| e.count))
+                .map(|id| {
+                    st.blocks
+                        .get(id)
+                        .filter(|e| e.has(COUNTER))
+                        .map_or(0, |e| e.count)
+                })
                 .collect()),
         };
         drop(st);
@@ -711,8 +866,8 @@ impl CounterStore for EmbeddedStore {
         let st = lock(&self.shared.state);
         let out = ids
             .iter()
-            .map(|id| match st.counters.get(id) {
-                Some(e) => info(id, e),
+            .map(|id| match st.blocks.get(id).filter(|e| e.has(COUNTER)) {
+                Some(e) => info(id.clone(), e),
                 None => CounterInfo {
                     id: id.clone(),
                     uses: 0,
@@ -727,7 +882,12 @@ impl CounterStore for EmbeddedStore {
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<CounterInfo>, StoreError>> {
         let st = lock(&self.shared.state);
-        let out = st.counters.iter().map(|(id, e)| info(id, e)).collect();
+        let out = st
+            .blocks
+            .iter()
+            .filter(|(_, e)| e.has(COUNTER))
+            .map(|(i, e)| info(st.blocks.id(i), e))
+            .collect();
         async move { Ok(out) }.boxed()
     }
 
@@ -758,8 +918,11 @@ impl CounterStore for EmbeddedStore {
         let mut st = lock(&self.shared.state);
         let mut added = false;
         for b in blocks {
-            if !st.meta.contains_key(&b.id) {
-                st.meta.insert(b.id.clone(), b.clone());
+            let i = st.blocks.find_or_insert(&b.id);
+            let e = st.blocks.slot_mut(i);
+            if !e.has(META) {
+                e.flags |= META;
+                add_to_family(&mut st.blocks, &b.family);
                 st.pending_meta.push(b.clone());
                 added = true;
             }
@@ -774,18 +937,48 @@ impl CounterStore for EmbeddedStore {
         Some(self.windows.clone())
     }
     fn blocks(&self) -> BoxFuture<'_, Result<Vec<BlockMeta>, StoreError>> {
-        let out = lock(&self.shared.state).meta.values().cloned().collect();
-        async move { Ok(out) }.boxed()
+        let shared = self.shared.clone();
+        async move {
+            // Read from disk, off the async workers: the metadata of every
+            // block is not kept in memory (see `index`).
+            tokio::task::spawn_blocking(move || read_blocks(&shared))
+                .await
+                .map_err(io)?
+        }
+        .boxed()
     }
 }
 
-fn info(id: &str, e: &Entry) -> CounterInfo {
+/// Every recorded block's metadata: the rows on disk, and those still
+/// queued for the writer.
+fn read_blocks(shared: &Shared) -> Result<Vec<BlockMeta>, StoreError> {
+    let queued = lock(&shared.state).pending_meta.clone();
+    let r = shared.db.begin_read().map_err(io)?;
+    let t = r.open_table(BLOCKS).map_err(io)?;
+    let mut out = Vec::new();
+    for item in t.iter().map_err(io)? {
+        let (_, v) = item.map_err(io)?;
+        // Metadata is informational: a row we cannot read is skipped.
+        if let Ok(m) = serde_json::from_str::<BlockMeta>(v.value()) {
+            out.push(m);
+        }
+    }
+    let on_disk: HashSet<&str> = out.iter().map(|m| m.id.as_str()).collect();
+    let queued: Vec<BlockMeta> = queued
+        .into_iter()
+        .filter(|m| !on_disk.contains(m.id.as_str()))
+        .collect();
+    out.extend(queued);
+    Ok(out)
+}
+
+fn info(id: String, e: &Slot) -> CounterInfo {
     CounterInfo {
-        id: id.to_string(),
+        id,
         uses: e.count,
-        limit: e.limit,
+        limit: e.limit(),
         expires: (e.expires != 0).then_some(e.expires),
-        last_use: e.last_use,
+        last_use: e.last_use(),
     }
 }
 
@@ -1022,6 +1215,220 @@ mod tests {
             s.reserve(std::slice::from_ref(&a)).await,
             Err(StoreError::Retired)
         ));
+    }
+
+    fn hex_id(n: u8) -> String {
+        hex::encode([n; 64])
+    }
+
+    fn block_of(family: &str, id: &str, limit: Option<u64>) -> CounterSpec {
+        CounterSpec {
+            family: family.into(),
+            parent: (id != family).then(|| family.to_string()),
+            index: usize::from(id != family),
+            label: Some(format!("label-{id}")),
+            ..CounterSpec::standalone(id, limit, None)
+        }
+    }
+
+    /// A file written row by row, as the code before the compact in-memory
+    /// table wrote it (same tables, hex string keys, JSON metadata), opens
+    /// with every count, bound, retirement and revocation intact.
+    #[tokio::test]
+    async fn a_file_written_by_the_previous_code_reopens_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, kid, gone, bad) = (hex_id(1), hex_id(2), hex_id(3), hex_id(4));
+        {
+            let db = Database::create(dir.path().join(STORE_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(COUNTERS).unwrap();
+                t.insert(root.as_str(), (40, 0)).unwrap();
+                t.insert(kid.as_str(), (9, 0)).unwrap();
+                t.insert("legacy-text-id", (3, 0)).unwrap();
+                let mut t = txn.open_table(BLOCKS).unwrap();
+                // The last one has metadata but no counter.
+                let quiet = hex_id(15);
+                for (id, parent, index) in [
+                    (&root, None, 0),
+                    (&kid, Some(root.clone()), 1),
+                    (&quiet, Some(root.clone()), 1),
+                ] {
+                    let m = BlockMeta {
+                        id: id.clone(),
+                        family: root.clone(),
+                        parent,
+                        index,
+                        label: Some("agent".into()),
+                        limit: Some(50),
+                        expires: None,
+                        rates: Vec::new(),
+                        concurrency: None,
+                    };
+                    let json = serde_json::to_string(&m).unwrap();
+                    t.insert(id.as_str(), json.as_str()).unwrap();
+                }
+                let mut t = txn.open_table(RETIRED).unwrap();
+                t.insert(gone.as_str(), 1).unwrap();
+                let mut t = txn.open_table(REVOKED).unwrap();
+                t.insert(bad.as_str(), 1).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        let ids = [root.clone(), kid.clone(), "legacy-text-id".into()];
+        assert_eq!(s.peek(&ids).await.unwrap(), vec![40, 9, 3]);
+        assert_eq!(CounterStore::list(&s).await.unwrap().len(), 3);
+        let mut metas = s.blocks().await.unwrap();
+        metas.sort_by(|a, b| (a.index, &a.id).cmp(&(b.index, &b.id)));
+        assert_eq!(metas.len(), 3);
+        assert_eq!(metas[1].id, kid);
+        assert_eq!(metas[1].parent.as_deref(), Some(root.as_str()));
+        assert_eq!(metas[1].label.as_deref(), Some("agent"));
+        assert!(matches!(
+            s.reserve(&[block_of(&gone, &gone, None)]).await,
+            Err(StoreError::Retired)
+        ));
+        assert_eq!(
+            s.first_revoked(std::slice::from_ref(&bad)).unwrap(),
+            Some(0)
+        );
+        // The family already has three tracked blocks on disk.
+        s.set_max_blocks_per_family(4);
+        let r = s
+            .reserve(&[
+                block_of(&root, &root, Some(50)),
+                block_of(&root, &hex_id(5), None),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(r.uses, vec![41, 1]);
+        let err = s
+            .reserve(&[
+                block_of(&root, &root, Some(50)),
+                block_of(&root, &hex_id(6), None),
+            ])
+            .await
+            .err()
+            .expect("a fifth block of the family is refused");
+        assert!(matches!(err, StoreError::FamilyFull { limit: 4 }), "{err}");
+        let export = s.export().unwrap();
+        let k = export.counters.iter().find(|c| c.id == kid).unwrap();
+        assert_eq!(k.uses, 9);
+        assert_eq!(k.meta.as_ref().unwrap().family, root);
+    }
+
+    /// The per-family bound is rebuilt from disk at open: a restart does not
+    /// give a family room for more blocks.
+    #[tokio::test]
+    async fn the_family_bound_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = hex_id(7);
+        {
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            s.set_max_blocks_per_family(3);
+            for kid in [8, 9] {
+                s.reserve(&[
+                    block_of(&root, &root, None),
+                    block_of(&root, &hex_id(kid), None),
+                ])
+                .await
+                .unwrap()
+                .durable
+                .await
+                .unwrap();
+            }
+            s.close().unwrap();
+        }
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.set_max_blocks_per_family(3);
+        let err = s
+            .reserve(&[
+                block_of(&root, &root, None),
+                block_of(&root, &hex_id(10), None),
+            ])
+            .await
+            .err()
+            .expect("still full after the restart");
+        assert!(matches!(err, StoreError::FamilyFull { limit: 3 }), "{err}");
+        let r = s
+            .reserve(&[
+                block_of(&root, &root, None),
+                block_of(&root, &hex_id(8), None),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(r.uses, vec![3, 2]);
+        let labels: HashSet<String> = s
+            .blocks()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| m.label)
+            .collect();
+        assert_eq!(labels.len(), 3);
+    }
+
+    /// Collecting the authority block of a family whose children live on
+    /// keeps the family's block count (and files the retired block under its
+    /// family, read from disk).
+    #[tokio::test]
+    async fn collecting_an_authority_block_keeps_its_family_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.set_max_blocks_per_family(2);
+        let root = hex_id(11);
+        let soon = now_unix() + 60;
+        let r = CounterSpec {
+            expires: Some(soon),
+            ..block_of(&root, &root, None)
+        };
+        s.reserve(&[r, block_of(&root, &hex_id(12), None)])
+            .await
+            .unwrap()
+            .durable
+            .await
+            .unwrap();
+        assert_eq!(s.gc_expired(soon + RETENTION_AFTER_EXPIRY + 1).unwrap(), 1);
+        assert_eq!(s.peek(std::slice::from_ref(&root)).await.unwrap(), vec![0]);
+        // The child is still tracked under the family (the collected
+        // authority's slot keeps the count): two more would make three.
+        let two_more = [
+            block_of(&root, &hex_id(13), None),
+            block_of(&root, &hex_id(14), None),
+        ];
+        assert!(matches!(
+            s.reserve(&two_more).await,
+            Err(StoreError::FamilyFull { limit: 2 })
+        ));
+        s.reserve(&two_more[..1]).await.unwrap();
+        let export = s.export().unwrap();
+        assert_eq!(export.retired.len(), 1);
+        assert_eq!(export.retired[0].family.as_deref(), Some(root.as_str()));
+        assert_eq!(export.counters.len(), 2);
+    }
+
+    #[test]
+    fn the_family_of_a_row_is_read_fast_and_exactly() {
+        let m = BlockMeta {
+            id: hex_id(1),
+            family: hex_id(2),
+            parent: None,
+            index: 0,
+            label: Some("a \"quoted\" label".into()),
+            limit: None,
+            expires: None,
+            rates: Vec::new(),
+            concurrency: None,
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(family_of(&json), Some(hex_id(2)));
+        // Escapes and other field orders go through serde.
+        let odd = r#"{"family":"f\u0031","id":"x\"y"}"#;
+        assert_eq!(family_of(odd).as_deref(), Some("f1"));
+        let escaped = r#"{"id":"a","family":"b\u0032"}"#;
+        assert_eq!(family_of(escaped).as_deref(), Some("b2"));
+        assert_eq!(family_of("not json"), None);
     }
 
     #[test]

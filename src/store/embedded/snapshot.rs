@@ -1,30 +1,49 @@
 //! Export and import of the embedded store ([`crate::store::migrate`]).
 
+use std::collections::HashMap;
+
 use redb::{ReadableDatabase, ReadableTable};
 
-use super::{BLOCKS, COUNTERS, EmbeddedStore, RETIRED, RETIRED_FAMILY, REVOKED, io, lock};
+use super::{
+    BLOCKS, COUNTER, COUNTERS, EmbeddedStore, META, RETIRED, RETIRED_FAMILY, REVOKED,
+    add_to_family, io, lock,
+};
 use crate::store::migrate::{
     ExportedCounter, ExportedRetired, ExportedRevocation, ImportReport, Snapshot,
 };
-use crate::store::{StoreError, now_unix};
+use crate::store::{BlockMeta, StoreError, now_unix};
 
 impl EmbeddedStore {
     /// Everything the store holds, as counted now (after a crash, the
     /// durable marks: at least the uses granted).
     pub fn export(&self) -> Result<Snapshot, StoreError> {
         let mut s = Snapshot::new();
-        {
+        let queued: HashMap<String, BlockMeta> = {
             let st = lock(&self.shared.state);
-            for (id, e) in &st.counters {
+            for (i, e) in st.blocks.iter().filter(|(_, e)| e.has(COUNTER)) {
                 s.counters.push(ExportedCounter {
-                    id: id.clone(),
+                    id: st.blocks.id(i),
                     uses: e.count,
                     expires: (e.expires != 0).then_some(e.expires),
-                    meta: st.meta.get(id).cloned(),
+                    meta: None,
                 });
             }
-        }
+            st.pending_meta
+                .iter()
+                .map(|m| (m.id.clone(), m.clone()))
+                .collect()
+        };
         let r = self.shared.db.begin_read().map_err(io)?;
+        // Metadata lives on disk (or, for the newest blocks, in the
+        // writer's queue).
+        let blocks = r.open_table(BLOCKS).map_err(io)?;
+        for c in &mut s.counters {
+            c.meta = match blocks.get(c.id.as_str()).map_err(io)? {
+                Some(row) => serde_json::from_str(row.value()).ok(),
+                None => None,
+            }
+            .or_else(|| queued.get(&c.id).cloned());
+        }
         let t = r.open_table(RETIRED).map_err(io)?;
         let fams = r.open_table(RETIRED_FAMILY).map_err(io)?;
         for item in t.iter().map_err(io)? {
@@ -127,23 +146,32 @@ impl EmbeddedStore {
         report.retired = s.retired.len();
         report.revoked = new_revoked.len();
         // The file is the truth now; bring the in-memory copy level with it.
-        let mut st = lock(&self.shared.state);
+        let mut guard = lock(&self.shared.state);
+        let st = &mut *guard;
         for (id, value, expires, limit) in values {
-            let e = st.counters.entry(id).or_default();
+            let i = st.blocks.find_or_insert(&id);
+            let e = st.blocks.slot_mut(i);
+            e.flags |= COUNTER;
             e.count = e.count.max(value);
             e.durable = e.durable.max(value);
-            e.requested = e.requested.max(value);
+            if st.asked.get(&i).is_some_and(|a| a.requested <= e.durable) {
+                st.asked.remove(&i);
+            }
             e.expires = expires;
-            if e.limit.is_none() {
-                e.limit = limit;
+            if e.limit().is_none() {
+                e.set_limit(limit);
             }
         }
         for m in new_meta {
-            *st.family_blocks.entry(m.family.clone()).or_default() += 1;
-            st.meta.insert(m.id.clone(), m);
+            let i = st.blocks.find_or_insert(&m.id);
+            let e = st.blocks.slot_mut(i);
+            if !e.has(META) {
+                e.flags |= META;
+                add_to_family(&mut st.blocks, &m.family);
+            }
         }
         st.retired.extend(s.retired.iter().map(|r| r.id.clone()));
-        drop(st);
+        drop(guard);
         self.shared
             .revoked
             .write()

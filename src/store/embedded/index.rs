@@ -1,0 +1,366 @@
+//! The embedded store's in-memory table of blocks: one fixed-size slot per
+//! block id, compact enough for millions of live token families.
+//!
+//! Why not `HashMap<String, Entry>`: a revocation id is a 64-byte ed25519
+//! signature, 128 hex characters. As a `String` key it costs a heap
+//! allocation of 128 bytes plus the map's own slack, and the block metadata
+//! (labels, parents, families as more hex strings) doubled that again:
+//! about 1.1 KB per family. Here an id is kept as its 64 decoded bytes inside
+//! the slot, the slots sit in one `Vec`, and a `hashbrown::HashTable<u32>`
+//! of slot numbers finds them (5 bytes per bucket instead of a whole slot).
+//! Block metadata stays on disk; only the fact that it was recorded (one
+//! flag) and the per-family block count live here.
+//!
+//! Ids that are not lower-case hex of at most 64 bytes (never produced by
+//! Till's tokens, but accepted by the store API) are kept as text in a side
+//! map, so every string maps to exactly one slot, as before.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::HashTable;
+
+/// Longest id kept inline, in bytes (an ed25519 signature).
+const INLINE: usize = 64;
+
+/// The slot holds a block (free slots have no flag).
+pub const OCCUPIED: u8 = 1;
+/// The block has a counter (a reservation was made, or one was on disk).
+pub const COUNTER: u8 = 2;
+/// The block's metadata is recorded (on disk, or queued for the writer).
+pub const META: u8 = 4;
+/// `limit` holds the block's own use limit.
+pub const HAS_LIMIT: u8 = 8;
+
+/// One block. 112 bytes.
+#[derive(Clone, Debug)]
+pub struct Slot {
+    /// Decoded id when `id_len > 0`; otherwise the id is in `Index::text`.
+    id: [u8; INLINE],
+    id_len: u8,
+    pub flags: u8,
+    /// Unix seconds of the last reservation this process saw, 0 for none
+    /// (seconds fit 32 bits until 2106).
+    pub last_use: u32,
+    /// Blocks of the family this block is the authority of, when it is one
+    /// (`limits.max_blocks_per_family`). A family whose authority block has
+    /// no counter still gets a slot to hold this number.
+    pub family_blocks: u32,
+    /// Exact uses granted (minus rollbacks) since the counter was created.
+    pub count: u64,
+    /// Value known to be on disk (a mark asked of the writer and not yet
+    /// committed is kept beside the slots).
+    pub durable: u64,
+    /// Meaningful with [`HAS_LIMIT`].
+    pub limit: u64,
+    /// Unix seconds, 0 for none.
+    pub expires: u64,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot {
+            id: [0; INLINE],
+            id_len: 0,
+            flags: 0,
+            last_use: 0,
+            family_blocks: 0,
+            count: 0,
+            durable: 0,
+            limit: 0,
+            expires: 0,
+        }
+    }
+}
+
+impl Slot {
+    pub fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    pub fn limit(&self) -> Option<u64> {
+        self.has(HAS_LIMIT).then_some(self.limit)
+    }
+
+    pub fn set_limit(&mut self, limit: Option<u64>) {
+        match limit {
+            Some(l) => {
+                self.limit = l;
+                self.flags |= HAS_LIMIT;
+            }
+            None => {
+                self.limit = 0;
+                self.flags &= !HAS_LIMIT;
+            }
+        }
+    }
+
+    /// Forgets the counter and the metadata flag, keeping the id and the
+    /// family's block count.
+    pub fn clear(&mut self) {
+        *self = Slot {
+            id: self.id,
+            id_len: self.id_len,
+            flags: OCCUPIED,
+            family_blocks: self.family_blocks,
+            ..Slot::default()
+        };
+    }
+
+    pub fn last_use(&self) -> Option<u64> {
+        (self.last_use != 0).then_some(u64::from(self.last_use))
+    }
+
+    pub fn set_last_use(&mut self, now: u64) {
+        self.last_use = u32::try_from(now).unwrap_or(u32::MAX);
+    }
+}
+
+/// How an id is stored: its decoded bytes, or its text.
+enum Key<'a> {
+    Bin([u8; INLINE], usize),
+    Text(&'a str),
+}
+
+/// Value of each lower-case hex digit; 0xff for any other byte.
+const NIBBLE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// Decodes by hand, without a branch per digit: it runs for every block of
+/// every request (the `hex` crate's decoder was also a third of a reopen's
+/// CPU time, perf, 200 000 families).
+fn key(id: &str) -> Key<'_> {
+    let b = id.as_bytes();
+    if b.is_empty() || !b.len().is_multiple_of(2) || b.len() > 2 * INLINE {
+        return Key::Text(id);
+    }
+    let mut out = [0u8; INLINE];
+    let mut bad = 0u8;
+    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
+        let (hi, lo) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
+        bad |= hi | lo;
+        *o = hi << 4 | lo;
+    }
+    if bad & 0xf0 != 0 {
+        return Key::Text(id);
+    }
+    Key::Bin(out, b.len() / 2)
+}
+
+fn encode(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
+}
+
+/// Blocks by id. Slot numbers are stable while a block is present; a
+/// removed block's slot is reused, so hold ids, not slot numbers, across
+/// a release of the store's lock.
+pub struct Index {
+    slots: Vec<Slot>,
+    table: HashTable<u32>,
+    text: HashMap<u32, Box<str>>,
+    free: Vec<u32>,
+    hasher: RandomState,
+}
+
+fn hash_key(h: &RandomState, k: &Key<'_>) -> u64 {
+    match k {
+        Key::Bin(b, n) => h.hash_one((0u8, &b[..*n])),
+        Key::Text(s) => h.hash_one((1u8, s.as_bytes())),
+    }
+}
+
+fn hash_slot(h: &RandomState, slots: &[Slot], text: &HashMap<u32, Box<str>>, i: u32) -> u64 {
+    let s = &slots[i as usize];
+    if s.id_len > 0 {
+        h.hash_one((0u8, &s.id[..usize::from(s.id_len)]))
+    } else {
+        let t = text.get(&i).map_or(&[][..], |t| t.as_bytes());
+        h.hash_one((1u8, t))
+    }
+}
+
+fn matches(slots: &[Slot], text: &HashMap<u32, Box<str>>, i: u32, k: &Key<'_>) -> bool {
+    let s = &slots[i as usize];
+    match k {
+        Key::Bin(b, n) => usize::from(s.id_len) == *n && s.id[..*n] == b[..*n],
+        Key::Text(t) => s.id_len == 0 && text.get(&i).is_some_and(|x| &**x == *t),
+    }
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Index {
+            slots: Vec::new(),
+            table: HashTable::new(),
+            text: HashMap::new(),
+            free: Vec::new(),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+impl Index {
+    /// The slot of `id`, if present.
+    pub fn find(&self, id: &str) -> Option<u32> {
+        let k = key(id);
+        let h = hash_key(&self.hasher, &k);
+        self.table
+            .find(h, |&i| matches(&self.slots, &self.text, i, &k))
+            .copied()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Slot> {
+        self.find(id).map(|i| &self.slots[i as usize])
+    }
+
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut Slot> {
+        self.find(id).map(|i| &mut self.slots[i as usize])
+    }
+
+    pub fn slot(&self, i: u32) -> &Slot {
+        &self.slots[i as usize]
+    }
+
+    pub fn slot_mut(&mut self, i: u32) -> &mut Slot {
+        &mut self.slots[i as usize]
+    }
+
+    /// The slot of `id`, created empty (only [`OCCUPIED`]) if absent.
+    pub fn find_or_insert(&mut self, id: &str) -> u32 {
+        let k = key(id);
+        let h = hash_key(&self.hasher, &k);
+        if let Some(&i) = self
+            .table
+            .find(h, |&i| matches(&self.slots, &self.text, i, &k))
+        {
+            return i;
+        }
+        let mut slot = Slot {
+            flags: OCCUPIED,
+            ..Slot::default()
+        };
+        if let Key::Bin(b, n) = &k {
+            slot.id = *b;
+            // n ≤ INLINE = 64 by construction.
+            slot.id_len = *n as u8;
+        }
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                u32::try_from(self.slots.len() - 1).expect("fewer than 4 billion blocks")
+            }
+        };
+        if let Key::Text(t) = k {
+            self.text.insert(i, t.into());
+        }
+        let (slots, text, hasher) = (&self.slots, &self.text, &self.hasher);
+        self.table
+            .insert_unique(h, i, |&j| hash_slot(hasher, slots, text, j));
+        i
+    }
+
+    /// Forgets the block of `id`; its slot will be reused.
+    pub fn remove(&mut self, id: &str) {
+        let k = key(id);
+        let h = hash_key(&self.hasher, &k);
+        let (slots, text) = (&self.slots, &self.text);
+        if let Ok(e) = self.table.find_entry(h, |&i| matches(slots, text, i, &k)) {
+            let (i, _) = e.remove();
+            self.slots[i as usize] = Slot::default();
+            self.text.remove(&i);
+            self.free.push(i);
+        }
+    }
+
+    /// The id of slot `i`, as the store's callers spell it.
+    pub fn id(&self, i: u32) -> String {
+        let s = &self.slots[i as usize];
+        if s.id_len > 0 {
+            encode(&s.id[..usize::from(s.id_len)])
+        } else {
+            self.text.get(&i).map(|t| t.to_string()).unwrap_or_default()
+        }
+    }
+
+    /// Every present block, with its slot number.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Slot)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.has(OCCUPIED))
+            .map(|(i, s)| (i as u32, s))
+    }
+
+    /// Room for `n` more blocks without growing (the opening scan).
+    pub fn reserve(&mut self, n: usize) {
+        self.slots.reserve(n);
+        let (slots, text, hasher) = (&self.slots, &self.text, &self.hasher);
+        self.table
+            .reserve(n, |&j| hash_slot(hasher, slots, text, j));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_is_112_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 112);
+    }
+
+    #[test]
+    fn every_spelling_is_its_own_block_and_slots_are_reused() {
+        let mut ix = Index::default();
+        let hex_id = "0123456789abcdef".repeat(8);
+        let ids = [
+            hex_id.as_str(),
+            "fedcba9876543210",
+            "0g",   // not hex
+            "AB",   // upper case: text, distinct from "ab"
+            "ab",   // hex, one byte
+            "abc",  // odd length: text
+            "root", // not hex
+            "00",
+        ];
+        let slots: Vec<u32> = ids.iter().map(|id| ix.find_or_insert(id)).collect();
+        for (id, &i) in ids.iter().zip(&slots) {
+            assert_eq!(ix.find(id), Some(i), "{id}");
+            assert_eq!(ix.id(i), *id);
+        }
+        let too_long = "cd".repeat(65);
+        let j = ix.find_or_insert(&too_long);
+        assert_eq!(ix.id(j), too_long);
+        assert_eq!(ix.find("ef"), None);
+        let root = slots[ids.iter().position(|id| *id == "root").unwrap()];
+        ix.slot_mut(root).count = 7;
+        ix.remove("root");
+        assert_eq!(ix.find("root"), None);
+        let k = ix.find_or_insert("fresh");
+        assert_eq!(k, root, "the freed slot is reused");
+        assert_eq!(ix.slot(k).count, 0, "and starts empty");
+        assert_eq!(ix.iter().count(), ids.len() + 1);
+    }
+}
