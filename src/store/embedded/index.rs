@@ -140,7 +140,9 @@ const NIBBLE: [u8; 256] = {
 
 /// Decodes by hand, without a branch per digit: it runs for every block of
 /// every request (the `hex` crate's decoder was also a third of a reopen's
-/// CPU time, perf, 200 000 families).
+/// CPU time, perf, 200 000 families), and only lower-case digits may be
+/// stored as bytes (the `hex` crate also takes upper case, and `AB` and
+/// `ab` are different ids to the store).
 fn key(id: &str) -> Key<'_> {
     let b = id.as_bytes();
     if b.is_empty() || !b.len().is_multiple_of(2) || b.len() > 2 * INLINE {
@@ -157,16 +159,6 @@ fn key(id: &str) -> Key<'_> {
         return Key::Text(id);
     }
     Key::Bin(out, b.len() / 2)
-}
-
-fn encode(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    s
 }
 
 /// Blocks by id. Slot numbers are stable while a block is present; a
@@ -298,7 +290,7 @@ impl Index {
     pub fn id(&self, i: u32) -> String {
         let s = &self.slots[i as usize];
         if s.id_len > 0 {
-            encode(&s.id[..usize::from(s.id_len)])
+            hex::encode(&s.id[..usize::from(s.id_len)])
         } else {
             self.text.get(&i).map(|t| t.to_string()).unwrap_or_default()
         }
