@@ -193,7 +193,7 @@ impl Monitor {
         let family = token.as_deref().map(|t| t.family().to_string());
         let take = std::mem::take::<String>;
         let rec = AuditRecord {
-            time: crate::token::format_time(SystemTime::now()),
+            time: now_text(),
             request_id: take(&mut o.request_id),
             peer: o.peer.take(),
             family,
@@ -386,6 +386,26 @@ impl Monitor {
     }
 }
 
+/// The current time as the audit log writes it (RFC 3339, whole seconds),
+/// formatted once per second per thread rather than once per request.
+fn now_text() -> String {
+    use std::cell::RefCell;
+    thread_local! {
+        static LAST: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != secs || last.1.is_empty() {
+            *last = (secs, crate::token::format_time(now));
+        }
+        last.1.clone()
+    })
+}
+
 fn short(family: &Option<String>) -> String {
     family
         .as_deref()
@@ -412,6 +432,17 @@ fn revoked_block<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_remembered_time_text_is_the_current_second() {
+        for _ in 0..3 {
+            let before = crate::token::format_time(SystemTime::now());
+            let t = now_text();
+            let after = crate::token::format_time(SystemTime::now());
+            assert!(t == before || t == after, "{t} not in [{before}, {after}]");
+            std::thread::sleep(Duration::from_millis(600));
+        }
+    }
 
     #[test]
     fn the_revoked_block_is_read_back_from_the_denial_reason() {
