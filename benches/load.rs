@@ -247,6 +247,26 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// A child role's listener on 127.0.0.1:0, its address printed for the
+/// parent; the process exits when its stdin closes, so no child outlives a
+/// crashed parent.
+async fn child_listener() -> tokio::net::TcpListener {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    println!("listening on {}", listener.local_addr().unwrap());
+    std::io::stdout().flush().unwrap();
+    tokio::spawn(async {
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+        })
+        .await;
+        std::process::exit(0);
+    });
+    listener
+}
+
 /// Child process: serve `app` on 127.0.0.1:0, print the address, run until
 /// killed (or until stdin closes, so no child outlives a crashed parent).
 ///
@@ -255,19 +275,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// delayed ACK (Nagle).
 fn serve_role(app: axum::Router) {
     runtime().block_on(async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        println!("listening on {}", listener.local_addr().unwrap());
-        std::io::stdout().flush().unwrap();
-        tokio::spawn(async {
-            let _ = tokio::task::spawn_blocking(|| {
-                let mut sink = Vec::new();
-                let _ = std::io::stdin().read_to_end(&mut sink);
-            })
-            .await;
-            std::process::exit(0);
-        });
+        let listener = child_listener().await;
         let listener = listener.tap_io(move |tcp| {
             let _ = tcp.set_nodelay(true);
         });
@@ -483,19 +491,7 @@ fn hyper_baseline_role(upstream: &str, connections: usize) {
             client,
             credential,
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        println!("listening on {}", listener.local_addr().unwrap());
-        std::io::stdout().flush().unwrap();
-        tokio::spawn(async {
-            let _ = tokio::task::spawn_blocking(|| {
-                let mut sink = Vec::new();
-                let _ = std::io::stdin().read_to_end(&mut sink);
-            })
-            .await;
-            std::process::exit(0);
-        });
+        let listener = child_listener().await;
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
