@@ -14,43 +14,132 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::metrics::Metrics;
+use crate::verify::VerifiedToken;
 
 /// Uses and limit of one block after a request.
-#[derive(Clone, Debug, Serialize)]
-pub struct BlockUse {
-    pub id: String,
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct BlockUse<'a> {
+    pub id: &'a str,
     pub uses: Option<u64>,
     pub limit: Option<u64>,
 }
 
-/// One decision. Never holds a token or a credential.
-#[derive(Clone, Debug, Serialize)]
+/// One decision. Serialised (audit line, admin API, dashboard) with the
+/// token's family, blocks and labels, never with the token itself or a
+/// credential.
+///
+/// It keeps the request's verified token (shared with the token cache)
+/// rather than copies of its ids and labels: this is built for every
+/// request, and most are never read again.
+#[derive(Clone)]
 pub struct AuditRecord {
     pub time: String,
     pub request_id: String,
     /// Serialised as text, `"127.0.0.1:50000"`.
     pub peer: Option<std::net::SocketAddr>,
-    /// Revocation id of the authority block.
-    pub family: Option<String>,
-    pub blocks: Vec<BlockUse>,
-    pub labels: Vec<String>,
+    /// The request's token, when it verified.
+    pub token: Option<Arc<VerifiedToken>>,
+    /// Each block's uses after the request, when they were counted.
+    pub uses: Option<Vec<u64>>,
     pub service: String,
     pub method: String,
     pub path: String,
     pub model: Option<String>,
     /// MCP upstreams only: the JSON-RPC method(s) of the request.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub mcp_method: Option<String>,
     /// MCP upstreams only: the tool(s) a `tools/call` names.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub tool: Option<String>,
     /// "allow" or "deny".
     pub decision: &'static str,
-    pub code: String,
+    pub code: &'static str,
     pub reason: Option<String>,
     pub status: u16,
     pub upstream_status: Option<u16>,
     pub latency_ms: f64,
+}
+
+impl AuditRecord {
+    /// Revocation id of the authority block.
+    pub fn family(&self) -> Option<&str> {
+        self.token.as_deref().map(VerifiedToken::family)
+    }
+
+    /// Each block's id, uses and own limit, authority first.
+    pub fn blocks(&self) -> impl Iterator<Item = BlockUse<'_>> {
+        let uses = self.uses.as_deref().unwrap_or_default();
+        self.token.as_deref().into_iter().flat_map(move |t| {
+            t.ids.iter().enumerate().map(move |(k, id)| BlockUse {
+                id,
+                uses: uses.get(k).copied(),
+                limit: t.limits.get(k).copied().flatten(),
+            })
+        })
+    }
+
+    /// The labels of every block, outermost first.
+    pub fn labels(&self) -> impl Iterator<Item = &str> {
+        self.token
+            .as_deref()
+            .into_iter()
+            .flat_map(|t| t.view.blocks.iter())
+            .flat_map(|b| b.labels.iter().map(String::as_str))
+    }
+}
+
+impl Serialize for AuditRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Blocks<'a>(&'a AuditRecord);
+        impl Serialize for Blocks<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.blocks())
+            }
+        }
+        struct Labels<'a>(&'a AuditRecord);
+        impl Serialize for Labels<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.labels())
+            }
+        }
+        let mut r = s.serialize_struct("AuditRecord", 19)?;
+        r.serialize_field("time", &self.time)?;
+        r.serialize_field("request_id", &self.request_id)?;
+        r.serialize_field("peer", &self.peer)?;
+        r.serialize_field("family", &self.family())?;
+        r.serialize_field("blocks", &Blocks(self))?;
+        r.serialize_field("labels", &Labels(self))?;
+        r.serialize_field("service", &self.service)?;
+        r.serialize_field("method", &self.method)?;
+        r.serialize_field("path", &self.path)?;
+        r.serialize_field("model", &self.model)?;
+        match &self.mcp_method {
+            Some(m) => r.serialize_field("mcp_method", m)?,
+            None => r.skip_field("mcp_method")?,
+        }
+        match &self.tool {
+            Some(t) => r.serialize_field("tool", t)?,
+            None => r.skip_field("tool")?,
+        }
+        r.serialize_field("decision", self.decision)?;
+        r.serialize_field("code", self.code)?;
+        r.serialize_field("reason", &self.reason)?;
+        r.serialize_field("status", &self.status)?;
+        r.serialize_field("upstream_status", &self.upstream_status)?;
+        r.serialize_field("latency_ms", &self.latency_ms)?;
+        r.end()
+    }
+}
+
+impl std::fmt::Debug for AuditRecord {
+    // Not derived: the verified token holds the token itself.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditRecord")
+            .field("request_id", &self.request_id)
+            .field("family", &self.family())
+            .field("decision", &self.decision)
+            .field("code", &self.code)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where audit lines go.
@@ -234,9 +323,8 @@ mod tests {
             time: "2026-12-04T00:00:00Z".into(),
             request_id: format!("{n:016x}"),
             peer: None,
-            family: None,
-            blocks: vec![],
-            labels: vec!["a \"quoted\" label\nwith a newline".into()],
+            token: None,
+            uses: None,
             service: "openai".into(),
             method: "POST".into(),
             path: "/v1/chat/completions".into(),
@@ -244,8 +332,8 @@ mod tests {
             mcp_method: None,
             tool: None,
             decision: "allow",
-            code: "ok".into(),
-            reason: None,
+            code: "ok",
+            reason: Some("a \"quoted\" reason\nwith a newline".into()),
             status: 200,
             upstream_status: Some(200),
             latency_ms: 0.1,

@@ -170,35 +170,13 @@ impl Monitor {
             m.reserve_seconds.observe(r.as_secs_f64());
         }
 
-        let token = o.token.take();
-        let uses = o.uses.take();
-        let blocks: Vec<BlockUse> = token
-            .as_deref()
-            .map(|t| {
-                t.ids
-                    .iter()
-                    .enumerate()
-                    .map(|(k, id)| BlockUse {
-                        id: id.clone(),
-                        uses: uses.as_ref().and_then(|u| u.get(k).copied()),
-                        limit: t.limits.get(k).copied().flatten(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let labels = token
-            .as_deref()
-            .map(|t| t.view.labels())
-            .unwrap_or_default();
-        let family = token.as_deref().map(|t| t.family().to_string());
         let take = std::mem::take::<String>;
         let rec = AuditRecord {
             time: now_text(),
             request_id: take(&mut o.request_id),
             peer: o.peer.take(),
-            family,
-            blocks,
-            labels,
+            token: o.token.take(),
+            uses: o.uses.take(),
             service: take(&mut o.service),
             method: take(&mut o.method),
             path: take(&mut o.path),
@@ -206,14 +184,14 @@ impl Monitor {
             mcp_method: o.mcp_method.take(),
             tool: o.tool.take(),
             decision: if allowed { "allow" } else { "deny" },
-            code: code.to_string(),
+            code,
             reason,
             status,
             upstream_status: o.upstream_status,
             latency_ms: (latency.as_secs_f64() * 1e6).round() / 1e3,
         };
         self.audit.log(&rec);
-        self.alert(&rec, token.as_deref(), o.denial, code);
+        self.alert(&rec, o.denial, code);
         {
             let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             if r.len() == RECENT {
@@ -223,18 +201,16 @@ impl Monitor {
         }
     }
 
-    fn alert(
-        &self,
-        rec: &AuditRecord,
-        token: Option<&VerifiedToken>,
-        denial: Option<DenialKind>,
-        code: &str,
-    ) {
-        let (blocks, labels, family, reason) = (&rec.blocks, &rec.labels, &rec.family, &rec.reason);
+    fn alert(&self, rec: &AuditRecord, denial: Option<DenialKind>, code: &str) {
+        let token = rec.token.as_deref();
+        let reason = &rec.reason;
+        // Built only when an alert may fire: this runs on every request.
+        let family = || rec.family().map(str::to_string);
+        let labels = || rec.labels().map(str::to_string).collect::<Vec<String>>();
         let peer = || rec.peer.map_or_else(|| "?".to_string(), |p| p.to_string());
         let allowed = code == "ok";
-        // Built only when an alert may fire: this runs on every request.
         let who = || {
+            let labels = labels();
             if labels.is_empty() {
                 String::new()
             } else {
@@ -255,13 +231,13 @@ impl Monitor {
             kind,
             message,
             time: crate::token::format_time(SystemTime::now()),
-            family: family.clone(),
+            family: family(),
             block,
-            labels: labels.to_vec(),
+            labels: labels(),
             details,
         };
         if allowed {
-            for (k, b) in blocks.iter().enumerate() {
+            for (k, b) in rec.blocks().enumerate() {
                 let (Some(uses), Some(limit)) = (b.uses, b.limit) else {
                     continue;
                 };
@@ -271,8 +247,8 @@ impl Monitor {
                         self.alerts.fire_once(format!("threshold:{}:{t}", b.id), || {
                             a(
                                 "usage_threshold",
-                                format!("block {k}{} of family {} reached {}% of its use limit: {uses}/{limit}", who(), short(family), (t * 100.0).round()),
-                                Some(b.id.clone()),
+                                format!("block {k}{} of family {} reached {}% of its use limit: {uses}/{limit}", who(), short(rec.family()), (t * 100.0).round()),
+                                Some(b.id.to_string()),
                                 serde_json::json!({"block_index": k, "uses": uses, "limit": limit, "threshold": t}),
                             )
                         });
@@ -281,8 +257,9 @@ impl Monitor {
             }
             return;
         }
-        let Some(fam) = family.clone() else { return };
-        let last = || blocks.last().map(|b| b.id.clone());
+        let Some(fam) = rec.family() else { return };
+        let blocks: Vec<BlockUse<'_>> = rec.blocks().collect();
+        let last = || blocks.last().map(|b| b.id.to_string());
         let details = || {
             serde_json::json!({
                 "peer": rec.peer, "service": rec.service, "method": rec.method, "path": rec.path,
@@ -297,7 +274,7 @@ impl Monitor {
                     "family_too_large",
                     format!(
                         "family {}{} reached limits.max_blocks_per_family; new keys of it are refused (from {})",
-                        short(family),
+                        short(rec.family()),
                         who(),
                         peer()
                     ),
@@ -312,16 +289,16 @@ impl Monitor {
             // port, and each attempt must not become a message to the operator.
             Some(DenialKind::Revoked) => {
                 let revoked = token
-                    .and_then(|t| revoked_block(&t.view, blocks, reason.as_deref()))
-                    .map(|b| b.id.clone());
-                let key = revoked.clone().unwrap_or_else(|| fam.clone());
+                    .and_then(|t| revoked_block(&t.view, &blocks, reason.as_deref()))
+                    .map(|b| b.id.to_string());
+                let key = revoked.clone().unwrap_or_else(|| fam.to_string());
                 self.alerts.fire_recent(format!("revoked:{key}"), || {
                     a(
                         "revoked_token_used",
                         format!(
                             "a revoked token{} of family {} was used from {} for {} /{}{}",
                             who(),
-                            short(family),
+                            short(rec.family()),
                             peer(),
                             rec.method,
                             rec.service,
@@ -340,7 +317,7 @@ impl Monitor {
                     format!(
                         "an expired token{} of family {} is still being used (from {})",
                         who(),
-                        short(family),
+                        short(rec.family()),
                         peer()
                     ),
                     last(),
@@ -357,7 +334,7 @@ impl Monitor {
                         format!(
                             "a token{} of family {} is being refused by a full rate window or concurrency cap (from {}): {}",
                             who(),
-                            short(family),
+                            short(rec.family()),
                             peer(),
                             reason.as_deref().unwrap_or_default()
                         ),
@@ -368,13 +345,13 @@ impl Monitor {
             }
             _ => {}
         }
-        if let Some(n) = self.alerts.count_denial(&fam) {
+        if let Some(n) = self.alerts.count_denial(fam) {
             self.alerts.fire_recent(format!("burst:{fam}"), || {
                 a(
                     "denial_burst",
                     format!(
                         "{n} denials for family {}{} within the burst window; last: {}",
-                        short(family),
+                        short(rec.family()),
                         who(),
                         reason.as_deref().unwrap_or_default()
                     ),
@@ -406,9 +383,8 @@ fn now_text() -> String {
     })
 }
 
-fn short(family: &Option<String>) -> String {
+fn short(family: Option<&str>) -> String {
     family
-        .as_deref()
         .map(|f| f.chars().take(16).collect())
         .unwrap_or_else(|| "?".into())
 }
@@ -416,11 +392,11 @@ fn short(family: &Option<String>) -> String {
 /// The block whose revocation denied a request, recognised by the reason
 /// [`crate::verify::revoked_denial`] gave (the request path passes the
 /// reason, not the index).
-fn revoked_block<'a>(
+fn revoked_block<'a, 'b>(
     view: &crate::token::inspect::TokenView,
-    blocks: &'a [BlockUse],
+    blocks: &'b [BlockUse<'a>],
     reason: Option<&str>,
-) -> Option<&'a BlockUse> {
+) -> Option<&'b BlockUse<'a>> {
     let reason = reason?;
     blocks
         .iter()
@@ -432,6 +408,60 @@ fn revoked_block<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_serialises_the_tokens_family_blocks_and_labels_never_the_token() {
+        let root = crate::token::keys::generate();
+        let parent = crate::token::issue(
+            &root,
+            &crate::token::Scope {
+                services: vec!["openai".into()],
+                max_uses: Some(10),
+                label: Some("parent".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let text = crate::token::attenuate(
+            &parent,
+            &crate::token::Scope {
+                max_uses: Some(3),
+                label: Some("child".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let verifier =
+            crate::verify::Verifier::new(root.public(), crate::policy::Policies::default_policy());
+        let token = Arc::new(verifier.verify_token(&text).unwrap());
+        let monitor = Monitor::disabled();
+        let mut o = Observation::new("00000000000000ff".into(), None, "POST");
+        o.service = "openai".into();
+        o.path = "/v1/chat/completions".into();
+        o.token = Some(token.clone());
+        o.uses = Some(vec![4, 2]);
+        monitor.record(&mut o, 200, "ok", None);
+        let rec = serde_json::to_value(&monitor.recent(false, 1)[0]).unwrap();
+        assert_eq!(rec["family"], token.ids[0].as_str());
+        assert_eq!(
+            rec["blocks"],
+            serde_json::json!([
+                {"id": token.ids[0], "uses": 4, "limit": 10},
+                {"id": token.ids[1], "uses": 2, "limit": 3},
+            ])
+        );
+        assert_eq!(rec["labels"], serde_json::json!(["parent", "child"]));
+        assert_eq!(rec["request_id"], "00000000000000ff");
+        assert_eq!(rec["code"], "ok");
+        assert!(rec.get("tool").is_none() && rec.get("mcp_method").is_none());
+        let line = rec.to_string();
+        assert!(
+            !line.contains(&text[text.len() - 40..]),
+            "the token is in {line}"
+        );
+        let debug = format!("{:?}", monitor.recent(false, 1)[0]);
+        assert!(!debug.contains(&text[text.len() - 40..]), "{debug}");
+    }
 
     #[test]
     fn the_remembered_time_text_is_the_current_second() {
@@ -465,9 +495,10 @@ mod tests {
         }
         let raw = crate::token::RawToken::parse(&t).unwrap();
         let view = crate::token::inspect::inspect(&raw).unwrap();
+        let ids: Vec<String> = (0..12).map(|k| format!("id{k}")).collect();
         let blocks: Vec<BlockUse> = (0..12)
             .map(|k| BlockUse {
-                id: format!("id{k}"),
+                id: &ids[k],
                 uses: None,
                 limit: None,
             })
@@ -475,7 +506,7 @@ mod tests {
         for k in [0, 1, 10, 11] {
             let reason = crate::verify::revoked_denial(&view, k).reason;
             assert_eq!(
-                revoked_block(&view, &blocks, Some(&reason)).map(|b| b.id.as_str()),
+                revoked_block(&view, &blocks, Some(&reason)).map(|b| b.id),
                 Some(format!("id{k}").as_str()),
                 "{reason}"
             );
