@@ -205,10 +205,11 @@ where
 struct IdleTimeout {
     inner: Incoming,
     idle: Duration,
-    sleep: Pin<Box<tokio::time::Sleep>>,
-    /// Whether `sleep` runs from the last frame (or the first poll); reset
-    /// lazily, on the poll after a frame, so a frame already buffered costs
-    /// no timer update.
+    /// Created at the first poll that finds no frame, and restarted at the
+    /// first such poll after each frame: a body the upstream has already
+    /// sent (a typical JSON answer) costs no timer at all.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `sleep` runs from the current wait (not an earlier one).
     armed: bool,
 }
 
@@ -217,9 +218,7 @@ impl IdleTimeout {
         IdleTimeout {
             inner,
             idle,
-            sleep: Box::pin(tokio::time::sleep(idle)),
-            // Armed at the first poll: the wait is the upstream's, not the
-            // time Till takes to start sending the answer.
+            sleep: None,
             armed: false,
         }
     }
@@ -234,11 +233,6 @@ impl hyper::body::Body for IdleTimeout {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
         let this = &mut *self;
-        if !this.armed {
-            let deadline = tokio::time::Instant::now() + this.idle;
-            this.sleep.as_mut().reset(deadline);
-            this.armed = true;
-        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.armed = false;
@@ -251,7 +245,20 @@ impl hyper::body::Body for IdleTimeout {
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                ready!(this.sleep.as_mut().poll(cx));
+                // The wait is the upstream's: it starts when Till asks for
+                // a frame and there is none, not when the answer began.
+                if !this.armed {
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    match this.sleep.as_mut() {
+                        Some(sleep) => sleep.as_mut().reset(deadline),
+                        None => this.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                    this.armed = true;
+                }
+                let Some(sleep) = this.sleep.as_mut() else {
+                    return Poll::Pending;
+                };
+                ready!(sleep.as_mut().poll(cx));
                 let e = StreamError::Idle(this.idle);
                 tracing::warn!(error = %e, "upstream stream ended with an error");
                 Poll::Ready(Some(Err(e)))
