@@ -399,22 +399,28 @@ fn skip_response_header(name: &HeaderName) -> bool {
     )
 }
 
+/// The baselines' upstream URL for `/service/rest?query`: `base` + `rest?query`.
+fn upstream_url(base: &str, uri: &http::Uri) -> String {
+    let rest = uri
+        .path()
+        .strip_prefix('/')
+        .and_then(|p| p.find('/').map(|i| &p[i..]))
+        .unwrap_or("/");
+    let mut url = String::with_capacity(base.len() + rest.len() + 64);
+    url.push_str(base);
+    url.push_str(rest);
+    if let Some(q) = uri.query() {
+        url.push('?');
+        url.push_str(q);
+    }
+    url
+}
+
 /// `/service/rest?query` → upstream `rest?query`, body read (it is small
 /// JSON here, as Till reads JSON bodies to find the model), answer streamed.
 async fn baseline(State(b): State<Arc<Baseline>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path();
-    let rest = path
-        .strip_prefix('/')
-        .and_then(|p| p.find('/').map(|i| &p[i..]))
-        .unwrap_or("/");
-    let mut url = String::with_capacity(b.base.len() + rest.len() + 64);
-    url.push_str(&b.base);
-    url.push_str(rest);
-    if let Some(q) = parts.uri.query() {
-        url.push('?');
-        url.push_str(q);
-    }
+    let url = upstream_url(&b.base, &parts.uri);
     let mut headers = HeaderMap::with_capacity(parts.headers.len() + 1);
     for (name, value) in parts.headers.iter() {
         if !skip_request_header(name) {
@@ -521,18 +527,7 @@ async fn hyper_forward(
         r
     };
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path();
-    let rest = path
-        .strip_prefix('/')
-        .and_then(|p| p.find('/').map(|i| &p[i..]))
-        .unwrap_or("/");
-    let mut uri = String::with_capacity(b.base.len() + rest.len() + 64);
-    uri.push_str(&b.base);
-    uri.push_str(rest);
-    if let Some(q) = parts.uri.query() {
-        uri.push('?');
-        uri.push_str(q);
-    }
+    let uri = upstream_url(&b.base, &parts.uri);
     let Ok(uri) = http::Uri::try_from(uri) else {
         return fail(StatusCode::BAD_REQUEST);
     };
