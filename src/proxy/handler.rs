@@ -518,7 +518,7 @@ pub(super) struct Counts {
 }
 
 impl Counts {
-    pub(super) fn exact(values: Vec<u64>) -> Self {
+    fn exact(values: Vec<u64>) -> Self {
         Counts {
             values,
             exact: true,
@@ -539,6 +539,12 @@ impl Counts {
         }
     }
 
+    /// Replaces remembered counts with the store's current ones.
+    pub(super) async fn reread(&mut self, st: &AppState, ids: &[String]) -> Result<(), ProxyError> {
+        *self = Counts::exact(st.counters.peek(ids).await.map_err(store_error)?);
+        Ok(())
+    }
+
     /// [`decide_off_the_workers`] with these counts. Remembered counts may
     /// only allow: an allowed request reserves and re-checks with exact
     /// counts, but a denial on remembered counts (which another proxy's
@@ -557,7 +563,7 @@ impl Counts {
         if first.is_ok() || self.exact {
             return Ok(first);
         }
-        *self = Counts::exact(st.counters.peek(&token.ids).await.map_err(store_error)?);
+        self.reread(st, &token.ids).await?;
         Ok(decide_off_the_workers(st, token, revoked, facts, &self.values, windows, stage).await)
     }
 }

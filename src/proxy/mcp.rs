@@ -37,7 +37,7 @@ use super::error::{Api, ProxyError};
 use super::forward::{Outgoing, forward};
 use super::handler::{
     Counts, admit_windows, decide_off_the_workers, extract_token, read_body, reserve_and_recheck,
-    respond_with, split_service, store_error, verify_token,
+    respond_with, split_service, verify_token,
 };
 use crate::decide::{Stage, decide_free};
 use crate::mcp::{self as rpc, Body as Messages, Message, ParseError};
@@ -291,7 +291,7 @@ async fn handle(
         if counts.exact || denials.iter().all(Option::is_none) {
             break (calls, denials);
         }
-        counts = Counts::exact(st.counters.peek(&token.ids).await.map_err(store_error)?);
+        counts.reread(st, &token.ids).await?;
     };
     obs.uses = Some(counts.values.clone());
     if let Some(first) = denials.iter().flatten().next().cloned() {
