@@ -525,9 +525,13 @@ impl Counts {
         }
     }
 
-    /// The store's remembered counts when it has them (no round trip to a
-    /// shared store for a warm token), else its current ones.
+    /// The store's counts: read in place from a store in this process, else
+    /// the remembered ones when it has them (no round trip to a shared store
+    /// for a warm token), else read from the store.
     pub(super) async fn current(st: &AppState, ids: &[String]) -> Result<Self, ProxyError> {
+        if let Some(now) = st.counters.peek_now(ids) {
+            return Ok(Counts::exact(now.map_err(store_error)?));
+        }
         match st.counters.peek_cached(ids) {
             Some(values) => Ok(Counts {
                 values,
@@ -541,7 +545,11 @@ impl Counts {
 
     /// Replaces remembered counts with the store's current ones.
     pub(super) async fn reread(&mut self, st: &AppState, ids: &[String]) -> Result<(), ProxyError> {
-        *self = Counts::exact(st.counters.peek(ids).await.map_err(store_error)?);
+        let values = match st.counters.peek_now(ids) {
+            Some(now) => now,
+            None => st.counters.peek(ids).await,
+        };
+        *self = Counts::exact(values.map_err(store_error)?);
         Ok(())
     }
 

@@ -62,7 +62,7 @@ pub struct Inner {
     pub verifier: Verifier,
     /// Verified tokens keyed by their full text: equality on the whole token
     /// means no hash collision can ever pass an unverified token.
-    pub cache: Cache<String, Arc<VerifiedToken>>,
+    pub cache: Cache<String, Arc<VerifiedToken>, TokenHash>,
     pub counters: Arc<dyn CounterStore>,
     pub revocations: Arc<dyn RevocationList>,
     /// Swapped whole by a reload ([`reload`]); read once per request.
@@ -114,6 +114,13 @@ pub fn install_crypto() {
 /// counted: anyone holding one token can mint any number of distinct valid
 /// children offline, each up to 16 KiB.
 const CACHE_BYTES: u64 = 256 << 20;
+
+/// The token cache's hasher. Its key is a whole token, about a kilobyte,
+/// hashed on every request: SipHash (std's default) was ≈1% of a request's
+/// CPU. foldhash, seeded at random per process, is several times faster.
+/// Flooding the cache with colliding keys would take valid tokens chosen
+/// against a secret seed; only verified tokens are inserted.
+pub type TokenHash = foldhash::quality::RandomState;
 
 /// Estimated memory of one cache entry with a token of `len` bytes: the key
 /// (the token text) and the parsed token, about three times the text, plus
@@ -177,7 +184,7 @@ impl AppState {
             cache: Cache::builder()
                 .max_capacity(CACHE_BYTES)
                 .weigher(|k: &String, _| cache_weight(k.len()))
-                .build(),
+                .build_with_hasher(TokenHash::default()),
             counters,
             revocations,
             upstreams,
@@ -215,6 +222,22 @@ impl AppState {
         self.cache.insert(text.to_string(), t.clone());
         Ok(t)
     }
+}
+
+/// First path segments under which [`router`] has routes of two or more
+/// segments. Keep in step with [`router`]: a request to `/{first}/...` with
+/// any other first segment can only reach its proxy fallback.
+const ROUTED_FIRST_SEGMENTS: &[&str] = &["admin", "auth", "dashboard", ".well-known"];
+
+/// Whether a request to `path` can only reach [`router`]'s proxy fallback,
+/// so [`server::serve`] may hand it to [`handler::proxy`] without the
+/// router: its matching and boxed service calls were a measurable share of
+/// a proxied request's CPU (benches/README.md, issue 15).
+pub(crate) fn skips_router(path: &str) -> bool {
+    let Some((first, _)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return false;
+    };
+    !first.is_empty() && !ROUTED_FIRST_SEGMENTS.contains(&first)
 }
 
 /// The app: health checks, admin API, and everything else proxied.
@@ -256,9 +279,56 @@ pub async fn run(
         max_headers: l.max_headers,
         grace: Duration::from_secs(l.shutdown_grace_secs),
     };
-    let result = server::serve(listener, router(state.clone()), limits, shutdown).await;
+    let result = server::serve(
+        listener,
+        router(state.clone()),
+        state.clone(),
+        limits,
+        shutdown,
+    )
+    .await;
     if let Err(e) = state.counters.flush().await {
         tracing::error!(error = %e, "final flush of the counter store failed");
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skips_router;
+
+    #[test]
+    fn only_paths_the_router_has_no_route_for_skip_it() {
+        for p in [
+            "/openai/v1/chat/completions",
+            "/github/",
+            "/revocations/x",
+            "/healthz/",
+            "/metrics/x",
+        ] {
+            assert!(skips_router(p), "{p}");
+        }
+        // Every route of `router`, and paths only the fallback's own error
+        // answers (no service named) handle.
+        for p in [
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/revocations",
+            "/.well-known/till-keys",
+            "/admin",
+            "/admin/revoke",
+            "/admin/usage/abc",
+            "/auth/openai/v1/models",
+            "/dashboard",
+            "/dashboard/",
+            "/dashboard/app.js",
+            "/openai",
+            "/",
+            "",
+            "//x",
+        ] {
+            assert!(!skips_router(p), "{p}");
+        }
+    }
 }

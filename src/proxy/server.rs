@@ -24,6 +24,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -54,10 +56,13 @@ pub struct ServerLimits {
 pub struct LocalAddr(pub SocketAddr);
 
 /// Serves `app` until `shutdown` resolves, then stops accepting, gives
-/// open connections `grace` to finish, and returns.
+/// open connections `grace` to finish, and returns. Requests that can only
+/// reach `app`'s proxy fallback ([`super::skips_router`]) go to
+/// [`super::handler::proxy`] with `state` directly.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    state: super::AppState,
     limits: ServerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -98,6 +103,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().map(LocalAddr);
         let app = app.clone();
+        let state = state.clone();
         let builder = builder.clone();
         let mut stop = stop_rx.clone();
         let header_timeout = limits.header_timeout;
@@ -108,9 +114,13 @@ pub async fn serve(
                 if let Some(l) = local {
                     req.extensions_mut().insert(l);
                 }
-                let mut app = app.clone();
-                async move {
-                    tower_service::Service::call(&mut app, req.map(axum::body::Body::new)).await
+                let req = req.map(axum::body::Body::new);
+                if super::skips_router(req.uri().path()) {
+                    let state = axum::extract::State(state.clone());
+                    Either::Left(super::handler::proxy(state, req).map(Ok))
+                } else {
+                    let mut app = app.clone();
+                    Either::Right(tower_service::Service::call(&mut app, req))
                 }
             });
             // hyper gets the stream borrowed so that an HTTP/2 client can

@@ -226,6 +226,24 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl EmbeddedStore {
+    /// The current counts of `ids` (0 for a block never used), or the
+    /// failure that stopped the store.
+    fn counts(&self, ids: &[String]) -> Result<Vec<u64>, StoreError> {
+        let st = lock(&self.shared.state);
+        match &st.failed {
+            Some(f) => Err(StoreError::Failed(f.clone())),
+            None => Ok(ids
+                .iter()
+                .map(|id| {
+                    st.blocks
+                        .get(id)
+                        .filter(|e| e.has(COUNTER))
+                        .map_or(0, |e| e.count)
+                })
+                .collect()),
+        }
+    }
+
     /// Opens (or creates) the store in `dir`. A corrupt or unreadable file is
     /// an error: the proxy must refuse to start rather than count from zero.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -845,21 +863,12 @@ impl CounterStore for EmbeddedStore {
     }
 
     fn peek(&self, ids: &[String]) -> BoxFuture<'_, Result<Vec<u64>, StoreError>> {
-        let st = lock(&self.shared.state);
-        let out = match &st.failed {
-            Some(f) => Err(StoreError::Failed(f.clone())),
-            None => Ok(ids
-                .iter()
-                .map(|id| {
-                    st.blocks
-                        .get(id)
-                        .filter(|e| e.has(COUNTER))
-                        .map_or(0, |e| e.count)
-                })
-                .collect()),
-        };
-        drop(st);
+        let out = self.counts(ids);
         async move { out }.boxed()
+    }
+
+    fn peek_now(&self, ids: &[String]) -> Option<Result<Vec<u64>, StoreError>> {
+        Some(self.counts(ids))
     }
 
     fn get(&self, ids: &[String]) -> BoxFuture<'_, Result<Vec<CounterInfo>, StoreError>> {

@@ -124,6 +124,12 @@ pub trait CounterStore: Send + Sync + 'static {
     fn peek_cached(&self, _ids: &[String]) -> Option<Vec<u64>> {
         None
     }
+    /// [`CounterStore::peek`] without a future, for a store that holds its
+    /// counts in this process (exact, unlike [`CounterStore::peek_cached`]);
+    /// `None` when the store has to be asked.
+    fn peek_now(&self, _ids: &[String]) -> Option<Result<Vec<u64>, StoreError>> {
+        None
+    }
     /// Atomically adds one to every counter and returns the new values.
     /// Counters and block metadata are created here, so only requests that
     /// passed the decision create state. Refused once [`CounterStore::flush`]
