@@ -525,31 +525,31 @@ impl Counts {
         }
     }
 
-    /// The store's counts: read in place from a store in this process, else
-    /// the remembered ones when it has them (no round trip to a shared store
-    /// for a warm token), else read from the store.
+    /// The store's counts: the remembered ones when a shared store has them
+    /// (no round trip for a warm token), else read ([`Counts::read`]: in
+    /// place from a store in this process, which remembers nothing).
     pub(super) async fn current(st: &AppState, ids: &[String]) -> Result<Self, ProxyError> {
-        if let Some(now) = st.counters.peek_now(ids) {
-            return Ok(Counts::exact(now.map_err(store_error)?));
-        }
         match st.counters.peek_cached(ids) {
             Some(values) => Ok(Counts {
                 values,
                 exact: false,
             }),
-            None => Ok(Counts::exact(
-                st.counters.peek(ids).await.map_err(store_error)?,
-            )),
+            None => Counts::read(st, ids).await,
         }
     }
 
-    /// Replaces remembered counts with the store's current ones.
-    pub(super) async fn reread(&mut self, st: &AppState, ids: &[String]) -> Result<(), ProxyError> {
+    /// The store's current counts: in place when it can, else asked.
+    async fn read(st: &AppState, ids: &[String]) -> Result<Self, ProxyError> {
         let values = match st.counters.peek_now(ids) {
             Some(now) => now,
             None => st.counters.peek(ids).await,
         };
-        *self = Counts::exact(values.map_err(store_error)?);
+        Ok(Counts::exact(values.map_err(store_error)?))
+    }
+
+    /// Replaces remembered counts with the store's current ones.
+    pub(super) async fn reread(&mut self, st: &AppState, ids: &[String]) -> Result<(), ProxyError> {
+        *self = Counts::read(st, ids).await?;
         Ok(())
     }
 

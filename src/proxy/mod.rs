@@ -279,14 +279,7 @@ pub async fn run(
         max_headers: l.max_headers,
         grace: Duration::from_secs(l.shutdown_grace_secs),
     };
-    let result = server::serve(
-        listener,
-        router(state.clone()),
-        state.clone(),
-        limits,
-        shutdown,
-    )
-    .await;
+    let result = server::serve(listener, state.clone(), limits, shutdown).await;
     if let Err(e) = state.counters.flush().await {
         tracing::error!(error = %e, "final flush of the counter store failed");
     }

@@ -22,7 +22,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::ConnectInfo;
 use futures_util::FutureExt;
 use futures_util::future::Either;
@@ -55,13 +54,12 @@ pub struct ServerLimits {
 #[derive(Clone, Copy, Debug)]
 pub struct LocalAddr(pub SocketAddr);
 
-/// Serves `app` until `shutdown` resolves, then stops accepting, gives
-/// open connections `grace` to finish, and returns. Requests that can only
-/// reach `app`'s proxy fallback ([`super::skips_router`]) go to
-/// [`super::handler::proxy`] with `state` directly.
+/// Serves [`super::router`] of `state` until `shutdown` resolves, then
+/// stops accepting, gives open connections `grace` to finish, and returns.
+/// Requests that can only reach the router's proxy fallback
+/// ([`super::skips_router`]) go to [`super::handler::proxy`] directly.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
     state: super::AppState,
     limits: ServerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -73,6 +71,7 @@ pub async fn serve(
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
     let builder = Arc::new(builder);
+    let app = super::router(state.clone());
     // Every connection task holds a receiver; `closed()` on the sender tells
     // when the last one has finished.
     let (stop_tx, stop_rx) = watch::channel(());

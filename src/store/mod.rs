@@ -125,8 +125,9 @@ pub trait CounterStore: Send + Sync + 'static {
         None
     }
     /// [`CounterStore::peek`] without a future, for a store that holds its
-    /// counts in this process (exact, unlike [`CounterStore::peek_cached`]);
-    /// `None` when the store has to be asked.
+    /// counts in this process (exact, unlike [`CounterStore::peek_cached`],
+    /// which such a store has no need of and leaves `None`); `None` when the
+    /// store has to be asked.
     fn peek_now(&self, _ids: &[String]) -> Option<Result<Vec<u64>, StoreError>> {
         None
     }
