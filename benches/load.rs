@@ -19,14 +19,18 @@
 //! * **hyper-baseline**: the same proxy on hyper alone (hyper's HTTP/1
 //!   server, `hyper_util`'s pooled client with an idle pool as large as
 //!   the overload phase's connections): the floor issue 15's targets are
-//!   ratios against;//! * **till**: `till serve` with durable counters (group commit), the
+//!   ratios against;
+//! * **till**: `till serve` with durable counters (group commit), the
 //!   default policy and the default audit log, and a 3-block token with
 //!   large use limits (`till issue` + `till attenuate` twice).
 //!
 //! Phases: `--connections` (64) keep-alive connections for `--seconds`, then
 //! 1 connection for `--seconds` (latency), then SSE streams over 1
 //! connection, then (unless `--no-overload`) the hyper baseline and Till at
-//! 4× the connections (false denials, and p99 at equal overload). Each phase first runs `--warmup` seconds unrecorded.
+//! 4× the connections (false denials, and p99 at equal overload). Each
+//! phase first runs `--warmup` seconds unrecorded. With `--syscalls`,
+//! `perf stat` counts each server's system calls and context switches
+//! during the throughput phase (needs `perf` and tracepoint access).
 //! Latencies go into HdrHistograms; CPU per request comes from
 //! `/proc/PID/stat` of each server process. Only 127.0.0.1 is ever a target;
 //! every loop stops at its deadline or after `MAX_REQUESTS_PER_PHASE`.
@@ -95,6 +99,7 @@ struct Args {
     dir: Option<PathBuf>,
     till: Option<PathBuf>,
     perf: Option<PathBuf>,
+    syscalls: bool,
     cache_mib: Option<usize>,
     redis: bool,
     windows: bool,
@@ -117,6 +122,9 @@ USAGE: cargo bench --bench load -- [OPTIONS]
   --till PATH          till binary (default: the one cargo built for this bench)
   --perf FILE          `perf record --call-graph dwarf` of till during its
                        throughput phase (read with `perf report -i FILE`)
+  --syscalls           count each proxy's system calls and context switches per
+                       request in the throughput phase (`perf stat`; needs perf
+                       and access to its syscall tracepoints)
   --redis              instead: baselines vs till embedded vs till on Redis (needs
                        redis-server), and 2 till processes sharing one Redis
   --families N         instead: counters for N token families, store size and RSS
@@ -141,6 +149,7 @@ fn parse_args() -> Args {
         dir: None,
         till: None,
         perf: None,
+        syscalls: false,
         cache_mib: None,
         redis: false,
         windows: false,
@@ -175,6 +184,7 @@ fn parse_args() -> Args {
             "--windows" => a.windows = true,
             "--till" => a.till = Some(val("--till").into()),
             "--perf" => a.perf = Some(val("--perf").into()),
+            "--syscalls" => a.syscalls = true,
             "--families" => a.families = Some(num("--families", val("--families")) as u64),
             "--family-blocks" => {
                 a.family_blocks = num("--family-blocks", val("--family-blocks")) as usize
@@ -1194,14 +1204,22 @@ fn http_mode(args: &Args) {
         }
 
         let mut throughput = Vec::new();
+        let mut syscalls = Vec::new();
         for t in &targets {
             let perf = if t.name == "till" {
                 args.perf.as_ref().map(|f| start_perf(t.pid, f))
             } else {
                 None
             };
+            let counting = (args.syscalls && t.name != "direct")
+                .then(|| count_syscalls(t.pid, args.warmup, args.seconds));
             eprintln!("running: {} x{} ...", t.name, args.connections);
-            throughput.push(run_phase(t, args.connections, args.warmup, args.seconds).await);
+            let r = run_phase(t, args.connections, args.warmup, args.seconds).await;
+            if let Some(c) = counting {
+                let counts = c.join().unwrap_or_default();
+                syscalls.push((t.name, r.rps() * args.seconds, counts));
+            }
+            throughput.push(r);
             if let Some(p) = perf {
                 stop_perf(p);
             }
@@ -1233,6 +1251,7 @@ fn http_mode(args: &Args) {
             }
         }
         report(args, &throughput, &latency, &sse, &overload);
+        report_syscalls(&syscalls);
     });
     report_till_store(home.path());
     for (name, s) in [
@@ -1360,6 +1379,108 @@ fn stop_perf(mut c: Child) {
         .args(["-INT", &c.id().to_string()])
         .status();
     let _ = c.wait();
+}
+
+/// The system calls `--syscalls` counts one by one (the rest only in the
+/// total): the ones a proxy makes per request or per wake-up.
+const SYSCALLS: &[&str] = &[
+    "futex",
+    "epoll_wait",
+    "epoll_pwait",
+    "read",
+    "readv",
+    "recvfrom",
+    "write",
+    "writev",
+    "sendto",
+    "pwrite64",
+    "fdatasync",
+    "sched_yield",
+    "madvise",
+];
+
+/// Counts the system calls and context switches of process `pid` (every
+/// thread) for `seconds`, starting after `warmup`, with `perf stat`: the
+/// measured part of a phase. Runs on its own thread; an empty map when perf
+/// is missing or not allowed (the report says so).
+fn count_syscalls(
+    pid: u32,
+    warmup: f64,
+    seconds: f64,
+) -> std::thread::JoinHandle<BTreeMap<String, f64>> {
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs_f64(warmup));
+        let out = tempfile::NamedTempFile::new().expect("temp file");
+        let mut events = vec![
+            "raw_syscalls:sys_enter".to_string(),
+            "context-switches".to_string(),
+        ];
+        events.extend(SYSCALLS.iter().map(|s| format!("syscalls:sys_enter_{s}")));
+        let status = Command::new("perf")
+            .args(["stat", "-x", ",", "-o"])
+            .arg(out.path())
+            .args(["-e", &events.join(","), "-p", &pid.to_string()])
+            .args(["--", "sleep", &seconds.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            return BTreeMap::new();
+        }
+        // CSV lines: value,unit,event,...
+        std::fs::read_to_string(out.path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(',');
+                let v = f.next()?.parse::<f64>().ok()?;
+                let event = f.nth(1)?;
+                let name = event
+                    .strip_prefix("syscalls:sys_enter_")
+                    .or_else(|| event.strip_prefix("raw_syscalls:sys_enter").map(|_| "all"))
+                    .unwrap_or(event);
+                Some((name.to_string(), v))
+            })
+            .collect()
+    })
+}
+
+fn report_syscalls(counted: &[(&str, f64, BTreeMap<String, f64>)]) {
+    if counted.is_empty() {
+        return;
+    }
+    println!();
+    println!("system calls per request in the throughput phase (perf stat, every thread)");
+    if counted.iter().all(|(_, _, c)| c.is_empty()) {
+        println!(
+            "  perf stat failed: is perf installed, and are its syscall tracepoints readable?"
+        );
+        return;
+    }
+    let mut columns = vec!["all", "context-switches"];
+    columns.extend(SYSCALLS.iter().copied().filter(|s| {
+        counted
+            .iter()
+            .any(|(_, n, c)| c.get(*s).is_some_and(|v| v / n.max(1.0) >= 0.01))
+    }));
+    print!("{:<14}", "target");
+    for c in &columns {
+        print!(
+            " {:>10}",
+            c.strip_suffix("-switches").map_or(*c, |_| "ctx-switch")
+        );
+    }
+    println!();
+    for (name, requests, counts) in counted {
+        print!("{name:<14}");
+        for c in &columns {
+            match counts.get(*c) {
+                Some(v) => print!(" {:>10.2}", v / requests.max(1.0)),
+                None => print!(" {:>10}", "-"),
+            }
+        }
+        println!();
+    }
 }
 
 fn report(
