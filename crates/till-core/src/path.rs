@@ -105,6 +105,31 @@ fn is_dot_segment_with_parameters(seg: &str) -> bool {
     matches!(&seg[..end], "." | "..")
 }
 
+/// Whether `raw` is its own normal form: unreserved characters only (no
+/// escape, no `;`), no empty segment but a final one, no `.` or `..`
+/// segment. Nearly every real request path is; this scan is what they cost
+/// instead of the decode-split-join below (3 300 instructions for
+/// `/v1/chat/completions`, callgrind).
+fn already_normal(raw: &str) -> bool {
+    let b = raw.as_bytes();
+    if b.first() != Some(&b'/') {
+        return false;
+    }
+    let mut start = 1;
+    for i in 1..=b.len() {
+        if i == b.len() || b[i] == b'/' {
+            let seg = &b[start..i];
+            if (seg.is_empty() && i != b.len()) || seg == b"." || seg == b".." {
+                return false;
+            }
+            start = i + 1;
+        } else if !is_unreserved(b[i]) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Returns the normalised form of an absolute path (no query string).
 ///
 /// ```
@@ -119,6 +144,14 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
+    if already_normal(raw) {
+        return Ok(raw.to_string());
+    }
+    resolve(raw)
+}
+
+/// The normal form of any absolute path within [`MAX_PATH`].
+fn resolve(raw: &str) -> Result<String, PathError> {
     let decoded = decode_unreserved(raw)?;
     let mut segs: Vec<&str> = Vec::new();
     let mut trailing = false;
@@ -214,6 +247,32 @@ mod tests {
         assert_eq!(normalize("/v1/chat/...;/x").unwrap(), "/v1/chat/...;/x");
         assert_eq!(normalize("/v1/chat/;../x").unwrap(), "/v1/chat/;../x");
         assert_eq!(normalize("/v1/chat/a..;/x").unwrap(), "/v1/chat/a..;/x");
+    }
+
+    #[test]
+    fn the_fast_path_takes_only_paths_that_are_their_own_normal_form() {
+        // Every path of up to 6 characters after the '/' over an alphabet
+        // with each character that matters to normalisation.
+        const ALPHABET: &[u8] = b"a.-/;%2E";
+        let mut taken = 0;
+        let mut path = Vec::new();
+        for len in 0..=6u32 {
+            for mut n in 0..ALPHABET.len().pow(len) {
+                path.clear();
+                path.push(b'/');
+                for _ in 0..len {
+                    path.push(ALPHABET[n % ALPHABET.len()]);
+                    n /= ALPHABET.len();
+                }
+                let p = std::str::from_utf8(&path).unwrap();
+                if already_normal(p) {
+                    taken += 1;
+                    assert_eq!(resolve(p).as_deref(), Ok(p), "{p}");
+                }
+            }
+        }
+        // Not vacuous: many paths took it ("/", "/a", "/a.-/", ...).
+        assert!(taken > 1000, "{taken}");
     }
 
     #[test]

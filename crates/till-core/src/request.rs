@@ -120,7 +120,9 @@ pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
         fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Scan, A::Error> {
             let mut model: Option<Option<String>> = None;
             let mut problem = None;
-            while let Some(k) = m.next_key::<String>()? {
+            // Keys are borrowed from the body unless they hold escapes: no
+            // allocation per key on the request path.
+            while let Some(Key(k)) = m.next_key::<Key<'de>>()? {
                 if k == "model" {
                     if model.is_some() {
                         problem.get_or_insert_with(|| {
@@ -133,7 +135,13 @@ pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
                         _ => None,
                     });
                 } else {
-                    if k.to_lowercase() == "model" {
+                    // For ASCII keys, the same answer without allocating.
+                    let folds_to_model = if k.is_ascii() {
+                        k.eq_ignore_ascii_case("model")
+                    } else {
+                        k.to_lowercase() == "model"
+                    };
+                    if folds_to_model {
                         problem.get_or_insert_with(|| {
                             format!(
                                 "the JSON body has a key {k:?} besides or instead of \"model\"; upstreams that match keys case-insensitively would read it as the model, so Till refuses it: send the model only as \"model\""
@@ -147,6 +155,25 @@ pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
                 Some(p) => Err(p),
                 None => Ok(model.flatten()),
             }))
+        }
+    }
+    struct Key<'de>(std::borrow::Cow<'de, str>);
+    impl<'de> serde::Deserialize<'de> for Key<'de> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct K;
+            impl<'de> Visitor<'de> for K {
+                type Value = Key<'de>;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                    Ok(Key(v.into()))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                    Ok(Key(v.to_owned().into()))
+                }
+            }
+            d.deserialize_str(K)
         }
     }
     impl<'de> serde::Deserialize<'de> for Scan {

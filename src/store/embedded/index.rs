@@ -11,12 +11,19 @@
 //! Block metadata stays on disk; only the fact that it was recorded (one
 //! flag) and the per-family block count live here.
 //!
+//! The table hashes with foldhash, seeded at random per process: std's
+//! SipHash of a 64-byte id cost 460 instructions, and every request looks
+//! up each of its blocks (callgrind, benches/README.md). Ids are signatures
+//! made by token holders, not chosen freely, and the seed is secret.
+//!
 //! Ids that are not lower-case hex of at most 64 bytes (never produced by
 //! Till's tokens, but accepted by the store API) are kept as text in a side
 //! map, so every string maps to exactly one slot, as before.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::quality::RandomState;
 
 use hashbrown::HashTable;
 
@@ -122,41 +129,38 @@ enum Key<'a> {
     Text(&'a str),
 }
 
-/// Value of each lower-case hex digit; 0xff for any other byte.
-const NIBBLE: [u8; 256] = {
-    let mut t = [0xffu8; 256];
-    let mut i = 0;
-    while i < 10 {
-        t[b'0' as usize + i] = i as u8;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 6 {
-        t[b'a' as usize + i] = 10 + i as u8;
-        i += 1;
-    }
-    t
-};
-
-/// Decodes by hand, without a branch per digit: it runs for every block of
-/// every request (the `hex` crate's decoder was also a third of a reopen's
-/// CPU time, perf, 200 000 families), and only lower-case digits may be
-/// stored as bytes (the `hex` crate also takes upper case, and `AB` and
-/// `ab` are different ids to the store).
+/// Decodes by hand, in two passes the compiler vectorises: it runs for
+/// every block of every request, twice (600 instructions an id with a
+/// table lookup per digit, callgrind; the `hex` crate's decoder was also a
+/// third of a reopen's CPU time, perf, 200 000 families). Only lower-case
+/// digits may be stored as bytes (the `hex` crate also takes upper case,
+/// and `AB` and `ab` are different ids to the store).
 fn key(id: &str) -> Key<'_> {
     let b = id.as_bytes();
     if b.is_empty() || !b.len().is_multiple_of(2) || b.len() > 2 * INLINE {
         return Key::Text(id);
     }
-    let mut out = [0u8; INLINE];
+    // Each character's value, and whether any was not a lower-case digit:
+    // no branch, no table, so a whole vector of characters at a time.
+    let mut nibbles = [0u8; 2 * INLINE];
     let mut bad = 0u8;
-    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
-        let (hi, lo) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
-        bad |= hi | lo;
-        *o = hi << 4 | lo;
+    for (n, &c) in nibbles.iter_mut().zip(b) {
+        let digit = c.wrapping_sub(b'0');
+        let letter = c.wrapping_sub(b'a');
+        let (is_digit, is_letter) = (digit < 10, letter < 6);
+        *n = if is_digit {
+            digit
+        } else {
+            letter.wrapping_add(10)
+        };
+        bad |= u8::from(!(is_digit | is_letter));
     }
-    if bad & 0xf0 != 0 {
+    if bad != 0 {
         return Key::Text(id);
+    }
+    let mut out = [0u8; INLINE];
+    for (o, pair) in out.iter_mut().zip(nibbles.chunks_exact(2)) {
+        *o = pair[0] << 4 | pair[1];
     }
     Key::Bin(out, b.len() / 2)
 }
@@ -204,7 +208,7 @@ impl Default for Index {
             table: HashTable::new(),
             text: HashMap::new(),
             free: Vec::new(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         }
     }
 }
@@ -317,6 +321,36 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_lower_case_hex_is_decoded_and_it_decodes_right() {
+        for hi in 0..=255u8 {
+            for lo in [b'0', b'9', b'a', b'f', b'A', b'g', b'/', b':', b'`', 0, 255] {
+                let pair = [hi, lo];
+                let Ok(id) = std::str::from_utf8(&pair) else {
+                    continue;
+                };
+                let lower_hex = |c: u8| c.is_ascii_digit() || (b'a'..=b'f').contains(&c);
+                let want = pair
+                    .iter()
+                    .all(|&c| lower_hex(c))
+                    .then(|| u8::from_str_radix(id, 16).unwrap());
+                match (key(id), want) {
+                    (Key::Bin(b, 1), Some(v)) => assert_eq!(b[0], v, "{id:?}"),
+                    (Key::Text(_), None) => {}
+                    (Key::Bin(..), None) => panic!("{id:?} taken as hex"),
+                    (_, Some(_)) => panic!("{id:?} not taken as hex"),
+                }
+            }
+        }
+        let id: String = (0..64u8)
+            .map(|k| format!("{:02x}", k.wrapping_mul(37)))
+            .collect();
+        let Key::Bin(b, 64) = key(&id) else {
+            panic!("a 128-digit id is bytes")
+        };
+        assert!((0..64u8).all(|k| b[usize::from(k)] == k.wrapping_mul(37)));
+    }
 
     #[test]
     fn a_slot_is_112_bytes() {
