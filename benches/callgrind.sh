@@ -5,6 +5,7 @@
 #
 #   bash benches/callgrind.sh [REQUESTS]      # default 2000
 #   TILL_BIN=/path/to/older/till bash benches/callgrind.sh   # before/after
+#   CALLGRIND_OPTS=--cache-sim=yes bash benches/callgrind.sh  # + cache misses
 #
 # Needs valgrind (apt-get install valgrind) and python3. Starts, on
 # 127.0.0.1 ephemeral ports: the load benchmark's upstream, its
@@ -55,7 +56,8 @@ PIDS+=($!)
 wait_for "$OUT/upstream.out" 'listening on'
 UP=$(grep -o 'listening on [0-9.:]*' "$OUT/upstream.out" | cut -d' ' -f3)
 
-sleep infinity | valgrind --tool=callgrind --callgrind-out-file="$OUT/hyper.%p" \
+# shellcheck disable=SC2086 # options are words
+sleep infinity | valgrind --tool=callgrind ${CALLGRIND_OPTS:-} --callgrind-out-file="$OUT/hyper.%p" \
     "$LOAD" --role hyper-baseline --upstream "http://$UP" --connections 4 \
     >"$OUT/hyper.out" 2>"$OUT/hyper.err" &
 HYPER=$!
@@ -77,7 +79,8 @@ credential = { env = "BENCH_UPSTREAM_KEY" }
 [audit]
 enabled = true
 EOF
-BENCH_UPSTREAM_KEY=sk-bench TILL_LOG=warn valgrind --tool=callgrind \
+# shellcheck disable=SC2086
+BENCH_UPSTREAM_KEY=sk-bench TILL_LOG=warn valgrind --tool=callgrind ${CALLGRIND_OPTS:-} \
     --callgrind-out-file="$OUT/till.%p" "$TILL" serve --config "$H/till.toml" \
     >"$OUT/till.out" 2>"$OUT/till.err" &
 TILLPID=$!
@@ -156,4 +159,11 @@ printf '\nhyper-baseline, inclusive, per request (thousands):\n'
 callgrind_annotate --inclusive=yes --threshold=100 "$HFILE" 2>/dev/null >"$OUT/hyper.inclusive.txt"
 part "hyper client send_request" 'hyper_util::client::legacy::client::Client<C,B>::send_request::{{closure}}' "$OUT/hyper.inclusive.txt"
 part "hyper server: request head parse" 'hyper::proto::h1::conn::Conn<I,B,T>::poll_read_head' "$OUT/hyper.inclusive.txt"
+events() { # profile
+    awk '/^events:/ { for (i = 2; i <= NF; i++) name[i] = $i }
+         /^summary:/ { for (i = 2; i <= NF; i++) printf "%s%s %.1f", (i > 2 ? ", " : ""), name[i], $i / n; print "" }' n="$N" "$1"
+}
+if [ -n "${CALLGRIND_OPTS:-}" ]; then
+    printf '\nevents per request:\n  hyper-baseline  %s\n  till            %s\n' "$(events "$HFILE")" "$(events "$TFILE")"
+fi
 printf '\nprofiles: %s\n' "$OUT"

@@ -57,6 +57,17 @@ pub async fn proxy(State(st): State<AppState>, req: Request) -> Response {
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
+    proxy_from(st, req, peer).await
+}
+
+/// [`proxy`] with the client's address given, not read from the request's
+/// extensions: the server's direct path sets none (each extension is a heap
+/// allocation, and the first one a map as well, on every request).
+pub async fn proxy_from(
+    st: AppState,
+    req: Request,
+    peer: Option<std::net::SocketAddr>,
+) -> Response {
     let request_id = format!("{:016x}", rand::random::<u64>());
     let mut obs = Observation::new(request_id.clone(), peer, req.method().as_str());
     let api = error_shape(&st, req.uri().path());

@@ -49,8 +49,9 @@ pub struct ServerLimits {
 }
 
 /// The address the client connected to (this proxy's side of the
-/// connection), in every request's extensions next to `ConnectInfo`: the
-/// admin plane checks the `Host` header against it.
+/// connection), in the extensions of every request the router handles,
+/// next to `ConnectInfo`: the admin plane checks the `Host` header against
+/// it.
 #[derive(Clone, Copy, Debug)]
 pub struct LocalAddr(pub SocketAddr);
 
@@ -108,16 +109,17 @@ pub async fn serve(
         let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
             let mut stream = stream;
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                if let Some(l) = local {
-                    req.extensions_mut().insert(l);
-                }
-                let req = req.map(axum::body::Body::new);
+            let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
                 if super::skips_router(req.uri().path()) {
-                    let state = axum::extract::State(state.clone());
-                    Either::Left(super::handler::proxy(state, req).map(Ok))
+                    // The proxy path reads the peer from here, not from
+                    // the extensions the router's handlers need.
+                    Either::Left(super::handler::proxy_from(state.clone(), req, Some(peer)).map(Ok))
                 } else {
+                    req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                    if let Some(l) = local {
+                        req.extensions_mut().insert(l);
+                    }
                     let mut app = app.clone();
                     Either::Right(tower_service::Service::call(&mut app, req))
                 }
