@@ -131,21 +131,23 @@ printf '  till            %s\n' "$(total "$TFILE")"
 
 printf '\ntill, inclusive, per request (thousands):\n'
 callgrind_annotate --inclusive=yes --threshold=100 "$TFILE" 2>/dev/null >"$OUT/till.inclusive.txt"
-part() { # label function [profile text]
+part() { # label "function[ | other name]" [profile text]
     # A function appears once per source file inlined into it; the first
     # line (largest) is its whole inclusive cost.
     awk -v fn="$2" -v n="$N" -v l="$1" '
         { f = $0; sub(/^ *[0-9,]+ \( *[0-9.]+%\) +/, "", f); sub(/ \[.*$/, "", f)
           f = substr(f, index(f, ":") + 1)
-          if (f == fn) { ir = $1; gsub(",", "", ir); printf "  %-44s %6.1f\n", l, ir / n / 1000; found = 1; exit } }
+          n_alt = split(fn, alt, " [|] ")
+          for (a = 1; a <= n_alt; a++) if (f == alt[a]) hit = 1
+          if (hit) { ir = $1; gsub(",", "", ir); printf "  %-44s %6.1f\n", l, ir / n / 1000; found = 1; exit } }
         END { if (!found) printf "  %-44s %6s\n", l, "-" }' "${3:-$OUT/till.inclusive.txt}"
 }
-part "handler (everything after hyper's parse)" 'till::proxy::handler::proxy::{{closure}}'
+part "handler (everything after hyper's parse)" 'till::proxy::handler::proxy_from::{{closure}} | till::proxy::handler::proxy::{{closure}}'
 part "  forward (request out, response head in)" 'till::proxy::forward::forward::{{closure}}'
 part "    hyper client send_request" 'hyper_util::client::legacy::client::Client<C,B>::send_request::{{closure}}'
 part "  reserve + re-check" 'till::proxy::handler::reserve_and_recheck::{{closure}}'
 part "  counts before deciding" 'till::proxy::handler::Counts::current::{{closure}}'
-part "  decide (cached)" 'till::proxy::handler::Counts::decide::{{closure}}'
+part "  decide (cached; head and body)" 'till::proxy::handler::Counts::decide::{{closure}}'
 part "  verify (token cache)" 'till::proxy::handler::verify_token'
 part "  token from headers" 'till::proxy::handler::extract_token'
 part "  model from the body" 'till_core::request::model_of'
