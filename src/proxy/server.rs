@@ -55,6 +55,9 @@ pub struct ServerLimits {
 #[derive(Clone, Copy, Debug)]
 pub struct LocalAddr(pub SocketAddr);
 
+/// The header count hyper refuses above (with 431) when given no limit.
+const HYPER_MAX_HEADERS: usize = 100;
+
 /// Serves [`super::router`] of `state` until `shutdown` resolves, then
 /// stops accepting, gives open connections `grace` to finish, and returns.
 /// Requests that can only reach the router's proxy fallback
@@ -69,8 +72,13 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(limits.max_headers);
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    // hyper enforces its own limit of 100 when none is set, parsing into
+    // arrays on the stack; a limit set explicitly, even to 100, makes it
+    // fill two 100-entry buffers per request (≈1 500 instructions, callgrind).
+    if limits.max_headers != HYPER_MAX_HEADERS {
+        builder.max_headers(limits.max_headers);
+    }
     let builder = Arc::new(builder);
     let app = super::router(state.clone());
     // Every connection task holds a receiver; `closed()` on the sender tells

@@ -336,6 +336,29 @@ async fn oversized_tokens_and_headers_get_431_before_any_signature_work() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_default_header_count_limit_is_100() {
+    // The default is left to hyper (no `max_headers` call): it must still
+    // be 100, refused with 431 above it and forwarded at it.
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let c = client();
+    let token = home.token("openai", None);
+    let with_pads = |n: usize| {
+        let mut rb = c.get(proxy.url("/openai/v1/x")).bearer_auth(&token);
+        for i in 0..n {
+            rb = rb.header(format!("x-pad-{i}"), "1");
+        }
+        rb
+    };
+    // reqwest adds `accept` and `host`; with `authorization`, 3 headers.
+    assert_eq!(with_pads(98).send().await.unwrap().status(), 431);
+    assert_eq!(up.count(), 0);
+    assert_eq!(with_pads(97).send().await.unwrap().status(), 200);
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn slow_clients_are_cut_off_and_the_connection_cap_holds() {
     let up = Upstream::start().await;
     let home = Home::new();
