@@ -221,10 +221,7 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
         acc | u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\')
     });
     if escapes == 0 {
-        out.reserve(s.len() + 2);
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
+        push_quoted(out, s);
     } else {
         json_value(out, s);
     }
@@ -234,9 +231,14 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 /// block's signature), so nothing to escape or to look for.
 fn json_hex(out: &mut Vec<u8>, id: &str) {
     debug_assert!(id.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
-    out.reserve(id.len() + 2);
+    push_quoted(out, id);
+}
+
+/// `s` between quotes, as it is: the caller knows it needs no escape.
+fn push_quoted(out: &mut Vec<u8>, s: &str) {
+    out.reserve(s.len() + 2);
     out.push(b'"');
-    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(s.as_bytes());
     out.push(b'"');
 }
 

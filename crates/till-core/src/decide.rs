@@ -113,7 +113,7 @@ pub fn cached_decision_windowed(
     let heap;
     let uses: &[u64] = if n <= buf.len() {
         for (k, u) in buf[..n].iter_mut().enumerate() {
-            *u = counts.get(k).copied().unwrap_or(0).saturating_add(1);
+            *u = next_use(counts, k);
         }
         &buf[..n]
     } else {
@@ -125,9 +125,12 @@ pub fn cached_decision_windowed(
 
 /// The uses this request would make of every block: the next one.
 fn next_uses(token: &VerifiedToken, counts: &[u64]) -> Vec<u64> {
-    (0..token.ids.len())
-        .map(|k| counts.get(k).copied().unwrap_or(0).saturating_add(1))
-        .collect()
+    (0..token.ids.len()).map(|k| next_use(counts, k)).collect()
+}
+
+/// The use block `k` would make: its count plus one.
+fn next_use(counts: &[u64], k: usize) -> u64 {
+    counts.get(k).copied().unwrap_or(0).saturating_add(1)
 }
 
 fn answer_without_datalog(
