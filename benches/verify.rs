@@ -232,7 +232,7 @@ fn bench_request_path(c: &mut Criterion) {
     g.bench_function("3", |b| {
         b.iter(|| {
             let mut o = Observation::new(
-                "0123456789abcdef".into(),
+                till::monitor::RequestId(0x0123_4567_89ab_cdef),
                 Some(([127, 0, 0, 1], 50000).into()),
                 "POST",
             );

@@ -33,15 +33,16 @@ pub struct BlockUse<'a> {
 /// request, and most are never read again.
 #[derive(Clone)]
 pub struct AuditRecord {
-    pub time: String,
-    pub request_id: String,
+    /// RFC 3339, whole seconds; shared by the records of one second.
+    pub time: Arc<str>,
+    pub request_id: super::RequestId,
     /// Serialised as text, `"127.0.0.1:50000"`.
     pub peer: Option<std::net::SocketAddr>,
     /// The request's token, when it verified.
     pub token: Option<Arc<VerifiedToken>>,
     /// Each block's uses after the request, when they were counted.
     pub uses: Option<Vec<u64>>,
-    pub service: String,
+    pub service: Arc<str>,
     pub method: String,
     pub path: String,
     pub model: Option<String>,
@@ -102,13 +103,13 @@ impl Serialize for AuditRecord {
             }
         }
         let mut r = s.serialize_struct("AuditRecord", 19)?;
-        r.serialize_field("time", &self.time)?;
+        r.serialize_field("time", &*self.time)?;
         r.serialize_field("request_id", &self.request_id)?;
         r.serialize_field("peer", &self.peer)?;
         r.serialize_field("family", &self.family())?;
         r.serialize_field("blocks", &Blocks(self))?;
         r.serialize_field("labels", &Labels(self))?;
-        r.serialize_field("service", &self.service)?;
+        r.serialize_field("service", &*self.service)?;
         r.serialize_field("method", &self.method)?;
         r.serialize_field("path", &self.path)?;
         r.serialize_field("model", &self.model)?;
@@ -144,8 +145,9 @@ impl AuditRecord {
     pub fn write_json(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"time\":");
         json_str(out, &self.time);
-        out.extend_from_slice(b",\"request_id\":");
-        json_str(out, &self.request_id);
+        out.extend_from_slice(b",\"request_id\":\"");
+        out.extend_from_slice(&self.request_id.hex());
+        out.push(b'"');
         out.extend_from_slice(b",\"peer\":");
         match self.peer {
             // An address's text never needs escaping.
@@ -259,7 +261,7 @@ impl std::fmt::Debug for AuditRecord {
     // Not derived: the verified token holds the token itself.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditRecord")
-            .field("request_id", &self.request_id)
+            .field("request_id", &format_args!("{}", self.request_id))
             .field("family", &self.family())
             .field("decision", &self.decision)
             .field("code", &self.code)
@@ -442,7 +444,7 @@ mod tests {
     fn record(n: usize) -> AuditRecord {
         AuditRecord {
             time: "2026-12-04T00:00:00Z".into(),
-            request_id: format!("{n:016x}"),
+            request_id: crate::monitor::RequestId(n as u64),
             peer: None,
             token: None,
             uses: None,
@@ -531,8 +533,10 @@ mod tests {
             port in 0u16..,
             status in 0u16..,
             latency in proptest::num::f64::ANY,
+            id in 0u64..,
         ) {
             let mut r = record(1);
+            r.request_id = crate::monitor::RequestId(id);
             r.path = path;
             r.reason = reason.map(|b| String::from_utf8(b).unwrap());
             r.model = model;

@@ -10,7 +10,9 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub service: String,
+    /// Shared with the upstream's config: the label lookup on every
+    /// request copies no text.
+    pub service: std::sync::Arc<str>,
     // Static text: no allocation per request for the label lookup.
     pub decision: &'static str,
     pub code: &'static str,

@@ -8,6 +8,7 @@
 pub mod alerts;
 pub mod audit;
 pub mod metrics;
+pub mod request_id;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -19,6 +20,7 @@ use crate::verify::{DenialKind, VerifiedToken};
 pub use alerts::{Alert, AlertConfig};
 pub use audit::{AuditRecord, AuditSink, BlockUse};
 pub use metrics::Metrics;
+pub use request_id::RequestId;
 
 /// `[audit]` in till.toml.
 #[derive(Clone, Debug, Deserialize)]
@@ -44,9 +46,10 @@ impl Default for AuditConfig {
 /// What the request path learned about one request.
 pub struct Observation {
     pub started: Instant,
-    pub request_id: String,
+    pub request_id: RequestId,
     pub peer: Option<std::net::SocketAddr>,
-    pub service: String,
+    /// The configured upstream's name (see [`crate::proxy::Upstream::name`]).
+    pub service: Arc<str>,
     pub method: String,
     pub path: String,
     pub model: Option<String>,
@@ -63,12 +66,12 @@ pub struct Observation {
 }
 
 impl Observation {
-    pub fn new(request_id: String, peer: Option<std::net::SocketAddr>, method: &str) -> Self {
+    pub fn new(request_id: RequestId, peer: Option<std::net::SocketAddr>, method: &str) -> Self {
         Observation {
             started: Instant::now(),
             request_id,
             peer,
-            service: String::new(),
+            service: Arc::default(),
             method: method.to_string(),
             path: String::new(),
             model: None,
@@ -173,11 +176,11 @@ impl Monitor {
         let take = std::mem::take::<String>;
         let rec = AuditRecord {
             time: now_text(),
-            request_id: take(&mut o.request_id),
+            request_id: o.request_id,
             peer: o.peer.take(),
             token: o.token.take(),
             uses: o.uses.take(),
-            service: take(&mut o.service),
+            service: std::mem::take(&mut o.service),
             method: take(&mut o.method),
             path: take(&mut o.path),
             model: o.model.take(),
@@ -262,7 +265,7 @@ impl Monitor {
         let last = || blocks.last().map(|b| b.id.to_string());
         let details = || {
             serde_json::json!({
-                "peer": rec.peer, "service": rec.service, "method": rec.method, "path": rec.path,
+                "peer": rec.peer, "service": &*rec.service, "method": rec.method, "path": rec.path,
                 "reason": reason, "request_id": rec.request_id,
             })
         };
@@ -365,10 +368,10 @@ impl Monitor {
 
 /// The current time as the audit log writes it (RFC 3339, whole seconds),
 /// formatted once per second per thread rather than once per request.
-fn now_text() -> String {
+fn now_text() -> Arc<str> {
     use std::cell::RefCell;
     thread_local! {
-        static LAST: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+        static LAST: RefCell<(u64, Option<Arc<str>>)> = const { RefCell::new((0, None)) };
     }
     let now = SystemTime::now();
     let secs = now
@@ -376,10 +379,14 @@ fn now_text() -> String {
         .map_or(0, |d| d.as_secs());
     LAST.with(|last| {
         let mut last = last.borrow_mut();
-        if last.0 != secs || last.1.is_empty() {
-            *last = (secs, crate::token::format_time(now));
+        match &last.1 {
+            Some(t) if last.0 == secs => t.clone(),
+            _ => {
+                let t: Arc<str> = Arc::from(crate::token::format_time(now));
+                *last = (secs, Some(t.clone()));
+                t
+            }
         }
-        last.1.clone()
     })
 }
 
@@ -435,7 +442,7 @@ mod tests {
             crate::verify::Verifier::new(root.public(), crate::policy::Policies::default_policy());
         let token = Arc::new(verifier.verify_token(&text).unwrap());
         let monitor = Monitor::disabled();
-        let mut o = Observation::new("00000000000000ff".into(), None, "POST");
+        let mut o = Observation::new(RequestId(0xff), None, "POST");
         o.service = "openai".into();
         o.path = "/v1/chat/completions".into();
         o.token = Some(token.clone());
@@ -469,7 +476,10 @@ mod tests {
             let before = crate::token::format_time(SystemTime::now());
             let t = now_text();
             let after = crate::token::format_time(SystemTime::now());
-            assert!(t == before || t == after, "{t} not in [{before}, {after}]");
+            assert!(
+                *t == *before || *t == *after,
+                "{t} not in [{before}, {after}]"
+            );
             std::thread::sleep(Duration::from_millis(600));
         }
     }

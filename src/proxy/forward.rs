@@ -163,17 +163,19 @@ fn percent_decoded(s: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The hop-by-hop headers of an upstream's answer (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
 fn skip_response_header(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+    HOP_BY_HOP.contains(&name.as_str())
 }
 
 /// Sends the request to `upstream` and returns a streaming response.
@@ -230,17 +232,12 @@ pub async fn forward(
 /// Removes the hop-by-hop headers of an upstream's answer, in place (the
 /// answer's other headers pass as they are).
 fn strip_response_headers(h: &mut HeaderMap) {
-    // Rare: answers seldom carry any, so the common case allocates nothing.
-    if !h.keys().any(skip_response_header) {
-        return;
-    }
-    let names: Vec<HeaderName> = h
-        .keys()
-        .filter(|n| skip_response_header(n))
-        .cloned()
-        .collect();
-    for n in names {
-        h.remove(n);
+    // One pass to find out whether there are any (a streamed answer has
+    // `transfer-encoding`): then each name is removed with all its values.
+    if h.keys().any(skip_response_header) {
+        for n in HOP_BY_HOP {
+            h.remove(n);
+        }
     }
 }
 
@@ -267,6 +264,43 @@ fn upstream_error(e: &SendError) -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answers_hop_by_hop_headers_are_removed_with_every_value() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("content-type", "application/json"),
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("keep-alive", "max=100"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-request-id", "abc"),
+            ("x-request-id", "def"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_response_headers(&mut h);
+        let left: Vec<(&str, &str)> = h
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                ("content-type", "application/json"),
+                ("x-request-id", "abc"),
+                ("x-request-id", "def")
+            ]
+        );
+        // None there: the answer is left as it is.
+        let before = h.clone();
+        strip_response_headers(&mut h);
+        assert_eq!(h, before);
+    }
 
     fn parts(method: &str, uri: &str) -> http::request::Parts {
         http::Request::builder()

@@ -29,7 +29,7 @@ use super::handler::{
 };
 use super::{AppState, Upstream};
 use crate::decide::Stage;
-use crate::monitor::Observation;
+use crate::monitor::{Observation, RequestId};
 use crate::token::RequestFacts;
 use crate::verify::Denial;
 
@@ -45,8 +45,7 @@ pub async fn check(State(st): State<AppState>, req: Request) -> Response {
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
-    let request_id = format!("{:016x}", rand::random::<u64>());
-    let mut obs = Observation::new(request_id.clone(), peer, req.method().as_str());
+    let mut obs = Observation::new(RequestId::random(), peer, req.method().as_str());
     let (parts, _body) = req.into_parts();
     let (service, appended) = split(parts.uri.path());
     let upstream = st.upstreams.get(service);
@@ -57,11 +56,11 @@ pub async fn check(State(st): State<AppState>, req: Request) -> Response {
             service.chars().take(64).collect(),
         )),
         Some(u) => {
-            obs.service = service.to_string();
+            obs.service = u.name.clone();
             decide_check(&st, &u, service, appended, &parts, &mut obs).await
         }
     };
-    respond(&st, &mut obs, result, api, &request_id)
+    respond(&st, &mut obs, result, api)
 }
 
 /// Splits the path after `/auth/` into the service and the appended

@@ -32,7 +32,7 @@ use super::error::{Api, ProxyError};
 use super::forward::{Outgoing, forward};
 use super::idempotency::{Claim, MAX_KEY_LEN, digest, scoped_key};
 use crate::decide::{Stage, cached_decision_windowed, decide_windowed};
-use crate::monitor::Observation;
+use crate::monitor::{Observation, RequestId, request_id};
 use crate::store::window::{Admit, InFlight, WindowGuard};
 use crate::store::{Reservation, ReservationGuard, StoreError};
 use crate::token::RequestFacts;
@@ -68,14 +68,13 @@ pub async fn proxy_from(
     req: Request,
     peer: Option<std::net::SocketAddr>,
 ) -> Response {
-    let request_id = format!("{:016x}", rand::random::<u64>());
-    let mut obs = Observation::new(request_id.clone(), peer, req.method().as_str());
+    let mut obs = Observation::new(RequestId::random(), peer, req.method().as_str());
     let api = error_shape(&st, req.uri().path());
     if api == Api::Mcp {
-        return super::mcp::proxy(&st, req, &mut obs, &request_id).await;
+        return super::mcp::proxy(&st, req, &mut obs).await;
     }
     let result = handle(&st, req, &mut obs).await;
-    respond(&st, &mut obs, result, api, &request_id)
+    respond(&st, &mut obs, result, api)
 }
 
 /// Records a decided request (metrics, audit line, recent decisions,
@@ -85,9 +84,8 @@ pub(super) fn respond(
     obs: &mut Observation,
     result: Result<Response, ProxyError>,
     api: Api,
-    request_id: &str,
 ) -> Response {
-    respond_with(st, obs, result, |e| e.into_response_for(api), request_id)
+    respond_with(st, obs, result, |e| e.into_response_for(api))
 }
 
 /// [`respond`] with the error answer rendered by `render`.
@@ -96,7 +94,6 @@ pub(super) fn respond_with(
     obs: &mut Observation,
     result: Result<Response, ProxyError>,
     render: impl FnOnce(ProxyError) -> Response,
-    request_id: &str,
 ) -> Response {
     let (mut resp, code, reason) = match result {
         Ok(r) => (r, "ok", None),
@@ -110,10 +107,10 @@ pub(super) fn respond_with(
             (render(e), code, Some(reason))
         }
     };
+    let id = obs.request_id;
     st.monitor.record(obs, resp.status().as_u16(), code, reason);
-    if let Ok(v) = http::HeaderValue::from_str(request_id) {
-        resp.headers_mut().insert("x-till-request-id", v);
-    }
+    resp.headers_mut()
+        .insert(request_id::HEADER.clone(), id.header_value());
     resp
 }
 
@@ -247,9 +244,9 @@ async fn handle(
         .upstreams
         .get(service)
         .ok_or_else(|| ProxyError::UnknownService(service.chars().take(64).collect()))?;
-    obs.service = service.to_string();
+    obs.service = upstream.name.clone();
     let path = crate::path::normalize(rest).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-    obs.path = path.clone();
+    obs.path = path;
     let token_text = extract_token(&parts.headers)?;
     let json = is_json(&parts.headers);
     let content_length = parts
@@ -285,110 +282,124 @@ async fn handle(
         Some(uses) => Counts::exact(uses.iter().map(|u| u.saturating_sub(1)).collect()),
         None => Counts::current(st, &token.ids).await?,
     };
+    // The request's text moves from the observation into the facts and
+    // back once decided (below): copying it was an allocation per field.
     let mut facts = RequestFacts {
         service: service.to_string(),
-        // As sent: the method authorized is the method forwarded (HTTP
-        // methods are case-sensitive; a lower-case `get` is not `GET`).
-        method: parts.method.as_str().to_string(),
-        path,
+        // As sent (the observation took it from the request): the method
+        // authorized is the method forwarded (HTTP methods are
+        // case-sensitive; a lower-case `get` is not `GET`).
+        method: std::mem::take(&mut obs.method),
+        path: std::mem::take(&mut obs.path),
         model: None,
         mcp: None,
         time: st.clock.now(),
     };
-    let stage = if json {
-        Stage::BeforeBody
-    } else {
-        Stage::Final
-    };
-    let alone = WindowCounts::alone(&token);
-    if let Err(d) = counts
-        .decide(st, &token, revoked, &facts, &alone, stage)
-        .await?
-    {
-        obs.uses = Some(counts.values);
-        return Err(ProxyError::Denied(d));
-    }
-    // Rate windows and concurrency caps: all slots or none, before the body.
-    let (windows, window_guard) = admit_windows(st, &token, obs).await?;
-
-    // 3. The body, read only now and only when it can name a model.
-    let (body, permit, body_digest) = if json {
-        let (bytes, permit) = read_body(st, body, content_length).await?;
-        facts.model = model_of(&bytes).map_err(ProxyError::BadRequest)?;
-        obs.model = facts.model.clone();
+    // Steps 2 to 5 in a block of their own: whatever they return, the
+    // observation gets the text back for the record.
+    let result: Result<Response, ProxyError> = async {
+        let stage = if json {
+            Stage::BeforeBody
+        } else {
+            Stage::Final
+        };
+        let alone = WindowCounts::alone(&token);
         if let Err(d) = counts
-            .decide(st, &token, None, &facts, &alone, Stage::Final)
+            .decide(st, &token, revoked, &facts, &alone, stage)
             .await?
         {
             obs.uses = Some(counts.values);
             return Err(ProxyError::Denied(d));
         }
-        let d = idem_key
-            .as_ref()
-            .map(|_| digest(parts.method.as_str(), request_target(&parts), &bytes));
-        (Outgoing::Buffered(bytes), Some(permit), d)
-    } else {
-        // A streamed body cannot be compared with an earlier attempt's, so
-        // only requests without one get free retries.
-        let bodiless = content_length == Some(0)
-            || (content_length.is_none() && !parts.headers.contains_key(header::TRANSFER_ENCODING));
-        let d = idem_key
-            .as_ref()
-            .filter(|_| bodiless)
-            .map(|_| digest(parts.method.as_str(), request_target(&parts), b""));
-        (Outgoing::Stream(body), None, d)
-    };
+        // Rate windows and concurrency caps: all slots or none, before the body.
+        let (windows, window_guard) = admit_windows(st, &token, obs).await?;
 
-    // Idempotency: a retry of the same failed request reuses its counts.
-    let claim = match (idem_key, body_digest) {
-        (Some(key), Some(d)) => match st.idempotency.claim(&key, d).await.map_err(store_error)? {
-            Claim::Conflict => return Err(ProxyError::IdempotencyConflict),
-            Claim::Mismatch => return Err(ProxyError::IdempotencyMismatch),
-            c => Some(c),
-        },
-        _ => None,
-    };
-    let (replay, mut ticket) = match claim {
-        Some(Claim::Replay(uses, t)) => (Some(uses), Some(t)),
-        Some(Claim::Fresh(t)) => (None, Some(t)),
-        _ => (None, None),
-    };
+        // 3. The body, read only now and only when it can name a model.
+        let (body, permit, body_digest) = if json {
+            let (bytes, permit) = read_body(st, body, content_length).await?;
+            facts.model = model_of(&bytes).map_err(ProxyError::BadRequest)?;
+            if let Err(d) = counts
+                .decide(st, &token, None, &facts, &alone, Stage::Final)
+                .await?
+            {
+                obs.uses = Some(counts.values);
+                return Err(ProxyError::Denied(d));
+            }
+            let d = idem_key
+                .as_ref()
+                .map(|_| digest(parts.method.as_str(), request_target(&parts), &bytes));
+            (Outgoing::Buffered(bytes), Some(permit), d)
+        } else {
+            // A streamed body cannot be compared with an earlier attempt's, so
+            // only requests without one get free retries.
+            let bodiless = content_length == Some(0)
+                || (content_length.is_none()
+                    && !parts.headers.contains_key(header::TRANSFER_ENCODING));
+            let d = idem_key
+                .as_ref()
+                .filter(|_| bodiless)
+                .map(|_| digest(parts.method.as_str(), request_target(&parts), b""));
+            (Outgoing::Stream(body), None, d)
+        };
 
-    match replay {
-        Some(uses) => {
-            obs.uses = Some(uses.clone());
-            let counted: Vec<u64> = uses.iter().map(|u| u.saturating_sub(1)).collect();
-            decide_off_the_workers(st, &token, None, &facts, &counted, &windows, Stage::Final)
-                .await
-                .map_err(ProxyError::Denied)?;
-            if let Some(t) = &mut ticket {
-                t.started(None);
+        // Idempotency: a retry of the same failed request reuses its counts.
+        let claim = match (idem_key, body_digest) {
+            (Some(key), Some(d)) => {
+                match st.idempotency.claim(&key, d).await.map_err(store_error)? {
+                    Claim::Conflict => return Err(ProxyError::IdempotencyConflict),
+                    Claim::Mismatch => return Err(ProxyError::IdempotencyMismatch),
+                    c => Some(c),
+                }
+            }
+            _ => None,
+        };
+        let (replay, mut ticket) = match claim {
+            Some(Claim::Replay(uses, t)) => (Some(uses), Some(t)),
+            Some(Claim::Fresh(t)) => (None, Some(t)),
+            _ => (None, None),
+        };
+
+        match replay {
+            Some(uses) => {
+                obs.uses = Some(uses.clone());
+                let counted: Vec<u64> = uses.iter().map(|u| u.saturating_sub(1)).collect();
+                decide_off_the_workers(st, &token, None, &facts, &counted, &windows, Stage::Final)
+                    .await
+                    .map_err(ProxyError::Denied)?;
+                if let Some(t) = &mut ticket {
+                    t.started(None);
+                }
+            }
+            None => {
+                // 4. Reserve every block, re-check with this request's counts.
+                reserve_and_recheck(st, &token, &facts, &windows, obs).await?;
+                if let Some(t) = &mut ticket {
+                    t.started(obs.uses.clone());
+                }
             }
         }
-        None => {
-            // 4. Reserve every block, re-check with this request's counts.
-            let uses = reserve_and_recheck(st, &token, &facts, &windows, obs).await?;
-            if let Some(t) = &mut ticket {
-                t.started(Some(uses));
-            }
-        }
-    }
 
-    // 5. Forward and stream back. The rate slots are spent; in-flight
-    // slots stay taken until the response body ends.
-    let in_flight = window_guard.map(WindowGuard::forwarded);
-    let result = forward(st, &upstream, &parts, &facts.path, body).await;
-    drop(permit);
-    if let Some(t) = ticket {
-        t.finish(matches!(&result, Ok(r) if r.status().as_u16() < 500))
-            .await;
+        // 5. Forward and stream back. The rate slots are spent; in-flight
+        // slots stay taken until the response body ends.
+        let in_flight = window_guard.map(WindowGuard::forwarded);
+        let result = forward(st, &upstream, &parts, &facts.path, body).await;
+        drop(permit);
+        if let Some(t) = ticket {
+            t.finish(matches!(&result, Ok(r) if r.status().as_u16() < 500))
+                .await;
+        }
+        let resp = result?;
+        obs.upstream_status = Some(resp.status().as_u16());
+        Ok(match in_flight.filter(InFlight::holds_slots) {
+            Some(slot) => hold_until_sent(resp, slot),
+            None => resp,
+        })
     }
-    let resp = result?;
-    obs.upstream_status = Some(resp.status().as_u16());
-    Ok(match in_flight.filter(InFlight::holds_slots) {
-        Some(slot) => hold_until_sent(resp, slot),
-        None => resp,
-    })
+    .await;
+    obs.method = facts.method;
+    obs.path = facts.path;
+    obs.model = facts.model;
+    result
 }
 
 /// Keeps `slot` until the body of `resp` has been sent or dropped (the
@@ -475,15 +486,15 @@ pub(super) fn verify_token(
 
 /// Reserves one use of every block of a request already decided, re-checks
 /// with this request's own post-increment counts (releasing on a denial) and
-/// waits until the counts are durable. Returns the counts reserved; from
-/// then on the use is spent.
+/// waits until the counts are durable. The counts reserved go to
+/// `obs.uses`; once this returns `Ok` the use is spent.
 pub(super) async fn reserve_and_recheck(
     st: &AppState,
     token: &Arc<VerifiedToken>,
     facts: &RequestFacts,
     windows: &WindowCounts,
     obs: &mut Observation,
-) -> Result<Vec<u64>, ProxyError> {
+) -> Result<(), ProxyError> {
     let t0 = Instant::now();
     let Reservation { uses, durable } = st
         .counters
@@ -491,13 +502,13 @@ pub(super) async fn reserve_and_recheck(
         .await
         .map_err(store_error)?;
     let guard = ReservationGuard::new(st.counters.clone(), BlockIds(token.clone()));
-    obs.uses = Some(uses.clone());
-    let counted: Vec<u64> = uses.iter().map(|u| u.saturating_sub(1)).collect();
+    let counted: smallvec::SmallVec<[u64; 8]> = uses.iter().map(|u| u.saturating_sub(1)).collect();
+    obs.uses = Some(uses);
     if let Err(d) =
         decide_off_the_workers(st, token, None, facts, &counted, windows, Stage::Final).await
     {
         // Report the counts as they stand after the rollback.
-        obs.uses = Some(counted);
+        obs.uses = Some(counted.to_vec());
         if let Err(e) = guard.release().await {
             tracing::error!(error = %e, "rollback of a denied reservation failed");
         }
@@ -508,7 +519,7 @@ pub(super) async fn reserve_and_recheck(
     durable.await.map_err(store_error)?;
     obs.reserve = Some(t0.elapsed());
     guard.spend();
-    Ok(uses)
+    Ok(())
 }
 
 /// The block ids of a verified token, shared rather than copied.

@@ -137,15 +137,10 @@ impl Answer {
 }
 
 /// Entry point from the router for a request to an MCP upstream.
-pub async fn proxy(
-    st: &AppState,
-    req: Request,
-    obs: &mut Observation,
-    request_id: &str,
-) -> Response {
+pub async fn proxy(st: &AppState, req: Request, obs: &mut Observation) -> Response {
     let mut answer = Answer::default();
     let result = handle(st, req, obs, &mut answer).await;
-    respond_with(st, obs, result, |e| answer.render(e), request_id)
+    respond_with(st, obs, result, |e| answer.render(e))
 }
 
 fn header<'a>(parts: &'a http::request::Parts, name: &str) -> Result<Option<&'a str>, String> {
@@ -174,7 +169,7 @@ async fn handle(
         .upstreams
         .get(service)
         .ok_or_else(|| ProxyError::UnknownService(service.chars().take(64).collect()))?;
-    obs.service = service.to_string();
+    obs.service = upstream.name.clone();
     let path = crate::path::normalize(rest).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     obs.path = path.clone();
     // POST carries messages, GET opens the server's event stream, DELETE

@@ -41,6 +41,9 @@ pub use config::Config;
 /// An upstream, ready to forward to.
 #[derive(PartialEq)]
 pub struct Upstream {
+    /// The name in `[upstreams.<name>]`, shared with every request's
+    /// observation (a metric label and audit field) rather than copied.
+    pub name: Arc<str>,
     /// Base URL without a trailing slash.
     pub base: String,
     /// `base` split for the forwarder, once per config load.

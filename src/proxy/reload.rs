@@ -98,6 +98,7 @@ pub fn build_upstreams(
         upstreams.insert(
             name.clone(),
             Arc::new(Upstream {
+                name: Arc::from(name.as_str()),
                 base: u.url.trim_end_matches('/').to_string(),
                 target,
                 header,

@@ -545,11 +545,11 @@ impl EmbeddedStore {
     }
 
     fn wait_epoch(&self, epoch: u64) -> BoxFuture<'static, Result<(), StoreError>> {
+        if epoch == 0 {
+            return Box::pin(AlreadyDurable);
+        }
         let mut rx = self.shared.committed.subscribe();
         async move {
-            if epoch == 0 {
-                return Ok(());
-            }
             let c = rx
                 .wait_for(|c| c.epoch >= epoch || c.failed.is_some())
                 .await
@@ -561,6 +561,21 @@ impl EmbeddedStore {
             }
         }
         .boxed()
+    }
+}
+
+/// The wait of a count already durable (within a lease written earlier, as
+/// most warm requests are). Zero-sized, so its box allocates nothing.
+struct AlreadyDurable;
+
+impl std::future::Future for AlreadyDurable {
+    type Output = Result<(), StoreError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
 
@@ -747,7 +762,8 @@ impl CounterStore for EmbeddedStore {
             }
             // Each id is decoded and hashed once here (slot numbers stay
             // valid: nothing is removed while the lock is held).
-            let found: Vec<Option<u32>> = counters.iter().map(|c| st.blocks.find(&c.id)).collect();
+            let found: smallvec::SmallVec<[Option<u32>; 8]> =
+                counters.iter().map(|c| st.blocks.find(&c.id)).collect();
             // Blocks seen for the first time: bounded per family, and their
             // metadata recorded now, on an allowed request.
             let fresh: Vec<&CounterSpec> = counters
