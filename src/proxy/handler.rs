@@ -69,11 +69,17 @@ pub async fn proxy_from(
     peer: Option<std::net::SocketAddr>,
 ) -> Response {
     let mut obs = Observation::new(RequestId::random(), peer, req.method().as_str());
-    let api = error_shape(&st, req.uri().path());
+    // Looked up once: the answer's error shape and the forwarding use the
+    // same configuration even if a reload lands meanwhile.
+    let upstream = split_service(req.uri().path())
+        .ok()
+        .and_then(|(svc, _)| st.upstreams.get(svc));
+    // An unknown service gets OpenAI's error shape.
+    let api = upstream.as_ref().map_or(Api::OpenAi, |u| u.api);
     if api == Api::Mcp {
         return super::mcp::proxy(&st, req, &mut obs).await;
     }
-    let result = handle(&st, req, &mut obs).await;
+    let result = handle(&st, req, upstream, &mut obs).await;
     respond(&st, &mut obs, result, api)
 }
 
@@ -112,15 +118,6 @@ pub(super) fn respond_with(
     resp.headers_mut()
         .insert(request_id::HEADER.clone(), id.header_value());
     resp
-}
-
-/// The API whose error shape answers a request to `path`: its upstream's,
-/// or OpenAI's when the path names none.
-fn error_shape(st: &AppState, path: &str) -> Api {
-    split_service(path)
-        .ok()
-        .and_then(|(svc, _)| st.upstreams.get(svc))
-        .map_or(Api::OpenAi, |u| u.api)
 }
 
 use till_core::request::is_json;
@@ -228,9 +225,11 @@ pub(crate) fn store_error(e: StoreError) -> ProxyError {
     }
 }
 
+/// `upstream`: the one the request's first path segment names, if any.
 async fn handle(
     st: &AppState,
     req: Request,
+    upstream: Option<Arc<super::Upstream>>,
     obs: &mut Observation,
 ) -> Result<Response, ProxyError> {
     let (parts, body) = req.into_parts();
@@ -240,10 +239,8 @@ async fn handle(
     let (service, rest) = split_service(parts.uri.path())?;
     // Only configured names reach the observation: it becomes a metric
     // label, and labels made up by strangers would grow without bound.
-    let upstream = st
-        .upstreams
-        .get(service)
-        .ok_or_else(|| ProxyError::UnknownService(service.chars().take(64).collect()))?;
+    let upstream =
+        upstream.ok_or_else(|| ProxyError::UnknownService(service.chars().take(64).collect()))?;
     obs.service = upstream.name.clone();
     let path = crate::path::normalize(rest).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     obs.path = path;
