@@ -205,6 +205,11 @@ pub async fn forward(
     if let Some(c) = &upstream.credential {
         headers.insert(upstream.header.clone(), c.clone());
     }
+    // The client's own `Host` was filtered out above: this is the upstream's
+    // (unless `set_headers` names one, which hyper would keep too).
+    if let Some(h) = upstream.target.host_header() {
+        headers.entry(header::HOST).or_insert_with(|| h.clone());
+    }
     // What the reqwest client this replaced sent when the client had none.
     if !headers.contains_key(header::ACCEPT) {
         headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));

@@ -580,6 +580,10 @@ async fn path_tricks_cannot_escape_a_prefix() {
     assert_eq!(r.status(), 200);
     assert_eq!(up.count(), 2);
     assert!(up.seen()[1].headers.get("x-forwarded-host").is_none());
+    // The upstream sees its own name, as hyper's client writes it.
+    for seen in up.seen() {
+        assert_eq!(seen.headers["host"], up.addr.to_string().as_str());
+    }
     // Methods are case-sensitive: a GET-only token does not cover `get`,
     // which would otherwise reach the upstream as a different method.
     let get_only = home.issue(Scope {
