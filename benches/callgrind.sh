@@ -14,8 +14,9 @@
 # configuration), with the load benchmark's 3-block token. One keep-alive
 # connection sends 300 warm-up requests, then the counters are zeroed,
 # then REQUESTS identical POSTs are counted. Prints each proxy's
-# instructions per request and, for Till, what each part of the request
-# path costs (inclusive). The profiles stay in the printed directory for
+# instructions and heap allocations per request and, for Till, what each
+# part of the request path costs (inclusive). The profiles stay in the
+# printed directory for
 # `callgrind_annotate --inclusive=yes --tree=calling FILE`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -128,6 +129,33 @@ TFILE=$OUT/till.$TILLPID.1
 printf '\ninstructions per request (thousands), %s warm keep-alive POSTs, 3-block token\n' "$N"
 printf '  hyper-baseline  %s\n' "$(total "$HFILE")"
 printf '  till            %s\n' "$(total "$TFILE")"
+
+# Calls into Rust's allocator (alloc, alloc_zeroed, realloc) from anywhere.
+allocs() { # profile
+    python3 - "$1" "$N" <<'EOF'
+import re, sys
+names, cur, n = {}, None, 0
+def name(tok):
+    m = re.match(r'\((\d+)\)(?: (.*))?', tok)
+    if m.group(2):
+        names[m.group(1)] = m.group(2)
+    return names.get(m.group(1), '')
+for line in open(sys.argv[1], errors='replace'):
+    # A function's name is given once, where it first appears.
+    if line.startswith('fn='):
+        name(line[3:].strip())
+    elif line.startswith('cfn='):
+        cur = name(line[4:].strip())
+    elif line.startswith('calls=') and cur is not None:
+        if cur.endswith(('__rust_alloc', '__rust_alloc_zeroed', '__rust_realloc')):
+            n += int(line.split()[0][6:])
+        cur = None
+print(f"{n / int(sys.argv[2]):.1f}")
+EOF
+}
+printf '\nheap allocations per request\n'
+printf '  hyper-baseline  %s\n' "$(allocs "$HFILE")"
+printf '  till            %s\n' "$(allocs "$TFILE")"
 
 printf '\ntill, inclusive, per request (thousands):\n'
 callgrind_annotate --inclusive=yes --threshold=100 "$TFILE" 2>/dev/null >"$OUT/till.inclusive.txt"
