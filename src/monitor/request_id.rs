@@ -25,11 +25,9 @@ impl RequestId {
 
     /// The 16 hex digits, without allocating.
     pub fn hex(self) -> [u8; 16] {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0u8; 16];
-        for (k, d) in out.iter_mut().enumerate() {
-            *d = DIGITS[((self.0 >> (60 - 4 * k)) & 0xf) as usize];
-        }
+        hex::encode_to_slice(self.0.to_be_bytes(), &mut out)
+            .unwrap_or_else(|_| unreachable!("8 bytes are 16 hex digits"));
         out
     }
 

@@ -76,8 +76,8 @@ pub async fn proxy_from(
         .and_then(|(svc, _)| st.upstreams.get(svc));
     // An unknown service gets OpenAI's error shape.
     let api = upstream.as_ref().map_or(Api::OpenAi, |u| u.api);
-    if api == Api::Mcp {
-        return super::mcp::proxy(&st, req, &mut obs).await;
+    if let Some(u) = upstream.as_ref().filter(|_| api == Api::Mcp) {
+        return super::mcp::proxy(&st, req, u.clone(), &mut obs).await;
     }
     let result = handle(&st, req, upstream, &mut obs).await;
     respond(&st, &mut obs, result, api)

@@ -32,13 +32,13 @@ use axum::response::Response;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use super::AppState;
 use super::error::{Api, ProxyError};
 use super::forward::{Outgoing, forward};
 use super::handler::{
     Counts, admit_windows, decide_off_the_workers, extract_token, read_body, reserve_and_recheck,
     respond_with, split_service, verify_token,
 };
+use super::{AppState, Upstream};
 use crate::decide::{Stage, decide_free};
 use crate::mcp::{self as rpc, Body as Messages, Message, ParseError};
 use crate::monitor::Observation;
@@ -136,10 +136,16 @@ impl Answer {
     }
 }
 
-/// Entry point from the router for a request to an MCP upstream.
-pub async fn proxy(st: &AppState, req: Request, obs: &mut Observation) -> Response {
+/// Entry point from the router for a request to `upstream`, an MCP
+/// upstream its first path segment names.
+pub async fn proxy(
+    st: &AppState,
+    req: Request,
+    upstream: Arc<Upstream>,
+    obs: &mut Observation,
+) -> Response {
     let mut answer = Answer::default();
-    let result = handle(st, req, obs, &mut answer).await;
+    let result = handle(st, req, upstream, obs, &mut answer).await;
     respond_with(st, obs, result, |e| answer.render(e))
 }
 
@@ -159,16 +165,13 @@ fn header<'a>(parts: &'a http::request::Parts, name: &str) -> Result<Option<&'a 
 async fn handle(
     st: &AppState,
     req: Request,
+    upstream: Arc<Upstream>,
     obs: &mut Observation,
     answer: &mut Answer,
 ) -> Result<Response, ProxyError> {
     let (mut parts, body) = req.into_parts();
     super::forward::refuse_unsafe_request(&parts)?;
     let (service, rest) = split_service(parts.uri.path())?;
-    let upstream = st
-        .upstreams
-        .get(service)
-        .ok_or_else(|| ProxyError::UnknownService(service.chars().take(64).collect()))?;
     obs.service = upstream.name.clone();
     let path = crate::path::normalize(rest).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     obs.path = path.clone();
