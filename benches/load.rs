@@ -32,7 +32,11 @@
 //! `perf stat` counts each server's system calls and context switches
 //! during the throughput phase (needs `perf` and tracepoint access).
 //! Latencies go into HdrHistograms; CPU per request comes from
-//! `/proc/PID/stat` of each server process. Only 127.0.0.1 is ever a target;
+//! `/proc/PID/stat` of each server process (the issue-15 summary splits it
+//! into user and system time). Every process, this one included, runs one
+//! tokio worker per core; `TOKIO_WORKER_THREADS=1` in the environment gives
+//! each of them a single worker, which shows how much of a proxy's CPU is
+//! cores sharing its data rather than its own work. Only 127.0.0.1 is ever a target;
 //! every loop stops at its deadline or after `MAX_REQUESTS_PER_PHASE`.
 //!
 //! The `--redis` mode starts a `redis-server` (AOF, `appendfsync always`,
@@ -121,7 +125,8 @@ USAGE: cargo bench --bench load -- [OPTIONS]
                        this load) and the last one a concurrency cap of 1024
   --till PATH          till binary (default: the one cargo built for this bench)
   --perf FILE          `perf record --call-graph dwarf` of till during its
-                       throughput phase (read with `perf report -i FILE`)
+                       throughput phase (read with `perf report -i FILE`), and of
+                       the hyper baseline during its own into FILE.hyper-baseline
   --syscalls           count each proxy's system calls and context switches per
                        request in the throughput phase (`perf stat`; needs perf
                        and access to its syscall tracepoints)
@@ -594,17 +599,41 @@ impl Drop for Server {
     }
 }
 
-/// utime + stime of a process, from /proc/PID/stat (USER_HZ is 100 on Linux).
-fn proc_cpu(pid: u32) -> Duration {
+/// CPU time a process has used, split into user space and kernel: a proxy
+/// that costs more system time per request than another with the same
+/// system calls is waking more, not computing more.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    user: Duration,
+    system: Duration,
+}
+
+impl Cpu {
+    fn total(self) -> Duration {
+        self.user + self.system
+    }
+    fn since(self, earlier: Cpu) -> Cpu {
+        Cpu {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
+}
+
+/// utime and stime of a process, from /proc/PID/stat (USER_HZ is 100 on Linux).
+fn proc_cpu(pid: u32) -> Cpu {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
+        return Cpu::default();
     };
     // Fields after the command name (which may hold spaces) start at ")".
     let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after ")".
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    Cpu {
+        user: Duration::from_millis(ticks(11) * 10),
+        system: Duration::from_millis(ticks(12) * 10),
+    }
 }
 
 /// Reads lines from a child's stdout until one contains `marker`, returning
@@ -903,8 +932,8 @@ struct PhaseResult {
     elapsed: Duration,
     hist: Histogram<u64>,
     errors: Errors,
-    server_cpu: Duration,
-    client_cpu: Duration,
+    server_cpu: Cpu,
+    client_cpu: Cpu,
 }
 
 impl PhaseResult {
@@ -914,8 +943,19 @@ impl PhaseResult {
     fn q_us(&self, q: f64) -> f64 {
         self.hist.value_at_quantile(q) as f64 / 1000.0
     }
+    fn per_req_us(&self, d: Duration) -> f64 {
+        d.as_secs_f64() * 1e6 / self.requests.max(1) as f64
+    }
     fn cpu_per_req_us(&self) -> f64 {
-        self.server_cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64
+        self.per_req_us(self.server_cpu.total())
+    }
+    /// The server's CPU per request as "user + system µs".
+    fn cpu_split(&self) -> String {
+        format!(
+            "{:.1} user + {:.1} system",
+            self.per_req_us(self.server_cpu.user),
+            self.per_req_us(self.server_cpu.system)
+        )
     }
 }
 
@@ -1032,8 +1072,8 @@ async fn run_phase(t: &Target, connections: usize, warmup: f64, seconds: f64) ->
         elapsed: end.max(deadline).duration_since(record_from),
         hist,
         errors,
-        server_cpu: s1.saturating_sub(s0),
-        client_cpu: c1.saturating_sub(c0),
+        server_cpu: s1.since(s0),
+        client_cpu: c1.since(c0),
     }
 }
 
@@ -1206,10 +1246,17 @@ fn http_mode(args: &Args) {
         let mut throughput = Vec::new();
         let mut syscalls = Vec::new();
         for t in &targets {
-            let perf = if t.name == "till" {
-                args.perf.as_ref().map(|f| start_perf(t.pid, f))
-            } else {
-                None
+            // Till, and the floor it is compared with, each over its own
+            // throughput phase: the two profiles side by side say where
+            // Till's extra microseconds go, kernel included.
+            let perf = match (t.name, &args.perf) {
+                ("till", Some(f)) => Some(start_perf(t.pid, f)),
+                ("hyper-baseline", Some(f)) => {
+                    let mut out = f.clone().into_os_string();
+                    out.push(".hyper-baseline");
+                    Some(start_perf(t.pid, Path::new(&out)))
+                }
+                _ => None,
             };
             let counting = (args.syscalls && t.name != "direct")
                 .then(|| count_syscalls(t.pid, args.warmup, args.seconds));
@@ -1324,10 +1371,12 @@ fn print_hyper_targets(
         verdict(r99 <= 1.3)
     );
     println!(
-        "  server CPU per request at {connections} connections: {} {:.1} µs, hyper-baseline {:.1} µs, difference {:+.1} µs",
+        "  server CPU per request at {connections} connections: {} {:.1} µs ({}), hyper-baseline {:.1} µs ({}), difference {:+.1} µs",
         t.target,
         t.cpu_per_req_us(),
+        t.cpu_split(),
         h.cpu_per_req_us(),
+        h.cpu_split(),
         t.cpu_per_req_us() - h.cpu_per_req_us()
     );
     if let Some((to, ho)) = overload {
@@ -1360,7 +1409,7 @@ fn available_cores() -> usize {
 }
 
 fn start_perf(pid: u32, out: &Path) -> Child {
-    eprintln!("perf: recording till (pid {pid}) into {}", out.display());
+    eprintln!("perf: recording pid {pid} into {}", out.display());
     let c = Command::new("perf")
         .args(["record", "--call-graph", "dwarf,16384", "-F", "499", "-o"])
         .arg(out)
@@ -1514,7 +1563,7 @@ fn report(
             r.q_us(0.999),
             r.hist.max() as f64 / 1000.0,
             r.cpu_per_req_us(),
-            r.client_cpu.as_secs_f64() * 1e6 / r.requests.max(1) as f64,
+            r.per_req_us(r.client_cpu.total()),
             r.errors.describe()
         );
         if let Some(e) = &r.errors.first {
