@@ -96,6 +96,8 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let _anchor = AbortOnDrop(tokio::spawn(async {
         let mut tick = tokio::time::interval(TIMER_ANCHOR);
+        // After a stall, one tick, not a burst of the missed ones.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
         }
