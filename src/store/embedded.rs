@@ -832,35 +832,27 @@ impl CounterStore for EmbeddedStore {
                 };
                 uses.push(e.count);
                 let lease = lease(e.limit(), e.count);
-                if e.count <= e.durable {
+                let must_wait = if e.count <= e.durable {
                     // Renewal ahead: with a quarter of the lease left, ask
                     // for the next mark without waiting for it. A steady
                     // stream of uses then finds that mark durable when it
                     // gets there, instead of every use past the old mark
                     // waiting for the commit together.
-                    if lease > 0
-                        && e.durable - e.count <= lease / RENEW_WHEN_LEFT
-                        && !st.asked.contains_key(&i)
+                    if lease == 0
+                        || e.durable - e.count > lease / RENEW_WHEN_LEFT
+                        || st.asked.contains_key(&i)
                     {
-                        let requested = e.count + lease;
-                        writes.push((c.id.clone(), requested, e.expires));
-                        st.asked.insert(
-                            i,
-                            Asked {
-                                requested,
-                                epoch: next_epoch,
-                            },
-                        );
-                        wake = true;
+                        continue;
                     }
-                    continue;
-                }
-                if let Some(a) = st.asked.get(&i)
+                    false
+                } else if let Some(a) = st.asked.get(&i)
                     && e.count <= a.requested
                 {
                     need_epoch = need_epoch.max(a.epoch);
                     continue;
-                }
+                } else {
+                    true
+                };
                 let requested = e.count + lease;
                 writes.push((c.id.clone(), requested, e.expires));
                 st.asked.insert(
@@ -870,7 +862,9 @@ impl CounterStore for EmbeddedStore {
                         epoch: next_epoch,
                     },
                 );
-                need_epoch = need_epoch.max(next_epoch);
+                if must_wait {
+                    need_epoch = need_epoch.max(next_epoch);
+                }
                 wake = true;
             }
             for (id, value, expires) in writes {
