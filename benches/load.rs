@@ -2080,9 +2080,17 @@ fn redis_mode(args: &Args) {
             }
         }
         let mut rows = Vec::new();
+        let mut redis_cpu = None;
         for t in &targets {
             eprintln!("running: {} x{} ...", t.name, args.connections);
-            rows.push(run_phase(t, args.connections, args.warmup, args.seconds).await);
+            let before = proc_cpu(redis.child.id());
+            let r = run_phase(t, args.connections, args.warmup, args.seconds).await;
+            if t.name == "till-redis" {
+                // Sampled around the whole phase: the warm-up's requests count too.
+                let sent = r.requests as f64 + r.rps() * args.warmup;
+                redis_cpu = Some((proc_cpu(redis.child.id()).since(before), sent.max(1.0)));
+            }
+            rows.push(r);
         }
         let mut latency = Vec::new();
         let mut calls = None;
@@ -2123,6 +2131,15 @@ fn redis_mode(args: &Args) {
             b.rps(),
             a.errors.total() + b.errors.total()
         );
+        if let Some((cpu, sent)) = redis_cpu {
+            println!(
+                "  redis-server CPU per request at {} connections (till-redis phase, warm-up included): {:.1} µs ({:.1} user + {:.1} system)",
+                args.connections,
+                cpu.total().as_secs_f64() * 1e6 / sent,
+                cpu.user.as_secs_f64() * 1e6 / sent,
+                cpu.system.as_secs_f64() * 1e6 / sent
+            );
+        }
         let (base, base1) = (by_name(&rows, "baseline"), by_name(&latency, "baseline"));
         println!(
             "  throughput at {} connections: till-redis {:.1}% of baseline, till-embedded {:.1}%",

@@ -135,7 +135,10 @@ pub trait CounterStore: Send + Sync + 'static {
     /// Counters and block metadata are created here, so only requests that
     /// passed the decision create state. Refused once [`CounterStore::flush`]
     /// has started (shutdown).
-    fn reserve(&self, counters: &[CounterSpec]) -> BoxFuture<'_, Result<Reservation, StoreError>>;
+    fn reserve<'a>(
+        &'a self,
+        counters: &'a [CounterSpec],
+    ) -> BoxFuture<'a, Result<Reservation, StoreError>>;
     /// Rolls back one reservation of each id (after a denial).
     fn release(&self, ids: &[String]) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Current values (0 for unknown ids).

@@ -88,22 +88,29 @@ fn family_keys(family: &str) -> [String; 5] {
     ]
 }
 
+/// The reservation: `ARGV` is now, the family bound, the expiry grace, then
+/// per block its family's position in `KEYS` (five keys each), id,
+/// metadata JSON, expiry and whether to write its last use. A warm block's
+/// metadata is already in Redis and is sent as `''`; if Redis lacks it
+/// after all (an expired family, an import), the script changes nothing
+/// and answers `{-3}`, and the caller sends it again with the metadata.
 const RESERVE_LUA: &str = r#"
 local now = ARGV[1]
 local max = tonumber(ARGV[2])
 local grace = tonumber(ARGV[3])
-local nspec = (#ARGV - 3) / 4
+local nspec = (#ARGV - 3) / 5
 local function key(f, i) return KEYS[(f - 1) * 5 + i] end
-local function spec(s) local b = 3 + s * 4
-  return tonumber(ARGV[b + 1]), ARGV[b + 2], ARGV[b + 3], tonumber(ARGV[b + 4]) end
+local function spec(s) local b = 3 + s * 5
+  return tonumber(ARGV[b + 1]), ARGV[b + 2], ARGV[b + 3], tonumber(ARGV[b + 4]), ARGV[b + 5] end
 for s = 0, nspec - 1 do
   local f, id = spec(s)
   if redis.call('SISMEMBER', key(f, 5), id) == 1 then return {-1} end
 end
 local fresh, seen, adding = {}, {}, {}
 for s = 0, nspec - 1 do
-  local f, id = spec(s)
+  local f, id, meta = spec(s)
   if not seen[id] and redis.call('HEXISTS', key(f, 2), id) == 0 then
+    if meta == '' then return {-3} end
     fresh[s] = true
     adding[f] = (adding[f] or 0) + 1
   end
@@ -114,9 +121,9 @@ for f, n in pairs(adding) do
 end
 local out = {0, 0}
 for s = 0, nspec - 1 do
-  local f, id, meta = spec(s)
+  local f, id, meta, _, touch = spec(s)
   out[#out + 1] = redis.call('HINCRBY', key(f, 1), id, 1)
-  redis.call('HSET', key(f, 3), id, now)
+  if touch == '1' or fresh[s] then redis.call('HSET', key(f, 3), id, now) end
   if fresh[s] then redis.call('HSET', key(f, 2), id, meta) end
 end
 for f, _ in pairs(adding) do
@@ -182,14 +189,9 @@ struct Inner {
     revoke: Script,
     max_blocks_per_family: AtomicUsize,
     closing: AtomicBool,
-    /// Families of the ids this process reserved. `peek` and `release` only
-    /// get ids; the request path passes a token's ids in block order, so
-    /// the first is the family when an id is not known here.
-    families: moka::sync::Cache<String, String>,
-    /// Block id → the count this process last read or reserved: lets a warm
-    /// token decide without a round trip (`peek_cached`). Only ever allows;
-    /// exact counts come back from the reserve script that follows.
-    seen: moka::sync::Cache<String, u64>,
+    /// What this process knows of the block ids it read or reserved (one
+    /// lookup per id and request on the warm path).
+    known: moka::sync::Cache<String, Arc<Known>>,
     revoked: RwLock<Revoked>,
     /// Start of the last version check that confirmed the local copy, in
     /// milliseconds since `base`.
@@ -269,8 +271,7 @@ impl RedisStore {
             revoke: Script::new(REVOKE_LUA),
             max_blocks_per_family: AtomicUsize::new(DEFAULT_MAX_BLOCKS_PER_FAMILY),
             closing: AtomicBool::new(false),
-            families: moka::sync::Cache::new(1_000_000),
-            seen: moka::sync::Cache::builder()
+            known: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_idle(std::time::Duration::from_secs(600))
                 .build(),
@@ -412,10 +413,54 @@ impl RedisStore {
 
     fn family_of(&self, ids: &[String], id: &str) -> String {
         self.inner
-            .families
+            .known
             .get(id)
+            .and_then(|k| k.family.get().cloned())
             .or_else(|| ids.first().cloned())
             .unwrap_or_default()
+    }
+
+    /// Runs the reserve script once; `with_meta(i)` says whether block `i`'s
+    /// metadata goes with it.
+    async fn run_reserve(
+        &self,
+        counters: &[CounterSpec],
+        now: u64,
+        touch: &[bool],
+        with_meta: impl Fn(usize) -> bool,
+    ) -> Result<Vec<i64>, StoreError> {
+        let inner = &self.inner;
+        let mut fams: smallvec::SmallVec<[&str; 4]> = smallvec::SmallVec::new();
+        for c in counters {
+            if !fams.contains(&c.family.as_str()) {
+                fams.push(&c.family);
+            }
+        }
+        let mut inv = inner.reserve.prepare_invoke();
+        for f in &fams {
+            for k in family_keys(f) {
+                inv.key(k);
+            }
+        }
+        inv.arg(now)
+            .arg(inner.max_blocks_per_family.load(Ordering::Relaxed))
+            .arg(TTL_AFTER_EXPIRY);
+        for (i, c) in counters.iter().enumerate() {
+            let f = fams.iter().position(|f| *f == c.family).unwrap_or(0) + 1;
+            let meta = if with_meta(i) {
+                serde_json::to_string(&BlockMeta::from(c))
+                    .map_err(|e| StoreError::Io(e.to_string()))?
+            } else {
+                String::new()
+            };
+            inv.arg(f)
+                .arg(&c.id)
+                .arg(meta)
+                .arg(c.expires.unwrap_or(0))
+                .arg(if touch[i] { "1" } else { "0" });
+        }
+        let mut conn = inner.conn.clone();
+        inner.op("reserve", inv.invoke_async(&mut conn)).await
     }
 }
 
@@ -599,6 +644,43 @@ async fn subscribe_loop(weak: Weak<Inner>) {
     }
 }
 
+/// [`Known::seen`] when this process has no count to decide with.
+const UNSEEN: u64 = u64::MAX;
+
+/// What one process remembers of a block id.
+struct Known {
+    /// The block's family, set once a reservation by this process succeeded,
+    /// which also means Redis holds the block's metadata: later reservations
+    /// leave it out. `peek` and `release` only get ids; the request path
+    /// passes a token's ids in block order, so the first is the family when
+    /// it is not set.
+    family: std::sync::OnceLock<String>,
+    /// The count this process last read or reserved ([`UNSEEN`] after a
+    /// release): lets a warm token decide without a round trip
+    /// (`peek_cached`). Only ever allows; exact counts come back from the
+    /// reserve script that follows.
+    seen: AtomicU64,
+    /// The Unix second in which this process last had Redis write the
+    /// block's last use: one write per second and process is enough for a
+    /// figure kept in seconds, and spares Redis's log a command per block
+    /// and request.
+    touched: AtomicU64,
+}
+
+impl Known {
+    fn new(seen: u64) -> Arc<Known> {
+        Arc::new(Known {
+            family: std::sync::OnceLock::new(),
+            seen: AtomicU64::new(seen),
+            touched: AtomicU64::new(0),
+        })
+    }
+
+    fn seen(&self) -> Option<u64> {
+        Some(self.seen.load(Ordering::Relaxed)).filter(|v| *v != UNSEEN)
+    }
+}
+
 fn parse_meta(json: &str) -> Option<BlockMeta> {
     serde_json::from_str(json).ok()
 }
@@ -619,7 +701,10 @@ impl CounterStore for RedisStore {
             let got: Vec<Option<u64>> = self.inner.op("peek", p.query_async(&mut c)).await?;
             let got: Vec<u64> = got.into_iter().map(|v| v.unwrap_or(0)).collect();
             for (id, v) in ids.iter().zip(&got) {
-                self.inner.seen.insert(id.clone(), *v);
+                match self.inner.known.get(id) {
+                    Some(k) => k.seen.store(*v, Ordering::Relaxed),
+                    None => self.inner.known.insert(id.clone(), Known::new(*v)),
+                }
             }
             Ok(got)
         }
@@ -627,62 +712,94 @@ impl CounterStore for RedisStore {
     }
 
     fn peek_cached(&self, ids: &[String]) -> Option<Vec<u64>> {
-        ids.iter().map(|id| self.inner.seen.get(id)).collect()
+        ids.iter()
+            .map(|id| self.inner.known.get(id).and_then(|k| k.seen()))
+            .collect()
     }
 
-    fn reserve(&self, counters: &[CounterSpec]) -> BoxFuture<'_, Result<Reservation, StoreError>> {
-        let counters = counters.to_vec();
+    fn reserve<'a>(
+        &'a self,
+        counters: &'a [CounterSpec],
+    ) -> BoxFuture<'a, Result<Reservation, StoreError>> {
         async move {
             let inner = &self.inner;
             if inner.closing.load(Ordering::SeqCst) {
                 return Err(StoreError::Closed);
             }
-            let mut fams: Vec<&str> = Vec::new();
-            for c in &counters {
-                if !fams.contains(&c.family.as_str()) {
-                    fams.push(&c.family);
+            let now = now_unix();
+            let known: smallvec::SmallVec<[Option<Arc<Known>>; 4]> =
+                counters.iter().map(|c| inner.known.get(&c.id)).collect();
+            let touch: smallvec::SmallVec<[bool; 4]> = known
+                .iter()
+                .map(|k| k.as_ref().is_none_or(|k| k.touched.swap(now, Ordering::Relaxed) != now))
+                .collect();
+            let recorded = |i: usize| known[i].as_ref().is_some_and(|k| k.family.get().is_some());
+            let mut out = self.run_reserve(counters, now, &touch, |i| !recorded(i)).await;
+            if matches!(out.as_deref(), Ok([-3])) {
+                // Redis lacks metadata this process saw recorded (a family
+                // whose keys expired, a store imported meanwhile).
+                out = self.run_reserve(counters, now, &touch, |_| true).await;
+            }
+            let untouch = || {
+                // No use was counted: the next request writes the last use.
+                for (k, t) in known.iter().zip(&touch) {
+                    if let (Some(k), true) = (k, t) {
+                        let _ = k.touched.compare_exchange(now, 0, Ordering::Relaxed, Ordering::Relaxed);
+                    }
                 }
-            }
-            let mut inv = inner.reserve.prepare_invoke();
-            for f in &fams {
-                for k in family_keys(f) {
-                    inv.key(k);
+            };
+            let out = match out {
+                Ok(out) => out,
+                Err(e) => {
+                    untouch();
+                    return Err(e);
                 }
-            }
-            inv.arg(now_unix())
-                .arg(inner.max_blocks_per_family.load(Ordering::Relaxed))
-                .arg(TTL_AFTER_EXPIRY);
-            for c in &counters {
-                let f = fams.iter().position(|f| *f == c.family).unwrap_or(0) + 1;
-                let meta = serde_json::to_string(&BlockMeta::from(c)).map_err(|e| StoreError::Io(e.to_string()))?;
-                inv.arg(f).arg(&c.id).arg(meta).arg(c.expires.unwrap_or(0));
-            }
-            let mut conn = inner.conn.clone();
-            let out: Vec<i64> = inner.op("reserve", inv.invoke_async(&mut conn)).await?;
+            };
             match out.first() {
-                Some(-1) => return Err(StoreError::Retired),
-                Some(-2) => {
-                    return Err(StoreError::FamilyFull {
-                        limit: inner.max_blocks_per_family.load(Ordering::Relaxed),
+                Some(0) if out.len() == counters.len() + 2 => {}
+                first => {
+                    untouch();
+                    return Err(match first {
+                        Some(-1) => StoreError::Retired,
+                        Some(-2) => StoreError::FamilyFull {
+                            limit: inner.max_blocks_per_family.load(Ordering::Relaxed),
+                        },
+                        _ => StoreError::Io(format!(
+                            "redis at {} answered the reserve script unexpectedly",
+                            inner.target
+                        )),
                     });
                 }
-                Some(0) if out.len() == counters.len() + 2 => {}
-                _ => {
-                    return Err(StoreError::Io(format!(
-                        "redis at {} answered the reserve script unexpectedly",
-                        inner.target
-                    )));
-                }
             }
-            for (c, v) in counters.iter().zip(&out[2..]) {
-                inner.families.insert(c.id.clone(), c.family.clone());
-                inner.seen.insert(c.id.clone(), (*v).max(0) as u64);
+            for ((c, v), k) in counters.iter().zip(&out[2..]).zip(&known) {
+                let v = (*v).max(0) as u64;
+                match k {
+                    Some(k) => {
+                        k.seen.store(v, Ordering::Relaxed);
+                        if k.family.get().is_none() {
+                            let _ = k.family.set(c.family.clone());
+                        }
+                    }
+                    None => {
+                        let k = Known::new(v);
+                        let _ = k.family.set(c.family.clone());
+                        k.touched.store(now, Ordering::Relaxed);
+                        inner.known.insert(c.id.clone(), k);
+                    }
+                }
             }
             if out[1] == 1 {
                 // Only for the usage view and the collector: a failure here
                 // costs no count, so it is logged rather than refused.
+                let mut fams: Vec<&str> = Vec::new();
+                for c in counters {
+                    if !fams.contains(&c.family.as_str()) {
+                        fams.push(&c.family);
+                    }
+                }
                 let mut p = redis::pipe();
                 p.sadd(FAMILIES, &fams);
+                let mut conn = inner.conn.clone();
                 if let Err(e) = inner.op("SADD families", p.query_async::<()>(&mut conn)).await {
                     tracing::warn!(error = %e, "recording a new token family for the usage view failed");
                 }
@@ -698,7 +815,9 @@ impl CounterStore for RedisStore {
     fn release(&self, ids: &[String]) -> BoxFuture<'_, Result<(), StoreError>> {
         let mut inv = self.inner.release.prepare_invoke();
         for id in ids {
-            self.inner.seen.invalidate(id);
+            if let Some(k) = self.inner.known.get(id) {
+                k.seen.store(UNSEEN, Ordering::Relaxed);
+            }
             inv.key(&family_keys(&self.family_of(ids, id))[0]).arg(id);
         }
         async move {
@@ -1029,6 +1148,131 @@ mod tests {
             .collect();
         listed.sort();
         assert_eq!(listed, vec![("a".into(), 5), ("b".into(), 6)]);
+    }
+
+    /// Every command Redis runs from now on, as MONITOR prints it (script
+    /// calls included, marked `[0 lua]`), collected by a thread.
+    fn monitor(server: &Server) -> Arc<Mutex<Vec<String>>> {
+        use std::io::{BufRead, Write};
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        tcp.write_all(b"MONITOR\r\n").unwrap();
+        let mut lines = std::io::BufReader::new(tcp).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "+OK");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let out = seen.clone();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                out.lock().unwrap().push(l);
+            }
+        });
+        seen
+    }
+
+    /// Token-like blocks: 128-digit ids, a family of three.
+    fn chain() -> Vec<CounterSpec> {
+        let id = |c: char| c.to_string().repeat(128);
+        (0..3)
+            .map(|i| CounterSpec {
+                family: id('a'),
+                parent: (i > 0).then(|| id((b'a' + i as u8 - 1) as char)),
+                index: i,
+                label: Some(format!("agent {i}")),
+                ..CounterSpec::standalone(&id((b'a' + i as u8) as char), Some(1000), None)
+            })
+            .collect()
+    }
+
+    async fn wait_for(log: &Mutex<Vec<String>>, n: usize, what: &str) -> Vec<String> {
+        for _ in 0..200 {
+            let got: Vec<String> = log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(what))
+                .cloned()
+                .collect();
+            if got.len() >= n {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("Redis did not run {n} {what}: {:#?}", log.lock().unwrap())
+    }
+
+    /// A warm reservation does not resend what Redis already holds: the
+    /// blocks' metadata (a few hundred bytes each) goes with the first
+    /// reservation only, and the last-use time is written once a second,
+    /// not on every use. What Redis keeps is the same.
+    #[tokio::test]
+    async fn a_warm_reservation_sends_no_metadata_and_one_last_use_a_second() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        let specs = chain();
+        s.reserve(&specs).await.unwrap();
+        let log = monitor(&server);
+        let t0 = now_unix();
+        for _ in 0..19 {
+            s.reserve(&specs).await.unwrap();
+        }
+        let t1 = now_unix();
+        let calls = wait_for(&log, 19, "\"EVALSHA\"").await;
+        for c in &calls {
+            assert!(
+                !c.contains("agent") && !c.contains("parent"),
+                "metadata resent: {c}"
+            );
+        }
+        // The last-use writes: at most one per block and new second
+        // (MONITOR prints the script's own commands too).
+        let log = log.lock().unwrap().clone();
+        let last_use_writes = log
+            .iter()
+            .filter(|l| l.contains("[0 lua]") && l.contains("\"HSET\"") && l.contains("}:u\""))
+            .count() as u64;
+        assert!(
+            last_use_writes <= 3 * (1 + t1 - t0),
+            "{last_use_writes} writes: {log:#?}"
+        );
+        let got = s
+            .get(&specs.iter().map(|c| c.id.clone()).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        for (g, c) in got.iter().zip(&specs) {
+            assert_eq!((g.uses, g.limit), (20, c.limit));
+            assert!((t0..=t1).contains(&g.last_use.unwrap()), "{g:?}");
+        }
+        let blocks = s.blocks().await.unwrap();
+        assert_eq!(blocks.len(), 3);
+        assert!(
+            blocks
+                .iter()
+                .all(|b| b.label.as_deref().is_some_and(|l| l.starts_with("agent")))
+        );
+    }
+
+    /// A proxy that recorded a block's metadata once and finds it gone (the
+    /// family's keys expired in Redis, or were replaced) sends it again: the
+    /// reservation succeeds and the block keeps its limit and label.
+    #[tokio::test]
+    async fn metadata_lost_in_redis_is_sent_again() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        let specs = chain();
+        s.reserve(&specs).await.unwrap();
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = c.del(&family_keys(&specs[0].family)[..]).await.unwrap();
+        let r = s.reserve(&specs).await.unwrap();
+        assert_eq!(r.uses, vec![1, 1, 1], "the counts went with the keys");
+        let blocks = s.blocks().await.unwrap();
+        assert_eq!(blocks.len(), 3, "{blocks:?}");
+        for b in blocks {
+            let c = specs.iter().find(|c| c.id == b.id).unwrap();
+            assert_eq!(
+                (&b.label, b.limit, &b.parent),
+                (&c.label, c.limit, &c.parent)
+            );
+        }
     }
 
     #[tokio::test]
