@@ -16,7 +16,10 @@ use crate::store::{StoreError, now_unix};
 /// Merges one family: KEYS are its five keys; ARGV the retention after
 /// expiry, the number of counters, then per counter id, count, metadata
 /// JSON (empty if none) and expiry (0 for none), then retired ids. Counts
-/// only go up; the family's deadline is widened as `reserve` does.
+/// only go up; the family's deadline is widened as `reserve` does. A
+/// retired id stays retired: its counter and metadata are not imported,
+/// and the ids the file retires lose theirs, as `retire` does (the reserve
+/// script relies on no retired id having metadata).
 const IMPORT_LUA: &str = r#"
 local grace = tonumber(ARGV[1])
 local nc = tonumber(ARGV[2])
@@ -26,16 +29,25 @@ for i = 0, nc - 1 do
   local b = 3 + i * 4
   local id, uses, meta, exp = ARGV[b], tonumber(ARGV[b + 1]), ARGV[b + 2], tonumber(ARGV[b + 3])
   local have = tonumber(redis.call('HGET', KEYS[1], id) or '-1')
-  if uses > have then
-    redis.call('HSET', KEYS[1], id, ARGV[b + 1])
-    raised = raised + 1
-  else
+  if redis.call('SISMEMBER', KEYS[5], id) == 1 then
     kept = kept + 1
+  else
+    if uses > have then
+      redis.call('HSET', KEYS[1], id, ARGV[b + 1])
+      raised = raised + 1
+    else
+      kept = kept + 1
+    end
+    if meta ~= '' and redis.call('HSETNX', KEYS[2], id, meta) == 1 then added = added + 1 end
   end
-  if meta ~= '' and redis.call('HSETNX', KEYS[2], id, meta) == 1 then added = added + 1 end
   if exp == 0 then d = 0 elseif d ~= 0 then d = math.max(d, exp + grace) end
 end
-for i = 3 + nc * 4, #ARGV do redis.call('SADD', KEYS[5], ARGV[i]) end
+for i = 3 + nc * 4, #ARGV do
+  redis.call('HDEL', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  redis.call('HDEL', KEYS[3], ARGV[i])
+  redis.call('SADD', KEYS[5], ARGV[i])
+end
 if nc > 0 then
   redis.call('SET', KEYS[4], d)
   for i = 1, 4 do
