@@ -16,7 +16,9 @@
 //!   counter, records metadata and the family's expiry for new blocks, and
 //!   returns the new values. Redis runs a script alone, so concurrent
 //!   requests on any number of proxies each get their own post-increment
-//!   value: a limit cannot be overshot.
+//!   value: a limit cannot be overshot. Under load, concurrent reservations
+//!   of one family share a script call (`batch.rs`), each still
+//!   all-or-nothing.
 //! * **Keys** are `till:{<family id>}:…`: the braces are a Cluster hash tag,
 //!   so everything one script touches lives in one slot.
 //! * **Durability** is Redis's: with `appendonly yes` and `appendfsync
@@ -45,6 +47,7 @@ use futures_util::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, IntoConnectionInfo, RedisResult, Script};
 
+mod batch;
 mod shared;
 mod snapshot;
 mod windows;
@@ -88,60 +91,78 @@ fn family_keys(family: &str) -> [String; 5] {
     ]
 }
 
-/// The reservation: `ARGV` is now, the family bound, the expiry grace, then
-/// per block its family's position in `KEYS` (five keys each), id,
-/// metadata JSON, expiry and whether to write its last use. A warm block's
-/// metadata is already in Redis and is sent as `''`; if Redis lacks it
-/// after all (an expired family, an import), the script changes nothing
-/// and answers `{-3}`, and the caller sends it again with the metadata.
+/// Reservations, one after the other, each all-or-nothing: `ARGV` is now,
+/// the family bound, the expiry grace, then per reservation its number of
+/// blocks and, per block, its family's position in `KEYS` (five keys
+/// each), id, metadata JSON, expiry and whether to write its last use. The
+/// answer is, per reservation, a status (0, -1 retired, -2 family full, -3
+/// metadata needed), 1 if a block was new, and one count per block (zeros
+/// when refused). A warm block's metadata is already in Redis and is sent
+/// as `''`; if Redis lacks it after all (an expired family, an import), the
+/// reservation changes nothing and answers -3, and the caller sends it
+/// again with the metadata.
 ///
 /// Only a block without metadata is looked up among the retired ids: every
 /// script keeps the two apart (retiring removes the metadata, reserving
 /// and importing never record it for a retired id), so a block whose
 /// metadata is there is not retired, and a warm request saves a lookup
-/// per block.
+/// per block. Arguments stay strings unless arithmetic needs them: Redis
+/// formats a Lua number passed to `redis.call` with `printf("%.17g")`,
+/// which showed in its profile.
 const RESERVE_LUA: &str = r#"
 local now = ARGV[1]
 local max = tonumber(ARGV[2])
 local grace = tonumber(ARGV[3])
-local nspec = (#ARGV - 3) / 5
 local function key(f, i) return KEYS[(f - 1) * 5 + i] end
-local function spec(s) local b = 3 + s * 5
-  return tonumber(ARGV[b + 1]), ARGV[b + 2], ARGV[b + 3], tonumber(ARGV[b + 4]), ARGV[b + 5] end
-local fresh, seen, adding = {}, {}, {}
-for s = 0, nspec - 1 do
-  local f, id, meta = spec(s)
-  if not seen[id] and redis.call('HEXISTS', key(f, 2), id) == 0 then
-    if redis.call('SISMEMBER', key(f, 5), id) == 1 then return {-1} end
-    if meta == '' then return {-3} end
-    fresh[s] = true
-    adding[f] = (adding[f] or 0) + 1
-  end
-  seen[id] = true
-end
-for f, n in pairs(adding) do
-  if redis.call('HLEN', key(f, 2)) + n > max then return {-2} end
-end
-local out = {0, 0}
-for s = 0, nspec - 1 do
-  local f, id, meta, _, touch = spec(s)
-  out[#out + 1] = redis.call('HINCRBY', key(f, 1), id, 1)
-  if touch == '1' or fresh[s] then redis.call('HSET', key(f, 3), id, now) end
-  if fresh[s] then redis.call('HSET', key(f, 2), id, meta) end
-end
-for f, _ in pairs(adding) do
-  out[2] = 1
-  local d = tonumber(redis.call('GET', key(f, 4)) or '-1')
+local function reserve(b, nspec)
+  local function spec(s) local a = b + s * 5
+    return tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5] end
+  local fresh, seen, adding = {}, {}, {}
   for s = 0, nspec - 1 do
-    local sf, _, _, expires = spec(s)
-    if fresh[s] and sf == f then
-      if expires == 0 then d = 0 elseif d ~= 0 then d = math.max(d, expires + grace) end
+    local f, id, meta = spec(s)
+    if not seen[id] and redis.call('HEXISTS', key(f, 2), id) == 0 then
+      if redis.call('SISMEMBER', key(f, 5), id) == 1 then return -1 end
+      if meta == '' then return -3 end
+      fresh[s] = true
+      adding[f] = (adding[f] or 0) + 1
+    end
+    seen[id] = true
+  end
+  for f, n in pairs(adding) do
+    if redis.call('HLEN', key(f, 2)) + n > max then return -2 end
+  end
+  local counts, new = {}, 0
+  for s = 0, nspec - 1 do
+    local f, id, meta, _, touch = spec(s)
+    counts[s + 1] = redis.call('HINCRBY', key(f, 1), id, '1')
+    if touch == '1' or fresh[s] then redis.call('HSET', key(f, 3), id, now) end
+    if fresh[s] then redis.call('HSET', key(f, 2), id, meta) end
+  end
+  for f, _ in pairs(adding) do
+    new = 1
+    local d = tonumber(redis.call('GET', key(f, 4)) or '-1')
+    for s = 0, nspec - 1 do
+      local sf, _, _, expires = spec(s)
+      if fresh[s] and sf == f then
+        expires = tonumber(expires)
+        if expires == 0 then d = 0 elseif d ~= 0 then d = math.max(d, expires + grace) end
+      end
+    end
+    redis.call('SET', key(f, 4), d)
+    for i = 1, 4 do
+      if d == 0 then redis.call('PERSIST', key(f, i)) else redis.call('EXPIREAT', key(f, i), d) end
     end
   end
-  redis.call('SET', key(f, 4), d)
-  for i = 1, 4 do
-    if d == 0 then redis.call('PERSIST', key(f, i)) else redis.call('EXPIREAT', key(f, i), d) end
-  end
+  return 0, new, counts
+end
+local out, b = {}, 3
+while b < #ARGV do
+  local nspec = tonumber(ARGV[b + 1])
+  local status, new, counts = reserve(b + 1, nspec)
+  out[#out + 1] = status
+  out[#out + 1] = new or 0
+  for s = 1, nspec do out[#out + 1] = counts and counts[s] or 0 end
+  b = b + 1 + nspec * 5
 end
 return out
 "#;
@@ -203,6 +224,8 @@ struct Inner {
     /// Wakes the poller for an immediate check (after a subscription or a
     /// gap in the published versions).
     kick: tokio::sync::Notify,
+    /// Reservations waiting for the batching task (`batch.rs`).
+    batch: batch::Batcher,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -264,6 +287,7 @@ impl RedisStore {
                 "{e}; is Redis running there, and is the password right?"
             ))
         })?;
+        let (batch, rounds) = batch::Batcher::new();
         let inner = Arc::new(Inner {
             client,
             conn,
@@ -282,6 +306,7 @@ impl RedisStore {
             fresh_at: AtomicU64::new(0),
             base: Instant::now(),
             kick: tokio::sync::Notify::new(),
+            batch,
             tasks: Mutex::new(Vec::new()),
         });
         let started = inner.base.elapsed();
@@ -291,11 +316,12 @@ impl RedisStore {
         inner.confirm(started);
         let poller = tokio::spawn(poll_loop(Arc::downgrade(&inner)));
         let subscriber = tokio::spawn(subscribe_loop(Arc::downgrade(&inner)));
+        let batcher = tokio::spawn(batch::run(Arc::downgrade(&inner), rounds));
         inner
             .tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend([poller, subscriber]);
+            .extend([poller, subscriber, batcher]);
         Ok(RedisStore { inner })
     }
 
@@ -423,47 +449,64 @@ impl RedisStore {
             .unwrap_or_default()
     }
 
-    /// Runs the reserve script once; `with_meta(i)` says whether block `i`'s
-    /// metadata goes with it.
+    /// One reservation through the batching queue (`batch.rs`);
+    /// `with_meta(i)` says whether block `i`'s metadata goes with it. The
+    /// answer is the script's for this reservation: status, new, counts.
     async fn run_reserve(
         &self,
         counters: &[CounterSpec],
-        now: u64,
         touch: &[bool],
         with_meta: impl Fn(usize) -> bool,
     ) -> Result<Vec<i64>, StoreError> {
         let inner = &self.inner;
-        let mut fams: smallvec::SmallVec<[&str; 4]> = smallvec::SmallVec::new();
-        for c in counters {
-            if !fams.contains(&c.family.as_str()) {
-                fams.push(&c.family);
-            }
-        }
-        let mut inv = inner.reserve.prepare_invoke();
-        for f in &fams {
-            for k in family_keys(f) {
-                inv.key(k);
-            }
-        }
-        inv.arg(now)
-            .arg(inner.max_blocks_per_family.load(Ordering::Relaxed))
-            .arg(TTL_AFTER_EXPIRY);
+        let mut families: Vec<String> = Vec::with_capacity(1);
+        let mut blocks = Vec::with_capacity(counters.len());
         for (i, c) in counters.iter().enumerate() {
-            let f = fams.iter().position(|f| *f == c.family).unwrap_or(0) + 1;
+            let family = match families.iter().position(|f| *f == c.family) {
+                Some(p) => p + 1,
+                None => {
+                    families.push(c.family.clone());
+                    families.len()
+                }
+            };
             let meta = if with_meta(i) {
                 serde_json::to_string(&BlockMeta::from(c))
                     .map_err(|e| StoreError::Io(e.to_string()))?
             } else {
                 String::new()
             };
-            inv.arg(f)
-                .arg(&c.id)
-                .arg(meta)
-                .arg(c.expires.unwrap_or(0))
-                .arg(if touch[i] { "1" } else { "0" });
+            blocks.push(batch::Block {
+                family,
+                id: c.id.clone(),
+                meta,
+                expires: c.expires.unwrap_or(0),
+                touch: touch[i],
+            });
         }
-        let mut conn = inner.conn.clone();
-        inner.op("reserve", inv.invoke_async(&mut conn)).await
+        let (answer, got) = tokio::sync::oneshot::channel();
+        let job = batch::Job {
+            families,
+            blocks,
+            answer,
+        };
+        let lost = || {
+            StoreError::Io(format!(
+                "redis at {}: the reserve queue stopped",
+                inner.target
+            ))
+        };
+        batch::submit(inner, job).await.map_err(|_| lost())?;
+        // The call itself has OP_TIMEOUT; this bounds the wait in the queue
+        // behind calls to a Redis that stopped answering.
+        match tokio::time::timeout(OP_TIMEOUT * 2, got).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(lost()),
+            Err(_) => Err(StoreError::Io(format!(
+                "redis at {} did not answer reserve within {} ms",
+                inner.target,
+                (OP_TIMEOUT * 2).as_millis()
+            ))),
+        }
     }
 }
 
@@ -737,11 +780,11 @@ impl CounterStore for RedisStore {
                 .map(|k| k.as_ref().is_none_or(|k| k.touched.swap(now, Ordering::Relaxed) != now))
                 .collect();
             let recorded = |i: usize| known[i].as_ref().is_some_and(|k| k.family.get().is_some());
-            let mut out = self.run_reserve(counters, now, &touch, |i| !recorded(i)).await;
-            if matches!(out.as_deref(), Ok([-3])) {
+            let mut out = self.run_reserve(counters, &touch, |i| !recorded(i)).await;
+            if matches!(out.as_deref(), Ok([-3, ..])) {
                 // Redis lacks metadata this process saw recorded (a family
                 // whose keys expired, a store imported meanwhile).
-                out = self.run_reserve(counters, now, &touch, |_| true).await;
+                out = self.run_reserve(counters, &touch, |_| true).await;
             }
             let untouch = || {
                 // No use was counted: the next request writes the last use.
@@ -1276,6 +1319,85 @@ mod tests {
                 (&c.label, c.limit, &c.parent)
             );
         }
+    }
+
+    /// Concurrent reservations of one family go to Redis together, and
+    /// each is still all-or-nothing with its own post-increment count: the
+    /// ones refused in a shared call (family full) change no counter, and
+    /// the others count exactly.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_reservations_go_together_and_each_counts_alone() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        s.set_max_blocks_per_family(3);
+        let block = |id: &str, parent: Option<&str>| CounterSpec {
+            family: "root".into(),
+            parent: parent.map(str::to_string),
+            index: usize::from(parent.is_some()),
+            ..CounterSpec::standalone(id, None, None)
+        };
+        let (root, a) = (block("root", None), block("a", Some("root")));
+        s.reserve(&[root.clone(), a.clone()]).await.unwrap();
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let evalsha = async |c: &mut redis::aio::MultiplexedConnection| -> u64 {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(c)
+                .await
+                .unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+                .and_then(|v| v.split(',').next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        let before = evalsha(&mut c).await;
+        // 300 reservations of [root, a] and 20 that each add a new block,
+        // of which the family bound (3) leaves room for one.
+        let mut tasks = Vec::new();
+        for i in 0..320 {
+            let s = s.clone();
+            let specs = if i % 16 == 0 {
+                vec![root.clone(), block(&format!("new{i}"), Some("root"))]
+            } else {
+                vec![root.clone(), a.clone()]
+            };
+            tasks.push(tokio::spawn(async move {
+                (specs[1].id.clone(), s.reserve(&specs).await)
+            }));
+        }
+        let mut root_counts = Vec::new();
+        let (mut a_ok, mut new_ok, mut full) = (0, 0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                (id, Ok(r)) => {
+                    root_counts.push(r.uses[0]);
+                    if id == "a" {
+                        a_ok += 1;
+                        assert!(r.uses[1] >= 2);
+                    } else {
+                        new_ok += 1;
+                        assert_eq!(r.uses[1], 1);
+                    }
+                }
+                (id, Err(StoreError::FamilyFull { limit: 3 })) => {
+                    assert_ne!(id, "a");
+                    full += 1;
+                }
+                (_, Err(e)) => panic!("{e}"),
+            }
+        }
+        let calls = evalsha(&mut c).await - before;
+        assert_eq!((a_ok, new_ok, full), (300, 1, 19));
+        root_counts.sort();
+        assert_eq!(
+            root_counts,
+            (2..=302).collect::<Vec<u64>>(),
+            "each count once"
+        );
+        let got = s.get(&["root".into(), "a".into()]).await.unwrap();
+        assert_eq!((got[0].uses, got[1].uses), (302, 301));
+        assert!(calls < 160, "{calls} script calls for 320 reservations");
     }
 
     #[tokio::test]
