@@ -1400,6 +1400,42 @@ mod tests {
         assert!(calls < 160, "{calls} script calls for 320 reservations");
     }
 
+    /// A request that gave up while its reservation waited in the queue
+    /// (its client left) spends nothing: the queue drops it unsent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reservation_abandoned_in_the_queue_spends_nothing() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        let a = spec("a", None);
+        s.reserve(std::slice::from_ref(&a)).await.unwrap();
+        // Both rounds busy: every reservation now waits in the queue.
+        let held = s
+            .inner
+            .batch
+            .rounds
+            .clone()
+            .acquire_many_owned(2)
+            .await
+            .unwrap();
+        let reserve = |s: &RedisStore| {
+            let (s, a) = (s.clone(), a.clone());
+            tokio::spawn(async move { s.reserve(std::slice::from_ref(&a)).await })
+        };
+        let gave_up = reserve(&s);
+        let waits = reserve(&s);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !gave_up.is_finished() && !waits.is_finished(),
+            "both queued"
+        );
+        gave_up.abort();
+        assert!(gave_up.await.is_err_and(|e| e.is_cancelled()));
+        drop(held);
+        let r = waits.await.unwrap().unwrap();
+        assert_eq!(r.uses, vec![2], "the abandoned reservation was not sent");
+        assert_eq!(s.peek(&["a".into()]).await.unwrap(), vec![2]);
+    }
+
     #[tokio::test]
     async fn peeking_creates_nothing() {
         let server = Server::start();

@@ -59,7 +59,7 @@ pub(super) struct Block {
 /// The queue and the rounds.
 pub(super) struct Batcher {
     queue: mpsc::UnboundedSender<Job>,
-    rounds: Arc<Semaphore>,
+    pub(super) rounds: Arc<Semaphore>,
 }
 
 impl Batcher {
@@ -115,6 +115,13 @@ pub(super) async fn run(weak: Weak<Inner>, rounds: Rounds) {
                 Ok(j) => queued.push(j),
                 Err(_) => break,
             }
+        }
+        // A request that stopped waiting while queued (its client left, or
+        // its deadline passed) is answered 503 or not at all: its use is
+        // not spent.
+        queued.retain(|j| !j.answer.is_closed());
+        if queued.is_empty() {
+            continue;
         }
         let Some(inner) = weak.upgrade() else { return };
         let calls = calls(&mut queued);
