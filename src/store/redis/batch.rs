@@ -138,14 +138,16 @@ pub(super) async fn run(weak: Weak<Inner>, rounds: Rounds) {
 /// [`MAX_BATCH`] reservations.
 fn calls(queued: &mut Vec<Job>) -> Vec<Vec<Job>> {
     let mut out: Vec<Vec<Job>> = Vec::new();
+    // Families → the call still open for them (linear in the round, however
+    // many families it holds).
+    let mut open: std::collections::HashMap<Vec<String>, usize> = Default::default();
     for j in queued.drain(..) {
-        match out
-            .iter_mut()
-            .rev()
-            .find(|jobs| jobs[0].families == j.families && jobs.len() < MAX_BATCH)
-        {
-            Some(jobs) => jobs.push(j),
-            None => out.push(vec![j]),
+        match open.get(&j.families) {
+            Some(&i) if out[i].len() < MAX_BATCH => out[i].push(j),
+            _ => {
+                open.insert(j.families.clone(), out.len());
+                out.push(vec![j]);
+            }
         }
     }
     out
@@ -196,5 +198,46 @@ async fn send(inner: &Inner, jobs: Vec<Job>) {
         // A request that stopped waiting (its client left) dropped its
         // receiver; its use was counted, as a sent request's always is.
         let _ = j.answer.send(part);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(family: &str, n: usize) -> Job {
+        Job {
+            families: vec![family.to_string()],
+            blocks: vec![Block {
+                family: 1,
+                id: n.to_string(),
+                meta: String::new(),
+                expires: 0,
+                touch: false,
+            }],
+            answer: oneshot::channel().0,
+        }
+    }
+
+    /// A round becomes one call per family, none over [`MAX_BATCH`], each
+    /// family's reservations in the order they queued.
+    #[test]
+    fn a_round_is_one_call_per_family_in_queue_order() {
+        let mut queued: Vec<Job> = (0..200)
+            .map(|n| job(["f", "g", "f", "h"][n % 4], n))
+            .collect();
+        let calls = calls(&mut queued);
+        assert!(queued.is_empty());
+        let shape: Vec<(String, usize)> = calls
+            .iter()
+            .map(|c| (c[0].families[0].clone(), c.len()))
+            .collect();
+        let want = [("f", 64), ("g", 50), ("h", 50), ("f", 36)];
+        assert_eq!(shape, want.map(|(f, n)| (f.to_string(), n)).to_vec());
+        for c in &calls {
+            assert!(c.iter().all(|j| j.families == c[0].families));
+            let ids: Vec<usize> = c.iter().map(|j| j.blocks[0].id.parse().unwrap()).collect();
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        }
     }
 }
