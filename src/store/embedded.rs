@@ -1258,12 +1258,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(dir.path()).unwrap();
         s.set_max_blocks_per_family(3);
-        let block = |id: &str, parent: Option<&str>| CounterSpec {
-            family: "root".into(),
-            parent: parent.map(str::to_string),
-            index: usize::from(parent.is_some()),
-            ..CounterSpec::standalone(id, None, None)
-        };
+        let block = crate::store::test_block;
         let root = block("root", None);
         for kid in ["k1", "k2"] {
             s.reserve(&[root.clone(), block(kid, Some("root"))])

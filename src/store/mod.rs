@@ -255,6 +255,18 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// A block of the family `root` for the stores' tests: the authority block
+/// when `parent` is `None`, else an attenuation block.
+#[cfg(test)]
+pub(crate) fn test_block(id: &str, parent: Option<&str>) -> CounterSpec {
+    CounterSpec {
+        family: "root".into(),
+        parent: parent.map(str::to_string),
+        index: usize::from(parent.is_some()),
+        ..CounterSpec::standalone(id, None, None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -1330,12 +1330,7 @@ mod tests {
         let server = Server::start();
         let s = RedisStore::connect(&server.url(), None).await.unwrap();
         s.set_max_blocks_per_family(3);
-        let block = |id: &str, parent: Option<&str>| CounterSpec {
-            family: "root".into(),
-            parent: parent.map(str::to_string),
-            index: usize::from(parent.is_some()),
-            ..CounterSpec::standalone(id, None, None)
-        };
+        let block = crate::store::test_block;
         let (root, a) = (block("root", None), block("a", Some("root")));
         s.reserve(&[root.clone(), a.clone()]).await.unwrap();
         let client = redis::Client::open(server.url()).unwrap();
@@ -1451,12 +1446,7 @@ mod tests {
         let server = Server::start();
         let s = RedisStore::connect(&server.url(), None).await.unwrap();
         s.set_max_blocks_per_family(3);
-        let block = |id: &str, parent: Option<&str>| CounterSpec {
-            family: "root".into(),
-            parent: parent.map(str::to_string),
-            index: usize::from(parent.is_some()),
-            ..CounterSpec::standalone(id, None, None)
-        };
+        let block = crate::store::test_block;
         let root = block("root", None);
         for kid in ["k1", "k2"] {
             s.reserve(&[root.clone(), block(kid, Some("root"))])
