@@ -114,37 +114,52 @@ local now = ARGV[1]
 local max = tonumber(ARGV[2])
 local grace = tonumber(ARGV[3])
 local function key(f, i) return KEYS[(f - 1) * 5 + i] end
+-- Block s of the reservation at b: ARGV[b + s * 5 + 1 ..= + 5] is its
+-- family's position, id, metadata, expiry and last-use flag. The tables of
+-- new blocks are made only when there is one: a warm reservation (the
+-- common case) then allocates nothing but its counts.
 local function reserve(b, nspec)
-  local function spec(s) local a = b + s * 5
-    return tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5] end
-  local fresh, seen, adding = {}, {}, {}
+  local fresh, seen, adding
   for s = 0, nspec - 1 do
-    local f, id, meta = spec(s)
-    if not seen[id] and redis.call('HEXISTS', key(f, 2), id) == 0 then
-      if redis.call('SISMEMBER', key(f, 5), id) == 1 then return -1 end
-      if meta == '' then return -3 end
-      fresh[s] = true
-      adding[f] = (adding[f] or 0) + 1
+    local a = b + s * 5
+    local id = ARGV[a + 2]
+    if not (seen and seen[id]) then
+      local f = tonumber(ARGV[a + 1])
+      if redis.call('HEXISTS', key(f, 2), id) == 0 then
+        if redis.call('SISMEMBER', key(f, 5), id) == 1 then return -1 end
+        if ARGV[a + 3] == '' then return -3 end
+        fresh = fresh or {}
+        adding = adding or {}
+        fresh[s] = true
+        adding[f] = (adding[f] or 0) + 1
+      end
+      if nspec > 1 then
+        seen = seen or {}
+        seen[id] = true
+      end
     end
-    seen[id] = true
   end
-  for f, n in pairs(adding) do
-    if redis.call('HLEN', key(f, 2)) + n > max then return -2 end
+  if adding then
+    for f, n in pairs(adding) do
+      if redis.call('HLEN', key(f, 2)) + n > max then return -2 end
+    end
   end
-  local counts, new = {}, 0
+  local counts = {}
   for s = 0, nspec - 1 do
-    local f, id, meta, _, touch = spec(s)
+    local a = b + s * 5
+    local f, id = tonumber(ARGV[a + 1]), ARGV[a + 2]
+    local new_block = fresh and fresh[s]
     counts[s + 1] = redis.call('HINCRBY', key(f, 1), id, '1')
-    if touch == '1' or fresh[s] then redis.call('HSET', key(f, 3), id, now) end
-    if fresh[s] then redis.call('HSET', key(f, 2), id, meta) end
+    if new_block or ARGV[a + 5] == '1' then redis.call('HSET', key(f, 3), id, now) end
+    if new_block then redis.call('HSET', key(f, 2), id, ARGV[a + 3]) end
   end
+  if not adding then return 0, 0, counts end
   for f, _ in pairs(adding) do
-    new = 1
     local d = tonumber(redis.call('GET', key(f, 4)) or '-1')
     for s = 0, nspec - 1 do
-      local sf, _, _, expires = spec(s)
-      if fresh[s] and sf == f then
-        expires = tonumber(expires)
+      local a = b + s * 5
+      if fresh[s] and tonumber(ARGV[a + 1]) == f then
+        local expires = tonumber(ARGV[a + 4])
         if expires == 0 then d = 0 elseif d ~= 0 then d = math.max(d, expires + grace) end
       end
     end
@@ -153,7 +168,7 @@ local function reserve(b, nspec)
       if d == 0 then redis.call('PERSIST', key(f, i)) else redis.call('EXPIREAT', key(f, i), d) end
     end
   end
-  return 0, new, counts
+  return 0, 1, counts
 end
 local out, b = {}, 3
 while b < #ARGV do
