@@ -24,9 +24,10 @@ use super::{Inner, TTL_AFTER_EXPIRY, family_keys};
 use crate::store::{StoreError, now_unix};
 
 /// Rounds outstanding at once. While they wait for Redis's fsync, the next
-/// requests queue. One round in flight would batch more (Redis spent ≈15%
-/// less CPU per reservation in the load benchmark) but make the second of
-/// two concurrent requests wait for the first's round trip.
+/// requests queue. One round in flight would batch more (Redis spent ≈12%
+/// less CPU per request in the load benchmark, for the same throughput; 4
+/// gave no more either: benches/README.md) but make the second of two
+/// concurrent requests wait for the first's round trip.
 const IN_FLIGHT: usize = 2;
 /// Reservations in one script call at most (bounds the time Redis spends in
 /// one script, during which it serves nobody else).
