@@ -43,8 +43,9 @@
 //! the recommended settings) and compares, in one run, both baselines, Till
 //! on its embedded store and Till on Redis (throughput, latency at 1
 //! connection), then two Till processes sharing that Redis; it reads
-//! `INFO commandstats` before and after Till-on-Redis's 1-connection phase
-//! to report the Redis commands each request costs.
+//! `INFO commandstats` around Till-on-Redis's throughput and 1-connection
+//! phases to report the Redis commands each request costs (and, under
+//! load, how many requests share one script call).
 //!
 //! The `--families N` mode reserves one activation for each of N distinct
 //! token families in an embedded store (as the proxy does: counters plus
@@ -1977,6 +1978,24 @@ fn redis_command(port: u16, cmd: &str) -> Option<String> {
     String::from_utf8(body).ok()
 }
 
+/// `name calls-per-request, ...` for the commands called between two
+/// `INFO commandstats` (the benchmark's own `info` and `ping` left out).
+fn calls_per_request(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+    sent: u64,
+) -> String {
+    let per: Vec<String> = after
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "info" | "ping"))
+        .filter_map(|(name, n)| {
+            let d = n.saturating_sub(before.get(name).copied().unwrap_or(0));
+            (d > 0).then(|| format!("{name} {:.2}", d as f64 / sent.max(1) as f64))
+        })
+        .collect();
+    per.join(", ")
+}
+
 /// `calls` per command from `INFO commandstats`.
 fn command_calls(port: u16) -> BTreeMap<String, u64> {
     let text = redis_command(port, "INFO commandstats").unwrap_or_default();
@@ -2081,14 +2100,17 @@ fn redis_mode(args: &Args) {
         }
         let mut rows = Vec::new();
         let mut redis_cpu = None;
+        let mut calls_many = None;
         for t in &targets {
             eprintln!("running: {} x{} ...", t.name, args.connections);
             let before = proc_cpu(redis.child.id());
+            let calls_before = command_calls(redis.port);
             let r = run_phase(t, args.connections, args.warmup, args.seconds).await;
             if t.name == "till-redis" {
                 // Sampled around the whole phase: the warm-up's requests count too.
                 let sent = r.requests as f64 + r.rps() * args.warmup;
                 redis_cpu = Some((proc_cpu(redis.child.id()).since(before), sent.max(1.0)));
+                calls_many = Some((calls_before, command_calls(redis.port), sent.max(1.0) as u64));
             }
             rows.push(r);
         }
@@ -2163,20 +2185,25 @@ fn redis_mode(args: &Args) {
                 None,
             );
         }
-        if let Some((before, after, sent)) = calls {
-            let mut per: Vec<String> = after
-                .iter()
-                .filter(|(name, _)| !matches!(name.as_str(), "info" | "ping"))
-                .filter_map(|(name, n)| {
-                    let d = n.saturating_sub(before.get(name).copied().unwrap_or(0));
-                    (d > 0).then(|| format!("{name} {:.2}", d as f64 / sent as f64))
-                })
-                .collect();
-            per.sort();
+        if let Some((before, after, sent)) = &calls {
             println!(
                 "  redis commands per warm request (till-redis, 1 connection, {sent} requests): {}",
-                per.join(", ")
+                calls_per_request(before, after, *sent)
             );
+        }
+        if let Some((before, after, sent)) = calls_many {
+            // At many connections the batcher puts several requests' reservations
+            // into one script call: its calls per request show how many.
+            let evalsha = after.get("evalsha").copied().unwrap_or(0)
+                - before.get("evalsha").copied().unwrap_or(0);
+            println!(
+                "  redis commands per request (till-redis, {} connections, warm-up included, {sent} requests): {}; {:.1} requests per script call",
+                args.connections,
+                calls_per_request(&before, &after, sent),
+                sent as f64 / evalsha.max(1) as f64
+            );
+        }
+        if calls.is_some() {
             println!(
                 "  (`get` includes each proxy's revocation-version check every 250 ms; hget calls of one request are one pipelined round trip)"
             );
