@@ -510,17 +510,81 @@ impl RedisStore {
                 inner.target
             ))
         };
+        // From here on the request may be dropped with the call out: the
+        // batcher then gives its uses back, unless the answer is already
+        // here, in which case `Awaited` does.
+        let mut got = Awaited {
+            got: Some(got),
+            inner,
+            counters,
+        };
         batch::submit(inner, job).await.map_err(|_| lost())?;
         // The call itself has OP_TIMEOUT; this bounds the wait in the queue
         // behind calls to a Redis that stopped answering.
-        match tokio::time::timeout(OP_TIMEOUT * 2, got).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(lost()),
+        let rx = got.got.as_mut().expect("taken only here and on drop");
+        match tokio::time::timeout(OP_TIMEOUT * 2, rx).await {
+            Ok(answer) => {
+                got.got = None;
+                answer.unwrap_or_else(|_| Err(lost()))
+            }
+            // `got` is dropped on return: an answer arriving meanwhile goes
+            // back, as this request is answered 503.
             Err(_) => Err(StoreError::Io(format!(
                 "redis at {} did not answer reserve within {} ms",
                 inner.target,
                 (OP_TIMEOUT * 2).as_millis()
             ))),
+        }
+    }
+}
+
+/// Gives back one use of every block of `counters` (see `batch::give_back`).
+fn give_back(inner: &Arc<Inner>, counters: &[CounterSpec]) {
+    batch::give_back(
+        inner,
+        counters.iter().map(|c| (c.family.as_str(), c.id.as_str())),
+    );
+}
+
+/// Uses Redis counted for a reservation not yet returned to its request:
+/// given back if the request is dropped before [`Counted::disarm`].
+struct Counted<'a> {
+    inner: &'a Arc<Inner>,
+    counters: &'a [CounterSpec],
+    armed: bool,
+}
+
+impl Counted<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            give_back(self.inner, self.counters);
+        }
+    }
+}
+
+/// The receiving end of a reservation's answer while its request waits. If
+/// the request is dropped after the answer arrived but before reading it,
+/// the uses counted go back; if before it arrived, the batcher finds the
+/// receiver gone and gives them back itself (`batch::give_back`).
+struct Awaited<'a> {
+    got: Option<tokio::sync::oneshot::Receiver<Result<Vec<i64>, StoreError>>>,
+    inner: &'a Arc<Inner>,
+    counters: &'a [CounterSpec],
+}
+
+impl Drop for Awaited<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.got.take()
+            && let Ok(Ok(v)) = rx.try_recv()
+            && v.first() == Some(&0)
+        {
+            give_back(self.inner, self.counters);
         }
     }
 }
@@ -850,8 +914,15 @@ impl CounterStore for RedisStore {
                 }
             }
             if out[1] == 1 {
-                // Only for the usage view and the collector: a failure here
-                // costs no count, so it is logged rather than refused.
+                // Only for the usage view, the export and the collector: a
+                // failure here costs no count, so it is logged rather than
+                // refused. The uses are counted now: a request dropped while
+                // this is out gives them back, and the write is finished.
+                let counted = Counted {
+                    inner,
+                    counters,
+                    armed: true,
+                };
                 let mut fams: Vec<&str> = Vec::new();
                 for c in counters {
                     if !fams.contains(&c.family.as_str()) {
@@ -860,10 +931,15 @@ impl CounterStore for RedisStore {
                 }
                 let mut p = redis::pipe();
                 p.sadd(FAMILIES, &fams);
-                let mut conn = inner.conn.clone();
-                if let Err(e) = inner.op("SADD families", p.query_async::<()>(&mut conn)).await {
-                    tracing::warn!(error = %e, "recording a new token family for the usage view failed");
-                }
+                let inner = inner.clone();
+                batch::FinishOnDrop::new(async move {
+                    let mut conn = inner.conn.clone();
+                    if let Err(e) = inner.op("SADD families", p.query_async::<()>(&mut conn)).await {
+                        tracing::warn!(error = %e, "recording a new token family for the usage view failed");
+                    }
+                })
+                .await;
+                counted.disarm();
             }
             Ok(Reservation {
                 uses: out[2..].iter().map(|v| (*v).max(0) as u64).collect(),
@@ -1444,6 +1520,105 @@ mod tests {
         let r = waits.await.unwrap().unwrap();
         assert_eq!(r.uses, vec![2], "the abandoned reservation was not sent");
         assert_eq!(s.peek(&["a".into()]).await.unwrap(), vec![2]);
+    }
+
+    /// The count of `id` in Redis, once it equals `want` (the give-back is
+    /// in the background), or what it is after 5 s.
+    async fn count_settles(s: &RedisStore, id: &str, want: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = s.get(&[id.to_string()]).await.unwrap()[0].uses;
+            if got == want || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A request that gives up while its script call is out (its client
+    /// left while Redis was slow) spends nothing, whether it sent the call
+    /// itself or the batcher sent it in a round: the call is finished and
+    /// what it counted goes back, as on the embedded store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reservation_abandoned_while_its_call_is_out_spends_nothing() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        let a = spec("a", None);
+        s.reserve(std::slice::from_ref(&a)).await.unwrap();
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        // Redis holds every script call (a write) until the pause ends.
+        let mut pause = async || {
+            redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(700)
+                .arg("WRITE")
+                .query_async::<()>(&mut c)
+                .await
+                .unwrap()
+        };
+        let reserve = |s: &RedisStore| {
+            let (s, a) = (s.clone(), a.clone());
+            tokio::spawn(async move { s.reserve(std::slice::from_ref(&a)).await })
+        };
+        let abandon = async |t: tokio::task::JoinHandle<_>| {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            assert!(!t.is_finished(), "the call waits for the pause");
+            t.abort();
+            assert!(t.await.is_err_and(|e| e.is_cancelled()));
+        };
+
+        // 1. A round was free: the request sent the call itself.
+        pause().await;
+        abandon(reserve(&s)).await;
+        assert_eq!(count_settles(&s, "a", 1).await, 1, "sent by the request");
+
+        // 2. Both rounds busy: the reservation queues, the batcher sends it.
+        let held = s
+            .inner
+            .batch
+            .rounds
+            .clone()
+            .acquire_many_owned(2)
+            .await
+            .unwrap();
+        let queued = reserve(&s);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pause().await;
+        drop(held);
+        abandon(queued).await;
+        assert_eq!(count_settles(&s, "a", 1).await, 1, "sent by the batcher");
+
+        // Given back once each, not more: the next use is the second.
+        let r = s.reserve(std::slice::from_ref(&a)).await.unwrap();
+        assert_eq!(r.uses, vec![2]);
+    }
+
+    /// An answer that arrived for a request dropped before reading it: its
+    /// uses go back too.
+    #[tokio::test]
+    async fn an_answer_never_read_gives_its_uses_back() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        let a = spec("a", None);
+        s.reserve(std::slice::from_ref(&a)).await.unwrap();
+        s.reserve(std::slice::from_ref(&a)).await.unwrap();
+        let counters = [a];
+        let drop_unread = |answer: Vec<i64>| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tx.send(Ok(answer)).unwrap();
+            drop(Awaited {
+                got: Some(rx),
+                inner: &s.inner,
+                counters: &counters,
+            });
+        };
+        // A refused reservation (-2, family full) counted nothing: nothing goes back.
+        drop_unread(vec![-2, 0, 0]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(s.get(&["a".into()]).await.unwrap()[0].uses, 2);
+        drop_unread(vec![0, 0, 2]);
+        assert_eq!(count_settles(&s, "a", 1).await, 1);
     }
 
     #[tokio::test]

@@ -14,13 +14,23 @@
 //!
 //! The script applies the reservations of a call one after the other, each
 //! all-or-nothing, exactly as separate calls in that order would.
+//!
+//! A request that gives up while its reservation is out (its client left,
+//! its deadline passed) spends nothing, as on the embedded store: a call
+//! already sent is finished anyway, and the uses it counted for a request
+//! no longer waiting are given back ([`give_back`]). Only a call whose
+//! outcome is unknown (Redis did not answer in time) keeps its uses: deny
+//! when unsure.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::{Inner, TTL_AFTER_EXPIRY, family_keys};
+use super::{Inner, TTL_AFTER_EXPIRY, UNSEEN, family_keys};
 use crate::store::{StoreError, now_unix};
 
 /// Rounds outstanding at once. While they wait for Redis's fsync, the next
@@ -86,16 +96,87 @@ pub(super) struct Rounds {
 
 /// Sends `job` now if a round is free, or queues it for the next round.
 /// Its answer arrives on `job.answer`; `Err` if the queue is gone.
-pub(super) async fn submit(inner: &Inner, job: Job) -> Result<(), Job> {
+pub(super) async fn submit(inner: &Arc<Inner>, job: Job) -> Result<(), Job> {
     match inner.batch.rounds.clone().try_acquire_owned() {
-        Ok(_round) => {
-            // Cancel-safe: a request dropped here loses only its own answer,
-            // and the permit goes back with `_round`.
-            send(inner, vec![job]).await;
+        Ok(round) => {
+            // Sent from this request's own task (no hand-over to another);
+            // if the request is dropped meanwhile, the call is finished on a
+            // task of its own so that its answer is seen and given back.
+            FinishOnDrop::new(send_round(inner.clone(), vec![job], round)).await;
             Ok(())
         }
         Err(_) => inner.batch.queue.send(job).map_err(|e| e.0),
     }
+}
+
+/// One call, then its round permit back.
+async fn send_round(inner: Arc<Inner>, jobs: Vec<Job>, round: OwnedSemaphorePermit) {
+    send(&inner, jobs).await;
+    drop(round);
+}
+
+/// Polls a call in place; dropped before it ends, spawns the rest of it. A
+/// call sent to Redis runs there whatever the proxy does, so its answer
+/// must be read to know what it counted (or, for a write that follows a
+/// count, so that it is not left half done).
+pub(super) struct FinishOnDrop(Option<Pin<Box<dyn Future<Output = ()> + Send>>>);
+
+impl FinishOnDrop {
+    pub(super) fn new(f: impl Future<Output = ()> + Send + 'static) -> Self {
+        FinishOnDrop(Some(Box::pin(f)))
+    }
+}
+
+impl Future for FinishOnDrop {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(f) = self.0.as_mut() else {
+            return Poll::Ready(());
+        };
+        let r = f.as_mut().poll(cx);
+        if r.is_ready() {
+            self.0 = None;
+        }
+        r
+    }
+}
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            // Outside a runtime (its shutdown) there is nothing left to
+            // finish the call on; Redis keeps what it counted.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(f);
+            }
+        }
+    }
+}
+
+/// Gives back one use of each block (`(family, id)`) of a reservation that
+/// Redis counted for a request no longer waiting for it: the request was
+/// never forwarded. In the background: the request is gone.
+pub(super) fn give_back<'a>(inner: &Arc<Inner>, blocks: impl Iterator<Item = (&'a str, &'a str)>) {
+    let mut args: Vec<(String, String)> = Vec::new();
+    for (family, id) in blocks {
+        if let Some(k) = inner.known.get(id) {
+            k.seen.store(UNSEEN, Ordering::Relaxed);
+        }
+        let [count, ..] = family_keys(family);
+        args.push((count, id.to_string()));
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let mut inv = inner.release.prepare_invoke();
+        for (key, id) in &args {
+            inv.key(key).arg(id);
+        }
+        let mut c = inner.conn.clone();
+        if let Err(e) = inner.op("release", inv.invoke_async::<()>(&mut c)).await {
+            tracing::error!(error = %e, "giving back the uses of an abandoned reservation failed");
+        }
+    });
 }
 
 /// Sends queued jobs, a round at a time, until the store is gone.
@@ -155,7 +236,7 @@ fn calls(queued: &mut Vec<Job>) -> Vec<Vec<Job>> {
 }
 
 /// One call of the reserve script for `jobs`, which share their families.
-async fn send(inner: &Inner, jobs: Vec<Job>) {
+async fn send(inner: &Arc<Inner>, jobs: Vec<Job>) {
     let mut inv = inner.reserve.prepare_invoke();
     for f in &jobs[0].families {
         for k in family_keys(f) {
@@ -197,8 +278,17 @@ async fn send(inner: &Inner, jobs: Vec<Job>) {
         };
         at += n;
         // A request that stopped waiting (its client left) dropped its
-        // receiver; its use was counted, as a sent request's always is.
-        let _ = j.answer.send(part);
+        // receiver: what was counted for it goes back.
+        if let Err(Ok(v)) = j.answer.send(part)
+            && v.first() == Some(&0)
+        {
+            give_back(
+                inner,
+                j.blocks
+                    .iter()
+                    .map(|b| (j.families[b.family - 1].as_str(), b.id.as_str())),
+            );
+        }
     }
 }
 
