@@ -789,3 +789,61 @@ async fn a_warm_mcp_tool_call_costs_one_redis_round_trip_and_never_overshoots() 
         "a tool call past the limit reached the server"
     );
 }
+
+/// One inline command to the Redis on `port`; its reply's first line.
+fn redis_inline(port: u16, cmd: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line
+}
+
+/// A client that hangs up while Redis is slow to count its request (here
+/// paused) spends no use: the request was never forwarded, so its use is
+/// given back once Redis answers, and the token keeps its whole budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_while_redis_counts_spends_nothing() {
+    use tokio::io::AsyncWriteExt;
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(1);
+    let proxies = replicas(&homes, &up, &redis);
+    let token = homes[0].token("openai", Some(3));
+    assert_eq!(chat(&proxies[0], &token, "m").await.0, 200);
+
+    assert!(redis_inline(redis.port, "CLIENT PAUSE 600 WRITE").starts_with("+OK"));
+    let body = r#"{"model":"m","messages":[]}"#;
+    let mut s = tokio::net::TcpStream::connect(proxies[0].addr)
+        .await
+        .unwrap();
+    let req = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+         authorization: Bearer {token}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    drop(s);
+    // The pause ends (within the store's 1 s deadline for a call, past
+    // which the outcome would be unknown and the use kept); the script runs
+    // and answers a request that is gone.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    assert_eq!(up.count(), 1, "the abandoned request was not forwarded");
+    let t0 = Instant::now();
+    while family_uses(&proxies[0], &homes[0], 3).await != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the abandoned request's use was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..2 {
+        assert_eq!(chat(&proxies[0], &token, "m").await.0, 200);
+    }
+    assert_eq!(chat(&proxies[0], &token, "m").await.0, 429);
+    assert_eq!(up.count(), 3);
+}
