@@ -1845,6 +1845,51 @@ mod tests {
         assert_eq!(uses, vec![4, 2]);
     }
 
+    /// A request that gives up while its `Idempotency-Key` claim is out
+    /// (Redis slow, here paused) leaves the key free: its retry is not
+    /// refused 409 for the rest of the window.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idempotency_claim_abandoned_while_out_leaves_the_key_free() {
+        use crate::proxy::idempotency::{Claim, Idempotency, conformance};
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        let i = Idempotency::for_store(&s, Duration::from_secs(600));
+        // Another key first: the claim script is then loaded in Redis, as
+        // on any proxy that has served a claim.
+        let Claim::Fresh(t) = i.claim("fam\nlast\nother", conformance::A).await.unwrap() else {
+            panic!("fresh")
+        };
+        t.finish(true).await;
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(700)
+            .arg("WRITE")
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        let k = "fam\nlast\nabandoned";
+        let gave_up = {
+            let i = i.clone();
+            tokio::spawn(async move { i.claim(k, conformance::A).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(!gave_up.is_finished(), "the claim waits for the pause");
+        gave_up.abort();
+        assert!(gave_up.await.is_err_and(|e| e.is_cancelled()));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match i.claim(k, conformance::A).await.unwrap() {
+                Claim::Fresh(_) => break,
+                Claim::Conflict if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ => panic!("the abandoned claim left the key in flight"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn an_alert_key_is_claimed_once_across_stores() {
         let server = Server::start();

@@ -20,6 +20,7 @@ use redis::Script;
 use sha2::{Digest as _, Sha256};
 
 use super::Inner;
+use super::batch::FinishOnDrop;
 use crate::monitor::alerts::AlertClaims;
 use crate::proxy::idempotency::{
     Claim, IdempotencyStore, MAX_FREE_RETRIES, Outcome, RequestDigest, Settle, Ticket, family_of,
@@ -142,66 +143,93 @@ impl IdempotencyStore for RedisIdempotency {
         key: &'a str,
         digest: RequestDigest,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        let call = claim_call(
+            self.inner.clone(),
+            self.claim.clone(),
+            self.settle.clone(),
+            self.window,
+            entry_key(key),
+            digest,
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel();
         async move {
-            let key = entry_key(key);
-            let owner = hex::encode(rand::random::<[u8; 16]>());
-            let mut c = self.inner.conn.clone();
-            let out: Vec<String> = self
-                .inner
-                .op(
-                    "idempotency claim",
-                    self.claim
-                        .key(&key)
-                        .arg(hex::encode(digest))
-                        .arg(&owner)
-                        .arg(self.window)
-                        .arg(MAX_FREE_RETRIES)
-                        .invoke_async(&mut c),
-                )
-                .await?;
-            let ticket = |replay: bool, out: &[String]| {
-                Ticket::new(Box::new(RedisTicket {
-                    inner: self.inner.clone(),
-                    script: self.settle.clone(),
-                    key: key.clone(),
-                    owner: owner.clone(),
-                    prev: (
-                        out.get(1).cloned().unwrap_or_default(),
-                        out.get(2).cloned().unwrap_or_default(),
-                        out.get(3).cloned().unwrap_or_default(),
-                    ),
-                    replay,
-                }))
-            };
-            match out.first().map(String::as_str) {
-                Some("fresh") => Ok(Claim::Fresh(ticket(false, &out))),
-                Some("replay") => {
-                    let t = ticket(true, &out);
-                    match out.get(2).and_then(|u| decode_uses(u)) {
-                        Some(uses) => Ok(Claim::Replay(uses, t)),
-                        // Unreadable counts: give the claim back and refuse.
-                        None => {
-                            t.finish(false).await;
-                            Err(self.unexpected())
-                        }
-                    }
-                }
-                Some("conflict") => Ok(Claim::Conflict),
-                Some("mismatch") => Ok(Claim::Mismatch),
-                _ => Err(self.unexpected()),
-            }
+            // Redis runs a sent claim whatever the proxy does. A request
+            // dropped meanwhile (its client left) would leave the key "in
+            // flight" for the whole window, every retry refused 409: the
+            // call is finished instead, and its ticket, dropped unused,
+            // gives the key back.
+            FinishOnDrop::new(async move {
+                let _ = tx.send(call.await);
+            })
+            .await;
+            rx.await.unwrap_or_else(|_| Err(unexpected(&self.inner)))
         }
         .boxed()
     }
 }
 
-impl RedisIdempotency {
-    fn unexpected(&self) -> StoreError {
-        StoreError::Io(format!(
-            "redis at {} answered the idempotency claim unexpectedly",
-            self.inner.target
-        ))
+/// One claim script call and the [`Claim`] it makes; owns what it needs,
+/// so that it can finish on its own (see `claim`).
+async fn claim_call(
+    inner: Arc<Inner>,
+    script: Arc<Script>,
+    settle: Arc<Script>,
+    window: u64,
+    key: String,
+    digest: RequestDigest,
+) -> Result<Claim, StoreError> {
+    let owner = hex::encode(rand::random::<[u8; 16]>());
+    let mut c = inner.conn.clone();
+    let out: Vec<String> = inner
+        .op(
+            "idempotency claim",
+            script
+                .key(&key)
+                .arg(hex::encode(digest))
+                .arg(&owner)
+                .arg(window)
+                .arg(MAX_FREE_RETRIES)
+                .invoke_async(&mut c),
+        )
+        .await?;
+    let ticket = |replay: bool, out: &[String]| {
+        Ticket::new(Box::new(RedisTicket {
+            inner: inner.clone(),
+            script: settle.clone(),
+            key: key.clone(),
+            owner: owner.clone(),
+            prev: (
+                out.get(1).cloned().unwrap_or_default(),
+                out.get(2).cloned().unwrap_or_default(),
+                out.get(3).cloned().unwrap_or_default(),
+            ),
+            replay,
+        }))
+    };
+    match out.first().map(String::as_str) {
+        Some("fresh") => Ok(Claim::Fresh(ticket(false, &out))),
+        Some("replay") => {
+            let t = ticket(true, &out);
+            match out.get(2).and_then(|u| decode_uses(u)) {
+                Some(uses) => Ok(Claim::Replay(uses, t)),
+                // Unreadable counts: give the claim back and refuse.
+                None => {
+                    t.finish(false).await;
+                    Err(unexpected(&inner))
+                }
+            }
+        }
+        Some("conflict") => Ok(Claim::Conflict),
+        Some("mismatch") => Ok(Claim::Mismatch),
+        _ => Err(unexpected(&inner)),
     }
+}
+
+fn unexpected(inner: &Inner) -> StoreError {
+    StoreError::Io(format!(
+        "redis at {} answered the idempotency claim unexpectedly",
+        inner.target
+    ))
 }
 
 struct RedisTicket {
