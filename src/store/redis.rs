@@ -1259,6 +1259,68 @@ mod tests {
         ));
     }
 
+    /// A request that gives up while its admission is out (Redis slow,
+    /// here paused) holds no slot: not the concurrency cap's for a lease,
+    /// not the rate window's for its window.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_admission_abandoned_while_out_holds_no_slot() {
+        use crate::store::window::{Admit, WindowStore};
+        let server = Server::start();
+        let store = RedisStore::connect(&server.url(), None).await.unwrap();
+        let w = Arc::new(windows::RedisWindows::new(store.inner.clone()));
+        let cap = [crate::verify::CapSpec {
+            block: 0,
+            id: "k".into(),
+            limit: 1,
+        }];
+        let rate = [crate::verify::WindowSpec {
+            block: 0,
+            id: "k".into(),
+            seconds: 3600,
+            limit: 2,
+        }];
+        // One admission first (the script is then loaded in Redis), done.
+        let Admit::Admitted { ticket, .. } = w.admit("f", &rate, &cap).await.unwrap() else {
+            panic!("first slot")
+        };
+        w.finish(&ticket).await.unwrap();
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(700)
+            .arg("WRITE")
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        let gave_up = {
+            let (w, rate, cap) = (w.clone(), rate.clone(), cap.clone());
+            tokio::spawn(async move { w.admit("f", &rate, &cap).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(!gave_up.is_finished(), "the admission waits for the pause");
+        gave_up.abort();
+        assert!(gave_up.await.is_err_and(|e| e.is_cancelled()));
+        // The cap (1 in flight) is free again, and the hour's window (2)
+        // still has the second slot.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match w.admit("f", &rate, &cap).await.unwrap() {
+                Admit::Admitted { counts, .. } => {
+                    assert_eq!(
+                        counts.rates[0].2, 2,
+                        "the abandoned request took no rate slot"
+                    );
+                    break;
+                }
+                Admit::Full(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Admit::Full(f) => panic!("the abandoned admission still holds a slot: {f:?}"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn counts_are_exact_across_two_stores_on_one_redis() {
         let server = Server::start();

@@ -24,6 +24,7 @@ use futures_util::future::BoxFuture;
 use redis::Script;
 
 use super::Inner;
+use super::batch::FinishOnDrop;
 use crate::store::StoreError;
 use crate::store::window::{Admit, Full, Ticket, WindowStore};
 use crate::verify::{CapSpec, WindowCounts, WindowSpec};
@@ -100,7 +101,7 @@ fn cap_key(family: &str, id: &str) -> String {
 /// [`WindowStore`] on the proxy's Redis connection.
 pub struct RedisWindows {
     inner: Arc<Inner>,
-    admit: Script,
+    admit: Arc<Script>,
     renew: Script,
     lease: Duration,
 }
@@ -114,7 +115,7 @@ impl RedisWindows {
     pub(super) fn with_lease(inner: Arc<Inner>, lease: Duration) -> Self {
         RedisWindows {
             inner,
-            admit: Script::new(ADMIT_LUA),
+            admit: Arc::new(Script::new(ADMIT_LUA)),
             renew: Script::new(RENEW_LUA),
             lease,
         }
@@ -122,18 +123,32 @@ impl RedisWindows {
 
     /// Removes `member` from `keys` (one round trip).
     async fn remove(&self, keys: Vec<String>, member: &str) -> Result<(), StoreError> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut p = redis::pipe();
-        for k in &keys {
-            p.zrem(k, member).ignore();
-        }
-        let mut c = self.inner.conn.clone();
-        self.inner
-            .op("window release", p.query_async::<()>(&mut c))
-            .await
+        remove(&self.inner, keys, member).await
     }
+}
+
+/// Removes `member` from `keys` (one round trip).
+async fn remove(inner: &Inner, keys: Vec<String>, member: &str) -> Result<(), StoreError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut p = redis::pipe();
+    for k in &keys {
+        p.zrem(k, member).ignore();
+    }
+    let mut c = inner.conn.clone();
+    inner
+        .op("window release", p.query_async::<()>(&mut c))
+        .await
+}
+
+/// Every key a ticket holds a slot in: its rate windows, then its caps.
+fn ticket_keys(t: &Ticket) -> Vec<String> {
+    t.windows
+        .iter()
+        .map(|(id, secs)| window_key(&t.family, id, *secs))
+        .chain(t.caps.iter().map(|id| cap_key(&t.family, id)))
+        .collect()
 }
 
 impl WindowStore for RedisWindows {
@@ -144,90 +159,47 @@ impl WindowStore for RedisWindows {
         caps: &[CapSpec],
     ) -> BoxFuture<'_, Result<Admit, StoreError>> {
         let member = format!("{:032x}", rand::random::<u128>());
-        let mut inv = self.admit.prepare_invoke();
-        for w in windows {
-            inv.key(window_key(family, &w.id, w.seconds));
-        }
-        for c in caps {
-            inv.key(cap_key(family, &c.id));
-        }
-        inv.arg(windows.len())
-            .arg(&member)
-            .arg(self.lease.as_millis() as u64);
-        for w in windows {
-            inv.arg(w.seconds).arg(w.limit);
-        }
-        for c in caps {
-            inv.arg(c.limit);
-        }
         let ticket = Ticket {
             member,
             family: family.to_string(),
             windows: windows.iter().map(|w| (w.id.clone(), w.seconds)).collect(),
             caps: caps.iter().map(|c| c.id.clone()).collect(),
         };
-        let (windows, caps) = (windows.to_vec(), caps.to_vec());
+        let call = admit_call(
+            self.inner.clone(),
+            self.admit.clone(),
+            self.lease,
+            ticket,
+            windows.to_vec(),
+            caps.to_vec(),
+        );
+        let inner = self.inner.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
         async move {
-            let mut c = self.inner.conn.clone();
-            let out: Vec<i64> = self
-                .inner
-                .op("window admit", inv.invoke_async(&mut c))
-                .await?;
-            let unexpected = || {
-                StoreError::Io(format!(
-                    "redis at {} answered the window script unexpectedly",
+            // Redis runs a sent admission whatever the proxy does. A request
+            // dropped meanwhile (its client left) would hold its rate slots
+            // for their window and its in-flight slots for a lease: the call
+            // is finished instead, and the slots it took go back.
+            FinishOnDrop::new(async move {
+                if let Err(Ok(Admit::Admitted { ticket, .. })) = tx.send(call.await)
+                    && let Err(e) = remove(&inner, ticket_keys(&ticket), &ticket.member).await
+                {
+                    tracing::warn!(error = %e, "giving back the window slots of an abandoned request failed; they end with their window or lease");
+                }
+            })
+            .await;
+            rx.await.unwrap_or_else(|_| {
+                Err(StoreError::Io(format!(
+                    "redis at {}: the window admission stopped",
                     self.inner.target
-                ))
-            };
-            match out.as_slice() {
-                [0, i, wait] => {
-                    let i = usize::try_from(*i - 1).map_err(|_| unexpected())?;
-                    let (block, window, limit) = match windows.get(i) {
-                        Some(w) => (w.block, Some(w.seconds), w.limit),
-                        None => {
-                            let c = caps.get(i - windows.len()).ok_or_else(unexpected)?;
-                            (c.block, None, c.limit)
-                        }
-                    };
-                    Ok(Admit::Full(Full {
-                        block,
-                        window,
-                        limit,
-                        retry_after_ms: (*wait).max(1) as u64,
-                    }))
-                }
-                [1, counts @ ..] if counts.len() == windows.len() + caps.len() => {
-                    let n = |v: i64| v.max(0) as u64;
-                    Ok(Admit::Admitted {
-                        counts: WindowCounts {
-                            rates: windows
-                                .iter()
-                                .zip(counts)
-                                .map(|(w, c)| (w.block, w.seconds, n(*c)))
-                                .collect(),
-                            in_flight: caps
-                                .iter()
-                                .zip(&counts[windows.len()..])
-                                .map(|(cap, c)| (cap.block, n(*c)))
-                                .collect(),
-                        },
-                        ticket,
-                    })
-                }
-                _ => Err(unexpected()),
-            }
+                )))
+            })
         }
         .boxed()
     }
 
     fn cancel(&self, ticket: &Ticket) -> BoxFuture<'_, Result<(), StoreError>> {
-        let f = &ticket.family;
-        let keys: Vec<String> = ticket
-            .windows
-            .iter()
-            .map(|(id, secs)| window_key(f, id, *secs))
-            .chain(ticket.caps.iter().map(|id| cap_key(f, id)))
-            .collect();
+        let keys = ticket_keys(ticket);
         let member = ticket.member.clone();
         async move { self.remove(keys, &member).await }.boxed()
     }
@@ -259,5 +231,75 @@ impl WindowStore for RedisWindows {
 
     fn lease(&self) -> Option<Duration> {
         Some(self.lease)
+    }
+}
+
+/// One admission script call and what it decided; owns what it needs, so
+/// that it can finish on its own (see `admit`).
+async fn admit_call(
+    inner: Arc<Inner>,
+    script: Arc<Script>,
+    lease: Duration,
+    ticket: Ticket,
+    windows: Vec<WindowSpec>,
+    caps: Vec<CapSpec>,
+) -> Result<Admit, StoreError> {
+    let mut inv = script.prepare_invoke();
+    for k in ticket_keys(&ticket) {
+        inv.key(k);
+    }
+    inv.arg(windows.len())
+        .arg(&ticket.member)
+        .arg(lease.as_millis() as u64);
+    for w in &windows {
+        inv.arg(w.seconds).arg(w.limit);
+    }
+    for c in &caps {
+        inv.arg(c.limit);
+    }
+    let mut c = inner.conn.clone();
+    let out: Vec<i64> = inner.op("window admit", inv.invoke_async(&mut c)).await?;
+    let unexpected = || {
+        StoreError::Io(format!(
+            "redis at {} answered the window script unexpectedly",
+            inner.target
+        ))
+    };
+    match out.as_slice() {
+        [0, i, wait] => {
+            let i = usize::try_from(*i - 1).map_err(|_| unexpected())?;
+            let (block, window, limit) = match windows.get(i) {
+                Some(w) => (w.block, Some(w.seconds), w.limit),
+                None => {
+                    let c = caps.get(i - windows.len()).ok_or_else(unexpected)?;
+                    (c.block, None, c.limit)
+                }
+            };
+            Ok(Admit::Full(Full {
+                block,
+                window,
+                limit,
+                retry_after_ms: (*wait).max(1) as u64,
+            }))
+        }
+        [1, counts @ ..] if counts.len() == windows.len() + caps.len() => {
+            let n = |v: i64| v.max(0) as u64;
+            Ok(Admit::Admitted {
+                counts: WindowCounts {
+                    rates: windows
+                        .iter()
+                        .zip(counts)
+                        .map(|(w, c)| (w.block, w.seconds, n(*c)))
+                        .collect(),
+                    in_flight: caps
+                        .iter()
+                        .zip(&counts[windows.len()..])
+                        .map(|(cap, c)| (cap.block, n(*c)))
+                        .collect(),
+                },
+                ticket,
+            })
+        }
+        _ => Err(unexpected()),
     }
 }
