@@ -48,6 +48,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, IntoConnectionInfo, RedisResult, Script};
 
 mod batch;
+mod finish_on_drop;
 mod shared;
 mod snapshot;
 mod windows;
@@ -932,7 +933,7 @@ impl CounterStore for RedisStore {
                 let mut p = redis::pipe();
                 p.sadd(FAMILIES, &fams);
                 let inner = inner.clone();
-                batch::FinishOnDrop::new(async move {
+                finish_on_drop::FinishOnDrop::new(async move {
                     let mut conn = inner.conn.clone();
                     if let Err(e) = inner.op("SADD families", p.query_async::<()>(&mut conn)).await {
                         tracing::warn!(error = %e, "recording a new token family for the usage view failed");

@@ -22,14 +22,12 @@
 //! outcome is unknown (Redis did not answer in time) keeps its uses: deny
 //! when unsure.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
+use super::finish_on_drop::FinishOnDrop;
 use super::{Inner, TTL_AFTER_EXPIRY, UNSEEN, family_keys};
 use crate::store::{StoreError, now_unix};
 
@@ -113,45 +111,6 @@ pub(super) async fn submit(inner: &Arc<Inner>, job: Job) -> Result<(), Job> {
 async fn send_round(inner: Arc<Inner>, jobs: Vec<Job>, round: OwnedSemaphorePermit) {
     send(&inner, jobs).await;
     drop(round);
-}
-
-/// Polls a call in place; dropped before it ends, spawns the rest of it. A
-/// call sent to Redis runs there whatever the proxy does, so its answer
-/// must be read to know what it counted (or, for a write that follows a
-/// count, so that it is not left half done).
-pub(super) struct FinishOnDrop(Option<Pin<Box<dyn Future<Output = ()> + Send>>>);
-
-impl FinishOnDrop {
-    pub(super) fn new(f: impl Future<Output = ()> + Send + 'static) -> Self {
-        FinishOnDrop(Some(Box::pin(f)))
-    }
-}
-
-impl Future for FinishOnDrop {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(f) = self.0.as_mut() else {
-            return Poll::Ready(());
-        };
-        let r = f.as_mut().poll(cx);
-        if r.is_ready() {
-            self.0 = None;
-        }
-        r
-    }
-}
-
-impl Drop for FinishOnDrop {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            // Outside a runtime (its shutdown) there is nothing left to
-            // finish the call on; Redis keeps what it counted.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(f);
-            }
-        }
-    }
 }
 
 /// Gives back one use of each block (`(family, id)`) of a reservation that

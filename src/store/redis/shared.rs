@@ -20,7 +20,7 @@ use redis::Script;
 use sha2::{Digest as _, Sha256};
 
 use super::Inner;
-use super::batch::FinishOnDrop;
+use super::finish_on_drop::FinishOnDrop;
 use crate::monitor::alerts::AlertClaims;
 use crate::proxy::idempotency::{
     Claim, IdempotencyStore, MAX_FREE_RETRIES, Outcome, RequestDigest, Settle, Ticket, family_of,

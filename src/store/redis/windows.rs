@@ -24,7 +24,7 @@ use futures_util::future::BoxFuture;
 use redis::Script;
 
 use super::Inner;
-use super::batch::FinishOnDrop;
+use super::finish_on_drop::FinishOnDrop;
 use crate::store::StoreError;
 use crate::store::window::{Admit, Full, Ticket, WindowStore};
 use crate::verify::{CapSpec, WindowCounts, WindowSpec};
