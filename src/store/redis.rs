@@ -1289,7 +1289,7 @@ mod tests {
         let mut c = client.get_multiplexed_async_connection().await.unwrap();
         redis::cmd("CLIENT")
             .arg("PAUSE")
-            .arg(700)
+            .arg(500)
             .arg("WRITE")
             .query_async::<()>(&mut c)
             .await
@@ -1298,7 +1298,7 @@ mod tests {
             let (w, rate, cap) = (w.clone(), rate.clone(), cap.clone());
             tokio::spawn(async move { w.admit("f", &rate, &cap).await.map(|_| ()) })
         };
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!gave_up.is_finished(), "the admission waits for the pause");
         gave_up.abort();
         assert!(gave_up.await.is_err_and(|e| e.is_cancelled()));
@@ -1614,7 +1614,7 @@ mod tests {
         let mut pause = async || {
             redis::cmd("CLIENT")
                 .arg("PAUSE")
-                .arg(700)
+                .arg(500)
                 .arg("WRITE")
                 .query_async::<()>(&mut c)
                 .await
@@ -1625,7 +1625,7 @@ mod tests {
             tokio::spawn(async move { s.reserve(std::slice::from_ref(&a)).await })
         };
         let abandon = async |t: tokio::task::JoinHandle<_>| {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
             assert!(!t.is_finished(), "the call waits for the pause");
             t.abort();
             assert!(t.await.is_err_and(|e| e.is_cancelled()));
@@ -1927,7 +1927,7 @@ mod tests {
         let mut c = client.get_multiplexed_async_connection().await.unwrap();
         redis::cmd("CLIENT")
             .arg("PAUSE")
-            .arg(700)
+            .arg(500)
             .arg("WRITE")
             .query_async::<()>(&mut c)
             .await
@@ -1937,7 +1937,7 @@ mod tests {
             let i = i.clone();
             tokio::spawn(async move { i.claim(k, conformance::A).await.map(|_| ()) })
         };
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!gave_up.is_finished(), "the claim waits for the pause");
         gave_up.abort();
         assert!(gave_up.await.is_err_and(|e| e.is_cancelled()));

@@ -813,7 +813,7 @@ async fn a_client_that_hangs_up_while_redis_counts_spends_nothing() {
     let token = homes[0].token("openai", Some(3));
     assert_eq!(chat(&proxies[0], &token, "m").await.0, 200);
 
-    assert!(redis_inline(redis.port, "CLIENT PAUSE 600 WRITE").starts_with("+OK"));
+    assert!(redis_inline(redis.port, "CLIENT PAUSE 500 WRITE").starts_with("+OK"));
     let body = r#"{"model":"m","messages":[]}"#;
     let mut s = tokio::net::TcpStream::connect(proxies[0].addr)
         .await
@@ -825,7 +825,7 @@ async fn a_client_that_hangs_up_while_redis_counts_spends_nothing() {
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     drop(s);
     // The pause ends (within the store's 1 s deadline for a call, past
     // which the outcome would be unknown and the use kept); the script runs
