@@ -125,8 +125,13 @@ pub(super) fn give_back<'a>(inner: &Arc<Inner>, blocks: impl Iterator<Item = (&'
         let [count, ..] = family_keys(family);
         args.push((count, id.to_string()));
     }
+    // Called from destructors too: outside a runtime (its shutdown) there
+    // is nothing to send the release on, and the uses stay counted.
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     let inner = inner.clone();
-    tokio::spawn(async move {
+    rt.spawn(async move {
         let mut inv = inner.release.prepare_invoke();
         for (key, id) in &args {
             inv.key(key).arg(id);
