@@ -1206,6 +1206,29 @@ mod tests {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+
+        /// Holds every write, script calls included, for 500 ms: a Redis
+        /// slow to answer.
+        async fn pause_writes(&self) {
+            let client = redis::Client::open(self.url()).unwrap();
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(500)
+                .arg("WRITE")
+                .query_async::<()>(&mut c)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// The request running in `t` gives up 200 ms into a pause (its client
+    /// left), while its Redis call is still out.
+    async fn give_up_while_paused<T: 'static>(t: tokio::task::JoinHandle<T>) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!t.is_finished(), "the call waits for the pause");
+        t.abort();
+        assert!(t.await.is_err_and(|e| e.is_cancelled()));
     }
 
     impl Drop for Server {
@@ -1285,23 +1308,12 @@ mod tests {
             panic!("first slot")
         };
         w.finish(&ticket).await.unwrap();
-        let client = redis::Client::open(server.url()).unwrap();
-        let mut c = client.get_multiplexed_async_connection().await.unwrap();
-        redis::cmd("CLIENT")
-            .arg("PAUSE")
-            .arg(500)
-            .arg("WRITE")
-            .query_async::<()>(&mut c)
-            .await
-            .unwrap();
+        server.pause_writes().await;
         let gave_up = {
             let (w, rate, cap) = (w.clone(), rate.clone(), cap.clone());
             tokio::spawn(async move { w.admit("f", &rate, &cap).await.map(|_| ()) })
         };
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!gave_up.is_finished(), "the admission waits for the pause");
-        gave_up.abort();
-        assert!(gave_up.await.is_err_and(|e| e.is_cancelled()));
+        give_up_while_paused(gave_up).await;
         // The cap (1 in flight) is free again, and the hour's window (2)
         // still has the second slot.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -1608,32 +1620,14 @@ mod tests {
         let s = RedisStore::connect(&server.url(), None).await.unwrap();
         let a = spec("a", None);
         s.reserve(std::slice::from_ref(&a)).await.unwrap();
-        let client = redis::Client::open(server.url()).unwrap();
-        let mut c = client.get_multiplexed_async_connection().await.unwrap();
-        // Redis holds every script call (a write) until the pause ends.
-        let mut pause = async || {
-            redis::cmd("CLIENT")
-                .arg("PAUSE")
-                .arg(500)
-                .arg("WRITE")
-                .query_async::<()>(&mut c)
-                .await
-                .unwrap()
-        };
         let reserve = |s: &RedisStore| {
             let (s, a) = (s.clone(), a.clone());
             tokio::spawn(async move { s.reserve(std::slice::from_ref(&a)).await })
         };
-        let abandon = async |t: tokio::task::JoinHandle<_>| {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            assert!(!t.is_finished(), "the call waits for the pause");
-            t.abort();
-            assert!(t.await.is_err_and(|e| e.is_cancelled()));
-        };
 
         // 1. A round was free: the request sent the call itself.
-        pause().await;
-        abandon(reserve(&s)).await;
+        server.pause_writes().await;
+        give_up_while_paused(reserve(&s)).await;
         assert_eq!(count_settles(&s, "a", 1).await, 1, "sent by the request");
 
         // 2. Both rounds busy: the reservation queues, the batcher sends it.
@@ -1647,9 +1641,9 @@ mod tests {
             .unwrap();
         let queued = reserve(&s);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        pause().await;
+        server.pause_writes().await;
         drop(held);
-        abandon(queued).await;
+        give_up_while_paused(queued).await;
         assert_eq!(count_settles(&s, "a", 1).await, 1, "sent by the batcher");
 
         // Given back once each, not more: the next use is the second.
@@ -1923,24 +1917,13 @@ mod tests {
             panic!("fresh")
         };
         t.finish(true).await;
-        let client = redis::Client::open(server.url()).unwrap();
-        let mut c = client.get_multiplexed_async_connection().await.unwrap();
-        redis::cmd("CLIENT")
-            .arg("PAUSE")
-            .arg(500)
-            .arg("WRITE")
-            .query_async::<()>(&mut c)
-            .await
-            .unwrap();
+        server.pause_writes().await;
         let k = "fam\nlast\nabandoned";
         let gave_up = {
             let i = i.clone();
             tokio::spawn(async move { i.claim(k, conformance::A).await.map(|_| ()) })
         };
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!gave_up.is_finished(), "the claim waits for the pause");
-        gave_up.abort();
-        assert!(gave_up.await.is_err_and(|e| e.is_cancelled()));
+        give_up_while_paused(gave_up).await;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             match i.claim(k, conformance::A).await.unwrap() {
