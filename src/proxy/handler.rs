@@ -492,6 +492,39 @@ pub(super) async fn reserve_and_recheck(
     windows: &WindowCounts,
     obs: &mut Observation,
 ) -> Result<(), ProxyError> {
+    reserve_checked(st, token, facts, windows, obs)
+        .await
+        .map(Reserved::spend)
+}
+
+/// A use reserved, re-checked and durable, not yet spent: dropping or
+/// releasing it gives the use back. Several of them let a batch spend all
+/// its uses or none.
+pub(super) struct Reserved(ReservationGuard<BlockIds>);
+
+impl Reserved {
+    /// The request goes out: the use is spent.
+    pub(super) fn spend(self) {
+        self.0.spend();
+    }
+
+    /// Gives the use back now, waiting for the store.
+    pub(super) async fn release(self) {
+        if let Err(e) = self.0.release().await {
+            tracing::error!(error = %e, "giving back the use of a request not sent failed");
+        }
+    }
+}
+
+/// [`reserve_and_recheck`] that leaves the use unspent, for the caller to
+/// spend or give back.
+pub(super) async fn reserve_checked(
+    st: &AppState,
+    token: &Arc<VerifiedToken>,
+    facts: &RequestFacts,
+    windows: &WindowCounts,
+    obs: &mut Observation,
+) -> Result<Reserved, ProxyError> {
     let t0 = Instant::now();
     let Reservation { uses, durable } = st
         .counters
@@ -515,12 +548,11 @@ pub(super) async fn reserve_and_recheck(
     // dropped meanwhile, the guard gives the use back.
     durable.await.map_err(store_error)?;
     obs.reserve = Some(t0.elapsed());
-    guard.spend();
-    Ok(())
+    Ok(Reserved(guard))
 }
 
 /// The block ids of a verified token, shared rather than copied.
-struct BlockIds(Arc<VerifiedToken>);
+pub(super) struct BlockIds(Arc<VerifiedToken>);
 
 impl AsRef<[String]> for BlockIds {
     fn as_ref(&self) -> &[String] {

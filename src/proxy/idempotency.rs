@@ -3,7 +3,7 @@
 //! A retry within the window reuses the use counts of the first attempt
 //! instead of reserving new ones, but only while the earlier attempt did
 //! not get an answer from the upstream (connection error, timeout, 5xx), at
-//! most [`MAX_FREE_RETRIES`] times, and only for the **same request**: the
+//! most [`MAX_FREE_RETRIES`] times per counted attempt, and only for the **same request**: the
 //! same method, path, query and body (a SHA-256 digest). Otherwise an agent
 //! could replay one key forever, or spend a failed attempt's counts on a
 //! different request.
@@ -31,7 +31,8 @@ use sha2::{Digest as _, Sha256};
 use crate::store::{CounterStore, StoreError};
 use crate::verify::VerifiedToken;
 
-/// Free retries per key and window.
+/// Free retries per counted attempt: the next retry is counted again, so
+/// a key makes at most this many + 1 upstream calls per use it spends.
 pub const MAX_FREE_RETRIES: u32 = 5;
 /// Longest key accepted.
 pub const MAX_KEY_LEN: usize = 256;

@@ -35,8 +35,8 @@ use serde_json::{Value, json};
 use super::error::{Api, ProxyError};
 use super::forward::{Outgoing, forward};
 use super::handler::{
-    Counts, admit_windows, decide_off_the_workers, extract_token, read_body, reserve_and_recheck,
-    respond_with, split_service, verify_token,
+    Counts, Reserved, admit_windows, decide_off_the_workers, extract_token, read_body,
+    reserve_checked, respond_with, split_service, verify_token,
 };
 use super::{AppState, Upstream};
 use crate::decide::{Stage, decide_free};
@@ -312,23 +312,31 @@ async fn handle(
     }
 
     // Spend: one use and one slot of every rate window and concurrency
-    // cap per tool call, exactly as an HTTP request. The slots taken are
-    // given back if a later call of the batch is refused.
+    // cap per tool call, exactly as an HTTP request, all or none: the uses
+    // and slots taken are given back if a later call of the batch is
+    // refused (its window full, or the uses gone to a concurrent request),
+    // since the batch is then not sent at all.
     let mut window_guards = Vec::new();
+    let mut reserved = Vec::with_capacity(calls.len());
     let spend = async {
         for facts in &calls {
             let (windows, guard) = admit_windows(st, &token, obs).await?;
             window_guards.extend(guard);
-            reserve_and_recheck(st, &token, facts, &windows, obs).await?;
+            reserved.push(reserve_checked(st, &token, facts, &windows, obs).await?);
         }
         Ok::<(), ProxyError>(())
     };
     if let Err(e) = spend.await {
+        for r in reserved {
+            r.release().await;
+        }
+        obs.uses = Some(counts.values.clone());
         for id in &request_ids {
             answer.errors.push(error_body(&e, id.clone()));
         }
         return Err(e);
     }
+    reserved.into_iter().for_each(Reserved::spend);
 
     // A compressed answer could not be filtered.
     parts.headers.insert(

@@ -491,6 +491,100 @@ async fn smuggled_tool_names_are_refused_before_the_server() {
     assert_eq!(server.deletions(), 0);
 }
 
+/// A batch is sent whole or not at all, so a batch refused part-way
+/// through its spending (a full rate window or concurrency cap at its k-th
+/// call) gives back the uses its earlier calls took: a refusal the answer
+/// calls retryable must not cost anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_refused_by_its_window_or_cap_spends_no_use() {
+    if !sdk_installed() {
+        return;
+    }
+    let server = McpServer::start();
+    let home = Home::new();
+    let proxy = proxy(&home, &server);
+    // The server checks the headers of the newest protocol.
+    let one = [
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "delete_everything"),
+    ];
+    let batch = |n: u64| {
+        Value::Array((1..=n).map(|i| call_body(i, "delete_everything")).collect()).to_string()
+    };
+
+    // Three uses, two calls an hour: a batch of three fills the window at
+    // its third call.
+    let windowed = home.issue(Scope {
+        services: vec!["tools".into()],
+        max_uses: Some(3),
+        rates: vec![till::token::vocab::Rate {
+            limit: 2,
+            seconds: 3600,
+        }],
+        ..Scope::default()
+    });
+    for _ in 0..3 {
+        let (s, v) = at(&proxy).post(&windowed, &batch(3), &[]).await;
+        assert_eq!(s, 429, "{v}");
+        assert_eq!(v[0]["error"]["data"]["till_code"], "rate_limited", "{v}");
+    }
+    assert_eq!(server.deletions(), 0);
+    // All three uses are left: the window, not the budget, stops the third
+    // call. (The SDK's server takes no batches, hence single calls.)
+    for id in 1..=2 {
+        let (s, v) = at(&proxy)
+            .post(
+                &windowed,
+                &call_body(id, "delete_everything").to_string(),
+                &one,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert!(
+            v.get("result").is_some(),
+            "the refused batches spent the uses of their first calls: {v}"
+        );
+    }
+    let (s, v) = at(&proxy)
+        .post(
+            &windowed,
+            &call_body(3, "delete_everything").to_string(),
+            &one,
+        )
+        .await;
+    assert_eq!(s, 429, "{v}");
+    assert_eq!(v["error"]["data"]["till_code"], "rate_limited", "{v}");
+    assert_eq!(server.deletions(), 2);
+
+    // Two uses, one call at a time: a batch of two never fits, and
+    // leaves both uses to single calls.
+    let capped = home.issue(Scope {
+        services: vec!["tools".into()],
+        max_uses: Some(2),
+        concurrency: Some(1),
+        ..Scope::default()
+    });
+    for _ in 0..3 {
+        let (s, v) = at(&proxy).post(&capped, &batch(2), &[]).await;
+        assert_eq!(s, 429, "{v}");
+    }
+    for id in 1..=2 {
+        let (s, v) = at(&proxy)
+            .post(
+                &capped,
+                &call_body(id, "delete_everything").to_string(),
+                &one,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert!(
+            v.get("result").is_some(),
+            "the refused batches spent the use of their first call: {v}"
+        );
+    }
+    assert_eq!(server.deletions(), 4);
+}
+
 #[test]
 fn the_cli_issues_inspects_narrows_and_verifies_tool_scopes() {
     let home = Home::new();
