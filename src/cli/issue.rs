@@ -87,7 +87,10 @@ impl ScopeArgs {
             .map(|p| vocab::normalize_prefix(p))
             .collect::<Result<Vec<_>, _>>()?;
         let expires = match (&self.ttl, &self.expires) {
-            (Some(t), _) => Some(SystemTime::now() + parse_ttl(t)?),
+            (Some(t), _) => Some(
+                token::expiry_after(SystemTime::now(), parse_ttl(t)?)
+                    .map_err(|e| flag_error(&format!("--ttl {t}:"), e))?,
+            ),
             (None, Some(e)) => Some(token::parse_time(e).map_err(|e| flag_error("--expires", e))?),
             (None, None) => None,
         };

@@ -166,11 +166,7 @@ pub fn key(home: &Path, a: KeyArgs) -> anyhow::Result<ExitCode> {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for r in ks.records() {
-                    let when = |t: u64| {
-                        crate::token::format_time(
-                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
-                        )
-                    };
+                    let when = crate::token::format_unix;
                     let mut line = format!(
                         "{}  {:<9}  created {}  {}",
                         r.id,
@@ -210,9 +206,7 @@ pub fn key(home: &Path, a: KeyArgs) -> anyhow::Result<ExitCode> {
             match at {
                 Some(t) => eprintln!(
                     "root key {id} verifies until {}, then its tokens are refused; {PICK_UP}",
-                    crate::token::format_time(
-                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)
-                    )
+                    crate::token::format_unix(t)
                 ),
                 None => eprintln!(
                     "retired root key {id}: tokens issued under it are refused from now on; {PICK_UP}"

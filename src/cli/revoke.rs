@@ -283,11 +283,7 @@ pub fn run(home: &Path, a: RevokeArgs) -> anyhow::Result<ExitCode> {
         for item in v["revoked"].as_array().into_iter().flatten() {
             let at = item["revoked_at"]
                 .as_u64()
-                .map(|s| {
-                    crate::token::format_time(
-                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
-                    )
-                })
+                .map(crate::token::format_unix)
                 .unwrap_or_default();
             outln!("{}  {at}", item["id"].as_str().unwrap_or(""));
         }

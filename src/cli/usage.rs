@@ -31,9 +31,7 @@ pub struct UsageArgs {
 
 fn time(v: &Value) -> String {
     v.as_u64()
-        .map(|s| {
-            crate::token::format_time(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
-        })
+        .map(crate::token::format_unix)
         .unwrap_or_else(|| "-".into())
 }
 

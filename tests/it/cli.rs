@@ -2056,3 +2056,67 @@ fn verify_json_gives_the_verdict_and_the_reason_with_the_same_exit_codes() {
     assert_eq!(v["allowed"], false);
     assert!(v["reason"].as_str().unwrap().contains("github"), "{v}");
 }
+
+/// Regression: an expiry past 9999-12-31T23:59:59Z (the red team's
+/// `$t <= 9999-12-31T23:59:59-23:59`, 10000-01-01 in UTC) panicked inside
+/// the `time` crate: `inspect` and `verify` exited 101, `attenuate
+/// --datalog` and `issue --ttl 99999999999d` panicked. Now each is a clear
+/// one-line error.
+#[test]
+fn regression_an_expiry_past_year_9999_is_a_clear_error_not_a_panic() {
+    let h = Home::new();
+    let parent = h.token("openai", Some(10));
+    let check = "check if time($t), $t <= 9999-12-31T23:59:59-23:59;";
+    // Written with biscuit-auth, as an agent with another library could.
+    let child = biscuit_auth::UnverifiedBiscuit::from_base64(&parent)
+        .unwrap()
+        .append(
+            biscuit_auth::builder::BlockBuilder::new()
+                .code(check)
+                .unwrap(),
+        )
+        .unwrap()
+        .to_base64()
+        .unwrap();
+    let refused = "block 1 expires after 9999-12-31T23:59:59Z";
+    usage_error(
+        &till(["inspect", "--token", &child]).run(),
+        &[refused, "write an expiry up to 9999-12-31T23:59:59Z"],
+    );
+    denied(&verify(&h, &child, &["--service", "openai"]), &[refused]);
+    usage_error(
+        &till(["attenuate", "--token", &parent, "--datalog", check]).run(),
+        &[refused],
+    );
+    usage_error(
+        &till(["issue", "--service", "openai", "--ttl", "99999999999d"])
+            .home(&h)
+            .run(),
+        &["--ttl 99999999999d", "after 9999-12-31T23:59:59Z"],
+    );
+    for flag in [
+        ["issue", "--service", "openai"],
+        ["attenuate", "--token", &parent],
+    ] {
+        let mut a = flag.to_vec();
+        a.extend(["--expires", "9999-12-31T23:59:59-23:59"]);
+        usage_error(
+            &till(a).home(&h).run(),
+            &["--expires", "outside the times Till handles"],
+        );
+    }
+    usage_error(
+        &till([
+            "verify",
+            "--token",
+            &parent,
+            "--service",
+            "openai",
+            "--at",
+            "1969-12-31T23:59:59Z",
+        ])
+        .home(&h)
+        .run(),
+        &["outside the times Till handles"],
+    );
+}

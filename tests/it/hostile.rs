@@ -71,6 +71,62 @@ fn attenuation_blocks_outside_the_accepted_shape_are_refused_before_signatures()
         .stderr_has("rules are not allowed");
 }
 
+/// Regression: an agent attenuated its own token with an expiry the `time`
+/// crate cannot represent (9999-12-31T23:59:59-23:59 is 10000-01-01 in
+/// UTC). Every request with it panicked a worker: no answer, no audit line.
+/// Now it is a 401 `invalid_token` that says why, audited like any other,
+/// and the same block on an admin token cannot log in to the dashboard.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_an_expiry_past_year_9999_gets_a_401_not_a_panicked_worker() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let check = "check if time($t), $t <= 9999-12-31T23:59:59-23:59";
+    let parent = home.token("openai", Some(10));
+    let child = append_raw(&parent, check);
+    for _ in 0..2 {
+        let (status, body) = chat(&proxy, &child, "gpt-4o-mini").await;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(body["error"]["code"], "invalid_token", "{body}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("block 1 expires after 9999-12-31T23:59:59Z"),
+            "{msg}"
+        );
+    }
+    assert_eq!(up.count(), 0);
+    assert_eq!(chat(&proxy, &parent, "gpt-4o-mini").await.0, 200);
+    let audit_file = home.path().join("audit.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut audit = String::new();
+    while audit.matches("invalid_token").count() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        audit = std::fs::read_to_string(&audit_file).unwrap_or_default();
+    }
+    assert_eq!(audit.matches("invalid_token").count(), 2, "{audit}");
+
+    let admin = append_raw(&home.admin(), check);
+    let r = client()
+        .post(proxy.url("/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "token={}",
+            percent_encoding::utf8_percent_encode(&admin, percent_encoding::NON_ALPHANUMERIC)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("expires after 9999-12-31T23:59:59Z")
+    );
+    assert!(!proxy.logs().contains("panicked"), "{}", proxy.logs());
+}
+
 /// The flood uses the costliest blocks the shape check *accepts* (they
 /// reach Datalog: about 15,000 string scans each, with a model as long as
 /// Till accepts), each token distinct so no cache helps, next to blocks the

@@ -874,6 +874,7 @@ impl CounterSpec {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
     use std::path::PathBuf;
     use std::time::{Duration, SystemTime};
 
@@ -899,6 +900,79 @@ mod tests {
             mcp: None,
             time,
         }
+    }
+
+    /// `parent` with a block appended through biscuit-auth directly, as an
+    /// agent with any Biscuit library can (Till's own `attenuate` refuses
+    /// what the verifier would).
+    fn append_raw(parent: &str, code: &str, date: u64) -> String {
+        let block = biscuit_auth::builder::BlockBuilder::new()
+            .code_with_params(
+                code,
+                HashMap::from([("d".to_string(), biscuit_auth::builder::Term::Date(date))]),
+                HashMap::new(),
+            )
+            .unwrap();
+        biscuit_auth::UnverifiedBiscuit::from_base64(parent)
+            .unwrap()
+            .append(block)
+            .unwrap()
+            .to_base64()
+            .unwrap()
+    }
+
+    #[test]
+    fn regression_an_expiry_past_year_9999_is_refused_not_a_panic() {
+        let root = keys::generate();
+        let v = Verifier::new(root.public(), Policies::default_policy());
+        let parent = issue(&root, &scope(5, 60)).unwrap();
+        // The red team's block: 9999-12-31T23:59:59-23:59 is 10000-01-01 in UTC.
+        let text = "check if time($t), $t <= 9999-12-31T23:59:59-23:59;";
+        let child = biscuit_auth::UnverifiedBiscuit::from_base64(&parent)
+            .unwrap()
+            .append(
+                biscuit_auth::builder::BlockBuilder::new()
+                    .code(text)
+                    .unwrap(),
+            )
+            .unwrap()
+            .to_base64()
+            .unwrap();
+        // Any u64 fits a Datalog date; the largest overflowed SystemTime too.
+        let max = append_raw(&parent, "check if time($t), $t <= {d};", u64::MAX);
+        for token in [&child, &max] {
+            let e = v.verify_token(token).unwrap_err();
+            assert!(
+                e.to_string().contains("expires after 9999-12-31T23:59:59Z"),
+                "{e}"
+            );
+            let e = crate::token::inspect::inspect(&RawToken::parse(token).unwrap()).unwrap_err();
+            assert!(e.to_string().contains("block 1 expires after"), "{e}");
+        }
+        // Till's own attenuation refuses to write it, and its time parser to read it.
+        let e = attenuate(
+            &parent,
+            &Scope {
+                datalog: Some(text.into()),
+                ..Scope::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("expires after"), "{e}");
+        let e = crate::token::parse_time("9999-12-31T23:59:59-23:59").unwrap_err();
+        assert!(
+            e.to_string().contains("outside the times Till handles"),
+            "{e}"
+        );
+        // The last second Till handles is still an expiry it reads and shows.
+        let last = append_raw(&parent, "check if time($t), $t <= {d};", 253_402_300_799);
+        let t = v.verify_token(&last).unwrap();
+        assert_eq!(
+            t.view.blocks[1].expires.as_deref(),
+            Some("9999-12-31T23:59:59Z")
+        );
+        v.authorize(&t, &req("/v1/chat", SystemTime::now()), &[1, 1])
+            .unwrap();
     }
 
     #[test]

@@ -18,7 +18,7 @@ use prost::Message;
 use serde::Serialize;
 
 use super::vocab::names;
-use super::{RawToken, TokenError, format_time};
+use super::{MAX_TIME, MAX_TIME_UNIX, RawToken, TokenError, format_unix};
 
 /// What one check of a block means in Till's vocabulary.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -284,6 +284,21 @@ pub fn inspect(raw: &RawToken) -> Result<TokenView, TokenError> {
             *ext,
         ));
     }
+    // An expiry Till cannot represent would be one it could neither show nor
+    // compare as a time: refuse the token instead of guessing (an earlier
+    // bound would deny uses the token allows, a missing one would hide it).
+    for v in &views {
+        for c in &v.checks {
+            if let CheckMeaning::Expires { unix, .. } = c
+                && *unix > MAX_TIME_UNIX
+            {
+                return Err(TokenError::Shape(format!(
+                    "block {} expires after {MAX_TIME} (`check if time($t), $t <= ...`), later than Till handles; write an expiry up to {MAX_TIME}, or none",
+                    v.index
+                )));
+            }
+        }
+    }
     Ok(TokenView {
         family: ids.first().cloned().unwrap_or_default(),
         blocks: views,
@@ -441,7 +456,11 @@ fn describe(
             _ => None,
         })
         .min();
-    let expires_at = expires_unix.map(|u| UNIX_EPOCH + Duration::from_secs(u));
+    // Checked: a crafted block can hold any u64 as a date. An expiry past
+    // MAX_TIME_UNIX gets none here, and `inspect` refuses the token.
+    let expires_at = expires_unix
+        .filter(|u| *u <= MAX_TIME_UNIX)
+        .and_then(|u| UNIX_EPOCH.checked_add(Duration::from_secs(u)));
     BlockView {
         index,
         revocation_id,
@@ -453,7 +472,7 @@ fn describe(
         rates,
         concurrency,
         window_problem,
-        expires: expires_at.map(format_time),
+        expires: expires_unix.map(format_unix),
         expires_at,
         checks,
         warnings,
@@ -614,7 +633,7 @@ fn meaning(check: &Check, syms: &SymbolTable, esc: &SymbolTable) -> CheckMeaning
     }
     if check.queries.len() == 1 && names0 == [names::TIME] && is_at_most(q0) {
         if let [Term::Date(d)] = constants(q0).as_slice() {
-            let at = format_time(UNIX_EPOCH + Duration::from_secs(*d));
+            let at = format_unix(*d);
             return CheckMeaning::Expires { at, unix: *d };
         }
         return custom();

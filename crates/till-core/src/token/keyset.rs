@@ -33,7 +33,7 @@ use ed25519_dalek::Signer as _;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::{RawToken, TokenError, keys};
+use super::{RawToken, TokenError, format_unix, keys};
 
 /// Directory of rotated keys and their index, inside the state directory.
 pub const KEYS_DIR: &str = "keys";
@@ -45,10 +45,6 @@ fn now_unix() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn format_unix(t: u64) -> String {
-    super::format_time(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
 }
 
 /// One root key of the set, as the index and the published document hold

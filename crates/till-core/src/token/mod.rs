@@ -248,12 +248,22 @@ fn attenuate_inner(
     })?;
     let text = child.to_base64().map_err(TokenError::from_biscuit)?;
     // Refuse to hand out a block the verifier would refuse (e.g. a rule
-    // given with --datalog).
-    shape::check(&RawToken::parse(&text)?)?;
+    // given with --datalog, or an expiry past MAX_TIME).
+    let child = RawToken::parse(&text)?;
+    shape::check(&child)?;
+    inspect::inspect(&child)?;
     Ok(text)
 }
 
-/// Parses an RFC 3339 instant.
+/// The latest instant Till reads or writes: 9999-12-31T23:59:59Z. The
+/// `time` crate (built without its large-dates feature) cannot represent a
+/// later one, and no token needs one; a later expiry is refused rather than
+/// guessed at.
+pub const MAX_TIME_UNIX: u64 = 253_402_300_799;
+/// [`MAX_TIME_UNIX`] as RFC 3339, for error messages.
+pub const MAX_TIME: &str = "9999-12-31T23:59:59Z";
+
+/// Parses an RFC 3339 instant between 1970-01-01T00:00:00Z and [`MAX_TIME`].
 pub fn parse_time(s: &str) -> Result<SystemTime, TokenError> {
     let t = time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
         .map_err(|e| {
@@ -261,15 +271,62 @@ pub fn parse_time(s: &str) -> Result<SystemTime, TokenError> {
             "{s:?} is not an RFC 3339 time ({e}); example: 2026-12-01T00:00:00Z"
         ))
     })?;
-    Ok(SystemTime::from(t))
+    // A local date of year 9999 with a negative offset is in year 10000 in
+    // UTC, and Datalog dates are unsigned seconds since 1970.
+    let unix = u64::try_from(t.unix_timestamp())
+        .ok()
+        .filter(|u| *u <= MAX_TIME_UNIX)
+        .ok_or_else(|| {
+            TokenError::InvalidScope(format!(
+                "{s:?} is outside the times Till handles (1970-01-01T00:00:00Z to {MAX_TIME}); give a time in that range"
+            ))
+        })?;
+    Ok(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(unix))
 }
 
-/// Formats an instant as RFC 3339 (UTC, seconds).
+/// Seconds since 1970 of `t`, if it is an instant Till handles (up to
+/// [`MAX_TIME_UNIX`]).
+pub fn unix_secs(t: SystemTime) -> Option<u64> {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
+        .filter(|u| *u <= MAX_TIME_UNIX)
+}
+
+/// The expiry of a token that lives `ttl` from `now`; refused past
+/// [`MAX_TIME`] (a `--ttl 99999999999d` would otherwise overflow).
+pub fn expiry_after(now: SystemTime, ttl: std::time::Duration) -> Result<SystemTime, TokenError> {
+    now.checked_add(ttl)
+        .filter(|t| unix_secs(*t).is_some())
+        .ok_or_else(|| {
+            TokenError::InvalidScope(format!(
+                "a lifetime of {} s puts the expiry after {MAX_TIME}, the latest time Till handles; give a shorter one",
+                ttl.as_secs()
+            ))
+        })
+}
+
+/// Formats an instant as RFC 3339 (UTC, seconds). Never fails: an instant
+/// outside what Till handles is described in words.
 pub fn format_time(t: SystemTime) -> String {
-    let dt = time::OffsetDateTime::from(t);
-    let dt = dt.replace_nanosecond(0).unwrap_or(dt);
-    dt.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "?".into())
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => format_unix(d.as_secs()),
+        Err(_) => "before 1970-01-01T00:00:00Z".into(),
+    }
+}
+
+/// Formats seconds since 1970 as RFC 3339 (UTC). Never fails: the seconds
+/// come from tokens, stores and other processes, and may be anything.
+pub fn format_unix(secs: u64) -> String {
+    Some(secs)
+        .filter(|s| *s <= MAX_TIME_UNIX)
+        .and_then(|s| i64::try_from(s).ok())
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|dt| {
+            dt.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("after {MAX_TIME}"))
 }
 
 /// Parses a duration such as `90s`, `10m`, `24h`, `7d` or `1h30m`.
@@ -313,6 +370,60 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, TokenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_out_of_range_are_errors_not_panics() {
+        use crate::policy::Policies;
+        use crate::verify::Verifier;
+        use std::time::Duration;
+        assert_eq!(format_unix(MAX_TIME_UNIX), "9999-12-31T23:59:59Z");
+        assert_eq!(format_unix(MAX_TIME_UNIX + 1), "after 9999-12-31T23:59:59Z");
+        assert_eq!(format_unix(u64::MAX), "after 9999-12-31T23:59:59Z");
+        let late = SystemTime::UNIX_EPOCH + Duration::from_secs(MAX_TIME_UNIX + 86_400);
+        assert_eq!(format_time(late), "after 9999-12-31T23:59:59Z");
+        let early = SystemTime::UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(format_time(early), "before 1970-01-01T00:00:00Z");
+        // `till issue --ttl 99999999999d`, and a lifetime SystemTime cannot add.
+        let now = SystemTime::now();
+        for ttl in [99_999_999_999 * 86_400, u64::MAX] {
+            let e = expiry_after(now, Duration::from_secs(ttl)).unwrap_err();
+            assert!(e.to_string().contains("after 9999-12-31T23:59:59Z"), "{e}");
+        }
+        assert!(expiry_after(now, Duration::from_secs(60)).is_ok());
+        // Issuing with an expiry Datalog cannot hold, or before 1970.
+        let root = keys::generate();
+        for t in [late, early] {
+            let e = issue(
+                &root,
+                &Scope {
+                    services: vec!["openai".into()],
+                    expires: Some(t),
+                    ..Scope::default()
+                },
+            )
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("outside the times Till handles"),
+                "{e}"
+            );
+        }
+        // A request time before 1970 is refused, not a panic in biscuit-auth.
+        let v = Verifier::new(root.public(), Policies::default_policy());
+        let openai = Scope {
+            services: vec!["openai".into()],
+            ..Scope::default()
+        };
+        let t = v.verify_token(&issue(&root, &openai).unwrap()).unwrap();
+        let facts = RequestFacts {
+            service: "openai".into(),
+            method: "POST".into(),
+            path: "/v1/chat".into(),
+            model: None,
+            mcp: None,
+            time: early,
+        };
+        assert!(v.authorize(&t, &facts, &[1]).is_err());
+    }
 
     #[test]
     fn durations() {

@@ -376,10 +376,17 @@ fn common(mut b: BlockBuilder, scope: &Scope, index: usize) -> Result<BlockBuild
         b = target_check(b, RESOURCES_READ, names::RESOURCE, prefixes)?;
     }
     if let Some(exp) = scope.expires {
+        let exp = super::unix_secs(exp).ok_or_else(|| {
+            TokenError::InvalidScope(format!(
+                "the expiry {} is outside the times Till handles (1970-01-01T00:00:00Z to {}); give one in that range",
+                super::format_time(exp),
+                super::MAX_TIME
+            ))
+        })?;
         b = add_code(
             b,
             "check if time($t), $t <= {exp}",
-            vec![("exp", builder::date(&exp))],
+            vec![("exp", Term::Date(exp))],
         )?;
     }
     if let Some(label) = &scope.label {
@@ -580,8 +587,13 @@ impl RequestFacts {
                 a = a.fact(fact(name, &[string(target)])).map_err(e)?;
             }
         }
+        // biscuit's `builder::date` panics on a time before 1970.
+        let now = self
+            .time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| TokenError::InvalidScope("the request time is before 1970".into()))?;
         a = a
-            .fact(fact(names::TIME, &[builder::date(&self.time)]))
+            .fact(fact(names::TIME, &[Term::Date(now.as_secs())]))
             .map_err(e)?;
         for (k, n) in uses.iter().enumerate() {
             let n = i64::try_from(*n).unwrap_or(i64::MAX);
