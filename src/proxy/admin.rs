@@ -210,6 +210,17 @@ pub(crate) async fn authenticate_token(
     method: &str,
     path: &str,
 ) -> Result<Arc<VerifiedToken>, ProxyError> {
+    authenticate_as(st, text, &[(method, path)]).await
+}
+
+/// [`authenticate_token`] for one request that stands for several admin
+/// requests (a dashboard refresh shows what three admin endpoints show):
+/// every `(method, path)` must be allowed, and the request counts as one use.
+pub(crate) async fn authenticate_as(
+    st: &AppState,
+    text: &str,
+    requests: &[(&str, &str)],
+) -> Result<Arc<VerifiedToken>, ProxyError> {
     let token = st
         .verify_cached(text)
         .map_err(|e| ProxyError::InvalidToken(e.to_string()))?;
@@ -220,24 +231,24 @@ pub(crate) async fn authenticate_token(
         Ok(Some(b)) => return Err(ProxyError::Denied(revoked_denial(&token.view, b))),
         Err(e) => return Err(ProxyError::StoreUnavailable(e.to_string())),
     }
+    let now = st.clock.now();
+    let authorize = |uses: &[u64]| -> Result<(), Denial> {
+        requests.iter().try_for_each(|(method, path)| {
+            st.verifier.authorize_admin(&token, method, path, now, uses)
+        })
+    };
     // Decide before counting, then count and re-check, as for proxied
     // requests (ARCHITECTURE.md, "The request path").
-    let now = st.clock.now();
     let counts = st.counters.peek(&token.ids).await.map_err(store_error)?;
     let next: Vec<u64> = counts.iter().map(|c| c.saturating_add(1)).collect();
-    st.verifier
-        .authorize_admin(&token, method, path, now, &next)
-        .map_err(ProxyError::Denied)?;
+    authorize(&next).map_err(ProxyError::Denied)?;
     let Reservation { uses, durable } = st
         .counters
         .reserve(&token.specs)
         .await
         .map_err(store_error)?;
     let guard = ReservationGuard::new(st.counters.clone(), token.ids.clone());
-    if let Err(d) = st
-        .verifier
-        .authorize_admin(&token, method, path, now, &uses)
-    {
+    if let Err(d) = authorize(&uses) {
         if let Err(e) = guard.release().await {
             tracing::error!(error = %e, "rollback of a denied admin reservation failed");
         }

@@ -11,14 +11,18 @@
 //!
 //! Authentication: the operator pastes the admin token into a form once. It
 //! is checked exactly like the admin API checks it ([`admin::check_peer`],
-//! [`admin::authenticate_token`]) and then forgotten: the browser gets an
-//! `HttpOnly`, `SameSite=Strict` cookie holding a random session id, never
-//! the token. Sessions live in memory, expire (at the latest with the admin
-//! token), and die when any block of the admin token is revoked. State
-//! changes (revoke, logout) also need the session's CSRF token in the
-//! `x-csrf-token` header, which a cross-site form cannot send. Every route,
-//! assets included, first checks that the `Host` header names this proxy
-//! ([`admin::OwnHost`]), against DNS rebinding.
+//! [`admin::authenticate_token`]), and kept in the proxy's memory with the
+//! session: the browser gets an `HttpOnly`, `SameSite=Strict` cookie holding
+//! a random session id, never the token. A session never has more authority
+//! than its token has now: every API call is authorized (and counted) again
+//! with the token, as the admin API requests it stands for ([`STATE_AS`],
+//! [`REVOKE_AS`]) — current root keys, revocations, time, the token's own
+//! checks and use limits. A call the token no longer allows ends the session
+//! (401 `session_ended`). Sessions also expire after at most
+//! [`SESSION_TTL`]. State changes (revoke, logout) also need the session's
+//! CSRF token in the `x-csrf-token` header, which a cross-site form cannot
+//! send. Every route, assets included, first checks that the `Host` header
+//! names this proxy ([`admin::OwnHost`]), against DNS rebinding.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -56,6 +60,17 @@ const MAX_SESSIONS: usize = 256;
 const MAX_BODY: usize = 64 * 1024;
 /// How many decisions and alerts the page shows.
 const FEED: usize = 50;
+/// The admin API requests `GET /dashboard/api/state` stands for: it shows
+/// what these show. Authorized as the admin endpoints rather than the
+/// dashboard's own paths, so a token narrowed on the admin API (`--path`,
+/// `--method`, a `$p != "/admin/revoke"` check) is narrowed the same way here.
+const STATE_AS: &[(&str, &str)] = &[
+    ("GET", "/admin/usage"),
+    ("GET", "/admin/decisions"),
+    ("GET", "/admin/alerts"),
+];
+/// The admin API request `POST /dashboard/api/revoke` stands for.
+const REVOKE_AS: &[(&str, &str)] = &[("POST", "/admin/revoke")];
 
 /// Routes of the dashboard, merged into the main router.
 pub fn routes() -> Router<AppState> {
@@ -80,8 +95,11 @@ pub fn routes() -> Router<AppState> {
 
 struct Session {
     csrf: String,
-    /// Revocation ids of the admin token that opened the session (not the
-    /// token): revoking any of them ends the session.
+    /// The admin token that opened the session, which every API call is
+    /// authorized with again. Never sent to the browser.
+    token: Arc<str>,
+    /// Its revocation ids: revoking any of them ends the session, also for
+    /// the page, which is not authorized as an admin request.
     admin_ids: Vec<String>,
     expires: Instant,
 }
@@ -89,6 +107,7 @@ struct Session {
 /// What a request learns from a valid session.
 struct Authed {
     csrf: String,
+    token: Arc<str>,
 }
 
 #[derive(Default)]
@@ -98,7 +117,7 @@ struct Sessions {
 }
 
 impl Sessions {
-    fn create(&self, admin_ids: Vec<String>, ttl: Duration) -> (String, String) {
+    fn create(&self, token: Arc<str>, admin_ids: Vec<String>, ttl: Duration) -> (String, String) {
         let id = random_hex();
         let csrf = random_hex();
         let now = Instant::now();
@@ -116,6 +135,7 @@ impl Sessions {
             id.clone(),
             Session {
                 csrf: csrf.clone(),
+                token,
                 admin_ids,
                 expires: now + ttl,
             },
@@ -135,6 +155,7 @@ impl Sessions {
         }
         Some(Authed {
             csrf: s.csrf.clone(),
+            token: s.token.clone(),
         })
     }
 
@@ -275,7 +296,8 @@ async fn page(
             StatusCode::OK,
             Some(
                 "your session has ended: the proxy was restarted (sessions live in its memory), \
-                 the session expired, or its admin token was revoked; log in again",
+                 the session expired, or its admin token was revoked or no longer allows what \
+                 the dashboard does; log in again",
             ),
         ),
         None => login_page(StatusCode::OK, None),
@@ -350,7 +372,7 @@ async fn login(
         Some(exp) => SESSION_TTL.min(Duration::from_secs(exp.saturating_sub(now_unix(&st)))),
         None => SESSION_TTL,
     };
-    let (id, _) = sessions.create(token.ids.clone(), ttl);
+    let (id, _) = sessions.create(Arc::from(text), token.ids.clone(), ttl);
     tracing::info!(peer = %peer, "dashboard login");
     let cookie = format!(
         "{COOKIE}={id}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={}",
@@ -415,6 +437,43 @@ fn check(
     Ok(s)
 }
 
+/// [`check`], then the session's admin token authorized and counted again
+/// as the admin requests `acts_as`, as the admin API would now. Refused:
+/// the session ends.
+async fn authorize(
+    st: &AppState,
+    peer: SocketAddr,
+    sessions: &Sessions,
+    headers: &HeaderMap,
+    changes_state: bool,
+    acts_as: &[(&str, &str)],
+) -> Result<(), Box<Response>> {
+    let s = check(st, peer, sessions, headers, changes_state)?;
+    match admin::authenticate_as(st, &s.token, acts_as).await {
+        Ok(_) => Ok(()),
+        // The store failed, not the token: the session may work again.
+        Err(e @ ProxyError::StoreUnavailable(_)) => Err(Box::new(e.into_response())),
+        Err(e) => {
+            sessions.remove(headers);
+            let asked = acts_as
+                .iter()
+                .map(|(m, p)| format!("{m} {p}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            tracing::info!(peer = %peer, code = e.code(), "dashboard session ended: its admin token was refused");
+            Err(Box::new(refuse(
+                StatusCode::UNAUTHORIZED,
+                "session_ended",
+                &format!(
+                    "this dashboard session has ended: its admin token no longer allows {asked}, \
+                     which this dashboard action needs ({}); log in again with an admin token that does",
+                    e.message()
+                ),
+            )))
+        }
+    }
+}
+
 async fn logout(
     _: admin::OwnHost,
     State(st): State<AppState>,
@@ -457,7 +516,7 @@ async fn state(
     headers: HeaderMap,
     query: Result<Query<StateQuery>, QueryRejection>,
 ) -> Response {
-    if let Err(r) = check(&st, peer, &sessions, &headers, false) {
+    if let Err(r) = authorize(&st, peer, &sessions, &headers, false, STATE_AS).await {
         return *r;
     }
     let usage = match admin::usage_view(&st).await {
@@ -633,7 +692,7 @@ async fn revoke(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = check(&st, peer, &sessions, &headers, true) {
+    if let Err(r) = authorize(&st, peer, &sessions, &headers, true, REVOKE_AS).await {
         return *r;
     }
     let req: RevokeBody = match serde_json::from_slice(&body) {

@@ -314,6 +314,194 @@ async fn dashboard_api_needs_a_session_and_revoke_needs_the_csrf_header() {
 }
 
 // ---------------------------------------------------------------------------
+// A session never has more authority than its admin token has now
+
+/// `GET /dashboard/api/state` with the session cookie: (status, body).
+async fn state_call(proxy: &Proxy, cookie: &str) -> (u16, Value) {
+    let r = client()
+        .get(proxy.url("/dashboard/api/state"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// `POST /dashboard/api/revoke` of `id` with the session: (status, body).
+async fn revoke_call(proxy: &Proxy, cookie: &str, csrf: &str, id: &str) -> (u16, Value) {
+    let r = client()
+        .post(proxy.url("/dashboard/api/revoke"))
+        .header("cookie", cookie)
+        .header("x-csrf-token", csrf)
+        .body(json!({ "id": id }).to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// `GET /admin/usage` with `admin` as the Bearer: the status.
+async fn admin_usage(proxy: &Proxy, admin: &str) -> u16 {
+    client()
+        .get(proxy.url("/admin/usage"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The session ended, saying why.
+#[track_caller]
+fn ended(call: (u16, Value), why: &str) {
+    let (status, body) = call;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "session_ended", "{body}");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(why), "{msg}");
+}
+
+fn family_of(token: &str) -> String {
+    till::token::RawToken::parse(token)
+        .unwrap()
+        .revocation_ids()[0]
+        .clone()
+}
+
+fn with_check(admin: &str, check: &str) -> String {
+    child(
+        admin,
+        Scope {
+            datalog: Some(check.into()),
+            ..Scope::default()
+        },
+    )
+}
+
+/// Regression (a): the session's lifetime came only from expiries written
+/// as `$t <= DATE`; with `$t < DATE` it outlived the token by hours.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_session_ends_when_its_admin_tokens_time_check_fails() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let target = home.token("openai", Some(5));
+    assert_eq!(chat(&proxy, &target, "m").await.0, 200);
+    let until = (time::OffsetDateTime::now_utc() + Duration::from_secs(3))
+        .replace_nanosecond(0)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let admin = with_check(&home.admin(), &format!("check if time($t), $t < {until};"));
+    let (cookie, csrf) = session(&proxy, &admin).await;
+    assert_eq!(state_call(&proxy, &cookie).await.0, 200);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(admin_usage(&proxy, &admin).await, 403);
+    ended(state_call(&proxy, &cookie).await, "GET /admin/usage");
+    // Ended for good: no revoke either.
+    let (status, _) = revoke_call(&proxy, &cookie, &csrf, &family_of(&target)).await;
+    assert_eq!(status, 401);
+    assert_eq!(chat(&proxy, &target, "m").await.0, 200, "nothing revoked");
+}
+
+/// Regression (b): after the admin token's root key was retired, its session
+/// kept working (and could revoke).
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_session_ends_when_its_admin_tokens_root_key_is_retired() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let admin = home.admin();
+    let (cookie, csrf) = session(&proxy, &admin).await;
+    assert_eq!(state_call(&proxy, &cookie).await.0, 200);
+    let reload = || {
+        let cmd = till(["reload"]).home(&home).env("TILL_URL", &proxy.url(""));
+        async move {
+            tokio::task::spawn_blocking(move || cmd.run())
+                .await
+                .unwrap()
+        }
+    };
+    till(["keygen", "--rotate"]).home(&home).run().success();
+    reload().await.success();
+    till(["key", "retire", "0"]).home(&home).run().success();
+    reload().await.success();
+    assert_eq!(admin_usage(&proxy, &admin).await, 401);
+    // A token under the new key, for the session to try to revoke.
+    let target = till(["issue", "--service", "openai", "--ttl", "1h"])
+        .home(&home)
+        .run()
+        .success()
+        .out();
+    assert_eq!(chat(&proxy, &target, "m").await.0, 200);
+    ended(
+        revoke_call(&proxy, &cookie, &csrf, &family_of(&target)).await,
+        "retired root key",
+    );
+    assert_eq!(chat(&proxy, &target, "m").await.0, 200, "nothing revoked");
+    assert_eq!(state_call(&proxy, &cookie).await.0, 401);
+}
+
+/// Regression (c): a session could do what its admin token's own checks
+/// refuse on the admin API (revoke), and a use-limited admin token got an
+/// 8 h session. Dashboard calls are authorized and counted as the admin
+/// requests they stand for.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_session_is_held_to_its_admin_tokens_checks_and_uses() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let target = home.token("openai", Some(5));
+    assert_eq!(chat(&proxy, &target, "m").await.0, 200);
+    let id = family_of(&target);
+
+    let no_revoke = with_check(
+        &home.admin(),
+        r#"check if path($p), $p != "/admin/revoke";"#,
+    );
+    let r = client()
+        .post(proxy.url("/admin/revoke"))
+        .bearer_auth(&no_revoke)
+        .body(json!({ "id": id }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let (cookie, csrf) = session(&proxy, &no_revoke).await;
+    assert_eq!(
+        state_call(&proxy, &cookie).await.0,
+        200,
+        "reading is allowed"
+    );
+    ended(
+        revoke_call(&proxy, &cookie, &csrf, &id).await,
+        "POST /admin/revoke",
+    );
+    assert_eq!(chat(&proxy, &target, "m").await.0, 200, "nothing revoked");
+    assert_eq!(
+        state_call(&proxy, &cookie).await.0,
+        401,
+        "the session is gone"
+    );
+
+    // Uses: the login is one, each dashboard call another, as on the admin API.
+    let three = child(&home.admin(), limit(3));
+    let (cookie, _) = session(&proxy, &three).await;
+    assert_eq!(state_call(&proxy, &cookie).await.0, 200);
+    assert_eq!(state_call(&proxy, &cookie).await.0, 200);
+    ended(state_call(&proxy, &cookie).await, "GET /admin/usage");
+    assert_eq!(admin_usage(&proxy, &three).await, 429, "used up");
+    let one = child(&home.admin(), limit(1));
+    let (cookie, _) = session(&proxy, &one).await;
+    ended(state_call(&proxy, &cookie).await, "GET /admin/usage");
+}
+
+// ---------------------------------------------------------------------------
 // A real browser
 
 /// A chromedriver process on a free loopback port, killed on drop.
