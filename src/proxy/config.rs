@@ -199,6 +199,9 @@ pub struct ForwardAuth {
     pub secret: Option<GatewaySecret>,
 }
 
+/// Longest time any `limits.*_secs` may name: a year.
+pub const MAX_LIMIT_SECS: u64 = 365 * 24 * 3600;
+
 /// Size and time limits. The defaults suit LLM APIs.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -682,6 +685,24 @@ impl Config {
         if self.limits.body_timeout_secs == 0 {
             return Err(self.err("limits.body_timeout_secs", "must be at least 1"));
         }
+        // Each is added to the clock per request; a value near u64::MAX
+        // would overflow the runtime's clock there, in every request.
+        let l = &self.limits;
+        for (name, secs) in [
+            ("limits.connect_timeout_secs", l.connect_timeout_secs),
+            ("limits.idle_timeout_secs", l.idle_timeout_secs),
+            ("limits.shutdown_grace_secs", l.shutdown_grace_secs),
+            ("limits.idempotency_window_secs", l.idempotency_window_secs),
+            ("limits.header_timeout_secs", l.header_timeout_secs),
+            ("limits.body_timeout_secs", l.body_timeout_secs),
+        ] {
+            if secs > MAX_LIMIT_SECS {
+                return Err(self.err(
+                    name,
+                    format!("{secs} is more than a year; use at most {MAX_LIMIT_SECS} seconds"),
+                ));
+            }
+        }
         if self.limits.max_buffered_bytes < self.limits.max_body_bytes {
             return Err(self.err(
                 "limits.max_buffered_bytes",
@@ -1056,6 +1077,28 @@ denial_burst_window_secs = 60    # ... within this window
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_time_limit_past_a_year_is_refused_not_a_panic_per_request() {
+        for key in [
+            "idle_timeout_secs",
+            "body_timeout_secs",
+            "connect_timeout_secs",
+        ] {
+            let e = Config::parse(
+                &format!("[limits]\n{key} = 18446744073709551615\n"),
+                "till.toml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("limits.{key}")) && e.contains("at most"),
+                "{e}"
+            );
+        }
+        let year = format!("[limits]\nidle_timeout_secs = {MAX_LIMIT_SECS}\n");
+        Config::parse(&year, "till.toml").unwrap();
+    }
 
     #[test]
     fn example_from_the_issue_parses() {
