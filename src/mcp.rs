@@ -6,12 +6,14 @@
 //! Pure functions over bytes and `serde_json` values, so the decision can be
 //! made by anything that holds the body (the proxy, a service). Everything
 //! is read the strict way: a body an MCP server could read differently from
-//! Till (a key twice, a key that differs only in case, a `tools/call`
-//! without a string `name`) is refused rather than guessed at.
+//! Till (a key twice, a key that differs only in case, a key that is a
+//! member Till reads only without regard to case, a `tools/call` without a
+//! string `name`) is refused rather than guessed at.
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
+use crate::request::fold_key;
 use crate::token::McpMessage;
 use crate::token::vocab::{NAMED_TARGETS, TOOLS_CALL};
 
@@ -80,16 +82,19 @@ pub fn parse(body: &[u8]) -> Result<Body, ParseError> {
         .map_err(|_| ParseError::NotJson("it is not valid UTF-8".into()))?;
     // First pass: refuse keys an MCP server could read differently.
     let mut de = serde_json::Deserializer::from_str(text);
-    NoTwins { objects: 0 }
-        .deserialize(&mut de)
-        .and_then(|()| de.end())
-        .map_err(|e| {
-            if e.is_syntax() || e.is_eof() {
-                ParseError::NotJson(e.to_string())
-            } else {
-                invalid(None, e.to_string())
-            }
-        })?;
+    NoTwins {
+        objects: 0,
+        reads: Reads::Message,
+    }
+    .deserialize(&mut de)
+    .and_then(|()| de.end())
+    .map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            ParseError::NotJson(e.to_string())
+        } else {
+            invalid(None, e.to_string())
+        }
+    })?;
     let value: Value =
         serde_json::from_str(text).map_err(|e| ParseError::NotJson(e.to_string()))?;
     match value {
@@ -184,15 +189,48 @@ fn message(v: Value) -> Result<Message, ParseError> {
     Ok(Message { id, method, name })
 }
 
+/// The members of a JSON-RPC message: Till reads them to decide (`result`
+/// and `error` tell a response from a request).
+const MESSAGE_KEYS: &[&str] = &["jsonrpc", "id", "method", "params", "result", "error"];
+
+/// The object a map is, which sets the names Till reads in it.
+#[derive(Clone, Copy)]
+enum Reads {
+    /// A message: [`MESSAGE_KEYS`].
+    Message,
+    /// Its `params`: the target each of [`NAMED_TARGETS`] names.
+    Params,
+    /// Any other object: Till reads nothing in it.
+    Nothing,
+}
+
+impl Reads {
+    /// The name Till reads that `folded` (a key through
+    /// [`fold_key`]) matches, if any.
+    fn name(self, folded: &str) -> Option<&'static str> {
+        match self {
+            Reads::Message => MESSAGE_KEYS.iter().copied().find(|n| *n == folded),
+            Reads::Params => NAMED_TARGETS
+                .iter()
+                .map(|(_, _, key)| *key)
+                .find(|n| *n == folded),
+            Reads::Nothing => None,
+        }
+    }
+}
+
 /// Refuses, in the message objects and the objects directly inside them
-/// (`params`, `result`, `error`), a key sent twice or two keys that differ
-/// only in case: JSON parsers disagree on which one wins (last, first, or
-/// case-insensitive matching as in Go's `encoding/json`), so Till could
-/// authorize one tool while the server calls another. Deeper objects (tool
+/// (`params`, `result`, `error`), a key sent twice or two keys with the
+/// same [`fold_key`], and a key that is a name Till reads only under that
+/// fold (`Method`, `paramſ` with the long s): JSON parsers disagree on
+/// which of two keys wins (last, first), and Go's `encoding/json` matches
+/// keys to fields without regard to case, so the server could read a
+/// method, tool or message kind Till never saw. Deeper objects (tool
 /// arguments) are the server's business.
 struct NoTwins {
     /// Objects around this value.
     objects: usize,
+    reads: Reads,
 }
 
 impl<'de> DeserializeSeed<'de> for NoTwins {
@@ -229,6 +267,7 @@ impl<'de> Visitor<'de> for NoTwins {
         while s
             .next_element_seed(NoTwins {
                 objects: self.objects,
+                reads: self.reads,
             })?
             .is_some()
         {}
@@ -238,15 +277,27 @@ impl<'de> Visitor<'de> for NoTwins {
         let mut seen: Vec<String> = Vec::new();
         while let Some(k) = m.next_key::<String>()? {
             if self.objects < 2 {
-                let folded = k.to_lowercase();
+                let folded = fold_key(&k);
+                if let Some(name) = self.reads.name(&folded)
+                    && k != name
+                {
+                    return Err(serde::de::Error::custom(format!(
+                        "the key {k:?} is not {name:?} but matches it without regard to case; MCP servers that match keys that way (Go's encoding/json) would read it as {name:?}, so Till refuses the message: spell it {name:?}"
+                    )));
+                }
                 if seen.contains(&folded) {
                     return Err(serde::de::Error::custom(format!(
                         "the key {k:?} appears twice (or differs only in case from another key); MCP servers could read either one, so Till refuses the message: send each key once"
                     )));
                 }
                 seen.push(folded);
+                let reads = match (self.reads, k.as_str()) {
+                    (Reads::Message, "params") => Reads::Params,
+                    _ => Reads::Nothing,
+                };
                 m.next_value_seed(NoTwins {
                     objects: self.objects + 1,
+                    reads,
                 })?;
             } else {
                 m.next_value::<IgnoredAny>()?;
@@ -417,6 +468,78 @@ mod tests {
                 why: "tools/call needs a string \"params.name\"".into()
             })
         );
+    }
+
+    /// Regression: only keys sent twice (or twice up to `to_lowercase`)
+    /// were refused, but Go's `encoding/json` matches keys to fields by
+    /// Unicode case folding. A lone `Method` made Till see a response (free,
+    /// unscoped) where such a server runs the tool call; `paramſ` (long s,
+    /// which lowercasing leaves as is) made it read other params than the
+    /// ones Till authorized.
+    #[test]
+    fn keys_a_server_matches_without_regard_to_case_are_refused() {
+        for (body, key) in [
+            (
+                r#"{"jsonrpc":"2.0","id":10,"Method":"tools/call","params":{"name":"delete_everything"},"result":{}}"#,
+                "method",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add"},"param\u017f":{"name":"delete_everything"}}"#,
+                "params",
+            ),
+            (
+                "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"add\"},\"param\u{17f}\":{\"name\":\"delete_everything\"}}",
+                "params",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","param\u017f":{"name":"delete_everything"},"params":{"name":"add"}}"#,
+                "params",
+            ),
+            (r#"{"jsonrpc":"2.0","ID":1,"method":"tools/list"}"#, "id"),
+            (
+                r#"{"jsonrpc":"2.0","j\u017fonrpc":"1.0","id":1,"method":"tools/list"}"#,
+                "jsonrpc",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add"},"RESULT":{}}"#,
+                "result",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"URI":"res://secret/k"}}"#,
+                "uri",
+            ),
+            (
+                r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":2,"Method":"tools/call","params":{"name":"x"},"error":{}}]"#,
+                "method",
+            ),
+        ] {
+            match parse(body.as_bytes()) {
+                Err(ParseError::Invalid { why, .. }) => {
+                    assert!(why.contains(&format!("{key:?}")), "{body}: {why}")
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        // Two keys with one fold, neither of them a name Till reads: the
+        // Kelvin sign folds to k.
+        assert!(matches!(
+            parse("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\",\"params\":{\"kind\":1,\"\u{212a}ind\":2}}".as_bytes()),
+            Err(ParseError::Invalid { .. })
+        ));
+        // What Till does not read may use any case: keys of the MCP schema,
+        // a result's contents, tool arguments, a lone long s.
+        for body in [
+            r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"c","version":"1"},"_meta":{"progressToken":1}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"Name":"x","Method":"y"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"Method":1,"params":2,"Name":3}}}"#,
+            "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\",\"params\":{\"\u{17f}\":1}}",
+        ] {
+            assert!(
+                parse(body.as_bytes()).is_ok(),
+                "{body}: {:?}",
+                parse(body.as_bytes())
+            );
+        }
     }
 
     #[test]

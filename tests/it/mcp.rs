@@ -585,6 +585,57 @@ async fn a_batch_refused_by_its_window_or_cap_spends_no_use() {
     assert_eq!(server.deletions(), 4);
 }
 
+/// The proxy with the recording test upstream as the MCP server `tools`:
+/// every request that gets past Till is seen.
+fn recording_proxy(home: &Home, up: &Upstream) -> Proxy {
+    let extra = format!(
+        "[upstreams.tools]\nurl = {:?}\napi = \"mcp\"\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n",
+        up.url()
+    );
+    Proxy::start(home, &[], &extra)
+}
+
+/// Regression: a lone key that Go's encoding/json matches to a JSON-RPC
+/// member only without regard to case passed Till: `Method` made a tool
+/// call look like a free response to Till (even on a spent token), and
+/// `paramſ` (long s, U+017F) carried another tool than the one Till
+/// authorized. Such a body is refused, spends nothing and never reaches
+/// the server.
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_a_server_reads_without_regard_to_case_are_refused_before_it() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = recording_proxy(&home, &up);
+    let add_once = tools_token(&home, &["add"], Some(1));
+    let method_as_response = r#"{"jsonrpc":"2.0","id":10,"Method":"tools/call","params":{"name":"delete_everything"},"result":{}}"#;
+    let bodies = [
+        method_as_response,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add"},"param\u017f":{"name":"delete_everything"}}"#,
+        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"add\"},\"param\u{17f}\":{\"name\":\"delete_everything\"}}",
+    ];
+    for body in bodies {
+        let (s, v) = at(&proxy).post(&add_once, body, &[]).await;
+        assert_eq!(
+            (s, &v["error"]["code"]),
+            (400, &json!(-32600)),
+            "{body}: {v}"
+        );
+    }
+    assert_eq!(up.count(), 0, "a refused body reached the server");
+
+    // Nothing was spent: the token's one use is still there.
+    let call = call_body(2, "add").to_string();
+    let (s, v) = at(&proxy).post(&add_once, &call, &[]).await;
+    assert_eq!((s, &v["path"]), (200, &json!("/mcp")), "{v}");
+    let (s, v) = at(&proxy).post(&add_once, &call, &[]).await;
+    assert_eq!((s, &v["error"]["code"]), (200, &json!(-32002)), "{v}");
+    // A spent token is refused such a body too, not waved through as a
+    // response.
+    let (s, v) = at(&proxy).post(&add_once, method_as_response, &[]).await;
+    assert_eq!((s, &v["error"]["code"]), (400, &json!(-32600)), "{v}");
+    assert_eq!(up.count(), 1);
+}
+
 #[test]
 fn the_cli_issues_inspects_narrows_and_verifies_tool_scopes() {
     let home = Home::new();

@@ -97,6 +97,33 @@ pub fn is_json(headers: &http::HeaderMap) -> bool {
         })
 }
 
+/// An object key as JSON decoders that match keys to field names without
+/// regard to case see it: two keys with the same fold can land in the same
+/// field. Go's `encoding/json` (last match wins) folds by Unicode simple
+/// case folding, so besides ASCII case the long s (U+017F) matches `s` and
+/// the Kelvin sign (U+212A) matches `k`, which lowercasing alone misses
+/// (`"paramſ".to_lowercase()` is unchanged). Lowering, raising and lowering
+/// again puts every such set of letters on one form (`ß`, `ẞ` and `ss`
+/// too); it also joins a few that Go keeps apart (`ı` and `i`, `ﬀ` and
+/// `ff`), which only makes a caller refuse more.
+pub fn fold_key(key: &str) -> String {
+    if key.is_ascii() {
+        key.to_ascii_lowercase()
+    } else {
+        key.to_lowercase().to_uppercase().to_lowercase()
+    }
+}
+
+/// Whether `key` is `name` (lower case ASCII, as every field Till reads
+/// is) under [`fold_key`], without allocating for an ASCII key.
+pub fn folds_to(key: &str, name: &str) -> bool {
+    if key.is_ascii() {
+        key.eq_ignore_ascii_case(name)
+    } else {
+        fold_key(key) == name
+    }
+}
+
 /// The `model` field of a JSON body, or why the body is refused.
 ///
 /// `Ok(None)` (no model fact, which fails any model check: deny when unsure)
@@ -106,8 +133,8 @@ pub fn is_json(headers: &http::HeaderMap) -> bool {
 /// anywhere (an upstream may decode such a body differently).
 ///
 /// `Err` for a body an upstream could read as naming another model: `model`
-/// twice, or another top-level key that case-folds to `model` (`MODEL`,
-/// `Model`, escapes such as `"\u004dodel"`), which Go's `encoding/json`,
+/// twice, or another top-level key that folds to `model` ([`fold_key`]:
+/// `MODEL`, `Model`, escapes such as `"\u004dodel"`), which Go's `encoding/json`,
 /// ASP.NET and others match case-insensitively, taking the last one.
 pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
     struct Scan(Result<Option<String>, String>);
@@ -135,13 +162,7 @@ pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
                         _ => None,
                     });
                 } else {
-                    // For ASCII keys, the same answer without allocating.
-                    let folds_to_model = if k.is_ascii() {
-                        k.eq_ignore_ascii_case("model")
-                    } else {
-                        k.to_lowercase() == "model"
-                    };
-                    if folds_to_model {
+                    if folds_to(&k, "model") {
                         problem.get_or_insert_with(|| {
                             format!(
                                 "the JSON body has a key {k:?} besides or instead of \"model\"; upstreams that match keys case-insensitively would read it as the model, so Till refuses it: send the model only as \"model\""
@@ -229,6 +250,49 @@ mod tests {
         // Found by fuzzing (tests/fuzz-regressions/request/).
         assert_eq!(model_of(br#"["gpt-4o-mini"]"#), Ok(None));
         assert_eq!(model_of(b"{\"model\":\"a\",\"x\":\"\xff\"}"), Ok(None));
+    }
+
+    #[test]
+    fn keys_fold_as_case_insensitive_decoders_match_them() {
+        for (key, name) in [
+            ("Method", "method"),
+            ("PARAMS", "params"),
+            ("\u{17f}", "s"), // long s, which Go's encoding/json matches to s
+            ("param\u{17f}", "params"), // and which lowercasing leaves as is
+            ("\u{212a}ind", "kind"), // Kelvin sign, matched to k
+            ("\u{1e9e}", "\u{df}"), // capital and small sharp s: one Go fold set
+            ("\u{3a3}", "\u{3c2}"), // sigma and final sigma
+            ("\u{3f4}", "\u{3d1}"), // theta symbols
+        ] {
+            assert_eq!(fold_key(key), fold_key(name), "{key:?} and {name:?}");
+        }
+        assert!(folds_to("param\u{17f}", "params"));
+        assert!(folds_to("MoDeL", "model"));
+        assert!(!folds_to("models", "model"));
+        assert_ne!(fold_key("params"), fold_key("param"));
+
+        // Every letter case mappings join folds together, so no key can
+        // reach a field by a case mapping the fold misses.
+        for c in (0..=0x10ffff_u32).filter_map(char::from_u32) {
+            let fold = fold_key(c.encode_utf8(&mut [0; 4]));
+            let lower: String = c.to_lowercase().collect();
+            for other in [lower, c.to_uppercase().collect()] {
+                if other.chars().count() == 1 {
+                    assert_eq!(fold, fold_key(&other), "{c:?} and {other:?}");
+                }
+            }
+        }
+        // The letters outside ASCII that fold onto one ASCII letter: Go's
+        // two (long s, Kelvin sign) and the dotless i, which Go keeps
+        // apart from i (refusing it too costs nothing).
+        let onto_ascii: Vec<char> = (0x80..=0x10ffff_u32)
+            .filter_map(char::from_u32)
+            .filter(|c| {
+                let f = fold_key(c.encode_utf8(&mut [0; 4]));
+                f.len() == 1 && f.is_ascii()
+            })
+            .collect();
+        assert_eq!(onto_ascii, ['\u{131}', '\u{17f}', '\u{212a}']);
     }
 
     /// Regression: the allow-list read only the exact key `model`, and
