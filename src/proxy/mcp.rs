@@ -214,6 +214,17 @@ async fn handle(
         })?;
         (messages, Outgoing::Buffered(bytes), Some(permit))
     } else {
+        // Nothing here reads a body, so one would reach the server
+        // unchecked (a tools/call in a GET, spending no use).
+        let length = parts.headers.get_all(header::CONTENT_LENGTH);
+        if parts.headers.contains_key(header::TRANSFER_ENCODING)
+            || length.iter().any(|v| v.as_bytes() != b"0")
+        {
+            return Err(ProxyError::BadRequest(format!(
+                "an MCP {} request carries no body, and this one has one; send MCP messages with POST",
+                parts.method
+            )));
+        }
         let none = Messages {
             messages: vec![Message {
                 id: None,

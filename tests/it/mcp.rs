@@ -636,6 +636,76 @@ async fn keys_a_server_reads_without_regard_to_case_are_refused_before_it() {
     assert_eq!(up.count(), 1);
 }
 
+/// Sends `method /tools/mcp` with `token` and `rest` (the framing headers,
+/// the blank line and the body) exactly as given, on a connection of its
+/// own; returns the status and the body of the answer.
+async fn raw_with_body(proxy: &Proxy, method: &str, token: &str, rest: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let req = format!(
+        "{method} /tools/mcp HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\
+         authorization: Bearer {token}\r\ncontent-type: application/json\r\n{rest}"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_string())
+}
+
+/// Regression: a GET or DELETE was forwarded with whatever body it had,
+/// unread, so a tools/call sent in a GET reached the server unscoped and
+/// uncounted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_get_or_delete_with_a_body_is_refused_before_the_server() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = recording_proxy(&home, &up);
+    let safe_once = tools_token(&home, &["safe_tool"], Some(1));
+    let evil = call_body(1, "evil_tool").to_string();
+    for method in ["GET", "DELETE"] {
+        // With a Content-Length, and chunked.
+        for framing in [
+            format!("content-length: {}\r\n\r\n{evil}", evil.len()),
+            format!(
+                "transfer-encoding: chunked\r\n\r\n{:x}\r\n{evil}\r\n0\r\n\r\n",
+                evil.len()
+            ),
+        ] {
+            let (status, body) = raw_with_body(&proxy, method, &safe_once, &framing).await;
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+            assert_eq!(
+                (status, &v["error"]["code"]),
+                (400, &json!(-32600)),
+                "{method} {framing}: {v}"
+            );
+            assert!(v.to_string().contains("POST"), "{v}");
+        }
+    }
+    assert_eq!(up.count(), 0, "a GET or DELETE body reached the server");
+
+    // Without a body they pass as before, and spend nothing.
+    for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+        let resp = client()
+            .request(method.clone(), proxy.url("/tools/mcp"))
+            .bearer_auth(&safe_once)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{method}");
+    }
+    assert_eq!(up.count(), 2);
+    let call = call_body(2, "safe_tool").to_string();
+    let (s, v) = at(&proxy).post(&safe_once, &call, &[]).await;
+    assert_eq!((s, &v["path"]), (200, &json!("/mcp")), "{v}");
+}
+
 #[test]
 fn the_cli_issues_inspects_narrows_and_verifies_tool_scopes() {
     let home = Home::new();
