@@ -31,7 +31,7 @@ pub struct VerifyArgs {
     /// Service of the request to check, e.g. openai.
     #[arg(long)]
     pub service: String,
-    /// HTTP method of the request.
+    /// HTTP method of the request, upper case (the proxy refuses lower-case letters).
     #[arg(long, default_value = "GET")]
     pub method: String,
     /// Path of the request inside the upstream, e.g. /v1/chat/completions.
@@ -260,6 +260,11 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
         revoked.extend(read_ids(f)?);
     }
     vocab::validate_service(&a.service)?;
+    // The proxy refuses such a request as malformed (400), as it does a
+    // path it cannot normalise, which is an error here too.
+    if let Some(why) = crate::proxy::forward::lower_case_method(&a.method) {
+        bail!("--method {:?}: {why}", a.method);
+    }
     let method = vocab::normalize_method(&a.method)?;
     let path = crate::path::normalize(&a.path).with_context(|| format!("--path {:?}", a.path))?;
     let time = match &a.at {

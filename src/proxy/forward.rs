@@ -100,9 +100,9 @@ fn connection_options(headers: &HeaderMap) -> Vec<String> {
 
 /// Refuses, before any token work, requests that must not reach an upstream
 /// whatever the token allows: TRACE and TRACK echo the request (with the
-/// injected credential) back to the client, CONNECT asks for a tunnel, and a
-/// `_method` query parameter lets frameworks run another method than the one
-/// authorized.
+/// injected credential) back to the client, CONNECT asks for a tunnel, a
+/// method with lower-case letters and a `_method` query parameter let
+/// frameworks run another method than the one authorized.
 pub fn refuse_unsafe_request(parts: &http::request::Parts) -> Result<(), ProxyError> {
     refuse_unsafe(parts.method.as_str(), parts.uri.query())
 }
@@ -117,12 +117,33 @@ pub fn refuse_unsafe(m: &str, query: Option<&str>) -> Result<(), ProxyError> {
     {
         return Err(ProxyError::MethodNotAllowed(m.to_string()));
     }
+    if let Some(why) = lower_case_method(m) {
+        return Err(ProxyError::BadRequest(why));
+    }
     if query.is_some_and(has_method_override) {
         return Err(ProxyError::BadRequest(
             "the query has a `_method` parameter, which some frameworks use to replace the HTTP method; send the request with the method you mean and without `_method`".into(),
         ));
     }
     Ok(())
+}
+
+/// Why a method with a lower-case ASCII letter is refused, or `None`.
+///
+/// Policies and checks compare the method as sent (`method("DELETE")`), and
+/// many servers (Werkzeug, Django, PHP) upper-case it before routing, so
+/// `delete` would pass a deny-list for DELETE and still run as DELETE. Every
+/// registered method is upper case, so nothing legitimate is lost.
+pub fn lower_case_method(m: &str) -> Option<String> {
+    if !m.bytes().any(|b| b.is_ascii_lowercase()) {
+        return None;
+    }
+    // A method is a token (no quotes or controls), but may be long.
+    let shown: String = m.chars().take(32).collect();
+    Some(format!(
+        "methods are upper case; send {} instead of {shown:?}: servers differ on whether a lower-case method is the same method, so Till refuses it rather than authorize one and forward the other",
+        shown.to_ascii_uppercase()
+    ))
 }
 
 /// Whether a query string has a parameter named `_method` (any case, also
@@ -328,11 +349,29 @@ mod tests {
                 "{m}"
             );
         }
-        for m in ["GET", "POST", "DELETE", "OPTIONS", "PATCH", "TRACES"] {
+        for m in [
+            "GET", "POST", "DELETE", "OPTIONS", "PATCH", "TRACES", "M-SEARCH",
+        ] {
             assert!(
                 refuse_unsafe_request(&parts(m, "/openai/v1/x")).is_ok(),
                 "{m}"
             );
+        }
+    }
+
+    /// Regression: `delete` passed a deny-list for DELETE, and servers that
+    /// upper-case the method ran it as DELETE.
+    #[test]
+    fn methods_with_lower_case_letters_are_refused() {
+        for m in ["delete", "Delete", "DELETe", "get", "post", "m-search"] {
+            match refuse_unsafe_request(&parts(m, "/openai/v1/x")) {
+                Err(ProxyError::BadRequest(why)) => assert!(
+                    why.contains("methods are upper case; send")
+                        && why.contains(&m.to_ascii_uppercase()),
+                    "{why}"
+                ),
+                other => panic!("{m}: {other:?}"),
+            }
         }
     }
 

@@ -284,8 +284,8 @@ async fn handle(
     let mut facts = RequestFacts {
         service: service.to_string(),
         // As sent (the observation took it from the request): the method
-        // authorized is the method forwarded (HTTP methods are
-        // case-sensitive; a lower-case `get` is not `GET`).
+        // authorized is the method forwarded. `refuse_unsafe_request` has
+        // refused lower-case letters, which servers differ on.
         method: std::mem::take(&mut obs.method),
         path: std::mem::take(&mut obs.path),
         model: None,

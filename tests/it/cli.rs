@@ -837,6 +837,25 @@ fn bad_tokens_and_flags_are_clear_one_line_errors() {
     o.stdout_has("denied: ");
 }
 
+/// The proxy refuses a lower-case method as malformed (400), so `verify`
+/// must not answer for the upper-case method it used to make of it.
+#[test]
+fn verify_refuses_a_lower_case_method_as_the_proxy_does() {
+    let h = Home::new();
+    let t = issue(&h, &["--service", "openai"]);
+    for m in ["delete", "Delete"] {
+        usage_error(
+            &verify(&h, &t, &["--service", "openai", "--method", m]),
+            &["methods are upper case; send DELETE"],
+        );
+    }
+    allowed(&verify(
+        &h,
+        &t,
+        &["--service", "openai", "--method", "DELETE"],
+    ));
+}
+
 // ---------------------------------------------------------------------------
 // 6. Inspect
 

@@ -508,6 +508,49 @@ async fn forward_auth_envoy_style_checks_decide_count_and_refuse_what_they_canno
     assert_eq!(status(r), 429);
 }
 
+/// Regression: a check describing `delete` passed deny-lists for DELETE,
+/// and the service behind the gateway may run it as DELETE. Refused in
+/// each description, nothing spent.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_forward_auth_refuses_lower_case_methods() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = till_for_gateways(&home, &up);
+    let token = home.token("openai", Some(1));
+    let check = |method: &str, path: &str| {
+        client()
+            .request(method.parse().unwrap(), proxy.url(path))
+            .header("x-till-gateway-secret", GATEWAY_SECRET)
+            .bearer_auth(&token)
+    };
+    for rb in [
+        check("GET", "/auth/openai")
+            .header("x-forwarded-method", "delete")
+            .header("x-forwarded-uri", "/v1/files/file-1"),
+        check("GET", "/auth/openai")
+            .header("x-original-method", "Delete")
+            .header("x-original-uri", "/v1/files/file-1"),
+        check("delete", "/auth/openai/v1/files/file-1"),
+    ] {
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 400);
+        assert!(r.headers().get("authorization").is_none());
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains("methods are upper case; send DELETE"),
+            "{body}"
+        );
+    }
+    let ok = || {
+        check("GET", "/auth/openai")
+            .header("x-forwarded-method", "GET")
+            .header("x-forwarded-uri", "/v1/models")
+    };
+    assert_eq!(ok().send().await.unwrap().status().as_u16(), 200);
+    assert_eq!(ok().send().await.unwrap().status().as_u16(), 429);
+    assert_eq!(up.count(), 0);
+}
+
 /// Regression guard: with `forward_auth_credential`, a token holder calling
 /// `/auth/<service>` directly would receive the real credential; only a
 /// check carrying the gateway's secret gets it, and others spend nothing.

@@ -297,3 +297,81 @@ async fn regression_upstream_url_with_userinfo_is_refused_at_start() {
     }
     assert_eq!(up.count(), 0);
 }
+
+/// Till with the README's `00-no-delete.datalog` deny-list before the
+/// default policy, forwarding `openai` to `up`.
+fn proxy_without_delete(home: &Home, up: &Upstream) -> Proxy {
+    let policies = home.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/policies/default.datalog"),
+        policies.join("default.datalog"),
+    )
+    .unwrap();
+    std::fs::write(
+        policies.join("00-no-delete.datalog"),
+        "deny if method(\"DELETE\");\n",
+    )
+    .unwrap();
+    let config = home.write(
+        "till.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n\
+             [upstreams.openai]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n",
+            home.path().to_str().unwrap(),
+            policies.to_str().unwrap(),
+            up.url(),
+        ),
+    );
+    Proxy::start_config(home, &config).expect("proxy starts")
+}
+
+/// Regression: `delete` passed `deny if method("DELETE")` (the policy
+/// compared the method as sent) and Werkzeug, Django and PHP ran it as
+/// DELETE. A method with a lower-case letter is refused before the token is
+/// read, spends nothing and reaches nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_lower_case_methods_are_refused_not_passed_around_a_deny_list() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = proxy_without_delete(&home, &up);
+    let token = home.token("openai", Some(1));
+    let auth = format!("authorization: Bearer {token}\r\n");
+    for method in ["delete", "Delete", "DELETe", "get"] {
+        let (status, body) = raw_exchange(
+            proxy.addr,
+            &format!(
+                "{method} /openai/v1/files/file-1 HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n{auth}"
+            ),
+        )
+        .await;
+        assert_eq!(status, 400, "{method}: {body}");
+        let v = json(&body);
+        assert_eq!(v["error"]["code"], "bad_request", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        let upper = method.to_ascii_uppercase();
+        assert!(
+            msg.contains(&format!("methods are upper case; send {upper}")),
+            "{msg}"
+        );
+    }
+    // The upper-case spelling meets the deny-list.
+    let (status, body) = raw_exchange(
+        proxy.addr,
+        &format!(
+            "DELETE /openai/v1/files/file-1 HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n{auth}"
+        ),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // Nothing was spent: the key's one use is left.
+    assert_eq!(
+        raw_request(proxy.addr, "/openai/v1/models", &auth).await,
+        200
+    );
+    assert_eq!(
+        raw_request(proxy.addr, "/openai/v1/models", &auth).await,
+        429
+    );
+}
