@@ -11,6 +11,8 @@
 //! client goes away, axum drops the response body, which drops the upstream
 //! request.
 
+use std::borrow::Cow;
+
 use axum::body::{Body, Bytes};
 use axum::response::Response;
 use http::HeaderMap;
@@ -28,13 +30,47 @@ pub enum Outgoing {
     Stream(Body),
 }
 
+/// Headers that frameworks (Rails, Laravel, Express, ASP.NET, Symfony, IIS,
+/// Spring) let replace the method or path that was authorized. The proxy
+/// drops them; forward-auth, whose gateway forwards the client's headers as
+/// they are, refuses a check that carries any ([`method_or_url_header`]).
+pub const METHOD_OR_URL_HEADERS: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-prefix",
+];
+
+/// A header name with every `_` read as `-`. CGI and WSGI servers (PHP,
+/// wsgiref, many Python stacks) turn both into `_` (`HTTP_X_API_KEY`), so
+/// to them `x_api_key` is `x-api-key`: a header Till removes or sets must be
+/// matched in both spellings. No allocation for a name without `_`.
+pub fn dashed(name: &str) -> Cow<'_, str> {
+    if name.contains('_') {
+        Cow::Owned(name.replace('_', "-"))
+    } else {
+        Cow::Borrowed(name)
+    }
+}
+
+/// The first of `headers` that is one of [`METHOD_OR_URL_HEADERS`], in
+/// either spelling.
+pub fn method_or_url_header(headers: &HeaderMap) -> Option<&HeaderName> {
+    headers
+        .keys()
+        .find(|n| METHOD_OR_URL_HEADERS.contains(&&*dashed(n.as_str())))
+}
+
 /// Headers Till manages itself: never copied from the client, and not
 /// allowed in an upstream's `set_headers` / `pass_headers`.
 pub fn is_managed_header(name: &str) -> bool {
-    matches!(
-        name,
-        // Hop-by-hop (RFC 9110 §7.6.1) and framing.
-        "connection"
+    METHOD_OR_URL_HEADERS.contains(&name)
+        || matches!(
+            name,
+            // Hop-by-hop (RFC 9110 §7.6.1) and framing.
+            "connection"
             | "keep-alive"
             | "proxy-connection"
             | "proxy-authorization"
@@ -55,15 +91,8 @@ pub fn is_managed_header(name: &str) -> bool {
             | "x-real-ip"
             // Consumed by Till (a retry of this proxy's attempt, not the upstream's).
             | "idempotency-key"
-            // Frameworks (Rails, Laravel, Express, ASP.NET, Symfony, IIS,
-            // Spring) let these replace the method or path that was
-            // authorized.
-            | "x-http-method-override"
-            | "x-http-method"
-            | "x-method-override"
-            | "x-original-url"
-            | "x-rewrite-url"
-    ) || name.starts_with("x-forwarded-")
+        )
+        || name.starts_with("x-forwarded-")
 }
 
 /// Headers that choose the account an upstream bills (OpenAI organisation

@@ -100,6 +100,17 @@ async fn decide_check(
     let (method, target) = original_request(parts, appended)?;
     let (path, query) = split_target(&target)?;
     super::forward::refuse_unsafe(&method, query)?;
+    // The proxy drops these; a gateway forwards them as the client sent
+    // them, and the service would act on another method or path than the
+    // one decided here.
+    if let Some(h) = super::forward::method_or_url_header(&parts.headers) {
+        return Err(ProxyError::Denied(Denial::new(
+            crate::verify::DenialKind::Scope,
+            format!(
+                "the request carries the header {h}, which frameworks read as the method or path to act on instead of the request's own, and the gateway forwards it unchanged; send the request without it (and have the gateway drop it: see README, \"Forward-auth\")"
+            ),
+        )));
+    }
     obs.method = method.clone();
     let normal = crate::path::normalize(path).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     if normal != path {

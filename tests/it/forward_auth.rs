@@ -551,6 +551,59 @@ async fn regression_forward_auth_refuses_lower_case_methods() {
     assert_eq!(up.count(), 0);
 }
 
+/// Regression: a check for `GET /v1/models/x` carrying a method-override or
+/// URL-rewrite header was allowed and counted, and the gateway forwarded
+/// the header to a service that acts on it. Refused (403) in both
+/// spellings, nothing spent; a `_method` query parameter stays refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_forward_auth_refuses_method_override_and_rewrite_headers() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = till_for_gateways(&home, &up);
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        methods: vec!["GET".into()],
+        max_uses: Some(1),
+        ..Scope::default()
+    });
+    let check = |uri: &str| {
+        client()
+            .get(proxy.url("/auth/openai"))
+            .header("x-till-gateway-secret", GATEWAY_SECRET)
+            .header("x-forwarded-method", "GET")
+            .header("x-forwarded-uri", uri)
+            .bearer_auth(&token)
+    };
+    for (name, value) in [
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("X-Method-Override", "DELETE"),
+        ("X-HTTP-Method", "DELETE"),
+        ("X-Original-URL", "/v1/files"),
+        ("X-Rewrite-URL", "/v1/files"),
+        ("X-Forwarded-Prefix", "/v1/files"),
+        ("X_HTTP_METHOD_OVERRIDE", "DELETE"),
+        ("x_original_url", "/v1/files"),
+    ] {
+        let r = check("/v1/models/x")
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{name}");
+        assert!(r.headers().get("authorization").is_none());
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains(&name.to_ascii_lowercase()) && body.contains("without it"),
+            "{name}: {body}"
+        );
+    }
+    let r = check("/v1/models/x?_method=DELETE").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(check("/v1/models/x").send().await.unwrap().status(), 200);
+    assert_eq!(check("/v1/models/x").send().await.unwrap().status(), 429);
+    assert_eq!(up.count(), 0);
+}
+
 /// Regression guard: with `forward_auth_credential`, a token holder calling
 /// `/auth/<service>` directly would receive the real credential; only a
 /// check carrying the gateway's secret gets it, and others spend nothing.
