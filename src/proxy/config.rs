@@ -793,7 +793,9 @@ impl Config {
             let k = format!("{key}.set_headers.{name:?}");
             let h = http::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| self.err(&k, "not a header name"))?;
-            if forward::is_managed_header(h.as_str()) || h.as_str() == credential_header {
+            if forward::is_managed_header(h.as_str())
+                || forward::dashed(h.as_str()) == forward::dashed(&credential_header)
+            {
                 return Err(self.err(
                     &k,
                     "Till manages this header itself and it cannot be set here; an upstream's secret goes in `credential` (with `header` and `prefix`)",
@@ -1206,6 +1208,15 @@ prefix = "Bearer "
             ),
             (
                 "set_headers = { \"X-HTTP-Method-Override\" = \"GET\" }",
+                "manages",
+            ),
+            // The other spelling is the same header to CGI and WSGI servers.
+            (
+                "set_headers = { \"X_Forwarded_For\" = \"1.2.3.4\" }",
+                "manages",
+            ),
+            (
+                "header = \"x-key\"\nset_headers = { \"X_Key\" = \"k\" }",
                 "manages",
             ),
             (

@@ -63,9 +63,11 @@ pub fn method_or_url_header(headers: &HeaderMap) -> Option<&HeaderName> {
         .find(|n| METHOD_OR_URL_HEADERS.contains(&&*dashed(n.as_str())))
 }
 
-/// Headers Till manages itself: never copied from the client, and not
-/// allowed in an upstream's `set_headers` / `pass_headers`.
+/// Headers Till manages itself: never copied from the client (in either
+/// spelling, see [`dashed`]), and not allowed in an upstream's
+/// `set_headers` / `pass_headers`.
 pub fn is_managed_header(name: &str) -> bool {
+    let name = &*dashed(name);
     METHOD_OR_URL_HEADERS.contains(&name)
         || matches!(
             name,
@@ -100,18 +102,26 @@ pub fn is_managed_header(name: &str) -> bool {
 /// an agent cannot charge another organisation the key belongs to.
 pub const BILLING_HEADERS: &[&str] = &["openai-organization", "openai-project"];
 
-/// Whether a client's header must not reach `upstream`. `content-type` is the
-/// one managed header that is passed through as sent.
+/// Whether a client's header must not reach `upstream`, in either spelling
+/// ([`dashed`]). `content-type`, so spelled, is the one managed header that
+/// is passed through as sent. The headers Till sets itself (`set_headers`,
+/// the credential) replace only their own spelling, so the client's other
+/// spelling is dropped here.
 fn skip_request_header(
     name: &HeaderName,
     upstream: &Upstream,
     named_in_connection: &[String],
 ) -> bool {
     let n = name.as_str();
-    (is_managed_header(n) && n != "content-type")
-        || *name == upstream.header
-        || (BILLING_HEADERS.contains(&n) && !upstream.pass_headers.contains(name))
-        || named_in_connection.iter().any(|c| c == n)
+    let d = dashed(n);
+    (is_managed_header(&d) && n != "content-type")
+        || d == dashed(upstream.header.as_str())
+        || (BILLING_HEADERS.contains(&&*d) && !upstream.pass_headers.contains(name))
+        || upstream
+            .set_headers
+            .iter()
+            .any(|(s, _)| dashed(s.as_str()) == d)
+        || named_in_connection.iter().any(|c| dashed(c) == d)
 }
 
 /// Header names the client lists in `Connection`: hop-by-hop by declaration
@@ -433,6 +443,31 @@ mod tests {
         ] {
             assert!(!has_method_override(q), "{q}");
         }
+    }
+
+    #[test]
+    fn managed_headers_are_found_in_either_spelling() {
+        for n in [
+            "x_http_method_override",
+            "x-http_method",
+            "x_forwarded_for",
+            "x_forwarded_prefix",
+            "x_api_key",
+            "idempotency_key",
+            "content_type",
+            "transfer_encoding",
+        ] {
+            assert!(is_managed_header(n), "{n}");
+        }
+        assert!(!is_managed_header("x_kept"));
+        let mut h = HeaderMap::new();
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        assert!(method_or_url_header(&h).is_none());
+        h.insert("x_original_url", HeaderValue::from_static("/v1/files"));
+        assert_eq!(
+            method_or_url_header(&h).map(HeaderName::as_str),
+            Some("x_original_url")
+        );
     }
 
     #[test]

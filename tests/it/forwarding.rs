@@ -375,3 +375,72 @@ async fn regression_lower_case_methods_are_refused_not_passed_around_a_deny_list
         429
     );
 }
+
+/// Regression: the dashed spellings were removed but `X_HTTP_METHOD_OVERRIDE`
+/// and `OpenAI_Organization` reached the upstream, where CGI and WSGI
+/// servers read them as the dashed ones. Every header Till removes, or sets
+/// itself, is matched in both spellings.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_underscore_spellings_of_filtered_headers_do_not_reach_the_upstream() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let azure = format!(
+        "[upstreams.azure]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n\
+         header = \"api-key\"\nprefix = \"\"\nset_headers = {{ \"X-Team\" = \"team-a\" }}\n",
+        up.url()
+    );
+    let proxy = Proxy::start(&home, &[openai(&up), anthropic(&up)], &azure);
+    let token = home.issue(Scope {
+        services: vec!["openai".into(), "anthropic".into(), "azure".into()],
+        ..Scope::default()
+    });
+    let extra = format!(
+        "authorization: Bearer {token}\r\n\
+         X_HTTP_METHOD_OVERRIDE: DELETE\r\n\
+         X_Method_Override: DELETE\r\n\
+         X_Original_URL: /v1/files\r\n\
+         OpenAI_Organization: org-victim\r\n\
+         OpenAI_Project: proj-victim\r\n\
+         X_Forwarded_For: 1.2.3.4\r\n\
+         X_Forwarded_Host: evil.example\r\n\
+         X_Real_IP: 1.2.3.4\r\n\
+         X_Api_Key: sk-client-key\r\n\
+         Idempotency_Key: k-1\r\n\
+         X_Kept: yes\r\n"
+    );
+    // The azure upstream's own credential header and the one it sets.
+    let azure_extra = format!("{extra}Api_Key: sk-client-key\r\nX_Team: team-evil\r\n");
+    for (path, extra) in [
+        ("/openai/v1/models", &extra),
+        ("/anthropic/v1/models", &extra),
+        ("/azure/v1/models", &azure_extra),
+    ] {
+        assert_eq!(raw_request(proxy.addr, path, extra).await, 200, "{path}");
+    }
+    let seen = up.seen();
+    assert_eq!(seen.len(), 3);
+    for s in &seen {
+        let names: Vec<&str> = s.headers.keys().map(|n| n.as_str()).collect();
+        assert!(names.contains(&"x_kept"), "other headers pass: {names:?}");
+        for n in &names {
+            assert!(
+                !n.contains('_') || *n == "x_kept",
+                "{n} reached the upstream: {names:?}"
+            );
+        }
+        for (_, v) in s.headers.iter() {
+            let v = v.to_str().unwrap_or("");
+            assert!(
+                !v.contains("sk-client-key") && !v.contains("victim") && !v.contains("evil"),
+                "{v}: {:?}",
+                s.headers
+            );
+        }
+    }
+    assert_eq!(
+        seen[1].headers["x-api-key"], ANTHROPIC_SECRET,
+        "the credential is Till's"
+    );
+    assert_eq!(seen[2].headers["api-key"], OPENAI_SECRET);
+    assert_eq!(seen[2].headers["x-team"], "team-a");
+}
