@@ -143,7 +143,32 @@ fn connection_options(headers: &HeaderMap) -> Vec<String> {
 /// method with lower-case letters and a `_method` query parameter let
 /// frameworks run another method than the one authorized.
 pub fn refuse_unsafe_request(parts: &http::request::Parts) -> Result<(), ProxyError> {
-    refuse_unsafe(parts.method.as_str(), parts.uri.query())
+    refuse_unsafe(parts.method.as_str(), parts.uri.query())?;
+    content_type_once(&parts.headers)
+}
+
+/// Refuses a request whose body type is ambiguous: two `Content-Type`
+/// headers (Till reads the first, Werkzeug and others the last, so a JSON
+/// body Till checked the `model` of could be read as a form naming
+/// another), or one whose media type holds a comma (two values folded into
+/// one line).
+fn content_type_once(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let mut all = headers.get_all(header::CONTENT_TYPE).iter();
+    let Some(first) = all.next() else {
+        return Ok(());
+    };
+    if all.next().is_some() {
+        return Err(ProxyError::BadRequest(
+            "the request has more than one Content-Type header; servers differ on which one they read, so Till refuses it: send one".into(),
+        ));
+    }
+    let media = first.as_bytes().split(|&b| b == b';').next().unwrap_or(b"");
+    if media.contains(&b',') {
+        return Err(ProxyError::BadRequest(
+            "the Content-Type names more than one media type (a ',' before any ';'); servers differ on which one they read, so Till refuses it: send one".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// [`refuse_unsafe_request`] for a request described by its method and
@@ -468,6 +493,32 @@ mod tests {
             method_or_url_header(&h).map(HeaderName::as_str),
             Some("x_original_url")
         );
+    }
+
+    /// Regression: Till read the first Content-Type and Werkzeug the last.
+    #[test]
+    fn one_content_type_only() {
+        let with = |values: &[&str]| {
+            let mut p = parts("POST", "/openai/v1/x");
+            for v in values {
+                p.headers
+                    .append(header::CONTENT_TYPE, HeaderValue::from_str(v).unwrap());
+            }
+            refuse_unsafe_request(&p)
+        };
+        assert!(with(&[]).is_ok());
+        assert!(with(&["application/json"]).is_ok());
+        assert!(with(&["multipart/form-data; boundary=\"a,b\""]).is_ok());
+        for bad in [
+            &["application/json", "application/x-www-form-urlencoded"][..],
+            &["application/json", "application/json"],
+            &["application/json, application/x-www-form-urlencoded"],
+        ] {
+            match with(bad) {
+                Err(ProxyError::BadRequest(why)) => assert!(why.contains("Content-Type"), "{why}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]

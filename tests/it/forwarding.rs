@@ -444,3 +444,48 @@ async fn regression_underscore_spellings_of_filtered_headers_do_not_reach_the_up
     assert_eq!(seen[2].headers["api-key"], OPENAI_SECRET);
     assert_eq!(seen[2].headers["x-team"], "team-a");
 }
+
+/// Regression: with two `Content-Type` headers Till read the first (JSON,
+/// an allowed model) and Werkzeug the last (a form naming another model).
+/// Refused before anything is spent or forwarded.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_request_with_two_content_types_is_refused() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        models: vec!["gpt-4o-mini".into()],
+        max_uses: Some(1),
+        ..Scope::default()
+    });
+    let body = r#"{"model":"gpt-4o-mini","user":"&model=gpt-4-32k&"}"#;
+    for types in [
+        &["application/json", "application/x-www-form-urlencoded"][..],
+        &["application/json", "application/json"],
+        &["application/json, application/x-www-form-urlencoded"],
+    ] {
+        let mut rb = client()
+            .post(proxy.url("/openai/v1/chat/completions"))
+            .bearer_auth(&token)
+            .body(body);
+        for t in types {
+            rb = rb.header("content-type", *t);
+        }
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), 400, "{types:?}");
+        let v = json(&r.text().await.unwrap());
+        assert_eq!(v["error"]["code"], "bad_request", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("Content-Type"),
+            "{v}"
+        );
+    }
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // Nothing was spent: the key's one use is left.
+    assert_eq!(chat(&proxy, &token, "gpt-4o-mini").await.0, 200);
+    assert_eq!(chat(&proxy, &token, "gpt-4o-mini").await.0, 429);
+}
