@@ -290,6 +290,14 @@ impl<'de> Visitor<'de> for NoTwins {
                         "the key {k:?} appears twice (or differs only in case from another key); MCP servers could read either one, so Till refuses the message: send each key once"
                     )));
                 }
+                // Laravel reads `_method` from a JSON body as the HTTP
+                // method, which could turn the POST into a DELETE (the end
+                // of a session) or anything else.
+                if self.objects == 0 && folded == "_method" {
+                    return Err(serde::de::Error::custom(format!(
+                        "the message has a key {k:?}, which some frameworks (Laravel) read as the HTTP method instead of the request's; send the message without it"
+                    )));
+                }
                 seen.push(folded);
                 let reads = match (self.reads, k.as_str()) {
                     (Reads::Message, "params") => Reads::Params,
@@ -441,6 +449,9 @@ mod tests {
             // Go's encoding/json matches keys case-insensitively.
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","Name":"delete_everything"}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","Method":"x","params":{"name":"add"}}"#,
+            // Laravel reads `_method` from a JSON body as the HTTP method.
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","_method":"DELETE"}"#,
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list","_METHOD":"DELETE"}]"#,
             // A tool call without a string name.
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":5}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":["add"]}"#,
@@ -458,6 +469,8 @@ mod tests {
         }
         assert!(matches!(parse(b"{"), Err(ParseError::NotJson(_))));
         assert!(matches!(parse(b"\xff"), Err(ParseError::NotJson(_))));
+        // So is `_method` inside the parameters.
+        assert!(parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"_method":"x"}}}"#).is_ok());
         // Keys that differ in case deep inside the arguments are the tool's.
         assert!(parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"x":1,"X":2}}}"#).is_ok());
         // The id of an invalid message is kept for the error answer.

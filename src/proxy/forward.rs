@@ -24,7 +24,7 @@ use super::{AppState, Upstream};
 
 /// The request body as it will be sent.
 pub enum Outgoing {
-    /// Read already (JSON, to find the model).
+    /// Read already (JSON to find the model, a form to check it).
     Buffered(Bytes),
     /// Passed through as it arrives.
     Stream(Body),
@@ -208,6 +208,41 @@ pub fn lower_case_method(m: &str) -> Option<String> {
         "methods are upper case; send {} instead of {shown:?}: servers differ on whether a lower-case method is the same method, so Till refuses it rather than authorize one and forward the other",
         shown.to_ascii_uppercase()
     ))
+}
+
+/// Whether the request's body is a URL-encoded form that frameworks read
+/// for a `_method` field (Rails through Rack, Laravel, Symfony): declared as
+/// `application/x-www-form-urlencoded`, or a POST with a body and no
+/// `Content-Type`, which Rack parses as a form too.
+pub fn is_url_encoded_form(parts: &http::request::Parts) -> bool {
+    match parts.headers.get(header::CONTENT_TYPE) {
+        // PHP ends the media type at a space as well as at ';' or ','.
+        Some(v) => v
+            .as_bytes()
+            .split(|b| matches!(b, b';' | b',' | b' ' | b'\t'))
+            .next()
+            .is_some_and(|m| m.eq_ignore_ascii_case(b"application/x-www-form-urlencoded")),
+        None => {
+            parts.method == http::Method::POST
+                && (parts.headers.contains_key(header::TRANSFER_ENCODING)
+                    || parts
+                        .headers
+                        .get(header::CONTENT_LENGTH)
+                        .is_some_and(|v| v.as_bytes() != b"0"))
+        }
+    }
+}
+
+/// Refuses a URL-encoded form body with a `_method` field, found as in a
+/// query string ([`has_method_override`]): Rack's `MethodOverride`, Laravel
+/// and Symfony read it from the body as the method to run.
+pub fn refuse_method_in_form(body: &[u8]) -> Result<(), ProxyError> {
+    if has_method_override(&String::from_utf8_lossy(body)) {
+        return Err(ProxyError::BadRequest(
+            "the form body has a `_method` field, which some frameworks use to replace the HTTP method; send the request with the method you mean and without `_method`".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether a query string has a parameter named `_method` (any case, also
@@ -519,6 +554,38 @@ mod tests {
                 other => panic!("{bad:?}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn url_encoded_forms_are_recognised_as_frameworks_do() {
+        let with = |method: &str, headers: &[(&str, &str)]| {
+            let mut p = parts(method, "/openai/v1/x");
+            for (k, v) in headers {
+                p.headers.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            is_url_encoded_form(&p)
+        };
+        let ct = |v| [("content-type", v)];
+        assert!(with("POST", &ct("application/x-www-form-urlencoded")));
+        assert!(with(
+            "PUT",
+            &ct("Application/X-WWW-Form-Urlencoded; charset=utf-8")
+        ));
+        assert!(with("POST", &ct("application/x-www-form-urlencoded foo")));
+        assert!(with("POST", &[("content-length", "12")]));
+        assert!(with("POST", &[("transfer-encoding", "chunked")]));
+        assert!(!with("POST", &[("content-length", "0")]));
+        assert!(!with("POST", &[]));
+        assert!(!with("PUT", &[("content-length", "12")]));
+        assert!(!with("POST", &ct("multipart/form-data; boundary=x")));
+        assert!(!with("POST", &ct("application/json")));
+        assert!(refuse_method_in_form(b"a=1&_method=DELETE").is_err());
+        assert!(refuse_method_in_form(b"a=1&%5Fmethod=DELETE").is_err());
+        assert!(refuse_method_in_form(b"a=1&b=_method").is_ok());
+        assert!(refuse_method_in_form(b"\xff=1").is_ok());
     }
 
     #[test]

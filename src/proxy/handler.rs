@@ -246,12 +246,14 @@ async fn handle(
     obs.path = path;
     let token_text = extract_token(&parts.headers)?;
     let json = is_json(&parts.headers);
+    // Read too, for a `_method` field; within the same bounds as JSON.
+    let form = !json && super::forward::is_url_encoded_form(&parts);
     let content_length = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if json && content_length.is_some_and(|len| len > st.limits.max_body_bytes as u64) {
+    if (json || form) && content_length.is_some_and(|len| len > st.limits.max_body_bytes as u64) {
         return Err(ProxyError::TooLarge(st.limits.max_body_bytes));
     }
     let idem_key = match parts.headers.get("idempotency-key") {
@@ -311,7 +313,8 @@ async fn handle(
         // Rate windows and concurrency caps: all slots or none, before the body.
         let (windows, window_guard) = admit_windows(st, &token, obs).await?;
 
-        // 3. The body, read only now and only when it can name a model.
+        // 3. The body, read only now and only when it can name a model or
+        // carry a `_method` field.
         let (body, permit, body_digest) = if json {
             let (bytes, permit) = read_body(st, body, content_length).await?;
             facts.model = model_of(&bytes).map_err(ProxyError::BadRequest)?;
@@ -322,6 +325,13 @@ async fn handle(
                 obs.uses = Some(counts.values);
                 return Err(ProxyError::Denied(d));
             }
+            let d = idem_key
+                .as_ref()
+                .map(|_| digest(parts.method.as_str(), request_target(&parts), &bytes));
+            (Outgoing::Buffered(bytes), Some(permit), d)
+        } else if form {
+            let (bytes, permit) = read_body(st, body, content_length).await?;
+            super::forward::refuse_method_in_form(&bytes)?;
             let d = idem_key
                 .as_ref()
                 .map(|_| digest(parts.method.as_str(), request_target(&parts), &bytes));

@@ -489,3 +489,69 @@ async fn regression_a_request_with_two_content_types_is_refused() {
     assert_eq!(chat(&proxy, &token, "gpt-4o-mini").await.0, 200);
     assert_eq!(chat(&proxy, &token, "gpt-4o-mini").await.0, 429);
 }
+
+/// Regression: `_method` was refused in the query but a form body
+/// `_method=DELETE` was forwarded, and Rack, Laravel and Symfony read it as
+/// the method (Laravel from a JSON body too). Refused before anything is
+/// spent; other forms and JSON bodies pass unchanged.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_method_override_in_the_body_is_refused() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.token("openai", Some(2));
+    let post = |content_type: Option<&str>, body: &str| {
+        let mut rb = client()
+            .post(proxy.url("/openai/v1/files"))
+            .bearer_auth(&token)
+            .body(body.to_string());
+        if let Some(t) = content_type {
+            rb = rb.header("content-type", t);
+        }
+        rb.send()
+    };
+    let form = Some("application/x-www-form-urlencoded");
+    for (content_type, body) in [
+        (form, "purpose=x&_method=DELETE"),
+        (form, "_METHOD=delete"),
+        (form, "a=1&%5Fmethod=DELETE"),
+        (form, "_method%5B%5D=DELETE"),
+        (
+            Some("Application/X-WWW-Form-Urlencoded; charset=utf-8"),
+            "_method=DELETE",
+        ),
+        // Rack reads a POST body without a Content-Type as a form.
+        (None, "_method=DELETE"),
+        (
+            Some("application/json"),
+            r#"{"model":"m","_method":"DELETE"}"#,
+        ),
+        (Some("text/json"), r#"{"_method":"DELETE"}"#),
+        (Some("application/json"), r#"{"\u005fmethod":"DELETE"}"#),
+    ] {
+        let r = post(content_type, body).await.unwrap();
+        assert_eq!(r.status(), 400, "{content_type:?} {body}");
+        let v = json(&r.text().await.unwrap());
+        assert_eq!(v["error"]["code"], "bad_request", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("_method"),
+            "{v}"
+        );
+    }
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // Nothing was spent: both uses are left, and bodies without `_method`
+    // reach the upstream as sent.
+    let r = post(form, "purpose=x&q=_method").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = post(
+        Some("application/json"),
+        r#"{"model":"m","meta":{"_method":"x"}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = up.seen();
+    assert_eq!(seen[0].body, "purpose=x&q=_method");
+    assert_eq!(seen[1].body, r#"{"model":"m","meta":{"_method":"x"}}"#);
+    assert_eq!(post(form, "a=1").await.unwrap().status(), 429);
+}

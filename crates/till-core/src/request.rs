@@ -83,18 +83,19 @@ pub fn token_from_headers(headers: &http::HeaderMap) -> Result<&str, TokenHeader
     Ok(token)
 }
 
-/// Whether the request's body is JSON (`application/json` or a `+json`
-/// type), i.e. whether it is read for its `model`: the proxy and the
-/// service middleware must agree on which bodies name a model.
+/// Whether the request's body is JSON, i.e. whether it is read for its
+/// `model` (and a `_method` key): the proxy and the service middleware must
+/// agree on which bodies name a model.
+///
+/// Laravel decodes a body as JSON when its `Content-Type` contains `/json`
+/// or `+json` anywhere (`text/json` too), and then reads `_method` from it,
+/// so every such body is read here (any case, which is broader still).
 pub fn is_json(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            let ct = ct.split(';').next().unwrap_or("").trim();
-            ct.eq_ignore_ascii_case("application/json")
-                || ct.to_ascii_lowercase().ends_with("+json")
-        })
+    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .windows(5)
+            .any(|w| (w[0] == b'/' || w[0] == b'+') && w[1..].eq_ignore_ascii_case(b"json"))
+    })
 }
 
 /// An object key as JSON decoders that match keys to field names without
@@ -135,7 +136,10 @@ pub fn folds_to(key: &str, name: &str) -> bool {
 /// `Err` for a body an upstream could read as naming another model: `model`
 /// twice, or another top-level key that folds to `model` ([`fold_key`]:
 /// `MODEL`, `Model`, escapes such as `"\u004dodel"`), which Go's `encoding/json`,
-/// ASP.NET and others match case-insensitively, taking the last one.
+/// ASP.NET and others match case-insensitively, taking the last one. Also
+/// for a top-level `_method` key (any case), which Laravel reads from a
+/// JSON body as the HTTP method to run instead of the request's: checked in
+/// the same pass over the keys, so it costs no second parse.
 pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
     struct Scan(Result<Option<String>, String>);
     struct V;
@@ -166,6 +170,12 @@ pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
                         problem.get_or_insert_with(|| {
                             format!(
                                 "the JSON body has a key {k:?} besides or instead of \"model\"; upstreams that match keys case-insensitively would read it as the model, so Till refuses it: send the model only as \"model\""
+                            )
+                        });
+                    } else if folds_to(&k, "_method") {
+                        problem.get_or_insert_with(|| {
+                            format!(
+                                "the JSON body has a key {k:?}, which some frameworks (Laravel) read as the HTTP method instead of the request's; send the request with the method you mean and without {k:?}"
                             )
                         });
                     }
@@ -229,10 +239,19 @@ mod tests {
             "application/json",
             "Application/JSON; charset=utf-8",
             "application/vnd.api+json",
+            // Laravel decodes these as JSON too.
+            "text/json",
+            "application/jsonx",
+            "text/plain; x=/json",
         ] {
             assert!(is_json(&h(ct)), "{ct}");
         }
-        for ct in ["text/plain", "application/jsonx", "multipart/form-data"] {
+        for ct in [
+            "text/plain",
+            "application/x-json",
+            "multipart/form-data",
+            "/jso",
+        ] {
             assert!(!is_json(&h(ct)), "{ct}");
         }
         assert!(!is_json(&http::HeaderMap::new()));
@@ -308,6 +327,15 @@ mod tests {
         ] {
             let e = model_of(body.as_bytes()).expect_err(body);
             assert!(e.contains("\"model\""), "{e}");
+        }
+        // Nor may `_method`, which Laravel reads from a JSON body.
+        for body in [
+            r#"{"model":"a","_method":"DELETE"}"#,
+            r#"{"_METHOD":"DELETE","model":"a"}"#,
+            r#"{"\u005fmethod":"DELETE"}"#,
+        ] {
+            let e = model_of(body.as_bytes()).expect_err(body);
+            assert!(e.contains("_method") || e.contains("_METHOD"), "{e}");
         }
         // Nested keys do not name the model.
         assert_eq!(
