@@ -262,7 +262,7 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
     vocab::validate_service(&a.service)?;
     // The proxy refuses such a request as malformed (400), as it does a
     // path it cannot normalise, which is an error here too.
-    if let Some(why) = crate::proxy::forward::lower_case_method(&a.method) {
+    if let Some(why) = crate::request::lower_case_method(&a.method) {
         bail!("--method {:?}: {why}", a.method);
     }
     let method = vocab::normalize_method(&a.method)?;

@@ -181,7 +181,7 @@ pub fn refuse_unsafe(m: &str, query: Option<&str>) -> Result<(), ProxyError> {
     {
         return Err(ProxyError::MethodNotAllowed(m.to_string()));
     }
-    if let Some(why) = lower_case_method(m) {
+    if let Some(why) = crate::request::lower_case_method(m) {
         return Err(ProxyError::BadRequest(why));
     }
     if query.is_some_and(has_method_override) {
@@ -190,24 +190,6 @@ pub fn refuse_unsafe(m: &str, query: Option<&str>) -> Result<(), ProxyError> {
         ));
     }
     Ok(())
-}
-
-/// Why a method with a lower-case ASCII letter is refused, or `None`.
-///
-/// Policies and checks compare the method as sent (`method("DELETE")`), and
-/// many servers (Werkzeug, Django, PHP) upper-case it before routing, so
-/// `delete` would pass a deny-list for DELETE and still run as DELETE. Every
-/// registered method is upper case, so nothing legitimate is lost.
-pub fn lower_case_method(m: &str) -> Option<String> {
-    if !m.bytes().any(|b| b.is_ascii_lowercase()) {
-        return None;
-    }
-    // A method is a token (no quotes or controls), but may be long.
-    let shown: String = m.chars().take(32).collect();
-    Some(format!(
-        "methods are upper case; send {} instead of {shown:?}: servers differ on whether a lower-case method is the same method, so Till refuses it rather than authorize one and forward the other",
-        shown.to_ascii_uppercase()
-    ))
 }
 
 /// Whether the request's body is a URL-encoded form that frameworks read

@@ -83,6 +83,25 @@ pub fn token_from_headers(headers: &http::HeaderMap) -> Result<&str, TokenHeader
     Ok(token)
 }
 
+/// Why a method with a lower-case ASCII letter is refused, or `None`; the
+/// proxy, forward-auth, `till verify` and the tower layer all refuse it.
+///
+/// Policies and checks compare the method as sent (`method("DELETE")`), and
+/// many servers (Werkzeug, Django, PHP) upper-case it before routing, so
+/// `delete` would pass a deny-list for DELETE and still run as DELETE. Every
+/// registered method is upper case, so nothing legitimate is lost.
+pub fn lower_case_method(m: &str) -> Option<String> {
+    if !m.bytes().any(|b| b.is_ascii_lowercase()) {
+        return None;
+    }
+    // A method is a token (no quotes or controls), but may be long.
+    let shown: String = m.chars().take(32).collect();
+    Some(format!(
+        "methods are upper case; send {} instead of {shown:?}: servers differ on whether a lower-case method is the same method, so Till refuses it rather than authorize one and forward the other",
+        shown.to_ascii_uppercase()
+    ))
+}
+
 /// Whether the request's body is JSON, i.e. whether it is read for its
 /// `model` (and a `_method` key): the proxy and the service middleware must
 /// agree on which bodies name a model.

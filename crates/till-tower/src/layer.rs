@@ -144,6 +144,9 @@ where
 
     // 2. The head: token, path, before any cryptography.
     let (parts, body) = req.into_parts();
+    if let Some(why) = till_core::request::lower_case_method(parts.method.as_str()) {
+        return Err(Refusal::BadRequest(why));
+    }
     let text = token_from_headers(&parts.headers).map_err(Refusal::Header)?;
     let path = parts.uri.path();
     let normal = normalize_path(path).map_err(|e| Refusal::BadRequest(e.to_string()))?;

@@ -198,6 +198,41 @@ async fn a_path_not_in_normal_form_is_refused() {
     }
 }
 
+/// A deny-list of DELETE must not be passed by `delete`, which many
+/// frameworks behind the layer upper-case and run as DELETE.
+#[tokio::test]
+async fn a_method_with_lower_case_letters_is_refused() {
+    let f = Fixture::new();
+    let (app, _h) = f.app(UseLimits::Deny, 60).await;
+    let token = f.token(Scope {
+        services: vec!["items".into()],
+        ..Scope::default()
+    });
+    let no_delete = attenuate(
+        &token,
+        &Scope {
+            datalog: Some("check if method($m), $m != \"DELETE\";".into()),
+            ..Scope::default()
+        },
+    )
+    .unwrap();
+    let req = |m: &[u8]| {
+        Request::builder()
+            .method(http::Method::from_bytes(m).unwrap())
+            .uri("/v1/items")
+            .header("authorization", format!("Bearer {no_delete}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_eq!(send(&app, req(b"DELETE")).await.0, 403);
+    for m in [&b"delete"[..], b"Delete", b"get"] {
+        let (s, _, body) = send(&app, req(m)).await;
+        assert_eq!(s, 400, "{body}");
+        assert!(body.contains("methods are upper case"), "{body}");
+    }
+    assert_eq!(send(&app, req(b"GET")).await.0, 200);
+}
+
 #[tokio::test]
 async fn use_limits_are_refused_by_default_and_ignored_only_by_the_danger_choice() {
     let f = Fixture::new();
