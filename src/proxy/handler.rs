@@ -315,23 +315,20 @@ async fn handle(
 
         // 3. The body, read only now and only when it can name a model or
         // carry a `_method` field.
-        let (body, permit, body_digest) = if json {
+        let (body, permit, body_digest) = if json || form {
             let (bytes, permit) = read_body(st, body, content_length).await?;
-            facts.model = model_of(&bytes).map_err(ProxyError::BadRequest)?;
-            if let Err(d) = counts
-                .decide(st, &token, None, &facts, &alone, Stage::Final)
-                .await?
-            {
-                obs.uses = Some(counts.values);
-                return Err(ProxyError::Denied(d));
+            if json {
+                facts.model = model_of(&bytes).map_err(ProxyError::BadRequest)?;
+                if let Err(d) = counts
+                    .decide(st, &token, None, &facts, &alone, Stage::Final)
+                    .await?
+                {
+                    obs.uses = Some(counts.values);
+                    return Err(ProxyError::Denied(d));
+                }
+            } else {
+                super::forward::refuse_method_in_form(&bytes)?;
             }
-            let d = idem_key
-                .as_ref()
-                .map(|_| digest(parts.method.as_str(), request_target(&parts), &bytes));
-            (Outgoing::Buffered(bytes), Some(permit), d)
-        } else if form {
-            let (bytes, permit) = read_body(st, body, content_length).await?;
-            super::forward::refuse_method_in_form(&bytes)?;
             let d = idem_key
                 .as_ref()
                 .map(|_| digest(parts.method.as_str(), request_target(&parts), &bytes));

@@ -1222,6 +1222,19 @@ mod tests {
         }
     }
 
+    /// Takes every round of calls, so each reservation from now on waits in
+    /// the batcher's queue until the permit is dropped.
+    async fn hold_every_round(s: &RedisStore) -> tokio::sync::OwnedSemaphorePermit {
+        let every = u32::try_from(batch::IN_FLIGHT).unwrap();
+        s.inner
+            .batch
+            .rounds
+            .clone()
+            .acquire_many_owned(every)
+            .await
+            .unwrap()
+    }
+
     /// The request running in `t` gives up 200 ms into a pause (its client
     /// left), while its Redis call is still out.
     async fn give_up_while_paused<T: 'static>(t: tokio::task::JoinHandle<T>) {
@@ -1570,14 +1583,7 @@ mod tests {
         let a = spec("a", None);
         s.reserve(std::slice::from_ref(&a)).await.unwrap();
         // Both rounds busy: every reservation now waits in the queue.
-        let held = s
-            .inner
-            .batch
-            .rounds
-            .clone()
-            .acquire_many_owned(2)
-            .await
-            .unwrap();
+        let held = hold_every_round(&s).await;
         let reserve = |s: &RedisStore| {
             let (s, a) = (s.clone(), a.clone());
             tokio::spawn(async move { s.reserve(std::slice::from_ref(&a)).await })
@@ -1631,14 +1637,7 @@ mod tests {
         assert_eq!(count_settles(&s, "a", 1).await, 1, "sent by the request");
 
         // 2. Both rounds busy: the reservation queues, the batcher sends it.
-        let held = s
-            .inner
-            .batch
-            .rounds
-            .clone()
-            .acquire_many_owned(2)
-            .await
-            .unwrap();
+        let held = hold_every_round(&s).await;
         let queued = reserve(&s);
         tokio::time::sleep(Duration::from_millis(100)).await;
         server.pause_writes().await;

@@ -661,9 +661,16 @@ pub async fn raw_request(addr: std::net::SocketAddr, target: &str, extra_headers
 /// the body of the answer. For methods and targets a client library would
 /// not send as is (CONNECT, authority-form targets).
 pub async fn raw_exchange(addr: std::net::SocketAddr, head: &str) -> (u16, String) {
+    raw_send(addr, &format!("{head}\r\n")).await
+}
+
+/// Sends `request` byte for byte (head, blank line and any body, framed by
+/// the caller) on a connection of its own; returns the status code and the
+/// body of the answer.
+pub async fn raw_send(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("{head}\r\n").as_bytes()).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf).to_string();

@@ -503,11 +503,15 @@ async fn a_batch_refused_by_its_window_or_cap_spends_no_use() {
     let server = McpServer::start();
     let home = Home::new();
     let proxy = proxy(&home, &server);
-    // The server checks the headers of the newest protocol.
-    let one = [
-        ("mcp-method", "tools/call"),
-        ("mcp-name", "delete_everything"),
-    ];
+    // One call, with the headers the server checks in the newest protocol.
+    async fn one(proxy: &Proxy, token: &str, id: u64) -> (u16, Value) {
+        let hdrs = [
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "delete_everything"),
+        ];
+        let body = call_body(id, "delete_everything").to_string();
+        at(proxy).post(token, &body, &hdrs).await
+    }
     let batch = |n: u64| {
         Value::Array((1..=n).map(|i| call_body(i, "delete_everything")).collect()).to_string()
     };
@@ -532,26 +536,14 @@ async fn a_batch_refused_by_its_window_or_cap_spends_no_use() {
     // All three uses are left: the window, not the budget, stops the third
     // call. (The SDK's server takes no batches, hence single calls.)
     for id in 1..=2 {
-        let (s, v) = at(&proxy)
-            .post(
-                &windowed,
-                &call_body(id, "delete_everything").to_string(),
-                &one,
-            )
-            .await;
+        let (s, v) = one(&proxy, &windowed, id).await;
         assert_eq!(s, 200, "{v}");
         assert!(
             v.get("result").is_some(),
             "the refused batches spent the uses of their first calls: {v}"
         );
     }
-    let (s, v) = at(&proxy)
-        .post(
-            &windowed,
-            &call_body(3, "delete_everything").to_string(),
-            &one,
-        )
-        .await;
+    let (s, v) = one(&proxy, &windowed, 3).await;
     assert_eq!(s, 429, "{v}");
     assert_eq!(v["error"]["data"]["till_code"], "rate_limited", "{v}");
     assert_eq!(server.deletions(), 2);
@@ -569,13 +561,7 @@ async fn a_batch_refused_by_its_window_or_cap_spends_no_use() {
         assert_eq!(s, 429, "{v}");
     }
     for id in 1..=2 {
-        let (s, v) = at(&proxy)
-            .post(
-                &capped,
-                &call_body(id, "delete_everything").to_string(),
-                &one,
-            )
-            .await;
+        let (s, v) = one(&proxy, &capped, id).await;
         assert_eq!(s, 200, "{v}");
         assert!(
             v.get("result").is_some(),
@@ -640,23 +626,11 @@ async fn keys_a_server_reads_without_regard_to_case_are_refused_before_it() {
 /// the blank line and the body) exactly as given, on a connection of its
 /// own; returns the status and the body of the answer.
 async fn raw_with_body(proxy: &Proxy, method: &str, token: &str, rest: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let req = format!(
         "{method} /tools/mcp HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\
          authorization: Bearer {token}\r\ncontent-type: application/json\r\n{rest}"
     );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, body.to_string())
+    raw_send(proxy.addr, &req).await
 }
 
 /// Regression: a GET or DELETE was forwarded with whatever body it had,

@@ -36,7 +36,7 @@ use crate::store::{StoreError, now_unix};
 /// less CPU per request in the load benchmark, for the same throughput; 4
 /// gave no more either: benches/README.md) but make the second of two
 /// concurrent requests wait for the first's round trip.
-const IN_FLIGHT: usize = 2;
+pub(super) const IN_FLIGHT: usize = 2;
 /// Reservations in one script call at most (bounds the time Redis spends in
 /// one script, during which it serves nobody else).
 const MAX_BATCH: usize = 64;
