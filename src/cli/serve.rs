@@ -264,6 +264,11 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
         let state =
             AppState::with_monitor(&cfg, &credentials, verifier, counters, revocations, monitor)?;
         let _ = state.feed_signer.set(Arc::new(Signer::new(root_keys)));
+        raise_clock_to_last_run(&state, &cfg.state_dir)?;
+        tokio::spawn(proxy::clock_floor::keep_saving(
+            state.clone(),
+            cfg.state_dir.clone(),
+        ));
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| listen_error(&cfg, e))?;
@@ -328,6 +333,26 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
         }
     }
     result.map(|_| ExitCode::SUCCESS)
+}
+
+/// Starts the proxy's clock no earlier than the latest time the previous
+/// run used ([`proxy::clock_floor`]), and says so when the wall clock is
+/// behind it.
+fn raise_clock_to_last_run(state: &AppState, dir: &Path) -> anyhow::Result<()> {
+    let Some(last) = proxy::clock_floor::load(dir)? else {
+        return Ok(());
+    };
+    let wall = crate::store::now_unix();
+    state.clock.raise_to(last);
+    if last > wall {
+        tracing::warn!(
+            behind_secs = last - wall,
+            last_run = %crate::token::format_unix(last),
+            "the wall clock is behind the latest time the previous run used: Till keeps that time until the clock catches up, so tokens that run saw expire stay expired. If the previous run's clock was wrong (ahead), stop Till, remove {} and start it again",
+            proxy::clock_floor::path(dir).display()
+        );
+    }
+    Ok(())
 }
 
 /// "0 verifying, 1 active" once there is more than one key.

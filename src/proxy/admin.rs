@@ -553,7 +553,10 @@ pub async fn feed(State(st): State<AppState>) -> Response {
         Err(e) => return ProxyError::StoreUnavailable(e.to_string()).into_response(),
     };
     let ks = signer.current();
-    let now = crate::store::now_unix();
+    // The proxy's never-backwards clock: services refuse a feed older than
+    // the one they hold, so a wall clock stepped back would make them refuse
+    // every new feed, new revocations included, until it caught up.
+    let now = st.clock.now_unix();
     match crate::feed::Feed::sign_with(
         ks.active_key(),
         ks.active_token_id(),
@@ -573,7 +576,7 @@ pub async fn keys(State(st): State<AppState>) -> Response {
     let Some(signer) = st.feed_signer.get() else {
         return not_found().await;
     };
-    let doc = signer.current().document(crate::store::now_unix());
+    let doc = signer.current().document(st.clock.now_unix());
     ([(axum::http::header::CACHE_CONTROL, "no-store")], Json(doc)).into_response()
 }
 

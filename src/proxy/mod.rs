@@ -11,6 +11,7 @@
 //! back ([`forward`]) → record.
 
 pub mod admin;
+pub mod clock_floor;
 pub mod config;
 pub mod dashboard;
 pub mod error;

@@ -212,6 +212,13 @@ async fn regression_a_start_with_the_clock_days_ahead_gives_no_token_more_uses()
     );
     let mut ahead = ahead;
     assert_eq!(ahead.terminate(), 0);
+    // The next start keeps the time the last run used: still expired.
+    proxy.restart(&home);
+    assert_eq!(chat(&proxy, &token, "m").await.0, 403);
+    assert_eq!(proxy.terminate(), 0);
+    // The operator was told that clock was wrong and removes its time, as
+    // the warning says: back on the right clock, with no use given back.
+    std::fs::remove_file(home.path().join(till::proxy::clock_floor::FILE)).unwrap();
     proxy.restart(&home);
     assert_eq!(
         chat(&proxy, &token, "m").await.0,
@@ -219,6 +226,67 @@ async fn regression_a_start_with_the_clock_days_ahead_gives_no_token_more_uses()
         "the used-up token must stay used up"
     );
     assert_eq!(up.count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_restart_with_the_clock_stepped_back_does_not_revive_an_expired_token() {
+    const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+    assert!(
+        std::path::Path::new(LIB).exists(),
+        "this test needs libfaketime (apt-get install faketime; .ci/run installs it)"
+    );
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let mut proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        expires: Some(SystemTime::now() + Duration::from_secs(600)),
+        ..Scope::default()
+    });
+    assert_eq!(chat(&proxy, &token, "m").await.0, 200);
+    assert_eq!(proxy.terminate(), 0);
+    // An hour later by the wall clock, the token has expired...
+    let mut later = Proxy::spawn_via(
+        &home,
+        &["env", &format!("LD_PRELOAD={LIB}"), "FAKETIME=+1h"],
+        "debug",
+        &["serve", "--config", proxy.config.to_str().unwrap()],
+        &proxy.config,
+    )
+    .expect("proxy starts under faketime");
+    let (status, v) = chat(&later, &token, "m").await;
+    assert_eq!(status, 403, "{v}");
+    // ...the run has saved its clock (every second)...
+    let saved = home.path().join(till::proxy::clock_floor::FILE);
+    let ahead = || {
+        std::fs::read_to_string(&saved)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .is_some_and(|t| t > till::store::now_unix() + 3000)
+    };
+    for _ in 0..100 {
+        if ahead() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ahead(), "the run under faketime saved its time");
+    assert_eq!(later.terminate(), 0);
+    // ...then the clock is stepped back an hour and Till restarted: the
+    // token stays expired (it was forwarded again before the fix).
+    proxy.restart(&home);
+    let (status, v) = chat(&proxy, &token, "m").await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (403, Some("token_expired")),
+        "{v}"
+    );
+    assert_eq!(up.count(), 1);
+    assert!(
+        proxy.logs().contains("wall clock is behind"),
+        "the operator is told: {}",
+        proxy.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

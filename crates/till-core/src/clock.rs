@@ -3,7 +3,10 @@
 //! Expiry checks compare a token's date with the proxy's wall clock, with no
 //! tolerance: a token is valid up to and including its expiry second. A
 //! wall clock can jump backwards (NTP step, manual change); we never let the
-//! time we use go back, so a token once seen expired stays expired.
+//! time we use go back, so a token once seen expired stays expired. A
+//! process that saves [`MonotonicClock::now_unix`] and hands it back to
+//! [`MonotonicClock::raise_to`] at its next start keeps that promise across
+//! restarts too.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -44,6 +47,21 @@ impl MonotonicClock {
             now
         }
     }
+
+    /// [`MonotonicClock::now`] in whole seconds since the Unix epoch.
+    pub fn now_unix(&self) -> u64 {
+        self.now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    /// Never hand out a time before `secs` (seconds since the Unix epoch):
+    /// the latest time a previous run used, so a restart with the wall clock
+    /// stepped back cannot revive a token that run saw expire.
+    pub fn raise_to(&self, secs: u64) {
+        self.last.fetch_max(secs, Ordering::AcqRel);
+    }
 }
 
 #[cfg(test)]
@@ -65,5 +83,17 @@ mod tests {
         assert_eq!(c.now(), t1, "time must not go back");
         FAKE.fetch_add(7200, Ordering::SeqCst);
         assert!(c.now() > t1);
+    }
+
+    #[test]
+    fn a_floor_from_a_previous_run_holds_until_the_wall_clock_passes_it() {
+        let c = MonotonicClock::with_source(|| UNIX_EPOCH + Duration::from_secs(1_000));
+        c.raise_to(5_000);
+        assert_eq!(c.now_unix(), 5_000, "the floor, not the earlier wall clock");
+        c.raise_to(10);
+        assert_eq!(c.now_unix(), 5_000, "a lower floor changes nothing");
+        let d = MonotonicClock::with_source(|| UNIX_EPOCH + Duration::from_secs(9_000));
+        d.raise_to(5_000);
+        assert_eq!(d.now_unix(), 9_000, "a wall clock past the floor is used");
     }
 }

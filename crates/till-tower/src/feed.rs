@@ -128,10 +128,16 @@ impl Refresher {
             ));
         }
         if let Some(old) = self.state.current()
-            && (feed.version < old.version || feed.issued_at < old.issued_at)
+            && (feed.version < old.version
+                || (feed.version == old.version && feed.issued_at < old.issued_at))
         {
             // Revocations are never undone: an older list, even genuinely
-            // signed, would bring revoked keys back (a replay).
+            // signed, would bring revoked keys back (a replay). A list with
+            // more ids is newer whatever its time says (the list only
+            // grows): after the proxy's clock was stepped back between two
+            // runs, its new revocations must still get through. It is
+            // installed with its own, earlier, time, so it goes stale
+            // sooner, never later.
             return Err(format!(
                 "refused a revocation feed older than the one in force (version {} issued at {}, have version {} issued at {})",
                 feed.version, feed.issued_at, old.version, old.issued_at

@@ -300,6 +300,35 @@ async fn a_revoked_block_is_refused_once_the_feed_lists_it() {
 }
 
 #[tokio::test]
+async fn regression_a_feed_with_new_revocations_is_taken_even_if_dated_earlier() {
+    // The proxy ran with its clock ahead, then restarted with it stepped
+    // back: its next feed carries a new revocation but an earlier time.
+    // Refusing it as a replay held the revocation back for as long as the
+    // clock had been ahead.
+    let f = Fixture::new();
+    f.publish(&[], now() + 30);
+    let (app, h) = f.app(UseLimits::Deny, 60).await;
+    let token = f.items();
+    assert_eq!(send(&app, get_items(&token)).await.0, 200);
+    let id = till_core::RawToken::parse(&token).unwrap().revocation_ids()[0].clone();
+    f.publish(std::slice::from_ref(&id), now());
+    wait_until(|| h.feed_version() == Some(1), &h).await;
+    let (s, j, _) = send(&app, get_items(&token)).await;
+    assert_eq!(
+        (s, j["error"]["code"].as_str()),
+        (403, Some("token_revoked"))
+    );
+    // The same list dated earlier still is a replay: not taken.
+    f.publish(&[id], now() - 5);
+    wait_until(
+        || h.last_refresh_error().is_some_and(|e| e.contains("older")),
+        &h,
+    )
+    .await;
+    assert_eq!(h.feed_version(), Some(1));
+}
+
+#[tokio::test]
 async fn a_stale_or_forged_feed_fails_closed_until_a_fresh_one_arrives() {
     let f = Fixture::new();
     // Two seconds old already: stale for a 1 s maximum.
