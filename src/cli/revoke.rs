@@ -109,7 +109,11 @@ impl AdminArgs {
             .build()?;
         rt.block_on(async {
             crate::proxy::install_crypto();
-            let client = reqwest::Client::new();
+            // The admin API never redirects: following one would send the
+            // admin token's request to wherever a stranger points it.
+            let client = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?;
             let send = |token: String| {
                 let mut req = match method {
                     "POST" => client.post(&url),
@@ -157,7 +161,17 @@ impl AdminArgs {
                         "proxy answered {status}: {msg} (after `till keygen --rotate`: make the proxy read the new key set with SIGHUP, e.g. kill -HUP $(pidof till), or a restart)"
                     );
                 }
+                if status.is_redirection() {
+                    bail!(
+                        "{base} answered {status} (a redirect): the Till admin API never redirects, so this is not a Till proxy or not its address; nothing was done (check --url or TILL_URL)"
+                    );
+                }
                 bail!("proxy answered {status}: {msg}");
+            }
+            if !v.is_object() {
+                bail!(
+                    "{base} answered {status} but not with a Till admin answer (JSON object): is it a Till proxy? Nothing can be assumed done (check --url or TILL_URL)"
+                );
             }
             Ok(v)
         })
@@ -306,11 +320,18 @@ pub fn run(home: &Path, a: RevokeArgs) -> anyhow::Result<ExitCode> {
         _ => bail!("say what to revoke: a TOKEN, --id HEX, or --list"),
     };
     let v = a.admin.call(home, "POST", "/admin/revoke", Some(body))?;
+    // Success is the proxy naming the id it revoked, not any 2xx.
+    let id = v["revoked"].as_str().unwrap_or("");
+    if id.len() != 128 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!(
+            "the answer does not name a revoked id, so nothing can be assumed revoked: {} (is --url or TILL_URL a Till proxy?)",
+            v.to_string().chars().take(200).collect::<String>()
+        );
+    }
     if a.json {
         outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let id = v["revoked"].as_str().unwrap_or("");
     if v["already_revoked"].as_bool() == Some(true) {
         outln!("already revoked {id}");
     } else {

@@ -354,6 +354,80 @@ pub const BASE_URL_VARS: [(&str, &str); 2] = [
     ("anthropic", "ANTHROPIC_BASE_URL"),
 ];
 
+/// toml's rendering of a parse error, with the contents of every string
+/// on the quoted source lines replaced by `*` (one per character, so the
+/// caret still points at the spot), and those strings masked in the message
+/// too. toml quotes the line and the value: a credential pasted inline, a
+/// Redis URL with its password or a webhook URL with its token would
+/// otherwise reach the log, stderr and the answer of `POST /admin/reload`.
+pub(crate) fn mask_strings_in_toml_error(rendered: &str) -> String {
+    let mut hidden: Vec<String> = Vec::new();
+    let mut lines: Vec<String> = Vec::new();
+    for line in rendered.lines() {
+        match line.split_once(" | ") {
+            Some((num, source))
+                if !num.trim().is_empty() && num.trim().bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                let (masked, found) = mask_string_contents(source);
+                hidden.extend(found);
+                lines.push(format!("{num} | {masked}"));
+            }
+            _ => lines.push(line.to_string()),
+        }
+    }
+    hidden.sort_by_key(|h| std::cmp::Reverse(h.len()));
+    lines
+        .into_iter()
+        .map(|mut line| {
+            for h in &hidden {
+                let stars = "*".repeat(h.chars().count());
+                for (open, close) in [("\"", "\""), ("`", "`"), ("'", "'")] {
+                    line = line.replace(
+                        &format!("{open}{h}{close}"),
+                        &format!("{open}{stars}{close}"),
+                    );
+                }
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `source` with the contents of its TOML strings (basic `"…"` with
+/// escapes, literal `'…'`; an unterminated one runs to the end) replaced by
+/// `*`, and the contents found.
+fn mask_string_contents(source: &str) -> (String, Vec<String>) {
+    let mut out = String::with_capacity(source.len());
+    let mut found = Vec::new();
+    let mut chars = source.chars();
+    while let Some(quote) = chars.next() {
+        out.push(quote);
+        if quote != '"' && quote != '\'' {
+            continue;
+        }
+        let mut content = String::new();
+        let mut closed = false;
+        let mut escaped = false;
+        for d in chars.by_ref() {
+            if d == quote && !escaped {
+                closed = true;
+                break;
+            }
+            escaped = quote == '"' && d == '\\' && !escaped;
+            content.push(d);
+        }
+        out.extend(std::iter::repeat_n('*', content.chars().count()));
+        if closed {
+            out.push(quote);
+        }
+        if !content.is_empty() {
+            found.push(content);
+        }
+    }
+    (out, found)
+}
+
 /// The well-known upstreams `till up` configures from the environment.
 pub const WELL_KNOWN: &[(&str, &str, &str, &str, &str)] = &[
     // (service, env var, url, header, prefix)
@@ -394,10 +468,10 @@ impl Config {
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         // toml's own rendering: the line, a caret under the spot, the
-        // problem, on several lines.
+        // problem, on several lines; with the strings masked.
         let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_string(),
-            message: e.to_string().trim_end().to_string(),
+            message: mask_strings_in_toml_error(e.to_string().trim_end()),
         })?;
         cfg.file = file.to_string();
         if let Ok(raw) = toml::from_str::<toml::Table>(text) {
@@ -1079,6 +1153,42 @@ denial_burst_window_secs = 60    # ... within this window
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn regression_a_parse_error_never_shows_a_secret_from_the_file() {
+        // Each showed its secret: toml quotes the line and the value.
+        let cases = [
+            (
+                "[upstreams.a]\nurl = \"http://127.0.0.1:9\"\ncredential = \"sk-INLINESECRET-999\"\n",
+                "sk-INLINESECRET-999",
+            ),
+            (
+                "store = \"redis://:HUNTER2PASSWORD@127.0.0.1:6379/0\" x\n",
+                "HUNTER2PASSWORD",
+            ),
+            (
+                "[alerts]\nslack_webhook = \"https://hooks.slack.example/services/T0/B0/XOXSECRET\" ]\n",
+                "XOXSECRET",
+            ),
+            (
+                "[[alerts.webhooks]]\nurl = \"http://127.0.0.1:9/h\"\nsecret = 'lit-SECRET-123'\nsecret = 1\n",
+                "lit-SECRET-123",
+            ),
+            ("store = \"redis://:UNTERMINATED@h\n", "UNTERMINATED"),
+        ];
+        for (text, secret) in cases {
+            let e = Config::parse(text, "till.toml").unwrap_err().to_string();
+            assert!(!e.contains(secret), "{secret} shown:\n{e}");
+            assert!(e.contains("line "), "still says where:\n{e}");
+        }
+        // Numbers and keys are still shown, the caret still under the spot.
+        let e = Config::parse("[limits]\nidle_timeout_secs = \"soon\"\n", "till.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2 | idle_timeout_secs = \"****\""), "{e}");
+        assert!(e.contains("^^^^^^"), "{e}");
+        assert!(!e.contains("soon"), "{e}");
+    }
 
     #[test]
     fn a_time_limit_past_a_year_is_refused_not_a_panic_per_request() {

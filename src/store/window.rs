@@ -102,12 +102,22 @@ pub trait WindowStore: Send + Sync + 'static {
     }
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch: the wall clock read once, at the
+/// first call, advanced by the monotonic clock since. A window measures
+/// time that passed, and a wall clock stepped forward while the proxy runs
+/// (NTP, by hand) would otherwise empty every window at once, or stretch
+/// them all when stepped back. Across a restart the saved admissions are
+/// read against the new run's wall clock (SECURITY.md, "Clock").
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    static ANCHOR: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+    let (at, wall) = ANCHOR.get_or_init(|| {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        (std::time::Instant::now(), wall)
+    });
+    wall.saturating_add(at.elapsed().as_millis() as u64)
 }
 
 /// Admissions of one window: (time in ms, admission number), oldest first.

@@ -1406,8 +1406,8 @@ fn config_errors_keep_tomls_line_and_caret() {
     assert!(
         lines
             .iter()
-            .any(|l| l.contains("3 | idle_timeout_secs = \"soon\"")),
-        "the offending line is shown:\n{}",
+            .any(|l| l.contains("3 | idle_timeout_secs = \"****\"")),
+        "the offending line is shown, its strings masked (they may be secrets):\n{}",
         o.stderr
     );
     assert!(
@@ -2137,5 +2137,59 @@ fn regression_an_expiry_past_year_9999_is_a_clear_error_not_a_panic() {
         .home(&h)
         .run(),
         &["outside the times Till handles"],
+    );
+}
+
+/// A server on loopback that answers every request with `answer` and
+/// counts the requests it got.
+fn canned_server(answer: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 65536];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(answer.as_bytes());
+        }
+    });
+    (url, hits)
+}
+
+/// Regression: `till revoke` printed "revoked" and exited 0 on any 2xx
+/// answer, from any server, and followed a redirect with the admin
+/// request to another host.
+#[test]
+fn regression_revoke_reports_success_only_when_the_proxy_names_the_revoked_id() {
+    let h = Home::new();
+    let t = issue(&h, &["--service", "openai", "--ttl", "1h"]);
+    let json_ok = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+    let html_ok = "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 6\r\nconnection: close\r\n\r\n<html>";
+    for answer in [json_ok, html_ok] {
+        let (url, _) = canned_server(answer.to_string());
+        let o = till(["revoke", &t, "--url", &url, "--admin-token", "x"])
+            .home(&h)
+            .run();
+        assert_ne!(o.code, 0, "{}", o.stdout);
+        assert!(!o.stdout.contains("revoked"), "{}", o.stdout);
+        assert!(o.stderr.contains("Till"), "{}", o.stderr);
+        no_panic(&o);
+    }
+    let (elsewhere, elsewhere_hits) = canned_server(json_ok.to_string());
+    let (url, _) = canned_server(format!(
+        "HTTP/1.1 307 Temporary Redirect\r\nlocation: {elsewhere}/admin/revoke\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    ));
+    let o = till(["revoke", &t, "--url", &url, "--admin-token", "x"])
+        .home(&h)
+        .run();
+    assert_ne!(o.code, 0, "{}", o.stdout);
+    assert!(o.stderr.contains("never redirects"), "{}", o.stderr);
+    assert_eq!(
+        elsewhere_hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the redirect was not followed"
     );
 }

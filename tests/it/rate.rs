@@ -118,6 +118,54 @@ async fn a_full_window_admits_exactly_n_of_50_concurrent_requests_then_n_more_af
     assert_eq!(up.count(), 10);
 }
 
+/// Regression: the embedded store's windows read the wall clock, so a
+/// clock stepped forward an hour (NTP, by hand) emptied every window at
+/// once: a `3/1h` key got three more calls at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_wall_clock_stepped_forward_does_not_empty_a_full_window() {
+    const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+    assert!(
+        std::path::Path::new(LIB).exists(),
+        "this test needs libfaketime (apt-get install faketime; .ci/run installs it)"
+    );
+    let home = Home::new();
+    let up = Upstream::start().await;
+    let mut plain = Proxy::start(&home, &[openai(&up)], "");
+    assert_eq!(plain.terminate(), 0);
+    // The clock the proxy reads comes from this file, re-read on each call;
+    // its monotonic clock stays real.
+    let offset = home.path().join("faketime-offset");
+    std::fs::write(&offset, "+0s\n").unwrap();
+    let proxy = Proxy::spawn_via(
+        &home,
+        &[
+            "env",
+            &format!("LD_PRELOAD={LIB}"),
+            &format!("FAKETIME_TIMESTAMP_FILE={}", offset.display()),
+            "FAKETIME_NO_CACHE=1",
+            "FAKETIME_DONT_FAKE_MONOTONIC=1",
+        ],
+        "debug",
+        &["serve", "--config", plain.config.to_str().unwrap()],
+        &plain.config,
+    )
+    .expect("proxy starts under faketime");
+    let t = root(&home, &[rate(3, 3600)], None);
+    let url = proxy.url("/openai/v1/chat/completions");
+    for _ in 0..3 {
+        assert_eq!(call(&url, &t).await.status, 200);
+    }
+    assert_eq!(call(&url, &t).await.code.as_deref(), Some("rate_limited"));
+    std::fs::write(&offset, "+61m\n").unwrap();
+    let a = call(&url, &t).await;
+    assert_eq!(
+        (a.status, a.code.as_deref()),
+        (429, Some("rate_limited")),
+        "an hour on the wall clock is not an hour passed: {a:?}"
+    );
+    assert_eq!(up.count(), 3);
+}
+
 /// 20 children of a `6/1m` key, 60 concurrent requests: 6 in total, as
 /// with use limits; a child's own looser window changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
