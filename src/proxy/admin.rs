@@ -99,6 +99,23 @@ impl FromRequestParts<AppState> for OwnHost {
         if let Some(a) = parts.uri.authority() {
             names.push(a.as_str());
         }
+        if let Some(header) = forwarded_by(&parts.headers) {
+            // A reverse proxy on this machine makes every client a loopback
+            // peer, and may pass on the client's own Host (Caddy does) or
+            // put in its upstream's (nginx does): through it, only a name
+            // the operator listed stands for the admin plane.
+            let listed = !unreadable
+                && !names.is_empty()
+                && names.iter().all(|h| {
+                    st.admin_hosts
+                        .iter()
+                        .any(|listed| listed.eq_ignore_ascii_case(h))
+                });
+            if !listed {
+                return Err(proxied_without_listed_name(header, names.first().copied()));
+            }
+            return Ok(OwnHost);
+        }
         let ok = local.is_some_and(|local| {
             !unreadable
                 && !names.is_empty()
@@ -112,6 +129,45 @@ impl FromRequestParts<AppState> for OwnHost {
             Err(misdirected(names.first().copied(), local))
         }
     }
+}
+
+/// Headers a reverse proxy adds: a request carrying one came through a
+/// proxy, whatever its peer address says.
+const FORWARDING_HEADERS: [&str; 6] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "via",
+];
+
+/// The first forwarding header `headers` carry, if any.
+fn forwarded_by(headers: &axum::http::HeaderMap) -> Option<&'static str> {
+    FORWARDING_HEADERS
+        .into_iter()
+        .find(|h| headers.contains_key(*h))
+}
+
+/// The 421 for a proxied admin-plane request under a name not listed.
+fn proxied_without_listed_name(header: &str, host: Option<&str>) -> Response {
+    let shown: String = match host {
+        Some(h) => format!("{:?}", h.chars().take(100).collect::<String>()),
+        None => "(none)".into(),
+    };
+    let message = format!(
+        "this request came through a reverse proxy (it carries {header}) under the Host {shown}: \
+         through a proxy the admin API, the dashboard and /metrics answer only the names listed \
+         in admin_hosts in till.toml, since every client of a proxy on this machine looks local. \
+         To reach them through yours, list the name clients use, e.g. admin_hosts = \
+         [\"till.example.com\"]; to keep them private, do not forward /admin, /dashboard and \
+         /metrics (README, \"Run as a service\")"
+    );
+    (
+        StatusCode::MISDIRECTED_REQUEST,
+        Json(json!({"error": {"message": message, "type": "permission_error", "code": "host_not_allowed"}})),
+    )
+        .into_response()
 }
 
 /// Splits a `Host` value into its name and port (80 when absent). IPv6

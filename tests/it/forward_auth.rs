@@ -97,6 +97,20 @@ http://127.0.0.1:{port} {
 }
 "#;
 
+/// Caddy as a plain reverse proxy in front of Till itself, for every
+/// name and path (`{service}` is Till here): how operators serve agents
+/// on other machines.
+const CADDY_IN_FRONT: &str = r#"
+{
+    admin off
+    auto_https off
+    storage file_system {dir}/data
+}
+http://:{port} {
+    reverse_proxy {service}
+}
+"#;
+
 /// A gateway process with its own directory, killed when dropped.
 struct Gateway {
     addr: SocketAddr,
@@ -120,6 +134,19 @@ impl Gateway {
             c.args(["run", "--adapter", "caddyfile", "--config"]);
             c.arg(conf);
             // Caddy writes its autosave and data under these.
+            c.env("HOME", dir)
+                .env("XDG_DATA_HOME", dir)
+                .env("XDG_CONFIG_HOME", dir);
+            c
+        })
+    }
+
+    /// Caddy serving [`CADDY_IN_FRONT`]: every request to Till.
+    fn caddy_in_front_of(till: SocketAddr) -> Gateway {
+        Self::start(CADDY_IN_FRONT, till, till, |dir, conf| {
+            let mut c = Command::new("caddy");
+            c.args(["run", "--adapter", "caddyfile", "--config"]);
+            c.arg(conf);
             c.env("HOME", dir)
                 .env("XDG_DATA_HOME", dir)
                 .env("XDG_CONFIG_HOME", dir);
@@ -687,4 +714,77 @@ fn forward_auth_credential_without_a_gateway_secret_refuses_to_start() {
         .code(2)
         .stderr_has("upstreams.openai.forward_auth_credential")
         .stderr_has("forward_auth_secret");
+}
+
+/// Regression: behind a reverse proxy on the same machine every client is a
+/// loopback peer, and Caddy passes the client's Host on: a remote client
+/// sending `Host: 127.0.0.1:PORT` read /metrics and reached the admin API
+/// and the dashboard.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_the_admin_plane_is_not_reachable_through_a_reverse_proxy_by_a_local_name() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let caddy = Gateway::caddy_in_front_of(proxy.addr);
+    let admin = home.admin();
+    let port = proxy.addr.port();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        for path in ["/metrics", "/admin/usage", "/dashboard"] {
+            let r = client()
+                .get(caddy.url(path))
+                .header("host", &host)
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 421, "{path} with Host {host} through Caddy");
+            let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            assert_eq!(v["error"]["code"], "host_not_allowed", "{v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("reverse proxy"),
+                "{v}"
+            );
+        }
+    }
+    // Agents still go through it.
+    let t = home.token("openai", Some(1));
+    let r = client()
+        .get(caddy.url("/openai/v1/models"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Directly on loopback, as before.
+    let r = client().get(proxy.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    // A name the operator lists is the way to serve the admin plane
+    // through the proxy.
+    let listed_home = Home::new();
+    let listed = Proxy::start(
+        &listed_home,
+        &[openai(&up)],
+        "admin_hosts = [\"till.example\"]",
+    );
+    let caddy = Gateway::caddy_in_front_of(listed.addr);
+    for (host, status) in [
+        ("till.example".to_string(), 200),
+        (format!("127.0.0.1:{}", listed.addr.port()), 421),
+    ] {
+        let r = client()
+            .get(caddy.url("/metrics"))
+            .header("host", &host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "Host {host} through Caddy");
+    }
 }
