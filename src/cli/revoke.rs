@@ -19,8 +19,8 @@ pub const MIN_PREFIX: usize = 8;
 /// How to reach the admin API (shared with `till usage`).
 #[derive(Args, Debug, Clone)]
 pub struct AdminArgs {
-    /// Base URL of the running proxy (default: from `listen` in TILL_HOME/till.toml, else
-    /// http://127.0.0.1:8787).
+    /// Base URL of the running proxy's admin plane (default: from `admin_listen`, else
+    /// `listen`, in TILL_HOME/till.toml, else http://127.0.0.1:8787).
     #[arg(long, env = "TILL_URL")]
     pub url: Option<String>,
     /// Admin token (default: read from TILL_HOME/admin.token).
@@ -48,16 +48,21 @@ impl AdminArgs {
                 cfg.display()
             ),
         };
-        let from = format!("`listen` in {}", cfg.display());
-        let table: toml::Table = toml::from_str(&text).with_context(|| {
-            format!(
-                "cannot find the proxy's address in {}; pass --url or set TILL_URL",
-                cfg.display()
+        let table: toml::Table = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot find the proxy's address in {}; pass --url or set TILL_URL: {}",
+                cfg.display(),
+                crate::proxy::config::mask_strings_in_toml_error(e.to_string().trim_end())
             )
         })?;
-        let Some(listen) = table.get("listen") else {
+        // The admin plane is on `admin_listen` when there is one.
+        let Some((key, listen)) = ["admin_listen", "listen"]
+            .into_iter()
+            .find_map(|k| table.get(k).map(|v| (k, v)))
+        else {
             return Ok((DEFAULT_URL.into(), "the default".into()));
         };
+        let from = format!("`{key}` in {}", cfg.display());
         let mut addr = listen
             .as_str()
             .ok_or_else(|| anyhow::anyhow!("listen is not a string"))

@@ -271,9 +271,21 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
         ));
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
-            .map_err(|e| listen_error(&cfg, e))?;
+            .map_err(|e| listen_error(&cfg, cfg.listen, "listen", e))?;
         let addr = listener.local_addr()?;
         cfg.check_not_self(addr)?;
+        let admin_listener = match cfg.admin_listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| listen_error(&cfg, a, "admin_listen", e))?,
+            ),
+            None => None,
+        };
+        let admin_addr = match &admin_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
         let reloader = Arc::new(proxy::reload::Reloader::new(
             path,
             overrides,
@@ -291,6 +303,7 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
             &cfg,
             &credentials,
             addr,
+            admin_addr,
             &public_key,
             key_summary.as_deref(),
         );
@@ -311,7 +324,7 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
                 }
             }
         });
-        proxy::run(listener, state, shutdown)
+        proxy::run(listener, admin_listener, state, shutdown)
             .await
             .context("server error")
     });
@@ -367,24 +380,30 @@ fn key_summary(ks: &KeySet) -> Option<String> {
     })
 }
 
-fn listen_error(cfg: &Config, e: std::io::Error) -> anyhow::Error {
+/// Why `addr` (the config's `key`) cannot be listened on, and what to do.
+fn listen_error(cfg: &Config, addr: SocketAddr, key: &str, e: std::io::Error) -> anyhow::Error {
+    let flag = if key == "listen" {
+        "--listen or `listen`"
+    } else {
+        "`admin_listen`"
+    };
     let hint = match e.kind() {
         std::io::ErrorKind::AddrInUse => format!(
-            "port {} is already in use (another till, or another program); stop it, or choose another port with --listen or `listen` in {}",
-            cfg.listen.port(),
+            "port {} is already in use (another till, or another program); stop it, or choose another port with {flag} in {}",
+            addr.port(),
             cfg.file
         ),
         std::io::ErrorKind::PermissionDenied => format!(
-            "permission denied: ports below 1024 need privileges; choose another port with --listen or `listen` in {}",
+            "permission denied: ports below 1024 need privileges; choose another port with {flag} in {}",
             cfg.file
         ),
         std::io::ErrorKind::AddrNotAvailable => format!(
             "this machine has no address {}; use 127.0.0.1 or one of its own addresses",
-            cfg.listen.ip()
+            addr.ip()
         ),
         _ => e.to_string(),
     };
-    anyhow::anyhow!("cannot listen on {}: {hint}", cfg.listen)
+    anyhow::anyhow!("cannot listen on {addr} ({key}): {hint}")
 }
 
 /// `kill -HUP`: reload like `POST /admin/reload`; the outcome is logged.
@@ -441,6 +460,7 @@ fn banner(
     cfg: &Config,
     credentials: &std::collections::BTreeMap<String, Option<String>>,
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     public_key: &str,
     key_summary: Option<&str>,
 ) {
@@ -454,6 +474,9 @@ fn banner(
     let base = format!("http://{addr}");
     let admin = cfg.state_dir.join(ADMIN_TOKEN_FILE);
     say!("till: listening on {base}");
+    if let Some(a) = admin_addr {
+        say!("  admin plane: http://{a}  (admin API, /dashboard, /metrics; not on {base})");
+    }
     say!("  public key:  {public_key}");
     if let Some(k) = key_summary {
         say!("  root keys:   {k}");

@@ -286,6 +286,10 @@ fn listen_de<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Er
     parse_listen(&s).map_err(serde::de::Error::custom)
 }
 
+fn opt_listen_de<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    listen_de(d).map(Some)
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -295,6 +299,12 @@ pub struct Config {
     pub state_dir: PathBuf,
     #[serde(default = "default_policies")]
     pub policies: PathBuf,
+    /// A second address for the admin plane (admin API, dashboard,
+    /// `/metrics`): when set, `listen` serves only agents' requests and the
+    /// public endpoints, so a reverse proxy in front of `listen` cannot
+    /// expose the admin plane whatever it forwards.
+    #[serde(default, deserialize_with = "opt_listen_de")]
+    pub admin_listen: Option<SocketAddr>,
     /// DANGEROUS: serve the admin API to non-loopback clients too.
     #[serde(default)]
     pub danger_admin_remote: bool,
@@ -332,6 +342,7 @@ impl Default for Config {
             listen: default_listen(),
             state_dir: default_state_dir(),
             policies: default_policies(),
+            admin_listen: None,
             danger_admin_remote: false,
             admin_hosts: Vec::new(),
             limits: Limits::default(),
@@ -639,6 +650,15 @@ impl Config {
 
     /// Checks what serde cannot: names, URLs, header names.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(a) = self.admin_listen
+            && a == self.listen
+            && a.port() != 0
+        {
+            return Err(self.err(
+                "admin_listen",
+                format!("is the same address as listen ({a}); give the admin plane its own port, e.g. 127.0.0.1:{}", a.port().wrapping_add(1)),
+            ));
+        }
         for (name, u) in &self.upstreams {
             let key = format!("upstreams.{name}");
             vocab::validate_service(name).map_err(|e| self.err(&key, e))?;

@@ -267,11 +267,12 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves, then gives
-/// in-flight requests the configured grace period to finish and flushes the
-/// counter store.
+/// Serves `state` on `listener` (and the admin plane on `admin` instead,
+/// when given) until `shutdown` resolves, then gives in-flight requests the
+/// configured grace period to finish and flushes the counter store.
 pub async fn run(
     listener: TcpListener,
+    admin: Option<TcpListener>,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -283,7 +284,11 @@ pub async fn run(
         max_headers: l.max_headers,
         grace: Duration::from_secs(l.shutdown_grace_secs),
     };
-    let result = server::serve(listener, state.clone(), limits, shutdown).await;
+    let listeners = match admin {
+        None => vec![(listener, server::Plane::All)],
+        Some(a) => vec![(listener, server::Plane::Agents), (a, server::Plane::Admin)],
+    };
+    let result = server::serve(listeners, state.clone(), limits, shutdown).await;
     if let Err(e) = state.counters.flush().await {
         tracing::error!(error = %e, "final flush of the counter store failed");
     }

@@ -72,12 +72,73 @@ const HYPER_MAX_HEADERS: usize = 100;
 /// wake-up, at the cost of two wake-ups a second.
 const TIMER_ANCHOR: Duration = Duration::from_millis(500);
 
-/// Serves [`super::router`] of `state` until `shutdown` resolves, then
-/// stops accepting, gives open connections `grace` to finish, and returns.
-/// Requests that can only reach the router's proxy fallback
-/// ([`super::skips_router`]) go to [`super::handler::proxy`] directly.
+/// Which requests a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plane {
+    /// Everything: agents' requests and the admin plane (no `admin_listen`).
+    All,
+    /// Agents' requests, forward-auth and the public endpoints (health,
+    /// revocation feed, key set), not the admin plane: the listener a
+    /// reverse proxy may forward everything to.
+    Agents,
+    /// The admin plane (admin API, dashboard, `/metrics`) and the health
+    /// checks, nothing proxied (`admin_listen`).
+    Admin,
+}
+
+impl Plane {
+    /// Whether a request to `path` is served on this listener.
+    fn serves(self, path: &str) -> bool {
+        match self {
+            Plane::All => true,
+            Plane::Agents => !is_admin_plane(path),
+            Plane::Admin => is_admin_plane(path) || path == "/healthz" || path == "/readyz",
+        }
+    }
+
+    /// The 404 for a request this listener does not serve.
+    fn refusal(self) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let message = match self {
+            Plane::Admin => {
+                "this is the admin listener (admin_listen): it serves the admin API, the dashboard, /metrics and the health checks; send proxied requests to the proxy's listen address"
+            }
+            _ => {
+                "the admin API, the dashboard and /metrics are served on the admin listener (admin_listen in till.toml), not on this address"
+            }
+        };
+        (
+            axum::http::StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({"error": {"message": message, "type": "not_found_error", "code": "not_found"}})),
+        )
+            .into_response()
+    }
+}
+
+/// Whether `path` belongs to the admin plane: `/metrics`, and everything
+/// under `/admin` and `/dashboard`.
+pub(crate) fn is_admin_plane(path: &str) -> bool {
+    if path == "/metrics" {
+        return true;
+    }
+    let first = path
+        .strip_prefix('/')
+        .map(|p| p.split('/').next().unwrap_or(p))
+        .unwrap_or("");
+    first == "admin" || first == "dashboard"
+}
+
+/// Connections the admin listener holds at once: its own budget, so a
+/// flood of agents' connections cannot lock the operator out.
+const ADMIN_CONNECTIONS: usize = 64;
+
+/// Serves [`super::router`] of `state` on every listener, each for its
+/// [`Plane`], until `shutdown` resolves, then stops accepting, gives open
+/// connections `grace` to finish, and returns. Requests that can only reach
+/// the router's proxy fallback ([`super::skips_router`]) go to
+/// [`super::handler::proxy`] directly.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<(TcpListener, Plane)>,
     state: super::AppState,
     limits: ServerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -106,8 +167,60 @@ pub async fn serve(
     // Every connection task holds a receiver; `closed()` on the sender tells
     // when the last one has finished.
     let (stop_tx, stop_rx) = watch::channel(());
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    tokio::pin!(shutdown);
+    let (shut_tx, shut_rx) = watch::channel(false);
+    let _shutdown = AbortOnDrop(tokio::spawn(async move {
+        shutdown.await;
+        let _ = shut_tx.send(true);
+    }));
+    let agents = Arc::new(Semaphore::new(limits.max_connections));
+    let admin = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
+    let loops = listeners.into_iter().map(|(listener, plane)| {
+        let permits = if plane == Plane::Admin {
+            admin.clone()
+        } else {
+            agents.clone()
+        };
+        let conn = Connections {
+            plane,
+            app: app.clone(),
+            state: state.clone(),
+            builder: builder.clone(),
+            stop: stop_rx.clone(),
+            header_timeout: limits.header_timeout,
+        };
+        accept_loop(listener, permits, conn, shut_rx.clone())
+    });
+    futures_util::future::join_all(loops).await;
+    drop(stop_rx);
+    let _ = stop_tx.send(());
+    tokio::select! {
+        _ = stop_tx.closed() => {}
+        _ = tokio::time::sleep(limits.grace) => {
+            tracing::warn!(grace_secs = limits.grace.as_secs(), "grace period over; closing remaining connections");
+        }
+    }
+    Ok(())
+}
+
+/// What every connection of one listener shares.
+#[derive(Clone)]
+struct Connections {
+    plane: Plane,
+    app: axum::Router,
+    state: super::AppState,
+    builder: Arc<http1::Builder>,
+    stop: watch::Receiver<()>,
+    header_timeout: Duration,
+}
+
+/// Accepts on `listener` until `shut` turns true, a connection per free
+/// permit.
+async fn accept_loop(
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    conn: Connections,
+    mut shut: watch::Receiver<bool>,
+) {
     loop {
         // Wait for a free slot first: over the cap, connections queue in the
         // kernel's backlog rather than in our memory.
@@ -116,7 +229,7 @@ pub async fn serve(
                 Ok(p) => p,
                 Err(_) => break,
             },
-            _ = &mut shutdown => break,
+            _ = shut.wait_for(|s| *s) => break,
         };
         let (stream, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -128,67 +241,70 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = shut.wait_for(|s| *s) => break,
         };
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().ok().map(LocalAddr);
-        let app = app.clone();
-        let state = state.clone();
-        let builder = builder.clone();
-        let mut stop = stop_rx.clone();
-        let header_timeout = limits.header_timeout;
-        tokio::spawn(async move {
-            let mut stream = stream;
-            let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                let mut req = req.map(axum::body::Body::new);
-                if super::skips_router(req.uri().path()) {
-                    // The proxy path reads the peer from here, not from
-                    // the extensions the router's handlers need.
-                    Either::Left(super::handler::proxy_from(state.clone(), req, Some(peer)).map(Ok))
-                } else {
-                    req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                    if let Some(l) = local {
-                        req.extensions_mut().insert(l);
-                    }
-                    let mut app = app.clone();
-                    Either::Right(tower_service::Service::call(&mut app, req))
-                }
-            });
-            // hyper gets the stream borrowed so that an HTTP/2 client can
-            // still be told why it is refused once hyper has given up on it.
-            let result = {
-                let conn = builder.serve_connection(TokioIo::new(&mut stream), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = stop.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                }
-            };
-            match result {
-                Ok(()) => {}
-                Err(e) if e.is_parse_version_h2() => {
-                    tracing::debug!(%peer, "refused an HTTP/2 (h2c) connection: till serves HTTP/1.1 only");
-                    refuse_h2(&mut stream, header_timeout).await;
-                }
-                Err(e) => tracing::debug!(error = %e, %peer, "connection ended with an error"),
-            }
-            drop(stop);
-            drop(permit);
-        });
+        tokio::spawn(connection(stream, peer, conn.clone(), permit));
     }
-    drop(listener);
-    drop(stop_rx);
-    let _ = stop_tx.send(());
-    tokio::select! {
-        _ = stop_tx.closed() => {}
-        _ = tokio::time::sleep(limits.grace) => {
-            tracing::warn!(grace_secs = limits.grace.as_secs(), "grace period over; closing remaining connections");
+}
+
+/// Serves one connection until it ends or the server stops.
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    conn: Connections,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let local = stream.local_addr().ok().map(LocalAddr);
+    let Connections {
+        plane,
+        app,
+        state,
+        builder,
+        mut stop,
+        header_timeout,
+    } = conn;
+    let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        let mut req = req.map(axum::body::Body::new);
+        if !plane.serves(req.uri().path()) {
+            return Either::Right(Either::Left(std::future::ready(Ok(plane.refusal()))));
         }
+        if super::skips_router(req.uri().path()) {
+            // The proxy path reads the peer from here, not from
+            // the extensions the router's handlers need.
+            Either::Left(super::handler::proxy_from(state.clone(), req, Some(peer)).map(Ok))
+        } else {
+            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            if let Some(l) = local {
+                req.extensions_mut().insert(l);
+            }
+            let mut app = app.clone();
+            Either::Right(Either::Right(tower_service::Service::call(&mut app, req)))
+        }
+    });
+    // hyper gets the stream borrowed so that an HTTP/2 client can
+    // still be told why it is refused once hyper has given up on it.
+    let result = {
+        let conn = builder.serve_connection(TokioIo::new(&mut stream), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    };
+    match result {
+        Ok(()) => {}
+        Err(e) if e.is_parse_version_h2() => {
+            tracing::debug!(%peer, "refused an HTTP/2 (h2c) connection: till serves HTTP/1.1 only");
+            refuse_h2(&mut stream, header_timeout).await;
+        }
+        Err(e) => tracing::debug!(error = %e, %peer, "connection ended with an error"),
     }
-    Ok(())
+    drop(stop);
+    drop(permit);
 }
 
 /// Stops a background task when its owner returns.

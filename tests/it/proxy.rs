@@ -976,3 +976,84 @@ async fn regression_admin_plane_on_a_dual_stack_listener_serves_ipv4_loopback_cl
         assert_eq!(r.status(), 200, "{base}/admin/usage");
     }
 }
+
+/// `admin_listen`: the admin plane on its own address, so a reverse proxy
+/// forwarding everything on `listen` cannot expose it, whatever it does with
+/// `Host` and forwarding headers; and the CLI finds it from till.toml.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_listen_serves_the_admin_plane_apart_from_agents() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let proxy = Proxy::start(
+        &home,
+        &[openai(&up)],
+        &format!("admin_listen = \"127.0.0.1:{port}\""),
+    );
+    let banner = proxy.banner();
+    assert!(
+        banner.contains(&format!("admin plane: http://127.0.0.1:{port}")),
+        "the banner names it: {banner}"
+    );
+    let admin_url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let admin = home.admin();
+    let t = home.token("openai", Some(5));
+    let get = |url: String, token: &str| client().get(url).bearer_auth(token).send();
+    for path in ["/metrics", "/admin/usage", "/dashboard", "/admin/nothing"] {
+        let r = get(proxy.url(path), &admin).await.unwrap();
+        assert_eq!(r.status(), 404, "{path} on listen");
+        let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("admin_listen"),
+            "{v}"
+        );
+        let r = get(admin_url(path), &admin).await.unwrap();
+        let want = if path == "/admin/nothing" { 404 } else { 200 };
+        assert_eq!(r.status(), want, "{path} on admin_listen");
+    }
+    // Agents' requests on listen only; health checks on both.
+    assert_eq!(
+        get(proxy.url("/openai/v1/models"), &t)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    for path in ["/openai/v1/models", "/auth/openai", "/revocations", "/x"] {
+        let r = get(admin_url(path), &t).await.unwrap();
+        assert_eq!(r.status(), 404, "{path} on admin_listen");
+    }
+    assert_eq!(up.count(), 1, "nothing was proxied from the admin listener");
+    for url in [proxy.url("/healthz"), admin_url("/healthz")] {
+        assert_eq!(client().get(url).send().await.unwrap().status(), 200);
+    }
+    // The CLI reads admin_listen from TILL_HOME/till.toml.
+    let o = till(["usage", "--json"]).home(&home).run();
+    o.success();
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let five = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["limit"] == 5)
+        .expect("the agent's family is listed");
+    assert_eq!(five["remaining"], 4, "one use, on listen: {five}");
+}
+
+#[test]
+fn admin_listen_on_the_listen_address_is_refused() {
+    let home = Home::new();
+    let cfg = home.write(
+        "till.toml",
+        "listen = \"127.0.0.1:18999\"\nadmin_listen = \":18999\"\n",
+    );
+    let o = till(["serve", "--config", cfg.to_str().unwrap()]).run();
+    o.code(2).stderr_has("admin_listen").stderr_has("own port");
+}
