@@ -54,8 +54,14 @@ const COOKIE: &str = "till_session";
 const CSRF_HEADER: &str = "x-csrf-token";
 /// A session lasts at most this long (less if the admin token expires first).
 const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
-/// Sessions kept at once; the one closest to expiry is dropped beyond this.
+/// Sessions kept at once. Beyond this, the family (admin token) with the
+/// most sessions loses its oldest.
 const MAX_SESSIONS: usize = 256;
+/// Sessions one admin token family keeps at once; a new login beyond this
+/// ends that family's oldest. So a holder of one admin token, logging in
+/// again and again, only ever pushes out its own sessions, never the
+/// operator's (whose token is another family).
+const MAX_SESSIONS_PER_FAMILY: usize = 8;
 /// Bodies of dashboard requests are small: a token in a form, an id.
 const MAX_BODY: usize = 64 * 1024;
 /// How many decisions and alerts the page shows.
@@ -104,6 +110,13 @@ struct Session {
     expires: Instant,
 }
 
+impl Session {
+    /// The admin token's family: its root block's revocation id.
+    fn family(&self) -> &str {
+        self.admin_ids.first().map(String::as_str).unwrap_or("")
+    }
+}
+
 /// What a request learns from a valid session.
 struct Authed {
     csrf: String,
@@ -123,9 +136,26 @@ impl Sessions {
         let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, s| s.expires > now);
-        if map.len() >= MAX_SESSIONS
+        let family = admin_ids.first().cloned().unwrap_or_default();
+        let of_family = map.values().filter(|s| s.family() == family).count();
+        let evict_from = if of_family >= MAX_SESSIONS_PER_FAMILY {
+            Some(family.clone())
+        } else if map.len() >= MAX_SESSIONS {
+            let mut counts: HashMap<&str, usize> = HashMap::new();
+            for s in map.values() {
+                *counts.entry(s.family()).or_default() += 1;
+            }
+            counts
+                .into_iter()
+                .max_by_key(|(_, n)| *n)
+                .map(|(f, _)| f.to_string())
+        } else {
+            None
+        };
+        if let Some(f) = evict_from
             && let Some(oldest) = map
                 .iter()
+                .filter(|(_, s)| s.family() == f)
                 .min_by_key(|(_, s)| s.expires)
                 .map(|(k, _)| k.clone())
         {
@@ -729,6 +759,32 @@ mod tests {
             escape("<img src=x onerror=\"alert('1')\">&"),
             "&lt;img src=x onerror=&quot;alert(&#39;1&#39;)&quot;&gt;&amp;"
         );
+    }
+
+    #[test]
+    fn regression_logging_in_again_and_again_ends_only_the_same_familys_sessions() {
+        let sessions = Sessions::default();
+        let ttl = Duration::from_secs(3600);
+        let token: Arc<str> = Arc::from("t");
+        let (operator, _) = sessions.create(token.clone(), vec!["op".into()], ttl);
+        // Another admin token's holder logs in 1000 times (the cap was
+        // global: the operator's session, closest to expiry, went first).
+        for _ in 0..1000 {
+            sessions.create(token.clone(), vec!["other".into(), "child".into()], ttl);
+        }
+        let map = sessions.map.lock().unwrap();
+        assert!(map.contains_key(&operator), "the operator's session stays");
+        let theirs = map.values().filter(|s| s.family() == "other").count();
+        assert_eq!(theirs, MAX_SESSIONS_PER_FAMILY);
+        drop(map);
+        // Many families: the global cap still holds, and the biggest family
+        // pays first.
+        for i in 0..MAX_SESSIONS {
+            sessions.create(token.clone(), vec![format!("f{i}")], ttl);
+        }
+        let map = sessions.map.lock().unwrap();
+        assert!(map.len() <= MAX_SESSIONS);
+        assert!(map.values().filter(|s| s.family() == "other").count() < MAX_SESSIONS_PER_FAMILY);
     }
 
     #[test]
