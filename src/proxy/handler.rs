@@ -317,6 +317,10 @@ async fn handle(
         // carry a `_method` field.
         let (body, permit, body_digest) = if json || form {
             let (bytes, permit) = read_body(st, body, content_length).await?;
+            // The body may have taken up to `body_timeout_secs`: the
+            // decisions from here on are taken at the time it arrived, so
+            // a token that expired meanwhile is refused.
+            facts.time = st.clock.now();
             if json {
                 facts.model = model_of(&bytes).map_err(ProxyError::BadRequest)?;
                 if let Err(d) = counts
@@ -367,9 +371,18 @@ async fn handle(
             Some(uses) => {
                 obs.uses = Some(uses.clone());
                 let counted: Vec<u64> = uses.iter().map(|u| u.saturating_sub(1)).collect();
-                decide_off_the_workers(st, &token, None, &facts, &counted, &windows, Stage::Final)
-                    .await
-                    .map_err(ProxyError::Denied)?;
+                let revoked = revoked_now(st, &token)?;
+                decide_off_the_workers(
+                    st,
+                    &token,
+                    revoked,
+                    &facts,
+                    &counted,
+                    &windows,
+                    Stage::Final,
+                )
+                .await
+                .map_err(ProxyError::Denied)?;
                 if let Some(t) = &mut ticket {
                     t.started(None);
                 }
@@ -481,11 +494,21 @@ pub(super) fn verify_token(
     obs.verify = Some(t0.elapsed());
     let token = token?;
     obs.token = Some(token.clone());
-    let revoked = st
-        .revocations
-        .first_revoked(&token.ids)
-        .map_err(|e| ProxyError::StoreUnavailable(e.to_string()))?;
+    let revoked = revoked_now(st, &token)?;
     Ok((token, revoked))
+}
+
+/// The first of the token's blocks in the revocation list, if any. Looked
+/// up at the head and again before a use is spent: a block revoked since
+/// the head's decision (while the body was read, or the request waited for
+/// a slot) is refused from this request on, not from the next one.
+pub(super) fn revoked_now(
+    st: &AppState,
+    token: &VerifiedToken,
+) -> Result<Option<usize>, ProxyError> {
+    st.revocations
+        .first_revoked(&token.ids)
+        .map_err(|e| ProxyError::StoreUnavailable(e.to_string()))
 }
 
 /// Reserves one use of every block of a request already decided, re-checks
@@ -541,15 +564,21 @@ pub(super) async fn reserve_checked(
     let guard = ReservationGuard::new(st.counters.clone(), BlockIds(token.clone()));
     let counted: smallvec::SmallVec<[u64; 8]> = uses.iter().map(|u| u.saturating_sub(1)).collect();
     obs.uses = Some(uses);
-    if let Err(d) =
-        decide_off_the_workers(st, token, None, facts, &counted, windows, Stage::Final).await
-    {
+    let decided = match revoked_now(st, token) {
+        Ok(revoked) => {
+            decide_off_the_workers(st, token, revoked, facts, &counted, windows, Stage::Final)
+                .await
+                .map_err(ProxyError::Denied)
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = decided {
         // Report the counts as they stand after the rollback.
         obs.uses = Some(counted.to_vec());
         if let Err(e) = guard.release().await {
             tracing::error!(error = %e, "rollback of a denied reservation failed");
         }
-        return Err(ProxyError::Denied(d));
+        return Err(e);
     }
     // The count must be on disk before anything leaves; if this future is
     // dropped meanwhile, the guard gives the use back.

@@ -152,6 +152,11 @@ struct State {
     /// Metadata of blocks seen for the first time, until the writer puts it
     /// on disk.
     pending_meta: Vec<BlockMeta>,
+    /// Metadata of blocks seen for the first time by reservations not yet
+    /// re-checked: counted in their family's bound, but queued for the
+    /// writer only once a reservation holding them is re-checked and waits
+    /// to be durable; gone if every such reservation is given back.
+    tentative: HashMap<String, BlockMeta>,
     /// Epoch of the batch being gathered.
     next_epoch: u64,
     failed: Option<String>,
@@ -401,6 +406,7 @@ impl EmbeddedStore {
                 asked: HashMap::new(),
                 pending: HashMap::new(),
                 pending_meta: Vec::new(),
+                tentative: HashMap::new(),
                 next_epoch: 1,
                 failed: None,
                 shutdown: false,
@@ -555,6 +561,36 @@ impl EmbeddedStore {
         }
     }
 
+    /// The wait of a reservation holding blocks first seen by a reservation
+    /// not yet re-checked: awaited only once the request was re-checked, it
+    /// queues their metadata for the writer, then waits for the batch that
+    /// writes it too, so a block counted on disk has its metadata there.
+    fn confirm_then_wait(
+        &self,
+        ids: Vec<String>,
+        epoch: u64,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let this = self.clone();
+        async move {
+            let queued_in = {
+                let mut st = lock(&this.shared.state);
+                let mut moved = false;
+                for id in &ids {
+                    if let Some(m) = st.tentative.remove(id) {
+                        st.pending_meta.push(m);
+                        moved = true;
+                    }
+                }
+                if moved { st.next_epoch } else { 0 }
+            };
+            if queued_in > 0 {
+                this.shared.wake.notify_one();
+            }
+            this.wait_epoch(epoch.max(queued_in)).await
+        }
+        .boxed()
+    }
+
     fn wait_epoch(&self, epoch: u64) -> BoxFuture<'static, Result<(), StoreError>> {
         if epoch == 0 {
             return Box::pin(AlreadyDurable);
@@ -618,6 +654,23 @@ fn remove_from_family(blocks: &mut Index, family: &str) {
     if f.family_blocks == 0 && !f.has(COUNTER) && !f.has(META) {
         blocks.remove(family);
     }
+}
+
+/// A block whose every reservation was given back (all its requests were
+/// refused after reserving) is no longer one of its family's blocks: only
+/// allowed requests create usage metadata, and a key whose requests are
+/// refused must not fill `max_blocks_per_family` and lock its siblings out.
+/// Its metadata was never queued for the writer (see `State::tentative`);
+/// a block already confirmed by a re-checked request stays, as any block
+/// seen.
+fn unregister_unused(st: &mut State, id: &str) {
+    let Some(m) = st.tentative.remove(id) else {
+        return;
+    };
+    if let Some(e) = st.blocks.get_mut(id) {
+        e.flags &= !META;
+    }
+    remove_from_family(&mut st.blocks, &m.family);
 }
 
 /// Forgets a block's counter and metadata flag; its slot stays while it
@@ -800,9 +853,11 @@ impl CounterStore for EmbeddedStore {
                     add_to_family(&mut st.blocks, &m.family);
                     let i = st.blocks.find_or_insert(&m.id);
                     st.blocks.slot_mut(i).flags |= META;
-                    st.pending_meta.push(m);
+                    st.tentative.insert(m.id.clone(), m);
                 }
             }
+            let confirm = !st.tentative.is_empty()
+                && counters.iter().any(|c| st.tentative.contains_key(&c.id));
             let now = now_unix();
             let next_epoch = st.next_epoch;
             let mut uses = Vec::with_capacity(counters.len());
@@ -882,22 +937,31 @@ impl CounterStore for EmbeddedStore {
             if wake {
                 self.shared.wake.notify_one();
             }
-            Ok((uses, need_epoch))
+            Ok((uses, need_epoch, confirm))
         })();
-        let fut = result.map(|(uses, epoch)| Reservation {
+        let fut = result.map(|(uses, epoch, confirm)| Reservation {
             uses,
-            durable: self.wait_epoch(epoch),
+            durable: if confirm {
+                self.confirm_then_wait(counters.iter().map(|c| c.id.clone()).collect(), epoch)
+            } else {
+                self.wait_epoch(epoch)
+            },
         });
         async move { fut }.boxed()
     }
 
     fn release(&self, ids: &[String]) -> BoxFuture<'_, Result<(), StoreError>> {
         {
-            let mut st = lock(&self.shared.state);
+            let mut guard = lock(&self.shared.state);
+            let st = &mut *guard;
             for id in ids {
-                if let Some(e) = st.blocks.get_mut(id).filter(|e| e.has(COUNTER)) {
-                    // The durable mark stays: it only has to be ≥ the count.
-                    e.count = e.count.saturating_sub(1);
+                let Some(e) = st.blocks.get_mut(id).filter(|e| e.has(COUNTER)) else {
+                    continue;
+                };
+                // The durable mark stays: it only has to be ≥ the count.
+                e.count = e.count.saturating_sub(1);
+                if e.count == 0 {
+                    unregister_unused(st, id);
                 }
             }
         }
@@ -936,7 +1000,9 @@ impl CounterStore for EmbeddedStore {
         let out = st
             .blocks
             .iter()
-            .filter(|(_, e)| e.has(COUNTER))
+            // A block without a use or metadata is the trace of requests
+            // that were all refused after reserving: not usage.
+            .filter(|(_, e)| e.has(COUNTER) && (e.count > 0 || e.has(META)))
             .map(|(i, e)| info(st.blocks.id(i), e))
             .collect();
         async move { Ok(out) }.boxed()
@@ -1251,6 +1317,40 @@ mod tests {
             Err(StoreError::Closed)
         ));
         assert!(!s.healthy());
+    }
+
+    #[tokio::test]
+    async fn regression_blocks_of_refused_requests_do_not_fill_their_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.set_max_blocks_per_family(3);
+        let block = crate::store::test_block;
+        let root = block("root", None);
+        s.reserve(&[root.clone(), block("used", Some("root"))])
+            .await
+            .unwrap();
+        // Twenty new keys, each reserved and given back (refused on the
+        // re-check): before, each stayed one of the family's blocks.
+        for i in 0..20 {
+            let kid = format!("refused{i}");
+            s.reserve(&[root.clone(), block(&kid, Some("root"))])
+                .await
+                .unwrap();
+            s.release(&["root".to_string(), kid]).await.unwrap();
+        }
+        // A sibling never used before still gets in.
+        s.reserve(&[root.clone(), block("sibling", Some("root"))])
+            .await
+            .expect("the refused keys left no trace in the family's bound");
+        let ids: Vec<String> = s
+            .blocks()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert!(ids.iter().all(|i| !i.starts_with("refused")), "{ids:?}");
+        assert_eq!(s.peek(&["root".into()]).await.unwrap(), vec![2]);
     }
 
     #[tokio::test]

@@ -578,3 +578,154 @@ async fn regression_children_tracked_per_family_are_bounded() {
     let n = v.to_string().matches("\"family_too_large\"").count();
     assert_eq!(n, 1, "{v}");
 }
+
+/// Sends a JSON chat request's head now and its body once `between` has
+/// run, on one connection; returns the answer's status line and body.
+async fn head_now_body_later(
+    proxy: &Proxy,
+    token: &str,
+    between: impl std::future::Future<Output = ()>,
+) -> String {
+    let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let head = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        proxy.addr,
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    between.await;
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+/// Regression: revocation was looked up at the head only; a request whose
+/// body came after the revocation was forwarded and counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_token_revoked_while_its_body_is_awaited_is_refused() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let root = home.token("openai", Some(5));
+    let child = {
+        let t = UnverifiedBiscuit::from_base64(&root).unwrap();
+        t.append(BlockBuilder::new().code(r#"label("child");"#).unwrap())
+            .unwrap()
+            .to_base64()
+            .unwrap()
+    };
+    let answer = head_now_body_later(&proxy, &child, async {
+        // Time for the head's decision (allowed) before the revocation.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let r = client()
+            .post(proxy.url("/admin/revoke"))
+            .bearer_auth(home.admin())
+            .header("content-type", "application/json")
+            .body(serde_json::json!({ "id": ids(&root)[0] }).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    })
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("token_revoked"), "{answer}");
+    assert_eq!(up.count(), 0, "nothing forwarded");
+    let (_, v) = admin(
+        &proxy,
+        &home.admin(),
+        "GET",
+        &format!("/admin/usage/{}", ids(&root)[0]),
+    )
+    .await;
+    // Never allowed: no use, and no usage record at all.
+    assert_eq!(v["error"]["code"], "not_found", "nothing spent: {v}");
+}
+
+/// Regression: the time of the head's decision was kept for the decision
+/// on the body, so a body sent after the token expired was forwarded.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_token_that_expires_while_its_body_is_awaited_is_refused() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        expires: Some(SystemTime::now() + Duration::from_secs(2)),
+        ..Scope::default()
+    });
+    let answer = head_now_body_later(&proxy, &token, async {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    })
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("token_expired"), "{answer}");
+    assert_eq!(up.count(), 0, "nothing forwarded");
+}
+
+/// Regression: every request of a burst reserved, and the reservation
+/// registered each new key as one of its family's blocks, refused or not;
+/// sixty keys whose requests were refused filled `max_blocks_per_family`
+/// and locked every unused sibling out of a family with uses left.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_refused_keys_do_not_fill_their_familys_block_limit() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(
+        &home,
+        &[openai(&up)],
+        "[limits]\nmax_blocks_per_family = 30",
+    );
+    let root = home.token("openai", Some(10));
+    let one_use = child(
+        &root,
+        Scope {
+            max_uses: Some(1),
+            ..Scope::default()
+        },
+    );
+    let kids: Vec<String> = (0..60)
+        .map(|i| {
+            let t = UnverifiedBiscuit::from_base64(&one_use).unwrap();
+            t.append(
+                BlockBuilder::new()
+                    .code(format!("label(\"k{i}\");"))
+                    .unwrap(),
+            )
+            .unwrap()
+            .to_base64()
+            .unwrap()
+        })
+        .collect();
+    // Every head is decided (one use left: allowed) before any body comes.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(kids.len()));
+    let answers = futures_util::future::join_all(kids.iter().map(|k| {
+        let barrier = barrier.clone();
+        let proxy = &proxy;
+        async move {
+            head_now_body_later(proxy, k, async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                barrier.wait().await;
+            })
+            .await
+        }
+    }))
+    .await;
+    let ok = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 200"))
+        .count();
+    assert_eq!(
+        ok,
+        1,
+        "one use: {:?}",
+        answers.iter().map(|a| a.get(..12)).collect::<Vec<_>>()
+    );
+    let sibling = child(&root, Scope::default());
+    let (status, v) = chat(&proxy, &sibling, "m").await;
+    assert_eq!(status, 200, "a sibling with the family's uses left: {v}");
+    let kept = recorded_blocks(&proxy, &home).await.len();
+    assert!(kept <= 6, "the refused keys left {kept} blocks");
+}
