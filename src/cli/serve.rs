@@ -236,6 +236,20 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
             proxy::install_crypto();
             let s = rt.block_on(RedisStore::connect(url, store_password.as_deref()))?;
             s.set_max_blocks_per_family(cfg.limits.max_blocks_per_family);
+            // An evicting Redis gives spent uses back under memory pressure
+            // (which any token holder can cause): not a warning, a refusal.
+            if let Some(w) = rt.block_on(s.check_eviction())? {
+                tracing::warn!(redis = %s.target(), "{w}");
+            }
+            // Families an older version left unlisted (a proxy killed while
+            // registering one) reach the usage view without waiting an hour
+            // for the collector.
+            let repair = s.clone();
+            rt.spawn(async move {
+                if let Err(e) = repair.repair_families().await {
+                    tracing::warn!(error = %e, "looking for unlisted token families in redis failed; the hourly collector tries again");
+                }
+            });
             match rt.block_on(s.persistence_warning()) {
                 Some(w) => tracing::warn!(redis = %s.target(), "{w}"),
                 None => {

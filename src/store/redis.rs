@@ -69,13 +69,24 @@ pub const STALE_BOUND: Duration = Duration::from_secs(1);
 /// Deadline of every Redis call made for a request. A request never waits
 /// longer than this on Redis: it gets a 503.
 pub const OP_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How often each proxy reads Redis's eviction settings again while it
+/// runs ([`RedisStore::check_eviction`]): a server switched to evicting
+/// keys is refused within this.
+pub const EVICTION_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// Counters stay in Redis this long after their token's expiry even if no
 /// proxy runs the collector (which retires them earlier, after
 /// [`RETENTION_AFTER_EXPIRY`]).
 pub const TTL_AFTER_EXPIRY: u64 = 30 * 24 * 3600;
 
-/// Channel on which revocations are published as `"<version> <id>"`.
-const CHANNEL: &str = "till:revocations";
+/// Channel on which the revocations of database `db` are published, as
+/// `"<version> <id>"`. Pub/sub channels are server-wide, whatever database
+/// a client selected: a channel without the database number would carry
+/// another deployment's revocations (another database of the same Redis)
+/// to this one, which would apply them, write them into its own list and
+/// sign them in its feed.
+fn channel(db: i64) -> String {
+    format!("till:revocations:{db}")
+}
 const REVOKED_IDS: &str = "till:{revocations}:ids";
 const REVOKED_VERSION: &str = "till:{revocations}:version";
 /// Every family with counters, for the usage view and the collector.
@@ -223,6 +234,8 @@ struct Inner {
     conn: ConnectionManager,
     /// `host:port/db`, never the password: for messages.
     target: String,
+    /// The revocation channel of the selected database ([`channel`]).
+    channel: String,
     reserve: Script,
     release: Script,
     retire: Script,
@@ -233,6 +246,12 @@ struct Inner {
     /// lookup per id and request on the warm path).
     known: moka::sync::Cache<String, Arc<Known>>,
     revoked: RwLock<Revoked>,
+    /// Why Redis may now evict this store's keys, if the last reading of
+    /// its settings said so: reservations and revocation checks fail
+    /// (503) until it no longer does. `evicts` is the flag read on every
+    /// request.
+    evicts: AtomicBool,
+    evicts_why: Mutex<String>,
     /// Start of the last version check that confirmed the local copy, in
     /// milliseconds since `base`.
     fresh_at: AtomicU64,
@@ -286,6 +305,7 @@ impl RedisStore {
         // previous one is acknowledged: on one multiplexed connection that
         // serialises every proxy request behind the one before it.
         let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let db = info.redis_settings().db();
         let client = Client::open(info).map_err(|e| open(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(OP_TIMEOUT))
@@ -308,6 +328,7 @@ impl RedisStore {
             client,
             conn,
             target: target.clone(),
+            channel: channel(db),
             reserve: Script::new(RESERVE_LUA),
             release: Script::new(RELEASE_LUA),
             retire: Script::new(RETIRE_LUA),
@@ -319,6 +340,8 @@ impl RedisStore {
                 .time_to_idle(std::time::Duration::from_secs(600))
                 .build(),
             revoked: RwLock::new(Revoked::default()),
+            evicts: AtomicBool::new(false),
+            evicts_why: Mutex::new(String::new()),
             fresh_at: AtomicU64::new(0),
             base: Instant::now(),
             kick: tokio::sync::Notify::new(),
@@ -333,11 +356,12 @@ impl RedisStore {
         let poller = tokio::spawn(poll_loop(Arc::downgrade(&inner)));
         let subscriber = tokio::spawn(subscribe_loop(Arc::downgrade(&inner)));
         let batcher = tokio::spawn(batch::run(Arc::downgrade(&inner), rounds));
+        let eviction = tokio::spawn(eviction_loop(Arc::downgrade(&inner)));
         inner
             .tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend([poller, subscriber, batcher]);
+            .extend([poller, subscriber, batcher, eviction]);
         Ok(RedisStore { inner })
     }
 
@@ -397,6 +421,27 @@ impl RedisStore {
         }
     }
 
+    /// Refuses a Redis that may evict keys under memory pressure: every
+    /// count, retired mark and family deadline is a key, and a counter
+    /// evicted gives a spent token its uses again. `Err` when `maxmemory`
+    /// is set and `maxmemory-policy` is anything but `noeviction` (or when
+    /// the limit cannot be read beside such a policy: deny when unsure);
+    /// `Ok(Some(warning))` when the settings cannot be read at all.
+    /// `INFO memory` is read rather than `CONFIG GET`, which managed
+    /// services and ACLs often refuse.
+    pub async fn check_eviction(&self) -> Result<Option<String>, StoreError> {
+        match read_eviction(&self.inner).await {
+            Ok(None) => Ok(None),
+            Ok(Some(why)) => Err(StoreError::Open {
+                path: self.inner.target.clone(),
+                message: why,
+            }),
+            Err(e) => Ok(Some(format!(
+                "cannot read Redis's eviction settings ({e}); make sure it runs with `maxmemory-policy noeviction` (or without `maxmemory`), or memory pressure can evict use counters and give spent tokens their uses again"
+            ))),
+        }
+    }
+
     /// Retires the counters of tokens that expired more than
     /// [`RETENTION_AFTER_EXPIRY`] ago, like the embedded store; any proxy
     /// may run it, and running it twice is harmless.
@@ -409,9 +454,15 @@ impl RedisStore {
             let keys = family_keys(&f);
             let metas: HashMap<String, String> = inner.op("HGETALL", c.hgetall(&keys[1])).await?;
             if metas.is_empty() {
-                let gone: bool = inner.op("EXISTS", c.exists(&keys[0])).await?;
-                if !gone {
+                let counted: bool = inner.op("EXISTS", c.exists(&keys[0])).await?;
+                if !counted {
                     let _: Result<(), _> = inner.op("SREM", c.srem(FAMILIES, &f)).await;
+                    // A first reservation may have counted meanwhile (its
+                    // registration came before this removal): put it back.
+                    let counted: bool = inner.op("EXISTS", c.exists(&keys[0])).await?;
+                    if counted {
+                        let _: () = inner.op("SADD", c.sadd(FAMILIES, &f)).await?;
+                    }
                 }
                 continue;
             }
@@ -438,7 +489,49 @@ impl RedisStore {
             let n: usize = inner.op("retire", inv.invoke_async(&mut c)).await?;
             removed += n;
         }
+        self.repair_families().await?;
         Ok(removed)
+    }
+
+    /// Adds to `till:families` every family that has counters but is not
+    /// listed, and returns how many. A reservation registers its family
+    /// before counting (`batch::send`), but earlier versions did it after,
+    /// and a proxy killed in between left counters nothing lists: the usage
+    /// view, prefix revocation and `till store export` (whose import could
+    /// then give the uses back) missed them. One `SCAN` of the keyspace: run
+    /// by the export, the hourly collector and once when `till serve`
+    /// starts, not per request.
+    pub async fn repair_families(&self) -> Result<usize, StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn.clone();
+        let mut counted: HashSet<String> = HashSet::new();
+        {
+            let mut it: redis::AsyncIter<String> =
+                inner.op("SCAN", c.scan_match("till:{*}:n")).await?;
+            while let Some(k) = it.next_item().await {
+                let k = k.map_err(|e| {
+                    StoreError::Io(format!("redis at {} failed (SCAN): {e}", inner.target))
+                })?;
+                if let Some(f) = snapshot::family_in(&k)
+                    && k.len() == f.len() + "till:{}:n".len()
+                {
+                    counted.insert(f.to_string());
+                }
+            }
+        }
+        let mut c = inner.conn.clone();
+        let listed: HashSet<String> = inner.op("SMEMBERS", c.smembers(FAMILIES)).await?;
+        let missing: Vec<&String> = counted.difference(&listed).collect();
+        if !missing.is_empty() {
+            tracing::warn!(
+                count = missing.len(),
+                "token families counted in redis were missing from its family list (a proxy killed while registering one); listing them again"
+            );
+            let _: () = inner
+                .op("SADD families", c.sadd(FAMILIES, &missing))
+                .await?;
+        }
+        Ok(missing.len())
     }
 
     /// Stops the background tasks (revocation updates). The store refuses
@@ -547,28 +640,6 @@ fn give_back(inner: &Arc<Inner>, counters: &[CounterSpec]) {
     );
 }
 
-/// Uses Redis counted for a reservation not yet returned to its request:
-/// given back if the request is dropped before [`Counted::disarm`].
-struct Counted<'a> {
-    inner: &'a Arc<Inner>,
-    counters: &'a [CounterSpec],
-    armed: bool,
-}
-
-impl Counted<'_> {
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Counted<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            give_back(self.inner, self.counters);
-        }
-    }
-}
-
 /// The receiving end of a reservation's answer while its request waits. If
 /// the request is dropped after the answer arrived but before reading it,
 /// the uses counted go back; if before it arrived, the batcher finds the
@@ -612,6 +683,15 @@ impl Inner {
         }
     }
 
+    /// `Err` while Redis may evict keys (see [`recheck_eviction`]).
+    fn refuse_if_evicting(&self) -> Result<(), StoreError> {
+        if !self.evicts.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let why = self.evicts_why.lock().unwrap_or_else(|p| p.into_inner());
+        Err(StoreError::Io(format!("redis at {}: {why}", self.target)))
+    }
+
     /// Records that the local revocation list matched Redis at `at`
     /// (measured from `base`, taken before the check was sent).
     fn confirm(&self, at: Duration) {
@@ -630,6 +710,83 @@ impl Inner {
 
     fn write_revoked(&self) -> std::sync::RwLockWriteGuard<'_, Revoked> {
         self.revoked.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Why the server may evict keys (`Some`), from `INFO memory`; `Err` if
+/// that cannot be read or says nothing of the policy.
+async fn read_eviction(inner: &Inner) -> Result<Option<String>, StoreError> {
+    let mut c = inner.conn.clone();
+    let text: String = inner
+        .op(
+            "INFO memory",
+            redis::cmd("INFO").arg("memory").query_async(&mut c),
+        )
+        .await?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+            .map(str::to_string)
+    };
+    let Some(policy) = field("maxmemory_policy") else {
+        return Err(StoreError::Io(format!(
+            "redis at {} gave no maxmemory_policy in INFO memory",
+            inner.target
+        )));
+    };
+    if policy == "noeviction" {
+        return Ok(None);
+    }
+    // Without a limit Redis never evicts, whatever the policy says.
+    let limit = field("maxmemory").and_then(|m| m.parse::<u64>().ok());
+    if limit == Some(0) {
+        return Ok(None);
+    }
+    let limit = limit.map_or_else(
+        || "an unreadable maxmemory".to_string(),
+        |m| format!("maxmemory {m}"),
+    );
+    Ok(Some(format!(
+        "Redis may evict keys under memory pressure ({limit} with maxmemory-policy {policy}), and an evicted use counter gives a spent token its uses again; set `maxmemory-policy noeviction` (Redis then refuses writes when full, and Till answers 503), or remove `maxmemory`"
+    )))
+}
+
+/// Reads the eviction settings every [`EVICTION_CHECK_INTERVAL`]: a server
+/// that starts evicting while the proxy runs makes it refuse (503) until it
+/// stops. Its own task, so that a slow `INFO` never delays the revocation
+/// checks.
+async fn eviction_loop(weak: Weak<Inner>) {
+    let mut tick = tokio::time::interval(EVICTION_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = weak.upgrade() else { return };
+        recheck_eviction(&inner).await;
+    }
+}
+
+/// One reading for [`eviction_loop`]. A reading that fails changes nothing
+/// (an unreachable Redis fails every request anyway; one that never lets
+/// `INFO` be read was warned about at start).
+async fn recheck_eviction(inner: &Inner) {
+    let Ok(now) = read_eviction(inner).await else {
+        return;
+    };
+    let was = inner.evicts.load(Ordering::SeqCst);
+    match now {
+        Some(why) => {
+            *inner.evicts_why.lock().unwrap_or_else(|p| p.into_inner()) = why.clone();
+            inner.evicts.store(true, Ordering::SeqCst);
+            if !was {
+                tracing::error!(redis = %inner.target, "{why}; refusing every request (503) until it no longer evicts");
+            }
+        }
+        None => {
+            inner.evicts.store(false, Ordering::SeqCst);
+            if was {
+                tracing::info!(redis = %inner.target, "redis no longer evicts keys; serving again");
+            }
+        }
     }
 }
 
@@ -680,7 +837,7 @@ async fn revoke_in_redis(inner: &Inner, id: &str) -> Result<u64, StoreError> {
                 .key(REVOKED_VERSION)
                 .arg(id)
                 .arg(now_unix())
-                .arg(CHANNEL)
+                .arg(&inner.channel)
                 .invoke_async(&mut c),
         )
         .await
@@ -735,12 +892,12 @@ async fn poll_loop(weak: Weak<Inner>) {
 /// sent meanwhile are gone.
 async fn subscribe_loop(weak: Weak<Inner>) {
     loop {
-        let client = match weak.upgrade() {
-            Some(inner) => inner.client.clone(),
+        let (client, channel) = match weak.upgrade() {
+            Some(inner) => (inner.client.clone(), inner.channel.clone()),
             None => return,
         };
         if let Ok(Ok(mut ps)) = tokio::time::timeout(OP_TIMEOUT, client.get_async_pubsub()).await
-            && ps.subscribe(CHANNEL).await.is_ok()
+            && ps.subscribe(&channel).await.is_ok()
         {
             if let Some(inner) = weak.upgrade() {
                 inner.kick.notify_one();
@@ -748,6 +905,9 @@ async fn subscribe_loop(weak: Weak<Inner>) {
             let mut messages = ps.on_message();
             while let Some(msg) = messages.next().await {
                 let Some(inner) = weak.upgrade() else { return };
+                if msg.get_channel_name() != channel {
+                    continue;
+                }
                 let Ok(payload) = msg.get_payload::<String>() else {
                     continue;
                 };
@@ -852,12 +1012,16 @@ impl CounterStore for RedisStore {
             if inner.closing.load(Ordering::SeqCst) {
                 return Err(StoreError::Closed);
             }
+            inner.refuse_if_evicting()?;
             let now = now_unix();
             let known: smallvec::SmallVec<[Option<Arc<Known>>; 4]> =
                 counters.iter().map(|c| inner.known.get(&c.id)).collect();
             let touch: smallvec::SmallVec<[bool; 4]> = known
                 .iter()
-                .map(|k| k.as_ref().is_none_or(|k| k.touched.swap(now, Ordering::Relaxed) != now))
+                .map(|k| {
+                    k.as_ref()
+                        .is_none_or(|k| k.touched.swap(now, Ordering::Relaxed) != now)
+                })
                 .collect();
             let recorded = |i: usize| known[i].as_ref().is_some_and(|k| k.family.get().is_some());
             let mut out = self.run_reserve(counters, &touch, |i| !recorded(i)).await;
@@ -870,7 +1034,12 @@ impl CounterStore for RedisStore {
                 // No use was counted: the next request writes the last use.
                 for (k, t) in known.iter().zip(&touch) {
                     if let (Some(k), true) = (k, t) {
-                        let _ = k.touched.compare_exchange(now, 0, Ordering::Relaxed, Ordering::Relaxed);
+                        let _ = k.touched.compare_exchange(
+                            now,
+                            0,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
                     }
                 }
             };
@@ -913,34 +1082,6 @@ impl CounterStore for RedisStore {
                         inner.known.insert(c.id.clone(), k);
                     }
                 }
-            }
-            if out[1] == 1 {
-                // Only for the usage view, the export and the collector: a
-                // failure here costs no count, so it is logged rather than
-                // refused. The uses are counted now: a request dropped while
-                // this is out gives them back, and the write is finished.
-                let counted = Counted {
-                    inner,
-                    counters,
-                    armed: true,
-                };
-                let mut fams: Vec<&str> = Vec::new();
-                for c in counters {
-                    if !fams.contains(&c.family.as_str()) {
-                        fams.push(&c.family);
-                    }
-                }
-                let mut p = redis::pipe();
-                p.sadd(FAMILIES, &fams);
-                let inner = inner.clone();
-                finish_on_drop::FinishOnDrop::new(async move {
-                    let mut conn = inner.conn.clone();
-                    if let Err(e) = inner.op("SADD families", p.query_async::<()>(&mut conn)).await {
-                        tracing::warn!(error = %e, "recording a new token family for the usage view failed");
-                    }
-                })
-                .await;
-                counted.disarm();
             }
             Ok(Reservation {
                 uses: out[2..].iter().map(|v| (*v).max(0) as u64).collect(),
@@ -1040,7 +1181,9 @@ impl CounterStore for RedisStore {
     }
 
     fn healthy(&self) -> bool {
-        !self.inner.closing.load(Ordering::SeqCst) && self.inner.stale_for() <= STALE_BOUND
+        !self.inner.closing.load(Ordering::SeqCst)
+            && self.inner.stale_for() <= STALE_BOUND
+            && !self.inner.evicts.load(Ordering::Relaxed)
     }
 
     fn register(&self, _blocks: &[BlockMeta]) {
@@ -1090,6 +1233,9 @@ impl CounterStore for RedisStore {
 
 impl RevocationList for RedisStore {
     fn first_revoked(&self, ids: &[String]) -> Result<Option<usize>, StoreError> {
+        // The list's keys can be evicted too (and a request that passes
+        // here reserves next, which refuses anyway).
+        self.inner.refuse_if_evicting()?;
         let stale = self.inner.stale_for();
         if stale > STALE_BOUND {
             return Err(StoreError::Io(format!(
@@ -1296,6 +1442,41 @@ mod tests {
         ));
     }
 
+    /// Regression (red team, wave 2): a Redis outage longer than the lease
+    /// let a streaming request's slot expire, and the renewals after it
+    /// never put it back, so a cap of 1 admitted a second stream while the
+    /// first still ran. A renewal now restores the slot.
+    #[tokio::test]
+    async fn a_renewal_after_the_lease_ended_takes_the_slot_back() {
+        use crate::store::window::{Admit, WindowStore};
+        let server = Server::start();
+        let store = RedisStore::connect(&server.url(), None).await.unwrap();
+        let lease = Duration::from_millis(400);
+        let w = windows::RedisWindows::with_lease(store.inner.clone(), lease);
+        let cap = [crate::verify::CapSpec {
+            block: 0,
+            id: "k".into(),
+            limit: 1,
+        }];
+        let Admit::Admitted { ticket: first, .. } = w.admit("f", &[], &cap).await.unwrap() else {
+            panic!("first slot")
+        };
+        // No renewal reaches Redis for longer than the lease (it was down).
+        tokio::time::sleep(lease + Duration::from_millis(300)).await;
+        // Redis is back: the first request, still streaming, renews.
+        w.renew(&first).await.unwrap();
+        assert!(
+            matches!(w.admit("f", &[], &cap).await.unwrap(), Admit::Full(_)),
+            "a second request was admitted while the first still holds the cap"
+        );
+        // Once it ends, the slot is free.
+        w.finish(&first).await.unwrap();
+        assert!(matches!(
+            w.admit("f", &[], &cap).await.unwrap(),
+            Admit::Admitted { .. }
+        ));
+    }
+
     /// A request that gives up while its admission is out (Redis slow,
     /// here paused) holds no slot: not the concurrency cap's for a lease,
     /// not the rate window's for its window.
@@ -1473,6 +1654,76 @@ mod tests {
                 .iter()
                 .all(|b| b.label.as_deref().is_some_and(|l| l.starts_with("agent")))
         );
+    }
+
+    /// Regression (red team, wave 2): a new family was added to
+    /// `till:families` by a second command after the reserve script, so a
+    /// proxy killed between the two left counters nothing listed. The
+    /// family is now listed first, in the same pipeline (Redis runs one
+    /// connection's commands in order): by the time a counter exists, so
+    /// does its listing.
+    #[tokio::test]
+    async fn a_new_family_is_listed_before_it_is_counted() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        // The script is loaded: no NOSCRIPT retry in what follows.
+        s.reserve(&[spec("warm", None)]).await.unwrap();
+        let log = monitor(&server);
+        s.reserve(&[spec("fresh", Some(5))]).await.unwrap();
+        s.reserve(&[spec("fresh", Some(5))]).await.unwrap();
+        wait_for(&log, 2, "\"EVALSHA\"").await;
+        let log = log.lock().unwrap().clone();
+        let at = |what: &str| log.iter().position(|l| l.contains(what));
+        let listed = at("\"SADD\" \"till:families\" \"fresh\"").expect("listed");
+        let counted = at("\"EVALSHA\"").unwrap();
+        assert!(listed < counted, "counted before listed: {log:#?}");
+        // A warm reservation sends no registration.
+        let sadds = log.iter().filter(|l| l.contains("\"SADD\"")).count();
+        assert_eq!(sadds, 1, "{log:#?}");
+    }
+
+    /// Regression (red team, wave 2): counters whose family `till:families`
+    /// does not list (left by a proxy killed between the script and the
+    /// registration, before the fix above) were missing from the usage view
+    /// and from `till store export`; importing that export into the
+    /// embedded store gave a spent token its uses back. The export (and the
+    /// collector) now find every counted family and list it again.
+    #[tokio::test]
+    async fn a_family_counted_but_never_listed_is_exported_and_listed_again() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        let token = [spec("orphan", Some(5))];
+        for _ in 0..5 {
+            s.reserve(&token).await.unwrap();
+        }
+        s.reserve(&[spec("listed", None)]).await.unwrap();
+        // The state the crash left: the counters, no listing.
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = c.srem(FAMILIES, "orphan").await.unwrap();
+
+        let exported = s.export().await.unwrap();
+        let orphan = exported.counters.iter().find(|e| e.id == "orphan");
+        assert_eq!(orphan.map(|e| e.uses), Some(5), "{:?}", exported.counters);
+        let listed: Vec<String> = CounterStore::list(&s)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert!(listed.contains(&"orphan".to_string()), "{listed:?}");
+        // Moved to the embedded store, the spent token stays spent.
+        let dir = tempfile::tempdir().unwrap();
+        let embedded = crate::store::EmbeddedStore::open(dir.path()).unwrap();
+        embedded.import(&exported).unwrap();
+        assert_eq!(embedded.peek(&["orphan".into()]).await.unwrap(), vec![5]);
+
+        // The collector lists it again too.
+        let _: () = c.srem(FAMILIES, "orphan").await.unwrap();
+        s.gc_expired(now_unix()).await.unwrap();
+        let members: Vec<String> = c.smembers(FAMILIES).await.unwrap();
+        assert!(members.contains(&"orphan".to_string()), "{members:?}");
+        assert_eq!(s.repair_families().await.unwrap(), 0);
     }
 
     /// A proxy that recorded a block's metadata once and finds it gone (the
@@ -1867,6 +2118,113 @@ mod tests {
         let listed = RevocationList::list(&late).await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].0, "abcd");
+    }
+
+    /// `CONFIG SET` on the test's server.
+    async fn config_set(server: &Server, name: &str, value: &str) {
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+    }
+
+    /// Waits until the store's readiness is `want`.
+    async fn wait_healthy(s: &RedisStore, want: bool) {
+        let t0 = Instant::now();
+        while s.healthy() != want {
+            assert!(
+                t0.elapsed() < EVICTION_CHECK_INTERVAL + Duration::from_secs(2),
+                "healthy() did not turn {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Regression (red team, wave 2): a Redis with `maxmemory` and an
+    /// evicting policy evicts use counters under memory pressure (which any
+    /// token holder can cause), giving spent uses back. Such a server is
+    /// refused at start, and one switched to evicting while the proxy runs
+    /// makes it refuse every request (503) until it stops. A limit with
+    /// `noeviction`, or a policy without a limit, is fine.
+    #[tokio::test]
+    async fn a_redis_that_may_evict_keys_is_refused() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        assert_eq!(s.check_eviction().await.unwrap(), None);
+        config_set(&server, "maxmemory-policy", "allkeys-lru").await;
+        assert_eq!(s.check_eviction().await.unwrap(), None, "no maxmemory");
+        config_set(&server, "maxmemory-policy", "noeviction").await;
+        config_set(&server, "maxmemory", "100mb").await;
+        assert_eq!(s.check_eviction().await.unwrap(), None, "noeviction");
+        s.reserve(&[spec("a", Some(5))]).await.unwrap();
+
+        for policy in ["volatile-lru", "allkeys-lfu", "volatile-ttl"] {
+            config_set(&server, "maxmemory-policy", policy).await;
+            let e = s.check_eviction().await.unwrap_err().to_string();
+            assert!(e.contains(&format!("maxmemory-policy {policy}")), "{e}");
+            assert!(e.contains("set `maxmemory-policy noeviction`"), "{e}");
+        }
+        // While it runs: refused within the check interval...
+        wait_healthy(&s, false).await;
+        let Err(e) = s.reserve(&[spec("a", Some(5))]).await else {
+            panic!("reserved on an evicting Redis")
+        };
+        assert!(
+            matches!(&e, StoreError::Io(m) if m.contains("evict")),
+            "{e}"
+        );
+        assert!(s.first_revoked(&["a".into()]).is_err());
+        assert_eq!(s.peek(&["a".into()]).await.unwrap(), vec![1]);
+        // ...and serving again once Redis no longer evicts.
+        config_set(&server, "maxmemory-policy", "noeviction").await;
+        wait_healthy(&s, true).await;
+        assert_eq!(
+            s.reserve(&[spec("a", Some(5))]).await.unwrap().uses,
+            vec![2]
+        );
+        assert_eq!(s.first_revoked(&["a".into()]).unwrap(), None);
+    }
+
+    /// Regression (red team, wave 2): two deployments on two databases of
+    /// one Redis shared the revocation channel (pub/sub ignores the
+    /// database), so one applied the other's revocations, wrote them into
+    /// its own list and signed them in its feed. Each database now has its
+    /// own channel; a revocation stays in its deployment.
+    #[tokio::test]
+    async fn deployments_on_two_databases_of_one_redis_keep_their_revocations_apart() {
+        let server = Server::start();
+        let db1 = format!("redis://127.0.0.1:{}/1", server.port);
+        let a = RedisStore::connect(&server.url(), None).await.unwrap();
+        let a2 = RedisStore::connect(&server.url(), None).await.unwrap();
+        let b = RedisStore::connect(&db1, None).await.unwrap();
+        let b2 = RedisStore::connect(&db1, None).await.unwrap();
+        assert!(b.revoke("b0b0").await.unwrap());
+        assert!(a.revoke("a0a0").await.unwrap());
+        let ids = ["a0a0".to_string(), "b0b0".to_string()];
+        // Each deployment's other replica learns its own revocation...
+        let t0 = Instant::now();
+        while a2.first_revoked(&ids).unwrap() != Some(0)
+            || b2.first_revoked(&ids[1..]).unwrap() != Some(0)
+        {
+            assert!(t0.elapsed() < STALE_BOUND, "not propagated in time");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // ...and, after several version checks, nothing of the other's.
+        tokio::time::sleep(POLL_INTERVAL * 4).await;
+        for (s, own) in [(&a, "a0a0"), (&a2, "a0a0"), (&b, "b0b0"), (&b2, "b0b0")] {
+            assert_eq!(RevocationList::len(s), 1, "{own}'s deployment");
+            let listed = RevocationList::list(s).await.unwrap();
+            assert_eq!(listed.len(), 1, "{listed:?}");
+            assert_eq!(listed[0].0, own);
+            assert!(s.healthy());
+        }
+        assert_eq!(a.first_revoked(&ids[1..]).unwrap(), None);
+        assert_eq!(b.first_revoked(&ids[..1]).unwrap(), None);
     }
 
     /// Idempotency claims in Redis keep the in-process semantics, and two

@@ -21,6 +21,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     fsync: String,
+    /// More `redis-server` arguments (`--maxmemory`, ...).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -31,6 +33,10 @@ impl RedisServer {
     }
 
     pub fn start_with(fsync: &str) -> RedisServer {
+        Self::start_with_args(fsync, &[])
+    }
+
+    pub fn start_with_args(fsync: &str, extra: &[&str]) -> RedisServer {
         for _ in 0..20 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -41,6 +47,7 @@ impl RedisServer {
                 port,
                 dir: tempfile::tempdir().unwrap(),
                 fsync: fsync.into(),
+                extra: extra.iter().map(|a| a.to_string()).collect(),
                 child: None,
             };
             if s.spawn() {
@@ -57,6 +64,7 @@ impl RedisServer {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "yes"])
             .args(["--appendfsync", &self.fsync])
+            .args(&self.extra)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -404,6 +412,56 @@ async fn serve_warns_when_redis_can_lose_forwarded_uses() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(redis.dir().exists());
+}
+
+/// Regression (red team, wave 2): with `maxmemory` and an evicting policy
+/// (volatile-lru is the default of common managed services), memory
+/// pressure any token holder can cause evicted use counters, and spent
+/// tokens got their uses back; `till serve` started with no more than the
+/// persistence warning. It now refuses to start (exit 2) and says how to
+/// fix it; the same server with `noeviction` is fine.
+#[test]
+fn serve_refuses_to_start_on_a_redis_that_evicts_keys() {
+    let redis = RedisServer::start_with_args(
+        "always",
+        &["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"],
+    );
+    let home = Home::new();
+    let cfg = home.write(
+        "till.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n{}\n",
+            home.path().to_str().unwrap(),
+            redis.store_line()
+        ),
+    );
+    let mut serve = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env("TILL_HOME", home.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while serve.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(15) {
+            let _ = serve.kill();
+            let out = serve.wait_with_output().unwrap();
+            panic!(
+                "till serve runs on an evicting Redis:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = serve.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("maxmemory-policy volatile-lru"), "{stderr}");
+    assert!(
+        stderr.contains("set `maxmemory-policy noeviction`"),
+        "{stderr}"
+    );
 }
 
 /// No Redis at the configured address: the proxy refuses to start rather

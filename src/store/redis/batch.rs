@@ -28,7 +28,7 @@ use std::sync::{Arc, Weak};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::finish_on_drop::FinishOnDrop;
-use super::{Inner, TTL_AFTER_EXPIRY, UNSEEN, family_keys};
+use super::{FAMILIES, Inner, TTL_AFTER_EXPIRY, UNSEEN, family_keys};
 use crate::store::{StoreError, now_unix};
 
 /// Rounds outstanding at once. While they wait for Redis's fsync, the next
@@ -200,28 +200,58 @@ fn calls(queued: &mut Vec<Job>) -> Vec<Vec<Job>> {
 }
 
 /// One call of the reserve script for `jobs`, which share their families.
+///
+/// A call that may record a new block (one carrying metadata) first adds
+/// its families to `till:families`, in the same pipeline: Redis runs one
+/// connection's commands in order, so no counter can exist whose family the
+/// list lacks, even if this process dies at any point. (A second command
+/// after the script, as before, left a window in which `kill -9` orphaned
+/// a new family: missing from the usage view and from `till store export`,
+/// whose import could then give its uses back.) It cannot go inside the
+/// script: the list is one global key, and a script's keys must stay in
+/// the family's Cluster slot.
 async fn send(inner: &Arc<Inner>, jobs: Vec<Job>) {
-    let mut inv = inner.reserve.prepare_invoke();
+    let mut eval = redis::cmd("EVALSHA");
+    eval.arg(inner.reserve.get_hash())
+        .arg(jobs[0].families.len() * 5);
     for f in &jobs[0].families {
         for k in family_keys(f) {
-            inv.key(k);
+            eval.arg(k);
         }
     }
-    inv.arg(now_unix())
+    eval.arg(now_unix())
         .arg(inner.max_blocks_per_family.load(Ordering::Relaxed))
         .arg(TTL_AFTER_EXPIRY);
     for j in &jobs {
-        inv.arg(j.blocks.len());
+        eval.arg(j.blocks.len());
         for b in &j.blocks {
-            inv.arg(b.family)
+            eval.arg(b.family)
                 .arg(&b.id)
                 .arg(&b.meta)
                 .arg(b.expires)
                 .arg(if b.touch { "1" } else { "0" });
         }
     }
+    let register = jobs
+        .iter()
+        .any(|j| j.blocks.iter().any(|b| !b.meta.is_empty()));
+    let mut p = redis::pipe();
+    if register {
+        p.sadd(FAMILIES, &jobs[0].families).ignore();
+    }
+    p.add_command(eval);
     let mut conn = inner.conn.clone();
-    let got: Result<Vec<i64>, StoreError> = inner.op("reserve", inv.invoke_async(&mut conn)).await;
+    let call = async {
+        match p.query_async::<(Vec<i64>,)>(&mut conn).await {
+            // Redis restarted, or flushed its scripts: load it, once.
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                inner.reserve.load_async(&mut conn).await?;
+                p.query_async::<(Vec<i64>,)>(&mut conn).await
+            }
+            other => other,
+        }
+    };
+    let got: Result<Vec<i64>, StoreError> = inner.op("reserve", call).await.map(|(v,)| v);
     let expected: usize = jobs.iter().map(|j| 2 + j.blocks.len()).sum();
     let got = got.and_then(|v| {
         if v.len() == expected {

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use redis::{AsyncCommands, Script};
 
 use super::{
-    CHANNEL, FAMILIES, REVOKE_LUA, REVOKED_IDS, REVOKED_VERSION, RedisStore, TTL_AFTER_EXPIRY,
-    family_keys, parse_meta,
+    FAMILIES, REVOKE_LUA, REVOKED_IDS, REVOKED_VERSION, RedisStore, TTL_AFTER_EXPIRY, family_keys,
+    parse_meta,
 };
 use crate::store::migrate::{
     ExportedCounter, ExportedRetired, ExportedRevocation, ImportReport, Snapshot,
@@ -58,7 +58,7 @@ return {raised, kept, added}
 "#;
 
 /// The family of a key `till:{<family>}:<suffix>`.
-fn family_in(key: &str) -> Option<&str> {
+pub(super) fn family_in(key: &str) -> Option<&str> {
     key.strip_prefix("till:{")?.split_once("}:").map(|(f, _)| f)
 }
 
@@ -75,6 +75,9 @@ impl RedisStore {
         let inner = &self.inner;
         let mut c = inner.conn.clone();
         let mut s = Snapshot::new();
+        // A family counted but not listed would be left out of the file,
+        // and importing it elsewhere would give its uses back.
+        self.repair_families().await?;
         let families: Vec<String> = inner.op("SMEMBERS", c.smembers(FAMILIES)).await?;
         for f in &families {
             let k = family_keys(f);
@@ -179,15 +182,17 @@ impl RedisStore {
             for id in &fam.retired {
                 inv.arg(*id);
             }
+            // Listed before its counters are written, as `reserve` does: an
+            // import stopped in between leaves no family unlisted.
+            if !fam.counters.is_empty() {
+                let _: () = inner.op("SADD families", c.sadd(FAMILIES, *f)).await?;
+            }
             let (raised, kept, added): (usize, usize, usize) =
                 inner.op("import", inv.invoke_async(&mut c)).await?;
             report.raised += raised;
             report.kept += kept;
             report.blocks += added;
             report.retired += fam.retired.len();
-            if !fam.counters.is_empty() {
-                let _: () = inner.op("SADD families", c.sadd(FAMILIES, *f)).await?;
-            }
         }
         let revoke = Script::new(REVOKE_LUA);
         for r in &s.revocations {
@@ -199,7 +204,7 @@ impl RedisStore {
                         .key(REVOKED_VERSION)
                         .arg(r.id.to_ascii_lowercase())
                         .arg(r.at.min(now_unix()))
-                        .arg(CHANNEL)
+                        .arg(&inner.channel)
                         .invoke_async(&mut c),
                 )
                 .await?;

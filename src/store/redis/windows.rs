@@ -77,15 +77,19 @@ end
 return out
 "#;
 
-/// KEYS: cap sets. ARGV: member, lease (ms). Extends a live lease.
+/// KEYS: cap sets. ARGV: member, lease (ms). Extends the lease, and puts
+/// back a slot whose lease ended while its request still runs: renewals
+/// fail while Redis is unreachable, and a slot left out after Redis is back
+/// would let the cap admit one request more for as long as the response
+/// streams. Only a live request renews (its guard stops the renewals before
+/// it frees the slot, on the same connection), so nothing finished comes
+/// back.
 const RENEW_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 1, #KEYS do
-  if redis.call('ZSCORE', KEYS[i], ARGV[1]) then
-    redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[2]), ARGV[1])
-    redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[2]))
-  end
+  redis.call('ZADD', KEYS[i], now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[2]))
 end
 return 1
 "#;
