@@ -195,11 +195,23 @@ return out
 "#;
 
 /// Gives one use back, never below zero and never creating a counter (a
-/// late release after the collector must not leave a stray key).
+/// late release after the collector must not leave a stray key). `KEYS`
+/// are each id's count, metadata and last-use hashes. A count back at zero
+/// means every reservation of the block was given back (its requests were
+/// all refused): it leaves no record and no place in its family's bound
+/// (`HLEN` of the metadata hash), so a key whose requests are refused cannot
+/// fill `max_blocks_per_family` and lock its siblings out.
 const RELEASE_LUA: &str = r#"
-for i, k in ipairs(KEYS) do
-  local v = tonumber(redis.call('HGET', k, ARGV[i]) or '0')
-  if v > 0 then redis.call('HINCRBY', k, ARGV[i], -1) end
+for i, id in ipairs(ARGV) do
+  local n, m, u = KEYS[i * 3 - 2], KEYS[i * 3 - 1], KEYS[i * 3]
+  local v = tonumber(redis.call('HGET', n, id) or '0')
+  if v > 1 then
+    redis.call('HINCRBY', n, id, -1)
+  elseif v == 1 then
+    redis.call('HDEL', n, id)
+    redis.call('HDEL', m, id)
+    redis.call('HDEL', u, id)
+  end
 end
 return 1
 "#;
@@ -1097,7 +1109,8 @@ impl CounterStore for RedisStore {
             if let Some(k) = self.inner.known.get(id) {
                 k.seen.store(UNSEEN, Ordering::Relaxed);
             }
-            inv.key(&family_keys(&self.family_of(ids, id))[0]).arg(id);
+            let [n, m, u, ..] = family_keys(&self.family_of(ids, id));
+            inv.key(n).key(m).key(u).arg(id);
         }
         async move {
             let mut c = self.inner.conn.clone();
@@ -1970,6 +1983,52 @@ mod tests {
             .collect();
         ids.sort();
         assert_eq!(ids, ["k1", "k2", "other", "root"]);
+    }
+
+    #[tokio::test]
+    async fn regression_blocks_of_refused_requests_do_not_fill_their_family() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        s.set_max_blocks_per_family(4);
+        let block = crate::store::test_block;
+        let root = block("root", None);
+        s.reserve(&[root.clone(), block("used", Some("root"))])
+            .await
+            .unwrap();
+        // Twenty new keys, each reserved and given back (refused on the
+        // re-check): before, each stayed one of the family's blocks.
+        for i in 0..20 {
+            let kid = format!("refused{i}");
+            s.reserve(&[root.clone(), block(&kid, Some("root"))])
+                .await
+                .unwrap();
+            s.release(&["root".to_string(), kid]).await.unwrap();
+        }
+        let ids: Vec<String> = s
+            .blocks()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert!(ids.iter().all(|i| !i.starts_with("refused")), "{ids:?}");
+        assert_eq!(s.peek(&["root".into()]).await.unwrap(), vec![1]);
+        // A key given back and used again is recorded again, and a sibling
+        // never used still fits in the bound.
+        for kid in ["refused0", "sibling"] {
+            s.reserve(&[root.clone(), block(kid, Some("root"))])
+                .await
+                .unwrap();
+        }
+        let ids: Vec<String> = s
+            .blocks()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert!(ids.contains(&"refused0".to_string()), "{ids:?}");
+        assert_eq!(s.peek(&["root".into()]).await.unwrap(), vec![3]);
     }
 
     #[tokio::test]
