@@ -432,6 +432,7 @@ impl AuditSink {
     pub fn start(
         file: Option<PathBuf>,
         stdout: bool,
+        max_bytes: Option<u64>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         if file.is_none() && !stdout {
@@ -445,7 +446,7 @@ impl AuditSink {
                 if let Some(d) = p.parent() {
                     std::fs::create_dir_all(d)?;
                 }
-                Some(open_append(p)?)
+                Some(LogFile::open(p.clone(), max_bytes)?)
             }
             None => None,
         };
@@ -459,7 +460,7 @@ impl AuditSink {
         // through the blocking pool, one hand-over per write.
         let thread = std::thread::Builder::new()
             .name("till-audit".into())
-            .spawn(move || write_loop(&s, file.zip(f), stdout, &m))?;
+            .spawn(move || write_loop(&s, f, stdout, &m))?;
         Ok(AuditSink {
             writer: Some(Arc::new(Writer {
                 shared,
@@ -516,26 +517,73 @@ fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-/// Opens `path` again in place of `file`; on failure keeps `file`, whose
-/// lines still land somewhere (in the renamed file).
-fn reopen(path: &std::path::Path, file: &mut std::fs::File) {
-    match open_append(path) {
-        Ok(f) => *file = f,
-        Err(e) => tracing::error!(
-            error = %e,
-            "cannot reopen the audit log {}; still writing to the file it was",
-            path.display()
-        ),
+/// The audit file: reopened by name on request, and moved aside past its
+/// size cap.
+struct LogFile {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Its length as this writer knows it: as opened, plus what it wrote.
+    len: u64,
+    /// `[audit] max_bytes`.
+    max_bytes: Option<u64>,
+}
+
+impl LogFile {
+    fn open(path: PathBuf, max_bytes: Option<u64>) -> std::io::Result<Self> {
+        let file = open_append(&path)?;
+        let len = file.metadata()?.len();
+        Ok(LogFile {
+            path,
+            file,
+            len,
+            max_bytes,
+        })
+    }
+
+    /// Opens the file again by its name; on failure keeps the open one,
+    /// whose lines still land somewhere (in the renamed file).
+    fn reopen(&mut self) {
+        match open_append(&self.path).and_then(|f| Ok((f.metadata()?.len(), f))) {
+            Ok((len, file)) => (self.len, self.file) = (len, file),
+            Err(e) => tracing::error!(
+                error = %e,
+                "cannot reopen the audit log {}; still writing to the file it was",
+                self.path.display()
+            ),
+        }
+    }
+
+    /// Appends `batch`, first moving the file to `<file>.1` (replacing it)
+    /// when `batch` would take it past `max_bytes`: the log then holds at
+    /// most about twice the cap on disk, whoever sends requests.
+    fn write(&mut self, batch: &[u8]) -> std::io::Result<()> {
+        let full = self
+            .max_bytes
+            .is_some_and(|max| self.len > 0 && self.len + batch.len() as u64 > max);
+        if full {
+            self.rotate();
+        }
+        self.file.write_all(batch)?;
+        self.len += batch.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&mut self) {
+        let mut moved = self.path.clone().into_os_string();
+        moved.push(".1");
+        match std::fs::rename(&self.path, &moved) {
+            Ok(()) => self.reopen(),
+            Err(e) => tracing::error!(
+                error = %e,
+                "cannot move the audit log {} aside at audit.max_bytes; still writing to it",
+                self.path.display()
+            ),
+        }
     }
 }
 
 /// Writes queued lines in batches until the sink is dropped.
-fn write_loop(
-    shared: &Shared,
-    mut file: Option<(PathBuf, std::fs::File)>,
-    stdout: bool,
-    m: &Metrics,
-) {
+fn write_loop(shared: &Shared, mut file: Option<LogFile>, stdout: bool, m: &Metrics) {
     let mut batch = Vec::new();
     loop {
         let (lines, closed, again) = {
@@ -549,12 +597,12 @@ fn write_loop(
             let again = std::mem::take(&mut q.reopen);
             (std::mem::take(&mut q.lines), q.closed, again)
         };
-        if let Some((path, f)) = file.as_mut().filter(|_| again) {
-            reopen(path, f);
+        if let Some(f) = file.as_mut().filter(|_| again) {
+            f.reopen();
         }
         if !batch.is_empty() {
-            match file.as_mut().map(|(_, f)| f) {
-                Some(f) => match f.write_all(&batch) {
+            match file.as_mut() {
+                Some(f) => match f.write(&batch) {
                     Ok(()) => {
                         m.audit_written.inc_by(lines);
                     }
@@ -779,7 +827,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("audit.jsonl");
         let rotated = dir.path().join("audit.jsonl.1");
-        let sink = AuditSink::start(Some(file.clone()), false, Arc::new(Metrics::new())).unwrap();
+        let sink =
+            AuditSink::start(Some(file.clone()), false, None, Arc::new(Metrics::new())).unwrap();
         sink.log(&record(1));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::fs::read_to_string(&file)
@@ -812,11 +861,51 @@ mod tests {
     }
 
     #[test]
+    fn past_max_bytes_the_file_is_moved_to_dot_1_and_a_new_one_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        let moved = dir.path().join("audit.jsonl.1");
+        let metrics = Arc::new(Metrics::new());
+        let mut one = Vec::new();
+        record(0).write_json(&mut one);
+        let line = one.len() as u64 + 1;
+        let max = 3 * line;
+        let sink = AuditSink::start(Some(file.clone()), false, Some(max), metrics.clone()).unwrap();
+        // One line per batch, so the rotations fall between known lines.
+        for k in 0..10u64 {
+            sink.log(&record(k as usize));
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while metrics.audit_written.get() <= k {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "line {k} never written"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        drop(sink);
+        let ids = |p: &std::path::Path| -> Vec<u64> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    u64::from_str_radix(v["request_id"].as_str().unwrap(), 16).unwrap()
+                })
+                .collect()
+        };
+        // Lines 0-2, 3-5, 6-8 filled a file each; the older ones are gone.
+        assert_eq!(ids(&moved), [6, 7, 8]);
+        assert_eq!(ids(&file), [9]);
+        assert!(std::fs::metadata(&moved).unwrap().len() <= max);
+    }
+
+    #[test]
     fn dropping_the_sink_writes_every_queued_line_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("audit.jsonl");
         let metrics = Arc::new(Metrics::new());
-        let sink = AuditSink::start(Some(file.clone()), false, metrics.clone()).unwrap();
+        let sink = AuditSink::start(Some(file.clone()), false, None, metrics.clone()).unwrap();
         let copy = sink.clone();
         // From several threads at once, as the tokio workers do.
         std::thread::scope(|s| {
@@ -856,8 +945,13 @@ mod tests {
     fn a_full_queue_drops_and_counts_lines_instead_of_waiting() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
-        let sink =
-            AuditSink::start(Some(dir.path().join("a.jsonl")), false, metrics.clone()).unwrap();
+        let sink = AuditSink::start(
+            Some(dir.path().join("a.jsonl")),
+            false,
+            None,
+            metrics.clone(),
+        )
+        .unwrap();
         // A stalled disk: the queue is at its cap and the writer (asleep,
         // not woken by anyone) does not empty it. `log` must return at
         // once every time, counting what it drops.
