@@ -99,10 +99,13 @@ impl Serialize for AuditRecord {
         struct Labels<'a>(&'a AuditRecord);
         impl Serialize for Labels<'_> {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_seq(self.0.labels())
+                s.collect_seq(self.0.labels().map(|l| capped(l, MAX_FIELD_BYTES)))
             }
         }
-        let mut r = s.serialize_struct("AuditRecord", 19)?;
+        fn field(v: &str) -> std::borrow::Cow<'_, str> {
+            capped(v, MAX_FIELD_BYTES)
+        }
+        let mut r = s.serialize_struct("AuditRecord", 20)?;
         r.serialize_field("time", &*self.time)?;
         r.serialize_field("request_id", &self.request_id)?;
         r.serialize_field("peer", &self.peer)?;
@@ -110,23 +113,32 @@ impl Serialize for AuditRecord {
         r.serialize_field("blocks", &Blocks(self))?;
         r.serialize_field("labels", &Labels(self))?;
         r.serialize_field("service", &*self.service)?;
-        r.serialize_field("method", &self.method)?;
-        r.serialize_field("path", &self.path)?;
-        r.serialize_field("model", &self.model)?;
+        r.serialize_field("method", &field(&self.method))?;
+        r.serialize_field("path", &field(&self.path))?;
+        r.serialize_field("model", &self.model.as_deref().map(field))?;
         match &self.mcp_method {
-            Some(m) => r.serialize_field("mcp_method", m)?,
+            Some(m) => r.serialize_field("mcp_method", &field(m))?,
             None => r.skip_field("mcp_method")?,
         }
         match &self.tool {
-            Some(t) => r.serialize_field("tool", t)?,
+            Some(t) => r.serialize_field("tool", &field(t))?,
             None => r.skip_field("tool")?,
         }
         r.serialize_field("decision", self.decision)?;
         r.serialize_field("code", self.code)?;
-        r.serialize_field("reason", &self.reason)?;
+        r.serialize_field(
+            "reason",
+            &self.reason.as_deref().map(|t| capped(t, MAX_REASON_BYTES)),
+        )?;
         r.serialize_field("status", &self.status)?;
         r.serialize_field("upstream_status", &self.upstream_status)?;
         r.serialize_field("latency_ms", &self.latency_ms)?;
+        let cut: Vec<&str> = self.cut_fields().collect();
+        if cut.is_empty() {
+            r.skip_field("truncated")?;
+        } else {
+            r.serialize_field("truncated", &cut)?;
+        }
         r.end()
     }
 }
@@ -176,38 +188,94 @@ impl AuditRecord {
             if k > 0 {
                 out.push(b',');
             }
-            json_str(out, l);
+            json_str(out, &capped(l, MAX_FIELD_BYTES));
         }
         out.extend_from_slice(b"],\"service\":");
         json_str(out, &self.service);
         out.extend_from_slice(b",\"method\":");
-        json_str(out, &self.method);
+        json_str(out, &capped(&self.method, MAX_FIELD_BYTES));
         out.extend_from_slice(b",\"path\":");
-        json_str(out, &self.path);
+        json_str(out, &capped(&self.path, MAX_FIELD_BYTES));
         out.extend_from_slice(b",\"model\":");
-        json_opt_str(out, self.model.as_deref());
+        json_opt_str(out, self.model.as_deref(), MAX_FIELD_BYTES);
         if let Some(m) = &self.mcp_method {
             out.extend_from_slice(b",\"mcp_method\":");
-            json_str(out, m);
+            json_str(out, &capped(m, MAX_FIELD_BYTES));
         }
         if let Some(t) = &self.tool {
             out.extend_from_slice(b",\"tool\":");
-            json_str(out, t);
+            json_str(out, &capped(t, MAX_FIELD_BYTES));
         }
         out.extend_from_slice(b",\"decision\":");
         json_str(out, self.decision);
         out.extend_from_slice(b",\"code\":");
         json_str(out, self.code);
         out.extend_from_slice(b",\"reason\":");
-        json_opt_str(out, self.reason.as_deref());
+        json_opt_str(out, self.reason.as_deref(), MAX_REASON_BYTES);
         out.extend_from_slice(b",\"status\":");
         json_uint(out, Some(self.status));
         out.extend_from_slice(b",\"upstream_status\":");
         json_uint(out, self.upstream_status);
         out.extend_from_slice(b",\"latency_ms\":");
         json_value(out, &self.latency_ms);
+        let mut cut = self.cut_fields().peekable();
+        if cut.peek().is_some() {
+            out.extend_from_slice(b",\"truncated\":[");
+            for (k, name) in cut.enumerate() {
+                if k > 0 {
+                    out.push(b',');
+                }
+                push_quoted(out, name);
+            }
+            out.push(b']');
+        }
         out.push(b'}');
     }
+
+    /// The fields whose text a line cuts ([`MAX_FIELD_BYTES`],
+    /// [`MAX_REASON_BYTES`]), in the line's order.
+    pub fn cut_fields(&self) -> impl Iterator<Item = &'static str> {
+        let long = |s: Option<&str>, max: usize| s.is_some_and(|s| s.len() > max);
+        [
+            ("labels", self.labels().any(|l| l.len() > MAX_FIELD_BYTES)),
+            ("method", long(Some(&self.method), MAX_FIELD_BYTES)),
+            ("path", long(Some(&self.path), MAX_FIELD_BYTES)),
+            ("model", long(self.model.as_deref(), MAX_FIELD_BYTES)),
+            (
+                "mcp_method",
+                long(self.mcp_method.as_deref(), MAX_FIELD_BYTES),
+            ),
+            ("tool", long(self.tool.as_deref(), MAX_FIELD_BYTES)),
+            ("reason", long(self.reason.as_deref(), MAX_REASON_BYTES)),
+        ]
+        .into_iter()
+        .filter_map(|(name, cut)| cut.then_some(name))
+    }
+}
+
+/// Most bytes of a request's own text (method, path, model, MCP method and
+/// tool) and of each label that an audit line keeps. Anyone can send a
+/// 4 KB path without a token, and each refusal is a line: whole, they
+/// filled a disk at 65 MB/s from one client. A label is a token holder's
+/// text (an attenuation block may add any), no one else's.
+pub const MAX_FIELD_BYTES: usize = 256;
+
+/// Most bytes of a refusal's reason a line keeps: Till's own sentence, which
+/// may quote a label or part of the request.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// `s`, or its first `max` bytes (cut on a character boundary) followed by
+/// `…` when it is longer. The line's `truncated` field names the fields
+/// cut: a value may end in `…` as sent.
+fn capped(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}…", &s[..end]))
 }
 
 /// A JSON string. The test for "nothing to escape" folds over every byte
@@ -240,9 +308,9 @@ fn push_quoted(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>, max: usize) {
     match s {
-        Some(s) => json_str(out, s),
+        Some(s) => json_str(out, &capped(s, max)),
         None => out.extend_from_slice(b"null"),
     }
 }
@@ -324,6 +392,9 @@ struct Queue {
     lines: u64,
     /// The writer sleeps on the condvar: only then is it worth a wake-up.
     waiting: bool,
+    /// Open the file again by its name before the next write
+    /// ([`AuditSink::reopen`]).
+    reopen: bool,
     closed: bool,
 }
 
@@ -361,6 +432,7 @@ impl AuditSink {
     pub fn start(
         file: Option<PathBuf>,
         stdout: bool,
+        max_bytes: Option<u64>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         if file.is_none() && !stdout {
@@ -374,12 +446,7 @@ impl AuditSink {
                 if let Some(d) = p.parent() {
                     std::fs::create_dir_all(d)?;
                 }
-                Some(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(p)?,
-                )
+                Some(LogFile::open(p.clone(), max_bytes)?)
             }
             None => None,
         };
@@ -401,6 +468,23 @@ impl AuditSink {
             })),
             metrics,
         })
+    }
+
+    /// Has the writer open the file again by its name before it writes
+    /// the next lines, so that a log rotated by renaming (logrotate's
+    /// default: move, then `SIGHUP`) goes on in a new file instead of the
+    /// renamed one. Lines queued from now on go to the new file. Never
+    /// waits for the disk; a file that cannot be opened is logged and the
+    /// old one kept.
+    pub fn reopen(&self) {
+        let Some(w) = &self.writer else { return };
+        let mut q = lock(&w.shared.queue);
+        q.reopen = true;
+        let wake = std::mem::take(&mut q.waiting);
+        drop(q);
+        if wake {
+            w.shared.wake.notify_one();
+        }
     }
 
     /// Queues a record; never waits for the disk.
@@ -426,23 +510,99 @@ impl AuditSink {
     }
 }
 
+fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// The audit file: reopened by name on request, and moved aside past its
+/// size cap.
+struct LogFile {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Its length as this writer knows it: as opened, plus what it wrote.
+    len: u64,
+    /// `[audit] max_bytes`.
+    max_bytes: Option<u64>,
+}
+
+impl LogFile {
+    fn open(path: PathBuf, max_bytes: Option<u64>) -> std::io::Result<Self> {
+        let file = open_append(&path)?;
+        let len = file.metadata()?.len();
+        Ok(LogFile {
+            path,
+            file,
+            len,
+            max_bytes,
+        })
+    }
+
+    /// Opens the file again by its name; on failure keeps the open one,
+    /// whose lines still land somewhere (in the renamed file).
+    fn reopen(&mut self) {
+        match open_append(&self.path).and_then(|f| Ok((f.metadata()?.len(), f))) {
+            Ok((len, file)) => (self.len, self.file) = (len, file),
+            Err(e) => tracing::error!(
+                error = %e,
+                "cannot reopen the audit log {}; still writing to the file it was",
+                self.path.display()
+            ),
+        }
+    }
+
+    /// Appends `batch`, first moving the file to `<file>.1` (replacing it)
+    /// when `batch` would take it past `max_bytes`: the log then holds at
+    /// most about twice the cap on disk, whoever sends requests.
+    fn write(&mut self, batch: &[u8]) -> std::io::Result<()> {
+        let full = self
+            .max_bytes
+            .is_some_and(|max| self.len > 0 && self.len + batch.len() as u64 > max);
+        if full {
+            self.rotate();
+        }
+        self.file.write_all(batch)?;
+        self.len += batch.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&mut self) {
+        let mut moved = self.path.clone().into_os_string();
+        moved.push(".1");
+        match std::fs::rename(&self.path, &moved) {
+            Ok(()) => self.reopen(),
+            Err(e) => tracing::error!(
+                error = %e,
+                "cannot move the audit log {} aside at audit.max_bytes; still writing to it",
+                self.path.display()
+            ),
+        }
+    }
+}
+
 /// Writes queued lines in batches until the sink is dropped.
-fn write_loop(shared: &Shared, mut file: Option<std::fs::File>, stdout: bool, m: &Metrics) {
+fn write_loop(shared: &Shared, mut file: Option<LogFile>, stdout: bool, m: &Metrics) {
     let mut batch = Vec::new();
     loop {
-        let (lines, closed) = {
+        let (lines, closed, again) = {
             let mut q = lock(&shared.queue);
-            while q.bytes.is_empty() && !q.closed {
+            while q.bytes.is_empty() && !q.closed && !q.reopen {
                 q.waiting = true;
                 q = shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
             }
             q.waiting = false;
             std::mem::swap(&mut q.bytes, &mut batch);
-            (std::mem::take(&mut q.lines), q.closed)
+            let again = std::mem::take(&mut q.reopen);
+            (std::mem::take(&mut q.lines), q.closed, again)
         };
+        if let Some(f) = file.as_mut().filter(|_| again) {
+            f.reopen();
+        }
         if !batch.is_empty() {
             match file.as_mut() {
-                Some(f) => match f.write_all(&batch) {
+                Some(f) => match f.write(&batch) {
                     Ok(()) => {
                         m.audit_written.inc_by(lines);
                     }
@@ -562,8 +722,10 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn the_audit_line_writer_escapes_any_text_as_serde_does(
-            path in "\\PC*",
-            reason in proptest::option::of(proptest::collection::vec(0u8..=0x7f, 0..40)),
+            // Across the bounds: lines cut their text as serde would write
+            // the cut text.
+            path in "\\PC{0,300}",
+            reason in proptest::option::of(proptest::collection::vec(0u8..=0x7f, 0..1100)),
             model in proptest::option::of("[\\x00-\\x7f\"\\\\é€😀]{0,12}"),
             tool in proptest::option::of("\\PC{0,8}"),
             ip in 0u32..,
@@ -597,11 +759,153 @@ mod tests {
     }
 
     #[test]
+    fn long_text_is_cut_on_a_character_boundary_and_named_in_truncated() {
+        let mut r = record(3);
+        r.path = format!("/{}", "€".repeat(1360));
+        r.method = "P".repeat(300);
+        r.reason = Some("r".repeat(5000));
+        let mut line = Vec::new();
+        r.write_json(&mut line);
+        assert!(line.len() < 2048, "{} bytes", line.len());
+        let v: serde_json::Value = serde_json::from_slice(&line).expect("whole JSON");
+        // '/' and 85 three-byte characters: 256 would split the 86th.
+        let want = format!("/{}…", "€".repeat(85));
+        assert_eq!(v["path"], want.as_str());
+        assert_eq!(v["method"], format!("{}…", "P".repeat(256)).as_str());
+        assert_eq!(v["reason"], format!("{}…", "r".repeat(1024)).as_str());
+        assert_eq!(
+            v["truncated"],
+            serde_json::json!(["method", "path", "reason"])
+        );
+        same_as_serde(&r);
+        // The rest: MCP text, model, and labels from a token's blocks.
+        let mut r = record(4);
+        r.model = Some("m".repeat(257));
+        r.mcp_method = Some("tools/call,".repeat(30));
+        r.tool = Some("t".repeat(256));
+        r.token = Some(labelled(&"l".repeat(400)));
+        let mut line = Vec::new();
+        r.write_json(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).expect("whole JSON");
+        assert_eq!(
+            v["tool"],
+            "t".repeat(256).as_str(),
+            "256 bytes are kept whole"
+        );
+        assert_eq!(v["labels"][0], format!("{}…", "l".repeat(256)).as_str());
+        assert_eq!(
+            v["truncated"],
+            serde_json::json!(["labels", "model", "mcp_method"])
+        );
+        same_as_serde(&r);
+        // Nothing cut, no field.
+        let mut line = Vec::new();
+        record(5).write_json(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert!(v.get("truncated").is_none(), "{v}");
+    }
+
+    /// A one-block token labelled `label`.
+    fn labelled(label: &str) -> Arc<VerifiedToken> {
+        let root = crate::token::keys::generate();
+        let text = crate::token::issue(
+            &root,
+            &crate::token::Scope {
+                services: vec!["openai".into()],
+                label: Some(label.into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let verifier =
+            crate::verify::Verifier::new(root.public(), crate::policy::Policies::default_policy());
+        Arc::new(verifier.verify_token(&text).unwrap())
+    }
+
+    #[test]
+    fn reopen_follows_a_log_renamed_by_logrotate() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        let rotated = dir.path().join("audit.jsonl.1");
+        let sink =
+            AuditSink::start(Some(file.clone()), false, None, Arc::new(Metrics::new())).unwrap();
+        sink.log(&record(1));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < 1
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first line was never written"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::fs::rename(&file, &rotated).unwrap();
+        sink.reopen();
+        sink.log(&record(2));
+        drop(sink);
+        let ids = |p: &std::path::Path| -> Vec<String> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"].to_string()
+                })
+                .collect()
+        };
+        assert_eq!(ids(&rotated), [format!("\"{:016x}\"", 1)]);
+        assert_eq!(ids(&file), [format!("\"{:016x}\"", 2)]);
+    }
+
+    #[test]
+    fn past_max_bytes_the_file_is_moved_to_dot_1_and_a_new_one_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        let moved = dir.path().join("audit.jsonl.1");
+        let metrics = Arc::new(Metrics::new());
+        let mut one = Vec::new();
+        record(0).write_json(&mut one);
+        let line = one.len() as u64 + 1;
+        let max = 3 * line;
+        let sink = AuditSink::start(Some(file.clone()), false, Some(max), metrics.clone()).unwrap();
+        // One line per batch, so the rotations fall between known lines.
+        for k in 0..10u64 {
+            sink.log(&record(k as usize));
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while metrics.audit_written.get() <= k {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "line {k} never written"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        drop(sink);
+        let ids = |p: &std::path::Path| -> Vec<u64> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    u64::from_str_radix(v["request_id"].as_str().unwrap(), 16).unwrap()
+                })
+                .collect()
+        };
+        // Lines 0-2, 3-5, 6-8 filled a file each; the older ones are gone.
+        assert_eq!(ids(&moved), [6, 7, 8]);
+        assert_eq!(ids(&file), [9]);
+        assert!(std::fs::metadata(&moved).unwrap().len() <= max);
+    }
+
+    #[test]
     fn dropping_the_sink_writes_every_queued_line_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("audit.jsonl");
         let metrics = Arc::new(Metrics::new());
-        let sink = AuditSink::start(Some(file.clone()), false, metrics.clone()).unwrap();
+        let sink = AuditSink::start(Some(file.clone()), false, None, metrics.clone()).unwrap();
         let copy = sink.clone();
         // From several threads at once, as the tokio workers do.
         std::thread::scope(|s| {
@@ -641,8 +945,13 @@ mod tests {
     fn a_full_queue_drops_and_counts_lines_instead_of_waiting() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
-        let sink =
-            AuditSink::start(Some(dir.path().join("a.jsonl")), false, metrics.clone()).unwrap();
+        let sink = AuditSink::start(
+            Some(dir.path().join("a.jsonl")),
+            false,
+            None,
+            metrics.clone(),
+        )
+        .unwrap();
         // A stalled disk: the queue is at its cap and the writer (asleep,
         // not woken by anyone) does not empty it. `log` must return at
         // once every time, counting what it drops.

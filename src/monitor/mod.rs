@@ -31,6 +31,9 @@ pub struct AuditConfig {
     pub file: Option<std::path::PathBuf>,
     /// Also write each line to stdout.
     pub stdout: bool,
+    /// Past this many bytes the file is moved to `<file>.1` (replacing it)
+    /// and a new one started; unset, the file grows until rotated outside.
+    pub max_bytes: Option<u64>,
 }
 
 impl Default for AuditConfig {
@@ -39,6 +42,7 @@ impl Default for AuditConfig {
             enabled: true,
             file: None,
             stdout: false,
+            max_bytes: None,
         }
     }
 }
@@ -111,9 +115,9 @@ impl Monitor {
                 .file
                 .clone()
                 .unwrap_or_else(|| state_dir.join("audit.jsonl"));
-            AuditSink::start(Some(file), audit.stdout, metrics.clone())?
+            AuditSink::start(Some(file), audit.stdout, audit.max_bytes, metrics.clone())?
         } else {
-            AuditSink::start(None, false, metrics.clone())?
+            AuditSink::start(None, false, None, metrics.clone())?
         };
         Ok(Monitor {
             alerts: alerts::Alerts::start(alerts, metrics.clone()),
@@ -128,7 +132,7 @@ impl Monitor {
         let metrics = Arc::new(Metrics::new());
         Monitor {
             alerts: alerts::Alerts::start(AlertConfig::default(), metrics.clone()),
-            audit: AuditSink::start(None, false, metrics.clone())
+            audit: AuditSink::start(None, false, None, metrics.clone())
                 .unwrap_or_else(|_| unreachable!("a disabled sink opens nothing")),
             metrics,
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),

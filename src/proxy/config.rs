@@ -797,6 +797,12 @@ impl Config {
                 ));
             }
         }
+        if self.audit.max_bytes == Some(0) {
+            return Err(self.err(
+                "audit.max_bytes",
+                "must be at least 1; leave it out for no cap",
+            ));
+        }
         if self.limits.max_buffered_bytes < self.limits.max_body_bytes {
             return Err(self.err(
                 "limits.max_buffered_bytes",
@@ -1278,6 +1284,17 @@ prefix = "Bearer "
             e.contains("upstreams.a.credential") && e.contains("TILL_SURELY_UNSET"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn audit_max_bytes_is_read_and_zero_is_refused() {
+        let c = Config::parse("[audit]\nmax_bytes = 1073741824\n", "x.toml").unwrap();
+        assert_eq!(c.audit.max_bytes, Some(1 << 30));
+        assert_eq!(Config::parse("", "x.toml").unwrap().audit.max_bytes, None);
+        let e = Config::parse("[audit]\nmax_bytes = 0\n", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("audit.max_bytes"), "{e}");
     }
 
     fn upstream_error(extra: &str) -> String {

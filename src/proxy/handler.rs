@@ -151,29 +151,25 @@ pub(super) fn split_service(path: &str) -> Result<(&str, &str), ProxyError> {
 
 /// Reads a JSON body within the size limit, the deadline and the global
 /// buffer budget. The permit returned holds the body's bytes of the budget
-/// until the request is forwarded.
+/// until the request is forwarded; `None` for an empty body.
+///
+/// The budget is charged per chunk as it arrives, never for a declared
+/// `Content-Length`: a head announcing 8 MiB and sending nothing held 8 MiB
+/// of the budget until the body timeout, and 32 such heads (one token, no
+/// use spent) refused every JSON request of everyone else. Now a client
+/// holds only what it has sent. A chunk the budget cannot cover refuses the
+/// request (503 `busy`) rather than waiting: half-read bodies each waiting
+/// for more budget could wait for each other until their timeouts.
 pub(super) async fn read_body(
     st: &AppState,
     mut body: Body,
     content_length: Option<u64>,
-) -> Result<(Bytes, OwnedSemaphorePermit), ProxyError> {
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), ProxyError> {
     let max = st.limits.max_body_bytes;
-    let busy = || {
-        ProxyError::Busy(format!(
-            "more than limits.max_buffered_bytes ({} bytes) of request bodies are being read right now",
-            st.limits.max_buffered_bytes
-        ))
-    };
-    // Known length: take its share of the budget before reading anything.
-    let upfront = content_length.unwrap_or(0);
-    let mut permit = st
-        .body_budget
-        .clone()
-        .try_acquire_many_owned(u32::try_from(upfront).unwrap_or(u32::MAX))
-        .map_err(|_| busy())?;
     let deadline =
         tokio::time::Instant::now() + std::time::Duration::from_secs(st.limits.body_timeout_secs);
-    let mut buf = bytes::BytesMut::with_capacity(upfront.min(max as u64) as usize);
+    let mut permit: Option<OwnedSemaphorePermit> = None;
+    let mut buf: Vec<u8> = Vec::new();
     loop {
         // A frame already received needs no timer: a small body usually
         // arrives with the head, and arming a timer per request is a
@@ -195,22 +191,56 @@ pub(super) async fn read_body(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        if buf.len() + data.len() > max {
+        let need = buf.len() + data.len();
+        if need > max {
             return Err(ProxyError::TooLarge(max));
         }
-        let have = permit.num_permits() as u64;
-        let need = (buf.len() + data.len()) as u64;
-        if need > have {
-            let more = st
-                .body_budget
-                .clone()
-                .try_acquire_many_owned(u32::try_from(need - have).unwrap_or(u32::MAX))
-                .map_err(|_| busy())?;
-            permit.merge(more);
-        }
+        charge(st, &mut permit, data.len())?;
+        grow(&mut buf, need, content_length);
         buf.extend_from_slice(&data);
     }
-    Ok((buf.freeze(), permit))
+    Ok((Bytes::from(buf), permit))
+}
+
+/// Takes `bytes` more of the body budget into `permit`, without waiting.
+fn charge(
+    st: &AppState,
+    permit: &mut Option<OwnedSemaphorePermit>,
+    bytes: usize,
+) -> Result<(), ProxyError> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    let more = st
+        .body_budget
+        .clone()
+        .try_acquire_many_owned(u32::try_from(bytes).unwrap_or(u32::MAX))
+        .map_err(|_| {
+            ProxyError::Busy(format!(
+                "more than limits.max_buffered_bytes ({} bytes) of request bodies are being read right now",
+                st.limits.max_buffered_bytes
+            ))
+        })?;
+    match permit {
+        Some(p) => p.merge(more),
+        None => *permit = Some(more),
+    }
+    Ok(())
+}
+
+/// Makes room for `need` bytes in `buf`. The capacity doubles (copies stay
+/// amortised) but never past the declared length: a body that arrives
+/// whole is allocated once, at its size, and a declared length that is not
+/// sent allocates nothing.
+fn grow(buf: &mut Vec<u8>, need: usize, declared: Option<u64>) {
+    if need <= buf.capacity() {
+        return;
+    }
+    let declared = declared.map_or(usize::MAX, |d| usize::try_from(d).unwrap_or(usize::MAX));
+    let target = need
+        .max(buf.capacity().saturating_mul(2))
+        .min(declared.max(need));
+    buf.reserve_exact(target - buf.len());
 }
 
 /// Store errors that are decisions, not faults, become denials.
@@ -336,7 +366,7 @@ async fn handle(
             let d = idem_key
                 .as_ref()
                 .map(|_| digest(parts.method.as_str(), request_target(&parts), &bytes));
-            (Outgoing::Buffered(bytes), Some(permit), d)
+            (Outgoing::Buffered(bytes), permit, d)
         } else {
             // A streamed body cannot be compared with an earlier attempt's, so
             // only requests without one get free retries.

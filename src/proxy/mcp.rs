@@ -212,7 +212,7 @@ async fn handle(
             ));
             err
         })?;
-        (messages, Outgoing::Buffered(bytes), Some(permit))
+        (messages, Outgoing::Buffered(bytes), permit)
     } else {
         // Nothing here reads a body, so one would reach the server
         // unchecked (a tools/call in a GET, spending no use).

@@ -10,6 +10,9 @@
 //! and alerts) sizes or owns shared structures and is only applied at
 //! restart; a reload that sees such a key changed says so.
 //!
+//! Every reload also reopens the audit file by its name, refused or not, so
+//! that logrotate's default (rename the file, then `SIGHUP`) works.
+//!
 //! The new configuration is read and checked in full first (the checks
 //! `till serve` makes at start, except connecting to a store); only then is
 //! the table swapped, in one atomic store. Requests look the table up once
@@ -208,6 +211,9 @@ impl Reloader {
     /// the proxy keeps serving the previous configuration. Blocking (file
     /// reads): call it off the async workers.
     pub fn reload(&self, st: &AppState, trigger: &str) -> Result<Reloaded, ConfigError> {
+        // Before reading the file: a rotated log is followed even while the
+        // configuration is refused.
+        st.monitor.audit.reopen();
         match self.try_reload(st) {
             Ok(r) => {
                 tracing::info!(

@@ -518,14 +518,17 @@ async fn regression_bodies_buffered_at_once_are_capped_with_a_retryable_503() {
         "[limits]\nmax_body_bytes = 1000\nmax_buffered_bytes = 1500\nbody_timeout_secs = 30\n",
     );
     let token = home.token("openai", None);
-    // Holds 1000 bytes of the budget while its body trickles.
-    let (_held, status) =
-        head_then_stall(&proxy, &token, 1000, b"{", Duration::from_millis(300)).await;
+    // Holds the 999 bytes it has sent of its 1000 while the last one trickles.
+    let sent = [b' '; 999];
+    let (held, status) =
+        head_then_stall(&proxy, &token, 1000, &sent, Duration::from_millis(300)).await;
     assert_eq!(status, None, "still reading the first body");
     let body = format!(r#"{{"model":"m","pad":"{}"}}"#, "x".repeat(900));
+    // One use: the refused request must spend none of it.
+    let one = home.token("openai", Some(1));
     let r = client()
         .post(proxy.url("/openai/v1/chat/completions"))
-        .bearer_auth(&token)
+        .bearer_auth(&one)
         .header("content-type", "application/json")
         .body(body)
         .send()
@@ -537,6 +540,47 @@ async fn regression_bodies_buffered_at_once_are_capped_with_a_retryable_503() {
     assert_eq!(v["error"]["code"], "busy", "{v}");
     // Small bodies still fit.
     assert_eq!(chat(&proxy, &token, "m").await.0, 200);
+    // The held bytes go back with their request, and the refused one's use
+    // is still there.
+    drop(held);
+    let mut status = 0;
+    for _ in 0..100 {
+        status = chat(&proxy, &one, "m").await.0;
+        if status != 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_declared_but_unsent_body_bytes_hold_no_buffer_budget() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    // The whole budget is one body's worth: the old path gave all of it to
+    // the first head announcing a full body, before a byte of it came.
+    let proxy = Proxy::start(
+        &home,
+        &[openai(&up)],
+        "[limits]\nmax_body_bytes = 1000\nmax_buffered_bytes = 1000\nbody_timeout_secs = 30\n",
+    );
+    // One use left, as in the red team's reproduction: the heads spend none.
+    let attacker = home.token("openai", Some(1));
+    let heads =
+        (0..32).map(|_| head_then_stall(&proxy, &attacker, 1000, b"", Duration::from_millis(300)));
+    let heads = futures_util::future::join_all(heads).await;
+    let other = home.token("openai", Some(5));
+    let (status, v) = chat(&proxy, &other, "m").await;
+    assert_eq!(status, 200, "another agent's request is served: {v}");
+    assert_eq!(up.count(), 1);
+    let statuses: Vec<Option<u16>> = heads.iter().map(|h| h.1).collect();
+    assert_eq!(
+        statuses, [None; 32],
+        "each head is still waiting for its body"
+    );
+    drop(heads);
+    assert_eq!(chat(&proxy, &attacker, "m").await.0, 200, "no use spent");
 }
 
 #[tokio::test(flavor = "multi_thread")]

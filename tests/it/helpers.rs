@@ -685,3 +685,24 @@ pub async fn raw_send(addr: std::net::SocketAddr, request: &str) -> (u16, String
         .unwrap_or_default();
     (status, body)
 }
+
+/// Sends the proxy `SIGHUP` (reload).
+pub fn sighup(proxy: &Proxy) {
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// Waits until the proxy's log holds `needle` at least `n` times.
+pub async fn wait_for_log(proxy: &Proxy, needle: &str, n: usize) -> String {
+    for _ in 0..1000 {
+        let logs = proxy.logs();
+        if logs.matches(needle).count() >= n {
+            return logs;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{needle:?} not logged {n} times:\n{}", proxy.logs());
+}

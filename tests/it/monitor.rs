@@ -742,3 +742,66 @@ async fn regression_webhook_deliveries_are_signed_with_the_configured_secret() {
         assert!(!out.stderr.contains("shortsecret"), "{}", out.stderr);
     }
 }
+
+/// Waits until the audit file `file` holds at least `n` lines; returns them.
+async fn audit_lines(file: &std::path::Path, n: usize) -> Vec<String> {
+    for _ in 0..200 {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if text.lines().count() >= n {
+            return text.lines().map(String::from).collect();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{} never held {n} lines", file.display());
+}
+
+/// Red team, wave 2: a 4 KB path without a token wrote a 4.4 KB line per
+/// 401, 65 MB/s from one client. The line keeps the path's first 256 bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_long_path_without_a_token_writes_a_bounded_audit_line() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let long = "a".repeat(4080);
+    let r = client()
+        .get(proxy.url(&format!("/openai/{long}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let lines = audit_lines(&home.path().join("audit.jsonl"), 1).await;
+    assert!(
+        lines[0].len() < 1024,
+        "{} bytes: {}",
+        lines[0].len(),
+        lines[0]
+    );
+    let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(v["code"], "missing_token");
+    assert_eq!(v["path"], format!("/{}…", &long[..255]).as_str());
+    assert_eq!(v["truncated"], serde_json::json!(["path"]));
+}
+
+/// Red team, wave 2: after logrotate's move and `SIGHUP`, lines went on into
+/// the moved file, so rotation freed nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_sighup_reopens_an_audit_log_moved_by_logrotate() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let file = home.path().join("audit.jsonl");
+    let moved = home.path().join("audit.jsonl.1");
+    assert_eq!(chat(&proxy, "garbage", "m").await.0, 401);
+    audit_lines(&file, 1).await;
+    std::fs::rename(&file, &moved).unwrap();
+    sighup(&proxy);
+    // Reloaded or refused, the file is reopened first.
+    wait_for_log(&proxy, "configuration reload", 1).await;
+    assert_eq!(chat(&proxy, "garbage", "m").await.0, 401);
+    assert_eq!(audit_lines(&file, 1).await.len(), 1);
+    assert_eq!(
+        audit_lines(&moved, 1).await.len(),
+        1,
+        "nothing more in the moved file"
+    );
+}

@@ -53,26 +53,6 @@ async fn credential_seen(proxy: &Proxy, up: &Upstream, token: &str) -> String {
         .to_string()
 }
 
-fn sighup(proxy: &Proxy) {
-    let ok = std::process::Command::new("kill")
-        .args(["-HUP", &proxy.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
-/// Waits until the proxy's log holds `needle` at least `n` times.
-async fn wait_for_log(proxy: &Proxy, needle: &str, n: usize) -> String {
-    for _ in 0..1000 {
-        let logs = proxy.logs();
-        if logs.matches(needle).count() >= n {
-            return logs;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{needle:?} not logged {n} times:\n{}", proxy.logs());
-}
-
 async fn post_reload(proxy: &Proxy, token: Option<&str>) -> (u16, serde_json::Value, String) {
     let mut r = client().post(proxy.url("/admin/reload"));
     if let Some(t) = token {
