@@ -114,9 +114,12 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Verified-token cache budget, in (estimated) bytes. Weighed, not
-/// counted: anyone holding one token can mint any number of distinct valid
-/// children offline, each up to 16 KiB.
+/// Verified-token cache budget, in bytes. Weighed, not counted: anyone
+/// holding one token can mint any number of distinct valid children
+/// offline, each up to 16 KiB. Each entry weighs an upper bound of its
+/// memory, decision cache included (`till_core::verify::cache_weight`):
+/// about 48 KiB for an 800-byte token, so some 5,000 such tokens stay
+/// cached, and an agent's minted children can take no more than this.
 const CACHE_BYTES: u64 = 256 << 20;
 
 /// The token cache's hasher. Its key is a whole token, about a kilobyte,
@@ -125,13 +128,6 @@ const CACHE_BYTES: u64 = 256 << 20;
 /// Flooding the cache with colliding keys would take valid tokens chosen
 /// against a secret seed; only verified tokens are inserted.
 pub type TokenHash = foldhash::quality::RandomState;
-
-/// Estimated memory of one cache entry with a token of `len` bytes: the key
-/// (the token text) and the parsed token, about three times the text, plus
-/// fixed overhead.
-fn cache_weight(len: usize) -> u32 {
-    u32::try_from(len * 4 + 1024).unwrap_or(u32::MAX)
-}
 
 impl AppState {
     /// Builds the state from a validated config and resolved credentials,
@@ -187,7 +183,7 @@ impl AppState {
             verifier,
             cache: Cache::builder()
                 .max_capacity(CACHE_BYTES)
-                .weigher(|k: &String, _| cache_weight(k.len()))
+                .weigher(|k: &String, _| till_core::verify::cache_weight(k.len()))
                 .build_with_hasher(TokenHash::default()),
             counters,
             revocations,

@@ -134,7 +134,7 @@ async fn regression_an_expiry_past_year_9999_gets_a_401_not_a_panicked_worker() 
 /// still running, not after it: Datalog that the decision cache cannot
 /// answer runs on blocking threads, a few at a time, so it cannot hold the
 /// async workers that serve everyone else. (The cost of one such block is measured in
-/// `it::props::the_costliest_accepted_block_authorizes_quickly`.)
+/// `it::props::the_costliest_accepted_block_runs_to_its_end_within_the_run_limits`.)
 #[tokio::test(flavor = "multi_thread")]
 async fn normal_requests_keep_succeeding_during_a_flood_of_pathological_tokens() {
     let up = Upstream::start().await;

@@ -135,6 +135,10 @@ struct FastPath {
     /// Shapes (model not yet known) that can only be decided by the model:
     /// the body is worth reading.
     pending: std::sync::RwLock<Vec<Shape>>,
+    /// Bytes the two lists hold ([`shape_bytes`]), at most [`SHAPE_BUDGET`]:
+    /// a token's cache entry is weighed once, when inserted, so what its
+    /// shapes may grow to must be bounded up front.
+    remembered: std::sync::atomic::AtomicUsize,
 }
 
 /// A request without its time: service, method, path, model, MCP message.
@@ -146,9 +150,72 @@ type Shape = (
     Option<crate::token::McpMessage>,
 );
 
-/// Shapes cached per token: agents reuse few (service, method, path, model)
-/// combinations; the rest go through Datalog.
+/// Shapes cached per token and list: agents reuse few (service, method,
+/// path, model) combinations; the rest go through Datalog.
 const FAST_PATH_SHAPES: usize = 32;
+
+/// Bytes of shapes one token's decision cache may hold, both lists together
+/// (as counted by [`shape_bytes`]). Shapes are remembered even when the
+/// request is then refused (400 on its body, a full window), so without a
+/// byte bound a child sent 64 requests with made-up 4 KiB methods and paths
+/// held ~550 KiB in the token cache while weighing 4.5 KiB (red team, wave
+/// 2). A usual shape (`openai`, `POST`, `/v1/chat/completions`,
+/// `gpt-4o-mini`) counts about 250 bytes: 8 KiB is ~32 of them, more than
+/// an agent's endpoints and models; past it, requests are decided by
+/// Datalog, which is slower, never wrong.
+pub const SHAPE_BUDGET: usize = 8 << 10;
+
+/// A shape counting more bytes than this is never remembered: real traffic
+/// has short services, methods, paths and models, and one long shape would
+/// otherwise take the room of many usual ones.
+pub const MAX_SHAPE_BYTES: usize = 1 << 10;
+
+/// Upper bound of the memory a token cache entry takes per byte of token
+/// text: the parsed Biscuit and the [`TokenView`] together. Calibrated by
+/// `crates/till-core/tests/memory.rs`, which counts the live bytes and
+/// allocations of `VerifiedToken`s (plus 12.5% and 16 bytes per allocation
+/// for the allocator's rounding): usual tokens hold 12–17 bytes per byte of
+/// text, sets and arrays of small integers 8, many facts 10–12, and the
+/// worst found, blocks of `check if true;` (each a few bytes of protobuf
+/// decoded into a check, a rule, an expression and their view), 34 (42 with
+/// rounding). The red team measured 17 KiB of RSS for an 880-byte token
+/// weighed 4.5 KiB.
+pub const TOKEN_BYTES_PER_TEXT_BYTE: usize = 48;
+
+/// Memory of a cache entry besides the token: moka's entry, its place in
+/// the hash table and the eviction lists.
+pub const CACHE_ENTRY_BYTES: usize = 1024;
+
+/// Upper bound of the memory a token cache entry holding a token of
+/// `text_len` bytes may ever take: the key (the text), the verified token,
+/// the entry, and the most its decision cache may grow to
+/// ([`SHAPE_BUDGET`]). An honest bound, so that the cache's byte capacity
+/// bounds its memory whatever tokens agents mint.
+pub fn cache_weight(text_len: usize) -> u32 {
+    let bytes = text_len
+        .saturating_mul(TOKEN_BYTES_PER_TEXT_BYTE + 1)
+        .saturating_add(CACHE_ENTRY_BYTES + SHAPE_BUDGET);
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
+/// What remembering `req` costs: the shape's slot in its list plus each
+/// string's heap copy, with the allocator's rounding (mimalloc's size
+/// classes are at most 12.5% apart above 64 bytes, 8 bytes apart below)
+/// and a word per allocation. An empty string allocates nothing, but is
+/// charged the same: a bound, not an estimate.
+fn shape_bytes(req: &RequestFacts) -> usize {
+    let heap = |s: &str| s.len() + s.len() / 8 + 16;
+    let mcp = req
+        .mcp
+        .as_ref()
+        .map_or(0, |m| heap(&m.method) + m.name.as_deref().map_or(0, heap));
+    std::mem::size_of::<Shape>()
+        + heap(&req.service)
+        + heap(&req.method)
+        + heap(&req.path)
+        + req.model.as_deref().map_or(0, heap)
+        + mcp
+}
 
 fn fast_path(view: &TokenView, policies: &Policies) -> Option<FastPath> {
     if !policies.request_only {
@@ -190,6 +257,7 @@ fn fast_path(view: &TokenView, policies: &Policies) -> Option<FastPath> {
         expires,
         allowed: std::sync::RwLock::new(Vec::new()),
         pending: std::sync::RwLock::new(Vec::new()),
+        remembered: std::sync::atomic::AtomicUsize::new(0),
     })
 }
 
@@ -243,16 +311,35 @@ impl FastPath {
         } else {
             &self.allowed
         };
-        let mut a = list.write().unwrap_or_else(|p| p.into_inner());
-        if a.len() < FAST_PATH_SHAPES && !a.iter().any(|k| Self::same(k, req)) {
-            a.push((
-                req.service.clone(),
-                req.method.clone(),
-                req.path.clone(),
-                req.model.clone(),
-                req.mcp.clone(),
-            ));
+        let cost = shape_bytes(req);
+        if cost > MAX_SHAPE_BYTES {
+            return;
         }
+        let mut a = list.write().unwrap_or_else(|p| p.into_inner());
+        if a.len() >= FAST_PATH_SHAPES || a.iter().any(|k| Self::same(k, req)) {
+            return;
+        }
+        // The other list's writer may charge at the same time: take the
+        // bytes atomically, so the two together never pass the budget.
+        let charged = self.remembered.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |b| b.checked_add(cost).filter(|&n| n <= SHAPE_BUDGET),
+        );
+        if charged.is_err() {
+            return;
+        }
+        // Exactly one more slot (not the doubling `push` does), so the
+        // list's capacity is what `shape_bytes` charged for. This runs
+        // after a Datalog run, never on the cached path.
+        a.reserve_exact(1);
+        a.push((
+            req.service.clone(),
+            req.method.clone(),
+            req.path.clone(),
+            req.model.clone(),
+            req.mcp.clone(),
+        ));
     }
 }
 
@@ -262,6 +349,15 @@ impl VerifiedToken {
     pub fn cached_shapes(&self) -> usize {
         self.fast.as_ref().map_or(0, |f| {
             f.allowed.read().unwrap_or_else(|p| p.into_inner()).len()
+        })
+    }
+
+    /// Bytes the decision cache holds, as [`SHAPE_BUDGET`] counts them
+    /// (tests).
+    #[doc(hidden)]
+    pub fn remembered_shape_bytes(&self) -> usize {
+        self.fast.as_ref().map_or(0, |f| {
+            f.remembered.load(std::sync::atomic::Ordering::Relaxed)
         })
     }
 
@@ -996,6 +1092,66 @@ mod tests {
         // Another shape is not covered by the cached one.
         let out = v.authorize(&t, &req("/v2/x", now), &[1]).unwrap_err();
         assert_eq!(out.kind, DenialKind::Scope, "{out:?}");
+    }
+
+    /// Red team, wave 2: 64 requests with distinct made-up 4 KiB methods
+    /// and paths, refused after the before-body decision, each left its
+    /// shape in the token's decision cache (~550 KiB per token, never
+    /// released, weighed 4.5 KiB).
+    #[test]
+    fn regression_remembered_shapes_are_bounded_in_bytes() {
+        let root = keys::generate();
+        let v = Verifier::new(root.public(), Policies::default_policy());
+        let t = v
+            .verify_token(&issue(&root, &scope(100, 60)).unwrap())
+            .unwrap();
+        let now = SystemTime::now();
+        let shape = |method: String, path: String| RequestFacts {
+            method,
+            ..req(&path, now)
+        };
+        for i in 0..64 {
+            let r = shape(
+                format!("{i}{}", "M".repeat(4090)),
+                format!("/v1/{i}{}", "p".repeat(4080)),
+            );
+            v.authorize_before_body(&t, &r, &[1]).unwrap();
+            v.authorize(&t, &r, &[1]).unwrap();
+        }
+        assert_eq!(t.cached_shapes(), 0, "no 4 KiB shape is remembered");
+        assert_eq!(t.remembered_shape_bytes(), 0);
+        // Shapes under the size bound fill the budget, and no more.
+        for i in 0..64 {
+            let r = shape(format!("M{i}"), format!("/v1/{i}{}", "p".repeat(600)));
+            v.authorize_before_body(&t, &r, &[1]).unwrap();
+            v.authorize(&t, &r, &[1]).unwrap();
+            assert!(t.remembered_shape_bytes() <= SHAPE_BUDGET);
+        }
+        assert!((1..FAST_PATH_SHAPES).contains(&t.cached_shapes()));
+        assert!(t.remembered_shape_bytes() > SHAPE_BUDGET - MAX_SHAPE_BYTES);
+        // Short shapes take what is left, and no more: past the budget,
+        // requests are decided by Datalog, and still allowed.
+        for i in 0..64 {
+            let r = req(&format!("/v1/chat/{i}"), now);
+            v.authorize_before_body(&t, &r, &[1]).unwrap();
+            v.authorize(&t, &r, &[1]).unwrap();
+            assert!(t.remembered_shape_bytes() <= SHAPE_BUDGET);
+        }
+        assert!(
+            t.cached_shapes() < FAST_PATH_SHAPES,
+            "{}",
+            t.cached_shapes()
+        );
+        assert!(t.remembered_shape_bytes() > SHAPE_BUDGET - 300);
+        // The token's cache weight counts the whole budget.
+        assert!(cache_weight(0) as usize >= SHAPE_BUDGET + CACHE_ENTRY_BYTES);
+        // The cached answer is still Datalog's.
+        let r = shape("M1".into(), format!("/v1/1{}", "p".repeat(600)));
+        assert!(t.cache_allows(&r, &[1], false));
+        assert_eq!(
+            v.authorize(&t, &r, &[101]).unwrap_err().kind,
+            DenialKind::Exhausted
+        );
     }
 
     #[test]

@@ -282,7 +282,7 @@ impl Builder {
             max_body_bytes: self.max_body_bytes,
             cache: moka::sync::Cache::builder()
                 .max_capacity(crate::layer::CACHE_BYTES)
-                .weigher(|k: &String, _| crate::layer::cache_weight(k.len()))
+                .weigher(|k: &String, _| till_core::verify::cache_weight(k.len()))
                 .build(),
         });
         Ok((

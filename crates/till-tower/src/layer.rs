@@ -39,15 +39,11 @@ pub(crate) struct Shared {
     pub cache: moka::sync::Cache<String, Arc<VerifiedToken>>,
 }
 
-/// Verified-token cache budget, in (estimated) bytes. Weighed, not counted:
-/// anyone holding one token can mint any number of valid children offline,
-/// each up to 16 KiB.
+/// Verified-token cache budget, in bytes. Weighed, not counted: anyone
+/// holding one token can mint any number of valid children offline, each
+/// up to 16 KiB; each entry weighs an upper bound of its memory, decision
+/// cache included (`till_core::verify::cache_weight`).
 pub(crate) const CACHE_BYTES: u64 = 64 << 20;
-
-/// A cached token's weight: its text and the view read from it.
-pub(crate) fn cache_weight(len: usize) -> u32 {
-    u32::try_from(len * 4 + 1024).unwrap_or(u32::MAX)
-}
 
 impl Shared {
     fn verify_cached(&self, text: &str) -> Result<Arc<VerifiedToken>, till_core::TokenError> {

@@ -15,7 +15,7 @@
 //!   most [`MAX_OPS`] operations;
 //! * no regular expressions, no closures over collections (`.all`, `.any`),
 //!   no extern functions, and collections of at most [`MAX_COLLECTION`]
-//!   elements. `&&` and `||` are fine;
+//!   elements, those of nested collections included. `&&` and `||` are fine;
 //! * no `+`: on strings it concatenates, and a chain of concatenations of a
 //!   long string costs time and memory quadratic in its length, on every
 //!   combination of facts the check visits;
@@ -24,9 +24,12 @@
 //!   it can see, and the request's facts: up to [`crate::token::MAX_BLOCKS`]
 //!   `uses` and `in_flight`, four times as many `rate`, one each of
 //!   `service`, `method`, `path`, `model`, `time`, `mcp`, and one of
-//!   `tool`, `prompt`, `resource`) times
-//!   its operations plus one, summed over all attenuation blocks, is at most
-//!   [`MAX_WORK`]. A check joining three predicates over 31 facts each is
+//!   `tool`, `prompt`, `resource`) times the cost of its expressions plus
+//!   one, summed over all attenuation blocks, is at most [`MAX_WORK`]. An
+//!   operation costs one plus the elements of the collections it copies,
+//!   reads or builds (a variable's bound is the largest collection at its
+//!   place in the facts it can match), so set operations are charged by the
+//!   size of their sets. A check joining three predicates over 31 facts each is
 //!   29,791 combinations: without this bound such a 6 KB token held a CPU for
 //!   18 s, as biscuit-auth checks its time limit only between queries.
 //!
@@ -56,18 +59,26 @@ pub const MAX_EXPRESSIONS: usize = 8;
 pub const MAX_OPS: usize = 64;
 pub const MAX_COLLECTION: usize = 256;
 /// Datalog work all attenuation blocks of a token may cause, in evaluations
-/// (fact combinations × (operations + 1), see the module docs). Till's own
-/// blocks cost about 100 each.
+/// (fact combinations × (cost of the expressions + 1), an operation costing
+/// one plus the elements of the collections it handles; see the module
+/// docs). Till's own blocks cost about 100 each.
 pub const MAX_WORK: u64 = 16_384;
 
-fn term_ok(t: &Term) -> Result<(), String> {
-    let n = match t {
-        Term::Set(s) => s.len(),
-        Term::Array(a) => a.len(),
-        Term::Map(m) => m.len(),
+/// Elements of a term, those of nested collections included: what copying
+/// it costs (biscuit-auth copies a value at every use).
+fn elements(t: &Term) -> u64 {
+    let nested = |e: &Term| 1 + elements(e);
+    match t {
+        Term::Set(s) => s.iter().map(nested).sum(),
+        Term::Array(a) => a.iter().map(nested).sum(),
+        Term::Map(m) => m.values().map(nested).sum(),
         _ => 0,
-    };
-    if n > MAX_COLLECTION {
+    }
+}
+
+fn term_ok(t: &Term) -> Result<(), String> {
+    let n = elements(t);
+    if n > MAX_COLLECTION as u64 {
         return Err(format!(
             "a collection of {n} elements (at most {MAX_COLLECTION})"
         ));
@@ -213,8 +224,9 @@ fn ambient(name: &str, arity: usize) -> u64 {
     }
 }
 
-/// Facts of one block, counted by (predicate name, arity).
-type FactCounts = HashMap<(String, usize), u64>;
+/// Facts of one block by (predicate name, arity): how many, and the most
+/// elements a term holds at each position.
+type FactCounts = HashMap<(String, usize), (u64, Vec<u64>)>;
 
 /// Facts of each block, counted, and each block's symbol table (first-party
 /// blocks share one; third-party blocks have their own).
@@ -244,7 +256,13 @@ fn fact_counts(blocks: &[Decoded]) -> Result<(Vec<FactCounts>, Vec<SymbolTable>)
                 t.print_symbol_default(f.predicate.name),
                 f.predicate.terms.len(),
             );
-            *c.entry(key).or_default() += 1;
+            let (n, sizes) = c
+                .entry(key)
+                .or_insert_with(|| (0, vec![0; f.predicate.terms.len()]));
+            *n += 1;
+            for (m, t) in sizes.iter_mut().zip(&f.predicate.terms) {
+                *m = (*m).max(elements(t));
+            }
         }
         counts.push(c);
         tables.push(t);
@@ -252,31 +270,97 @@ fn fact_counts(blocks: &[Decoded]) -> Result<(Vec<FactCounts>, Vec<SymbolTable>)
     Ok((counts, tables))
 }
 
+/// The cost of evaluating `ops` once, and the elements of the value it
+/// leaves. Each operation costs one, plus the elements of every collection
+/// it copies, reads or builds: biscuit-auth copies a variable's or a
+/// literal's value at every use, and `union`, `intersection`, `contains`
+/// and comparisons walk their operands and build new sets. Counting
+/// operations alone let a 14.6 KB block of eight 256-integer sets, joined
+/// three ways and put through a chain of unions and intersections, take
+/// ~180 ms per request within the budget (red team, wave 2). On values
+/// without collections this is the number of operations, as before.
+/// `vars` bounds the elements of each variable's value.
+fn ops_cost(ops: &[Op], vars: &HashMap<u32, u64>) -> (u64, u64) {
+    let mut stack: Vec<u64> = Vec::new();
+    let mut cost: u64 = 0;
+    for op in ops {
+        let (c, size) = match op {
+            Op::Value(Term::Variable(v)) => {
+                let n = vars.get(v).copied().unwrap_or(0);
+                (n.saturating_add(1), n)
+            }
+            Op::Value(t) => {
+                let n = elements(t);
+                (n.saturating_add(1), n)
+            }
+            Op::Unary(u) => {
+                let a = stack.pop().unwrap_or(0);
+                (1, if matches!(u, Unary::Parens) { a } else { 0 })
+            }
+            Op::Binary(b) => {
+                let r = stack.pop().unwrap_or(0);
+                let l = stack.pop().unwrap_or(0);
+                let size = match b {
+                    Binary::Union => l.saturating_add(r),
+                    Binary::Intersection => l.min(r),
+                    Binary::Get => l,
+                    Binary::TryOr => l.max(r),
+                    _ => 0,
+                };
+                (
+                    1u64.saturating_add(l)
+                        .saturating_add(r)
+                        .saturating_add(size),
+                    size,
+                )
+            }
+            Op::Closure(_, inner) => {
+                let (c, n) = ops_cost(inner, vars);
+                (c.saturating_add(1), n)
+            }
+        };
+        cost = cost.saturating_add(c);
+        stack.push(size);
+    }
+    (cost, stack.last().copied().unwrap_or(0))
+}
+
 /// Work of the checks of block `i` (≥ 1): for each alternative, the fact
-/// combinations its predicates can match times (operations + 1). A check
-/// sees the authority block, its own block and the request's facts, or every
+/// combinations its predicates can match times (the cost of its
+/// expressions, [`ops_cost`], + 1). A check sees the authority block, its
+/// own block and the request's facts (which hold no collections), or every
 /// block when it (or its block) has a `trusting` scope.
 fn block_work(i: usize, b: &Decoded, counts: &[FactCounts], table: &SymbolTable) -> u64 {
     let mut work: u64 = 0;
     for q in b.checks.iter().flat_map(|c| c.queries.iter()) {
         let wide = b.scoped || !q.scopes.is_empty();
         let mut combos: u64 = 1;
+        let mut vars: HashMap<u32, u64> = HashMap::new();
         for p in &q.body {
             let key = (table.print_symbol_default(p.name), p.terms.len());
             let mut n = ambient(&key.0, key.1);
             for (j, c) in counts.iter().enumerate() {
-                if wide || j == 0 || j == i {
-                    n += c.get(&key).copied().unwrap_or(0);
+                if !(wide || j == 0 || j == i) {
+                    continue;
+                }
+                let Some((count, sizes)) = c.get(&key) else {
+                    continue;
+                };
+                n += count;
+                for (t, &size) in p.terms.iter().zip(sizes) {
+                    if let Term::Variable(v) = t {
+                        let m = vars.entry(*v).or_default();
+                        *m = (*m).max(size);
+                    }
                 }
             }
             combos = combos.saturating_mul(n);
         }
-        let ops: u64 = q
+        let cost = q
             .expressions
             .iter()
-            .map(|e| ops_ok(&e.ops).unwrap_or(MAX_OPS) as u64)
-            .sum();
-        work = work.saturating_add(combos.saturating_mul(ops + 1).max(1));
+            .fold(0u64, |a, e| a.saturating_add(ops_cost(&e.ops, &vars).0));
+        work = work.saturating_add(combos.saturating_mul(cost.saturating_add(1)).max(1));
     }
     work
 }
@@ -308,7 +392,7 @@ pub fn check(raw: &RawToken) -> Result<(), TokenError> {
             return Err(refuse(
                 i,
                 format!(
-                    "checks that, with the blocks before it, may take {work} evaluations (at most {MAX_WORK}): joining predicates multiplies the facts each one matches"
+                    "checks that, with the blocks before it, may take {work} evaluations (at most {MAX_WORK}): joining predicates multiplies the facts each one matches, and set operations cost their sets' elements"
                 ),
             ));
         }
@@ -356,5 +440,113 @@ mod tests {
                 "{code}"
             );
         }
+    }
+
+    fn ints(from: usize, n: usize) -> String {
+        (from..from + n)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The red team's block (wave 2): 14.6 KB, eight facts of 256 distinct
+    /// integers joined three ways through a chain of unions and
+    /// intersections, ~180 ms of CPU per request within the old budget,
+    /// which counted operations whatever their operands' size.
+    #[test]
+    fn regression_set_operations_are_charged_by_the_size_of_their_sets() {
+        let facts: String = (0..8)
+            .map(|k| format!("f({k}, {{{}}});", ints(k * 256, 256)))
+            .collect();
+        let u = "$x.union($y).union($z)";
+        let red = format!(
+            "{facts} check if f($a, $x), f($b, $y), f($c, $z), {u}.intersection({u}).intersection({u}).union({u}).length() < 0;"
+        );
+        match check(&with_block(&red)) {
+            Err(TokenError::Shape(m)) => assert!(m.contains("set operations"), "{m}"),
+            other => panic!("accepted: {other:?}"),
+        }
+        // Without a join, one chain over one fact's set costs its elements
+        // at every step: refused past the budget too.
+        let chain = |n: usize| {
+            format!(
+                "f({{{}}}); check if f($x), $x{}.length() < 0;",
+                ints(0, 256),
+                ".union($x)".repeat(n)
+            )
+        };
+        assert!(check(&with_block(&chain(2))).is_ok());
+        assert!(matches!(
+            check(&with_block(&chain(12))),
+            Err(TokenError::Shape(_))
+        ));
+        // Nested collections count their inner elements.
+        let nested: Vec<String> = (0..200).map(|i| format!("[{i}]")).collect();
+        let e = check(&with_block(&format!("g([{}]);", nested.join(", ")))).unwrap_err();
+        assert!(e.to_string().contains("400 elements"), "{e}");
+        // Allow-lists of the largest literal size stay accepted.
+        let models: Vec<String> = (0..256).map(|i| format!("\"m{i}\"")).collect();
+        let list = format!("check if model($m), [{}].contains($m);", models.join(", "));
+        assert!(
+            check(&with_block(&list)).is_ok(),
+            "{:?}",
+            check(&with_block(&list))
+        );
+    }
+
+    /// The costliest set block the shape accepts (the longest chain of
+    /// unions over a 256-element set the budget lets through) authorizes
+    /// in milliseconds, to its end (the failing check, not the run
+    /// limits). Debug builds are ~10× slower than release: the bound is
+    /// loose, the old shape's worst took 180 ms in release.
+    #[test]
+    fn the_costliest_accepted_set_block_authorizes_quickly() {
+        use crate::policy::Policies;
+        use crate::verify::{DenialKind, Verifier};
+        let root = keys::generate();
+        let parent = issue(
+            &root,
+            &Scope {
+                services: vec!["openai".into()],
+                ..Scope::default()
+            },
+        )
+        .unwrap();
+        let block = |n: usize| {
+            format!(
+                "f(1, {{{}}}); f(2, {{{}}}); check if f($a, $x), f($b, $y), $x{}.length() < 0;",
+                ints(0, 256),
+                ints(256, 256),
+                ".union($y).intersection($x)".repeat(n)
+            )
+        };
+        let token = |n: usize| {
+            biscuit_auth::UnverifiedBiscuit::from_base64(&parent)
+                .unwrap()
+                .append(biscuit_auth::BlockBuilder::new().code(block(n)).unwrap())
+                .unwrap()
+                .to_base64()
+                .unwrap()
+        };
+        let n = (1..32)
+            .take_while(|&n| check(&RawToken::parse(&token(n)).unwrap()).is_ok())
+            .last()
+            .expect("one step is accepted");
+        let v = Verifier::new(root.public(), Policies::default_policy());
+        let t = v.verify_token(&token(n)).unwrap();
+        let req = crate::token::RequestFacts {
+            service: "openai".into(),
+            method: "GET".into(),
+            path: "/v1/x".into(),
+            model: None,
+            mcp: None,
+            time: std::time::SystemTime::now(),
+        };
+        let start = std::time::Instant::now();
+        let d = v.authorize(&t, &req, &[1, 1]).unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(d.kind, DenialKind::Scope, "{d:?}");
+        println!("{n} steps accepted, authorized in {took:?}");
+        assert!(took < std::time::Duration::from_millis(250), "{took:?}");
     }
 }
