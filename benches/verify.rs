@@ -13,6 +13,9 @@
 //! * `authorize/costliest_block`: the most expensive attenuation block the
 //!   shape check accepts, with the longest request facts accepted: the
 //!   worst case one request can make Datalog do.
+//! * `authorize/costliest_set_block`: the longest chain of unions and
+//!   intersections over two 256-integer sets the shape check accepts (set
+//!   operations are charged by the size of their sets).
 //! * `monitor_record/3`: `Monitor::record` for an allowed request (metrics,
 //!   an audit line queued to a file, recent decisions, threshold alerts).
 //! * `request_path/warm/3`: the handler's steps minus HTTP and forwarding:
@@ -192,6 +195,37 @@ fn bench_verify(c: &mut Criterion) {
         b.iter(|| {
             verifier
                 .authorize(black_box(&costliest), black_box(&long_req), &[1, 1])
+                .unwrap_err()
+        })
+    });
+    let ints = |from: usize| {
+        (from..from + 256)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let set_token = |n: usize| {
+        let block = format!(
+            "f(1, {{{}}}); f(2, {{{}}}); check if f($a, $x), f($b, $y), $x{}.length() < 0;",
+            ints(0),
+            ints(256),
+            ".union($y).intersection($x)".repeat(n)
+        );
+        biscuit_auth::UnverifiedBiscuit::from_base64(&root_only)
+            .unwrap()
+            .append(biscuit_auth::BlockBuilder::new().code(&block).unwrap())
+            .unwrap()
+            .to_base64()
+            .unwrap()
+    };
+    let costliest_set = (1..32)
+        .map_while(|n| verifier.verify_token(&set_token(n)).ok())
+        .last()
+        .expect("one step of the set chain is accepted");
+    g.bench_function("costliest_set_block", |b| {
+        b.iter(|| {
+            verifier
+                .authorize(black_box(&costliest_set), black_box(&request()), &[1, 1])
                 .unwrap_err()
         })
     });

@@ -496,9 +496,9 @@ mod tests {
 
     /// The costliest set block the shape accepts (the longest chain of
     /// unions over a 256-element set the budget lets through) authorizes
-    /// in milliseconds, to its end (the failing check, not the run
-    /// limits). Debug builds are ~10× slower than release: the bound is
-    /// loose, the old shape's worst took 180 ms in release.
+    /// to its end (the failing check, not the run limits). Its time is
+    /// `cargo bench --bench verify -- costliest_set_block` (the old shape's
+    /// worst took 180 ms in release).
     #[test]
     fn the_costliest_accepted_set_block_authorizes_quickly() {
         use crate::policy::Policies;
@@ -544,9 +544,11 @@ mod tests {
         };
         let start = std::time::Instant::now();
         let d = v.authorize(&t, &req, &[1, 1]).unwrap_err();
-        let took = start.elapsed();
+        // The check's own failure, not the authorizer's run limits cutting
+        // it short: the costliest accepted block runs to its end. Its time
+        // is measured by `cargo bench --bench verify -- costliest_set_block`,
+        // not asserted here.
         assert_eq!(d.kind, DenialKind::Scope, "{d:?}");
-        println!("{n} steps accepted, authorized in {took:?}");
-        assert!(took < std::time::Duration::from_millis(250), "{took:?}");
+        println!("{n} steps accepted, authorized in {:?}", start.elapsed());
     }
 }
