@@ -371,13 +371,19 @@ pub const BASE_URL_VARS: [(&str, &str); 2] = [
 /// too. toml quotes the line and the value: a credential pasted inline, a
 /// Redis URL with its password or a webhook URL with its token would
 /// otherwise reach the log, stderr and the answer of `POST /admin/reload`.
+///
+/// Lines of the keys in [`NEVER_SECRET`] are left as they are: their values
+/// are names and paths, and a typo in one (`api = "gemini"`) is best shown.
+/// Any other key may hold a secret, a misspelt one included.
 pub(crate) fn mask_strings_in_toml_error(rendered: &str) -> String {
     let mut hidden: Vec<String> = Vec::new();
     let mut lines: Vec<String> = Vec::new();
     for line in rendered.lines() {
         match line.split_once(" | ") {
             Some((num, source))
-                if !num.trim().is_empty() && num.trim().bytes().all(|b| b.is_ascii_digit()) =>
+                if !num.trim().is_empty()
+                    && num.trim().bytes().all(|b| b.is_ascii_digit())
+                    && !NEVER_SECRET.contains(&line_key(source)) =>
             {
                 let (masked, found) = mask_string_contents(source);
                 hidden.extend(found);
@@ -403,6 +409,31 @@ pub(crate) fn mask_strings_in_toml_error(rendered: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Keys whose string values are never secrets (names, paths, addresses).
+const NEVER_SECRET: &[&str] = &[
+    "api",
+    "header",
+    "prefix",
+    "format",
+    "listen",
+    "admin_listen",
+    "state_dir",
+    "policies",
+];
+
+/// The key a TOML source line sets (the last part of a dotted key), or ""
+/// for a line that sets none.
+fn line_key(source: &str) -> &str {
+    let Some((key, _)) = source.split_once('=') else {
+        return "";
+    };
+    let key = key.trim();
+    if key.contains(['"', '\'', '[', '{']) {
+        return "";
+    }
+    key.rsplit('.').next().unwrap_or("").trim()
 }
 
 /// `source` with the contents of its TOML strings (basic `"…"` with
@@ -1214,6 +1245,22 @@ mod tests {
         assert!(e.contains("2 | idle_timeout_secs = \"****\""), "{e}");
         assert!(e.contains("^^^^^^"), "{e}");
         assert!(!e.contains("soon"), "{e}");
+        // A misspelt kind is shown as typed: such values are names.
+        let e = Config::parse(
+            "[upstreams.x]\nurl = \"http://127.0.0.1:1\"\napi = \"gemini\"\n",
+            "till.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("api = \"gemini\""), "{e}");
+        // A misspelt secret key is not: it may hold the secret.
+        let e = Config::parse(
+            "[upstreams.x]\nurl = \"http://127.0.0.1:1\"\ncredentail = \"sk-TYPO-SECRET\"\n",
+            "till.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("sk-TYPO-SECRET"), "{e}");
     }
 
     #[test]
