@@ -296,10 +296,10 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
             ),
             None => None,
         };
-        let admin_addr = match &admin_listener {
-            Some(l) => Some(l.local_addr()?),
-            None => None,
-        };
+        let admin_addr = admin_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?;
         let reloader = Arc::new(proxy::reload::Reloader::new(
             path,
             overrides,

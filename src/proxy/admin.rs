@@ -99,35 +99,23 @@ impl FromRequestParts<AppState> for OwnHost {
         if let Some(a) = parts.uri.authority() {
             names.push(a.as_str());
         }
-        if let Some(header) = forwarded_by(&parts.headers) {
-            // A reverse proxy on this machine makes every client a loopback
-            // peer, and may pass on the client's own Host (Caddy does) or
-            // put in its upstream's (nginx does): through it, only a name
-            // the operator listed stands for the admin plane.
-            let listed = !unreadable
-                && !names.is_empty()
-                && names.iter().all(|h| {
-                    st.admin_hosts
-                        .iter()
-                        .any(|listed| listed.eq_ignore_ascii_case(h))
-                });
-            if !listed {
-                return Err(proxied_without_listed_name(header, names.first().copied()));
-            }
+        // A reverse proxy on this machine makes every client a loopback
+        // peer, and may pass on the client's own Host (Caddy does) or put
+        // in its upstream's (nginx does): through it, only a name the
+        // operator listed stands for the admin plane.
+        let proxied = forwarded_by(&parts.headers);
+        let allowed = |h: &str| match proxied {
+            Some(_) => is_listed(h, &st.admin_hosts),
+            None => local.is_some_and(|local| host_allowed(h, local, &st.admin_hosts)),
+        };
+        if !unreadable && !names.is_empty() && names.iter().all(|h| allowed(h)) {
             return Ok(OwnHost);
         }
-        let ok = local.is_some_and(|local| {
-            !unreadable
-                && !names.is_empty()
-                && names
-                    .iter()
-                    .all(|h| host_allowed(h, local, &st.admin_hosts))
-        });
-        if ok {
-            Ok(OwnHost)
-        } else {
-            Err(misdirected(names.first().copied(), local))
-        }
+        let first = names.first().copied();
+        Err(match proxied {
+            Some(header) => proxied_without_listed_name(header, first),
+            None => misdirected(first, local),
+        })
     }
 }
 
@@ -151,10 +139,7 @@ fn forwarded_by(headers: &axum::http::HeaderMap) -> Option<&'static str> {
 
 /// The 421 for a proxied admin-plane request under a name not listed.
 fn proxied_without_listed_name(header: &str, host: Option<&str>) -> Response {
-    let shown: String = match host {
-        Some(h) => format!("{:?}", h.chars().take(100).collect::<String>()),
-        None => "(none)".into(),
-    };
+    let shown = shown_host(host);
     let message = format!(
         "this request came through a reverse proxy (it carries {header}) under the Host {shown}: \
          through a proxy the admin API, the dashboard and /metrics answer only the names listed \
@@ -163,11 +148,29 @@ fn proxied_without_listed_name(header: &str, host: Option<&str>) -> Response {
          [\"till.example.com\"]; to keep them private, do not forward /admin, /dashboard and \
          /metrics (README, \"Run as a service\")"
     );
+    host_not_allowed(message)
+}
+
+/// A client's `Host` for a message: quoted, at most 100 characters.
+fn shown_host(host: Option<&str>) -> String {
+    match host {
+        Some(h) => format!("{:?}", h.chars().take(100).collect::<String>()),
+        None => "(none)".into(),
+    }
+}
+
+/// The 421 `host_not_allowed` answer with `message`.
+fn host_not_allowed(message: String) -> Response {
     (
         StatusCode::MISDIRECTED_REQUEST,
         Json(json!({"error": {"message": message, "type": "permission_error", "code": "host_not_allowed"}})),
     )
         .into_response()
+}
+
+/// Whether `host` is a name the operator listed in `admin_hosts`.
+fn is_listed(host: &str, admin_hosts: &[String]) -> bool {
+    admin_hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
 }
 
 /// Splits a `Host` value into its name and port (80 when absent). IPv6
@@ -206,7 +209,7 @@ pub(crate) fn split_host_port(host: &str) -> Option<(&str, u16)> {
 /// local end is `local`. Names other than `localhost` and IP literals must
 /// be listed in `admin_hosts`: any other name may be an attacker's.
 pub(crate) fn host_allowed(host: &str, local: SocketAddr, admin_hosts: &[String]) -> bool {
-    if admin_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+    if is_listed(host, admin_hosts) {
         return true;
     }
     let Some((name, port)) = split_host_port(host) else {
@@ -235,10 +238,7 @@ pub(crate) fn host_allowed(host: &str, local: SocketAddr, admin_hosts: &[String]
 
 /// The 421 for a `Host` that does not name this proxy.
 fn misdirected(host: Option<&str>, local: Option<SocketAddr>) -> Response {
-    let shown: String = match host {
-        Some(h) => format!("{:?}", h.chars().take(100).collect::<String>()),
-        None => "(none)".into(),
-    };
+    let shown = shown_host(host);
     let port = local.map(|l| l.port().to_string());
     let port = port.as_deref().unwrap_or("PORT");
     let message = format!(
@@ -247,11 +247,7 @@ fn misdirected(host: Option<&str>, local: Option<SocketAddr>) -> Response {
          port {port}, and the names listed in admin_hosts in till.toml. If you reach the proxy \
          by another name, add it as the client sends it, e.g. admin_hosts = [\"till.internal:{port}\"]"
     );
-    (
-        StatusCode::MISDIRECTED_REQUEST,
-        Json(json!({"error": {"message": message, "type": "permission_error", "code": "host_not_allowed"}})),
-    )
-        .into_response()
+    host_not_allowed(message)
 }
 
 /// Verifies an admin token for one admin request (`method` and `path` as

@@ -174,13 +174,7 @@ async fn regression_a_child_cannot_rewrite_its_parents_limit_in_usage_and_alerts
 
 #[tokio::test(flavor = "multi_thread")]
 async fn regression_a_start_with_the_clock_days_ahead_gives_no_token_more_uses() {
-    // libfaketime (Debian's faketime package), preloaded through `env` so
-    // that the signals of the test reach `till` itself.
-    const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-    assert!(
-        std::path::Path::new(LIB).exists(),
-        "this test needs libfaketime (apt-get install faketime; .ci/run installs it)"
-    );
+    let lib = faketime_lib();
     let up = Upstream::start().await;
     let home = Home::new();
     let mut proxy = Proxy::start(&home, &[openai(&up)], "");
@@ -199,7 +193,7 @@ async fn regression_a_start_with_the_clock_days_ahead_gives_no_token_more_uses()
     // expired), then back on the right clock.
     let ahead = Proxy::spawn_via(
         &home,
-        &["env", &format!("LD_PRELOAD={LIB}"), "FAKETIME=+3d"],
+        &["env", &format!("LD_PRELOAD={lib}"), "FAKETIME=+3d"],
         "debug",
         &["serve", "--config", proxy.config.to_str().unwrap()],
         &proxy.config,
@@ -230,11 +224,7 @@ async fn regression_a_start_with_the_clock_days_ahead_gives_no_token_more_uses()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn regression_a_restart_with_the_clock_stepped_back_does_not_revive_an_expired_token() {
-    const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-    assert!(
-        std::path::Path::new(LIB).exists(),
-        "this test needs libfaketime (apt-get install faketime; .ci/run installs it)"
-    );
+    let lib = faketime_lib();
     let up = Upstream::start().await;
     let home = Home::new();
     let mut proxy = Proxy::start(&home, &[openai(&up)], "");
@@ -248,7 +238,7 @@ async fn regression_a_restart_with_the_clock_stepped_back_does_not_revive_an_exp
     // An hour later by the wall clock, the token has expired...
     let mut later = Proxy::spawn_via(
         &home,
-        &["env", &format!("LD_PRELOAD={LIB}"), "FAKETIME=+1h"],
+        &["env", &format!("LD_PRELOAD={lib}"), "FAKETIME=+1h"],
         "debug",
         &["serve", "--config", proxy.config.to_str().unwrap()],
         &proxy.config,

@@ -129,29 +129,12 @@ impl Gateway {
     }
 
     fn caddy(till: SocketAddr, service: SocketAddr) -> Gateway {
-        Self::start(CADDYFILE, till, service, |dir, conf| {
-            let mut c = Command::new("caddy");
-            c.args(["run", "--adapter", "caddyfile", "--config"]);
-            c.arg(conf);
-            // Caddy writes its autosave and data under these.
-            c.env("HOME", dir)
-                .env("XDG_DATA_HOME", dir)
-                .env("XDG_CONFIG_HOME", dir);
-            c
-        })
+        Self::start(CADDYFILE, till, service, caddy_command)
     }
 
     /// Caddy serving [`CADDY_IN_FRONT`]: every request to Till.
     fn caddy_in_front_of(till: SocketAddr) -> Gateway {
-        Self::start(CADDY_IN_FRONT, till, till, |dir, conf| {
-            let mut c = Command::new("caddy");
-            c.args(["run", "--adapter", "caddyfile", "--config"]);
-            c.arg(conf);
-            c.env("HOME", dir)
-                .env("XDG_DATA_HOME", dir)
-                .env("XDG_CONFIG_HOME", dir);
-            c
-        })
+        Self::start(CADDY_IN_FRONT, till, till, caddy_command)
     }
 
     /// Writes `template` for a free port and starts the command; tries
@@ -212,6 +195,18 @@ impl Gateway {
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
+}
+
+/// `caddy run` on the Caddyfile `conf`, keeping its files in `dir`.
+fn caddy_command(dir: &Path, conf: &Path) -> Command {
+    let mut c = Command::new("caddy");
+    c.args(["run", "--adapter", "caddyfile", "--config"]);
+    c.arg(conf);
+    // Caddy writes its autosave and data under these.
+    c.env("HOME", dir)
+        .env("XDG_DATA_HOME", dir)
+        .env("XDG_CONFIG_HOME", dir);
+    c
 }
 
 impl Drop for Gateway {

@@ -415,6 +415,18 @@ pub fn anthropic(u: &Upstream) -> Up<'static> {
 pub const OPENAI_SECRET: &str = "sk-real-openai-secret-0123456789";
 pub const ANTHROPIC_SECRET: &str = "sk-ant-real-secret-9876543210";
 
+/// libfaketime (Debian's faketime package), for tests that move the clock
+/// `till` reads; preload it through `env` so that the test's signals reach
+/// `till` itself.
+pub fn faketime_lib() -> &'static str {
+    const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+    assert!(
+        std::path::Path::new(LIB).exists(),
+        "this test needs libfaketime (apt-get install faketime; .ci/run installs it)"
+    );
+    LIB
+}
+
 impl Proxy {
     /// Writes a config for `ups` (plus `extra` TOML) and starts the proxy.
     pub fn start(home: &Home, ups: &[Up], extra: &str) -> Proxy {

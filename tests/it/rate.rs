@@ -123,11 +123,7 @@ async fn a_full_window_admits_exactly_n_of_50_concurrent_requests_then_n_more_af
 /// once: a `3/1h` key got three more calls at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn regression_a_wall_clock_stepped_forward_does_not_empty_a_full_window() {
-    const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-    assert!(
-        std::path::Path::new(LIB).exists(),
-        "this test needs libfaketime (apt-get install faketime; .ci/run installs it)"
-    );
+    let lib = faketime_lib();
     let home = Home::new();
     let up = Upstream::start().await;
     let mut plain = Proxy::start(&home, &[openai(&up)], "");
@@ -140,7 +136,7 @@ async fn regression_a_wall_clock_stepped_forward_does_not_empty_a_full_window() 
         &home,
         &[
             "env",
-            &format!("LD_PRELOAD={LIB}"),
+            &format!("LD_PRELOAD={lib}"),
             &format!("FAKETIME_TIMESTAMP_FILE={}", offset.display()),
             "FAKETIME_NO_CACHE=1",
             "FAKETIME_DONT_FAKE_MONOTONIC=1",
