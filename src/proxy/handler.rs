@@ -168,8 +168,7 @@ pub(super) async fn read_body(
     let max = st.limits.max_body_bytes;
     let deadline =
         tokio::time::Instant::now() + std::time::Duration::from_secs(st.limits.body_timeout_secs);
-    let mut permit: Option<OwnedSemaphorePermit> = None;
-    let mut buf: Vec<u8> = Vec::new();
+    let mut body_buf = BodyBuffer::default();
     loop {
         // A frame already received needs no timer: a small body usually
         // arrives with the head, and arming a timer per request is a
@@ -191,56 +190,89 @@ pub(super) async fn read_body(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        let need = buf.len() + data.len();
-        if need > max {
+        if body_buf.buf.len() + data.len() > max {
             return Err(ProxyError::TooLarge(max));
         }
-        charge(st, &mut permit, data.len())?;
-        grow(&mut buf, need, content_length);
-        buf.extend_from_slice(&data);
+        body_buf
+            .push(&st.body_budget, &data, content_length)
+            .map_err(|OverBudget| {
+                ProxyError::Busy(format!(
+                    "more than limits.max_buffered_bytes ({} bytes) of request bodies are being read right now",
+                    st.limits.max_buffered_bytes
+                ))
+            })?;
     }
-    Ok((Bytes::from(buf), permit))
+    Ok((Bytes::from(body_buf.buf), body_buf.permit))
 }
 
-/// Takes `bytes` more of the body budget into `permit`, without waiting.
-fn charge(
-    st: &AppState,
-    permit: &mut Option<OwnedSemaphorePermit>,
-    bytes: usize,
-) -> Result<(), ProxyError> {
-    if bytes == 0 {
-        return Ok(());
-    }
-    let more = st
-        .body_budget
-        .clone()
-        .try_acquire_many_owned(u32::try_from(bytes).unwrap_or(u32::MAX))
-        .map_err(|_| {
-            ProxyError::Busy(format!(
-                "more than limits.max_buffered_bytes ({} bytes) of request bodies are being read right now",
-                st.limits.max_buffered_bytes
-            ))
-        })?;
-    match permit {
-        Some(p) => p.merge(more),
-        None => *permit = Some(more),
-    }
-    Ok(())
+/// A body being read, and the share of the body budget that pays for it:
+/// always exactly the buffer's capacity, so `max_buffered_bytes` bounds the
+/// memory bodies take, not only the bytes received (a buffer that doubles
+/// holds up to twice what arrived).
+#[derive(Default)]
+struct BodyBuffer {
+    buf: Vec<u8>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
-/// Makes room for `need` bytes in `buf`. The capacity doubles (copies stay
-/// amortised) but never past the declared length: a body that arrives
-/// whole is allocated once, at its size, and a declared length that is not
-/// sent allocates nothing.
-fn grow(buf: &mut Vec<u8>, need: usize, declared: Option<u64>) {
-    if need <= buf.capacity() {
-        return;
+/// The body budget cannot cover the next chunk.
+struct OverBudget;
+
+impl BodyBuffer {
+    /// Appends `data`, first taking from `budget`, without waiting, what
+    /// the buffer grows by. The capacity doubles (copies stay amortised)
+    /// while the budget covers it, never past the declared length (a body
+    /// that arrives whole is allocated once, at its size; a declared length
+    /// that is not sent allocates nothing); otherwise it grows to exactly
+    /// what has arrived, so a body the budget can hold is never refused for
+    /// the slack.
+    fn push(
+        &mut self,
+        budget: &Arc<tokio::sync::Semaphore>,
+        data: &[u8],
+        declared: Option<u64>,
+    ) -> Result<(), OverBudget> {
+        let need = self.buf.len() + data.len();
+        let cap = self.buf.capacity();
+        if need > cap {
+            let declared =
+                declared.map_or(usize::MAX, |d| usize::try_from(d).unwrap_or(usize::MAX));
+            let roomy = need.max(cap.saturating_mul(2)).min(declared.max(need));
+            let target = if self.charge(budget, roomy - cap) {
+                roomy
+            } else if roomy > need && self.charge(budget, need - cap) {
+                need
+            } else {
+                return Err(OverBudget);
+            };
+            self.buf.reserve_exact(target - self.buf.len());
+            // `reserve_exact` may round up: the permit follows the capacity.
+            let extra = self.buf.capacity() - target;
+            if extra > 0 && !self.charge(budget, extra) {
+                return Err(OverBudget);
+            }
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
     }
-    let declared = declared.map_or(usize::MAX, |d| usize::try_from(d).unwrap_or(usize::MAX));
-    let target = need
-        .max(buf.capacity().saturating_mul(2))
-        .min(declared.max(need));
-    buf.reserve_exact(target - buf.len());
+
+    /// Takes `bytes` more of the budget into the permit; false if it cannot.
+    fn charge(&mut self, budget: &Arc<tokio::sync::Semaphore>, bytes: usize) -> bool {
+        if bytes == 0 {
+            return true;
+        }
+        let Ok(n) = u32::try_from(bytes) else {
+            return false;
+        };
+        let Ok(more) = budget.clone().try_acquire_many_owned(n) else {
+            return false;
+        };
+        match &mut self.permit {
+            Some(p) => p.merge(more),
+            None => self.permit = Some(more),
+        }
+        true
+    }
 }
 
 /// Store errors that are decisions, not faults, become denials.
@@ -756,6 +788,48 @@ mod tests {
         assert_eq!(extract_token(&h).unwrap(), "def");
         h.insert(header::AUTHORIZATION, "Basic xyz".parse().unwrap());
         assert_eq!(extract_token(&h).unwrap(), "abc");
+    }
+
+    /// The budget pays for the memory a body takes, its buffer's capacity,
+    /// not only the bytes received (a doubling buffer held up to twice
+    /// what it was charged), and a body the budget can hold still fits.
+    #[test]
+    fn a_body_buffer_is_charged_its_capacity_and_fits_any_budget_that_holds_it() {
+        use tokio::sync::Semaphore;
+        let held = |b: &BodyBuffer| b.permit.as_ref().map_or(0, |p| p.num_permits());
+        // Chunked (no declared length), chunks of 3, 5, 7, ... bytes.
+        let budget = Arc::new(Semaphore::new(1 << 20));
+        let mut b = BodyBuffer::default();
+        for i in 0..200 {
+            b.push(&budget, &vec![b'x'; 3 + 2 * (i % 40)], None)
+                .ok()
+                .unwrap();
+            assert_eq!(held(&b), b.buf.capacity(), "after chunk {i}");
+            assert_eq!(budget.available_permits(), (1 << 20) - b.buf.capacity());
+        }
+        // 90 bytes in two chunks under a budget of 100: doubling (to 120)
+        // does not fit, so the buffer grows to exactly 90.
+        let budget = Arc::new(Semaphore::new(100));
+        let mut b = BodyBuffer::default();
+        b.push(&budget, &[b'a'; 60], None).ok().unwrap();
+        b.push(&budget, &[b'b'; 30], None).ok().unwrap();
+        assert_eq!((b.buf.len(), held(&b)), (90, b.buf.capacity()));
+        assert!(b.buf.capacity() <= 100);
+        assert!(b.push(&budget, &[b'c'; 11], None).is_err(), "over budget");
+        // A declared length is the ceiling of the growth, and is not
+        // charged before it arrives.
+        let budget = Arc::new(Semaphore::new(1000));
+        let mut b = BodyBuffer::default();
+        b.push(&budget, &[b'a'; 10], Some(500)).ok().unwrap();
+        assert!(
+            held(&b) < 500,
+            "only what arrived is paid for: {}",
+            held(&b)
+        );
+        b.push(&budget, &[b'b'; 490], Some(500)).ok().unwrap();
+        assert_eq!((b.buf.len(), held(&b)), (500, b.buf.capacity()));
+        drop(b);
+        assert_eq!(budget.available_permits(), 1000, "all given back");
     }
 
     #[test]
