@@ -318,6 +318,18 @@ async fn handle(
     if (json || form) && content_length.is_some_and(|len| len > st.limits.max_body_bytes as u64) {
         return Err(ProxyError::TooLarge(st.limits.max_body_bytes));
     }
+    let bodiless = content_length == Some(0)
+        || (content_length.is_none() && !parts.headers.contains_key(header::TRANSFER_ENCODING));
+    // A request without a body can name its model only in the query
+    // (`?model=`, which some upstreams read); a JSON body's model is read
+    // with the query's below. Other bodies are not read, so a model in the
+    // query cannot be trusted for them: no model fact (deny when unsure).
+    let query_model = match parts.uri.query() {
+        Some(q) if bodiless && !json => {
+            till_core::request::model_in_query(q).map_err(ProxyError::BadRequest)?
+        }
+        _ => None,
+    };
     let idem_key = match parts.headers.get("idempotency-key") {
         Some(v) if v.len() > MAX_KEY_LEN => {
             return Err(ProxyError::BadRequest(format!(
@@ -352,7 +364,7 @@ async fn handle(
         // refused lower-case letters, which servers differ on.
         method: std::mem::take(&mut obs.method),
         path: std::mem::take(&mut obs.path),
-        model: None,
+        model: query_model,
         mcp: None,
         time: st.clock.now(),
     };
@@ -384,7 +396,8 @@ async fn handle(
             // a token that expired meanwhile is refused.
             facts.time = st.clock.now();
             if json {
-                facts.model = model_of(&bytes).map_err(ProxyError::BadRequest)?;
+                facts.model = till_core::request::model_of_json_request(parts.uri.query(), &bytes)
+                    .map_err(ProxyError::BadRequest)?;
                 if let Err(d) = counts
                     .decide(st, &token, None, &facts, &alone, Stage::Final)
                     .await?
@@ -402,9 +415,6 @@ async fn handle(
         } else {
             // A streamed body cannot be compared with an earlier attempt's, so
             // only requests without one get free retries.
-            let bodiless = content_length == Some(0)
-                || (content_length.is_none()
-                    && !parts.headers.contains_key(header::TRANSFER_ENCODING));
             let d = idem_key
                 .as_ref()
                 .filter(|_| bodiless)

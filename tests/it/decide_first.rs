@@ -433,6 +433,83 @@ async fn regression_a_body_key_that_case_folds_to_model_is_refused() {
     assert_eq!(chat(&proxy, &restricted, "gpt-4o-mini").await.0, 200);
 }
 
+/// Red team, wave 2 (third pass): LiteLLM's proxy runs the query's
+/// `?model=` over the JSON body's `model`, so a model-restricted key sent
+/// `?model=gpt-4` beside an allowed body model, and got gpt-4.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_model_in_the_query_is_judged_as_the_requests_model() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let restricted = home.issue(Scope {
+        services: vec!["openai".into()],
+        models: vec!["gpt-4o-mini".into()],
+        max_uses: Some(3),
+        ..Scope::default()
+    });
+    let open = home.token("openai", None);
+    let send = |token: &str, method: reqwest::Method, query: &str, body: Option<&str>| {
+        let mut r = client()
+            .request(
+                method,
+                proxy.url(&format!("/openai/v1/chat/completions?{query}")),
+            )
+            .bearer_auth(token);
+        if let Some(b) = body {
+            r = r
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    let post = reqwest::Method::POST;
+    let get = reqwest::Method::GET;
+    let allowed = Some(r#"{"model":"gpt-4o-mini"}"#);
+    // Two models named: refused for every key, whichever is allowed.
+    for token in [&restricted, &open] {
+        for query in [
+            "model=gpt-4",
+            "mod%65l=gpt-4",
+            "MODEL=gpt-4",
+            "model%5B%5D=gpt-4",
+            "model=gpt-4o-mini&model=gpt-4",
+        ] {
+            assert_eq!(
+                send(token, post.clone(), query, allowed).await,
+                400,
+                "{query}"
+            );
+        }
+    }
+    // The query's model alone is judged: with no model in the body, and
+    // without a body.
+    assert_eq!(
+        send(&restricted, post.clone(), "model=gpt-4", Some("{}")).await,
+        403
+    );
+    assert_eq!(
+        send(&restricted, get.clone(), "model=gpt-4", None).await,
+        403
+    );
+    assert_eq!(up.count(), 0, "nothing was forwarded");
+    // The same model in both, or the allowed one alone, passes.
+    assert_eq!(
+        send(&restricted, post.clone(), "model=gpt-4o-mini", allowed).await,
+        200
+    );
+    assert_eq!(
+        send(&restricted, post.clone(), "model=gpt-4o-mini", Some("{}")).await,
+        200
+    );
+    assert_eq!(
+        send(&restricted, get.clone(), "model=gpt-4o-mini", None).await,
+        200
+    );
+    assert_eq!(up.count(), 3);
+    // The refusals spent nothing: the three uses went to the three above.
+    assert_eq!(send(&restricted, post, "a=1", allowed).await, 429);
+}
+
 /// Sends a request head announcing a JSON body of `len` bytes, then
 /// `body` (possibly less), and returns the status line's code, or `None`
 /// when no answer came within `wait`.

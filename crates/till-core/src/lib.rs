@@ -87,7 +87,9 @@ pub use decide::{Stage, decide};
 pub use feed::{Feed, FeedError};
 pub use path::{PathError, normalize as normalize_path};
 pub use policy::{Policies, PolicyError};
-pub use request::{TokenHeaderError, is_json, model_of, token_from_headers};
+pub use request::{
+    TokenHeaderError, is_json, model_in_query, model_of, model_of_json_request, token_from_headers,
+};
 pub use token::inspect::{BlockView, CheckMeaning, TokenView};
 pub use token::keyset::{KeysDocument, KeysError, PublicKeySet, RootKeys};
 pub use token::vocab::{McpMessage, Rate};

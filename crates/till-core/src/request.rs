@@ -243,9 +243,173 @@ pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
     }
 }
 
+/// The model a query string names, or why the query is refused.
+///
+/// Some upstreams read the model from the query: LiteLLM's proxy takes
+/// `?model=` over the JSON body's `model`, and OpenAI's Realtime API names
+/// it only there. A parameter counts as the model when its name is `model`
+/// (any case, also `model[]`, the name percent-encoded up to three times,
+/// as [`model_of`]'s keys and `_method` are matched); its value is decoded
+/// once, as a form value. `Err` when the query names two different models,
+/// or one that is not UTF-8 text.
+pub fn model_in_query(query: &str) -> Result<Option<String>, String> {
+    let mut found: Option<String> = None;
+    // Both `&` and `;` separate parameters in some frameworks.
+    for pair in query.split(['&', ';']) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !names_model(name) {
+            continue;
+        }
+        let value = decode_form(value.as_bytes());
+        let value = String::from_utf8(value)
+            .map_err(|_| "the query's `model` parameter is not UTF-8 text".to_string())?;
+        match &found {
+            Some(m) if *m != value => {
+                return Err(format!(
+                    "the query names two models ({m:?} and {value:?}); name one"
+                ));
+            }
+            Some(_) => {}
+            None => found = Some(value),
+        }
+    }
+    Ok(found)
+}
+
+/// Whether a query parameter's name is `model` to some framework.
+fn names_model(name: &str) -> bool {
+    // Cheap refusal first: most names are not close.
+    if name.len() < 5 {
+        return false;
+    }
+    let mut name = name.as_bytes().to_vec();
+    for _ in 0..3 {
+        name = decode_form(&name);
+    }
+    let name = String::from_utf8_lossy(&name);
+    let name = name.trim_start_matches(' ');
+    name.eq_ignore_ascii_case("model")
+        || name
+            .get(..6)
+            .is_some_and(|n| n.eq_ignore_ascii_case("model["))
+}
+
+/// A form value decoded once: `+` is a space, then percent escapes.
+fn decode_form(raw: &[u8]) -> Vec<u8> {
+    let spaced: Vec<u8> = raw
+        .iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect();
+    percent_encoding::percent_decode(&spaced).collect()
+}
+
+/// The model of a request with a JSON body: the body's `model`
+/// ([`model_of`]) and the query's ([`model_in_query`]) together.
+///
+/// The query's model is the request's when the body names none: only when
+/// the body is empty or a JSON object Till read without a `model` key (a
+/// body Till cannot read may name one an upstream reads, so then there is
+/// no model fact: deny when unsure). `Err` when both name a model and they
+/// differ, or for any reason either refuses the request.
+pub fn model_of_json_request(query: Option<&str>, body: &[u8]) -> Result<Option<String>, String> {
+    let from_body = model_of(body)?;
+    let Some(from_query) = query.map(model_in_query).transpose()?.flatten() else {
+        return Ok(from_body);
+    };
+    match from_body {
+        Some(m) if m == from_query => Ok(Some(m)),
+        Some(m) => Err(format!(
+            "the query names the model {from_query:?} and the JSON body {m:?}; upstreams differ on which one they run, so name the model once"
+        )),
+        None if names_no_model(body) => Ok(Some(from_query)),
+        None => Ok(None),
+    }
+}
+
+/// Whether a body is empty or a JSON object without a `model` key, as an
+/// upstream would read it ([`model_of`] has refused keys that fold to it).
+fn names_no_model(body: &[u8]) -> bool {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return true;
+    }
+    std::str::from_utf8(body).is_ok_and(|text| {
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+            .is_ok_and(|m| !m.contains_key("model"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_model_in_the_query_is_found_however_its_name_is_spelt() {
+        let m = |q: &str| model_in_query(q).unwrap();
+        for q in [
+            "model=gpt-4",
+            "a=1&model=gpt-4",
+            "a=1;model=gpt-4",
+            "MODEL=gpt-4",
+            "Model=gpt%2D4",
+            "mod%65l=gpt-4",
+            "mod%2565l=gpt-4",
+            "model%5B%5D=gpt-4",
+            "model[]=gpt-4",
+            "+model=gpt-4",
+            "model=gpt-4&model=gpt-4",
+        ] {
+            assert_eq!(m(q).as_deref(), Some("gpt-4"), "{q}");
+        }
+        assert_eq!(m("model=a+b").as_deref(), Some("a b"));
+        assert_eq!(m("model").as_deref(), Some(""));
+        for q in [
+            "",
+            "a=model",
+            "models=x",
+            "my_model=x",
+            "modelx=x",
+            "q=1&mode=2",
+        ] {
+            assert_eq!(m(q), None, "{q}");
+        }
+        assert!(model_in_query("model=a&MODEL=b").is_err());
+        assert!(model_in_query("model=%FF").is_err(), "not UTF-8");
+    }
+
+    #[test]
+    fn a_json_requests_model_is_the_bodys_and_the_querys_together() {
+        let m = model_of_json_request;
+        let body = br#"{"model":"gpt-4o-mini"}"#;
+        assert_eq!(m(None, body).unwrap().as_deref(), Some("gpt-4o-mini"));
+        assert_eq!(
+            m(Some("x=1"), body).unwrap().as_deref(),
+            Some("gpt-4o-mini")
+        );
+        assert_eq!(
+            m(Some("model=gpt-4o-mini"), body).unwrap().as_deref(),
+            Some("gpt-4o-mini")
+        );
+        assert!(m(Some("model=gpt-4"), body).is_err(), "two models");
+        // No model in a body Till read: the query's is the request's.
+        for body in [&b"{}"[..], b"", b"  ", br#"{"messages":[]}"#] {
+            assert_eq!(
+                m(Some("model=gpt-4"), body).unwrap().as_deref(),
+                Some("gpt-4")
+            );
+        }
+        // A body Till cannot read, or a model that is not a string: no
+        // model fact at all, since an upstream may read one from it.
+        for body in [
+            &br#"{"model":5}"#[..],
+            b"[1]",
+            b"{\"model\":\"a\xff\"}",
+            b"{",
+        ] {
+            assert_eq!(m(Some("model=gpt-4"), body).unwrap(), None, "{body:?}");
+        }
+        // The body's own refusals still hold.
+        assert!(m(Some("model=a"), br#"{"model":"a","MODEL":"b"}"#).is_err());
+    }
 
     #[test]
     fn json_bodies_are_recognised_by_media_type() {

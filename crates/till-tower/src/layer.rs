@@ -13,7 +13,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use till_core::{
     CheckMeaning, RequestFacts, Stage, VerifiedToken, Verifier, decide, first_revoked, is_json,
-    model_of, normalize_path, token_from_headers,
+    normalize_path, token_from_headers,
 };
 
 use crate::feed::{FeedState, now_unix};
@@ -177,9 +177,16 @@ where
     let body = if is_json(&parts.headers) {
         decide(v, &token, revoked, &facts, &counts, Stage::BeforeBody).map_err(Refusal::Denied)?;
         let bytes = read_body(body, shared.max_body_bytes).await?;
-        facts.model = model_of(&bytes).map_err(Refusal::BadRequest)?;
+        facts.model = till_core::request::model_of_json_request(parts.uri.query(), &bytes)
+            .map_err(Refusal::BadRequest)?;
         Body::from(bytes)
     } else {
+        // Without a body the query may name the model (`?model=`, which
+        // some frameworks read); a body this layer does not read might name
+        // another, so then there is no model fact (deny when unsure).
+        if let Some(q) = parts.uri.query().filter(|_| bodiless(&parts.headers)) {
+            facts.model = till_core::request::model_in_query(q).map_err(Refusal::BadRequest)?;
+        }
         Body::new(body)
     };
     decide(v, &token, revoked, &facts, &counts, Stage::Final).map_err(Refusal::Denied)?;
@@ -193,6 +200,14 @@ where
     let mut req = Request::from_parts(parts, body);
     req.extensions_mut().insert(TillToken::new(token));
     Ok(req)
+}
+
+/// Whether the request's head says it carries no body.
+fn bodiless(headers: &http::HeaderMap) -> bool {
+    match headers.get(http::header::CONTENT_LENGTH) {
+        Some(v) => v.as_bytes() == b"0",
+        None => !headers.contains_key(http::header::TRANSFER_ENCODING),
+    }
 }
 
 /// Whether any block limits uses: its own limit, a limit on another
