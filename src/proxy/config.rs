@@ -101,6 +101,9 @@ impl Api {
     }
 }
 
+/// Where the official MCP SDKs serve Streamable HTTP.
+pub const DEFAULT_MCP_ENDPOINT: &str = "/mcp";
+
 /// One upstream API.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -129,6 +132,13 @@ pub struct UpstreamConfig {
     /// the URL's host or the upstream's name ([`Api::default_for`]).
     #[serde(default)]
     pub api: Option<Api>,
+    /// For `api = "mcp"`: the server's Streamable HTTP endpoint path, the
+    /// one path Till forwards to ([`UpstreamConfig::mcp_endpoint`]). MCP
+    /// housekeeping (GET, DELETE, `initialize`, ...) spends no use, so any
+    /// other path would let a token, even a used-up one, send uncounted
+    /// requests with the credential to the server's other routes.
+    #[serde(default)]
+    pub endpoint: Option<String>,
     /// Forward-auth (`/auth/<name>`): on an allowed check, answer with the
     /// real credential in a response header named `header`, for the gateway
     /// to inject upstream. Needs `forward_auth_secret`: otherwise anyone
@@ -151,6 +161,12 @@ impl UpstreamConfig {
     pub fn api(&self, name: &str) -> Api {
         self.api
             .unwrap_or_else(|| Api::default_for(name, &self.url))
+    }
+
+    /// The MCP endpoint path of an `api = "mcp"` upstream: `endpoint`,
+    /// else `/mcp`, the official SDKs' default.
+    pub fn mcp_endpoint(&self) -> &str {
+        self.endpoint.as_deref().unwrap_or(DEFAULT_MCP_ENDPOINT)
     }
 
     /// What the forward-auth endpoint needs to know about this upstream.
@@ -613,6 +629,7 @@ impl Config {
                         set_headers: BTreeMap::new(),
                         pass_headers: Vec::new(),
                         api: None,
+                        endpoint: None,
                         forward_auth_credential: false,
                         forward_auth_secret: None,
                         forward_auth_key: None,
@@ -699,6 +716,7 @@ impl Config {
                     format!("{name:?} is reserved for the proxy's own routes; choose another name"),
                 ));
             }
+            self.validate_endpoint(&key, name, u)?;
             let url = reqwest::Url::parse(&u.url).map_err(|e| {
                 self.err(
                     &format!("{key}.url"),
@@ -917,6 +935,33 @@ impl Config {
 
     /// `set_headers` and `pass_headers` of one upstream: real header names
     /// and values, none that Till manages itself, no name twice.
+    /// `endpoint` only for MCP servers, and a path in normal form (the
+    /// request's path is compared with it after normalisation).
+    fn validate_endpoint(
+        &self,
+        key: &str,
+        name: &str,
+        u: &UpstreamConfig,
+    ) -> Result<(), ConfigError> {
+        let Some(e) = &u.endpoint else {
+            return Ok(());
+        };
+        let key = format!("{key}.endpoint");
+        if u.api(name) != Api::Mcp {
+            return Err(self.err(
+                &key,
+                "is the endpoint path of an MCP server; set it only with api = \"mcp\"".to_string(),
+            ));
+        }
+        match crate::path::normalize(e) {
+            Ok(n) if n == *e && e.starts_with('/') => Ok(()),
+            _ => Err(self.err(
+                &key,
+                format!("{e:?} is not a path in normal form; write it as the server's endpoint, e.g. \"/mcp\" or \"/\""),
+            )),
+        }
+    }
+
     fn validate_header_options(&self, key: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
         let credential_header = u.header.to_ascii_lowercase();
         let mut set = Vec::new();
@@ -989,6 +1034,7 @@ impl Config {
                         set_headers: BTreeMap::new(),
                         pass_headers: Vec::new(),
                         api: None,
+                        endpoint: None,
                         forward_auth_credential: false,
                         forward_auth_secret: None,
                         forward_auth_key: None,
@@ -1543,6 +1589,31 @@ prefix = "Bearer "
         assert_eq!(set["openai"], None);
         let unset = c.resolve_credentials(&|_| None).unwrap();
         assert_eq!(unset["anthropic"], None);
+    }
+
+    #[test]
+    fn an_mcp_endpoint_is_a_normal_path_of_an_mcp_upstream() {
+        let parse = |extra: &str| {
+            Config::parse(
+                &format!("[upstreams.tools]\nurl = \"http://127.0.0.1:9\"\n{extra}"),
+                "x.toml",
+            )
+        };
+        let c = parse("api = \"mcp\"").unwrap();
+        assert_eq!(c.upstreams["tools"].mcp_endpoint(), "/mcp");
+        let c = parse("api = \"mcp\"\nendpoint = \"/\"").unwrap();
+        assert_eq!(c.upstreams["tools"].mcp_endpoint(), "/");
+        let e = parse("endpoint = \"/mcp\"").unwrap_err().to_string();
+        assert!(
+            e.contains("upstreams.tools.endpoint") && e.contains("api = \"mcp\""),
+            "{e}"
+        );
+        for bad in ["mcp", "/a/../mcp", "/a//b", ""] {
+            let e = parse(&format!("api = \"mcp\"\nendpoint = {bad:?}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("normal form"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -175,6 +175,15 @@ async fn handle(
     obs.service = upstream.name.clone();
     let path = crate::path::normalize(rest).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     obs.path = path.clone();
+    // Housekeeping spends no use: on another path of the server (its REST
+    // routes, an admin page) it would be requests with the credential that
+    // no use limit bounds.
+    if !at_endpoint(&path, &upstream.mcp_endpoint) {
+        return Err(ProxyError::BadRequest(format!(
+            "{path:?} is not this MCP server's endpoint; Till forwards MCP requests to {:?} only (upstreams.{}.endpoint)",
+            &*upstream.mcp_endpoint, upstream.name
+        )));
+    }
     // POST carries messages, GET opens the server's event stream, DELETE
     // ends a session; nothing else is MCP.
     if ![http::Method::POST, http::Method::GET, http::Method::DELETE].contains(&parts.method) {
@@ -403,6 +412,12 @@ fn describe(messages: &Messages, obs: &mut Observation) {
             .map(|m| m.method.as_deref().unwrap_or("")),
     );
     obs.tool = join(&mut messages.messages.iter().filter_map(Message::tool));
+}
+
+/// Whether a normalised request path is the MCP endpoint (with or without
+/// a trailing `/`, which servers redirect between).
+fn at_endpoint(path: &str, endpoint: &str) -> bool {
+    path.trim_end_matches('/') == endpoint.trim_end_matches('/')
 }
 
 /// [`decide_free`] off the async workers, as

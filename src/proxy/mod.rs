@@ -58,6 +58,8 @@ pub struct Upstream {
     pub pass_headers: Vec<HeaderName>,
     /// The shape of Till's own error answers for this upstream.
     pub api: config::Api,
+    /// For `api = "mcp"`: the one path requests may go to.
+    pub mcp_endpoint: Arc<str>,
     pub forward_auth: config::ForwardAuth,
 }
 

@@ -109,6 +109,7 @@ pub fn build_upstreams(
                 set_headers,
                 pass_headers,
                 api: u.api(name),
+                mcp_endpoint: Arc::from(u.mcp_endpoint()),
                 forward_auth: u.forward_auth(),
             }),
         );

@@ -680,6 +680,96 @@ async fn a_get_or_delete_with_a_body_is_refused_before_the_server() {
     assert_eq!((s, &v["path"]), (200, &json!("/mcp")), "{v}");
 }
 
+/// Red team, wave 2 (third pass): MCP housekeeping spends no use, and it
+/// was forwarded to any path of the server, so a tool-scoped token, even a
+/// used-up one, sent uncounted GETs, DELETEs and JSON-RPC POSTs with the
+/// credential to the server's other routes (`/api/admin/export`).
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_requests_off_the_mcp_endpoint_are_refused() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = recording_proxy(&home, &up);
+    let add_once = tools_token(&home, &["add"], Some(1));
+    let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let call = call_body(2, "add").to_string();
+    let send = |method: reqwest::Method, path: &str, body: Option<&str>| {
+        let mut r = client()
+            .request(method, proxy.url(&format!("/tools{path}")))
+            .bearer_auth(&add_once);
+        if let Some(b) = body {
+            r = r
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        async move {
+            let resp = r.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap_or_default();
+            (
+                status,
+                serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+            )
+        }
+    };
+    use reqwest::Method as M;
+    let off = [
+        (M::GET, "/api/admin/export", None),
+        (M::DELETE, "/api/users/1", None),
+        (M::POST, "/api/admin/delete_all", Some(ping)),
+        (M::POST, "/", Some(ping)),
+        (M::POST, "/mcpadmin", Some(ping)),
+        (M::POST, "/mcp/x", Some(call.as_str())),
+    ];
+    // Before and after the one use is spent.
+    for round in 0..2 {
+        for (method, path, body) in off.clone() {
+            let (s, v) = send(method.clone(), path, body).await;
+            assert_eq!(
+                (s, &v["error"]["code"]),
+                (400, &json!(-32600)),
+                "{method} {path}: {v}"
+            );
+            assert!(v.to_string().contains("endpoint"), "{v}");
+        }
+        assert_eq!(
+            up.count(),
+            round,
+            "nothing off the endpoint reached the server"
+        );
+        if round == 0 {
+            // The endpoint itself, with or without the trailing slash.
+            let (s, v) = send(M::POST, "/mcp/", Some(&call)).await;
+            assert_eq!((s, &v["path"]), (200, &json!("/mcp/")), "{v}");
+        }
+    }
+}
+
+/// `endpoint` names a server's endpoint path other than `/mcp`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_mcp_servers_endpoint_path_is_configured() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let extra = format!(
+        "[upstreams.tools]\nurl = {:?}\napi = \"mcp\"\nendpoint = \"/\"\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n",
+        up.url()
+    );
+    let proxy = Proxy::start(&home, &[], &extra);
+    let token = tools_token(&home, &["add"], Some(5));
+    let call = call_body(1, "add").to_string();
+    for (path, status) in [("/", 200), ("/mcp", 400)] {
+        let r = client()
+            .post(proxy.url(&format!("/tools{path}")))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(call.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{path}");
+    }
+    assert_eq!(up.count(), 1);
+}
+
 #[test]
 fn the_cli_issues_inspects_narrows_and_verifies_tool_scopes() {
     let home = Home::new();
