@@ -30,6 +30,18 @@ pub enum PathError {
     DotSegmentParameters,
     #[error("path is longer than {0} bytes")]
     TooLong(usize),
+    #[error(
+        "path contains an escape encoded twice ({0}), which an upstream that decodes twice reads as '.', '/', '\\' or '%'"
+    )]
+    DoubleEncoded(String),
+    #[error(
+        "path's escapes do not decode to UTF-8 text (such as the overlong %C0%AE), which upstreams may decode differently"
+    )]
+    NotUtf8,
+    #[error(
+        "path contains {0:?} (U+{1:04X}), which Unicode normalisation turns into '.', '/' or '\\'; upstreams that normalise would read another path"
+    )]
+    LookAlike(char, u32),
 }
 
 /// Longest path accepted, in bytes.
@@ -150,9 +162,59 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
     resolve(raw)
 }
 
+/// Characters whose compatibility normal form (NFKC) is `.`, `/` or `\`:
+/// a server that normalises Unicode would read `/v1/chat/．．/files` as
+/// `/v1/files`.
+const LOOK_ALIKES: [char; 6] = [
+    '\u{2024}', // ONE DOT LEADER
+    '\u{FE52}', // SMALL FULL STOP
+    '\u{FE68}', // SMALL REVERSE SOLIDUS
+    '\u{FF0E}', // FULLWIDTH FULL STOP
+    '\u{FF0F}', // FULLWIDTH SOLIDUS
+    '\u{FF3C}', // FULLWIDTH REVERSE SOLIDUS
+];
+
+/// Refuses what a path's remaining escapes (`decode_unreserved` left only
+/// reserved and non-ASCII bytes encoded) would turn into for an upstream
+/// that decodes differently from Till: a second decoding (`%252e` is
+/// `%2e`, then `.`), bytes that are not UTF-8 (`%C0%AE`, an overlong `.`
+/// that lenient decoders accept), and Unicode look-alikes of `.`, `/` and
+/// `\` that normalising servers fold.
+fn refuse_decoding_differentials(decoded: &str) -> Result<(), PathError> {
+    let b = decoded.as_bytes();
+    let mut bytes = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            // Escapes are canonical here: `%` and two hex digits.
+            let v = hex_val(b[i + 1]).unwrap_or(0) * 16 + hex_val(b[i + 2]).unwrap_or(0);
+            if v == b'%'
+                && let (Some(h), Some(l)) = (
+                    b.get(i + 3).copied().and_then(hex_val),
+                    b.get(i + 4).copied().and_then(hex_val),
+                )
+                && matches!(h * 16 + l, b'.' | b'/' | b'\\' | b'%')
+            {
+                return Err(PathError::DoubleEncoded(decoded[i..i + 5].to_string()));
+            }
+            bytes.push(v);
+            i += 3;
+        } else {
+            bytes.push(b[i]);
+            i += 1;
+        }
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|_| PathError::NotUtf8)?;
+    match text.chars().find(|c| LOOK_ALIKES.contains(c)) {
+        Some(c) => Err(PathError::LookAlike(c, c as u32)),
+        None => Ok(()),
+    }
+}
+
 /// The normal form of any absolute path within [`MAX_PATH`].
 fn resolve(raw: &str) -> Result<String, PathError> {
     let decoded = decode_unreserved(raw)?;
+    refuse_decoding_differentials(&decoded)?;
     let mut segs: Vec<&str> = Vec::new();
     let mut trailing = false;
     for seg in decoded.split('/') {
@@ -224,6 +286,56 @@ mod tests {
         assert_eq!(normalize("/.."), Err(PathError::AboveRoot));
         assert_eq!(normalize("/a/../../b"), Err(PathError::AboveRoot));
         assert_eq!(normalize("a/b"), Err(PathError::NotAbsolute));
+    }
+
+    /// Red team, wave 2 (third pass): these reached the upstream as sent
+    /// under a `/v1/chat/` scope, and a server that decodes twice, accepts
+    /// overlong UTF-8 or normalises Unicode reads them as `/v1/files`.
+    #[test]
+    fn regression_escapes_another_decoder_reads_as_dots_or_separators_are_refused() {
+        for p in [
+            "/v1/chat/%252e%252e/files",
+            "/v1/chat/%252E%252E/files",
+            "/v1/chat/..%252f..%252ffiles",
+            "/v1/chat/%255c",
+            "/v1/chat/%25252e%25252e/files",
+            // `%32%65` decodes to `2e` here, leaving `%252e`.
+            "/v1/chat/%25%32%65%25%32%65/files",
+        ] {
+            assert!(
+                matches!(normalize(p), Err(PathError::DoubleEncoded(_))),
+                "{p}: {:?}",
+                normalize(p)
+            );
+        }
+        for p in [
+            "/v1/chat/%C0%AE%C0%AE/files",
+            "/v1/chat/%E0%80%AE",
+            "/v1/%FF",
+            "/v1/%C3",
+        ] {
+            assert_eq!(normalize(p), Err(PathError::NotUtf8), "{p}");
+        }
+        for p in [
+            "/v1/chat/%EF%BC%8E%EF%BC%8E/files",
+            "/v1/chat/%EF%BC%8F",
+            "/v1/chat/%E2%80%A4%E2%80%A4/files",
+        ] {
+            assert!(
+                matches!(normalize(p), Err(PathError::LookAlike(..))),
+                "{p}: {:?}",
+                normalize(p)
+            );
+        }
+        // A `%` or non-ASCII text that is just text still passes.
+        for (p, n) in [
+            ("/files/100%25.txt", "/files/100%25.txt"),
+            ("/files/%2541", "/files/%2541"),
+            ("/files/caf%C3%A9", "/files/caf%C3%A9"),
+            ("/files/%E6%97%A5%E6%9C%AC", "/files/%E6%97%A5%E6%9C%AC"),
+        ] {
+            assert_eq!(normalize(p).as_deref(), Ok(n), "{p}");
+        }
     }
 
     #[test]
