@@ -104,7 +104,8 @@ pub const BILLING_HEADERS: &[&str] = &["openai-organization", "openai-project"];
 
 /// Whether a client's header must not reach `upstream`, in either spelling
 /// ([`dashed`]). `content-type`, so spelled, is the one managed header that
-/// is passed through as sent. The headers Till sets itself (`set_headers`,
+/// is passed through as sent (a `Connection` naming it is refused before,
+/// [`refuse_unsafe_request`]). The headers Till sets itself (`set_headers`,
 /// the credential) replace only their own spelling, so the client's other
 /// spelling is dropped here.
 fn skip_request_header(
@@ -144,7 +145,49 @@ fn connection_options(headers: &HeaderMap) -> Vec<String> {
 /// frameworks run another method than the one authorized.
 pub fn refuse_unsafe_request(parts: &http::request::Parts) -> Result<(), ProxyError> {
     refuse_unsafe(parts.method.as_str(), parts.uri.query())?;
-    content_type_once(&parts.headers)
+    content_type_once(&parts.headers)?;
+    body_headers_not_in_connection(&parts.headers)
+}
+
+/// Headers that say how to read the body, for every recipient: RFC 9110
+/// §7.6.1 forbids naming them in `Connection`, where a proxy must drop them.
+const BODY_HEADERS: [&str; 3] = ["content-type", "content-encoding", "content-length"];
+
+/// Refuses a request whose `Connection` names one of [`BODY_HEADERS`] (in
+/// either spelling, [`dashed`]). Till chose how to read the body by them
+/// (JSON, form, streamed; `identity`), and dropping them, as `Connection`
+/// asks, would let the upstream read the same bytes as something else: a
+/// JSON body Till checked, sent without its `Content-Type`, is a form to
+/// Rack (`_method=DELETE`, another `model`). Forwarding them anyway would
+/// disobey `Connection`, so the request is refused.
+fn body_headers_not_in_connection(headers: &HeaderMap) -> Result<(), ProxyError> {
+    // No allocation: most requests carry `Connection: keep-alive`.
+    let named = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .find_map(|t| BODY_HEADERS.into_iter().find(|b| same_dashed_name(t, b)));
+    match named {
+        Some(n) => Err(ProxyError::BadRequest(format!(
+            "the Connection header names {n}, which describes the body to every recipient and may not be dropped on the way (RFC 9110 section 7.6.1); Till reads the body by it, so it refuses the request: send Connection without {n}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Whether the header name `sent` is `name` (lower case, dashed), with
+/// ASCII case ignored and `_` read as `-` ([`dashed`]).
+fn same_dashed_name(sent: &[u8], name: &str) -> bool {
+    sent.len() == name.len()
+        && sent.iter().zip(name.bytes()).all(|(&a, b)| {
+            let a = if a == b'_' {
+                b'-'
+            } else {
+                a.to_ascii_lowercase()
+            };
+            a == b
+        })
 }
 
 /// Refuses a request whose body type is ambiguous: two `Content-Type`
@@ -407,6 +450,56 @@ mod tests {
         let before = h.clone();
         strip_response_headers(&mut h);
         assert_eq!(h, before);
+    }
+
+    fn headers(lines: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in lines {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    /// Regression: `Connection: Content-Type` dropped the Content-Type Till
+    /// read the body by.
+    #[test]
+    fn connection_may_not_name_a_header_that_says_how_to_read_the_body() {
+        for c in [
+            "content-type",
+            "keep-alive, Content-Type",
+            "Content_Type",
+            "close, content-encoding",
+            "CONTENT-LENGTH",
+        ] {
+            match body_headers_not_in_connection(&headers(&[("connection", c)])) {
+                Err(ProxyError::BadRequest(why)) => {
+                    assert!(
+                        why.starts_with("the Connection header names content-"),
+                        "{why}"
+                    )
+                }
+                other => panic!("{c}: {other:?}"),
+            }
+        }
+        for c in ["close", "keep-alive, x-a", "authorization, x-api-key", "te"] {
+            assert!(
+                body_headers_not_in_connection(&headers(&[("connection", c)])).is_ok(),
+                "{c}"
+            );
+        }
+        let p = http::Request::builder()
+            .method("POST")
+            .uri("/openai/v1/x")
+            .header("connection", "close")
+            .header("connection", "content-type")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        assert!(refuse_unsafe_request(&p).is_err(), "on any line");
     }
 
     fn parts(method: &str, uri: &str) -> http::request::Parts {

@@ -555,3 +555,114 @@ async fn regression_method_override_in_the_body_is_refused() {
     assert_eq!(seen[1].body, r#"{"model":"m","meta":{"_method":"x"}}"#);
     assert_eq!(post(form, "a=1").await.unwrap().status(), 429);
 }
+
+/// Regression: `Connection: Content-Type` dropped the Content-Type Till had
+/// read the body by, so a JSON body (an allowed model) reached the upstream
+/// without one, and Rack reads such a POST as a form: `_method=DELETE`,
+/// `model=gpt-4`. A `Connection` naming a header that says how to read the
+/// body is refused, in either spelling and on any of its lines, before
+/// anything is spent or forwarded.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_connection_cannot_drop_the_headers_till_read_the_body_by() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        models: vec!["gpt-4o-mini".into()],
+        max_uses: Some(1),
+        ..Scope::default()
+    });
+    let body = r#"{"model":"gpt-4o-mini","x":"&_method=DELETE&model=gpt-4&"}"#;
+    for (connection, named) in [
+        ("close, Content-Type", "content-type"),
+        ("close\r\nconnection: content-type", "content-type"),
+        ("close, Content_Type", "content-type"),
+        ("close, Content-Encoding", "content-encoding"),
+        ("close, content-length", "content-length"),
+    ] {
+        let answer = raw_answer(
+            proxy.addr,
+            &format!(
+                "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+                 authorization: Bearer {token}\r\ncontent-type: application/json\r\n\
+                 connection: {connection}\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .await;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 400 "), "{connection}: {answer}");
+        assert!(head.contains("x-should-retry: false"), "{head}");
+        let v = json(body);
+        assert_eq!(v["error"]["code"], "bad_request", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(&format!("the Connection header names {named}")),
+            "{msg}"
+        );
+    }
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // Nothing was spent: the key's one use is left.
+    assert_eq!(chat(&proxy, &token, "gpt-4o-mini").await.0, 200);
+    assert_eq!(up.seen()[0].headers["content-type"], "application/json");
+    assert_eq!(chat(&proxy, &token, "gpt-4o-mini").await.0, 429);
+}
+
+/// A `Connection` naming the token's header, the upstream's credential
+/// header or a header the upstream sets drops only the client's copy: the
+/// credential and the set headers are Till's, whatever the client names,
+/// and the client's own never ride along.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_cannot_remove_the_injected_credential_or_pass_the_clients() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let azure = format!(
+        "[upstreams.azure]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n\
+         header = \"api-key\"\nprefix = \"\"\nset_headers = {{ \"X-Team\" = \"team-a\" }}\n",
+        up.url()
+    );
+    let proxy = Proxy::start(&home, &[openai(&up), anthropic(&up)], &azure);
+    let token = home.issue(Scope {
+        services: vec!["openai".into(), "anthropic".into(), "azure".into()],
+        ..Scope::default()
+    });
+    let named = "connection: Authorization, x-api-key, API-Key, api_key, x-team, X_Team\r\n\
+                 api-key: sk-client-key\r\nx-team: team-evil\r\n";
+    for (path, token_header) in [
+        (
+            "/openai/v1/models",
+            format!("authorization: Bearer {token}"),
+        ),
+        ("/anthropic/v1/models", format!("x-api-key: {token}")),
+        ("/azure/v1/models", format!("authorization: Bearer {token}")),
+    ] {
+        let extra = format!("{token_header}\r\n{named}");
+        assert_eq!(raw_request(proxy.addr, path, &extra).await, 200, "{path}");
+    }
+    let seen = up.seen();
+    assert_eq!(seen.len(), 3);
+    let only = |s: &Seen, name: &str| -> Vec<String> {
+        s.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        only(&seen[0], "authorization"),
+        [format!("Bearer {OPENAI_SECRET}")]
+    );
+    assert_eq!(only(&seen[1], "x-api-key"), [ANTHROPIC_SECRET]);
+    assert_eq!(only(&seen[2], "api-key"), [OPENAI_SECRET]);
+    assert_eq!(only(&seen[2], "x-team"), ["team-a"]);
+    for s in &seen {
+        for (name, v) in s.headers.iter() {
+            let v = v.to_str().unwrap_or("");
+            assert!(
+                !v.contains("sk-client-key") && !v.contains("team-evil") && !v.contains(&token),
+                "{name}: {v}"
+            );
+        }
+    }
+}

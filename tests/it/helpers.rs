@@ -680,12 +680,7 @@ pub async fn raw_exchange(addr: std::net::SocketAddr, head: &str) -> (u16, Strin
 /// the caller) on a connection of its own; returns the status code and the
 /// body of the answer.
 pub async fn raw_send(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).to_string();
+    let text = raw_answer(addr, request).await;
     let status = text
         .split_whitespace()
         .nth(1)
@@ -696,6 +691,17 @@ pub async fn raw_send(addr: std::net::SocketAddr, request: &str) -> (u16, String
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Sends `request` byte for byte on a connection of its own; returns the
+/// whole answer as text (status line, header lines, body as framed).
+pub async fn raw_answer(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).to_string()
 }
 
 /// Sends the proxy `SIGHUP` (reload).
