@@ -190,6 +190,26 @@ fn same_dashed_name(sent: &[u8], name: &str) -> bool {
         })
 }
 
+/// Refuses a body Till reads (JSON, form, MCP messages) sent with a
+/// `Content-Encoding` other than `identity`: Till checks the bytes as they
+/// arrive (`model`, `_method`, tool names) and cannot see through gzip or
+/// any other coding, while an upstream that decodes request bodies acts on
+/// what is inside.
+pub fn refuse_encoded_body(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let coding = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
+    match coding {
+        Some(c) => Err(ProxyError::UnsupportedEncoding(
+            String::from_utf8_lossy(c).chars().take(40).collect(),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Refuses a request whose body type is ambiguous: two `Content-Type`
 /// headers (Till reads the first, Werkzeug and others the last, so a JSON
 /// body Till checked the `model` of could be read as a form naming
@@ -500,6 +520,33 @@ mod tests {
             .into_parts()
             .0;
         assert!(refuse_unsafe_request(&p).is_err(), "on any line");
+    }
+
+    #[test]
+    fn only_bodies_without_a_content_coding_are_read() {
+        for ok in [
+            &[][..],
+            &[("content-encoding", "identity")],
+            &[("content-encoding", "Identity, ")],
+        ] {
+            assert!(refuse_encoded_body(&headers(ok)).is_ok(), "{ok:?}");
+        }
+        for (bad, named) in [
+            (&[("content-encoding", "gzip")][..], "gzip"),
+            (&[("content-encoding", "identity, br")], "br"),
+            (
+                &[
+                    ("content-encoding", "identity"),
+                    ("content-encoding", "x-custom"),
+                ],
+                "x-custom",
+            ),
+        ] {
+            match refuse_encoded_body(&headers(bad)) {
+                Err(ProxyError::UnsupportedEncoding(c)) => assert_eq!(c, named),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
     }
 
     fn parts(method: &str, uri: &str) -> http::request::Parts {

@@ -666,3 +666,71 @@ async fn connection_cannot_remove_the_injected_credential_or_pass_the_clients() 
         }
     }
 }
+
+/// Regression: a JSON or form body sent with `Content-Encoding: gzip` was
+/// forwarded unread, since Till cannot check compressed bytes (`model`,
+/// `_method`), while an upstream that decodes request bodies acts on what
+/// is inside. Such bodies are refused (415) before anything is spent;
+/// bodies Till streams unread keep their coding.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_compressed_bodies_till_reads_are_refused() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.token("openai", Some(2));
+    let gzipped: &[u8] = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03compressed bytes";
+    let post = |content_type: Option<&str>, coding: &str, body: &[u8]| {
+        let mut rb = client()
+            .post(proxy.url("/openai/v1/files"))
+            .bearer_auth(&token)
+            .header("content-encoding", coding)
+            .body(body.to_vec());
+        if let Some(t) = content_type {
+            rb = rb.header("content-type", t);
+        }
+        rb.send()
+    };
+    let json_type = Some("application/json");
+    for (content_type, coding, shown) in [
+        (json_type, "gzip", "\"gzip\""),
+        (json_type, "GZIP", "\"GZIP\""),
+        (json_type, "identity, br", "\"br\""),
+        (
+            Some("application/x-www-form-urlencoded"),
+            "deflate",
+            "\"deflate\"",
+        ),
+        // Rack reads a POST body without a Content-Type as a form.
+        (None, "x-custom", "\"x-custom\""),
+    ] {
+        let r = post(content_type, coding, gzipped).await.unwrap();
+        assert_eq!(r.status(), 415, "{content_type:?} {coding}");
+        assert_eq!(r.headers()["x-should-retry"], "false");
+        assert_eq!(r.headers()["accept-encoding"], "identity");
+        let v = json(&r.text().await.unwrap());
+        assert_eq!(v["error"]["code"], "unsupported_content_encoding", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(shown) && msg.contains("send the body uncompressed"),
+            "{msg}"
+        );
+    }
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // Nothing was spent: both uses are left. `identity` is no coding, and a
+    // body Till does not read passes with its coding.
+    let r = post(json_type, "identity", br#"{"model":"m"}"#)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = post(Some("application/octet-stream"), "gzip", gzipped)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = up.seen();
+    assert_eq!(seen[1].headers["content-encoding"], "gzip");
+    assert_eq!(
+        post(json_type, "identity", b"{}").await.unwrap().status(),
+        429
+    );
+}
