@@ -125,8 +125,8 @@ fn skip_request_header(
         || named_in_connection.iter().any(|c| dashed(c) == d)
 }
 
-/// Header names the client lists in `Connection`: hop-by-hop by declaration
-/// (RFC 9110 §7.6.1), so a proxy must not forward them.
+/// Header names a request or an answer lists in `Connection`: hop-by-hop by
+/// declaration (RFC 9110 §7.6.1), so a proxy must not forward them.
 fn connection_options(headers: &HeaderMap) -> Vec<String> {
     headers
         .get_all(header::CONNECTION)
@@ -400,14 +400,32 @@ pub async fn forward(
 }
 
 /// Removes the hop-by-hop headers of an upstream's answer, in place (the
-/// answer's other headers pass as they are).
+/// answer's other headers pass as they are): those of RFC 9110 §7.6.1 and
+/// those its `Connection` names, and a `Content-Length` sent together with
+/// `Transfer-Encoding`.
 fn strip_response_headers(h: &mut HeaderMap) {
     // One pass to find out whether there are any (a streamed answer has
     // `transfer-encoding`): then each name is removed with all its values.
-    if h.keys().any(skip_response_header) {
-        for n in HOP_BY_HOP {
-            h.remove(n);
+    if !h.keys().any(skip_response_header) {
+        return;
+    }
+    // RFC 9112 §6.3: the body was framed by Transfer-Encoding, so the
+    // length is not its length. Relayed (without the Transfer-Encoding),
+    // it would frame the answer to the client: cut short, yet looking
+    // complete.
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        h.remove(header::CONTENT_LENGTH);
+    }
+    // Hop-by-hop by declaration, as on the request side; but never what
+    // says how to read the body (a sender may not name it, RFC 9110
+    // §7.6.1, and the client reads the body by it).
+    for n in connection_options(h) {
+        if !BODY_HEADERS.contains(&n.as_str()) {
+            h.remove(n.as_str());
         }
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
     }
 }
 
@@ -481,6 +499,49 @@ mod tests {
             );
         }
         h
+    }
+
+    /// Regression: an answer framed by Transfer-Encoding kept its
+    /// Content-Length, which then framed it to the client, cut short.
+    #[test]
+    fn an_answers_content_length_goes_when_it_has_transfer_encoding() {
+        let mut h = headers(&[
+            ("transfer-encoding", "chunked"),
+            ("content-length", "3"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_response_headers(&mut h);
+        assert_eq!(h, headers(&[("content-type", "text/plain")]));
+        let mut h = headers(&[("content-length", "3"), ("connection", "close")]);
+        strip_response_headers(&mut h);
+        assert_eq!(h, headers(&[("content-length", "3")]));
+    }
+
+    /// Regression: headers an upstream named in its `Connection` reached
+    /// the client. Those that say how to read the body stay.
+    #[test]
+    fn headers_an_answer_names_in_connection_are_removed_but_not_its_body_headers() {
+        let mut h = headers(&[
+            ("connection", "X-Hop-Secret, Content-Type, close, bad name"),
+            ("connection", "x-other, content-encoding, content-length"),
+            ("x-hop-secret", "s3cret"),
+            ("x-other", "1"),
+            ("x-other", "2"),
+            ("x-kept", "yes"),
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+            ("content-length", "2"),
+        ]);
+        strip_response_headers(&mut h);
+        assert_eq!(
+            h,
+            headers(&[
+                ("x-kept", "yes"),
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+                ("content-length", "2"),
+            ])
+        );
     }
 
     /// Regression: `Connection: Content-Type` dropped the Content-Type Till

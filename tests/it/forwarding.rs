@@ -734,3 +734,68 @@ async fn regression_compressed_bodies_till_reads_are_refused() {
         429
     );
 }
+
+/// Till forwarding `openai` to the upstream at `url`.
+fn proxy_to(home: &Home, url: String) -> Proxy {
+    let up = Up {
+        name: "openai",
+        url,
+        header: "authorization",
+        prefix: "Bearer ",
+        env: "TEST_OPENAI_KEY",
+    };
+    Proxy::start(home, &[up], "")
+}
+
+/// Regression: an answer with both `Transfer-Encoding: chunked` and
+/// `Content-Length` was relayed with the length (the chunked framing
+/// removed), so the client read a body cut short that looked complete.
+/// RFC 9112 §6.3: the length is not the body's; it is removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_an_answer_framed_by_transfer_encoding_loses_its_content_length() {
+    let url = canned_upstream(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\
+         content-length: 3\r\nconnection: close\r\n\r\nc\r\nhello, world\r\n0\r\n\r\n",
+    )
+    .await;
+    let home = Home::new();
+    let proxy = proxy_to(&home, url);
+    let r = client()
+        .get(proxy.url("/openai/v1/models"))
+        .bearer_auth(home.token("openai", None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("content-length").is_none(), "{r:?}");
+    assert_eq!(r.text().await.unwrap(), "hello, world");
+}
+
+/// Regression: headers the upstream names in its own `Connection` (hop-by-
+/// hop by declaration) reached the client. They are removed, as on the
+/// request side; what says how to read the body stays, since the client
+/// reads the body by it (and no sender may name it, RFC 9110 §7.6.1).
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_headers_an_answer_names_in_connection_do_not_reach_the_client() {
+    let url = canned_upstream(
+        "HTTP/1.1 200 OK\r\nconnection: X-Hop-Secret, Content-Type, close\r\n\
+         connection: x-hop-other\r\nx-hop-secret: s3cret\r\nx-hop-other: 1\r\n\
+         x-kept: yes\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+    )
+    .await;
+    let home = Home::new();
+    let proxy = proxy_to(&home, url);
+    let r = client()
+        .get(proxy.url("/openai/v1/models"))
+        .bearer_auth(home.token("openai", None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert!(h.get("x-hop-secret").is_none(), "{h:?}");
+    assert!(h.get("x-hop-other").is_none(), "{h:?}");
+    assert_eq!(h["x-kept"], "yes");
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(r.text().await.unwrap(), "{}");
+}

@@ -724,3 +724,30 @@ pub async fn wait_for_log(proxy: &Proxy, needle: &str, n: usize) -> String {
     }
     panic!("{needle:?} not logged {n} times:\n{}", proxy.logs());
 }
+
+/// An upstream on loopback that answers every request with `answer`, byte
+/// for byte (framing headers included, however wrong), and closes the
+/// connection: for answers no HTTP library would send. Returns its URL.
+pub async fn canned_upstream(answer: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // The whole head first (the requests sent here have no body).
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    url
+}
