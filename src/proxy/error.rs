@@ -65,6 +65,9 @@ pub enum ProxyError {
     TokenTooLarge(usize),
     /// 413: body over the limit.
     TooLarge(usize),
+    /// 415: a body Till reads sent with a `Content-Encoding` other than
+    /// `identity` (the coding, as sent, cut short).
+    UnsupportedEncoding(String),
     /// 502: upstream unreachable or broken.
     BadGateway(String),
     /// 504: upstream too slow.
@@ -98,6 +101,7 @@ impl ProxyError {
             ProxyError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::FamilyFull(_) | ProxyError::GatewayNotTrusted(_) => StatusCode::FORBIDDEN,
             ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProxyError::TokenTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ProxyError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -129,6 +133,7 @@ impl ProxyError {
             ProxyError::Busy(_) => "busy",
             ProxyError::FamilyFull(_) => "family_too_large",
             ProxyError::TooLarge(_) => "body_too_large",
+            ProxyError::UnsupportedEncoding(_) => "unsupported_content_encoding",
             ProxyError::TokenTooLarge(_) => "token_too_large",
             ProxyError::BadGateway(_) => "upstream_error",
             ProxyError::GatewayTimeout(_) => "upstream_timeout",
@@ -168,7 +173,8 @@ impl ProxyError {
             | ProxyError::FamilyFull(_)
             | ProxyError::GatewayNotTrusted(_)
             | ProxyError::TokenTooLarge(_)
-            | ProxyError::TooLarge(_) => Retry::Never,
+            | ProxyError::TooLarge(_)
+            | ProxyError::UnsupportedEncoding(_) => Retry::Never,
         }
     }
 
@@ -188,6 +194,7 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::MethodNotAllowed(_)
             | ProxyError::TooLarge(_)
+            | ProxyError::UnsupportedEncoding(_)
             | ProxyError::TokenTooLarge(_)
             | ProxyError::IdempotencyConflict
             | ProxyError::IdempotencyMismatch
@@ -221,6 +228,7 @@ impl ProxyError {
             ProxyError::TooLarge(_) => "request_too_large",
             ProxyError::BadRequest(_)
             | ProxyError::MethodNotAllowed(_)
+            | ProxyError::UnsupportedEncoding(_)
             | ProxyError::TokenTooLarge(_)
             | ProxyError::IdempotencyConflict
             | ProxyError::IdempotencyMismatch
@@ -263,6 +271,9 @@ impl ProxyError {
             ),
             ProxyError::TooLarge(n) => format!("request body is larger than {n} bytes"),
             ProxyError::TokenTooLarge(n) => format!("token is longer than {n} bytes"),
+            ProxyError::UnsupportedEncoding(c) => format!(
+                "the request body is sent with Content-Encoding {c:?}; Till checks this body before forwarding it and cannot read it encoded: send the body uncompressed (no Content-Encoding, or identity)"
+            ),
             ProxyError::BadGateway(m) => format!("upstream error: {m}"),
             ProxyError::GatewayTimeout(m) => format!("upstream timed out: {m}"),
             ProxyError::StoreUnavailable(m) => {
@@ -306,6 +317,10 @@ impl ProxyError {
                 h.insert("retry-after", HeaderValue::from(secs));
             }
             Retry::ClientDefault => {}
+        }
+        // RFC 9110 §12.5.3: a 415 for a content coding says which it takes.
+        if matches!(self, ProxyError::UnsupportedEncoding(_)) {
+            h.insert("accept-encoding", HeaderValue::from_static("identity"));
         }
         if self.status() == StatusCode::UNAUTHORIZED {
             h.insert(
@@ -378,6 +393,7 @@ mod tests {
                 ProxyError::FamilyFull(10),
                 ProxyError::TokenTooLarge(16384),
                 ProxyError::TooLarge(1000),
+                ProxyError::UnsupportedEncoding("gzip".into()),
                 ProxyError::BadGateway("x".into()),
                 ProxyError::GatewayTimeout("x".into()),
                 ProxyError::StoreUnavailable("x".into()),

@@ -104,7 +104,8 @@ pub const BILLING_HEADERS: &[&str] = &["openai-organization", "openai-project"];
 
 /// Whether a client's header must not reach `upstream`, in either spelling
 /// ([`dashed`]). `content-type`, so spelled, is the one managed header that
-/// is passed through as sent. The headers Till sets itself (`set_headers`,
+/// is passed through as sent (a `Connection` naming it is refused before,
+/// [`refuse_unsafe_request`]). The headers Till sets itself (`set_headers`,
 /// the credential) replace only their own spelling, so the client's other
 /// spelling is dropped here.
 fn skip_request_header(
@@ -124,8 +125,8 @@ fn skip_request_header(
         || named_in_connection.iter().any(|c| dashed(c) == d)
 }
 
-/// Header names the client lists in `Connection`: hop-by-hop by declaration
-/// (RFC 9110 §7.6.1), so a proxy must not forward them.
+/// Header names a request or an answer lists in `Connection`: hop-by-hop by
+/// declaration (RFC 9110 §7.6.1), so a proxy must not forward them.
 fn connection_options(headers: &HeaderMap) -> Vec<String> {
     headers
         .get_all(header::CONNECTION)
@@ -144,7 +145,69 @@ fn connection_options(headers: &HeaderMap) -> Vec<String> {
 /// frameworks run another method than the one authorized.
 pub fn refuse_unsafe_request(parts: &http::request::Parts) -> Result<(), ProxyError> {
     refuse_unsafe(parts.method.as_str(), parts.uri.query())?;
-    content_type_once(&parts.headers)
+    content_type_once(&parts.headers)?;
+    body_headers_not_in_connection(&parts.headers)
+}
+
+/// Headers that say how to read the body, for every recipient: RFC 9110
+/// §7.6.1 forbids naming them in `Connection`, where a proxy must drop them.
+const BODY_HEADERS: [&str; 3] = ["content-type", "content-encoding", "content-length"];
+
+/// Refuses a request whose `Connection` names one of [`BODY_HEADERS`] (in
+/// either spelling, [`dashed`]). Till chose how to read the body by them
+/// (JSON, form, streamed; `identity`), and dropping them, as `Connection`
+/// asks, would let the upstream read the same bytes as something else: a
+/// JSON body Till checked, sent without its `Content-Type`, is a form to
+/// Rack (`_method=DELETE`, another `model`). Forwarding them anyway would
+/// disobey `Connection`, so the request is refused.
+fn body_headers_not_in_connection(headers: &HeaderMap) -> Result<(), ProxyError> {
+    // No allocation: most requests carry `Connection: keep-alive`.
+    let named = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .find_map(|t| BODY_HEADERS.into_iter().find(|b| same_dashed_name(t, b)));
+    match named {
+        Some(n) => Err(ProxyError::BadRequest(format!(
+            "the Connection header names {n}, which describes the body to every recipient and may not be dropped on the way (RFC 9110 section 7.6.1); Till reads the body by it, so it refuses the request: send Connection without {n}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Whether the header name `sent` is `name` (lower case, dashed), with
+/// ASCII case ignored and `_` read as `-` ([`dashed`]).
+fn same_dashed_name(sent: &[u8], name: &str) -> bool {
+    sent.len() == name.len()
+        && sent.iter().zip(name.bytes()).all(|(&a, b)| {
+            let a = if a == b'_' {
+                b'-'
+            } else {
+                a.to_ascii_lowercase()
+            };
+            a == b
+        })
+}
+
+/// Refuses a body Till reads (JSON, form, MCP messages) sent with a
+/// `Content-Encoding` other than `identity`: Till checks the bytes as they
+/// arrive (`model`, `_method`, tool names) and cannot see through gzip or
+/// any other coding, while an upstream that decodes request bodies acts on
+/// what is inside.
+pub fn refuse_encoded_body(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let coding = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
+    match coding {
+        Some(c) => Err(ProxyError::UnsupportedEncoding(
+            String::from_utf8_lossy(c).chars().take(40).collect(),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Refuses a request whose body type is ambiguous: two `Content-Type`
@@ -337,14 +400,32 @@ pub async fn forward(
 }
 
 /// Removes the hop-by-hop headers of an upstream's answer, in place (the
-/// answer's other headers pass as they are).
+/// answer's other headers pass as they are): those of RFC 9110 §7.6.1 and
+/// those its `Connection` names, and a `Content-Length` sent together with
+/// `Transfer-Encoding`.
 fn strip_response_headers(h: &mut HeaderMap) {
     // One pass to find out whether there are any (a streamed answer has
     // `transfer-encoding`): then each name is removed with all its values.
-    if h.keys().any(skip_response_header) {
-        for n in HOP_BY_HOP {
-            h.remove(n);
+    if !h.keys().any(skip_response_header) {
+        return;
+    }
+    // RFC 9112 §6.3: the body was framed by Transfer-Encoding, so the
+    // length is not its length. Relayed (without the Transfer-Encoding),
+    // it would frame the answer to the client: cut short, yet looking
+    // complete.
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        h.remove(header::CONTENT_LENGTH);
+    }
+    // Hop-by-hop by declaration, as on the request side; but never what
+    // says how to read the body (a sender may not name it, RFC 9110
+    // §7.6.1, and the client reads the body by it).
+    for n in connection_options(h) {
+        if !BODY_HEADERS.contains(&n.as_str()) {
+            h.remove(n.as_str());
         }
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
     }
 }
 
@@ -407,6 +488,126 @@ mod tests {
         let before = h.clone();
         strip_response_headers(&mut h);
         assert_eq!(h, before);
+    }
+
+    fn headers(lines: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in lines {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    /// Regression: an answer framed by Transfer-Encoding kept its
+    /// Content-Length, which then framed it to the client, cut short.
+    #[test]
+    fn an_answers_content_length_goes_when_it_has_transfer_encoding() {
+        let mut h = headers(&[
+            ("transfer-encoding", "chunked"),
+            ("content-length", "3"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_response_headers(&mut h);
+        assert_eq!(h, headers(&[("content-type", "text/plain")]));
+        let mut h = headers(&[("content-length", "3"), ("connection", "close")]);
+        strip_response_headers(&mut h);
+        assert_eq!(h, headers(&[("content-length", "3")]));
+    }
+
+    /// Regression: headers an upstream named in its `Connection` reached
+    /// the client. Those that say how to read the body stay.
+    #[test]
+    fn headers_an_answer_names_in_connection_are_removed_but_not_its_body_headers() {
+        let mut h = headers(&[
+            ("connection", "X-Hop-Secret, Content-Type, close, bad name"),
+            ("connection", "x-other, content-encoding, content-length"),
+            ("x-hop-secret", "s3cret"),
+            ("x-other", "1"),
+            ("x-other", "2"),
+            ("x-kept", "yes"),
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+            ("content-length", "2"),
+        ]);
+        strip_response_headers(&mut h);
+        assert_eq!(
+            h,
+            headers(&[
+                ("x-kept", "yes"),
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+                ("content-length", "2"),
+            ])
+        );
+    }
+
+    /// Regression: `Connection: Content-Type` dropped the Content-Type Till
+    /// read the body by.
+    #[test]
+    fn connection_may_not_name_a_header_that_says_how_to_read_the_body() {
+        for c in [
+            "content-type",
+            "keep-alive, Content-Type",
+            "Content_Type",
+            "close, content-encoding",
+            "CONTENT-LENGTH",
+        ] {
+            match body_headers_not_in_connection(&headers(&[("connection", c)])) {
+                Err(ProxyError::BadRequest(why)) => {
+                    assert!(
+                        why.starts_with("the Connection header names content-"),
+                        "{why}"
+                    )
+                }
+                other => panic!("{c}: {other:?}"),
+            }
+        }
+        for c in ["close", "keep-alive, x-a", "authorization, x-api-key", "te"] {
+            assert!(
+                body_headers_not_in_connection(&headers(&[("connection", c)])).is_ok(),
+                "{c}"
+            );
+        }
+        let p = http::Request::builder()
+            .method("POST")
+            .uri("/openai/v1/x")
+            .header("connection", "close")
+            .header("connection", "content-type")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        assert!(refuse_unsafe_request(&p).is_err(), "on any line");
+    }
+
+    #[test]
+    fn only_bodies_without_a_content_coding_are_read() {
+        for ok in [
+            &[][..],
+            &[("content-encoding", "identity")],
+            &[("content-encoding", "Identity, ")],
+        ] {
+            assert!(refuse_encoded_body(&headers(ok)).is_ok(), "{ok:?}");
+        }
+        for (bad, named) in [
+            (&[("content-encoding", "gzip")][..], "gzip"),
+            (&[("content-encoding", "identity, br")], "br"),
+            (
+                &[
+                    ("content-encoding", "identity"),
+                    ("content-encoding", "x-custom"),
+                ],
+                "x-custom",
+            ),
+        ] {
+            match refuse_encoded_body(&headers(bad)) {
+                Err(ProxyError::UnsupportedEncoding(c)) => assert_eq!(c, named),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
     }
 
     fn parts(method: &str, uri: &str) -> http::request::Parts {

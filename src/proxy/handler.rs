@@ -310,6 +310,9 @@ async fn handle(
     let json = is_json(&parts.headers);
     // Read too, for a `_method` field; within the same bounds as JSON.
     let form = !json && super::forward::is_url_encoded_form(&parts);
+    if json || form {
+        super::forward::refuse_encoded_body(&parts.headers)?;
+    }
     let content_length = parts
         .headers
         .get(header::CONTENT_LENGTH)

@@ -83,7 +83,7 @@ fn code_of(e: &ProxyError) -> i64 {
         ProxyError::MissingToken | ProxyError::InvalidToken(_) | ProxyError::ProviderKey => {
             codes::UNAUTHENTICATED
         }
-        ProxyError::BadRequest(_) => codes::INVALID_REQUEST,
+        ProxyError::BadRequest(_) | ProxyError::UnsupportedEncoding(_) => codes::INVALID_REQUEST,
         _ => codes::OTHER,
     }
 }
@@ -191,6 +191,10 @@ async fn handle(
             "{} is not an MCP request: an MCP server takes POST (messages), GET (its event stream) and DELETE (end of a session)",
             parts.method
         )));
+    }
+    // Every POST body is read (the messages), so none may be encoded.
+    if parts.method == http::Method::POST {
+        super::forward::refuse_encoded_body(&parts.headers)?;
     }
     let token_text = extract_token(&parts.headers)?;
     let (token, revoked) = verify_token(st, token_text, obs)?;

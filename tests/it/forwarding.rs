@@ -555,3 +555,247 @@ async fn regression_method_override_in_the_body_is_refused() {
     assert_eq!(seen[1].body, r#"{"model":"m","meta":{"_method":"x"}}"#);
     assert_eq!(post(form, "a=1").await.unwrap().status(), 429);
 }
+
+/// Regression: `Connection: Content-Type` dropped the Content-Type Till had
+/// read the body by, so a JSON body (an allowed model) reached the upstream
+/// without one, and Rack reads such a POST as a form: `_method=DELETE`,
+/// `model=gpt-4`. A `Connection` naming a header that says how to read the
+/// body is refused, in either spelling and on any of its lines, before
+/// anything is spent or forwarded.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_connection_cannot_drop_the_headers_till_read_the_body_by() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        models: vec!["gpt-4o-mini".into()],
+        max_uses: Some(1),
+        ..Scope::default()
+    });
+    let body = r#"{"model":"gpt-4o-mini","x":"&_method=DELETE&model=gpt-4&"}"#;
+    for (connection, named) in [
+        ("close, Content-Type", "content-type"),
+        ("close\r\nconnection: content-type", "content-type"),
+        ("close, Content_Type", "content-type"),
+        ("close, Content-Encoding", "content-encoding"),
+        ("close, content-length", "content-length"),
+    ] {
+        let answer = raw_answer(
+            proxy.addr,
+            &format!(
+                "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+                 authorization: Bearer {token}\r\ncontent-type: application/json\r\n\
+                 connection: {connection}\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .await;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 400 "), "{connection}: {answer}");
+        assert!(head.contains("x-should-retry: false"), "{head}");
+        let v = json(body);
+        assert_eq!(v["error"]["code"], "bad_request", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(&format!("the Connection header names {named}")),
+            "{msg}"
+        );
+    }
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // Nothing was spent: the key's one use is left.
+    assert_eq!(chat(&proxy, &token, "gpt-4o-mini").await.0, 200);
+    assert_eq!(up.seen()[0].headers["content-type"], "application/json");
+    assert_eq!(chat(&proxy, &token, "gpt-4o-mini").await.0, 429);
+}
+
+/// A `Connection` naming the token's header, the upstream's credential
+/// header or a header the upstream sets drops only the client's copy: the
+/// credential and the set headers are Till's, whatever the client names,
+/// and the client's own never ride along.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_cannot_remove_the_injected_credential_or_pass_the_clients() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let azure = format!(
+        "[upstreams.azure]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n\
+         header = \"api-key\"\nprefix = \"\"\nset_headers = {{ \"X-Team\" = \"team-a\" }}\n",
+        up.url()
+    );
+    let proxy = Proxy::start(&home, &[openai(&up), anthropic(&up)], &azure);
+    let token = home.issue(Scope {
+        services: vec!["openai".into(), "anthropic".into(), "azure".into()],
+        ..Scope::default()
+    });
+    let named = "connection: Authorization, x-api-key, API-Key, api_key, x-team, X_Team\r\n\
+                 api-key: sk-client-key\r\nx-team: team-evil\r\n";
+    for (path, token_header) in [
+        (
+            "/openai/v1/models",
+            format!("authorization: Bearer {token}"),
+        ),
+        ("/anthropic/v1/models", format!("x-api-key: {token}")),
+        ("/azure/v1/models", format!("authorization: Bearer {token}")),
+    ] {
+        let extra = format!("{token_header}\r\n{named}");
+        assert_eq!(raw_request(proxy.addr, path, &extra).await, 200, "{path}");
+    }
+    let seen = up.seen();
+    assert_eq!(seen.len(), 3);
+    let only = |s: &Seen, name: &str| -> Vec<String> {
+        s.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        only(&seen[0], "authorization"),
+        [format!("Bearer {OPENAI_SECRET}")]
+    );
+    assert_eq!(only(&seen[1], "x-api-key"), [ANTHROPIC_SECRET]);
+    assert_eq!(only(&seen[2], "api-key"), [OPENAI_SECRET]);
+    assert_eq!(only(&seen[2], "x-team"), ["team-a"]);
+    for s in &seen {
+        for (name, v) in s.headers.iter() {
+            let v = v.to_str().unwrap_or("");
+            assert!(
+                !v.contains("sk-client-key") && !v.contains("team-evil") && !v.contains(&token),
+                "{name}: {v}"
+            );
+        }
+    }
+}
+
+/// Regression: a JSON or form body sent with `Content-Encoding: gzip` was
+/// forwarded unread, since Till cannot check compressed bytes (`model`,
+/// `_method`), while an upstream that decodes request bodies acts on what
+/// is inside. Such bodies are refused (415) before anything is spent;
+/// bodies Till streams unread keep their coding.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_compressed_bodies_till_reads_are_refused() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.token("openai", Some(2));
+    let gzipped: &[u8] = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03compressed bytes";
+    let post = |content_type: Option<&str>, coding: &str, body: &[u8]| {
+        let mut rb = client()
+            .post(proxy.url("/openai/v1/files"))
+            .bearer_auth(&token)
+            .header("content-encoding", coding)
+            .body(body.to_vec());
+        if let Some(t) = content_type {
+            rb = rb.header("content-type", t);
+        }
+        rb.send()
+    };
+    let json_type = Some("application/json");
+    for (content_type, coding, shown) in [
+        (json_type, "gzip", "\"gzip\""),
+        (json_type, "GZIP", "\"GZIP\""),
+        (json_type, "identity, br", "\"br\""),
+        (
+            Some("application/x-www-form-urlencoded"),
+            "deflate",
+            "\"deflate\"",
+        ),
+        // Rack reads a POST body without a Content-Type as a form.
+        (None, "x-custom", "\"x-custom\""),
+    ] {
+        let r = post(content_type, coding, gzipped).await.unwrap();
+        assert_eq!(r.status(), 415, "{content_type:?} {coding}");
+        assert_eq!(r.headers()["x-should-retry"], "false");
+        assert_eq!(r.headers()["accept-encoding"], "identity");
+        let v = json(&r.text().await.unwrap());
+        assert_eq!(v["error"]["code"], "unsupported_content_encoding", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(shown) && msg.contains("send the body uncompressed"),
+            "{msg}"
+        );
+    }
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // Nothing was spent: both uses are left. `identity` is no coding, and a
+    // body Till does not read passes with its coding.
+    let r = post(json_type, "identity", br#"{"model":"m"}"#)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = post(Some("application/octet-stream"), "gzip", gzipped)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = up.seen();
+    assert_eq!(seen[1].headers["content-encoding"], "gzip");
+    assert_eq!(
+        post(json_type, "identity", b"{}").await.unwrap().status(),
+        429
+    );
+}
+
+/// Till forwarding `openai` to the upstream at `url`.
+fn proxy_to(home: &Home, url: String) -> Proxy {
+    let up = Up {
+        name: "openai",
+        url,
+        header: "authorization",
+        prefix: "Bearer ",
+        env: "TEST_OPENAI_KEY",
+    };
+    Proxy::start(home, &[up], "")
+}
+
+/// Regression: an answer with both `Transfer-Encoding: chunked` and
+/// `Content-Length` was relayed with the length (the chunked framing
+/// removed), so the client read a body cut short that looked complete.
+/// RFC 9112 §6.3: the length is not the body's; it is removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_an_answer_framed_by_transfer_encoding_loses_its_content_length() {
+    let url = canned_upstream(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\
+         content-length: 3\r\nconnection: close\r\n\r\nc\r\nhello, world\r\n0\r\n\r\n",
+    )
+    .await;
+    let home = Home::new();
+    let proxy = proxy_to(&home, url);
+    let r = client()
+        .get(proxy.url("/openai/v1/models"))
+        .bearer_auth(home.token("openai", None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("content-length").is_none(), "{r:?}");
+    assert_eq!(r.text().await.unwrap(), "hello, world");
+}
+
+/// Regression: headers the upstream names in its own `Connection` (hop-by-
+/// hop by declaration) reached the client. They are removed, as on the
+/// request side; what says how to read the body stays, since the client
+/// reads the body by it (and no sender may name it, RFC 9110 §7.6.1).
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_headers_an_answer_names_in_connection_do_not_reach_the_client() {
+    let url = canned_upstream(
+        "HTTP/1.1 200 OK\r\nconnection: X-Hop-Secret, Content-Type, close\r\n\
+         connection: x-hop-other\r\nx-hop-secret: s3cret\r\nx-hop-other: 1\r\n\
+         x-kept: yes\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+    )
+    .await;
+    let home = Home::new();
+    let proxy = proxy_to(&home, url);
+    let r = client()
+        .get(proxy.url("/openai/v1/models"))
+        .bearer_auth(home.token("openai", None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert!(h.get("x-hop-secret").is_none(), "{h:?}");
+    assert!(h.get("x-hop-other").is_none(), "{h:?}");
+    assert_eq!(h["x-kept"], "yes");
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(r.text().await.unwrap(), "{}");
+}

@@ -680,12 +680,7 @@ pub async fn raw_exchange(addr: std::net::SocketAddr, head: &str) -> (u16, Strin
 /// the caller) on a connection of its own; returns the status code and the
 /// body of the answer.
 pub async fn raw_send(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).to_string();
+    let text = raw_answer(addr, request).await;
     let status = text
         .split_whitespace()
         .nth(1)
@@ -696,6 +691,17 @@ pub async fn raw_send(addr: std::net::SocketAddr, request: &str) -> (u16, String
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Sends `request` byte for byte on a connection of its own; returns the
+/// whole answer as text (status line, header lines, body as framed).
+pub async fn raw_answer(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).to_string()
 }
 
 /// Sends the proxy `SIGHUP` (reload).
@@ -717,4 +723,31 @@ pub async fn wait_for_log(proxy: &Proxy, needle: &str, n: usize) -> String {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("{needle:?} not logged {n} times:\n{}", proxy.logs());
+}
+
+/// An upstream on loopback that answers every request with `answer`, byte
+/// for byte (framing headers included, however wrong), and closes the
+/// connection: for answers no HTTP library would send. Returns its URL.
+pub async fn canned_upstream(answer: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // The whole head first (the requests sent here have no body).
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    url
 }

@@ -770,6 +770,36 @@ async fn an_mcp_servers_endpoint_path_is_configured() {
     assert_eq!(up.count(), 1);
 }
 
+/// Regression: a message body with `Content-Encoding: gzip` was parsed as
+/// sent and forwarded with its coding, so a server that decodes request
+/// bodies ran messages Till never read. Refused (415) before the server,
+/// spending nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compressed_message_body_is_refused_before_the_server() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = recording_proxy(&home, &up);
+    let add_once = tools_token(&home, &["add"], Some(1));
+    let call = call_body(1, "add").to_string();
+    for coding in ["gzip", "identity, deflate"] {
+        let (s, v) = at(&proxy)
+            .post(&add_once, &call, &[("content-encoding", coding)])
+            .await;
+        assert_eq!((s, &v["error"]["code"]), (415, &json!(-32600)), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("send the body uncompressed"),
+            "{v}"
+        );
+    }
+    assert_eq!(up.count(), 0, "a compressed body reached the server");
+    // Nothing was spent: the token's one use is still there.
+    let (s, v) = at(&proxy).post(&add_once, &call, &[]).await;
+    assert_eq!((s, &v["path"]), (200, &json!("/mcp")), "{v}");
+}
+
 #[test]
 fn the_cli_issues_inspects_narrows_and_verifies_tool_scopes() {
     let home = Home::new();
