@@ -178,7 +178,7 @@ part "  counts before deciding" 'till::proxy::handler::Counts::current::{{closur
 part "  decide (cached; head and body)" 'till::proxy::handler::Counts::decide::{{closure}}'
 part "  verify (token cache)" 'till::proxy::handler::verify_token'
 part "  token from headers" 'till::proxy::handler::extract_token'
-part "  model from the body" 'till_core::request::model_of'
+part "  model from the body" 'till_core::request::model_of_json_request | till_core::request::model_of'
 part "  body read" 'till::proxy::handler::read_body::{{closure}}'
 part "  path normalisation" 'till_core::path::normalize'
 part "  record (metrics, audit, alerts)" 'till::monitor::Monitor::record'
