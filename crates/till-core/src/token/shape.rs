@@ -44,7 +44,7 @@
 //! Everything Till's own `attenuate` writes, and the usual checks other
 //! Biscuit libraries write (`check if path($p), $p.starts_with("/v1/")`,
 //! `check if time($t), $t <= ...`), fits. The authority block is written by
-//! the operator and is not restricted.
+//! the operator and is restricted only by the request-fact rule above.
 
 use std::collections::HashMap;
 
