@@ -20,6 +20,38 @@ use crate::token::vocab::{NAMED_TARGETS, TOOLS_CALL};
 /// Most messages one batch may hold: each is decided on its own.
 pub const MAX_BATCH: usize = 64;
 
+/// The list methods whose answers Till narrows ([`filter_lists`]) to what
+/// the token may use.
+pub const LISTING: &[&str] = &["tools/list", "prompts/list", "resources/list"];
+
+/// The methods Till treats apart from the rest: those that name a target
+/// (checked against the token's tools, prompts, resources; a `tools/call`
+/// spends a use) and those whose answers it narrows. Every other method is
+/// free and unscoped.
+fn scoped_methods() -> impl Iterator<Item = &'static str> {
+    NAMED_TARGETS
+        .iter()
+        .map(|(m, _, _)| *m)
+        .chain(LISTING.iter().copied())
+}
+
+/// The scoped method `method` is not but could be read as, if any: equal
+/// under [`fold_key`] once surrounding whitespace and control characters
+/// are trimmed (`Tools/Call`, `"tools/call "`). Such a method is free and
+/// unscoped to Till, while a server that normalises method names (case,
+/// `strip()`) runs it as the tool call (red team, wave 2, third pass). The
+/// trim is wider than ASCII whitespace (Python's `str.strip()` also strips
+/// Unicode spaces and `\x1c`–`\x1f`): refusing more costs nothing, no MCP
+/// method starts or ends with either.
+fn near_scoped_method(method: &str) -> Option<&'static str> {
+    if scoped_methods().any(|m| m == method) {
+        return None;
+    }
+    let trimmed = method.trim_matches(|c: char| c.is_whitespace() || c.is_control());
+    let folded = fold_key(trimmed);
+    scoped_methods().find(|m| *m == folded)
+}
+
 /// One JSON-RPC message of a request body.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Message {
@@ -167,6 +199,15 @@ fn message(v: Value) -> Result<Message, ParseError> {
             ));
         }
     };
+    if let Some(scoped) = method.as_deref().and_then(near_scoped_method) {
+        return Err(invalid(
+            id,
+            format!(
+                "the method {:?} is not {scoped:?} but matches it without regard to case or surrounding spaces; MCP servers that normalise method names would run it as {scoped:?}, which Till scopes, so Till refuses the message: spell it {scoped:?}",
+                method.as_deref().unwrap_or_default()
+            ),
+        ));
+    }
     let name_key = method
         .as_deref()
         .and_then(|m| NAMED_TARGETS.iter().find(|(n, _, _)| *n == m))
@@ -552,6 +593,56 @@ mod tests {
                 "{body}: {:?}",
                 parse(body.as_bytes())
             );
+        }
+    }
+
+    /// Regression (red team, wave 2, third pass): a method that differs
+    /// from a scoped one only by case or surrounding spaces was a free,
+    /// unscoped method to Till, and forwarded; a server that normalises
+    /// method names ran `delete_everything`.
+    #[test]
+    fn methods_a_server_could_normalise_to_a_scoped_one_are_refused() {
+        let body = |m: &str| {
+            json!({"jsonrpc":"2.0","id":4,"method":m,"params":{"name":"delete_everything","uri":"res://secret/k"}})
+                .to_string()
+        };
+        for (method, scoped) in [
+            ("Tools/Call", "tools/call"),
+            ("tools/call ", "tools/call"),
+            ("TOOLS/CALL", "tools/call"),
+            ("\ttools/call\n", "tools/call"),
+            ("tools/call\u{a0}", "tools/call"),
+            ("tools/call\u{0}", "tools/call"),
+            ("Prompts/Get", "prompts/get"),
+            (" resources/read", "resources/read"),
+            ("re\u{17f}ources/read", "resources/read"),
+            ("TOOLS/LIST", "tools/list"),
+            ("prompts/list\r", "prompts/list"),
+            ("Resources/List", "resources/list"),
+        ] {
+            match parse(body(method).as_bytes()) {
+                Err(ParseError::Invalid { id, why }) => {
+                    assert_eq!(id, Some(json!(4)), "{method:?}");
+                    assert!(
+                        why.contains(&format!("is not {scoped:?}")),
+                        "{method:?}: {why}"
+                    );
+                }
+                other => panic!("{method:?}: {other:?}"),
+            }
+        }
+        // The exact methods, and methods that only look alike, pass.
+        for method in [
+            "tools/call",
+            "prompts/get",
+            "resources/read",
+            "tools/list",
+            "notifications/initialized",
+            "tools/calls",
+            "tools / call",
+            "ping",
+        ] {
+            assert!(parse(body(method).as_bytes()).is_ok(), "{method:?}");
         }
     }
 

@@ -371,7 +371,7 @@ async fn handle(
         || messages
             .messages
             .iter()
-            .any(|m| LISTING.contains(&m.method.as_deref().unwrap_or("")));
+            .any(|m| rpc::LISTING.contains(&m.method.as_deref().unwrap_or("")));
     // Rate slots are spent; in-flight slots are held until the answer ends.
     let in_flight: Vec<crate::store::window::InFlight> = window_guards
         .into_iter()
@@ -458,9 +458,6 @@ async fn decide_free_off_the_workers(
 
 /// `(method, name)`: whether the token may use a listed entry with the
 /// method that uses it (`tools/call`, `prompts/get`, `resources/read`).
-/// The methods whose answers [`filter_response`] narrows.
-const LISTING: &[&str] = &["tools/list", "prompts/list", "resources/list"];
-
 type MayCall = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 /// Whether the token may use a listed tool, prompt or resource: the

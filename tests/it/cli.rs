@@ -391,8 +391,14 @@ fn forged_facts_in_a_child_block_grant_nothing() {
         &parent,
         &[
             "--datalog",
-            r#"uses(0, 0); use_limit(0, 1000); right("github", "*", "/");"#,
+            r#"use_limit(0, 1000); use_limit(1, 1); right("github", "*", "/");"#,
         ],
+    );
+    // A forged `use_limit` fact is informational only: the limits shown
+    // (and counted in the usage view) come from the `uses` checks.
+    assert_eq!(
+        inspect_json(&child)["blocks"][1]["use_limit"],
+        serde_json::Value::Null
     );
     denied(
         &verify(&h, &child, &["--service", "openai", "--uses", "0=11"]),
@@ -427,18 +433,17 @@ fn forged_facts_in_a_child_block_grant_nothing() {
         serde_json::json!([])
     );
 
-    // Ambient-looking facts are confined to the child block too.
-    let child = attenuate(
-        &parent,
-        &[
-            "--datalog",
-            r#"service("github"); method("GET"); path("/"); time(2000-01-01T00:00:00Z);"#,
-        ],
-    );
-    denied(
-        &verify(&h, &child, &["--service", "github"]),
-        &["no right of the authority block"],
-    );
+    // Request facts may not be stated at all (red team, wave 2, third
+    // pass): see `a_block_stating_a_request_fact_is_refused_by_issue_attenuate_and_verify`.
+    for fact in [
+        "uses(0, 0);",
+        r#"service("github"); method("GET"); path("/"); time(2000-01-01T00:00:00Z);"#,
+    ] {
+        usage_error(
+            &till(["attenuate", "--token", &parent, "--datalog", fact]).run(),
+            &["block 1", "a request fact that only Till supplies"],
+        );
+    }
     // Rules in attenuation blocks are refused outright (block shape limits).
     let o = till([
         "attenuate",
@@ -2074,6 +2079,72 @@ fn verify_json_gives_the_verdict_and_the_reason_with_the_same_exit_codes() {
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(v["allowed"], false);
     assert!(v["reason"].as_str().unwrap().contains("github"), "{v}");
+}
+
+/// Regression (red team, wave 2, third pass): a block stating a request
+/// fact (`uses`, `path`, `time`, ...) satisfies its own checks on it, so it
+/// is shown narrower than it is. `till issue` and `till attenuate` refuse
+/// to write one (exit 2, one line naming the block and the fact); `till
+/// verify` refuses it; `till inspect` reads it with a warning.
+#[test]
+fn a_block_stating_a_request_fact_is_refused_by_issue_attenuate_and_verify() {
+    let h = Home::new();
+    let parent = h.token("openai", Some(100));
+    usage_error(
+        &till(["issue", "--service", "openai", "--datalog", "uses(1, 0);"])
+            .home(&h)
+            .run(),
+        &["block 0", "`uses(...)`", "only Till supplies"],
+    );
+    usage_error(
+        &till([
+            "attenuate",
+            "--token",
+            &parent,
+            "--max-uses",
+            "2",
+            "--datalog",
+            "uses(1, 0);",
+        ])
+        .run(),
+        &["block 1", "`uses(...)`", "only Till supplies"],
+    );
+    usage_error(
+        &till([
+            "attenuate",
+            "--token",
+            &parent,
+            "--path",
+            "/v1/chat/",
+            "--datalog",
+            "path(\"/v1/chat/x\");",
+        ])
+        .run(),
+        &["block 1", "`path(...)`"],
+    );
+    // Written with biscuit-auth, as an agent with another library could.
+    let child = biscuit_auth::UnverifiedBiscuit::from_base64(&parent)
+        .unwrap()
+        .append(
+            biscuit_auth::builder::BlockBuilder::new()
+                .code("uses(1, 0); check if uses(1, $u), $u <= 2;")
+                .unwrap(),
+        )
+        .unwrap()
+        .to_base64()
+        .unwrap();
+    denied(
+        &verify(&h, &child, &["--service", "openai"]),
+        &["block 1", "`uses(...)`"],
+    );
+    let o = till(["inspect", "--token", &child]).run();
+    o.success();
+    assert!(
+        o.stdout
+            .contains("WARNING: block 1 states uses(...) itself"),
+        "{}",
+        o.stdout
+    );
 }
 
 /// Regression: an expiry past 9999-12-31T23:59:59Z (the red team's

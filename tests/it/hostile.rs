@@ -71,6 +71,81 @@ fn attenuation_blocks_outside_the_accepted_shape_are_refused_before_signatures()
         .stderr_has("rules are not allowed");
 }
 
+/// The red team's child (wave 2, third pass): its own facts satisfy its
+/// checks, so it looked like "2 uses, /v1/chat/, GET, expired in 2000" to
+/// `till inspect`, the usage view and alerts, while DELETEs elsewhere
+/// were forwarded (only the parent's 100 uses bounded it).
+const FORGED_CHILD: &str = r#"uses(1, 0); path("/v1/chat/x"); method("GET"); time(2000-01-01T00:00:00Z); use_limit(1, 2); label("looks-narrow"); check if uses(1,$u), $u <= 2; check if path($p), $p.starts_with("/v1/chat/"); check if time($t), $t <= 2000-06-01T00:00:00Z; check if method($m), {"GET"}.contains($m);"#;
+
+/// Regression: a block stating request facts (`uses`, `path`, `method`,
+/// `time`) is refused with 401 `invalid_token` naming the block and the
+/// fact: nothing forwarded, nothing counted, nothing in the usage view;
+/// and `till attenuate` refuses to write it (exit 2).
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_block_stating_request_facts_is_refused() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let parent = home.token("openai", Some(100));
+    let child = append_raw(&parent, FORGED_CHILD);
+    for _ in 0..4 {
+        let r = client()
+            .delete(proxy.url("/openai/v1/files/file-1"))
+            .bearer_auth(&child)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+        let body: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "invalid_token", "{body}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("block 1") && msg.contains("`uses(...)`"),
+            "{msg}"
+        );
+    }
+    assert_eq!(up.count(), 0, "a forged child reached the upstream");
+    let usage = client()
+        .get(proxy.url("/admin/usage"))
+        .bearer_auth(home.admin())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let usage: serde_json::Value = serde_json::from_str(&usage).unwrap();
+    // Only the admin token's own family (its call counts): the forged
+    // child's family was never counted.
+    let family = token::RawToken::parse(&parent).unwrap().revocation_ids()[0].clone();
+    let families = usage["families"].as_array().unwrap();
+    assert!(
+        families.iter().all(|f| f["family"] != family.as_str()),
+        "{usage}"
+    );
+    // The parent is unaffected.
+    assert_eq!(chat(&proxy, &parent, "gpt-4o-mini").await.0, 200);
+
+    till(["attenuate", "--datalog", FORGED_CHILD])
+        .stdin(&parent)
+        .run()
+        .code(2)
+        .stderr_has("block 1")
+        .stderr_has("`uses(...)`");
+    // One request fact alone is enough, whichever.
+    for fact in [
+        "time(2000-01-01T00:00:00Z);",
+        "tool(\"add\");",
+        "in_flight(1, 0);",
+    ] {
+        till(["attenuate", "--datalog", fact])
+            .stdin(&parent)
+            .run()
+            .code(2)
+            .stderr_has("a request fact that only Till supplies");
+    }
+}
+
 /// Regression: an agent attenuated its own token with an expiry the `time`
 /// crate cannot represent (9999-12-31T23:59:59-23:59 is 10000-01-01 in
 /// UTC). Every request with it panicked a worker: no answer, no audit line.

@@ -622,6 +622,52 @@ async fn keys_a_server_reads_without_regard_to_case_are_refused_before_it() {
     assert_eq!(up.count(), 1);
 }
 
+/// Regression (red team, wave 2, third pass): a JSON-RPC method that
+/// differs from `tools/call` (or another method Till scopes) only by case
+/// or surrounding spaces was free and unscoped to Till, and forwarded with
+/// `params.name: "delete_everything"`; a server that normalises method
+/// names runs that tool. Refused (-32600, the request's id), before the
+/// server, nothing spent, whatever the token's state.
+#[tokio::test(flavor = "multi_thread")]
+async fn methods_a_server_could_normalise_to_a_scoped_one_are_refused_before_it() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = recording_proxy(&home, &up);
+    let add_once = tools_token(&home, &["add"], Some(1));
+    let body = |id: u64, method: &str| {
+        json!({"jsonrpc":"2.0","id":id,"method":method,"params":{"name":"delete_everything","arguments":{}}})
+            .to_string()
+    };
+    let near = [
+        "Tools/Call",
+        "tools/call ",
+        "TOOLS/CALL",
+        "Prompts/Get",
+        "Tools/List",
+    ];
+    for (id, method) in (20..).zip(near) {
+        let (s, v) = at(&proxy).post(&add_once, &body(id, method), &[]).await;
+        assert_eq!(
+            (s, &v["error"]["code"], &v["id"]),
+            (400, &json!(-32600), &json!(id)),
+            "{method:?}: {v}"
+        );
+    }
+    assert_eq!(up.count(), 0, "a refused method reached the server");
+
+    // Nothing was spent: the token's one use is still there.
+    let (s, v) = at(&proxy)
+        .post(&add_once, &call_body(2, "add").to_string(), &[])
+        .await;
+    assert_eq!((s, &v["path"]), (200, &json!("/mcp")), "{v}");
+    // Spent, the token is refused such a body the same way.
+    let (s, v) = at(&proxy)
+        .post(&add_once, &body(30, "Tools/Call"), &[])
+        .await;
+    assert_eq!((s, &v["error"]["code"]), (400, &json!(-32600)), "{v}");
+    assert_eq!(up.count(), 1);
+}
+
 /// Sends `method /tools/mcp` with `token` and `rest` (the framing headers,
 /// the blank line and the body) exactly as given, on a connection of its
 /// own; returns the status and the body of the answer.

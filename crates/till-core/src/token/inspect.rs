@@ -359,6 +359,8 @@ fn describe(
         }
     }
 
+    warnings.extend(ambient_warnings(index, block, syms));
+
     let mut source = String::new();
     for f in &block.facts {
         source.push_str(&esc.print_fact(f));
@@ -483,6 +485,28 @@ fn describe(
                 .iter()
                 .any(|c| c.queries.iter().any(|q| !q.scopes.is_empty())),
     }
+}
+
+/// A fact or rule head named after a request fact (`uses`, `path`, ...):
+/// the block's own checks on it could be satisfied by it, so what the
+/// checks are shown to enforce may not hold. The verifier refuses such a
+/// token (`token::shape`); `till inspect` still reads it, and says so.
+fn ambient_warnings(index: usize, block: &Decoded, syms: &SymbolTable) -> Vec<String> {
+    let facts = block.facts.iter().map(|f| f.predicate.name);
+    let heads = block.rules.iter().map(|r| r.head.name);
+    let mut stated: Vec<String> = facts
+        .chain(heads)
+        .map(|n| sym(syms, n))
+        .filter(|n| names::is_ambient(n))
+        .collect();
+    stated.sort();
+    stated.dedup();
+    stated
+        .into_iter()
+        .map(|n| format!(
+            "block {index} states {n}(...) itself, a request fact only Till supplies: its checks on {n} may be satisfied by its own facts rather than by the request, so the limits shown may not hold; Till refuses this token"
+        ))
+        .collect()
 }
 
 fn body_names(syms: &SymbolTable, body: &[Predicate]) -> Vec<String> {
@@ -836,6 +860,38 @@ mod tests {
             v.blocks[0].labels[0],
             "x\"); right(\"github\", \"*\", \"/\"); //"
         );
+    }
+
+    /// A block stating request facts is read back (the verifier refuses
+    /// it), with a warning that its checks may be satisfied by its own
+    /// facts: the limits shown may not hold.
+    #[test]
+    fn a_block_stating_request_facts_is_flagged() {
+        let root = keys::generate();
+        let t = issue(
+            &root,
+            &Scope {
+                services: vec!["openai".into()],
+                ..Scope::default()
+            },
+        )
+        .unwrap();
+        let child = biscuit_auth::UnverifiedBiscuit::from_base64(&t)
+            .unwrap()
+            .append(
+                biscuit_auth::BlockBuilder::new()
+                    .code(r#"uses(1, 0); path("/v1/chat/x"); label("looks-narrow"); check if uses(1, $u), $u <= 2;"#)
+                    .unwrap(),
+            )
+            .unwrap()
+            .to_base64()
+            .unwrap();
+        let v = inspect(&RawToken::parse(&child).unwrap()).unwrap();
+        let w = &v.blocks[1].warnings;
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("block 1 states path(...) itself"), "{w:?}");
+        assert!(w[1].starts_with("block 1 states uses(...) itself"), "{w:?}");
+        assert!(v.blocks[0].warnings.is_empty());
     }
 
     #[test]

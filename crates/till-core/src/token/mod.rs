@@ -188,7 +188,16 @@ pub fn issue_as(
         builder = builder.root_key_id(id);
     }
     let token = builder.build(root).map_err(TokenError::from_biscuit)?;
-    token.to_base64().map_err(TokenError::from_biscuit)
+    refuse_unacceptable(token.to_base64().map_err(TokenError::from_biscuit)?)
+}
+
+/// Refuses to hand out a root token the verifier would refuse: its
+/// authority block is the operator's, restricted only in that it may not
+/// state a request fact (`--datalog 'uses(1, 0)'`), which would satisfy
+/// every block's checks on it.
+fn refuse_unacceptable(text: String) -> Result<String, TokenError> {
+    shape::check(&RawToken::parse(&text)?)?;
+    Ok(text)
 }
 
 /// Same as [`issue`] with a caller-supplied RNG (seeded golden tokens).
@@ -202,7 +211,7 @@ pub fn issue_with_rng<R: rand::RngCore + rand::CryptoRng>(
         .merge(block)
         .build_with_rng(root, biscuit_auth::datalog::SymbolTable::default(), rng)
         .map_err(TokenError::from_biscuit)?;
-    token.to_base64().map_err(TokenError::from_biscuit)
+    refuse_unacceptable(token.to_base64().map_err(TokenError::from_biscuit)?)
 }
 
 /// Appends an attenuation block narrowing `parent` to `scope`. Needs no key
@@ -370,6 +379,29 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, TokenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `issue` refuses an authority block stating a request fact: every
+    /// block's checks see the authority block, so `uses(1, 0)` there
+    /// would satisfy every child's use limit.
+    #[test]
+    fn regression_issue_refuses_a_request_fact() {
+        let root = keys::generate();
+        let scope = |datalog: &str| Scope {
+            services: vec!["openai".into()],
+            datalog: Some(datalog.into()),
+            ..Scope::default()
+        };
+        for (code, name) in [("uses(1, 0);", "uses"), ("path(\"/v1/\");", "path")] {
+            let e = issue(&root, &scope(code)).unwrap_err();
+            assert!(
+                matches!(&e, TokenError::Shape(m) if m.contains(&format!("`{name}(...)`"))),
+                "{code}: {e:?}"
+            );
+            let mut rng = rand::rngs::OsRng;
+            assert!(issue_with_rng(&root, &scope(code), &mut rng).is_err());
+        }
+        assert!(issue(&root, &scope("note(\"x\");")).is_ok());
+    }
 
     #[test]
     fn times_out_of_range_are_errors_not_panics() {

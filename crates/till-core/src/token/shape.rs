@@ -36,10 +36,15 @@
 //! Facts the operator's policies add are not counted: `policies/` is trusted
 //! not to define thousands of facts of one name.
 //!
+//! And in **every** block, the authority block included: no fact and no rule
+//! head named after a request fact ([`names::AMBIENT`]: `uses`, `path`,
+//! `time`, ...). Only the verifier states those; a block stating them could
+//! satisfy its own checks on them.
+//!
 //! Everything Till's own `attenuate` writes, and the usual checks other
 //! Biscuit libraries write (`check if path($p), $p.starts_with("/v1/")`,
 //! `check if time($t), $t <= ...`), fits. The authority block is written by
-//! the operator and is not restricted.
+//! the operator and is restricted only by the request-fact rule above.
 
 use std::collections::HashMap;
 
@@ -148,6 +153,8 @@ fn ops_ok(ops: &[Op]) -> Result<usize, String> {
 struct Decoded {
     facts: Vec<Fact>,
     rules: usize,
+    /// The predicate (symbol) each rule derives.
+    heads: Vec<u64>,
     checks: Vec<Check>,
     /// Symbols this block introduces.
     symbols: SymbolTable,
@@ -161,6 +168,7 @@ fn decode(sb: &schema::SignedBlock) -> Result<Decoded, String> {
         schema::Block::decode(sb.block.as_slice()).map_err(|e| format!("undecodable ({e})"))?;
     let b = proto_block_to_token_block(&pb, None).map_err(|e| format!("undecodable ({e})"))?;
     Ok(Decoded {
+        heads: b.rules.iter().map(|r| r.head.name).collect(),
         facts: b.facts,
         rules: b.rules.len(),
         checks: b.checks,
@@ -198,6 +206,28 @@ fn block_violation(b: &Decoded) -> Result<(), String> {
         }
         for q in &c.queries {
             rule_ok(q)?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a fact or rule head named after a request fact
+/// ([`names::AMBIENT`]): only the verifier states those. A child holding
+/// `uses(1, 0); path("/v1/chat/x")` next to `check if uses(1, $u), $u <= 2`
+/// and `check if path($p), $p.starts_with("/v1/chat/")` satisfied its own
+/// checks, so it was shown (inspect, usage, alerts) with limits it did not
+/// enforce (red team, wave 2, third pass). In every block, the authority
+/// block too: its facts are seen by every block's checks.
+fn ambient_statement(b: &Decoded, table: &SymbolTable) -> Result<(), String> {
+    let facts = b.facts.iter().map(|f| (f.predicate.name, "a fact"));
+    let heads = b.heads.iter().map(|h| (*h, "a rule deriving"));
+    for (sym, what) in facts.chain(heads) {
+        let name = table.print_symbol_default(sym);
+        if names::is_ambient(&name) {
+            return Err(format!(
+                "{what} `{name}(...)`, a request fact that only Till supplies ({}): a block that states it itself could satisfy its own checks on it",
+                names::AMBIENT.join(", ")
+            ));
         }
     }
     Ok(())
@@ -373,18 +403,22 @@ pub fn check(raw: &RawToken) -> Result<(), TokenError> {
         ))
     };
     let proto = raw.proto();
-    let mut blocks = Vec::with_capacity(proto.blocks.len() + 1);
-    for (i, sb) in std::iter::once(&proto.authority)
+    let blocks = std::iter::once(&proto.authority)
         .chain(proto.blocks.iter())
         .enumerate()
-    {
-        let b = decode(sb).map_err(|why| refuse(i, why))?;
-        if i > 0 {
-            block_violation(&b).map_err(|why| refuse(i, why))?;
-        }
-        blocks.push(b);
-    }
+        .map(|(i, sb)| decode(sb).map_err(|why| refuse(i, why)))
+        .collect::<Result<Vec<_>, _>>()?;
     let (counts, tables) = fact_counts(&blocks).map_err(|why| refuse(0, why))?;
+    for (i, (b, table)) in blocks.iter().zip(&tables).enumerate() {
+        ambient_statement(b, table).map_err(|why| {
+            TokenError::Shape(format!(
+                "block {i} is not accepted by Till: it contains {why}. No block may state a request fact"
+            ))
+        })?;
+        if i > 0 {
+            block_violation(b).map_err(|why| refuse(i, why))?;
+        }
+    }
     let mut work: u64 = 0;
     for (i, b) in blocks.iter().enumerate().skip(1) {
         work = work.saturating_add(block_work(i, b, &counts, &tables[i]));
@@ -420,6 +454,86 @@ mod tests {
             .append(biscuit_auth::BlockBuilder::new().code(code).unwrap())
             .unwrap();
         RawToken::parse(&c.to_base64().unwrap()).unwrap()
+    }
+
+    /// The red team's child (wave 2, third pass): its own `uses`, `path`,
+    /// `method` and `time` facts satisfied its checks, so it showed a use
+    /// limit of 2, `/v1/chat/`, `GET` and a 2000 expiry while DELETE
+    /// requests elsewhere passed.
+    const FORGED_CHILD: &str = r#"uses(1, 0); path("/v1/chat/x"); method("GET");
+        time(2000-01-01T00:00:00Z); use_limit(1, 2); label("looks-narrow");
+        check if uses(1, $u), $u <= 2;
+        check if path($p), $p.starts_with("/v1/chat/");
+        check if time($t), $t <= 2000-06-01T00:00:00Z;
+        check if method($m), {"GET"}.contains($m);"#;
+
+    #[test]
+    fn regression_no_block_may_state_a_request_fact() {
+        let e = check(&with_block(FORGED_CHILD)).unwrap_err();
+        let m = e.to_string();
+        assert!(matches!(e, TokenError::Shape(_)), "{e:?}");
+        assert!(
+            m.starts_with("block 1 ") && m.contains("`uses(...)`"),
+            "{m}"
+        );
+        // Every request fact, at any arity, and only those.
+        for name in names::AMBIENT {
+            for fact in [format!("{name}(\"x\")"), format!("{name}(1, 2, 3)")] {
+                let m = check(&with_block(&format!("{fact};")))
+                    .unwrap_err()
+                    .to_string();
+                assert!(m.contains(&format!("`{name}(...)`")), "{fact}: {m}");
+            }
+        }
+        for ok in [
+            r#"use_limit(1, 5); label("x"); rate_limit(1, 5, 60); concurrency_limit(1, 2);"#,
+            r#"right("openai", "*", "/"); resources("x"); paths("/"); user("u");"#,
+        ] {
+            assert!(
+                check(&with_block(ok)).is_ok(),
+                "{ok}: {:?}",
+                check(&with_block(ok))
+            );
+        }
+    }
+
+    /// The authority block may hold rules (it is the operator's), but not
+    /// one deriving a request fact, nor such a fact: every block's checks
+    /// see the authority block.
+    #[test]
+    fn regression_the_authority_block_may_not_state_a_request_fact_either() {
+        let authority = |code: &str| {
+            let t = biscuit_auth::Biscuit::builder()
+                .code(code)
+                .unwrap()
+                .build(&keys::generate())
+                .unwrap();
+            RawToken::parse(&t.to_base64().unwrap()).unwrap()
+        };
+        let base = r#"right("openai", "*", "/");"#;
+        assert!(check(&authority(base)).is_ok());
+        assert!(
+            check(&authority(&format!(
+                "{base} allowed($s) <- right($s, $m, $p);"
+            )))
+            .is_ok()
+        );
+        for (code, name) in [
+            ("time(2000-01-01T00:00:00Z);", "time"),
+            (
+                "uses($k, 0) <- right($s, $m, $p), use_limit($k, $n);",
+                "uses",
+            ),
+            ("model(\"gpt-4o-mini\") <- right($s, $m, $p);", "model"),
+        ] {
+            let m = check(&authority(&format!("{base} {code}")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                m.starts_with("block 0 ") && m.contains(&format!("`{name}(...)`")),
+                "{code}: {m}"
+            );
+        }
     }
 
     #[test]

@@ -50,6 +50,23 @@ pub mod names {
     pub const PROMPT: &str = "prompt";
     /// `resource($uri)`: the resource an MCP `resources/read` message names.
     pub const RESOURCE: &str = "resource";
+
+    /// The request facts the verifier supplies ([`super::RequestFacts`] and
+    /// [`super::add_windows_to`]). Only the verifier may state them: a
+    /// block holding `uses(1, 0)` or `path("/v1/chat/x")` itself would
+    /// satisfy its own checks on them (a check needs one matching fact, and
+    /// a block's checks see its own facts), so it would look narrow to
+    /// `till inspect`, the usage view and alerts while enforcing nothing.
+    /// `token::shape` refuses a fact or rule head of any of these names in
+    /// every block.
+    pub const AMBIENT: &[&str] = &[
+        USES, RATE, IN_FLIGHT, SERVICE, METHOD, PATH, MODEL, TIME, MCP, TOOL, PROMPT, RESOURCE,
+    ];
+
+    /// Whether `name` is one of the [`AMBIENT`] request facts.
+    pub fn is_ambient(name: &str) -> bool {
+        AMBIENT.contains(&name)
+    }
 }
 
 /// The MCP method whose messages spend a use and are checked against the
@@ -629,4 +646,41 @@ pub(crate) fn add_windows_to(
             .map_err(e)?;
     }
     Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`names::AMBIENT`] is what the shape check refuses blocks to state:
+    /// it must name every fact the verifier supplies, or a block could
+    /// forge the one left out.
+    #[test]
+    fn ambient_names_every_fact_the_verifier_supplies() {
+        let mut supplied = BTreeSet::new();
+        for (method, _, _) in NAMED_TARGETS {
+            let req = RequestFacts {
+                service: "s".into(),
+                method: "POST".into(),
+                path: "/".into(),
+                model: Some("m".into()),
+                mcp: Some(McpMessage {
+                    method: (*method).into(),
+                    name: Some("n".into()),
+                }),
+                time: SystemTime::now(),
+            };
+            let a = req
+                .add_to(biscuit_auth::AuthorizerBuilder::new(), &[1, 2])
+                .and_then(|a| add_windows_to(a, &[(0, 60, 1)], &[(0, 1)]))
+                .unwrap();
+            for line in a.dump_code().lines() {
+                if let Some((name, _)) = line.split_once('(') {
+                    supplied.insert(name.trim().to_string());
+                }
+            }
+        }
+        let ambient: BTreeSet<String> = names::AMBIENT.iter().map(|n| n.to_string()).collect();
+        assert_eq!(supplied, ambient);
+    }
 }
