@@ -563,8 +563,12 @@ impl EmbeddedStore {
 
     /// The wait of a reservation holding blocks first seen by a reservation
     /// not yet re-checked: awaited only once the request was re-checked, it
-    /// queues their metadata for the writer, then waits for the batch that
-    /// writes it too, so a block counted on disk has its metadata there.
+    /// queues their metadata *and their count marks* (which `reserve` holds
+    /// back for such blocks) for the writer, then waits for the batch that
+    /// writes them. So a block counted on disk has its metadata there, and
+    /// a request refused because that batch failed (503) leaves no use
+    /// counted: written in an earlier batch, the mark of a request answered
+    /// 503 survived a restart.
     fn confirm_then_wait(
         &self,
         ids: Vec<String>,
@@ -572,21 +576,29 @@ impl EmbeddedStore {
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         let this = self.clone();
         async move {
-            let queued_in = {
-                let mut st = lock(&this.shared.state);
-                let mut moved = false;
+            let (wait, wake) = {
+                let mut guard = lock(&this.shared.state);
+                let st = &mut *guard;
+                let next = st.next_epoch;
+                let mut wait = epoch;
+                let mut wake = false;
                 for id in &ids {
                     if let Some(m) = st.tentative.remove(id) {
                         st.pending_meta.push(m);
-                        moved = true;
+                        wait = wait.max(next);
+                        wake = true;
+                    }
+                    if let Some(e) = mark_held_back(st, id, next) {
+                        wait = wait.max(e);
+                        wake |= e == next;
                     }
                 }
-                if moved { st.next_epoch } else { 0 }
+                (wait, wake)
             };
-            if queued_in > 0 {
+            if wake {
                 this.shared.wake.notify_one();
             }
-            this.wait_epoch(epoch.max(queued_in)).await
+            this.wait_epoch(wait).await
         }
         .boxed()
     }
@@ -609,6 +621,38 @@ impl EmbeddedStore {
         }
         .boxed()
     }
+}
+
+/// The epoch that makes block `id`'s count durable, queuing its mark for
+/// epoch `next` if no mark asked for covers it; `None` if it is durable.
+fn mark_held_back(st: &mut State, id: &str, next: u64) -> Option<u64> {
+    let i = st.blocks.find(id)?;
+    let e = st.blocks.slot(i);
+    if e.count <= e.durable {
+        return None;
+    }
+    if let Some(a) = st.asked.get(&i)
+        && e.count <= a.requested
+    {
+        return Some(a.epoch);
+    }
+    let (requested, expires) = (e.count + lease(e.limit(), e.count), e.expires);
+    st.asked.insert(
+        i,
+        Asked {
+            requested,
+            epoch: next,
+        },
+    );
+    let p = st.pending.entry(id.to_string()).or_insert(Pending {
+        value: requested,
+        expires,
+        exact: false,
+    });
+    p.value = p.value.max(requested);
+    p.expires = expires;
+    p.exact = false;
+    Some(next)
 }
 
 /// The wait of a count already durable (within a lease written earlier, as
@@ -886,6 +930,12 @@ impl CounterStore for EmbeddedStore {
                     e.expires.max(expires)
                 };
                 uses.push(e.count);
+                if confirm && st.tentative.contains_key(&c.id) {
+                    // Its mark goes with its metadata, once the request
+                    // is re-checked (`confirm_then_wait`).
+                    continue;
+                }
+                let e = st.blocks.slot_mut(i);
                 let lease = lease(e.limit(), e.count);
                 let must_wait = if e.count <= e.durable {
                     // Renewal ahead: with a quarter of the lease left, ask
@@ -1226,6 +1276,39 @@ mod tests {
             "durable mark {on_disk} below 50 granted uses"
         );
         assert!(on_disk <= 50 + MAX_LEASE);
+    }
+
+    /// Regression: a new block's count mark was queued at the reservation,
+    /// its metadata only once the request was re-checked, so the two could
+    /// land in different batches: with the second failing (full disk), the
+    /// request got 503 and its use was on disk after the restart. The mark
+    /// now goes with the metadata, and a request refused before that
+    /// leaves no count on disk at all.
+    #[tokio::test]
+    async fn a_new_blocks_count_goes_to_disk_only_with_its_confirmation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        let on_disk = |id: &str| {
+            let r = s.shared.db.begin_read().unwrap();
+            let t = r.open_table(COUNTERS).unwrap();
+            t.get(id).unwrap().map(|v| v.value().0)
+        };
+        let fresh = s.reserve(&[spec("fresh", Some(1))]).await.unwrap();
+        // Another request's batch is committed meanwhile.
+        s.reserve(&[spec("other", Some(10))])
+            .await
+            .unwrap()
+            .durable
+            .await
+            .unwrap();
+        assert!(on_disk("other").is_some());
+        assert_eq!(
+            on_disk("fresh"),
+            None,
+            "counted before its request was re-checked"
+        );
+        fresh.durable.await.unwrap();
+        assert_eq!(on_disk("fresh"), Some(1));
     }
 
     /// Regression: every use past the durable mark waited for the commit
