@@ -1554,6 +1554,73 @@ fn listen_accepts_a_bare_port_and_localhost() {
     o.code(2).stderr_has("IP:PORT, localhost:PORT or :PORT");
 }
 
+/// A loopback port that was free a moment ago, for a flag that must name a
+/// real port (port 0 would be recorded as 0).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Regression (red team, wave 2, third pass): `till up --listen ADDR` (or
+/// `TILL_LISTEN`) on a new home wrote `listen = "127.0.0.1:8787"` into the
+/// till.toml it created, so `till usage`, `till revoke` and `till reload`
+/// went to 8787, not to the proxy they were run for.
+#[test]
+fn regression_till_up_records_the_listen_address_it_was_given_in_its_new_till_toml() {
+    for how in ["--listen", "TILL_LISTEN"] {
+        let home = Home::empty();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let cfg = home.path().join("till.toml");
+        let started = match how {
+            "--listen" => Proxy::spawn(&home, &["up", "--listen", &addr], &cfg),
+            _ => Proxy::spawn_env(&home, &["up"], &cfg, &[("TILL_LISTEN", &addr)]),
+        };
+        let p = started.unwrap_or_else(|e| panic!("till up with {how} {addr}: {e}"));
+        assert_eq!(p.addr.to_string(), addr, "{how}");
+        let text = fs::read_to_string(&cfg).unwrap();
+        assert!(
+            text.contains(&format!("listen = \"{addr}\"")),
+            "{how}: till.toml does not record {addr}:\n{text}"
+        );
+        till(["usage"]).home(&home).run().success();
+        till(["reload"])
+            .home(&home)
+            .run()
+            .success()
+            .stdout_has("reloaded");
+    }
+}
+
+/// When the address comes from till.toml (or the default) and the proxy
+/// there does not know the admin token's root key, the error says it may
+/// be another Till and how to name the right one.
+#[test]
+fn an_admin_command_answered_by_another_till_suggests_url() {
+    let other_home = Home::new();
+    let other = Proxy::start(&other_home, &[], "");
+    let mine = Home::new();
+    mine.write("admin.token", &mine.admin());
+    mine.write("till.toml", &format!("listen = \"{}\"\n", other.addr));
+    for cmd in ["usage", "reload"] {
+        let o = till([cmd]).home(&mine).run();
+        usage_error(
+            &o,
+            &[
+                "does not verify",
+                "may be another Till",
+                "--url or TILL_URL",
+            ],
+        );
+    }
+    // An address given with --url is the operator's own choice: the plain answer.
+    let o = till(["usage", "--url", &other.url("")]).home(&mine).run();
+    let err = usage_error(&o, &["does not verify"]);
+    assert!(!err.contains("another Till"), "{err}");
+}
+
 /// Regression: the banner of `till serve` told to run `till issue`, which
 /// looks in ./.till, not in the config's state_dir.
 #[test]
