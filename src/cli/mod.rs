@@ -159,7 +159,7 @@ Stop the proxy before exporting from or importing into the embedded store (its f
 
 /// Parses the command line and runs it; returns the process exit code.
 pub fn main() -> ExitCode {
-    let parsed = Cli::command()
+    let parsed = command()
         .try_get_matches()
         .and_then(|m| Ok((Cli::from_arg_matches(&m)?, m)));
     let (cli, matches) = match parsed {
@@ -181,6 +181,29 @@ pub fn main() -> ExitCode {
             ExitCode::from(EXIT_USAGE)
         }
     }
+}
+
+/// Commands that take no `--home` ([`home_is_used`] says why).
+const REFUSE_HOME: [&str; 3] = ["serve", "inspect", "attenuate"];
+
+/// The parser: [`Cli`], with a hidden `--home` of their own on the commands
+/// that refuse it. The global `--home` would otherwise be copied into their
+/// help as if it did something there; clap copies a global into no command
+/// that has an argument of that name, and a `--home` given to them still
+/// reaches [`home_is_used`] and its explanation.
+fn command() -> clap::Command {
+    REFUSE_HOME.into_iter().fold(Cli::command(), |cli, name| {
+        cli.mut_subcommand(name, |sub| {
+            sub.arg(
+                clap::Arg::new("home")
+                    .long("home")
+                    .value_name("HOME")
+                    // The global's type: clap hands values between the two.
+                    .value_parser(clap::value_parser!(PathBuf))
+                    .hide(true),
+            )
+        })
+    })
 }
 
 /// Writes to stdout for [`out!`] and [`outln!`].
@@ -242,5 +265,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Usage(a) => usage::run(&home, a),
         Command::Reload(a) => reload::run(&home, a),
         Command::Store(a) => store::run(&home, a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parser_is_well_formed() {
+        command().debug_assert();
+    }
+
+    /// Help of `till <name>`, as `--help` prints it.
+    fn help(name: &str) -> String {
+        let mut cli = command();
+        cli.build();
+        cli.find_subcommand_mut(name)
+            .unwrap()
+            .render_long_help()
+            .to_string()
+    }
+
+    #[test]
+    fn home_is_in_the_help_of_the_commands_that_take_it_only() {
+        for name in REFUSE_HOME {
+            assert!(!help(name).contains("--home"), "till {name} --help");
+        }
+        for name in ["issue", "up", "usage", "verify"] {
+            assert!(help(name).contains("--home"), "till {name} --help");
+        }
     }
 }

@@ -1674,6 +1674,47 @@ fn home_flag_is_refused_where_it_does_nothing() {
     till(["inspect", "--token", &t]).home(&h).run().success();
 }
 
+/// Regression (red team, wave 2, third pass): `--home` is global, so the
+/// help of `serve`, `inspect` and `attenuate` listed it although passing it
+/// to them is always an error. Their help leaves it out; the commands that
+/// use it, nested ones included, still list it.
+#[test]
+fn help_lists_home_only_where_it_is_accepted() {
+    for cmd in ["serve", "inspect", "attenuate"] {
+        let o = till([cmd, "--help"]).run();
+        o.success();
+        assert!(
+            !o.stdout.contains("--home"),
+            "till {cmd} --help:\n{}",
+            o.stdout
+        );
+        assert!(
+            !o.stdout.contains("TILL_HOME"),
+            "till {cmd} --help:\n{}",
+            o.stdout
+        );
+    }
+    for args in [
+        vec!["issue", "--help"],
+        vec!["up", "--help"],
+        vec!["usage", "--help"],
+        vec!["key", "list", "--help"],
+        vec!["store", "export", "--help"],
+    ] {
+        till(&args)
+            .run()
+            .success()
+            .stdout_has("--home <HOME>")
+            .stdout_has("[env: TILL_HOME=]");
+    }
+    // Accepted before or after the command, as before.
+    let h = Home::new();
+    let dir = h.path().to_str().unwrap();
+    for args in [vec!["--home", dir, "pubkey"], vec!["pubkey", "--home", dir]] {
+        till(&args).run().success().stdout_has("ed25519/");
+    }
+}
+
 /// Issue and attenuate warn about tokens that can never succeed, a child
 /// promised more uses than its parent, and a root token without bounds;
 /// `--strict` refuses them.
