@@ -112,7 +112,8 @@ service, method, path or model its parent cannot reach), or --max-uses is above 
     #[command(after_help = "Example:\n  \
 till verify --public-key \"$(till pubkey)\" --service openai --method POST \\\n    \
 --path /v1/chat/completions --model gpt-4o-mini agent.token\n  \
-# prints `allowed` (exit 0) or `denied: <reason>` (exit 1); --json for {\"allowed\", \"reason\"}")]
+# prints `allowed` (exit 0) or `denied: <reason>` (exit 1); with --json,
+  # {\"allowed\":true} or {\"allowed\":false,\"reason\":\"<reason>\"} (same exit codes)")]
     Verify(verify::VerifyArgs),
     /// Start the proxy with embedded defaults, creating TILL_HOME if needed.
     #[command(after_help = "Examples:\n  \
@@ -138,12 +139,21 @@ till usage agent.token             # the family of this token\n  \
 till usage 0f17ec1a7a9a            # the family of this block (a unique id prefix)\n  \
 till usage --json")]
     Usage(usage::UsageArgs),
-    /// Re-read the running proxy's config file and upstream credentials, without a restart.
+    /// Re-read the running proxy's upstreams, their credentials and the root key set, without a
+    /// restart.
     #[command(after_help = "Examples:\n  \
 printf '%s\\n' \"$NEW_KEY\" > /etc/till/openai-api-key && till reload\n  \
 kill -HUP \"$(pidof till)\"             # the same, by signal (outcome in the proxy's log)\n  \
 till reload --json\n\n\
-Reloads the [upstreams] tables and their credentials; other keys take effect at restart.\n\
+What a reload applies:\n  \
+- the [upstreams.NAME] tables, every key of them (url, credential, header, prefix, set_headers,\n    \
+pass_headers, api, forward_auth_credential, forward_auth_secret), upstreams added or removed;\n    \
+credential files and forward-auth secrets are read again\n  \
+- the root key set of the state directory (after `till keygen --rotate`, `till key retire`)\n  \
+- the audit file is opened again by its name (log rotation)\n\
+Other keys (listen, admin_listen, state_dir, policies, store, [limits], [audit], [alerts], ...)\n\
+take effect at restart; a reload that finds some changed names them. A variable named by\n\
+{ env = \"VAR\" } keeps its value: a running process's environment does not change.\n\
 If the new configuration is invalid, the proxy keeps the previous one and this exits 2.")]
     Reload(reload::ReloadArgs),
     /// Move counts, block metadata, retired ids and revocations between stores (embedded, Redis).

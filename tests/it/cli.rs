@@ -2184,6 +2184,34 @@ fn verify_json_gives_the_verdict_and_the_reason_with_the_same_exit_codes() {
     assert!(v["reason"].as_str().unwrap().contains("github"), "{v}");
 }
 
+/// Regression (red team, wave 2, third pass): `till verify --help` showed
+/// `{"allowed": true}` while `--json` prints `{"allowed":true}`, and
+/// `till reload --help` said only upstreams and their credentials reload,
+/// while the root key set (and every upstream key, forward-auth ones
+/// included) reloads too and the audit file is reopened.
+#[test]
+fn help_shows_verify_json_as_printed_and_all_that_a_reload_applies() {
+    let h = Home::new();
+    let t = issue(&h, &["--service", "openai", "--max-uses", "2"]);
+    let yes = verify(&h, &t, &["--service", "openai", "--json"]).out();
+    let no = verify(&h, &t, &["--service", "github", "--json"]).out();
+    let no_prefix = &no[..no.find("\"reason\":").unwrap() + "\"reason\":".len()];
+    let help = till(["verify", "--help"]).run();
+    help.success().stdout_has(&yes).stdout_has(no_prefix);
+    let help = till(["reload", "--help"]).run();
+    help.success();
+    for s in [
+        "root key set",
+        "forward_auth_secret",
+        "set_headers",
+        "credential files and forward-auth secrets are read again",
+        "audit file",
+        "take effect at restart",
+    ] {
+        help.stdout_has(s);
+    }
+}
+
 /// Regression: an expiry past 9999-12-31T23:59:59Z (the red team's
 /// `$t <= 9999-12-31T23:59:59-23:59`, 10000-01-01 in UTC) panicked inside
 /// the `time` crate: `inspect` and `verify` exited 101, `attenuate
