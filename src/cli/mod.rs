@@ -22,6 +22,7 @@ mod input;
 mod inspect;
 mod issue;
 mod keys;
+mod open_files;
 mod reload;
 mod revoke;
 mod serve;

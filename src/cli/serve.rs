@@ -204,6 +204,9 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
     let (mut cfg, raw) = proxy::reload::read(&path)?;
     overrides(&mut cfg)?;
     init_logging();
+    // Before anything is opened: descriptors beyond the old soft limit
+    // would fail from the first connections on.
+    super::open_files::raise_and_check(&cfg);
     let key_path = cfg.state_dir.join(keys::ROOT_KEY_FILE);
     if !KeySet::exists(&cfg.state_dir) {
         bail!(

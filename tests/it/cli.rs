@@ -1621,6 +1621,75 @@ fn an_admin_command_answered_by_another_till_suggests_url() {
     assert!(!err.contains("another Till"), "{err}");
 }
 
+/// The soft and hard open-file limits of process `pid`.
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("no open-file limit in:\n{limits}"));
+    let mut n = line["Max open files".len()..].split_whitespace();
+    (n.next().unwrap().into(), n.next().unwrap().into())
+}
+
+/// Regression (red team, wave 2, third pass): nothing raised the soft
+/// open-file limit, so `till up` from an ordinary shell (soft 1024) let one
+/// token holder's connections take every descriptor well below
+/// `max_connections`, and other agents got 502 "Too many open files" after
+/// their use was counted. The soft limit is raised to the hard one at start.
+#[test]
+fn regression_serve_raises_the_soft_open_file_limit_to_the_hard_one() {
+    let home = Home::new();
+    let cfg = home.write(
+        "till.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n[limits]\nmax_connections = 100\n",
+            home.path().to_str().unwrap()
+        ),
+    );
+    let p = Proxy::spawn_via(
+        &home,
+        &["prlimit", "--nofile=64:4096", "--"],
+        "info",
+        &["serve", "--config", cfg.to_str().unwrap()],
+        &cfg,
+    )
+    .expect("till serve starts under a soft limit of 64");
+    assert_eq!(open_file_limits(p.pid()), ("4096".into(), "4096".into()));
+    let logs = p.logs();
+    assert!(logs.contains("raised the open-file limit"), "{logs}");
+    // 4096 serve 100 connections: nothing to warn about.
+    assert!(!logs.contains("WARN"), "{logs}");
+}
+
+/// Under a hard limit below what `max_connections` may need, `till up`
+/// says so at start, naming both numbers and how to raise the limit.
+#[test]
+fn a_hard_open_file_limit_below_max_connections_is_warned_about_at_start() {
+    let home = Home::empty();
+    let cfg = home.path().join("till.toml");
+    let p = Proxy::spawn_via(
+        &home,
+        &["prlimit", "--nofile=64:64", "--"],
+        "info",
+        &["up", "--listen", "127.0.0.1:0"],
+        &cfg,
+    )
+    .expect("till up starts under a hard limit of 64");
+    assert_eq!(open_file_limits(p.pid()), ("64".into(), "64".into()));
+    let logs = p.logs();
+    // The default max_connections, 4096: two descriptors each, 64 for the rest.
+    for s in [
+        "WARN",
+        "the open-file limit (RLIMIT_NOFILE) is 64, below the 8256",
+        "limits.max_connections = 4096",
+        "ulimit -n 8256",
+        "LimitNOFILE=8256",
+    ] {
+        assert!(logs.contains(s), "the log lacks {s:?}:\n{logs}");
+    }
+}
+
 /// Regression: the banner of `till serve` told to run `till issue`, which
 /// looks in ./.till, not in the config's state_dir.
 #[test]
