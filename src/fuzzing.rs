@@ -369,7 +369,11 @@ fn request_seeds() -> Vec<Vec<u8>> {
 
 fn config_seeds() -> Vec<Vec<u8>> {
     let mut out = vec![
-        crate::proxy::config::default_file(std::path::Path::new(".till")).into_bytes(),
+        crate::proxy::config::default_file(
+            std::path::Path::new(".till"),
+            crate::proxy::config::default_listen(),
+        )
+        .into_bytes(),
         br#"listen = "127.0.0.1:8787"
 state_dir = ".till"
 policies = "policies"

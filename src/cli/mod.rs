@@ -22,6 +22,7 @@ mod input;
 mod inspect;
 mod issue;
 mod keys;
+mod open_files;
 mod reload;
 mod revoke;
 mod serve;
@@ -112,7 +113,8 @@ service, method, path or model its parent cannot reach), or --max-uses is above 
     #[command(after_help = "Example:\n  \
 till verify --public-key \"$(till pubkey)\" --service openai --method POST \\\n    \
 --path /v1/chat/completions --model gpt-4o-mini agent.token\n  \
-# prints `allowed` (exit 0) or `denied: <reason>` (exit 1); --json for {\"allowed\", \"reason\"}")]
+# prints `allowed` (exit 0) or `denied: <reason>` (exit 1); with --json,
+  # {\"allowed\":true} or {\"allowed\":false,\"reason\":\"<reason>\"} (same exit codes)")]
     Verify(verify::VerifyArgs),
     /// Start the proxy with embedded defaults, creating TILL_HOME if needed.
     #[command(after_help = "Examples:\n  \
@@ -138,12 +140,21 @@ till usage agent.token             # the family of this token\n  \
 till usage 0f17ec1a7a9a            # the family of this block (a unique id prefix)\n  \
 till usage --json")]
     Usage(usage::UsageArgs),
-    /// Re-read the running proxy's config file and upstream credentials, without a restart.
+    /// Re-read the running proxy's upstreams, their credentials and the root key set, without a
+    /// restart.
     #[command(after_help = "Examples:\n  \
 printf '%s\\n' \"$NEW_KEY\" > /etc/till/openai-api-key && till reload\n  \
 kill -HUP \"$(pidof till)\"             # the same, by signal (outcome in the proxy's log)\n  \
 till reload --json\n\n\
-Reloads the [upstreams] tables and their credentials; other keys take effect at restart.\n\
+What a reload applies:\n  \
+- the [upstreams.NAME] tables, every key of them (url, credential, header, prefix, set_headers,\n    \
+pass_headers, api, forward_auth_credential, forward_auth_secret), upstreams added or removed;\n    \
+credential files and forward-auth secrets are read again\n  \
+- the root key set of the state directory (after `till keygen --rotate`, `till key retire`)\n  \
+- the audit file is opened again by its name (log rotation)\n\
+Other keys (listen, admin_listen, state_dir, policies, store, [limits], [audit], [alerts], ...)\n\
+take effect at restart; a reload that finds some changed names them. A variable named by\n\
+{ env = \"VAR\" } keeps its value: a running process's environment does not change.\n\
 If the new configuration is invalid, the proxy keeps the previous one and this exits 2.")]
     Reload(reload::ReloadArgs),
     /// Move counts, block metadata, retired ids and revocations between stores (embedded, Redis).
@@ -159,7 +170,7 @@ Stop the proxy before exporting from or importing into the embedded store (its f
 
 /// Parses the command line and runs it; returns the process exit code.
 pub fn main() -> ExitCode {
-    let parsed = Cli::command()
+    let parsed = command()
         .try_get_matches()
         .and_then(|m| Ok((Cli::from_arg_matches(&m)?, m)));
     let (cli, matches) = match parsed {
@@ -181,6 +192,29 @@ pub fn main() -> ExitCode {
             ExitCode::from(EXIT_USAGE)
         }
     }
+}
+
+/// Commands that take no `--home` ([`home_is_used`] says why).
+const REFUSE_HOME: [&str; 3] = ["serve", "inspect", "attenuate"];
+
+/// The parser: [`Cli`], with a hidden `--home` of their own on the commands
+/// that refuse it. The global `--home` would otherwise be copied into their
+/// help as if it did something there; clap copies a global into no command
+/// that has an argument of that name, and a `--home` given to them still
+/// reaches [`home_is_used`] and its explanation.
+fn command() -> clap::Command {
+    REFUSE_HOME.into_iter().fold(Cli::command(), |cli, name| {
+        cli.mut_subcommand(name, |sub| {
+            sub.arg(
+                clap::Arg::new("home")
+                    .long("home")
+                    .value_name("HOME")
+                    // The global's type: clap hands values between the two.
+                    .value_parser(clap::value_parser!(PathBuf))
+                    .hide(true),
+            )
+        })
+    })
 }
 
 /// Writes to stdout for [`out!`] and [`outln!`].
@@ -242,5 +276,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Usage(a) => usage::run(&home, a),
         Command::Reload(a) => reload::run(&home, a),
         Command::Store(a) => store::run(&home, a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parser_is_well_formed() {
+        command().debug_assert();
+    }
+
+    /// Help of `till <name>`, as `--help` prints it.
+    fn help(name: &str) -> String {
+        let mut cli = command();
+        cli.build();
+        cli.find_subcommand_mut(name)
+            .unwrap()
+            .render_long_help()
+            .to_string()
+    }
+
+    #[test]
+    fn home_is_in_the_help_of_the_commands_that_take_it_only() {
+        for name in REFUSE_HOME {
+            assert!(!help(name).contains("--home"), "till {name} --help");
+        }
+        for name in ["issue", "up", "usage", "verify"] {
+            assert!(help(name).contains("--home"), "till {name} --help");
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! `till reload`: ask the running proxy to re-read its config file and its
-//! upstreams' credentials (`POST /admin/reload`), e.g. after rotating a key.
+//! `till reload`: ask the running proxy to re-read its config file, its
+//! upstreams' credentials and its root key set (`POST /admin/reload`), e.g.
+//! after rotating a key; `proxy::reload` says what is applied.
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -28,6 +28,17 @@ pub struct AdminArgs {
     pub admin_token: Option<String>,
 }
 
+/// A 401 for an admin token signed by a root key the proxy does not have:
+/// with the address taken from till.toml or the default, most likely
+/// another Till listening there (one started with `--listen` elsewhere, or
+/// from another TILL_HOME).
+fn wrong_root_key(status: reqwest::StatusCode, v: &Value) -> bool {
+    status == reqwest::StatusCode::UNAUTHORIZED
+        && v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("token signature does not verify"))
+}
+
 impl AdminArgs {
     /// The proxy's base URL and where it came from (for error messages).
     fn base_url(&self, home: &Path) -> anyhow::Result<(String, String)> {
@@ -164,6 +175,11 @@ impl AdminArgs {
                 if unknown_key(status, &v) {
                     bail!(
                         "proxy answered {status}: {msg} (after `till keygen --rotate`: make the proxy read the new key set with SIGHUP, e.g. kill -HUP $(pidof till), or a restart)"
+                    );
+                }
+                if wrong_root_key(status, &v) && self.url.is_none() {
+                    bail!(
+                        "proxy answered {status}: {msg}. {base} (from {from}) may be another Till, not the one this admin token belongs to: pass your proxy's address (its `till: listening on` line) with --url or TILL_URL"
                     );
                 }
                 if status.is_redirection() {

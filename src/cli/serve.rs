@@ -97,7 +97,10 @@ fn ensure_admin_token(state_dir: &Path, keys: &KeySet) -> anyhow::Result<()> {
 }
 
 /// Creates what is missing in `home`: root key, admin token, till.toml.
-fn bootstrap(home: &Path) -> anyhow::Result<()> {
+/// A new till.toml listens on `listen` (`--listen` / `TILL_LISTEN`) when
+/// given: the admin commands find the proxy through the file, and a file
+/// naming the default address sent them to whatever else listens there.
+fn bootstrap(home: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
     let key_path = home.join(keys::ROOT_KEY_FILE);
     // After a rotation key 0 may be retired and its file shredded: the
@@ -109,7 +112,8 @@ fn bootstrap(home: &Path) -> anyhow::Result<()> {
     ensure_admin_token(home, &KeySet::load(home)?)?;
     let cfg_path = home.join(CONFIG_FILE);
     if !cfg_path.exists() {
-        std::fs::write(&cfg_path, config::default_file(home))
+        let listen = listen.unwrap_or_else(config::default_listen);
+        std::fs::write(&cfg_path, config::default_file(home, listen))
             .with_context(|| format!("cannot write {}", cfg_path.display()))?;
         eprintln!("till: created config {}", cfg_path.display());
     }
@@ -117,7 +121,7 @@ fn bootstrap(home: &Path) -> anyhow::Result<()> {
 }
 
 pub fn up(home: &Path, a: UpArgs) -> anyhow::Result<ExitCode> {
-    bootstrap(home)?;
+    bootstrap(home, a.listen)?;
     let path = home.join(CONFIG_FILE);
     let home = home.to_path_buf();
     // Applied again by every reload, so a reload sees what a restart would.
@@ -200,6 +204,9 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
     let (mut cfg, raw) = proxy::reload::read(&path)?;
     overrides(&mut cfg)?;
     init_logging();
+    // Before anything is opened: descriptors beyond the old soft limit
+    // would fail from the first connections on.
+    super::open_files::raise_and_check(&cfg);
     let key_path = cfg.state_dir.join(keys::ROOT_KEY_FILE);
     if !KeySet::exists(&cfg.state_dir) {
         bail!(

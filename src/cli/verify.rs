@@ -85,7 +85,8 @@ pub struct VerifyArgs {
     /// Evaluate at this instant (RFC 3339) instead of now.
     #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
-    /// Print {"allowed": true} or {"allowed": false, "reason": ...} instead of text (same exit codes).
+    /// Print {"allowed":true} or {"allowed":false,"reason":"<reason>"} instead of text (same
+    /// exit codes).
     #[arg(long)]
     pub json: bool,
 }

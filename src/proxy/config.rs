@@ -22,7 +22,8 @@ pub struct ConfigError {
     pub message: String,
 }
 
-fn default_listen() -> SocketAddr {
+/// Where the proxy listens when neither the config nor `--listen` says.
+pub fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8787))
 }
 fn default_state_dir() -> PathBuf {
@@ -1195,12 +1196,14 @@ fn shown_unparsed_url(raw: &str) -> String {
     }
 }
 
-/// The `till.toml` that `till up` writes on first start.
-pub fn default_file(state_dir: &Path) -> String {
+/// The `till.toml` that `till up` writes on first start. `listen` is the
+/// address that start was asked for: `till usage`, `till revoke` and
+/// `till reload` find the proxy through this file, not through the flag.
+pub fn default_file(state_dir: &Path, listen: SocketAddr) -> String {
     format!(
         r#"# Till proxy configuration (created by `till up`; edit freely).
 # Relative paths are relative to the directory you run till from.
-listen = "127.0.0.1:8787"
+listen = "{listen}"
 # `till up` keeps its state in TILL_HOME ({state}); `till serve --config` uses:
 state_dir = {state:?}
 # Directory of *.datalog policies; the built-in default policy is used if it does not exist.
@@ -1656,7 +1659,25 @@ prefix = "Bearer "
 
     #[test]
     fn default_file_parses() {
-        Config::parse(&default_file(Path::new(".till")), "till.toml").unwrap();
+        Config::parse(
+            &default_file(Path::new(".till"), default_listen()),
+            "till.toml",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn default_file_listens_where_it_was_asked_to() {
+        for listen in [
+            "127.0.0.1:18801",
+            "0.0.0.0:8787",
+            "[::1]:9000",
+            "127.0.0.1:0",
+        ] {
+            let addr = parse_listen(listen).unwrap();
+            let c = Config::parse(&default_file(Path::new(".till"), addr), "till.toml").unwrap();
+            assert_eq!(c.listen, addr, "{listen}");
+        }
     }
 
     #[test]

@@ -130,7 +130,7 @@ pub(crate) fn is_admin_plane(path: &str) -> bool {
 
 /// Connections the admin listener holds at once: its own budget, so a
 /// flood of agents' connections cannot lock the operator out.
-const ADMIN_CONNECTIONS: usize = 64;
+pub const ADMIN_CONNECTIONS: usize = 64;
 
 /// Serves [`super::router`] of `state` on every listener, each for its
 /// [`Plane`], until `shutdown` resolves, then stops accepting, gives open

@@ -1559,6 +1559,142 @@ fn listen_accepts_a_bare_port_and_localhost() {
     o.code(2).stderr_has("IP:PORT, localhost:PORT or :PORT");
 }
 
+/// A loopback port that was free a moment ago, for a flag that must name a
+/// real port (port 0 would be recorded as 0).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Regression (red team, wave 2, third pass): `till up --listen ADDR` (or
+/// `TILL_LISTEN`) on a new home wrote `listen = "127.0.0.1:8787"` into the
+/// till.toml it created, so `till usage`, `till revoke` and `till reload`
+/// went to 8787, not to the proxy they were run for.
+#[test]
+fn regression_till_up_records_the_listen_address_it_was_given_in_its_new_till_toml() {
+    for how in ["--listen", "TILL_LISTEN"] {
+        let home = Home::empty();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let cfg = home.path().join("till.toml");
+        let started = match how {
+            "--listen" => Proxy::spawn(&home, &["up", "--listen", &addr], &cfg),
+            _ => Proxy::spawn_env(&home, &["up"], &cfg, &[("TILL_LISTEN", &addr)]),
+        };
+        let p = started.unwrap_or_else(|e| panic!("till up with {how} {addr}: {e}"));
+        assert_eq!(p.addr.to_string(), addr, "{how}");
+        let text = fs::read_to_string(&cfg).unwrap();
+        assert!(
+            text.contains(&format!("listen = \"{addr}\"")),
+            "{how}: till.toml does not record {addr}:\n{text}"
+        );
+        till(["usage"]).home(&home).run().success();
+        till(["reload"])
+            .home(&home)
+            .run()
+            .success()
+            .stdout_has("reloaded");
+    }
+}
+
+/// When the address comes from till.toml (or the default) and the proxy
+/// there does not know the admin token's root key, the error says it may
+/// be another Till and how to name the right one.
+#[test]
+fn an_admin_command_answered_by_another_till_suggests_url() {
+    let other_home = Home::new();
+    let other = Proxy::start(&other_home, &[], "");
+    let mine = Home::new();
+    mine.write("admin.token", &mine.admin());
+    mine.write("till.toml", &format!("listen = \"{}\"\n", other.addr));
+    for cmd in ["usage", "reload"] {
+        let o = till([cmd]).home(&mine).run();
+        usage_error(
+            &o,
+            &[
+                "does not verify",
+                "may be another Till",
+                "--url or TILL_URL",
+            ],
+        );
+    }
+    // An address given with --url is the operator's own choice: the plain answer.
+    let o = till(["usage", "--url", &other.url("")]).home(&mine).run();
+    let err = usage_error(&o, &["does not verify"]);
+    assert!(!err.contains("another Till"), "{err}");
+}
+
+/// The soft and hard open-file limits of process `pid`.
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("no open-file limit in:\n{limits}"));
+    let mut n = line["Max open files".len()..].split_whitespace();
+    (n.next().unwrap().into(), n.next().unwrap().into())
+}
+
+/// Regression (red team, wave 2, third pass): nothing raised the soft
+/// open-file limit, so `till up` from an ordinary shell (soft 1024) let one
+/// token holder's connections take every descriptor well below
+/// `max_connections`, and other agents got 502 "Too many open files" after
+/// their use was counted. The soft limit is raised to the hard one at start.
+#[test]
+fn regression_serve_raises_the_soft_open_file_limit_to_the_hard_one() {
+    let home = Home::new();
+    let cfg = home.write(
+        "till.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n[limits]\nmax_connections = 100\n",
+            home.path().to_str().unwrap()
+        ),
+    );
+    let p = Proxy::spawn_via(
+        &home,
+        &["prlimit", "--nofile=64:4096", "--"],
+        "info",
+        &["serve", "--config", cfg.to_str().unwrap()],
+        &cfg,
+    )
+    .expect("till serve starts under a soft limit of 64");
+    assert_eq!(open_file_limits(p.pid()), ("4096".into(), "4096".into()));
+    let logs = p.logs();
+    assert!(logs.contains("raised the open-file limit"), "{logs}");
+    // 4096 serve 100 connections: nothing to warn about.
+    assert!(!logs.contains("WARN"), "{logs}");
+}
+
+/// Under a hard limit below what `max_connections` may need, `till up`
+/// says so at start, naming both numbers and how to raise the limit.
+#[test]
+fn a_hard_open_file_limit_below_max_connections_is_warned_about_at_start() {
+    let home = Home::empty();
+    let cfg = home.path().join("till.toml");
+    let p = Proxy::spawn_via(
+        &home,
+        &["prlimit", "--nofile=64:64", "--"],
+        "info",
+        &["up", "--listen", "127.0.0.1:0"],
+        &cfg,
+    )
+    .expect("till up starts under a hard limit of 64");
+    assert_eq!(open_file_limits(p.pid()), ("64".into(), "64".into()));
+    let logs = p.logs();
+    // The default max_connections, 4096: two descriptors each, 64 for the rest.
+    for s in [
+        "WARN",
+        "the open-file limit (RLIMIT_NOFILE) is 64, below the 8256",
+        "limits.max_connections = 4096",
+        "ulimit -n 8256",
+        "LimitNOFILE=8256",
+    ] {
+        assert!(logs.contains(s), "the log lacks {s:?}:\n{logs}");
+    }
+}
+
 /// Regression: the banner of `till serve` told to run `till issue`, which
 /// looks in ./.till, not in the config's state_dir.
 #[test]
@@ -1610,6 +1746,47 @@ fn home_flag_is_refused_where_it_does_nothing() {
     usage_error(&o, &["--home does nothing"]);
     // TILL_HOME in the environment is meant for every command: no error.
     till(["inspect", "--token", &t]).home(&h).run().success();
+}
+
+/// Regression (red team, wave 2, third pass): `--home` is global, so the
+/// help of `serve`, `inspect` and `attenuate` listed it although passing it
+/// to them is always an error. Their help leaves it out; the commands that
+/// use it, nested ones included, still list it.
+#[test]
+fn help_lists_home_only_where_it_is_accepted() {
+    for cmd in ["serve", "inspect", "attenuate"] {
+        let o = till([cmd, "--help"]).run();
+        o.success();
+        assert!(
+            !o.stdout.contains("--home"),
+            "till {cmd} --help:\n{}",
+            o.stdout
+        );
+        assert!(
+            !o.stdout.contains("TILL_HOME"),
+            "till {cmd} --help:\n{}",
+            o.stdout
+        );
+    }
+    for args in [
+        vec!["issue", "--help"],
+        vec!["up", "--help"],
+        vec!["usage", "--help"],
+        vec!["key", "list", "--help"],
+        vec!["store", "export", "--help"],
+    ] {
+        till(&args)
+            .run()
+            .success()
+            .stdout_has("--home <HOME>")
+            .stdout_has("[env: TILL_HOME=]");
+    }
+    // Accepted before or after the command, as before.
+    let h = Home::new();
+    let dir = h.path().to_str().unwrap();
+    for args in [vec!["--home", dir, "pubkey"], vec!["pubkey", "--home", dir]] {
+        till(&args).run().success().stdout_has("ed25519/");
+    }
 }
 
 /// Issue and attenuate warn about tokens that can never succeed, a child
@@ -2145,6 +2322,34 @@ fn a_block_stating_a_request_fact_is_refused_by_issue_attenuate_and_verify() {
         "{}",
         o.stdout
     );
+}
+
+/// Regression (red team, wave 2, third pass): `till verify --help` showed
+/// `{"allowed": true}` while `--json` prints `{"allowed":true}`, and
+/// `till reload --help` said only upstreams and their credentials reload,
+/// while the root key set (and every upstream key, forward-auth ones
+/// included) reloads too and the audit file is reopened.
+#[test]
+fn help_shows_verify_json_as_printed_and_all_that_a_reload_applies() {
+    let h = Home::new();
+    let t = issue(&h, &["--service", "openai", "--max-uses", "2"]);
+    let yes = verify(&h, &t, &["--service", "openai", "--json"]).out();
+    let no = verify(&h, &t, &["--service", "github", "--json"]).out();
+    let no_prefix = &no[..no.find("\"reason\":").unwrap() + "\"reason\":".len()];
+    let help = till(["verify", "--help"]).run();
+    help.success().stdout_has(&yes).stdout_has(no_prefix);
+    let help = till(["reload", "--help"]).run();
+    help.success();
+    for s in [
+        "root key set",
+        "forward_auth_secret",
+        "set_headers",
+        "credential files and forward-auth secrets are read again",
+        "audit file",
+        "take effect at restart",
+    ] {
+        help.stdout_has(s);
+    }
 }
 
 /// Regression: an expiry past 9999-12-31T23:59:59Z (the red team's

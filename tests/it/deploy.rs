@@ -134,6 +134,8 @@ fn systemd_unit_passes_systemd_analyze_verify_and_is_hardened() {
         ("NoNewPrivileges", "yes"),
         ("Restart", "on-failure"),
         ("KillSignal", "SIGTERM"),
+        // At least 2 × max_connections (4096) + 64: README, "Run as a service".
+        ("LimitNOFILE", "16384"),
     ] {
         assert_eq!(unit_value(&unit, key), want, "{key}=");
     }
