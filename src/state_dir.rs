@@ -215,3 +215,46 @@ fn foreign(path: &Path, owner: u32, me: u32, why: String) -> StateDirError {
         why,
     }
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn chmod(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_directory_or_file_others_can_write_is_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        check(dir.path()).unwrap();
+        check(&dir.path().join("missing")).unwrap();
+        chmod(dir.path(), 0o770);
+        let e = check(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("writable by its group (mode 0770)"), "{e}");
+        assert!(e.contains("chmod 700"), "{e}");
+        chmod(dir.path(), 0o755);
+        check(dir.path()).unwrap();
+        let f = dir.path().join("till.toml");
+        std::fs::write(&f, "").unwrap();
+        chmod(&f, 0o602);
+        let e = check_file(&f).unwrap_err().to_string();
+        assert!(e.contains("writable by every user (mode 0602)"), "{e}");
+        assert!(e.contains("chmod 600"), "{e}");
+        chmod(&f, 0o644);
+        check_home(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn create_makes_a_0700_directory_and_checks_an_existing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("a").join("home");
+        create(&home).unwrap();
+        let mode = std::fs::metadata(&home).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // An existing one is left as it is, then checked.
+        chmod(&home, 0o777);
+        assert!(matches!(create(&home), Err(StateDirError::Writable { .. })));
+    }
+}

@@ -61,6 +61,14 @@ fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the till.toml `till up` creates: 0600 and written whole (a fresh
+/// temporary file renamed), since whoever can change it chooses where the
+/// credentials go.
+fn write_config_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    crate::token::keyset::write_atomic(path, text.as_bytes())?;
+    Ok(())
+}
+
 /// An admin token under the active root key.
 pub(crate) fn admin_token(keys: &KeySet) -> anyhow::Result<String> {
     Ok(token::issue_as(
@@ -105,9 +113,7 @@ fn bootstrap(home: &Path) -> anyhow::Result<()> {
     ensure_admin_token(home, &KeySet::load(home)?)?;
     let cfg_path = home.join(CONFIG_FILE);
     if !cfg_path.exists() {
-        // 0600, written whole: whoever can change it chooses where the
-        // credentials go.
-        crate::token::keyset::write_atomic(&cfg_path, config::default_file(home).as_bytes())?;
+        write_config_file(&cfg_path, &config::default_file(home))?;
         eprintln!("till: created config {}", cfg_path.display());
     }
     Ok(())
