@@ -68,7 +68,7 @@ pub fn save(dir: &Path, secs: u64) -> std::io::Result<()> {
     till_core::files::write_private(
         &path(dir),
         format!("{secs}\n").as_bytes(),
-        till_core::files::Sync::Lazy,
+        till_core::files::Durability::Lazy,
     )
 }
 

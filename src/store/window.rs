@@ -203,7 +203,7 @@ impl LocalWindows {
         let text = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
         // A fresh 0600 temporary file, never one that already exists: a
         // symlink planted at its name is removed, not written through.
-        till_core::files::write_private(path, &text, till_core::files::Sync::Lazy)
+        till_core::files::write_private(path, &text, till_core::files::Durability::Lazy)
     }
 
     /// Reads windows saved by [`LocalWindows::save`] into an empty store;

@@ -26,7 +26,7 @@ use thiserror::Error;
 /// the call returns: keys and tokens are; files rewritten every second are
 /// not (a crash forgets at most that second).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sync {
+pub enum Durability {
     Durable,
     Lazy,
 }
@@ -163,7 +163,7 @@ pub fn temp_path(path: &Path) -> PathBuf {
 /// created with `O_EXCL` so a symlink planted at its name is never
 /// followed), renamed over `path`: a crash leaves the old file or the new
 /// one, never half of one.
-pub fn write_private(path: &Path, bytes: &[u8], sync: Sync) -> io::Result<()> {
+pub fn write_private(path: &Path, bytes: &[u8], sync: Durability) -> io::Result<()> {
     let tmp = temp_path(path);
     // A leftover temporary file (from a crash) keeps its old mode, and may
     // be a symlink planted to have this write land elsewhere: remove it,
@@ -177,8 +177,8 @@ pub fn write_private(path: &Path, bytes: &[u8], sync: Sync) -> io::Result<()> {
     let written = f
         .write_all(bytes)
         .and_then(|()| match sync {
-            Sync::Durable => f.sync_all(),
-            Sync::Lazy => Ok(()),
+            Durability::Durable => f.sync_all(),
+            Durability::Lazy => Ok(()),
         })
         .and_then(|()| inherit_owner(&tmp))
         .and_then(|()| fs::rename(&tmp, path));
@@ -187,7 +187,7 @@ pub fn write_private(path: &Path, bytes: &[u8], sync: Sync) -> io::Result<()> {
         return Err(e);
     }
     // The rename itself is durable only once the directory is synced.
-    if sync == Sync::Durable
+    if sync == Durability::Durable
         && let Ok(d) = fs::File::open(parent_of(path))
     {
         let _ = d.sync_all();
@@ -295,7 +295,7 @@ mod tests {
         fs::write(&victim, "precious").unwrap();
         let target = dir.path().join("clock");
         symlink(&victim, temp_path(&target)).unwrap();
-        write_private(&target, b"1\n", Sync::Lazy).unwrap();
+        write_private(&target, b"1\n", Durability::Lazy).unwrap();
         assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
         assert_eq!(fs::read_to_string(&target).unwrap(), "1\n");
         assert_eq!(mode(&target), 0o600);

@@ -110,5 +110,6 @@ pub fn save(path: &Path, key: &KeyPair, force: bool) -> Result<(), TokenError> {
             .map_err(|e| TokenError::Key(format!("cannot create {}: {e}", dir.display())))?;
     }
     let secret = format!("{}\n", key.private().to_prefixed_string());
-    crate::files::write_private(path, secret.as_bytes(), crate::files::Sync::Durable).map_err(io)
+    crate::files::write_private(path, secret.as_bytes(), crate::files::Durability::Durable)
+        .map_err(io)
 }

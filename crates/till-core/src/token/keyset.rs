@@ -844,7 +844,7 @@ fn write_index(dir: &Path, active: u32, records: &[KeyRecord]) -> Result<(), Tok
 /// fsynced and renamed over it: a crash leaves the old or the new file,
 /// never half of one ([`files::write_private`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TokenError> {
-    files::write_private(path, bytes, files::Sync::Durable)
+    files::write_private(path, bytes, files::Durability::Durable)
         .map_err(|e| TokenError::Key(format!("cannot write {}: {e}", path.display())))
 }
 
