@@ -19,6 +19,7 @@
 //! | [`monitor`] | metrics, audit log, alerts, recent decisions |
 //! | [`feed`] | the signed revocation feed for services that verify offline |
 //! | [`clock`] | the wall clock tokens are checked against, never going backwards |
+//! | [`state_dir`] | refusing a state directory or config another user could have written |
 //! | [`cli`] | the `till` command, a thin layer over the above |
 //!
 //! The token library itself (vocabulary, verification, the decision, the
@@ -32,6 +33,7 @@ pub mod fuzzing;
 pub mod mcp;
 pub mod monitor;
 pub mod proxy;
+pub mod state_dir;
 pub mod store;
 
 pub use till_core::{clock, decide, feed, path, policy, request, token, verify};

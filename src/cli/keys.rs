@@ -81,10 +81,10 @@ pub fn keygen(home: &Path, a: KeygenArgs) -> anyhow::Result<ExitCode> {
     if a.rotate {
         return rotate(home);
     }
-    if home
-        .join(keyset::KEYS_DIR)
-        .join(keyset::INDEX_FILE)
-        .exists()
+    let index = home.join(keyset::KEYS_DIR).join(keyset::INDEX_FILE);
+    if index
+        .try_exists()
+        .with_context(|| format!("cannot tell whether {} exists", index.display()))?
     {
         bail!(
             "{} already holds a rotated key set; use `till keygen --rotate` to add a key",
@@ -103,13 +103,15 @@ pub fn keygen(home: &Path, a: KeygenArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn rotate(home: &Path) -> anyhow::Result<ExitCode> {
-    if !KeySet::exists(home) {
+    if !KeySet::exists(home)? {
         bail!(
             "no root key in {} to rotate; run `till keygen` first",
             home.display()
         );
     }
-    let mut ks = KeySet::load(home)?;
+    // Held until the admin tokens below are written: a concurrent rotation
+    // or retirement waits, then starts from this one's result.
+    let mut ks = KeySet::load_locked(home)?;
     let previous = ks.active_id();
     let id = ks.rotate()?;
     // The admin token the CLI uses must outlive the old key's retirement.
@@ -149,7 +151,11 @@ pub fn pubkey(home: &Path, a: PubkeyArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn key(home: &Path, a: KeyArgs) -> anyhow::Result<ExitCode> {
-    let mut ks = KeySet::load(home)?;
+    // A retirement holds the key set's lock until it is written.
+    let mut ks = match a.command {
+        KeyCommand::Retire { .. } => KeySet::load_locked(home)?,
+        KeyCommand::List { .. } => KeySet::load(home)?,
+    };
     let now = crate::store::now_unix();
     match a.command {
         KeyCommand::List { json } => {

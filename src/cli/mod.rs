@@ -185,7 +185,10 @@ pub fn main() -> ExitCode {
             };
         }
     };
-    match home_is_used(&cli, &matches).and_then(|()| run(cli)) {
+    match home_is_used(&cli, &matches)
+        .and_then(|()| home_is_private(&cli))
+        .and_then(|()| run(cli))
+    {
         Ok(code) => code,
         Err(e) => {
             eprintln!("till: error: {}", chain(&e));
@@ -249,6 +252,23 @@ fn home_is_used(cli: &Cli, m: &clap::ArgMatches) -> anyhow::Result<()> {
     };
     if given {
         anyhow::bail!("--home does nothing here: {why}");
+    }
+    Ok(())
+}
+
+/// Refuses, before anything is read from it, a state directory (or its
+/// till.toml) that another user could have written: its `listen` receives
+/// the admin token (a `.till` planted in a shared directory is the default
+/// TILL_HOME there), its keys issue tokens. See [`crate::state_dir`].
+fn home_is_private(cli: &Cli) -> anyhow::Result<()> {
+    let reads_home = match &cli.command {
+        Command::Serve(_) | Command::Attenuate(_) | Command::Inspect(_) => false,
+        Command::Verify(a) => a.public_keys.is_empty(),
+        Command::Pubkey(a) => a.key.is_none() || a.all || a.json,
+        _ => true,
+    };
+    if reads_home {
+        crate::state_dir::check_home(&cli.home)?;
     }
     Ok(())
 }

@@ -21,11 +21,32 @@ pub const MIN_PREFIX: usize = 8;
 pub struct AdminArgs {
     /// Base URL of the running proxy's admin plane (default: from `admin_listen`, else
     /// `listen`, in TILL_HOME/till.toml, else http://127.0.0.1:8787).
-    #[arg(long, env = "TILL_URL")]
+    // Hidden in --help: a URL can carry a user name and password.
+    #[arg(long, env = "TILL_URL", hide_env_values = true)]
     pub url: Option<String>,
     /// Admin token (default: read from TILL_HOME/admin.token).
     #[arg(long, env = "TILL_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// How long to wait for the proxy's answer before giving up, e.g. 30s or 2m.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
+    pub timeout: std::time::Duration,
+}
+
+/// `--timeout`: a duration as `till issue --ttl` takes them, above zero.
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match crate::token::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("the timeout must be above zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The proxy took longer than `--timeout` to answer.
+fn no_answer(base: &str, from: &str, timeout: std::time::Duration) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the proxy at {base} (from {from}) did not answer within {} s (--timeout); it may still complete the request (see its log). Is it a Till proxy, and is it stuck?",
+        timeout.as_secs()
+    )
 }
 
 /// A 401 for an admin token signed by a root key the proxy does not have:
@@ -127,9 +148,13 @@ impl AdminArgs {
             crate::proxy::install_crypto();
             // The admin API never redirects: following one would send the
             // admin token's request to wherever a stranger points it.
+            // A proxy that never answers (stuck, or not a proxy at all)
+            // must not hang the command, nor a script running it.
             let client = reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
+                .timeout(self.timeout)
                 .build()?;
+            let timeout = self.timeout;
             let send = |token: String| {
                 let mut req = match method {
                     "POST" => client.post(&url),
@@ -142,13 +167,19 @@ impl AdminArgs {
                         .body(b.to_string());
                 }
                 async {
-                    let resp = req.send().await.with_context(|| {
-                        format!(
+                    let resp = req.send().await.map_err(|e| {
+                        if e.is_timeout() {
+                            return no_answer(&base, &from, timeout);
+                        }
+                        anyhow::Error::new(e).context(format!(
                             "cannot reach the proxy at {base} (from {from}); is `till up` running? (set --url or TILL_URL)"
-                        )
+                        ))
                     })?;
                     let status = resp.status();
-                    let text = resp.text().await.unwrap_or_default();
+                    let text = match resp.text().await {
+                        Err(e) if e.is_timeout() => return Err(no_answer(&base, &from, timeout)),
+                        t => t.unwrap_or_default(),
+                    };
                     let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                     anyhow::Ok((status, v, text))
                 }

@@ -44,7 +44,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TILL_LISTEN", value_parser = config::parse_listen)]
     pub listen: Option<SocketAddr>,
     /// Shared store, e.g. redis://127.0.0.1:6379/0 (overrides `store` in the config).
-    #[arg(long, env = "TILL_STORE")]
+    // Hidden in --help: the URL can carry the Redis password.
+    #[arg(long, env = "TILL_STORE", hide_env_values = true)]
     pub store: Option<String>,
 }
 
@@ -52,21 +53,19 @@ fn env(var: &str) -> Option<String> {
     std::env::var(var).ok()
 }
 
+/// Writes a secret file: a fresh 0600 temporary file, synced, renamed over
+/// `path`, so a crash leaves no file or a whole one (an empty admin token
+/// left by a crash used to be kept for good).
 fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
+    crate::token::keyset::write_atomic(path, format!("{text}\n").as_bytes())?;
+    Ok(())
+}
+
+/// Writes the till.toml `till up` creates: 0600 and written whole (a fresh
+/// temporary file renamed), since whoever can change it chooses where the
+/// credentials go.
+fn write_config_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    crate::token::keyset::write_atomic(path, text.as_bytes())?;
     Ok(())
 }
 
@@ -83,16 +82,21 @@ pub(crate) fn admin_token(keys: &KeySet) -> anyhow::Result<String> {
     )?)
 }
 
-/// Writes `<state_dir>/admin.token` if it is missing, so that `till usage`
-/// and `till revoke` work against `till serve` as they do against `till up`.
+/// Writes `<state_dir>/admin.token` if it is missing or empty (what an
+/// older till left when it was killed while writing it), so that
+/// `till usage` and `till revoke` work against `till serve` as they do
+/// against `till up`.
 fn ensure_admin_token(state_dir: &Path, keys: &KeySet) -> anyhow::Result<()> {
     let admin_path = state_dir.join(ADMIN_TOKEN_FILE);
-    if admin_path.exists() {
-        return Ok(());
-    }
+    let what = match std::fs::read_to_string(&admin_path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(()),
+        Ok(_) => "re-created the empty admin token",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "created admin token",
+        Err(e) => bail!("cannot read {}: {e}", admin_path.display()),
+    };
     let t = admin_token(keys)?;
     write_secret(&admin_path, &t)?;
-    eprintln!("till: created admin token {}", admin_path.display());
+    eprintln!("till: {what} {}", admin_path.display());
     Ok(())
 }
 
@@ -101,11 +105,11 @@ fn ensure_admin_token(state_dir: &Path, keys: &KeySet) -> anyhow::Result<()> {
 /// given: the admin commands find the proxy through the file, and a file
 /// naming the default address sent them to whatever else listens there.
 fn bootstrap(home: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
-    std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
+    crate::state_dir::create(home)?;
     let key_path = home.join(keys::ROOT_KEY_FILE);
     // After a rotation key 0 may be retired and its file shredded: the
     // index, not root.key, says whether there is a key.
-    if !KeySet::exists(home) {
+    if !KeySet::exists(home)? {
         keys::save(&key_path, &keys::generate(), false)?;
         eprintln!("till: created root key {}", key_path.display());
     }
@@ -113,8 +117,7 @@ fn bootstrap(home: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     let cfg_path = home.join(CONFIG_FILE);
     if !cfg_path.exists() {
         let listen = listen.unwrap_or_else(config::default_listen);
-        std::fs::write(&cfg_path, config::default_file(home, listen))
-            .with_context(|| format!("cannot write {}", cfg_path.display()))?;
+        write_config_file(&cfg_path, &config::default_file(home, listen))?;
         eprintln!("till: created config {}", cfg_path.display());
     }
     Ok(())
@@ -204,11 +207,12 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
     let (mut cfg, raw) = proxy::reload::read(&path)?;
     overrides(&mut cfg)?;
     init_logging();
+    crate::state_dir::check(&cfg.state_dir)?;
     // Before anything is opened: descriptors beyond the old soft limit
     // would fail from the first connections on.
     super::open_files::raise_and_check(&cfg);
     let key_path = cfg.state_dir.join(keys::ROOT_KEY_FILE);
-    if !KeySet::exists(&cfg.state_dir) {
+    if !KeySet::exists(&cfg.state_dir)? {
         bail!(
             "no root key at {}; run `till keygen` with TILL_HOME={} (or use `till up`)",
             key_path.display(),

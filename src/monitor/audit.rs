@@ -443,8 +443,8 @@ impl AuditSink {
         }
         let f = match &file {
             Some(p) => {
-                if let Some(d) = p.parent() {
-                    std::fs::create_dir_all(d)?;
+                if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    till_core::files::create_private_dir(d)?;
                 }
                 Some(LogFile::open(p.clone(), max_bytes)?)
             }
@@ -510,11 +510,9 @@ impl AuditSink {
     }
 }
 
+/// Created 0600 whatever the umask: labels say who an agent works for.
 fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
+    till_core::files::open_append_private(path)
 }
 
 /// The audit file: reopened by name on request, and moved aside past its

@@ -60,13 +60,16 @@ pub fn load(dir: &Path) -> Result<Option<u64>, ClockFileError> {
         .map_err(|_| ClockFileError::Unreadable { path: shown() })
 }
 
-/// Writes `secs` to the file: a temporary file renamed over it, so a crash
-/// leaves the old time or the new one, never half of one.
+/// Writes `secs` to the file: a fresh temporary file (0600, never a path
+/// that already exists, so a planted symlink is not written through)
+/// renamed over it, so a crash leaves the old time or the new one, never
+/// half of one.
 pub fn save(dir: &Path, secs: u64) -> std::io::Result<()> {
-    let p = path(dir);
-    let tmp = p.with_extension("tmp");
-    std::fs::write(&tmp, format!("{secs}\n"))?;
-    std::fs::rename(&tmp, &p)
+    till_core::files::write_private(
+        &path(dir),
+        format!("{secs}\n").as_bytes(),
+        till_core::files::Durability::Lazy,
+    )
 }
 
 /// Saves the proxy's time every second, for as long as the task runs.

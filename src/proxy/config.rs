@@ -516,12 +516,8 @@ pub const WELL_KNOWN: &[(&str, &str, &str, &str, &str)] = &[
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            message: format!("cannot read: {e}"),
-        })?;
-        Self::parse(&text, &file)
+        let text = read_config_file(path)?;
+        Self::parse(&text, &path.display().to_string())
     }
 
     /// Parses and validates config text; `file` names it in errors.
@@ -1088,8 +1084,7 @@ impl Config {
                 .filter(|v| !v.is_empty())
                 .ok_or_else(|| self.err(key, format!("environment variable {var} is not set"))),
             CredentialSource::File(p) => {
-                let v = std::fs::read_to_string(p)
-                    .map_err(|e| self.err(key, format!("cannot read {}: {e}", p.display())))?;
+                let v = read_secret_file(p).map_err(|m| self.err(key, m))?;
                 let v = v.trim_end_matches(['\n', '\r']).to_string();
                 if v.is_empty() {
                     return Err(self.err(key, format!("{} is empty", p.display())));
@@ -1174,6 +1169,38 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Most a secret file (`credential`, `store_password`, `secret`,
+/// `forward_auth_secret` as `{ file = ... }`) may hold: keys and tokens are
+/// far shorter, and a file pointed at something endless (`/dev/zero`) must
+/// not be read until memory runs out.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// Most a config file may hold.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Reads a secret file: a regular file (symlinks followed) of at most
+/// [`MAX_SECRET_FILE_BYTES`], never waited on (a FIFO made a reload, and
+/// `till reload` with it, hang). The error never holds the value.
+fn read_secret_file(p: &Path) -> Result<String, String> {
+    let bytes = till_core::files::read_regular(p, MAX_SECRET_FILE_BYTES)
+        .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+    String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", p.display()))
+}
+
+/// Reads a config file, after checking that no other user could have
+/// written it ([`crate::state_dir::check_file`]): at start and on every
+/// reload, since whoever edits it chooses where the credentials go.
+pub fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    let err = |message: String| ConfigError {
+        file: path.display().to_string(),
+        message,
+    };
+    crate::state_dir::check_file(path).map_err(|e| err(e.to_string()))?;
+    let bytes = till_core::files::read_regular(path, MAX_CONFIG_FILE_BYTES)
+        .map_err(|e| err(format!("cannot read: {e}")))?;
+    String::from_utf8(bytes).map_err(|_| err("cannot read: not UTF-8 text".into()))
 }
 
 /// A parsed URL as it may appear in messages: without user name and

@@ -121,10 +121,7 @@ pub fn build_upstreams(
 /// tell which keys changed between two reads).
 pub fn read(path: &Path) -> Result<(Config, toml::Table), ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        message: format!("cannot read: {e}"),
-    })?;
+    let text = super::config::read_config_file(path)?;
     let cfg = Config::parse(&text, &file)?;
     // It parsed as a Config, so it parses as a table.
     let raw = toml::from_str(&text).unwrap_or_default();

@@ -263,7 +263,7 @@ impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`. A corrupt or unreadable file is
     /// an error: the proxy must refuse to start rather than count from zero.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+        till_core::files::create_private_dir(dir).map_err(|e| StoreError::Open {
             path: dir.display().to_string(),
             message: e.to_string(),
         })?;
@@ -277,6 +277,9 @@ impl EmbeddedStore {
             path: path.display().to_string(),
             message: m,
         };
+        // redb creates a missing file with the umask's mode (0644, or 0666
+        // under umask 000): labels and revocations are private.
+        till_core::files::create_private_if_missing(path).map_err(|e| open_err(e.to_string()))?;
         // Every counter and block row lives in this process's maps after
         // open, so redb's page cache only serves the writer: its default
         // (1 GiB, filled by the opening scan) would double the memory held

@@ -174,7 +174,7 @@ impl LocalWindows {
 
     /// Writes every live window's admission times to `path` (a temporary
     /// file renamed over it, so a crash leaves the old file or the new
-    /// one). No fsync: this bounds what a process crash forgets, not what
+    /// one; mode 0600). No fsync: this bounds what a process crash forgets, not what
     /// a power loss does. Concurrency caps are not saved: the requests
     /// they counted end with the process.
     pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
@@ -201,10 +201,9 @@ impl LocalWindows {
             windows: saved,
         };
         let text = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, path)
+        // A fresh 0600 temporary file, never one that already exists: a
+        // symlink planted at its name is removed, not written through.
+        till_core::files::write_private(path, &text, till_core::files::Durability::Lazy)
     }
 
     /// Reads windows saved by [`LocalWindows::save`] into an empty store;

@@ -2469,3 +2469,54 @@ fn regression_revoke_reports_success_only_when_the_proxy_names_the_revoked_id() 
         "the redirect was not followed"
     );
 }
+
+#[test]
+fn regression_help_never_prints_the_value_of_a_secret_environment_variable() {
+    for (cmd, var, value, secret) in [
+        (
+            "serve",
+            "TILL_STORE",
+            "redis://:hunter2-redis-pass@127.0.0.1:6379/0",
+            "hunter2",
+        ),
+        (
+            "usage",
+            "TILL_URL",
+            "http://ops:url-pass-31337@127.0.0.1:8787",
+            "url-pass-31337",
+        ),
+        (
+            "reload",
+            "TILL_ADMIN_TOKEN",
+            "admin-token-value-4242",
+            "4242",
+        ),
+        ("inspect", "TILL_TOKEN", "token-value-5151", "5151"),
+    ] {
+        let o = till([cmd, "--help"]).env(var, value).run();
+        o.success();
+        assert!(
+            !o.stdout.contains(secret) && !o.stderr.contains(secret),
+            "till {cmd} --help shows {var}:\n{}",
+            o.stdout
+        );
+    }
+}
+
+#[test]
+fn regression_admin_commands_give_up_on_a_proxy_that_never_answers() {
+    let home = Home::new();
+    // Accepts connections (the kernel does) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    for cmd in ["reload", "usage"] {
+        till([cmd, "--url", &url, "--timeout", "1s"])
+            .home(&home)
+            .env("TILL_ADMIN_TOKEN", &home.admin())
+            .run()
+            .code(2)
+            .one_line_error()
+            .stderr_has("did not answer within 1 s");
+    }
+    drop(silent);
+}

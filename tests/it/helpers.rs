@@ -160,6 +160,8 @@ impl Cmd {
 /// A state directory with a root key.
 pub struct Home {
     dir: tempfile::TempDir,
+    /// The state directory, when it is not `dir` itself but inside it.
+    sub: Option<PathBuf>,
 }
 
 impl Home {
@@ -177,10 +179,22 @@ impl Home {
     pub fn empty() -> Home {
         Home {
             dir: tempfile::tempdir().unwrap(),
+            sub: None,
         }
     }
-    pub fn path(&self) -> &Path {
+    /// A state directory `name` (not created) inside a fresh temporary
+    /// directory, removed with it.
+    pub fn inside(name: &str) -> Home {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = Some(dir.path().join(name));
+        Home { dir, sub }
+    }
+    /// The temporary directory holding the state directory.
+    pub fn outer(&self) -> &Path {
         self.dir.path()
+    }
+    pub fn path(&self) -> &Path {
+        self.sub.as_deref().unwrap_or(self.dir.path())
     }
     pub fn key(&self) -> KeyPair {
         keys::load(&self.path().join(keys::ROOT_KEY_FILE)).unwrap()
@@ -481,6 +495,23 @@ impl Proxy {
         Self::spawn_full(home, &[], "debug", args, config, env)
     }
 
+    /// Runs exactly `argv` (no `till` appended: e.g. `setpriv ... COPY
+    /// serve --config FILE`, a copy of the binary run as another user) from
+    /// directory `cwd`, and waits for its listening line. The log is kept
+    /// in `log_dir`.
+    pub fn spawn_argv(
+        home: &Home,
+        argv: &[&str],
+        cwd: &Path,
+        log_dir: &Path,
+        config: &Path,
+    ) -> Result<Proxy, String> {
+        let (program, rest) = argv.split_first().expect("a program");
+        let mut cmd = Command::new(program);
+        cmd.args(rest).current_dir(cwd);
+        Self::spawn_cmd(home, cmd, log_dir, "debug", config, &[])
+    }
+
     fn spawn_full(
         home: &Home,
         wrapper: &[&str],
@@ -489,7 +520,6 @@ impl Proxy {
         config: &Path,
         env: &[(&str, &str)],
     ) -> Result<Proxy, String> {
-        let log = home.path().join(format!("proxy-{}.log", rand_suffix()));
         let mut cmd = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut c = Command::new(program);
@@ -498,8 +528,20 @@ impl Proxy {
             }
             None => Command::new(BIN),
         };
+        cmd.args(args);
+        Self::spawn_cmd(home, cmd, home.path(), log_level, config, env)
+    }
+
+    fn spawn_cmd(
+        home: &Home,
+        mut cmd: Command,
+        log_dir: &Path,
+        log_level: &str,
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Proxy, String> {
+        let log = log_dir.join(format!("proxy-{}.log", rand_suffix()));
         let mut child = cmd
-            .args(args)
             .env("TILL_HOME", home.path())
             .env("TEST_OPENAI_KEY", OPENAI_SECRET)
             .env("TEST_ANTHROPIC_KEY", ANTHROPIC_SECRET)

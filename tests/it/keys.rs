@@ -264,3 +264,97 @@ async fn regression_a_home_with_only_root_key_works_unchanged() {
         "nothing is written until a rotation"
     );
 }
+
+/// The set as `till key list --json` prints it: (id, status, public key).
+fn key_list(home_path: &str) -> Vec<(u64, String, String)> {
+    let out = till(["key", "list", "--json"])
+        .env("TILL_HOME", home_path)
+        .run();
+    let v: serde_json::Value = serde_json::from_str(&out.success().out()).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["id"].as_u64().unwrap(),
+                k["status"].as_str().unwrap().to_string(),
+                k["public_key"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn regression_a_key_set_change_applies_to_the_set_on_disk_not_to_a_stale_read() {
+    use till::token::keyset::KeySet;
+    // Two changes read the set before either wrote (two commands at once):
+    // each used to write its own view, the last one undoing the other.
+    let home = Home::new();
+    let mut a = KeySet::load(home.path()).unwrap();
+    let mut b = KeySet::load(home.path()).unwrap();
+    let (ia, ib) = (a.rotate().unwrap(), b.rotate().unwrap());
+    assert_ne!(ia, ib, "two rotations made the same key id");
+    let set = KeySet::load(home.path()).expect("the key set stays whole");
+    for ks in [&a, &b] {
+        assert!(
+            set.id_of(&ks.active_key().public()).is_some(),
+            "a rotation's new key was lost"
+        );
+    }
+    assert_eq!(set.records().len(), 3);
+
+    // A retirement read before a rotation wrote.
+    let mut r = KeySet::load(home.path()).unwrap();
+    let mut s = KeySet::load(home.path()).unwrap();
+    r.retire(0, None).unwrap();
+    s.rotate().unwrap();
+    let set = KeySet::load(home.path()).unwrap();
+    let now = till::store::now_unix();
+    let zero = set.records().iter().find(|k| k.id == 0).unwrap();
+    assert!(zero.retired(now), "the retirement of key 0 was undone");
+}
+
+#[test]
+fn regression_concurrent_rotations_and_a_retirement_keep_the_key_set_whole() {
+    // `till key retire 0` racing two `till keygen --rotate`, as separate
+    // processes, many times: every command that reports success did what
+    // it said, and the set stays readable.
+    for round in 0..15 {
+        let home = Home::new();
+        let path = home.path().to_str().unwrap().to_string();
+        till(["keygen", "--rotate"]).home(&home).run().success();
+        let commands = [
+            vec!["key", "retire", "0"],
+            vec!["keygen", "--rotate"],
+            vec!["keygen", "--rotate"],
+        ];
+        let runs: Vec<_> = commands
+            .into_iter()
+            .map(|args| {
+                let cmd = till(args).env("TILL_HOME", &path);
+                std::thread::spawn(move || cmd.run())
+            })
+            .collect();
+        let outs: Vec<Out> = runs.into_iter().map(|t| t.join().unwrap()).collect();
+        for o in &outs {
+            o.success();
+        }
+        let list = key_list(&path);
+        let ids: Vec<u64> = list.iter().map(|k| k.0).collect();
+        assert_eq!(ids, [0, 1, 2, 3], "round {round}: {list:?}");
+        assert_eq!(
+            list[0].1, "retired",
+            "round {round}: the retirement was lost"
+        );
+        for printed in [outs[1].out(), outs[2].out()] {
+            assert!(
+                list.iter().any(|k| k.2 == printed),
+                "round {round}: the printed key {printed} is not in the set {list:?}"
+            );
+        }
+        till(["issue", "--service", "openai", "--ttl", "1h"])
+            .home(&home)
+            .run()
+            .success();
+    }
+}

@@ -23,4 +23,5 @@ mod redis;
 mod reload;
 mod service;
 mod spec_samples;
+mod state_dir;
 mod upstream_tls;

@@ -399,3 +399,54 @@ async fn a_reload_under_till_up_keeps_the_upstreams_from_flags_and_environment()
     );
     assert_no_secret("the log", &proxy.logs());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_credential_file_that_is_not_a_small_regular_file_is_refused_by_a_reload() {
+    let home = Home::new();
+    let up = Upstream::start().await;
+    let (proxy, key) = start(&home, &up);
+    let token = home.token("openai", None);
+    let admin = home.admin();
+    assert_eq!(
+        credential_seen(&proxy, &up, &token).await,
+        format!("Bearer {OLD_KEY}")
+    );
+    // Far larger than any key; /dev/zero is endless (it was read until
+    // memory ran out); a FIFO was waited on forever, hanging the reload
+    // and `till reload`.
+    std::fs::remove_file(&key).unwrap();
+    std::fs::write(&key, vec![b'k'; 1 << 20]).unwrap();
+    let (s, _, text) = post_reload(&proxy, Some(&admin)).await;
+    assert_eq!(s, 422, "{text}");
+    assert!(text.contains("is larger than 65536 bytes"), "{text}");
+    std::fs::remove_file(&key).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &key).unwrap();
+    let (s, _, text) = post_reload(&proxy, Some(&admin)).await;
+    assert_eq!(s, 422, "{text}");
+    assert!(
+        text.contains("not a regular file (a character device)"),
+        "{text}"
+    );
+    std::fs::remove_file(&key).unwrap();
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(fifo.success());
+    let (s, _, text) = post_reload(&proxy, Some(&admin)).await;
+    assert_eq!(s, 422, "{text}");
+    assert!(text.contains("not a regular file (a FIFO)"), "{text}");
+    // The previous credential goes on; a good file is taken again.
+    assert_eq!(
+        credential_seen(&proxy, &up, &token).await,
+        format!("Bearer {OLD_KEY}")
+    );
+    std::fs::remove_file(&key).unwrap();
+    std::fs::write(&key, format!("{NEW_KEY}\n")).unwrap();
+    let (s, _, text) = post_reload(&proxy, Some(&admin)).await;
+    assert_eq!(s, 200, "{text}");
+    assert_eq!(
+        credential_seen(&proxy, &up, &token).await,
+        format!("Bearer {NEW_KEY}")
+    );
+}

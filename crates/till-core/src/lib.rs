@@ -73,6 +73,8 @@ pub mod decide;
 #[doc(hidden)]
 pub mod feed;
 #[doc(hidden)]
+pub mod files;
+#[doc(hidden)]
 pub mod path;
 #[doc(hidden)]
 pub mod policy;

@@ -2,7 +2,6 @@
 //! malleable in biscuit-auth 6, which would let a token dodge its counter).
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use biscuit_auth::builder::Algorithm;
@@ -42,11 +41,40 @@ pub fn parse_public(s: &str) -> Result<PublicKey, TokenError> {
     Ok(k)
 }
 
+/// What to do about an error reading a file of state directory `dir`: for
+/// a permission error, who must own it. Empty for other errors.
+pub fn access_hint(dir: &Path, e: &std::io::Error) -> String {
+    if e.kind() != std::io::ErrorKind::PermissionDenied {
+        return String::new();
+    }
+    let who = crate::files::effective_uid().map_or_else(String::new, |u| format!(" (uid {u})"));
+    let d = dir.display();
+    format!(
+        "; the user Till runs as{who} cannot read it. Every file in the state directory must belong to the directory's owner (an older till run as root, e.g. `sudo till keygen --rotate`, left root's): `sudo chown -R --reference={d} {d}/`"
+    )
+}
+
+/// The state directory a key file is in: `root.key`'s directory, or the one
+/// above `keys/`.
+fn state_dir_of(path: &Path) -> &Path {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    match dir.file_name() {
+        Some(n) if n == super::keyset::KEYS_DIR => dir.parent().unwrap_or(Path::new(".")),
+        _ => dir,
+    }
+}
+
 /// Reads a root private key file written by [`save`].
 pub fn load(path: &Path) -> Result<KeyPair, TokenError> {
     let text = fs::read_to_string(path).map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                "; run `till keygen` first or set TILL_HOME".to_string()
+            }
+            _ => access_hint(state_dir_of(path), &e),
+        };
         TokenError::Key(format!(
-            "cannot read root key {}: {e}; run `till keygen` first or set TILL_HOME",
+            "cannot read root key {}: {e}{hint}",
             path.display()
         ))
     })?;
@@ -70,38 +98,18 @@ pub fn load(path: &Path) -> Result<KeyPair, TokenError> {
 /// Writes a private key with mode 0600. Refuses to replace an existing file
 /// unless `force` is set: losing a root key orphans every token issued.
 pub fn save(path: &Path, key: &KeyPair, force: bool) -> Result<(), TokenError> {
-    if path.exists() && !force {
+    let io = |e: std::io::Error| TokenError::Key(format!("cannot write {}: {e}", path.display()));
+    if !force && path.try_exists().map_err(io)? {
         return Err(TokenError::Key(format!(
             "{} already exists; refusing to overwrite a root key (pass --force to replace it and invalidate every token issued with it)",
             path.display()
         )));
     }
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::files::create_private_dir(dir)
             .map_err(|e| TokenError::Key(format!("cannot create {}: {e}", dir.display())))?;
     }
-    let io = |e: std::io::Error| TokenError::Key(format!("cannot write {}: {e}", path.display()));
-    let tmp = path.with_extension("key.tmp");
-    // A leftover temporary file (from a crash) keeps its old mode, since the
-    // mode below only applies to a file we create, and it may be a symlink
-    // planted elsewhere: remove it and insist on creating a fresh file.
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp).map_err(io)?;
-    let secret = key.private().to_prefixed_string();
-    f.write_all(secret.as_bytes()).map_err(io)?;
-    f.write_all(b"\n").map_err(io)?;
-    f.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)?;
-    Ok(())
+    let secret = format!("{}\n", key.private().to_prefixed_string());
+    crate::files::write_private(path, secret.as_bytes(), crate::files::Durability::Durable)
+        .map_err(io)
 }

@@ -22,7 +22,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::{RawToken, TokenError, format_unix, keys};
+use crate::files;
 
 /// Directory of rotated keys and their index, inside the state directory.
 pub const KEYS_DIR: &str = "keys";
@@ -507,6 +507,9 @@ pub struct KeySet {
     private: BTreeMap<u32, KeyPair>,
     /// False for a home with only `root.key` (no index yet).
     indexed: bool,
+    /// The state directory's lock, held by a set read for a change
+    /// ([`KeySet::load_locked`]).
+    lock: Option<files::DirLock>,
 }
 
 fn index_path(dir: &Path) -> PathBuf {
@@ -523,16 +526,20 @@ pub fn key_file(dir: &Path, id: u32) -> PathBuf {
 }
 
 impl KeySet {
-    /// Whether `dir` has a root key (a `root.key` or a key set index).
-    pub fn exists(dir: &Path) -> bool {
-        index_path(dir).exists() || dir.join(keys::ROOT_KEY_FILE).exists()
+    /// Whether `dir` has a root key (a `root.key` or a key set index). A
+    /// path that cannot be looked at (a `keys/` directory root made and the
+    /// proxy's user cannot enter) is an error, not "no key": taking it for
+    /// absent made the proxy fall back to `root.key` alone, silently
+    /// undoing every retirement.
+    pub fn exists(dir: &Path) -> Result<bool, TokenError> {
+        Ok(present(dir, &index_path(dir))? || present(dir, &dir.join(keys::ROOT_KEY_FILE))?)
     }
 
     /// Reads the key set of state directory `dir`.
     pub fn load(dir: &Path) -> Result<KeySet, TokenError> {
         let ipath = index_path(dir);
         let now = now_unix();
-        if !ipath.exists() {
+        if !present(dir, &ipath)? {
             let kp = keys::load(&dir.join(keys::ROOT_KEY_FILE))?;
             let created = fs::metadata(dir.join(keys::ROOT_KEY_FILE))
                 .and_then(|m| m.modified())
@@ -551,10 +558,11 @@ impl KeySet {
                 }],
                 private: BTreeMap::from([(0, kp)]),
                 indexed: false,
+                lock: None,
             });
         }
         let bad = |m: String| TokenError::Key(format!("key set index {}: {m}", ipath.display()));
-        let text = fs::read_to_string(&ipath).map_err(|e| bad(format!("cannot read: {e}")))?;
+        let text = fs::read_to_string(&ipath).map_err(|e| unreadable(dir, &ipath, &e))?;
         let index: Index = serde_json::from_str(&text).map_err(|e| {
             bad(format!(
                 "not a valid key set index ({e}); restore it from a backup"
@@ -595,7 +603,42 @@ impl KeySet {
             records: index.keys,
             private,
             indexed: true,
+            lock: None,
         })
+    }
+
+    /// [`KeySet::load`] for a change: holds the state directory's lock
+    /// until the returned set is dropped, so that whatever the caller
+    /// writes along with the change (the admin token after a rotation) is
+    /// part of it, and no other `till keygen --rotate` or `till key retire`
+    /// runs meanwhile.
+    pub fn load_locked(dir: &Path) -> Result<KeySet, TokenError> {
+        let lock = lock(dir)?;
+        let mut ks = Self::load(dir)?;
+        ks.lock = Some(lock);
+        Ok(ks)
+    }
+
+    /// Replaces this set with the one on disk, read under the lock: a
+    /// change applies to the set as it is now, not as it was when this one
+    /// was read (two rotations at once both made key 1, and one's private
+    /// key was lost; a retirement racing a rotation was undone).
+    fn reread(&mut self) -> Result<(), TokenError> {
+        let fresh = Self::load(&self.dir)?;
+        self.active = fresh.active;
+        self.records = fresh.records;
+        self.private = fresh.private;
+        self.indexed = fresh.indexed;
+        Ok(())
+    }
+
+    /// The lock a change is made under: the one this set holds, else a
+    /// fresh one held until the change is written.
+    fn lock_for_change(&self) -> Result<Option<files::DirLock>, TokenError> {
+        match self.lock {
+            Some(_) => Ok(None),
+            None => lock(&self.dir).map(Some),
+        }
     }
 
     /// The state directory this set was read from.
@@ -662,8 +705,11 @@ impl KeySet {
     }
 
     /// Makes a new key and makes it the active one; the previous keys keep
-    /// verifying. Returns the new id.
+    /// verifying. Returns the new id. Made under the state directory's lock,
+    /// to the set as it is on disk then.
     pub fn rotate(&mut self) -> Result<u32, TokenError> {
+        let _lock = self.lock_for_change()?;
+        self.reread()?;
         let now = now_unix();
         let id = self
             .records
@@ -677,8 +723,8 @@ impl KeySet {
         // A file for an id the index does not list can only be left over
         // from a rotation that stopped before writing the index: nothing was
         // ever issued under it, so replacing it loses nothing.
+        create_keys_dir(&self.dir)?;
         keys::save(&key_file(&self.dir, id), &kp, true)?;
-        restrict_dir(&self.dir.join(KEYS_DIR));
         let mut records = self.records.clone();
         records.push(KeyRecord {
             id,
@@ -696,8 +742,11 @@ impl KeySet {
     }
 
     /// Retires key `id` now, or (with `at`) from that instant on: its tokens
-    /// are refused from then on. Never the active key.
+    /// are refused from then on. Never the active key. Made under the state
+    /// directory's lock, to the set as it is on disk then.
     pub fn retire(&mut self, id: u32, at: Option<u64>) -> Result<(), TokenError> {
+        let _lock = self.lock_for_change()?;
+        self.reread()?;
         let now = now_unix();
         if id == self.active {
             return Err(TokenError::Key(format!(
@@ -746,14 +795,37 @@ impl Signer {
     }
 }
 
-fn restrict_dir(dir: &Path) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
+/// Whether `path` exists; an error (naming the path and what to do) when
+/// it cannot be told.
+fn present(dir: &Path, path: &Path) -> Result<bool, TokenError> {
+    path.try_exists().map_err(|e| unreadable(dir, path, &e))
+}
+
+/// "cannot read PATH" (a file of state directory `dir`), with what to do
+/// when it is a question of ownership.
+fn unreadable(dir: &Path, path: &Path, e: &std::io::Error) -> TokenError {
+    TokenError::Key(format!(
+        "cannot read {}: {e}{}",
+        path.display(),
+        keys::access_hint(dir, e)
+    ))
+}
+
+/// Takes the state directory's lock (see [`KeySet::load_locked`]).
+fn lock(dir: &Path) -> Result<files::DirLock, TokenError> {
+    files::lock_dir(dir).map_err(|e| {
+        TokenError::Key(format!(
+            "cannot lock {} to change its key set: {e}{}",
+            dir.display(),
+            keys::access_hint(dir, &e)
+        ))
+    })
+}
+
+fn create_keys_dir(dir: &Path) -> Result<(), TokenError> {
+    let d = dir.join(KEYS_DIR);
+    files::create_private_subdir(&d)
+        .map_err(|e| TokenError::Key(format!("cannot create {}: {e}", d.display())))
 }
 
 fn write_index(dir: &Path, active: u32, records: &[KeyRecord]) -> Result<(), TokenError> {
@@ -764,48 +836,16 @@ fn write_index(dir: &Path, active: u32, records: &[KeyRecord]) -> Result<(), Tok
     let mut text = serde_json::to_string_pretty(&index)
         .map_err(|e| TokenError::Key(format!("cannot encode the key set index: {e}")))?;
     text.push('\n');
-    let path = index_path(dir);
-    if let Some(d) = path.parent() {
-        fs::create_dir_all(d)
-            .map_err(|e| TokenError::Key(format!("cannot create {}: {e}", d.display())))?;
-        restrict_dir(d);
-    }
-    write_atomic(&path, text.as_bytes())
+    create_keys_dir(dir)?;
+    write_atomic(&index_path(dir), text.as_bytes())
 }
 
 /// Writes `bytes` to `path` through a fresh temporary file (mode 0600),
 /// fsynced and renamed over it: a crash leaves the old or the new file,
-/// never half of one.
+/// never half of one ([`files::write_private`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TokenError> {
-    let io = |e: std::io::Error| TokenError::Key(format!("cannot write {}: {e}", path.display()));
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    let tmp = path.with_file_name(name);
-    // A leftover temporary file (from a crash) keeps its old mode and may
-    // be a symlink planted elsewhere: remove it, then create a fresh one.
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)?;
-    // The rename itself is durable only once the directory is synced.
-    if let Some(d) = path.parent()
-        && let Ok(dirf) = fs::File::open(d)
-    {
-        let _ = dirf.sync_all();
-    }
-    Ok(())
+    files::write_private(path, bytes, files::Durability::Durable)
+        .map_err(|e| TokenError::Key(format!("cannot write {}: {e}", path.display())))
 }
 
 #[cfg(test)]
