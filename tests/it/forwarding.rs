@@ -376,6 +376,23 @@ async fn regression_lower_case_methods_are_refused_not_passed_around_a_deny_list
     );
 }
 
+/// The proxy with `up` as three upstreams, one per credential header
+/// style (OpenAI's `Authorization`, Anthropic's `x-api-key`, and Azure's
+/// `api-key` with a `set_headers` entry), and a token for all three.
+fn three_header_styles(home: &Home, up: &Upstream) -> (Proxy, String) {
+    let azure = format!(
+        "[upstreams.azure]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n\
+         header = \"api-key\"\nprefix = \"\"\nset_headers = {{ \"X-Team\" = \"team-a\" }}\n",
+        up.url()
+    );
+    let proxy = Proxy::start(home, &[openai(up), anthropic(up)], &azure);
+    let token = home.issue(Scope {
+        services: vec!["openai".into(), "anthropic".into(), "azure".into()],
+        ..Scope::default()
+    });
+    (proxy, token)
+}
+
 /// Regression: the dashed spellings were removed but `X_HTTP_METHOD_OVERRIDE`
 /// and `OpenAI_Organization` reached the upstream, where CGI and WSGI
 /// servers read them as the dashed ones. Every header Till removes, or sets
@@ -384,16 +401,7 @@ async fn regression_lower_case_methods_are_refused_not_passed_around_a_deny_list
 async fn regression_underscore_spellings_of_filtered_headers_do_not_reach_the_upstream() {
     let up = Upstream::start().await;
     let home = Home::new();
-    let azure = format!(
-        "[upstreams.azure]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n\
-         header = \"api-key\"\nprefix = \"\"\nset_headers = {{ \"X-Team\" = \"team-a\" }}\n",
-        up.url()
-    );
-    let proxy = Proxy::start(&home, &[openai(&up), anthropic(&up)], &azure);
-    let token = home.issue(Scope {
-        services: vec!["openai".into(), "anthropic".into(), "azure".into()],
-        ..Scope::default()
-    });
+    let (proxy, token) = three_header_styles(&home, &up);
     let extra = format!(
         "authorization: Bearer {token}\r\n\
          X_HTTP_METHOD_OVERRIDE: DELETE\r\n\
@@ -617,16 +625,7 @@ async fn regression_connection_cannot_drop_the_headers_till_read_the_body_by() {
 async fn connection_cannot_remove_the_injected_credential_or_pass_the_clients() {
     let up = Upstream::start().await;
     let home = Home::new();
-    let azure = format!(
-        "[upstreams.azure]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n\
-         header = \"api-key\"\nprefix = \"\"\nset_headers = {{ \"X-Team\" = \"team-a\" }}\n",
-        up.url()
-    );
-    let proxy = Proxy::start(&home, &[openai(&up), anthropic(&up)], &azure);
-    let token = home.issue(Scope {
-        services: vec!["openai".into(), "anthropic".into(), "azure".into()],
-        ..Scope::default()
-    });
+    let (proxy, token) = three_header_styles(&home, &up);
     let named = "connection: Authorization, x-api-key, API-Key, api_key, x-team, X_Team\r\n\
                  api-key: sk-client-key\r\nx-team: team-evil\r\n";
     for (path, token_header) in [
