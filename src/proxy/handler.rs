@@ -321,8 +321,7 @@ async fn handle(
     if (json || form) && content_length.is_some_and(|len| len > st.limits.max_body_bytes as u64) {
         return Err(ProxyError::TooLarge(st.limits.max_body_bytes));
     }
-    let bodiless = content_length == Some(0)
-        || (content_length.is_none() && !parts.headers.contains_key(header::TRANSFER_ENCODING));
+    let bodiless = till_core::request::declares_no_body(&parts.headers);
     // A request without a body can name its model only in the query
     // (`?model=`, which some upstreams read); a JSON body's model is read
     // with the query's below. Other bodies are not read, so a model in the

@@ -229,10 +229,7 @@ async fn handle(
     } else {
         // Nothing here reads a body, so one would reach the server
         // unchecked (a tools/call in a GET, spending no use).
-        let length = parts.headers.get_all(header::CONTENT_LENGTH);
-        if parts.headers.contains_key(header::TRANSFER_ENCODING)
-            || length.iter().any(|v| v.as_bytes() != b"0")
-        {
+        if !till_core::request::declares_no_body(&parts.headers) {
             return Err(ProxyError::BadRequest(format!(
                 "an MCP {} request carries no body, and this one has one; send MCP messages with POST",
                 parts.method

@@ -243,6 +243,16 @@ pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
     }
 }
 
+/// Whether a request's head says it carries no body: no
+/// `Transfer-Encoding`, and no `Content-Length` but `0`.
+pub fn declares_no_body(headers: &http::HeaderMap) -> bool {
+    !headers.contains_key(http::header::TRANSFER_ENCODING)
+        && headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .all(|v| v.as_bytes() == b"0")
+}
+
 /// The model a query string names, or why the query is refused.
 ///
 /// Some upstreams read the model from the query: LiteLLM's proxy takes
@@ -341,6 +351,28 @@ fn names_no_model(body: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_declares_no_body_only_without_transfer_encoding_or_a_nonzero_length() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            m
+        };
+        assert!(declares_no_body(&h(&[])));
+        assert!(declares_no_body(&h(&[("content-length", "0")])));
+        assert!(!declares_no_body(&h(&[("content-length", "2")])));
+        assert!(!declares_no_body(&h(&[
+            ("content-length", "0"),
+            ("content-length", "5")
+        ])));
+        assert!(!declares_no_body(&h(&[("transfer-encoding", "chunked")])));
+    }
 
     #[test]
     fn a_model_in_the_query_is_found_however_its_name_is_spelt() {

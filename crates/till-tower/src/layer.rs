@@ -184,7 +184,11 @@ where
         // Without a body the query may name the model (`?model=`, which
         // some frameworks read); a body this layer does not read might name
         // another, so then there is no model fact (deny when unsure).
-        if let Some(q) = parts.uri.query().filter(|_| bodiless(&parts.headers)) {
+        if let Some(q) = parts
+            .uri
+            .query()
+            .filter(|_| till_core::request::declares_no_body(&parts.headers))
+        {
             facts.model = till_core::request::model_in_query(q).map_err(Refusal::BadRequest)?;
         }
         Body::new(body)
@@ -200,14 +204,6 @@ where
     let mut req = Request::from_parts(parts, body);
     req.extensions_mut().insert(TillToken::new(token));
     Ok(req)
-}
-
-/// Whether the request's head says it carries no body.
-fn bodiless(headers: &http::HeaderMap) -> bool {
-    match headers.get(http::header::CONTENT_LENGTH) {
-        Some(v) => v.as_bytes() == b"0",
-        None => !headers.contains_key(http::header::TRANSFER_ENCODING),
-    }
 }
 
 /// Whether any block limits uses: its own limit, a limit on another
