@@ -16,6 +16,9 @@
 //!   when the directory holding it belongs to root and only root can write
 //!   there, since then that user cannot have put it there: a `.till`
 //!   planted in a shared directory such as `/tmp` is still refused.
+//!
+//! The policy directory gets the same checks ([`check_policies`]): whoever
+//! writes a policy decides what every token may do.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -27,22 +30,25 @@ use till_core::files;
 #[derive(Debug, Error)]
 pub enum StateDirError {
     #[error(
-        "{path} is writable by {who} (mode {mode:04o}): whoever can write there chooses where Till sends its credentials and admin token; run `chmod {fix} {path}`"
+        "{path} is writable by {who} (mode {mode:04o}): whoever can write there {stake}; run `chmod {fix} {path}`"
     )]
     Writable {
         path: String,
         who: &'static str,
         mode: u32,
         fix: &'static str,
+        stake: &'static str,
     },
     #[error(
-        "{path} belongs to uid {owner}, not to the user running till (uid {me}){why}: its owner chooses where Till sends its credentials and admin token. Run till as that user, `chown -R {me} {path}` if it is yours, or set TILL_HOME (or state_dir) to your own directory"
+        "{path} belongs to uid {owner}, not to the user running till (uid {me}){why}: its owner {stake}. Run till as that user, `chown -R {me} {path}` if it is yours, or {elsewhere}"
     )]
     Foreign {
         path: String,
         owner: u32,
         me: u32,
         why: String,
+        stake: &'static str,
+        elsewhere: &'static str,
     },
     #[error("cannot check who owns {path}: {source}")]
     Io { path: String, source: io::Error },
@@ -69,17 +75,68 @@ pub fn check_home(home: &Path) -> Result<(), StateDirError> {
     check_file(&home.join("till.toml"))
 }
 
+/// What a refused path decides, for the refusal's message.
+#[derive(Clone, Copy)]
+struct Stake {
+    decides: &'static str,
+    elsewhere: &'static str,
+}
+
+const STATE: Stake = Stake {
+    decides: "chooses where Till sends its credentials and admin token",
+    elsewhere: "set TILL_HOME (or state_dir) to your own directory",
+};
+
+const POLICIES: Stake = Stake {
+    decides: "decides what every token may do",
+    elsewhere: "set `policies` in till.toml (`--policies` for `till verify`) to a directory of your own",
+};
+
 /// Refuses a state directory another user could have written (module
 /// doc). One that does not exist passes: whatever creates it makes it
 /// private.
 pub fn check(dir: &Path) -> Result<(), StateDirError> {
+    check_dir(dir, "700", STATE)
+}
+
+/// Refuses a config file another user could have written: writable by
+/// group or others, or owned by someone else than this user and root
+/// (root also takes the owner of a state directory it accepts, the file's
+/// own directory). One that does not exist passes.
+pub fn check_file(path: &Path) -> Result<(), StateDirError> {
+    check_file_as(path, "600", STATE)
+}
+
+/// Refuses a policy directory, or a `*.datalog` file in it, that another
+/// user could have written, by the rules of [`check`] and [`check_file`].
+/// The policies decide what every token may do, and the default
+/// `policies` is relative to the working directory: an `allow if true;`
+/// planted there by someone else would open every upstream to every
+/// token. A directory that does not exist passes (the built-in policy, or
+/// the load's own error).
+pub fn check_policies(dir: &Path) -> Result<(), StateDirError> {
+    check_dir(dir, "go-w", POLICIES)?;
+    // Unreadable: the load that follows says so.
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "datalog") {
+            check_file_as(&p, "go-w", POLICIES)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_dir(dir: &Path, fix: &'static str, stake: Stake) -> Result<(), StateDirError> {
     let Some(me) = files::effective_uid() else {
         return Ok(());
     };
     let Some(meta) = metadata(dir)? else {
         return Ok(());
     };
-    not_writable(dir, &meta, "700")?;
+    not_writable(dir, &meta, fix, stake)?;
     let owner = owner_of(&meta);
     if owner == me || owner == 0 {
         return Ok(());
@@ -92,32 +149,30 @@ pub fn check(dir: &Path) -> Result<(), StateDirError> {
     } else {
         String::new()
     };
-    Err(foreign(dir, owner, me, why))
+    Err(foreign(dir, owner, me, why, stake))
 }
 
-/// Refuses a config file another user could have written: writable by
-/// group or others, or owned by someone else than this user and root
-/// (root also takes the owner of a state directory it accepts, the file's
-/// own directory). One that does not exist passes.
-pub fn check_file(path: &Path) -> Result<(), StateDirError> {
+fn check_file_as(path: &Path, fix: &'static str, stake: Stake) -> Result<(), StateDirError> {
     let Some(me) = files::effective_uid() else {
         return Ok(());
     };
     let Some(meta) = metadata(path)? else {
         return Ok(());
     };
-    not_writable(path, &meta, "600")?;
+    not_writable(path, &meta, fix, stake)?;
     let owner = owner_of(&meta);
     if owner == me || owner == 0 {
         return Ok(());
     }
     if me == 0 {
         let dir = parent(path)?;
-        if metadata(&dir)?.is_some_and(|m| owner_of(&m) == owner) && check(&dir).is_ok() {
+        if metadata(&dir)?.is_some_and(|m| owner_of(&m) == owner)
+            && check_dir(&dir, fix, stake).is_ok()
+        {
             return Ok(());
         }
     }
-    Err(foreign(path, owner, me, String::new()))
+    Err(foreign(path, owner, me, String::new(), stake))
 }
 
 fn metadata(path: &Path) -> Result<Option<std::fs::Metadata>, StateDirError> {
@@ -157,6 +212,7 @@ fn not_writable(
     path: &Path,
     meta: &std::fs::Metadata,
     fix: &'static str,
+    stake: Stake,
 ) -> Result<(), StateDirError> {
     let mode = mode_of(meta);
     let who = match (mode & 0o020 != 0, mode & 0o002 != 0) {
@@ -170,6 +226,7 @@ fn not_writable(
         who,
         mode,
         fix,
+        stake: stake.decides,
     })
 }
 
@@ -207,12 +264,14 @@ fn root_only_parent(dir: &Path) -> Result<Option<String>, StateDirError> {
     )))
 }
 
-fn foreign(path: &Path, owner: u32, me: u32, why: String) -> StateDirError {
+fn foreign(path: &Path, owner: u32, me: u32, why: String, stake: Stake) -> StateDirError {
     StateDirError::Foreign {
         path: path.display().to_string(),
         owner,
         me,
         why,
+        stake: stake.decides,
+        elsewhere: stake.elsewhere,
     }
 }
 

@@ -222,6 +222,8 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
     let root_keys = KeySet::load(&cfg.state_dir)?;
     ensure_admin_token(&cfg.state_dir, &root_keys)?;
     let default_policies = cfg.policies == Path::new("policies");
+    crate::state_dir::check_policies(&cfg.policies)
+        .with_context(|| format!("{}: policies", cfg.file))?;
     let policies = Policies::load_or_default(&cfg.policies, default_policies)
         .with_context(|| format!("{}: policies", cfg.file))?;
     let credentials = cfg.resolve_credentials(&env)?;

@@ -236,6 +236,8 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
             .context("no --public-key given and no root key in TILL_HOME")?
             .public();
     }
+    let dir = a.policies.as_deref().unwrap_or(Path::new("policies"));
+    crate::state_dir::check_policies(dir)?;
     let policies = match &a.policies {
         Some(dir) => Policies::load_dir(dir)?,
         None => Policies::load_or_default(Path::new("policies"), true)?,

@@ -256,6 +256,10 @@ impl Reloader {
         cfg.resolve_webhook_secrets(&*self.env)?;
         cfg.resolve_store_password(&*self.env)?;
         let default_policies = cfg.policies == Path::new("policies");
+        crate::state_dir::check_policies(&cfg.policies).map_err(|e| ConfigError {
+            file: cfg.file.clone(),
+            message: format!("policies: {e}"),
+        })?;
         crate::policy::Policies::load_or_default(&cfg.policies, default_policies).map_err(|e| {
             ConfigError {
                 file: cfg.file.clone(),
@@ -265,14 +269,21 @@ impl Reloader {
         // Root keys, re-read from the state directory the proxy started with,
         // so `till keygen --rotate` and `till key retire` need no restart.
         let root_keys = match st.feed_signer.get() {
-            Some(signer) => Some(
+            Some(signer) => Some({
+                // Checked again: the key set read now decides which tokens
+                // are accepted, and the directory may have been opened up
+                // since the start.
+                crate::state_dir::check(signer.current().dir()).map_err(|e| ConfigError {
+                    file: cfg.file.clone(),
+                    message: format!("root keys: {e}"),
+                })?;
                 crate::token::keyset::KeySet::load(signer.current().dir()).map_err(|e| {
                     ConfigError {
                         file: cfg.file.clone(),
                         message: format!("root keys: {e}"),
                     }
-                })?,
-            ),
+                })?
+            }),
             None => None,
         };
         let restart_needed = restart_only_changes(&started_with, &raw);

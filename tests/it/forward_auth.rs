@@ -226,7 +226,7 @@ fn till_for_gateways(home: &Home, up: &Upstream) -> Proxy {
              [upstreams.openai]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n\
              forward_auth_credential = true\nforward_auth_secret = {{ file = {:?} }}\n",
             home.path().to_str().unwrap(),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+            policies_dir(),
             up.url(),
             secret.to_str().unwrap(),
         ),

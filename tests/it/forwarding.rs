@@ -313,6 +313,17 @@ fn proxy_without_delete(home: &Home, up: &Upstream) -> Proxy {
         "deny if method(\"DELETE\");\n",
     )
     .unwrap();
+    // Only this user may write policies (a checkout under umask 002 is
+    // group-writable, and `fs::copy` keeps the mode).
+    for f in ["default.datalog", "00-no-delete.datalog"] {
+        let p = policies.join(f);
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    std::fs::set_permissions(
+        &policies,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     let config = home.write(
         "till.toml",
         &format!(

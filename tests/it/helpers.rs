@@ -22,6 +22,35 @@ use till::token::{self, Scope, keys};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_till");
 
+/// A copy of the repository's `policies/` that only this user can write
+/// (the proxy refuses a policy directory others could have written; a
+/// checkout made under umask 002 is group-writable), readable by every
+/// user for the tests that run the proxy as `nobody`. One per test run.
+pub fn policies_dir() -> &'static str {
+    use std::os::unix::fs::PermissionsExt;
+    static DIR: std::sync::OnceLock<(tempfile::TempDir, String)> = std::sync::OnceLock::new();
+    let (_, path) = DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("policies");
+        std::fs::create_dir(&dir).unwrap();
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+        for e in std::fs::read_dir(src).unwrap() {
+            let from = e.unwrap().path();
+            if from.extension().is_some_and(|x| x == "datalog") {
+                let to = dir.join(from.file_name().unwrap());
+                std::fs::copy(&from, &to).unwrap();
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
+        for d in [tmp.path(), dir.as_path()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let path = dir.to_str().unwrap().to_owned();
+        (tmp, path)
+    });
+    path
+}
+
 /// Output of one run of the binary.
 #[derive(Debug)]
 pub struct Out {
@@ -447,7 +476,7 @@ impl Proxy {
         let mut cfg = format!(
             "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n{extra}\n",
             home.path().to_str().unwrap(),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+            policies_dir(),
         );
         for u in ups {
             cfg.push_str(&format!(

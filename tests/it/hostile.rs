@@ -741,7 +741,7 @@ async fn a_full_disk_gives_503_forwards_nothing_and_loses_no_count() {
         "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n[audit]\nenabled = false\n\
          [upstreams.{}]\nurl = {:?}\ncredential = {{ env = {:?} }}\nheader = {:?}\nprefix = {:?}\n",
         home.path().to_str().unwrap(),
-        concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+        policies_dir(),
         u.name,
         u.url,
         u.env,

@@ -94,7 +94,7 @@ fn proxy(home: &Home, server: &McpServer) -> Proxy {
          [upstreams.tools]\nurl = \"http://127.0.0.1:{}\"\napi = \"mcp\"\n\
          credential = {{ env = \"TEST_OPENAI_KEY\" }}\n",
         home.path().to_str().unwrap(),
-        concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+        policies_dir(),
         server.port,
     );
     let config = home.write("till.toml", &cfg);

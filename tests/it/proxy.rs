@@ -944,7 +944,7 @@ async fn regression_admin_plane_on_a_dual_stack_listener_serves_ipv4_loopback_cl
         &format!(
             "listen = \"[::]:0\"\nstate_dir = {:?}\npolicies = {:?}\n",
             home.path().to_str().unwrap(),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+            policies_dir(),
         ),
     );
     let proxy = match Proxy::start_config(&home, &cfg) {

@@ -624,7 +624,7 @@ async fn forward_auth_counts_windows_and_refuses_caps_it_cannot_hold() {
              [upstreams.openai]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n\
              forward_auth_credential = true\nforward_auth_secret = {{ file = {:?} }}\n",
             home.path().to_str().unwrap(),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+            policies_dir(),
             up.url(),
             secret.to_str().unwrap(),
         ),

@@ -23,7 +23,7 @@ fn write_config(home: &Home, url: &str, key: &Path, extra: &str) -> PathBuf {
             "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n{extra}\n\
              [upstreams.openai]\nurl = {url:?}\ncredential = {{ file = {:?} }}\n",
             home.path().to_str().unwrap(),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+            policies_dir(),
             key.to_str().unwrap(),
         ),
     )

@@ -449,3 +449,86 @@ async fn regression_an_empty_admin_token_left_by_a_crash_is_recreated_at_start()
         .run()
         .success();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_policy_directory_others_can_write_is_refused() {
+    // The policies decide what every token may do, and the default
+    // `policies` is relative to the working directory: `allow if true;`
+    // planted there lets a token for one service reach every upstream.
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let policies = home.path().join("pol");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::copy(
+        Path::new(policies_dir()).join("default.datalog"),
+        policies.join("default.datalog"),
+    )
+    .unwrap();
+    chmod(&policies.join("default.datalog"), 0o644);
+    chmod(&policies, 0o755);
+    let config = home.write(
+        "till.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n\
+             [upstreams.openai]\nurl = {:?}\ncredential = \"none\"\n",
+            home.path().to_str().unwrap(),
+            policies.to_str().unwrap(),
+            up.url()
+        ),
+    );
+    chmod(&config, 0o600);
+    let proxy = Proxy::start_config(&home, &config).expect("proxy starts");
+    let other = home.token("github", Some(10));
+    assert_eq!(status(&proxy, &other).await, 403, "not a token for openai");
+
+    // Someone else opens the directory up and adds a policy.
+    chmod(&policies, 0o777);
+    let planted = policies.join("zz-open.datalog");
+    std::fs::write(&planted, "allow if true;\n").unwrap();
+    sighup(&proxy);
+    let logs = wait_for_log(&proxy, "reload refused", 1).await;
+    assert!(
+        logs.contains("writable by its group and every user (mode 0777)")
+            && logs.contains("decides what every token may do"),
+        "{logs}"
+    );
+    assert_eq!(
+        status(&proxy, &other).await,
+        403,
+        "the planted policy is not used"
+    );
+    assert_eq!(up.count(), 0, "{:?}", up.seen());
+    // A file of its own others can write is refused the same way.
+    chmod(&policies, 0o755);
+    chmod(&planted, 0o666);
+    let cmd = till(["reload"]).home(&home).env("TILL_URL", &proxy.url(""));
+    tokio::task::spawn_blocking(move || cmd.run())
+        .await
+        .unwrap()
+        .code(2)
+        .stderr_has("zz-open.datalog is writable by its group and every user (mode 0666)")
+        .stderr_has("chmod go-w");
+    assert_eq!(status(&proxy, &other).await, 403);
+    assert_eq!(up.count(), 0, "{:?}", up.seen());
+    // `till verify` judges with the same policies, so it refuses them too.
+    till([
+        "verify",
+        "--policies",
+        policies.to_str().unwrap(),
+        "--token",
+        &other,
+        "--service",
+        "openai",
+    ])
+    .home(&home)
+    .run()
+    .code(2)
+    .stderr_has("chmod go-w");
+    drop(proxy);
+    // And a start refuses them before listening.
+    till(["serve", "--config", config.to_str().unwrap()])
+        .run()
+        .code(2)
+        .stderr_has("zz-open.datalog is writable")
+        .stderr_has("decides what every token may do");
+}

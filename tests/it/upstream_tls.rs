@@ -202,7 +202,7 @@ fn proxy_trusting(home: &Home, url: &str, ca: &Path, extra: &str) -> Proxy {
         &format!(
             "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n{extra}\n[upstreams.openai]\nurl = {url:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n",
             home.path().to_str().unwrap(),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+            policies_dir(),
         ),
     );
     let empty = home.path().join("no-cert-dir");

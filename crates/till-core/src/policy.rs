@@ -10,12 +10,23 @@ use thiserror::Error;
 /// works from any directory.
 pub const DEFAULT_POLICY: &str = include_str!("../../../policies/default.datalog");
 
+/// Most one policy file may hold: policies are a few rules, and larger
+/// files are more likely a wrong path than a policy.
+pub const MAX_POLICY_FILE_BYTES: u64 = 1024 * 1024;
+
 /// Why the policies could not be loaded.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum PolicyError {
     #[error("cannot read policies from {path}: {err}")]
     Io { path: PathBuf, err: std::io::Error },
+    #[error("cannot read policy file {path}: {err}")]
+    Read {
+        path: PathBuf,
+        err: crate::files::ReadError,
+    },
+    #[error("policy file {0} is not UTF-8 text")]
+    NotText(PathBuf),
     #[error("{path}: invalid Datalog: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0}: no *.datalog files; an empty policy set would deny everything")]
@@ -100,10 +111,15 @@ impl Policies {
         }
         let mut sources = Vec::new();
         for f in files {
-            let code = std::fs::read_to_string(&f).map_err(|err| PolicyError::Io {
-                path: f.clone(),
-                err,
+            // Bounded, and never waiting on a FIFO: a reload reads these too,
+            // and must not hang or run out of memory on a stray file.
+            let bytes = crate::files::read_regular(&f, MAX_POLICY_FILE_BYTES).map_err(|err| {
+                PolicyError::Read {
+                    path: f.clone(),
+                    err,
+                }
             })?;
+            let code = String::from_utf8(bytes).map_err(|_| PolicyError::NotText(f.clone()))?;
             sources.push((f, code));
         }
         Self::from_sources(&sources)
@@ -138,6 +154,34 @@ mod tests {
     fn default_policy_parses() {
         let p = Policies::default_policy();
         assert!(p.builder.dump_code().contains("allow if"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_or_an_oversized_policy_file_is_refused_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.datalog"), DEFAULT_POLICY).unwrap();
+        let fifo = dir.path().join("b.datalog");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // Reading the FIFO would block this test for ever.
+        let err = Policies::load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("b.datalog") && err.contains("not a regular file"),
+            "{err}"
+        );
+
+        std::fs::remove_file(&fifo).unwrap();
+        let big = "// padding\n".repeat((MAX_POLICY_FILE_BYTES / 10) as usize);
+        std::fs::write(dir.path().join("c.datalog"), big).unwrap();
+        let err = Policies::load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("c.datalog") && err.contains("larger than"),
+            "{err}"
+        );
     }
 
     #[test]
