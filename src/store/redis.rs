@@ -975,6 +975,31 @@ async fn subscribe_loop(weak: Weak<Inner>) {
                     continue;
                 };
                 let Ok(v) = v.parse::<u64>() else { continue };
+                // Anyone allowed to publish on the channel can send such a
+                // message, without any right on Till's keys: applied as it
+                // came, an id was enforced, then written into the list for
+                // good by the next sync (a revocation of any token, garbage
+                // of any size). Only an id the list holds is applied; the
+                // revoke script writes it before it publishes.
+                if !is_revocation_id(id) {
+                    continue;
+                }
+                let mut c = inner.conn.clone();
+                match inner
+                    .op(
+                        "HEXISTS revocation",
+                        c.hexists::<_, _, bool>(REVOKED_IDS, id),
+                    )
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    // The poller reads the whole list, or fails closed.
+                    Err(_) => {
+                        inner.kick.notify_one();
+                        continue;
+                    }
+                }
                 let mut r = inner.write_revoked();
                 r.ids.insert(id.to_string());
                 if v == r.version + 1 {
@@ -988,6 +1013,16 @@ async fn subscribe_loop(weak: Weak<Inner>) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Whether `id` has the shape of a block's revocation id (lower-case hex,
+/// as `revoke` writes it).
+fn is_revocation_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 1024
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// [`Known::seen`] when this process has no count to decide with.
@@ -2280,6 +2315,61 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Red team (wave 2, fourth pass): a Redis user allowed to publish on
+    /// the revocation channel, with no right on Till's keys, could revoke any
+    /// token (and store garbage of any size): every store applied the id of
+    /// a message as it came, and its next sync wrote it into the list.
+    #[tokio::test]
+    async fn regression_a_published_message_alone_revokes_nothing() {
+        let server = Server::start();
+        let a = RedisStore::connect(&server.url(), None).await.unwrap();
+        let b = RedisStore::connect(&server.url(), None).await.unwrap();
+        let t0 = Instant::now();
+        loop {
+            // Until `a` has subscribed; the second message opens a gap in
+            // the versions, so the list is synced (and was written back).
+            let mut heard = 0;
+            for m in ["1 deadbeef", "3 cafe"] {
+                heard +=
+                    redis_cmd::<u64>(&server, redis::cmd("PUBLISH").arg(channel(0)).arg(m)).await;
+            }
+            if heard >= 4 {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "nobody subscribed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A real revocation, published after them: once `a` applied it, it
+        // had read the forged ones.
+        assert!(b.revoke("ab01").await.unwrap());
+        let ids = [
+            "ab01".to_string(),
+            "deadbeef".to_string(),
+            "cafe".to_string(),
+        ];
+        let t0 = Instant::now();
+        while a.first_revoked(&ids[..1]).unwrap().is_none() {
+            assert!(
+                t0.elapsed() < STALE_BOUND,
+                "not propagated within the bound"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(POLL_INTERVAL * 3).await;
+        assert_eq!(
+            a.first_revoked(&ids[1..]).unwrap(),
+            None,
+            "a forged id is enforced"
+        );
+        let listed: Vec<String> = RevocationList::list(&a)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(listed, vec!["ab01".to_string()], "forged ids stored");
     }
 
     async fn wait_healthy(s: &RedisStore, want: bool) {
