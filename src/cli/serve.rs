@@ -175,7 +175,7 @@ impl Backend {
                     .await
                     .map_err(|e| crate::store::StoreError::Io(e.to_string()))?
             }
-            Backend::Redis(s) => s.gc_expired(now).await,
+            Backend::Redis(s) => s.collect_expired(now).await,
         }
     }
 }

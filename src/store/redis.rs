@@ -522,6 +522,20 @@ impl RedisStore {
         Ok(removed)
     }
 
+    /// [`Self::gc_expired`] as of the earlier of `clock` (this proxy's time)
+    /// and Redis's own clock. Retiring is for good and for every replica: one
+    /// replica whose clock runs days ahead would otherwise retire the
+    /// counters of live tokens, refused from then on by all of them, also
+    /// once its clock is set right.
+    pub async fn collect_expired(&self, clock: u64) -> Result<usize, StoreError> {
+        let mut c = self.inner.conn.clone();
+        let (redis_now, _): (u64, u64) = self
+            .inner
+            .op("TIME", redis::cmd("TIME").query_async(&mut c))
+            .await?;
+        self.gc_expired(clock.min(redis_now)).await
+    }
+
     /// Adds to `till:families` every family that has counters but is not
     /// listed, and returns how many. A reservation registers its family
     /// before counting (`batch::send`), but earlier versions did it after,
@@ -2075,6 +2089,25 @@ mod tests {
         let s = RedisStore::connect(&server.url(), None).await.unwrap();
         s.set_max_blocks_per_family(4);
         crate::store::check_refused_blocks_leave_no_trace(&s).await;
+    }
+
+    /// Red team (wave 2, fourth pass): the hourly collector went by the
+    /// proxy's own clock, so one replica with its clock a month ahead retired
+    /// the counters of live tokens in the shared Redis, and every replica
+    /// refused them for good. It now goes by the earlier of its clock and
+    /// Redis's.
+    #[tokio::test]
+    async fn regression_a_replica_clock_ahead_retires_no_live_counter() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        let a = CounterSpec::standalone("a", Some(5), Some(now_unix() + 3600));
+        s.reserve(std::slice::from_ref(&a)).await.unwrap();
+        let ahead = now_unix() + 40 * 24 * 3600;
+        assert_eq!(s.collect_expired(ahead).await.unwrap(), 0);
+        assert_eq!(
+            s.reserve(std::slice::from_ref(&a)).await.unwrap().uses,
+            vec![2]
+        );
     }
 
     #[tokio::test]
