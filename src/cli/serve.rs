@@ -175,7 +175,7 @@ impl Backend {
                     .await
                     .map_err(|e| crate::store::StoreError::Io(e.to_string()))?
             }
-            Backend::Redis(s) => s.gc_expired(now).await,
+            Backend::Redis(s) => s.collect_expired(now).await,
         }
     }
 }
@@ -248,6 +248,9 @@ fn start(path: PathBuf, overrides: proxy::reload::Overrides) -> anyhow::Result<E
             // TLS for rediss:// uses the process-wide provider.
             proxy::install_crypto();
             let s = rt.block_on(RedisStore::connect(url, store_password.as_deref()))?;
+            // A Redis that lost its data since the last start would give
+            // every spent token its uses back: refused, not accepted.
+            crate::store::redis::marker::check_and_save(&cfg.state_dir, s.target(), s.store_id())?;
             s.set_max_blocks_per_family(cfg.limits.max_blocks_per_family);
             // An evicting Redis gives spent uses back under memory pressure
             // (which any token holder can cause): not a warning, a refusal.

@@ -1203,21 +1203,27 @@ pub fn read_config_file(path: &Path) -> Result<String, ConfigError> {
     String::from_utf8(bytes).map_err(|_| err("cannot read: not UTF-8 text".into()))
 }
 
-/// A parsed URL as it may appear in messages: without user name and
-/// password.
+/// A parsed URL as it may appear in messages: without user name, password,
+/// query and fragment (a password is also written `?pass=` or
+/// `?password=`, the way other Redis clients take it).
 fn shown_url(url: &reqwest::Url) -> String {
     let mut u = url.clone();
     // Fails only for URLs that cannot have userinfo, which have none.
     let _ = u.set_username("");
     let _ = u.set_password(None);
+    u.set_query(None);
+    u.set_fragment(None);
     u.to_string()
 }
 
-/// A URL that did not parse, as it may appear in messages: hidden if it may
-/// hold userinfo, since where it ends cannot be known.
+/// A URL that did not parse (or has no host), as it may appear in messages:
+/// hidden if it may hold userinfo or a query, since where a password in it
+/// ends cannot be known.
 fn shown_unparsed_url(raw: &str) -> String {
     if raw.contains('@') {
         "the URL (not shown: it contains '@', which may hide a password)".into()
+    } else if raw.contains(['?', '#']) {
+        "the URL (not shown: it has a query, which may hide a password)".into()
     } else {
         format!("{raw:?}")
     }
@@ -1704,6 +1710,31 @@ prefix = "Bearer "
             let addr = parse_listen(listen).unwrap();
             let c = Config::parse(&default_file(Path::new(".till"), addr), "till.toml").unwrap();
             assert_eq!(c.listen, addr, "{listen}");
+        }
+    }
+
+    /// Red team (wave 2, fourth pass): a password written in the query, the
+    /// way other Redis clients take it (`redis+unix:///…?pass=`,
+    /// `?password=`), was quoted whole in the error.
+    #[test]
+    fn regression_a_password_in_the_store_urls_query_is_never_shown() {
+        for (text, says) in [
+            (
+                "store = \"redis://127.0.0.1:6379/x?password=hunter2\"",
+                "database number",
+            ),
+            (
+                "store = \"redis+unix:///run/redis.sock?pass=hunter2\"",
+                "not a Redis URL",
+            ),
+            (
+                "store = \"unix:///run/redis.sock#hunter2\"",
+                "not a Redis URL",
+            ),
+        ] {
+            let e = Config::parse(text, "till.toml").unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+            assert!(!e.contains("hunter2"), "password shown: {e}");
         }
     }
 

@@ -49,6 +49,7 @@ use redis::{AsyncCommands, Client, IntoConnectionInfo, RedisResult, Script};
 
 mod batch;
 mod finish_on_drop;
+pub mod marker;
 mod shared;
 mod snapshot;
 mod windows;
@@ -271,6 +272,12 @@ struct Inner {
     /// Wakes the poller for an immediate check (after a subscription or a
     /// gap in the published versions).
     kick: tokio::sync::Notify,
+    /// The marker of the data set this process counts in ([`marker`]).
+    store_id: String,
+    /// Why, once Redis no longer holds `store_id`: it lost the data this
+    /// process counted in, and every request is refused (503) until a
+    /// restart.
+    lost: std::sync::OnceLock<String>,
     /// Reservations waiting for the batching task (`batch.rs`).
     batch: batch::Batcher,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -335,6 +342,9 @@ impl RedisStore {
                 "{e}; is Redis running there, and is the password right?"
             ))
         })?;
+        let store_id = marker::read_or_create(&mut conn.clone(), &target)
+            .await
+            .map_err(|e| open(e.to_string()))?;
         let (batch, rounds) = batch::Batcher::new();
         let inner = Arc::new(Inner {
             client,
@@ -357,6 +367,8 @@ impl RedisStore {
             fresh_at: AtomicU64::new(0),
             base: Instant::now(),
             kick: tokio::sync::Notify::new(),
+            store_id,
+            lost: std::sync::OnceLock::new(),
             batch,
             tasks: Mutex::new(Vec::new()),
         });
@@ -380,6 +392,11 @@ impl RedisStore {
     /// `host:port/db` of the server, for messages.
     pub fn target(&self) -> &str {
         &self.inner.target
+    }
+
+    /// The marker of the data set this store counts in ([`marker`]).
+    pub fn store_id(&self) -> &str {
+        &self.inner.store_id
     }
 
     /// Sets `limits.max_blocks_per_family` (checked by the reserve script,
@@ -503,6 +520,20 @@ impl RedisStore {
         }
         self.repair_families().await?;
         Ok(removed)
+    }
+
+    /// [`Self::gc_expired`] as of the earlier of `clock` (this proxy's time)
+    /// and Redis's own clock. Retiring is for good and for every replica: one
+    /// replica whose clock runs days ahead would otherwise retire the
+    /// counters of live tokens, refused from then on by all of them, also
+    /// once its clock is set right.
+    pub async fn collect_expired(&self, clock: u64) -> Result<usize, StoreError> {
+        let mut c = self.inner.conn.clone();
+        let (redis_now, _): (u64, u64) = self
+            .inner
+            .op("TIME", redis::cmd("TIME").query_async(&mut c))
+            .await?;
+        self.gc_expired(clock.min(redis_now)).await
     }
 
     /// Adds to `till:families` every family that has counters but is not
@@ -695,13 +726,30 @@ impl Inner {
         }
     }
 
-    /// `Err` while Redis may evict keys (see [`recheck_eviction`]).
-    fn refuse_if_evicting(&self) -> Result<(), StoreError> {
+    /// `Err` once Redis lost the data this process counted in, and while
+    /// Redis may evict keys (see [`recheck_eviction`]).
+    fn refuse_if_unsafe(&self) -> Result<(), StoreError> {
+        if let Some(why) = self.lost.get() {
+            return Err(StoreError::Failed(why.clone()));
+        }
         if !self.evicts.load(Ordering::Relaxed) {
             return Ok(());
         }
         let why = self.evicts_why.lock().unwrap_or_else(|p| p.into_inner());
         Err(StoreError::Io(format!("redis at {}: {why}", self.target)))
+    }
+
+    /// Whether `found` (the marker Redis holds now) is this process's; if
+    /// not, refuses every request from now on ([`marker`]). `Err` names why.
+    fn check_store_id(&self, found: Option<&str>) -> Result<(), StoreError> {
+        if found == Some(self.store_id.as_str()) {
+            return Ok(());
+        }
+        let why = marker::lost_message(&self.target, &self.store_id, found);
+        if self.lost.set(why.clone()).is_ok() {
+            tracing::error!("{why}");
+        }
+        Err(StoreError::Failed(why))
     }
 
     /// Records that the local revocation list matched Redis at `at`
@@ -874,11 +922,25 @@ async fn poll_loop(weak: Weak<Inner>) {
         let started = inner.base.elapsed();
         let mut c = inner.conn.clone();
         let result = match inner
-            .op("GET version", c.get::<_, Option<u64>>(REVOKED_VERSION))
+            .op(
+                "MGET version",
+                c.mget::<_, (Option<u64>, Option<String>)>(&[REVOKED_VERSION, marker::KEY]),
+            )
             .await
         {
-            Ok(v) if v.unwrap_or(0) == inner.read_revoked().version => Ok(()),
-            Ok(_) => sync_revocations(&inner).await,
+            Ok((v, id)) => {
+                // Data just found lost: the revocations this process knows
+                // go back into Redis whatever the version says (a new
+                // revocation since may have brought it back to the one
+                // known here, and then none would be written back).
+                let just_lost =
+                    inner.lost.get().is_none() && inner.check_store_id(id.as_deref()).is_err();
+                if just_lost || v.unwrap_or(0) != inner.read_revoked().version {
+                    sync_revocations(&inner).await
+                } else {
+                    Ok(())
+                }
+            }
             Err(e) => Err(e),
         };
         match result {
@@ -927,6 +989,31 @@ async fn subscribe_loop(weak: Weak<Inner>) {
                     continue;
                 };
                 let Ok(v) = v.parse::<u64>() else { continue };
+                // Anyone allowed to publish on the channel can send such a
+                // message, without any right on Till's keys: applied as it
+                // came, an id was enforced, then written into the list for
+                // good by the next sync (a revocation of any token, garbage
+                // of any size). Only an id the list holds is applied; the
+                // revoke script writes it before it publishes.
+                if !is_revocation_id(id) {
+                    continue;
+                }
+                let mut c = inner.conn.clone();
+                match inner
+                    .op(
+                        "HEXISTS revocation",
+                        c.hexists::<_, _, bool>(REVOKED_IDS, id),
+                    )
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    // The poller reads the whole list, or fails closed.
+                    Err(_) => {
+                        inner.kick.notify_one();
+                        continue;
+                    }
+                }
                 let mut r = inner.write_revoked();
                 r.ids.insert(id.to_string());
                 if v == r.version + 1 {
@@ -940,6 +1027,16 @@ async fn subscribe_loop(weak: Weak<Inner>) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Whether `id` has the shape of a block's revocation id (lower-case hex,
+/// as `revoke` writes it).
+fn is_revocation_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 1024
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// [`Known::seen`] when this process has no count to decide with.
@@ -1024,7 +1121,7 @@ impl CounterStore for RedisStore {
             if inner.closing.load(Ordering::SeqCst) {
                 return Err(StoreError::Closed);
             }
-            inner.refuse_if_evicting()?;
+            inner.refuse_if_unsafe()?;
             let now = now_unix();
             let known: smallvec::SmallVec<[Option<Arc<Known>>; 4]> =
                 counters.iter().map(|c| inner.known.get(&c.id)).collect();
@@ -1197,6 +1294,7 @@ impl CounterStore for RedisStore {
         !self.inner.closing.load(Ordering::SeqCst)
             && self.inner.stale_for() <= STALE_BOUND
             && !self.inner.evicts.load(Ordering::Relaxed)
+            && self.inner.lost.get().is_none()
     }
 
     fn register(&self, _blocks: &[BlockMeta]) {
@@ -1248,7 +1346,7 @@ impl RevocationList for RedisStore {
     fn first_revoked(&self, ids: &[String]) -> Result<Option<usize>, StoreError> {
         // The list's keys can be evicted too (and a request that passes
         // here reserves next, which refuses anyway).
-        self.inner.refuse_if_evicting()?;
+        self.inner.refuse_if_unsafe()?;
         let stale = self.inner.stale_for();
         if stale > STALE_BOUND {
             return Err(StoreError::Io(format!(
@@ -1993,6 +2091,25 @@ mod tests {
         crate::store::check_refused_blocks_leave_no_trace(&s).await;
     }
 
+    /// Red team (wave 2, fourth pass): the hourly collector went by the
+    /// proxy's own clock, so one replica with its clock a month ahead retired
+    /// the counters of live tokens in the shared Redis, and every replica
+    /// refused them for good. It now goes by the earlier of its clock and
+    /// Redis's.
+    #[tokio::test]
+    async fn regression_a_replica_clock_ahead_retires_no_live_counter() {
+        let server = Server::start();
+        let s = RedisStore::connect(&server.url(), None).await.unwrap();
+        let a = CounterSpec::standalone("a", Some(5), Some(now_unix() + 3600));
+        s.reserve(std::slice::from_ref(&a)).await.unwrap();
+        let ahead = now_unix() + 40 * 24 * 3600;
+        assert_eq!(s.collect_expired(ahead).await.unwrap(), 0);
+        assert_eq!(
+            s.reserve(std::slice::from_ref(&a)).await.unwrap().uses,
+            vec![2]
+        );
+    }
+
     #[tokio::test]
     async fn a_collected_counter_never_comes_back_with_a_fresh_budget() {
         let server = Server::start();
@@ -2155,6 +2272,139 @@ mod tests {
     }
 
     /// Waits until the store's readiness is `want`.
+    /// Runs one command on `server`'s Redis.
+    async fn redis_cmd<T: redis::FromRedisValue>(server: &Server, cmd: &mut redis::Cmd) -> T {
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        cmd.query_async(&mut c).await.unwrap()
+    }
+
+    /// Red team (wave 2, fourth pass): a wiped Redis answered the next
+    /// reservation with a count of 1, as if the block had never been used.
+    /// Now the reservation that finds the store id gone is refused, and so
+    /// is everything after it, on every store, for good.
+    #[tokio::test]
+    async fn regression_a_reservation_on_a_wiped_redis_is_refused() {
+        let server = Server::start();
+        let a = RedisStore::connect(&server.url(), None).await.unwrap();
+        let b = RedisStore::connect(&server.url(), None).await.unwrap();
+        assert_eq!(a.store_id(), b.store_id(), "one data set, one id");
+        let chain = [spec("aa01", Some(3))];
+        for n in 1..=3 {
+            assert_eq!(a.reserve(&chain).await.unwrap().uses, vec![n]);
+        }
+        let () = redis_cmd(&server, &mut redis::cmd("FLUSHALL")).await;
+        let e = match a.reserve(&chain).await {
+            Ok(r) => panic!("counted again from {:?} on a wiped Redis", r.uses),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("lost the data this proxy counted in"), "{e}");
+        assert!(a.reserve(&chain).await.is_err(), "refused for good");
+        // The other store learns it from its next reservation or poll.
+        let t0 = Instant::now();
+        while b.healthy() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "b never noticed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(b.first_revoked(&["aa01".to_string()]).is_err());
+        assert!(b.reserve(&chain).await.is_err());
+    }
+
+    /// Red team (wave 2, fourth pass): after a wipe, a new revocation could
+    /// bring Redis's version counter back to the one a store knew, and the
+    /// store, seeing no change, never wrote the revocations Redis had lost
+    /// back: a proxy started later would not know them.
+    #[tokio::test]
+    async fn regression_revocations_known_before_a_wipe_are_written_back() {
+        let server = Server::start();
+        let a = RedisStore::connect(&server.url(), None).await.unwrap();
+        assert!(a.revoke("ab01").await.unwrap());
+        let () = redis_cmd(&server, &mut redis::cmd("FLUSHALL")).await;
+        // Version 1 again, through a client that is not a store.
+        let v: u64 = redis_cmd(
+            &server,
+            redis::cmd("EVAL")
+                .arg(REVOKE_LUA)
+                .arg(2)
+                .arg(REVOKED_IDS)
+                .arg(REVOKED_VERSION)
+                .arg("cd02")
+                .arg(1)
+                .arg(channel(0)),
+        )
+        .await;
+        // 1 unless this store's poll already wrote `ab01` back.
+        assert!(v >= 1);
+        let t0 = Instant::now();
+        loop {
+            let back: bool =
+                redis_cmd(&server, redis::cmd("HEXISTS").arg(REVOKED_IDS).arg("ab01")).await;
+            if back {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "ab01 never written back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Red team (wave 2, fourth pass): a Redis user allowed to publish on
+    /// the revocation channel, with no right on Till's keys, could revoke any
+    /// token (and store garbage of any size): every store applied the id of
+    /// a message as it came, and its next sync wrote it into the list.
+    #[tokio::test]
+    async fn regression_a_published_message_alone_revokes_nothing() {
+        let server = Server::start();
+        let a = RedisStore::connect(&server.url(), None).await.unwrap();
+        let b = RedisStore::connect(&server.url(), None).await.unwrap();
+        let t0 = Instant::now();
+        loop {
+            // Until `a` has subscribed; the second message opens a gap in
+            // the versions, so the list is synced (and was written back).
+            let mut heard = 0;
+            for m in ["1 deadbeef", "3 cafe"] {
+                heard +=
+                    redis_cmd::<u64>(&server, redis::cmd("PUBLISH").arg(channel(0)).arg(m)).await;
+            }
+            if heard >= 4 {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "nobody subscribed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A real revocation, published after them: once `a` applied it, it
+        // had read the forged ones.
+        assert!(b.revoke("ab01").await.unwrap());
+        let ids = [
+            "ab01".to_string(),
+            "deadbeef".to_string(),
+            "cafe".to_string(),
+        ];
+        let t0 = Instant::now();
+        while a.first_revoked(&ids[..1]).unwrap().is_none() {
+            assert!(
+                t0.elapsed() < STALE_BOUND,
+                "not propagated within the bound"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(POLL_INTERVAL * 3).await;
+        assert_eq!(
+            a.first_revoked(&ids[1..]).unwrap(),
+            None,
+            "a forged id is enforced"
+        );
+        let listed: Vec<String> = RevocationList::list(&a)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(listed, vec!["ab01".to_string()], "forged ids stored");
+    }
+
     async fn wait_healthy(s: &RedisStore, want: bool) {
         let t0 = Instant::now();
         while s.healthy() != want {

@@ -905,3 +905,51 @@ async fn a_client_that_hangs_up_while_redis_counts_spends_nothing() {
     assert_eq!(chat(&proxies[0], &token, "m").await.0, 429);
     assert_eq!(up.count(), 3);
 }
+
+/// Red team (wave 2, fourth pass): Redis losing its data under running
+/// proxies (`FLUSHALL` here; the same for `FLUSHDB`, a restart without
+/// persistence, a failover to an empty server) started every counter again
+/// from zero, and the proxies went on serving: a spent token got its whole
+/// budget back, and nothing was logged. Now the proxies notice that Redis
+/// no longer holds the store id they counted in and refuse every request
+/// (503, `/readyz` 503); a restarted proxy refuses to start on it, naming
+/// the file to remove if the new data is meant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_redis_that_lost_its_data_gives_no_use_back() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let homes = replica_homes(2);
+    let mut proxies = replicas(&homes, &up, &redis);
+    let token = homes[0].token("openai", Some(3));
+    for i in 0..3 {
+        assert_eq!(chat(&proxies[i % 2], &token, "m").await.0, 200);
+    }
+    assert_eq!(chat(&proxies[0], &token, "m").await.0, 429, "spent");
+    assert_eq!(redis_inline(redis.port, "FLUSHALL").trim(), "+OK");
+    for i in 0..6 {
+        let (status, body) = chat(&proxies[i % 2], &token, "m").await;
+        assert_ne!(status, 200, "a spent token after the wipe: {body}");
+    }
+    assert_eq!(up.count(), 3, "no use given back by the wipe");
+    wait_ready(&proxies, 503, Duration::from_secs(10)).await;
+    let fresh = homes[0].token("openai", Some(3));
+    for p in &proxies {
+        let (status, body) = chat(p, &fresh, "m").await;
+        assert_eq!(status, 503, "{body}");
+    }
+    assert_eq!(up.count(), 3);
+    assert!(
+        proxies[0]
+            .logs()
+            .contains("lost the data this proxy counted in"),
+        "{}",
+        proxies[0].logs()
+    );
+    // A restart does not accept the wipe either.
+    proxies[0].kill9();
+    let Err(err) = Proxy::start_config(&homes[0], &proxies[0].config) else {
+        panic!("a proxy started on a wiped Redis");
+    };
+    assert!(err.contains(till::store::redis::marker::FILE), "{err}");
+    assert_eq!(up.count(), 3);
+}

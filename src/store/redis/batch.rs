@@ -28,7 +28,7 @@ use std::sync::{Arc, Weak};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::finish_on_drop::FinishOnDrop;
-use super::{FAMILIES, Inner, TTL_AFTER_EXPIRY, UNSEEN, family_keys};
+use super::{FAMILIES, Inner, TTL_AFTER_EXPIRY, UNSEEN, family_keys, marker};
 use crate::store::{StoreError, now_unix};
 
 /// Rounds outstanding at once. While they wait for Redis's fsync, the next
@@ -240,18 +240,26 @@ async fn send(inner: &Arc<Inner>, jobs: Vec<Job>) {
         p.sadd(FAMILIES, &jobs[0].families).ignore();
     }
     p.add_command(eval);
+    // Read after the script, on the same connection: if it still holds this
+    // process's marker, the script ran on the data this process counts in
+    // (a Redis wiped before it would have lost the marker too).
+    p.get(marker::KEY);
     let mut conn = inner.conn.clone();
     let call = async {
-        match p.query_async::<(Vec<i64>,)>(&mut conn).await {
+        match p.query_async::<(Vec<i64>, Option<String>)>(&mut conn).await {
             // Redis restarted, or flushed its scripts: load it, once.
             Err(e) if e.code() == Some("NOSCRIPT") => {
                 inner.reserve.load_async(&mut conn).await?;
-                p.query_async::<(Vec<i64>,)>(&mut conn).await
+                p.query_async::<(Vec<i64>, Option<String>)>(&mut conn).await
             }
             other => other,
         }
     };
-    let got: Result<Vec<i64>, StoreError> = inner.op("reserve", call).await.map(|(v,)| v);
+    // Uses counted on a wiped Redis stay counted there: deny when unsure.
+    let got: Result<Vec<i64>, StoreError> = inner
+        .op("reserve", call)
+        .await
+        .and_then(|(v, id)| inner.check_store_id(id.as_deref()).map(|()| v));
     let expected: usize = jobs.iter().map(|j| 2 + j.blocks.len()).sum();
     let got = got.and_then(|v| {
         if v.len() == expected {
