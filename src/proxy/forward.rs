@@ -307,6 +307,30 @@ fn has_method_override(query: &str) -> bool {
     })
 }
 
+/// Whether a multipart part's name (or a name parameter's value) is
+/// `_method` to some framework: any case, `_method[]` and other names
+/// starting with it, percent-encoded up to three times, after leading
+/// spaces and `+`; and as PHP registers it, which turns `.`, ` ` and a
+/// `[` without `]` into `_` (`.method` is `$_POST['_method']`).
+pub(crate) fn is_method_override_name(name: &[u8]) -> bool {
+    let mut name = name.to_vec();
+    for _ in 0..3 {
+        name = percent_decoded(&name);
+    }
+    let start = name
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'+' | b'\t'))
+        .unwrap_or(name.len());
+    name[start..]
+        .iter()
+        .map(|&b| match b {
+            b'.' | b' ' | b'[' => b'_',
+            b => b.to_ascii_lowercase(),
+        })
+        .take(7)
+        .eq(b"_method".iter().copied())
+}
+
 fn percent_decoded(s: &[u8]) -> Vec<u8> {
     let hex = |b: u8| (b as char).to_digit(16);
     let mut out = Vec::with_capacity(s.len());
