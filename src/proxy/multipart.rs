@@ -434,7 +434,14 @@ fn check_name_parameters(text: &[u8]) -> Result<(), MultipartError> {
                 .iter()
                 .position(|&c| c == b';')
                 .map_or(text.len(), |e| j + e);
-            value.extend_from_slice(text[j..end].trim_ascii());
+            // A parser that unescapes or unquotes otherwise may still
+            // read `\"_method"` or `'_method'` as `_method`.
+            value.extend(
+                text[j..end]
+                    .trim_ascii()
+                    .iter()
+                    .filter(|c| !matches!(c, b'\\' | b'"' | b'\'')),
+            );
         }
         if memchr::memmem::find(&value, b"=?").is_some() {
             return Err(MultipartError::Ambiguous(
@@ -925,6 +932,8 @@ mod tests {
             "\".method\"",
             "\" _method\"",
             "\"_meth\\od\"",
+            "'_method'",
+            "\"a\\\"; name=\\\"_method\"",
         ] {
             let b = body(&[
                 ("Content-Disposition: form-data; name=\"a\"", "1"),
