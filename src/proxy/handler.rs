@@ -325,15 +325,16 @@ async fn handle(
     let form = !json && super::forward::is_url_encoded_form(&parts);
     // Checked for a `_method` part and read for a `model` part, as far as
     // the bounds allow and then as it streams (`super::multipart`).
-    let multipart = match super::multipart::boundary_of(parts.headers.get(header::CONTENT_TYPE))? {
-        Some(_) if json => {
-            return Err(ProxyError::BadRequest(
-                "the Content-Type is multipart and names JSON too (`/json` or `+json`), which Laravel reads as JSON; servers differ on which one they read, so Till refuses it: send one".into(),
-            ));
-        }
-        Some(b) if !bodiless => Some(b),
-        _ => None,
+    // A head that says it has no body has nothing to check.
+    let multipart = match bodiless {
+        true => None,
+        false => super::multipart::boundary_of(parts.headers.get(header::CONTENT_TYPE))?,
     };
+    if multipart.is_some() && json {
+        return Err(ProxyError::BadRequest(
+            "the Content-Type is multipart and names JSON too (`/json` or `+json`), which Laravel reads as JSON; servers differ on which one they read, so Till refuses it: send one".into(),
+        ));
+    }
     if json || form || multipart.is_some() {
         super::forward::refuse_encoded_body(&parts.headers)?;
     }

@@ -165,6 +165,11 @@ async fn regression_a_method_override_part_is_refused_before_anything_is_spent()
             "multipart/form-data; xboundary=YB; boundary=XB",
             body(&[(&purpose, "x")]),
         ),
+        // Laravel reads a body as JSON when its type names `+json`.
+        (
+            "multipart/form-data; boundary=XB; type=\"application/x+json\"",
+            body(&[(&purpose, "x")]),
+        ),
     ] {
         let (status, v) = post(&proxy, &token, path, content_type, b.clone()).await;
         assert_eq!(status, 400, "{content_type} {b:?}: {v}");
