@@ -249,7 +249,7 @@ pub fn refuse_unsafe(m: &str, query: Option<&str>) -> Result<(), ProxyError> {
     }
     if query.is_some_and(has_method_override) {
         return Err(ProxyError::BadRequest(
-            "the query has a `_method` parameter, which some frameworks use to replace the HTTP method; send the request with the method you mean and without `_method`".into(),
+            "the query has a `_method` parameter (PHP reads `.method` as `_method` too), which some frameworks use to replace the HTTP method; send the request with the method you mean and without `_method`".into(),
         ));
     }
     Ok(())
@@ -284,27 +284,43 @@ pub fn is_url_encoded_form(parts: &http::request::Parts) -> bool {
 pub fn refuse_method_in_form(body: &[u8]) -> Result<(), ProxyError> {
     if has_method_override(&String::from_utf8_lossy(body)) {
         return Err(ProxyError::BadRequest(
-            "the form body has a `_method` field, which some frameworks use to replace the HTTP method; send the request with the method you mean and without `_method`".into(),
+            "the form body has a `_method` field (PHP reads `.method` as `_method` too), which some frameworks use to replace the HTTP method; send the request with the method you mean and without `_method`".into(),
         ));
     }
     Ok(())
 }
 
-/// Whether a query string has a parameter named `_method` (any case, also
-/// `_method[]` and other names starting with it), percent-encoded up to three
-/// times (no framework decodes more often). Both `&` and `;` separate
-/// parameters in some frameworks.
+/// Whether a query string has a parameter named `_method` to some framework
+/// ([`is_method_override_name`]: also `.method`, which PHP registers as
+/// `_method`). Both `&` and `;` separate parameters in some frameworks.
 fn has_method_override(query: &str) -> bool {
-    query.split(['&', ';']).any(|pair| {
-        let mut name = pair.split('=').next().unwrap_or(pair).as_bytes().to_vec();
-        for _ in 0..3 {
-            name = percent_decoded(&name);
-        }
-        let name = String::from_utf8_lossy(&name);
-        name.trim_start_matches([' ', '+'])
-            .get(..7)
-            .is_some_and(|n| n.eq_ignore_ascii_case("_method"))
-    })
+    query
+        .split(['&', ';'])
+        .any(|pair| is_method_override_name(pair.split('=').next().unwrap_or(pair).as_bytes()))
+}
+
+/// Whether a parameter's or a multipart part's name (or a name parameter's
+/// value) is `_method` to some framework: any case, `_method[]` and other names
+/// starting with it, percent-encoded up to three times, after leading
+/// spaces and `+`; and as PHP registers it, which turns `.`, ` ` and a
+/// `[` without `]` into `_` (`.method` is `$_POST['_method']`).
+pub(crate) fn is_method_override_name(name: &[u8]) -> bool {
+    let mut name = name.to_vec();
+    for _ in 0..3 {
+        name = percent_decoded(&name);
+    }
+    let start = name
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'+' | b'\t'))
+        .unwrap_or(name.len());
+    name[start..]
+        .iter()
+        .map(|&b| match b {
+            b'.' | b' ' | b'[' => b'_',
+            b => b.to_ascii_lowercase(),
+        })
+        .take(7)
+        .eq(b"_method".iter().copied())
 }
 
 fn percent_decoded(s: &[u8]) -> Vec<u8> {
@@ -672,6 +688,11 @@ mod tests {
             "_method%5B%5D=x",
             "+_method=x",
             "_method",
+            // PHP turns `.` and ` ` into `_` and drops leading spaces.
+            ".method=DELETE",
+            "%2Emethod=DELETE",
+            "+.method=x",
+            "%20.METHOD=x",
         ] {
             assert!(has_method_override(q), "{q}");
         }
@@ -681,6 +702,8 @@ mod tests {
             "my_method=x",
             "q=_method",
             "_metho=x",
+            "a.method=x",
+            "..method=x",
             "%zz=1",
             "%",
         ] {

@@ -195,14 +195,17 @@ pub(super) async fn read_body(
         }
         body_buf
             .push(&st.body_budget, &data, content_length)
-            .map_err(|OverBudget| {
-                ProxyError::Busy(format!(
-                    "more than limits.max_buffered_bytes ({} bytes) of request bodies are being read right now",
-                    st.limits.max_buffered_bytes
-                ))
-            })?;
+            .map_err(|OverBudget| over_budget(st))?;
     }
     Ok((Bytes::from(body_buf.buf), body_buf.permit))
+}
+
+/// The answer when the body budget cannot cover the next chunk.
+pub(super) fn over_budget(st: &AppState) -> ProxyError {
+    ProxyError::Busy(format!(
+        "more than limits.max_buffered_bytes ({} bytes) of request bodies are being read right now",
+        st.limits.max_buffered_bytes
+    ))
 }
 
 /// A body being read, and the share of the body budget that pays for it:
@@ -210,15 +213,24 @@ pub(super) async fn read_body(
 /// memory bodies take, not only the bytes received (a buffer that doubles
 /// holds up to twice what arrived).
 #[derive(Default)]
-struct BodyBuffer {
+pub(super) struct BodyBuffer {
     buf: Vec<u8>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
 /// The body budget cannot cover the next chunk.
-struct OverBudget;
+pub(super) struct OverBudget;
 
 impl BodyBuffer {
+    pub(super) fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The bytes, and the permit that pays for them.
+    pub(super) fn into_parts(self) -> (Vec<u8>, Option<OwnedSemaphorePermit>) {
+        (self.buf, self.permit)
+    }
+
     /// Appends `data`, first taking from `budget`, without waiting, what
     /// the buffer grows by. The capacity doubles (copies stay amortised)
     /// while the budget covers it, never past the declared length (a body
@@ -226,7 +238,7 @@ impl BodyBuffer {
     /// that is not sent allocates nothing); otherwise it grows to exactly
     /// what has arrived, so a body the budget can hold is never refused for
     /// the slack.
-    fn push(
+    pub(super) fn push(
         &mut self,
         budget: &Arc<tokio::sync::Semaphore>,
         data: &[u8],
@@ -308,9 +320,22 @@ async fn handle(
     obs.path = path;
     let token_text = extract_token(&parts.headers)?;
     let json = is_json(&parts.headers);
+    let bodiless = till_core::request::declares_no_body(&parts.headers);
     // Read too, for a `_method` field; within the same bounds as JSON.
     let form = !json && super::forward::is_url_encoded_form(&parts);
-    if json || form {
+    // Checked for a `_method` part and read for a `model` part, as far as
+    // the bounds allow and then as it streams (`super::multipart`).
+    // A head that says it has no body has nothing to check.
+    let multipart = match bodiless {
+        true => None,
+        false => super::multipart::boundary_of(parts.headers.get(header::CONTENT_TYPE))?,
+    };
+    if multipart.is_some() && json {
+        return Err(ProxyError::BadRequest(
+            "the Content-Type is multipart and names JSON too (`/json` or `+json`), which Laravel reads as JSON; servers differ on which one they read, so Till refuses it: send one".into(),
+        ));
+    }
+    if json || form || multipart.is_some() {
         super::forward::refuse_encoded_body(&parts.headers)?;
     }
     let content_length = parts
@@ -321,7 +346,6 @@ async fn handle(
     if (json || form) && content_length.is_some_and(|len| len > st.limits.max_body_bytes as u64) {
         return Err(ProxyError::TooLarge(st.limits.max_body_bytes));
     }
-    let bodiless = till_core::request::declares_no_body(&parts.headers);
     // A request without a body can name its model only in the query
     // (`?model=`, which some upstreams read); a JSON body's model is read
     // with the query's below. Other bodies are not read, so a model in the
@@ -373,7 +397,7 @@ async fn handle(
     // Steps 2 to 5 in a block of their own: whatever they return, the
     // observation gets the text back for the record.
     let result: Result<Response, ProxyError> = async {
-        let stage = if json {
+        let stage = if json || multipart.is_some() {
             Stage::BeforeBody
         } else {
             Stage::Final
@@ -391,7 +415,49 @@ async fn handle(
 
         // 3. The body, read only now and only when it can name a model or
         // carry a `_method` field.
-        let (body, permit, body_digest) = if json || form {
+        let mut cut = None;
+        let (body, permit, body_digest) = if let Some(boundary) = &multipart {
+            let scanner = super::multipart::Scanner::new(boundary);
+            let read = super::multipart::read(st, body, scanner, content_length).await?;
+            facts.time = st.clock.now();
+            let whole = read.rest.is_none();
+            facts.model = model_of_multipart(parts.uri.query(), read.scanner.model(), whole)?;
+            if let Err(mut d) = counts
+                .decide(st, &token, None, &facts, &alone, Stage::Final)
+                .await?
+            {
+                if facts.model.is_none() && !whole && denied_for_model(&token, &d) {
+                    d.reason = format!(
+                        "{}; Till reads a multipart body's `model` part only within the body's first {} bytes (limits.max_body_bytes) and {} s (limits.body_timeout_secs), and this body is longer or slower: send the `model` part before the file",
+                        d.reason, st.limits.max_body_bytes, st.limits.body_timeout_secs
+                    );
+                }
+                obs.uses = Some(counts.values);
+                return Err(ProxyError::Denied(d));
+            }
+            match read.rest {
+                None => {
+                    let d = idem_key.as_ref().map(|_| {
+                        digest(parts.method.as_str(), request_target(&parts), &read.prefix)
+                    });
+                    (Outgoing::Buffered(read.prefix), read.permit, d)
+                }
+                Some((pending, rest)) => {
+                    let c = Arc::new(std::sync::OnceLock::new());
+                    cut = Some(c.clone());
+                    let body = super::multipart::guarded(
+                        read.prefix,
+                        read.permit,
+                        read.scanner,
+                        pending,
+                        rest,
+                        c,
+                    );
+                    // Streamed: no free retries, as for other streams.
+                    (Outgoing::Stream(body), None, None)
+                }
+            }
+        } else if json || form {
             let (bytes, permit) = read_body(st, body, content_length).await?;
             // The body may have taken up to `body_timeout_secs`: the
             // decisions from here on are taken at the time it arrived, so
@@ -473,8 +539,13 @@ async fn handle(
         // 5. Forward and stream back. The rate slots are spent; in-flight
         // slots stay taken until the response body ends.
         let in_flight = window_guard.map(WindowGuard::forwarded);
-        let result = forward(st, &upstream, &parts, &facts.path, body).await;
+        let mut result = forward(st, &upstream, &parts, &facts.path, body).await;
         drop(permit);
+        // The multipart body was cut off: whatever the upstream made of
+        // the part it got, the answer is why.
+        if let Some(e) = cut.as_ref().and_then(|c| c.get()) {
+            result = Err(e.clone().into());
+        }
         if let Some(t) = ticket {
             t.finish(matches!(&result, Ok(r) if r.status().as_u16() < 500))
                 .await;
@@ -491,6 +562,45 @@ async fn handle(
     obs.path = facts.path;
     obs.model = facts.model;
     result
+}
+
+/// The model of a request with a multipart body: its `model` part and the
+/// query's `model` together, as for JSON
+/// ([`till_core::request::model_of_json_request`]). The query's model
+/// counts only when the whole body was read and has no `model` part: a part
+/// not read yet may name another.
+fn model_of_multipart(
+    query: Option<&str>,
+    part: Option<&str>,
+    whole: bool,
+) -> Result<Option<String>, ProxyError> {
+    let from_query = query
+        .map(till_core::request::model_in_query)
+        .transpose()
+        .map_err(ProxyError::BadRequest)?
+        .flatten();
+    Ok(match (part, from_query) {
+        (Some(p), Some(q)) if p != q => {
+            return Err(ProxyError::BadRequest(format!(
+                "the query names the model {q:?} and the multipart body's `model` part {p:?}; upstreams differ on which one they run, so name the model once"
+            )));
+        }
+        (Some(p), _) => Some(p.to_string()),
+        (None, q) if whole => q,
+        (None, _) => None,
+    })
+}
+
+/// Whether a denial is a `--model` check of the token.
+fn denied_for_model(token: &VerifiedToken, d: &Denial) -> bool {
+    let check = d
+        .block
+        .zip(d.check)
+        .and_then(|(b, c)| token.view.blocks.get(b)?.checks.get(c));
+    matches!(
+        check,
+        Some(crate::token::inspect::CheckMeaning::Models { .. })
+    )
 }
 
 /// Keeps `slot` until the body of `resp` has been sent or dropped (the

@@ -20,6 +20,7 @@ pub mod forward_auth;
 pub mod handler;
 pub mod idempotency;
 pub mod mcp;
+pub mod multipart;
 pub mod reload;
 pub mod server;
 pub mod upstream_client;

@@ -178,6 +178,10 @@ async fn regression_method_override_query_parameter_is_refused() {
         "_method[]=DELETE",
         "x=1;_method=DELETE",
         "_method",
+        // PHP registers `.method` as `$_GET['_method']`, which Symfony and
+        // Laravel read as the method (red team, wave 2, fourth pass).
+        ".method=DELETE",
+        "%2Emethod=DELETE",
     ] {
         let r = c
             .get(proxy.url(&format!("/openai/v1/chat/x?{query}")))
@@ -198,7 +202,7 @@ async fn regression_method_override_query_parameter_is_refused() {
     }
     assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
     // Other parameters, and `_method` as a value, are fine.
-    for query in ["method=x", "my_method=x", "q=_method"] {
+    for query in ["method=x", "my_method=x", "q=_method", "a.method=x"] {
         let r = c
             .get(proxy.url(&format!("/openai/v1/chat/x?{query}")))
             .bearer_auth(&token)
@@ -207,7 +211,7 @@ async fn regression_method_override_query_parameter_is_refused() {
             .unwrap();
         assert_eq!(r.status(), 200, "{query}");
     }
-    assert_eq!(up.count(), 3);
+    assert_eq!(up.count(), 4);
 }
 
 /// `OpenAI-Organization` / `OpenAI-Project` choose who is billed: by
@@ -535,6 +539,9 @@ async fn regression_method_override_in_the_body_is_refused() {
         (form, "_METHOD=delete"),
         (form, "a=1&%5Fmethod=DELETE"),
         (form, "_method%5B%5D=DELETE"),
+        // PHP registers `.method` as `$_POST['_method']`.
+        (form, "purpose=x&.method=DELETE"),
+        (form, "%2Emethod=DELETE"),
         (
             Some("Application/X-WWW-Form-Urlencoded; charset=utf-8"),
             "_method=DELETE",

@@ -16,6 +16,7 @@ mod hostile;
 mod keys;
 mod mcp;
 mod monitor;
+mod multipart;
 mod props;
 mod proxy;
 mod rate;

@@ -286,8 +286,10 @@ pub fn model_in_query(query: &str) -> Result<Option<String>, String> {
     Ok(found)
 }
 
-/// Whether a query parameter's name is `model` to some framework.
-fn names_model(name: &str) -> bool {
+/// Whether a query parameter's or a multipart part's name is `model` to
+/// some framework: any case, also `model[]`, percent-encoded up to three
+/// times, after leading spaces.
+pub fn names_model(name: &str) -> bool {
     // Cheap refusal first: most names are not close.
     if name.len() < 5 {
         return false;
