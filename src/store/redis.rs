@@ -244,7 +244,12 @@ struct Revoked {
 
 struct Inner {
     client: Client,
-    conn: ConnectionManager,
+    /// The multiplexed connection; replaced when it is wedged ([`unwedge`]).
+    conn: arc_swap::ArcSwap<ConnectionManager>,
+    /// How `conn` was made, to make another.
+    conn_config: ConnectionManagerConfig,
+    /// When `conn` was last replaced (milliseconds since `base`).
+    conn_replaced_at: AtomicU64,
     /// `host:port/db`, never the password: for messages.
     target: String,
     /// The revocation channel of the selected database ([`channel`]).
@@ -333,7 +338,7 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(200));
         let conn = tokio::time::timeout(
             OP_TIMEOUT * 3,
-            client.get_connection_manager_with_config(config),
+            client.get_connection_manager_with_config(config.clone()),
         )
         .await
         .map_err(|_| open("no answer; is Redis running there?".into()))?
@@ -348,7 +353,9 @@ impl RedisStore {
         let (batch, rounds) = batch::Batcher::new();
         let inner = Arc::new(Inner {
             client,
-            conn,
+            conn: arc_swap::ArcSwap::from_pointee(conn),
+            conn_config: config,
+            conn_replaced_at: AtomicU64::new(0),
             target: target.clone(),
             channel: channel(db),
             reserve: Script::new(RESERVE_LUA),
@@ -410,7 +417,7 @@ impl RedisStore {
     /// Why the connected Redis cannot promise that a forwarded use is never
     /// lost, if it cannot: AOF off, or fsynced less often than every write.
     pub async fn persistence_warning(&self) -> Option<String> {
-        let mut c = self.inner.conn.clone();
+        let mut c = self.inner.conn();
         let got: Result<Vec<String>, StoreError> = self
             .inner
             .op(
@@ -476,7 +483,7 @@ impl RedisStore {
     /// may run it, and running it twice is harmless.
     pub async fn gc_expired(&self, now: u64) -> Result<usize, StoreError> {
         let inner = &self.inner;
-        let mut c = inner.conn.clone();
+        let mut c = inner.conn();
         let families: Vec<String> = inner.op("SMEMBERS", c.smembers(FAMILIES)).await?;
         let mut removed = 0;
         for f in families {
@@ -528,7 +535,7 @@ impl RedisStore {
     /// counters of live tokens, refused from then on by all of them, also
     /// once its clock is set right.
     pub async fn collect_expired(&self, clock: u64) -> Result<usize, StoreError> {
-        let mut c = self.inner.conn.clone();
+        let mut c = self.inner.conn();
         let (redis_now, _): (u64, u64) = self
             .inner
             .op("TIME", redis::cmd("TIME").query_async(&mut c))
@@ -546,7 +553,7 @@ impl RedisStore {
     /// starts, not per request.
     pub async fn repair_families(&self) -> Result<usize, StoreError> {
         let inner = &self.inner;
-        let mut c = inner.conn.clone();
+        let mut c = inner.conn();
         let mut counted: HashSet<String> = HashSet::new();
         {
             let mut it: redis::AsyncIter<String> =
@@ -562,7 +569,7 @@ impl RedisStore {
                 }
             }
         }
-        let mut c = inner.conn.clone();
+        let mut c = inner.conn();
         let listed: HashSet<String> = inner.op("SMEMBERS", c.smembers(FAMILIES)).await?;
         let missing: Vec<&String> = counted.difference(&listed).collect();
         if !missing.is_empty() {
@@ -726,6 +733,11 @@ impl Inner {
         }
     }
 
+    /// The connection to send a call on.
+    fn conn(&self) -> ConnectionManager {
+        ConnectionManager::clone(&self.conn.load())
+    }
+
     /// `Err` once Redis lost the data this process counted in, and while
     /// Redis may evict keys (see [`recheck_eviction`]).
     fn refuse_if_unsafe(&self) -> Result<(), StoreError> {
@@ -776,7 +788,7 @@ impl Inner {
 /// Why the server may evict keys (`Some`), from `INFO memory`; `Err` if
 /// that cannot be read or says nothing of the policy.
 async fn read_eviction(inner: &Inner) -> Result<Option<String>, StoreError> {
-    let mut c = inner.conn.clone();
+    let mut c = inner.conn();
     let text: String = inner
         .op(
             "INFO memory",
@@ -854,7 +866,7 @@ async fn recheck_eviction(inner: &Inner) {
 /// local copy. Ids known here but missing in Redis (a Redis that lost data)
 /// are written back: a revocation is never undone.
 async fn sync_revocations(inner: &Inner) -> Result<(), StoreError> {
-    let mut c = inner.conn.clone();
+    let mut c = inner.conn();
     let (ids, version): (Vec<String>, Option<u64>) = inner
         .op(
             "revocation list",
@@ -887,7 +899,7 @@ async fn sync_revocations(inner: &Inner) -> Result<(), StoreError> {
 
 /// Runs the revoke script; returns the new version, or 0 if already revoked.
 async fn revoke_in_redis(inner: &Inner, id: &str) -> Result<u64, StoreError> {
-    let mut c = inner.conn.clone();
+    let mut c = inner.conn();
     inner
         .op(
             "revoke",
@@ -920,7 +932,7 @@ async fn poll_loop(weak: Weak<Inner>) {
         }
         let Some(inner) = weak.upgrade() else { return };
         let started = inner.base.elapsed();
-        let mut c = inner.conn.clone();
+        let mut c = inner.conn();
         let result = match inner
             .op(
                 "MGET version",
@@ -956,8 +968,55 @@ async fn poll_loop(weak: Weak<Inner>) {
                     tracing::error!(error = %e, "cannot confirm the revocation list with redis; requests get 503 once it is more than 1 s old");
                 }
                 was_ok = false;
+                unwedge(&inner).await;
             }
         }
+    }
+}
+
+/// How long the revocation check may fail before the connection is
+/// suspected wedged, and how long a new one is given before the next.
+const WEDGED_AFTER: Duration = Duration::from_secs(2);
+
+/// Replaces the connection if it fails while a new one to the same server
+/// works. The client's manager reconnects only after an I/O error: a
+/// reconnection refused by Redis (a password changed, then set back; an ACL
+/// reloaded) stayed its connection for good, and every request got 503
+/// until a restart, long after Redis accepted the password again.
+async fn unwedge(inner: &Inner) {
+    let now = inner.base.elapsed().as_millis() as u64;
+    let since = now
+        .saturating_sub(inner.fresh_at.load(Ordering::SeqCst))
+        .min(now.saturating_sub(inner.conn_replaced_at.load(Ordering::SeqCst)));
+    if Duration::from_millis(since) < WEDGED_AFTER {
+        return;
+    }
+    let probe = async {
+        let mut c = inner.client.get_multiplexed_async_connection().await?;
+        // The poll's own read: a failure of the command itself (an ACL
+        // refusing it) is no wedged connection.
+        redis::cmd("GET")
+            .arg(REVOKED_VERSION)
+            .query_async::<Option<u64>>(&mut c)
+            .await
+    };
+    if !matches!(tokio::time::timeout(OP_TIMEOUT, probe).await, Ok(Ok(_))) {
+        // Redis itself is unreachable or refuses: nothing to replace.
+        return;
+    }
+    let fresh = tokio::time::timeout(
+        OP_TIMEOUT * 3,
+        inner
+            .client
+            .get_connection_manager_with_config(inner.conn_config.clone()),
+    )
+    .await;
+    if let Ok(Ok(conn)) = fresh {
+        inner.conn.store(Arc::new(conn));
+        inner
+            .conn_replaced_at
+            .store(inner.base.elapsed().as_millis() as u64, Ordering::SeqCst);
+        tracing::warn!(redis = %inner.target, "the connection to redis kept failing while a new one works; replaced it");
     }
 }
 
@@ -998,7 +1057,7 @@ async fn subscribe_loop(weak: Weak<Inner>) {
                 if !is_revocation_id(id) {
                     continue;
                 }
-                let mut c = inner.conn.clone();
+                let mut c = inner.conn();
                 match inner
                     .op(
                         "HEXISTS revocation",
@@ -1092,7 +1151,7 @@ impl CounterStore for RedisStore {
             if empty {
                 return Ok(Vec::new());
             }
-            let mut c = self.inner.conn.clone();
+            let mut c = self.inner.conn();
             let got: Vec<Option<u64>> = self.inner.op("peek", p.query_async(&mut c)).await?;
             let got: Vec<u64> = got.into_iter().map(|v| v.unwrap_or(0)).collect();
             for (id, v) in ids.iter().zip(&got) {
@@ -1210,7 +1269,7 @@ impl CounterStore for RedisStore {
             inv.key(n).key(m).key(u).arg(id);
         }
         async move {
-            let mut c = self.inner.conn.clone();
+            let mut c = self.inner.conn();
             self.inner
                 .op("release", inv.invoke_async::<()>(&mut c))
                 .await
@@ -1229,7 +1288,7 @@ impl CounterStore for RedisStore {
             if ids.is_empty() {
                 return Ok(Vec::new());
             }
-            let mut c = self.inner.conn.clone();
+            let mut c = self.inner.conn();
             let got: Vec<Option<String>> = self.inner.op("get", p.query_async(&mut c)).await?;
             Ok(ids
                 .iter()
@@ -1252,7 +1311,7 @@ impl CounterStore for RedisStore {
     fn list(&self) -> BoxFuture<'_, Result<Vec<CounterInfo>, StoreError>> {
         async move {
             let inner = &self.inner;
-            let mut c = inner.conn.clone();
+            let mut c = inner.conn();
             let families: Vec<String> = inner.op("SMEMBERS", c.smembers(FAMILIES)).await?;
             if families.is_empty() {
                 return Ok(Vec::new());
@@ -1306,7 +1365,7 @@ impl CounterStore for RedisStore {
     fn blocks(&self) -> BoxFuture<'_, Result<Vec<BlockMeta>, StoreError>> {
         async move {
             let inner = &self.inner;
-            let mut c = inner.conn.clone();
+            let mut c = inner.conn();
             let families: Vec<String> = inner.op("SMEMBERS", c.smembers(FAMILIES)).await?;
             if families.is_empty() {
                 return Ok(Vec::new());
@@ -1385,7 +1444,7 @@ impl RevocationList for RedisStore {
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<(String, u64)>, StoreError>> {
         async move {
-            let mut c = self.inner.conn.clone();
+            let mut c = self.inner.conn();
             let all: HashMap<String, u64> = self
                 .inner
                 .op("HGETALL revocations", c.hgetall(REVOKED_IDS))
@@ -2403,6 +2462,43 @@ mod tests {
             .map(|(id, _)| id)
             .collect();
         assert_eq!(listed, vec!["ab01".to_string()], "forged ids stored");
+    }
+
+    /// Red team (wave 2, fourth pass): a reconnection Redis refused (its
+    /// password changed and the connection dropped) wedged the store: the
+    /// client's manager reconnects only after an I/O error, so the refused
+    /// connection stayed, and every request got 503 until a restart, long
+    /// after the password was set back. Now it recovers by itself.
+    #[tokio::test]
+    async fn regression_a_refused_reconnection_does_not_wedge_the_store() {
+        let server = Server::start();
+        let as_admin = |pw: &str| format!("redis://:{pw}@127.0.0.1:{}/0", server.port);
+        let run = |url: String, args: &'static [&'static str]| async move {
+            let client = redis::Client::open(url).unwrap();
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            let mut cmd = redis::cmd(args[0]);
+            for a in &args[1..] {
+                cmd.arg(*a);
+            }
+            let _: redis::Value = cmd.query_async(&mut c).await.unwrap();
+        };
+        run(server.url(), &["CONFIG", "SET", "requirepass", "one"]).await;
+        let s = RedisStore::connect(&as_admin("one"), None).await.unwrap();
+        let chain = [spec("aa01", None)];
+        s.reserve(&chain).await.unwrap();
+        run(as_admin("one"), &["CONFIG", "SET", "requirepass", "two"]).await;
+        run(as_admin("two"), &["CLIENT", "KILL", "TYPE", "normal"]).await;
+        wait_healthy(&s, false).await;
+        assert!(s.reserve(&chain).await.is_err());
+        run(as_admin("two"), &["CONFIG", "SET", "requirepass", "one"]).await;
+        let t0 = Instant::now();
+        while s.reserve(&chain).await.is_err() || !s.healthy() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "still refused with the password right again"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn wait_healthy(s: &RedisStore, want: bool) {

@@ -136,7 +136,7 @@ pub(super) fn give_back<'a>(inner: &Arc<Inner>, blocks: impl Iterator<Item = (&'
         for (key, id) in &args {
             inv.key(key).arg(id);
         }
-        let mut c = inner.conn.clone();
+        let mut c = inner.conn();
         if let Err(e) = inner.op("release", inv.invoke_async::<()>(&mut c)).await {
             tracing::error!(error = %e, "giving back the uses of an abandoned reservation failed");
         }
@@ -244,7 +244,7 @@ async fn send(inner: &Arc<Inner>, jobs: Vec<Job>) {
     // process's marker, the script ran on the data this process counts in
     // (a Redis wiped before it would have lost the marker too).
     p.get(marker::KEY);
-    let mut conn = inner.conn.clone();
+    let mut conn = inner.conn();
     let call = async {
         match p.query_async::<(Vec<i64>, Option<String>)>(&mut conn).await {
             // Redis restarted, or flushed its scripts: load it, once.

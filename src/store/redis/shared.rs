@@ -119,7 +119,7 @@ impl IdempotencyStore for RedisIdempotency {
         key: &'a str,
     ) -> BoxFuture<'a, Result<Option<Vec<u64>>, StoreError>> {
         async move {
-            let mut c = self.inner.conn.clone();
+            let mut c = self.inner.conn();
             let (s, u, r): (Option<String>, Option<String>, Option<u32>) = self
                 .inner
                 .op(
@@ -179,7 +179,7 @@ async fn claim_call(
     digest: RequestDigest,
 ) -> Result<Claim, StoreError> {
     let owner = hex::encode(rand::random::<[u8; 16]>());
-    let mut c = inner.conn.clone();
+    let mut c = inner.conn();
     let out: Vec<String> = inner
         .op(
             "idempotency claim",
@@ -265,7 +265,7 @@ impl Settle for RedisTicket {
                 .arg(&self.prev.1)
                 .arg(&self.prev.2)
                 .arg(if self.replay { "1" } else { "0" });
-            let mut c = self.inner.conn.clone();
+            let mut c = self.inner.conn();
             self.inner
                 .op("idempotency settle", inv.invoke_async::<i64>(&mut c))
                 .await
@@ -286,7 +286,7 @@ impl AlertClaims for RedisAlertClaims {
         let key = format!("till:alert:{key}");
         let ttl = ttl.as_secs().max(1);
         async move {
-            let mut c = inner.conn.clone();
+            let mut c = inner.conn();
             let set: Option<String> = inner
                 .op(
                     "alert claim",

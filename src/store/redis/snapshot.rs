@@ -73,7 +73,7 @@ impl RedisStore {
     /// grow after the export, and an import takes the larger count.
     pub async fn export(&self) -> Result<Snapshot, StoreError> {
         let inner = &self.inner;
-        let mut c = inner.conn.clone();
+        let mut c = inner.conn();
         let mut s = Snapshot::new();
         // A family counted but not listed would be left out of the file,
         // and importing it elsewhere would give its uses back.
@@ -142,7 +142,7 @@ impl RedisStore {
     /// Safe while proxies run.
     pub async fn import(&self, s: &Snapshot) -> Result<ImportReport, StoreError> {
         let inner = &self.inner;
-        let mut c = inner.conn.clone();
+        let mut c = inner.conn();
         let mut report = ImportReport::default();
         let mut families: BTreeMap<&str, Family> = BTreeMap::new();
         for ctr in &s.counters {

@@ -140,7 +140,7 @@ async fn remove(inner: &Inner, keys: Vec<String>, member: &str) -> Result<(), St
     for k in &keys {
         p.zrem(k, member).ignore();
     }
-    let mut c = inner.conn.clone();
+    let mut c = inner.conn();
     inner
         .op("window release", p.query_async::<()>(&mut c))
         .await
@@ -225,7 +225,7 @@ impl WindowStore for RedisWindows {
         }
         inv.arg(&ticket.member).arg(self.lease.as_millis() as u64);
         async move {
-            let mut c = self.inner.conn.clone();
+            let mut c = self.inner.conn();
             self.inner
                 .op("window renew", inv.invoke_async::<()>(&mut c))
                 .await
@@ -261,7 +261,7 @@ async fn admit_call(
     for c in &caps {
         inv.arg(c.limit);
     }
-    let mut c = inner.conn.clone();
+    let mut c = inner.conn();
     let out: Vec<i64> = inner.op("window admit", inv.invoke_async(&mut c)).await?;
     let unexpected = || {
         StoreError::Io(format!(
