@@ -538,6 +538,36 @@ async fn regression_a_body_without_a_content_length_is_not_taken_for_none() {
     assert_eq!(send(&app, req).await.0, 200);
 }
 
+/// Regression (red team, wave 2, fourth pass): the feed file was read after
+/// a size check on its path, so a symlink to `/dev/zero` (size 0) was read
+/// until memory ran out, and a FIFO hung the refresh for good.
+#[tokio::test]
+async fn regression_a_feed_path_that_is_not_a_small_regular_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = keys::generate();
+    let fifo = dir.path().join("feed.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // `/dev/null` first: the old code read it as an empty feed, and failed
+    // on its JSON, rather than hanging on the FIFO.
+    for path in [PathBuf::from("/dev/null"), fifo, PathBuf::from("/dev/zero")] {
+        let (_layer, handle) = TillLayer::builder("items")
+            .public_key(&keys::public_string(&root.public()))
+            .feed(FeedSource::File(path.clone()))
+            .max_feed_age(Duration::from_secs(60))
+            .refresh_every(Duration::from_millis(20))
+            .build()
+            .unwrap();
+        wait_until(|| handle.refresh_failures() > 0, &handle).await;
+        let e = handle.last_refresh_error().unwrap();
+        assert!(e.contains("not a regular file"), "{path:?}: {e}");
+        assert!(handle.feed_stale());
+    }
+}
+
 /// Some frameworks take `?model=` over the body's `model`: the layer
 /// judges the query's model as the request's (red team, wave 2, third pass).
 #[tokio::test]
