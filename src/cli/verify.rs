@@ -168,6 +168,18 @@ fn parse_windows(
     Ok(w)
 }
 
+/// Largest feed, key set or id list read (as `till-tower` accepts).
+const MAX_DOCUMENT_BYTES: u64 = 32 << 20;
+
+/// Reads a document given by the operator: a regular file within the bound,
+/// so a symlink to `/dev/zero` or a FIFO is refused instead of read without
+/// end.
+fn read_document(path: &Path, what: &str) -> anyhow::Result<String> {
+    let bytes = till_core::files::read_regular(path, MAX_DOCUMENT_BYTES)
+        .with_context(|| format!("cannot read {what} {}", path.display()))?;
+    String::from_utf8(bytes).with_context(|| format!("{what} {} is not UTF-8 text", path.display()))
+}
+
 /// Reads a signed feed; nothing else is accepted here, so a feed cannot be
 /// swapped for an empty file or a list that leaves a token out.
 fn read_feed(
@@ -175,8 +187,7 @@ fn read_feed(
     keys: &mut PublicKeySet,
     max_age: std::time::Duration,
 ) -> anyhow::Result<HashSet<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read revocation feed {}", path.display()))?;
+    let text = read_document(path, "revocation feed")?;
     if !text.trim_start().starts_with('{') {
         let what = if text.trim().is_empty() {
             "is empty"
@@ -200,8 +211,7 @@ fn read_feed(
 
 /// Reads a plain list, one hex id per line.
 fn read_ids(path: &Path) -> anyhow::Result<HashSet<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read revocation list {}", path.display()))?;
+    let text = read_document(path, "revocation list")?;
     if text.trim_start().starts_with('{') {
         bail!(
             "{} looks like a signed revocation feed: pass it with --revocations so its signature and age are checked",
@@ -251,8 +261,7 @@ pub fn run(home: &Path, a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let age = token::parse_duration(a.max_feed_age.as_deref().unwrap_or("1h"))
         .context("--max-feed-age")?;
     if let Some(f) = &a.keys {
-        let text = std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read key set {}", f.display()))?;
+        let text = read_document(f, "key set")?;
         root = KeysDocument::follow_text(&text, &root, crate::store::now_unix(), age.as_secs())
             .with_context(|| format!("{}", f.display()))?;
     }

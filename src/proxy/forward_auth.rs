@@ -140,6 +140,21 @@ async fn decide_check(
         obs.uses = Some(counts.values);
         return Err(ProxyError::Denied(d));
     }
+    // A check carries no body, so no MCP message: on an MCP upstream a
+    // deny-list on a tool, prompt, resource or JSON-RPC method (`reject if
+    // tool("delete_everything")`, or a policy) would never fire here and let
+    // every call through, while an allow-list could never pass.
+    if upstream.api == Api::Mcp
+        && let Some(fact) = st.verifier.first_read(&token, &till_core::MCP_FACTS)
+    {
+        obs.uses = Some(counts.values);
+        return Err(ProxyError::Denied(Denial::new(
+            crate::verify::DenialKind::Scope,
+            format!(
+                "this key's scope (or a policy) reads `{fact}(...)` of the MCP message, and a gateway's forward-auth check carries no body, so Till cannot see the message; send this key's requests through Till's proxy (/{service}/...), or use a key without MCP tools, prompts, resources or methods here"
+            ),
+        )));
+    }
     // A gateway sends no body, so the model is never known here: a token
     // whose scope reads it cannot be decided, and a deny-list passing
     // without a model would let any model through.

@@ -861,6 +861,53 @@ fn verify_refuses_a_lower_case_method_as_the_proxy_does() {
     ));
 }
 
+/// Regression (red team, wave 2, fourth pass): the files `till verify` reads
+/// were read whole without a bound (a symlink to `/dev/zero` until memory ran
+/// out, a FIFO forever), and a token given where the file name goes was
+/// printed whole in the error (into terminals' scrollback and CI logs).
+#[test]
+fn regression_verify_reads_only_small_regular_files_and_never_echoes_a_token() {
+    let h = Home::new();
+    let t = issue(&h, &["--service", "openai"]);
+    let dir = tempfile::tempdir().unwrap();
+    // Sparse: 40 MiB long, nothing written.
+    let big = dir.path().join("big.json");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    let big = big.to_str().unwrap();
+    for flag in ["--revocations", "--keys", "--revoked-ids"] {
+        usage_error(
+            &verify(&h, &t, &["--service", "openai", flag, big]),
+            &["larger than"],
+        );
+        usage_error(
+            &verify(&h, &t, &["--service", "openai", flag, "/dev/zero"]),
+            &["not a regular file"],
+        );
+    }
+    let pk = h.public();
+    let o = till([
+        "verify",
+        "--public-key",
+        &pk,
+        "--service",
+        "openai",
+        "/dev/zero",
+    ])
+    .run();
+    usage_error(&o, &["not a regular file"]);
+    let given_as_file = [
+        vec!["verify", "--public-key", &pk, "--service", "openai", &t],
+        vec!["inspect", &t],
+    ];
+    for args in given_as_file {
+        let err = usage_error(&till(args).run(), &["looks like a token", "--token"]);
+        assert!(!err.contains(&t[..32]), "the token is shown: {err}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 6. Inspect
 

@@ -128,6 +128,18 @@ impl Gateway {
         })
     }
 
+    /// [`Gateway::nginx`] asking Till about the upstream `name` instead of
+    /// `openai`.
+    fn nginx_for(name: &str, till: SocketAddr, service: SocketAddr) -> Gateway {
+        let conf = NGINX_CONF.replace("/auth/openai", &format!("/auth/{name}"));
+        Self::start(&conf, till, service, |dir, conf| {
+            let mut c = Command::new("nginx");
+            c.arg("-p").arg(dir).arg("-c").arg(conf);
+            c.arg("-e").arg(dir.join("error.log"));
+            c
+        })
+    }
+
     fn caddy(till: SocketAddr, service: SocketAddr) -> Gateway {
         Self::start(CADDYFILE, till, service, caddy_command)
     }
@@ -782,4 +794,80 @@ async fn regression_the_admin_plane_is_not_reachable_through_a_reverse_proxy_by_
             .unwrap();
         assert_eq!(r.status(), status, "Host {host} through Caddy");
     }
+}
+
+/// Regression (red team, wave 2, fourth pass): a check carries no MCP
+/// message, so no `mcp`, `tool`, `prompt` or `resource` fact exists there. A
+/// deny-list on one (`reject if tool("delete_everything")`, which the proxy
+/// enforces) never fired, and nginx forwarded the very call it names.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_forward_auth_refuses_keys_that_read_the_mcp_message_it_cannot_see() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let config = home.write(
+        "till.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n\
+             [upstreams.tools]\nurl = {:?}\napi = \"mcp\"\ncredential = \"none\"\n",
+            home.path().to_str().unwrap(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+            up.url(),
+        ),
+    );
+    let proxy = Proxy::start_config(&home, &config).expect("proxy starts");
+    let nginx = Gateway::nginx_for("tools", proxy.addr, up.addr);
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_everything","arguments":{}}}"#;
+    let send = |url: String, token: String| async move {
+        let r = client()
+            .post(url)
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(call)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    };
+    for datalog in [
+        r#"reject if tool("delete_everything");"#,
+        r#"reject if mcp("tools/call");"#,
+        r#"reject if prompt("secret");"#,
+        r#"reject if resource("file:///etc/passwd");"#,
+    ] {
+        let token = home.issue(Scope {
+            services: vec!["tools".into()],
+            datalog: Some(datalog.into()),
+            ..Scope::default()
+        });
+        let (status, _) = send(nginx.url("/mcp"), token.clone()).await;
+        assert_eq!(status, 403, "{datalog}: refused through nginx");
+        // Envoy's form, where Till's own answer is seen.
+        let r = client()
+            .post(proxy.url("/auth/tools/mcp"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{datalog}");
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains("carries no body") && body.contains("Till's proxy"),
+            "{body}"
+        );
+    }
+    assert_eq!(up.count(), 0, "no refused call reached the MCP server");
+    // The proxy, which reads the message, enforces the same deny-list.
+    let deny = home.issue(Scope {
+        services: vec!["tools".into()],
+        datalog: Some(r#"reject if tool("delete_everything");"#.into()),
+        ..Scope::default()
+    });
+    let (_, body) = send(proxy.url("/tools/mcp"), deny).await;
+    assert!(body.contains("-32001"), "{body}");
+    assert_eq!(up.count(), 0);
+    // A key that reads nothing of the message still passes the gateway.
+    let plain = home.token("tools", None);
+    assert_eq!(send(nginx.url("/mcp"), plain).await.0, 200);
+    assert_eq!(up.count(), 1);
 }

@@ -83,6 +83,8 @@ pub mod request;
 #[doc(hidden)]
 pub mod token;
 #[doc(hidden)]
+pub mod unseen;
+#[doc(hidden)]
 pub mod verify;
 
 pub use decide::{Stage, decide};
@@ -96,4 +98,5 @@ pub use token::inspect::{BlockView, CheckMeaning, TokenView};
 pub use token::keyset::{KeysDocument, KeysError, PublicKeySet, RootKeys};
 pub use token::vocab::{McpMessage, Rate};
 pub use token::{RawToken, RequestFacts, Scope, TokenError, attenuate, issue, keys};
+pub use unseen::MCP_FACTS;
 pub use verify::{CounterSpec, Denial, DenialKind, VerifiedToken, Verifier, first_revoked};

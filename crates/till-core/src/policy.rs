@@ -61,6 +61,8 @@ pub struct Policies {
     /// The policies read the `model` fact: their outcome may change once a
     /// request body names a model.
     pub(crate) mentions_model: bool,
+    /// Their Datalog, as parsed: which facts they read ([`Policies::reads`]).
+    code: String,
 }
 
 impl Policies {
@@ -85,6 +87,7 @@ impl Policies {
         Ok(Policies {
             request_only,
             mentions_model,
+            code,
             builder: b,
             source: sources
                 .iter()
@@ -132,6 +135,11 @@ impl Policies {
             return Ok(Self::default_policy());
         }
         Self::load_dir(dir)
+    }
+
+    /// Whether a policy reads the fact `name` ([`crate::unseen::code_reads`]).
+    pub fn reads(&self, name: &str) -> bool {
+        crate::unseen::code_reads(&self.code, name)
     }
 
     pub(crate) fn builder(&self) -> AuthorizerBuilder {

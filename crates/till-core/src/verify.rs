@@ -467,6 +467,13 @@ impl Verifier {
         }
     }
 
+    /// The first of `facts` that `token` or this verifier's policies read:
+    /// a verifier that cannot supply those facts must refuse the token
+    /// ([`crate::unseen`]).
+    pub fn first_read<'a>(&self, token: &VerifiedToken, facts: &[&'a str]) -> Option<&'a str> {
+        crate::unseen::first_read(token, &self.policies, facts)
+    }
+
     pub fn keys(&self) -> &RootKeys {
         &self.keys
     }

@@ -180,16 +180,16 @@ impl Refresher {
 }
 
 async fn read_file(path: &std::path::Path) -> Result<String, String> {
-    let shown = path.display();
-    let meta = tokio::fs::metadata(path)
-        .await
-        .map_err(|e| format!("{shown}: {e}"))?;
-    if meta.len() > MAX_DOCUMENT_BYTES as u64 {
-        return Err(format!("{shown}: larger than {MAX_DOCUMENT_BYTES} bytes"));
-    }
-    tokio::fs::read_to_string(path)
-        .await
-        .map_err(|e| format!("{shown}: {e}"))
+    // A regular file within the bound, checked on the open file: a symlink
+    // to `/dev/zero` was read until memory ran out, a FIFO hung the refresh.
+    let owned = path.to_path_buf();
+    let bytes = tokio::task::spawn_blocking(move || {
+        till_core::files::read_regular(&owned, MAX_DOCUMENT_BYTES as u64)
+    })
+    .await
+    .map_err(|e| format!("{}: {e}", path.display()))?
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8", path.display()))
 }
 
 /// Owns the background refresh: dropping it stops the task, after which

@@ -11,9 +11,10 @@ use axum_core::body::Body;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
+use till_core::token::vocab::names;
 use till_core::{
-    CheckMeaning, RequestFacts, Stage, VerifiedToken, Verifier, decide, first_revoked, is_json,
-    normalize_path, token_from_headers,
+    CheckMeaning, Denial, DenialKind, MCP_FACTS, RequestFacts, Stage, VerifiedToken, Verifier,
+    decide, first_revoked, is_json, normalize_path, token_from_headers,
 };
 
 use crate::feed::{FeedState, now_unix};
@@ -160,6 +161,16 @@ where
     if revoked.is_none() && matches!(shared.use_limits, UseLimits::Deny) && has_use_limits(&token) {
         return Err(Refusal::UseLimitsUnenforced);
     }
+    // No MCP message is read here, so no `mcp`, `tool`, `prompt` or
+    // `resource` fact exists: a deny-list on one (`reject if
+    // tool("delete_everything")`) would never fire.
+    if revoked.is_none()
+        && let Some(fact) = shared.verifier.first_read(&token, &MCP_FACTS)
+    {
+        return Err(unseen(format!(
+            "this key's scope (or a policy of this service) reads `{fact}(...)` of an MCP message, and this service's Till layer does not read MCP messages; use a key without MCP tools, prompts, resources or methods here"
+        )));
+    }
 
     // 4. Decide on the head, then, for a JSON body, with its model. No
     // counter here: each request is judged as the token's first use (use
@@ -184,12 +195,25 @@ where
         // Without a body the query may name the model (`?model=`, which
         // some frameworks read); a body this layer does not read might name
         // another, so then there is no model fact (deny when unsure).
-        if let Some(q) = parts
-            .uri
-            .query()
-            .filter(|_| till_core::request::declares_no_body(&parts.headers))
+        // Over HTTP/2 a body needs no `Content-Length` (nor, in process,
+        // does a tower request): the body's own end counts too.
+        if till_core::request::declares_no_body(&parts.headers) && body.is_end_stream() {
+            if let Some(q) = parts.uri.query() {
+                facts.model = till_core::request::model_in_query(q).map_err(Refusal::BadRequest)?;
+            }
+        } else if shared
+            .verifier
+            .first_read(&token, &[names::MODEL])
+            .is_some()
         {
-            facts.model = till_core::request::model_in_query(q).map_err(Refusal::BadRequest)?;
+            // A body this layer does not read may name a model the handler
+            // reads (a form, a multipart upload): a deny-list on the model
+            // (`reject if model("gpt-4")`, a policy) would never fire.
+            decide(v, &token, revoked, &facts, &counts, Stage::BeforeBody)
+                .map_err(Refusal::Denied)?;
+            return Err(unseen(
+                "this key's scope (or a policy of this service) depends on the request's model, and this service's Till layer reads the model only from a JSON body (Content-Type application/json); send the body as JSON, or use a key without a model list here".into(),
+            ));
         }
         Body::new(body)
     };
@@ -204,6 +228,11 @@ where
     let mut req = Request::from_parts(parts, body);
     req.extensions_mut().insert(TillToken::new(token));
     Ok(req)
+}
+
+/// A refusal for a key whose decision reads a fact this layer cannot see.
+fn unseen(reason: String) -> Refusal {
+    Refusal::Denied(Denial::new(DenialKind::Scope, reason))
 }
 
 /// Whether any block limits uses: its own limit, a limit on another

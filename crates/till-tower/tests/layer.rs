@@ -432,6 +432,142 @@ async fn the_model_of_a_json_body_is_checked_and_the_body_reaches_the_handler() 
     );
 }
 
+/// Regression (red team, wave 2, fourth pass): the layer reads the model of
+/// JSON bodies only, and no MCP message at all, so a deny-list on either
+/// (`reject if model("large")` with the model in a form body, `reject if
+/// tool("delete_everything")`) never fired and the handler got the request.
+#[tokio::test]
+async fn regression_keys_that_read_facts_the_layer_cannot_see_are_refused() {
+    let f = Fixture::new();
+    let (app, _h) = f.app(UseLimits::Deny, 60).await;
+    let with = |datalog: &str| {
+        f.token(Scope {
+            services: vec!["items".into()],
+            datalog: Some(datalog.into()),
+            ..Scope::default()
+        })
+    };
+    let form = |token: &str, body: &str| {
+        Request::post("/v1/items")
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let no_large = with(r#"reject if model("large");"#);
+    let (s, j, text) = send(&app, form(&no_large, "model=large")).await;
+    assert_eq!(s, 403, "{text}");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("JSON body"),
+        "{text}"
+    );
+    // Where the layer reads the model, the deny-list decides.
+    let (s, _, _) = send(
+        &app,
+        post_json("/v1/items", &no_large, r#"{"model":"large"}"#),
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, _, text) = send(
+        &app,
+        post_json("/v1/items", &no_large, r#"{"model":"small"}"#),
+    )
+    .await;
+    assert_eq!(s, 200, "{text}");
+    // A request without a body names no model.
+    assert_eq!(send(&app, get_items(&no_large)).await.0, 200);
+    // An expired key is told so first.
+    let expired = f.token(Scope {
+        services: vec!["items".into()],
+        expires: Some(SystemTime::now() - Duration::from_secs(60)),
+        datalog: Some(r#"reject if model("large");"#.into()),
+        ..Scope::default()
+    });
+    let (s, j, _) = send(&app, form(&expired, "model=large")).await;
+    assert_eq!(
+        (s, j["error"]["code"].as_str()),
+        (403, Some("token_expired"))
+    );
+
+    for datalog in [
+        r#"reject if tool("delete_everything");"#,
+        r#"reject if mcp("tools/call");"#,
+        r#"reject if prompt("secret");"#,
+        r#"reject if resource("file:///etc/passwd");"#,
+    ] {
+        let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_everything"}}"#;
+        let (s, j, text) = send(&app, post_json("/v1/items", &with(datalog), call)).await;
+        assert_eq!(s, 403, "{datalog}: {text}");
+        assert!(
+            j["error"]["message"].as_str().unwrap().contains("MCP"),
+            "{text}"
+        );
+    }
+}
+
+/// Regression (red team, wave 2, fourth pass): a request was taken for one
+/// without a body when its head had no `Content-Length` and no
+/// `Transfer-Encoding`, which an HTTP/2 request with a body (`axum::serve`
+/// speaks h2c) need not have: its `?model=` was then judged as the request's
+/// model, while the handler read another from the form body.
+#[tokio::test]
+async fn regression_a_body_without_a_content_length_is_not_taken_for_none() {
+    let f = Fixture::new();
+    let (app, _h) = f.app(UseLimits::Deny, 60).await;
+    let small = f.token(Scope {
+        services: vec!["items".into()],
+        models: vec!["small".into()],
+        ..Scope::default()
+    });
+    let req = Request::post("/v1/items?model=small")
+        .header("authorization", format!("Bearer {small}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from("model=large"))
+        .unwrap();
+    assert!(req.headers().get("content-length").is_none());
+    let (s, _, text) = send(&app, req).await;
+    assert_eq!(s, 403, "{text}");
+    // Without a body, the query's model is the request's.
+    let req = Request::get("/v1/items?model=small")
+        .header("authorization", format!("Bearer {small}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&app, req).await.0, 200);
+}
+
+/// Regression (red team, wave 2, fourth pass): the feed file was read after
+/// a size check on its path, so a symlink to `/dev/zero` (size 0) was read
+/// until memory ran out, and a FIFO hung the refresh for good.
+#[tokio::test]
+async fn regression_a_feed_path_that_is_not_a_small_regular_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = keys::generate();
+    let fifo = dir.path().join("feed.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // `/dev/null` first: the old code read it as an empty feed, and failed
+    // on its JSON, rather than hanging on the FIFO.
+    for path in [PathBuf::from("/dev/null"), fifo, PathBuf::from("/dev/zero")] {
+        let (_layer, handle) = TillLayer::builder("items")
+            .public_key(&keys::public_string(&root.public()))
+            .feed(FeedSource::File(path.clone()))
+            .max_feed_age(Duration::from_secs(60))
+            .refresh_every(Duration::from_millis(20))
+            .build()
+            .unwrap();
+        wait_until(|| handle.refresh_failures() > 0, &handle).await;
+        let e = handle.last_refresh_error().unwrap();
+        assert!(e.contains("not a regular file"), "{path:?}: {e}");
+        assert!(handle.feed_stale());
+    }
+}
+
 /// Some frameworks take `?model=` over the body's `model`: the layer
 /// judges the query's model as the request's (red team, wave 2, third pass).
 #[tokio::test]

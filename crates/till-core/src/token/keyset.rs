@@ -382,6 +382,10 @@ impl RootKeys {
     }
 }
 
+/// Most keys a published key set may list: far more than any rotation
+/// schedule makes, few enough to bound what following a document costs.
+pub const MAX_DOCUMENT_KEYS: usize = 1024;
+
 /// The key set as published (`GET /.well-known/till-keys`, `till pubkey
 /// --json`, the feed's `keys`), signed by every key that still verifies.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -430,6 +434,28 @@ impl KeysDocument {
         max_age: u64,
     ) -> Result<PublicKeySet, KeysError> {
         let invalid = |m: String| KeysError::Invalid(m);
+        // Signatures are not covered by what they sign: a document padded
+        // with junk ones stays genuine, and each would cost a verification.
+        if self.keys.len() > MAX_DOCUMENT_KEYS {
+            return Err(invalid(format!(
+                "it lists {} keys, more than the {MAX_DOCUMENT_KEYS} a key set may hold",
+                self.keys.len()
+            )));
+        }
+        let mut signers = std::collections::BTreeSet::new();
+        if let Some(s) = self.signatures.iter().find(|s| !signers.insert(s.key_id)) {
+            return Err(invalid(format!("key {} signs it more than once", s.key_id)));
+        }
+        if let Some(s) = self
+            .signatures
+            .iter()
+            .find(|s| !self.keys.iter().any(|k| k.id == s.key_id))
+        {
+            return Err(invalid(format!(
+                "it is signed by key {}, which it does not list",
+                s.key_id
+            )));
+        }
         let mut set = PublicKeySet::from_records(&self.keys).map_err(|e| invalid(e.to_string()))?;
         if set.by_id.get(&self.active).is_none_or(|r| r.retired(now)) {
             return Err(invalid(format!(
@@ -719,6 +745,11 @@ impl KeySet {
             .unwrap_or(0)
             .checked_add(1)
             .ok_or_else(|| TokenError::Key("no key id left".into()))?;
+        if self.records.len() >= MAX_DOCUMENT_KEYS {
+            return Err(TokenError::Key(format!(
+                "the key set already holds {MAX_DOCUMENT_KEYS} keys, the most a published key set may list"
+            )));
+        }
         let kp = keys::generate();
         // A file for an id the index does not list can only be left over
         // from a rotation that stopped before writing the index: nothing was
@@ -950,5 +981,47 @@ mod tests {
             doc.follow(&pinned, now_unix() + 3600, 60),
             Err(KeysError::Stale { .. })
         ));
+    }
+
+    /// Regression (red team, wave 2, fourth pass): signatures are not
+    /// covered by what they sign, so a genuine document padded with 200,000
+    /// junk signatures by a trusted key id stayed valid and cost 3 s of CPU
+    /// to follow (every refresh of `till-tower`, on an async worker).
+    #[test]
+    fn regression_a_document_padded_with_signatures_or_keys_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        keys::save(
+            &dir.path().join(keys::ROOT_KEY_FILE),
+            &keys::generate(),
+            false,
+        )
+        .unwrap();
+        let mut ks = KeySet::load(dir.path()).unwrap();
+        let pinned = PublicKeySet::single(ks.active_key().public());
+        ks.rotate().unwrap();
+        let doc = ks.document(now_unix());
+        doc.follow(&pinned, now_unix(), 60).unwrap();
+        let junk = |key_id| KeySignature {
+            key_id,
+            signature: "00".repeat(64),
+        };
+        let mut padded = doc.clone();
+        padded.signatures.insert(0, junk(0));
+        let e = padded.follow(&pinned, now_unix(), 60).unwrap_err();
+        assert!(e.to_string().contains("more than once"), "{e}");
+        let mut padded = doc.clone();
+        padded.signatures.insert(0, junk(7));
+        let e = padded.follow(&pinned, now_unix(), 60).unwrap_err();
+        assert!(e.to_string().contains("does not list"), "{e}");
+        let mut padded = doc.clone();
+        let extra = padded.keys[0].clone();
+        for id in 2..=MAX_DOCUMENT_KEYS as u32 {
+            padded.keys.push(KeyRecord {
+                id,
+                ..extra.clone()
+            });
+        }
+        let e = padded.follow(&pinned, now_unix(), 60).unwrap_err();
+        assert!(e.to_string().contains("more than the 1024"), "{e}");
     }
 }
