@@ -158,11 +158,10 @@ async fn decide_check(
     // A gateway sends no body, so the model is never known here: a token
     // whose scope reads it cannot be decided, and a deny-list passing
     // without a model would let any model through.
-    let reads_model = token
-        .view
-        .blocks
-        .iter()
-        .any(|b| b.source.contains("model("));
+    let reads_model = st
+        .verifier
+        .first_read(&token, &[till_core::token::vocab::names::MODEL])
+        .is_some();
     let decided = if reads_model {
         Err(None)
     } else {

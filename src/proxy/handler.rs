@@ -377,6 +377,29 @@ async fn handle(
         Some(k) => st.idempotency.replay_counts(k).await.map_err(store_error)?,
         None => None,
     };
+    // A body Till does not read names no model to it, while the upstream
+    // may read one there (LiteLLM and FastAPI handlers `json.loads` a
+    // `text/plain` body): a key or policy reading the model cannot be
+    // judged, and a deny-list (`reject if model("gpt-4")`) would let every
+    // model through.
+    if !bodiless && !json && !form && multipart.is_none() && reads_model(st, &token) {
+        return Err(ProxyError::Denied(Denial::new(
+            DenialKind::Scope,
+            format!(
+                "this key's scope (or a policy) reads the request's model, and Till reads the model only from JSON (Content-Type: application/json), URL-encoded form and multipart bodies; this body is {}: send it as JSON",
+                parts.headers.get(header::CONTENT_TYPE).map_or(
+                    "without a Content-Type".to_string(),
+                    |v| format!(
+                        "{:?}",
+                        String::from_utf8_lossy(v.as_bytes())
+                            .chars()
+                            .take(64)
+                            .collect::<String>()
+                    )
+                )
+            ),
+        )));
+    }
     let mut counts = match replay_counts {
         Some(uses) => Counts::exact(uses.iter().map(|u| u.saturating_sub(1)).collect()),
         None => Counts::current(st, &token.ids).await?,
@@ -397,7 +420,7 @@ async fn handle(
     // Steps 2 to 5 in a block of their own: whatever they return, the
     // observation gets the text back for the record.
     let result: Result<Response, ProxyError> = async {
-        let stage = if json || multipart.is_some() {
+        let stage = if json || form || multipart.is_some() {
             Stage::BeforeBody
         } else {
             Stage::Final
@@ -435,6 +458,18 @@ async fn handle(
                 obs.uses = Some(counts.values);
                 return Err(ProxyError::Denied(d));
             }
+            // Allowed without a model, though the rest of the body may name
+            // one: only a key and policies that never read it may go on.
+            if facts.model.is_none() && !whole && reads_model(st, &token) {
+                obs.uses = Some(counts.values);
+                return Err(ProxyError::Denied(Denial::new(
+                    DenialKind::Scope,
+                    format!(
+                        "this key's scope (or a policy) reads the request's model, and Till reads a multipart body's `model` part only within the body's first {} bytes (limits.max_body_bytes) and {} s (limits.body_timeout_secs), and this body is longer or slower: send the `model` part before the file",
+                        st.limits.max_body_bytes, st.limits.body_timeout_secs
+                    ),
+                )));
+            }
             match read.rest {
                 None => {
                     let d = idem_key.as_ref().map(|_| {
@@ -463,18 +498,32 @@ async fn handle(
             // decisions from here on are taken at the time it arrived, so
             // a token that expired meanwhile is refused.
             facts.time = st.clock.now();
-            if json {
-                facts.model = till_core::request::model_of_json_request(parts.uri.query(), &bytes)
-                    .map_err(ProxyError::BadRequest)?;
-                if let Err(d) = counts
-                    .decide(st, &token, None, &facts, &alone, Stage::Final)
-                    .await?
-                {
-                    obs.uses = Some(counts.values);
-                    return Err(ProxyError::Denied(d));
-                }
+            facts.model = if json {
+                till_core::request::model_of_json_request(parts.uri.query(), &bytes)
             } else {
                 super::forward::refuse_method_in_form(&bytes)?;
+                // A handler that parses its body as JSON whatever the
+                // Content-Type (FastAPI's `request.json()`) reads a model
+                // the form does not name.
+                if bytes.trim_ascii_start().starts_with(b"{") && reads_model(st, &token) {
+                    obs.uses = Some(counts.values);
+                    return Err(ProxyError::Denied(Denial::new(
+                        DenialKind::Scope,
+                        "this key's scope (or a policy) reads the request's model, and this body is JSON sent as a form (or without a Content-Type), which servers read differently: send it with Content-Type: application/json",
+                    )));
+                }
+                // Frameworks that take forms read a `model` field as the
+                // model (FastAPI's `Form`, Rack's params): judged as a JSON
+                // body's is, so a deny-list on the model sees it.
+                till_core::request::model_of_form_request(parts.uri.query(), &bytes)
+            }
+            .map_err(ProxyError::BadRequest)?;
+            if let Err(d) = counts
+                .decide(st, &token, None, &facts, &alone, Stage::Final)
+                .await?
+            {
+                obs.uses = Some(counts.values);
+                return Err(ProxyError::Denied(d));
             }
             let d = idem_key
                 .as_ref()
@@ -589,6 +638,13 @@ fn model_of_multipart(
         (None, q) if whole => q,
         (None, _) => None,
     })
+}
+
+/// Whether the key or a policy reads the request's `model`.
+fn reads_model(st: &AppState, token: &VerifiedToken) -> bool {
+    st.verifier
+        .first_read(token, &[till_core::token::vocab::names::MODEL])
+        .is_some()
 }
 
 /// Whether a denial is a `--model` check of the token.

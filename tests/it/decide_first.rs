@@ -840,3 +840,111 @@ async fn regression_refused_keys_do_not_fill_their_familys_block_limit() {
     let kept = recorded_blocks(&proxy, &home).await.len();
     assert!(kept <= 6, "the refused keys left {kept} blocks");
 }
+
+/// Regression (red team, wave 2, fourth pass): Till reads the model of
+/// JSON (and form) bodies only. A deny-list on the model (`reject if
+/// model("gpt-4")` in the token, or `deny if model(...)` in a policy) never
+/// fired for a body Till does not read, and such bodies are read by real
+/// servers: LiteLLM and FastAPI handlers `json.loads` a `text/plain` body.
+/// A key whose scope reads `model` now gets such bodies refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_model_deny_list_is_not_passed_by_a_body_till_does_not_read() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let deny_list = home.issue(Scope {
+        services: vec!["openai".into()],
+        datalog: Some(r#"reject if model("gpt-4");"#.into()),
+        ..Scope::default()
+    });
+    let open = home.token("openai", None);
+    let send = |token: &str, method: reqwest::Method, ct: Option<&str>, body: &str| {
+        let mut r = client()
+            .request(method, proxy.url("/openai/v1/chat/completions"))
+            .bearer_auth(token);
+        if let Some(ct) = ct {
+            r = r.header("content-type", ct);
+        }
+        if !body.is_empty() {
+            r = r.body(body.to_string());
+        }
+        async move {
+            let resp = r.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.text().await.unwrap())
+        }
+    };
+    let post = reqwest::Method::POST;
+    let banned = r#"{"model":"gpt-4","messages":[]}"#;
+    // As JSON, the deny-list fires (it always did).
+    assert_eq!(
+        send(&deny_list, post.clone(), Some("application/json"), banned)
+            .await
+            .0,
+        403
+    );
+    // The same JSON under a type Till does not read: refused too, saying why.
+    for ct in [Some("text/plain"), Some("application/octet-stream"), None] {
+        let (status, body) = send(&deny_list, post.clone(), ct, banned).await;
+        assert_eq!(status, 403, "{ct:?}: {body}");
+        assert!(body.contains("model"), "{ct:?}: {body}");
+    }
+    assert_eq!(up.count(), 0, "nothing was forwarded: {:?}", up.seen());
+    // What the key may do still passes: an allowed model as JSON, and a
+    // request without a body.
+    let fine = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    assert_eq!(
+        send(&deny_list, post.clone(), Some("application/json"), fine)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        send(&deny_list, reqwest::Method::GET, None, "").await.0,
+        200
+    );
+    // A form body's `model` field is the request's model too (FastAPI's
+    // `Form`, Rack's params read it): judged, and an allowed one passes.
+    let form = Some("application/x-www-form-urlencoded");
+    assert_eq!(
+        send(&deny_list, post.clone(), form, "model=gpt-4&x=1")
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        send(&deny_list, post.clone(), form, "x=1&MODEL=gpt%2D4")
+            .await
+            .0,
+        403
+    );
+    // JSON declared as a form: refused, as a handler parsing JSON whatever
+    // the Content-Type reads its model.
+    let (status, body) = send(&deny_list, post.clone(), form, banned).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("application/json"), "{body}");
+    assert_eq!(up.count(), 2, "{:?}", up.seen());
+    let allow_list = home.issue(Scope {
+        services: vec!["openai".into()],
+        models: vec!["gpt-4o-mini".into()],
+        ..Scope::default()
+    });
+    assert_eq!(
+        send(&allow_list, post.clone(), form, "model=gpt-4o-mini")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        send(&allow_list, post.clone(), form, "model=gpt-4").await.0,
+        403
+    );
+    // A key whose scope does not read the model is not affected.
+    assert_eq!(
+        send(&open, post.clone(), Some("text/plain"), banned)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(up.count(), 4, "{:?}", up.seen());
+}

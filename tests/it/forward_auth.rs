@@ -810,7 +810,7 @@ async fn regression_forward_auth_refuses_keys_that_read_the_mcp_message_it_canno
             "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n\
              [upstreams.tools]\nurl = {:?}\napi = \"mcp\"\ncredential = \"none\"\n",
             home.path().to_str().unwrap(),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+            policies_dir(),
             up.url(),
         ),
     );
@@ -869,5 +869,77 @@ async fn regression_forward_auth_refuses_keys_that_read_the_mcp_message_it_canno
     // A key that reads nothing of the message still passes the gateway.
     let plain = home.token("tools", None);
     assert_eq!(send(nginx.url("/mcp"), plain).await.0, 200);
+    assert_eq!(up.count(), 1);
+}
+
+/// Regression (red team, wave 2, fourth pass): a check was refused for a
+/// token whose own blocks read `model`, found by searching their text, but
+/// not under a policy reading it (`deny if model("gpt-4")` in the policy
+/// directory): the gateway never sends the body, so that deny-list never
+/// fired and every model went through. Now any key or policy reading the
+/// model gets its checks refused, nothing spent.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_forward_auth_refuses_checks_a_policy_reading_the_model_cannot_judge() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let policies = home.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::copy(
+        Path::new(policies_dir()).join("default.datalog"),
+        policies.join("default.datalog"),
+    )
+    .unwrap();
+    home.write(
+        "policies/00-no-gpt-4.datalog",
+        "deny if model(\"gpt-4\");\n",
+    );
+    // Only this user may write a policy directory (the proxy refuses it
+    // otherwise), whatever the umask.
+    for p in [
+        policies.clone(),
+        policies.join("default.datalog"),
+        policies.join("00-no-gpt-4.datalog"),
+    ] {
+        let mode = if p.is_dir() { 0o700 } else { 0o600 };
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    let secret = home.write("gateway.secret", GATEWAY_SECRET);
+    let config = home.write(
+        "till.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n\
+             [upstreams.openai]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n\
+             forward_auth_credential = true\nforward_auth_secret = {{ file = {:?} }}\n",
+            home.path().to_str().unwrap(),
+            policies.to_str().unwrap(),
+            up.url(),
+            secret.to_str().unwrap(),
+        ),
+    );
+    let proxy = Proxy::start_config(&home, &config).expect("proxy starts");
+    let token = home.token("openai", Some(1));
+    let r = client()
+        .post(proxy.url("/auth/openai/v1/chat/completions"))
+        .header("x-till-gateway-secret", GATEWAY_SECRET)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert!(r.headers().get("authorization").is_none());
+    let body = r.text().await.unwrap();
+    assert!(body.contains("model"), "{body}");
+    // The proxy, which reads the body, enforces the policy and spends the
+    // one use the refused check left.
+    let send = |model: &'static str| {
+        client()
+            .post(proxy.url("/openai/v1/chat/completions"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"model":"{model}","messages":[]}}"#))
+            .send()
+    };
+    assert_eq!(send("gpt-4").await.unwrap().status().as_u16(), 403);
+    assert_eq!(send("gpt-4o-mini").await.unwrap().status().as_u16(), 200);
     assert_eq!(up.count(), 1);
 }

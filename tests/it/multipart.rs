@@ -306,7 +306,24 @@ async fn a_large_multipart_upload_streams_through_intact() {
         answer.contains("send the `model` part before the file"),
         "{answer}"
     );
+    // A deny-list allows a request without a model, but the late part may
+    // name the banned one (red team, wave 2, fourth pass): refused too.
+    let deny_list = home.issue(Scope {
+        services: vec!["openai".into()],
+        datalog: Some(r#"reject if model("whisper-1");"#.into()),
+        ..Scope::default()
+    });
+    let (status, answer) = head_then_stall(&proxy, &deny_list, late.len(), sent).await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer.contains("send the `model` part before the file"),
+        "{answer}"
+    );
     assert_eq!(up.count(), 2);
+    // A key that never reads the model streams it through as before.
+    let (status, v) = post(&proxy, &token, path, CT, late.clone()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(up.count(), 3);
 }
 
 /// A multipart body's `model` part is the request's model, as a JSON

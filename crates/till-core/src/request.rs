@@ -338,6 +338,24 @@ pub fn model_of_json_request(query: Option<&str>, body: &[u8]) -> Result<Option<
     }
 }
 
+/// The model of a request with a URL-encoded form body: the body's `model`
+/// field and the query's, read alike ([`model_in_query`]: frameworks that
+/// take forms, FastAPI's `Form` or Rack's params, read a `model` field).
+/// `Err` when they name different models, or the body names two.
+pub fn model_of_form_request(query: Option<&str>, body: &[u8]) -> Result<Option<String>, String> {
+    // A name or value that is not UTF-8 is not the model's: the lossy text
+    // keeps every `model` field, and a value that is not text is refused.
+    let from_body = model_in_query(&String::from_utf8_lossy(body))
+        .map_err(|e| e.replacen("the query", "the form body", 1))?;
+    let from_query = query.map(model_in_query).transpose()?.flatten();
+    match (from_body, from_query) {
+        (Some(b), Some(q)) if b != q => Err(format!(
+            "the query names the model {q:?} and the form body {b:?}; upstreams differ on which one they run, so name the model once"
+        )),
+        (b, q) => Ok(b.or(q)),
+    }
+}
+
 /// Whether a body is empty or a JSON object without a `model` key, as an
 /// upstream would read it ([`model_of`] has refused keys that fold to it).
 fn names_no_model(body: &[u8]) -> bool {
@@ -353,6 +371,29 @@ fn names_no_model(body: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_form_bodys_model_is_read_with_the_querys() {
+        let m = |q: Option<&str>, b: &str| model_of_form_request(q, b.as_bytes());
+        assert_eq!(m(None, "model=gpt-4&x=1"), Ok(Some("gpt-4".into())));
+        assert_eq!(m(None, "x=1&MODEL%5B%5D=gpt%2D4"), Ok(Some("gpt-4".into())));
+        assert_eq!(m(Some("model=gpt-4"), "x=1"), Ok(Some("gpt-4".into())));
+        assert_eq!(
+            m(Some("model=gpt-4"), "model=gpt-4"),
+            Ok(Some("gpt-4".into()))
+        );
+        assert_eq!(m(None, "x=1"), Ok(None));
+        assert!(
+            m(Some("model=gpt-4"), "model=small")
+                .unwrap_err()
+                .contains("form body")
+        );
+        assert!(
+            m(None, "model=a&model=b")
+                .unwrap_err()
+                .contains("form body names two")
+        );
+    }
 
     #[test]
     fn a_head_declares_no_body_only_without_transfer_encoding_or_a_nonzero_length() {
