@@ -10,7 +10,9 @@
 //!    ([`admit_windows`]): a full window refuses here (429 `rate_limited`,
 //!    `Retry-After`) before the body is read, taking nothing.
 //! 3. Only then read a JSON body (deadline `body_timeout_secs`, global cap
-//!    `max_buffered_bytes`) and decide again with its `model`.
+//!    `max_buffered_bytes`) and decide again with its `model`; a form body
+//!    for `_method`; a multipart body as far as those bounds go, then
+//!    checked as it streams ([`super::multipart`]).
 //! 4. Reserve every block's counter, re-check the limits with this
 //!    request's own post-increment counts, await durability. The
 //!    reservation is a guard: dropped before forwarding, it is released.

@@ -1146,6 +1146,54 @@ mod tests {
         }
     }
 
+    /// Bodies made of multipart fragments in any order, cut anywhere: the
+    /// scanner answers (accepts or refuses) and never panics.
+    #[test]
+    fn any_body_gets_an_answer() {
+        let pieces: [&[u8]; 16] = [
+            b"--XB",
+            b"--XB--",
+            b"\r\n",
+            b"\n",
+            b"\r",
+            b" ",
+            b"Content-Disposition: form-data; ",
+            b"name=",
+            b"\"",
+            b"model",
+            b"_method",
+            b"name*=",
+            b"\\",
+            b"Content-Type: multipart/mixed",
+            b"\xff\x00",
+            b";",
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..3000 {
+            let mut body = Vec::new();
+            for _ in 0..(next() % 40) {
+                body.extend_from_slice(pieces[(next() % 16) as usize]);
+            }
+            let mut s = Scanner::new("XB");
+            let mut rest = &body[..];
+            let mut fine = true;
+            while !rest.is_empty() && fine {
+                let n = 1 + (next() as usize % rest.len());
+                fine = s.feed(&Bytes::copy_from_slice(&rest[..n])).is_ok();
+                rest = &rest[n..];
+            }
+            if fine {
+                let _ = s.finish();
+            }
+        }
+    }
+
     /// The refusal comes with the chunk that completes the forbidden part's
     /// head, so that chunk is never passed on, and the bytes before it hold
     /// no complete body.
