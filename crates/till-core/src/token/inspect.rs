@@ -795,7 +795,7 @@ impl CheckMeaning {
                 format!("{who} only allows paths starting with {}", list(allowed))
             }
             CheckMeaning::Models { allowed } => format!(
-                "{who} only allows model {} (named in the JSON body's \"model\" field, a multipart body's `model` part or `?model=`)",
+                "{who} only allows model {} (named in a JSON or form body's \"model\" field, a multipart body's `model` part or `?model=`)",
                 list(allowed)
             ),
             CheckMeaning::Tools { allowed } => format!(
