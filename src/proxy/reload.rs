@@ -260,12 +260,11 @@ impl Reloader {
             file: cfg.file.clone(),
             message: format!("policies: {e}"),
         })?;
-        crate::policy::Policies::load_or_default(&cfg.policies, default_policies).map_err(|e| {
-            ConfigError {
+        let policies = crate::policy::Policies::load_or_default(&cfg.policies, default_policies)
+            .map_err(|e| ConfigError {
                 file: cfg.file.clone(),
                 message: format!("policies: {e}"),
-            }
-        })?;
+            })?;
         // Root keys, re-read from the state directory the proxy started with,
         // so `till keygen --rotate` and `till key retire` need no restart.
         let root_keys = match st.feed_signer.get() {
@@ -286,7 +285,16 @@ impl Reloader {
             }),
             None => None,
         };
-        let restart_needed = restart_only_changes(&started_with, &raw);
+        let mut restart_needed = restart_only_changes(&started_with, &raw);
+        // Edited policy files are not applied either (the decision cache
+        // was built with the policies in force): say so, or an operator who
+        // added a deny and got "reloaded" believes it applies.
+        if policies.code() != st.verifier.policies().code()
+            && !restart_needed.iter().any(|k| k == "policies")
+        {
+            restart_needed.push("policies".into());
+            restart_needed.sort();
+        }
         let mut names: Vec<String> = table.keys().cloned().collect();
         names.sort();
         // Under the lock: no other reload can swap between this read and

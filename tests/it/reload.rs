@@ -450,3 +450,71 @@ async fn regression_a_credential_file_that_is_not_a_small_regular_file_is_refuse
         format!("Bearer {NEW_KEY}")
     );
 }
+
+/// Policy files edited, then a reload (red team, wave 2, fourth pass): the
+/// answer was `"reloaded": true, "restart_needed": []` while the policies
+/// the proxy started with stayed in force, so an operator adding a `deny`
+/// believed it applied. Policies take effect at restart; a reload that
+/// finds their files changed names `policies` in `restart_needed`.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_reload_names_edited_policy_files_as_needing_a_restart() {
+    let home = Home::new();
+    let up = Upstream::start().await;
+    let policies = home.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("default.datalog"),
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/policies/default.datalog"
+        )),
+    )
+    .unwrap();
+    let key = home.write("openai.key", &format!("{OLD_KEY}\n"));
+    let config = home.write(
+        "till.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n\
+             [upstreams.openai]\nurl = {:?}\ncredential = {{ file = {:?} }}\n",
+            home.path().to_str().unwrap(),
+            policies.to_str().unwrap(),
+            up.url(),
+            key.to_str().unwrap(),
+        ),
+    );
+    let proxy = Proxy::start_config(&home, &config).expect("proxy starts");
+    let token = home.token("openai", None);
+
+    // Nothing changed, or only a comment: nothing to restart for.
+    let out = till_reload(&home, &proxy, &["--json"]).await;
+    out.success();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["restart_needed"], serde_json::json!([]), "{v}");
+    std::fs::write(policies.join("note.datalog"), "// only a comment\n").unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&till_reload(&home, &proxy, &["--json"]).await.stdout).unwrap();
+    assert_eq!(v["restart_needed"], serde_json::json!([]), "{v}");
+
+    std::fs::write(
+        policies.join("a_deny.datalog"),
+        "deny if path($p), $p.starts_with(\"/v1/files\");\n",
+    )
+    .unwrap();
+    let out = till_reload(&home, &proxy, &["--json"]).await;
+    out.success();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["restart_needed"], serde_json::json!(["policies"]), "{v}");
+    till_reload(&home, &proxy, &[])
+        .await
+        .success()
+        .stderr_has("policies");
+    wait_for_log(&proxy, "take effect only at restart: policies", 1).await;
+    // As the answer says: still the policies of the start.
+    let r = client()
+        .get(proxy.url("/openai/v1/files"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}

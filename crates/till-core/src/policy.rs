@@ -142,6 +142,13 @@ impl Policies {
         crate::unseen::code_reads(&self.code, name)
     }
 
+    /// The policies as Datalog, comments and layout left out: two sets
+    /// with the same text decide every request alike (a reload compares
+    /// them to tell the operator that edited files need a restart).
+    pub fn code(&self) -> String {
+        self.builder.dump_code()
+    }
+
     pub(crate) fn builder(&self) -> AuthorizerBuilder {
         self.builder.clone()
     }

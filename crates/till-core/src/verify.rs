@@ -478,6 +478,11 @@ impl Verifier {
         &self.keys
     }
 
+    /// The policies every proxied request is authorized with.
+    pub fn policies(&self) -> &Policies {
+        &self.policies
+    }
+
     /// Whether a verification (cached) still holds: the key set has not
     /// been replaced and the token's key has not passed its `not_after`.
     pub fn is_current(&self, token: &VerifiedToken) -> bool {
