@@ -281,6 +281,16 @@ impl Alerts {
         }
     }
 
+    /// [`Alerts::fire_once`] for one of many keys of a `group` (the blocks
+    /// of a token family): at most one of the group fires in five minutes;
+    /// a key held back then is not sent later.
+    pub fn fire_once_per_family(&self, key: String, group: String, a: impl FnOnce() -> Alert) {
+        if self.once.contains_key(&key) || !self.claim_here(&self.recent, &group) {
+            return;
+        }
+        self.fire_once(key, a);
+    }
+
     /// Fires the alert `a` builds unless an alert with `key` fired in the
     /// last five minutes.
     pub fn fire_recent(&self, key: String, a: impl FnOnce() -> Alert) {

@@ -251,14 +251,35 @@ impl Monitor {
                 for &t in self.alerts.thresholds() {
                     let mark = ((limit as f64) * t).ceil() as u64;
                     if mark > 0 && uses >= mark {
-                        self.alerts.fire_once(format!("threshold:{}:{t}", b.id), || {
+                        let key = format!("threshold:{}:{t}", b.id);
+                        let alert = || {
                             a(
                                 "usage_threshold",
-                                format!("block {k}{} of family {} reached {}% of its use limit: {uses}/{limit}", who(), short(rec.family()), (t * 100.0).round()),
+                                format!(
+                                    "block {k}{} of family {} reached {}% of its use limit: {uses}/{limit}",
+                                    who(),
+                                    short(rec.family()),
+                                    (t * 100.0).round()
+                                ),
                                 Some(b.id.to_string()),
                                 serde_json::json!({"block_index": k, "uses": uses, "limit": limit, "threshold": t}),
                             )
-                        });
+                        };
+                        if k == 0 {
+                            self.alerts.fire_once(key, alert);
+                        } else {
+                            // Later blocks are minted offline by whoever holds
+                            // the token, in any number, each crossing its own
+                            // thresholds at once (`--max-uses 1`): one alert per
+                            // family and threshold per five minutes, or they
+                            // fill the queue and push out every other alert.
+                            let family = rec.family().unwrap_or("");
+                            self.alerts.fire_once_per_family(
+                                key,
+                                format!("threshold:attenuated:{family}:{t}"),
+                                alert,
+                            );
+                        }
                     }
                 }
             }

@@ -805,3 +805,59 @@ async fn regression_sighup_reopens_an_audit_log_moved_by_logrotate() {
         "nothing more in the moved file"
     );
 }
+
+/// Children minted offline with `--max-uses 1`, each used once: every one
+/// crossed 80 % and 100 % of its own limit, two alerts per request of the
+/// agent's choosing, filling the webhook queue (1024) so that a revoked
+/// token's alert sent meanwhile was dropped, and pushing every other alert
+/// out of the dashboard's history (red team, wave 2, fourth pass). Blocks
+/// after the first raise one threshold alert per family and threshold per
+/// five minutes.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_children_minted_offline_cannot_flood_the_alert_channel() {
+    let up = Upstream::start().await;
+    let (hook, url) = Receiver::start().await;
+    let home = Home::new();
+    let extra = format!("[alerts]\nthresholds = [0.8, 1.0]\n[[alerts.webhooks]]\nurl = {url:?}\n");
+    let proxy = Proxy::start(&home, &[openai(&up)], &extra);
+    let parent = home.issue(Scope {
+        services: vec!["openai".into()],
+        max_uses: Some(1000),
+        label: Some("flooder".into()),
+        ..Scope::default()
+    });
+    for _ in 0..40 {
+        let kid = child(&parent, limit(1));
+        assert_eq!(chat(&proxy, &kid, "m").await.0, 200);
+    }
+    // A revoked token used after the flood: its alert comes after every
+    // threshold alert the flood raised (one delivery queue, in order).
+    let leaked = home.token("openai", None);
+    assert_eq!(chat(&proxy, &leaked, "m").await.0, 200);
+    till(["revoke", &leaked, "--url", &proxy.url("")])
+        .env("TILL_ADMIN_TOKEN", &home.admin())
+        .run()
+        .success();
+    assert_eq!(chat(&proxy, &leaked, "m").await.0, 403);
+    hook.wait_for("the revoked token's alert", |g| {
+        g.iter().any(|a| a["kind"] == "revoked_token_used")
+    })
+    .await;
+    let kinds = hook.kinds();
+    let thresholds = kinds.iter().filter(|k| *k == "usage_threshold").count();
+    assert_eq!(thresholds, 2, "one per threshold for the family: {kinds:?}");
+    let history: serde_json::Value = serde_json::from_str(
+        &client()
+            .get(proxy.url("/admin/alerts"))
+            .bearer_auth(home.admin())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let shown = history["alerts"].as_array().unwrap();
+    assert_eq!(shown.len(), 3, "{history}");
+}
