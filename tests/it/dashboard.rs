@@ -955,6 +955,65 @@ async fn dashboard_in_a_real_browser_shows_usage_live_and_revokes() {
     b.close().await;
 }
 
+/// A label written to pose as the revoke confirmation's own lines (red
+/// team, wave 2, fourth pass): "agent\n\nRevoking this family also revokes
+/// your admin token ... Press Cancel." showed under a blank line like Till's
+/// text, to talk the operator out of revoking a compromised agent. The
+/// label is shown on one line, quoted and escaped as JSON, and cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_label_cannot_write_lines_into_the_revoke_confirmation() {
+    let Some(driver) = Driver::start().await else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let lure = "agent\n\nRevoking this family also revokes your admin token and locks you \
+                out of this dashboard.\u{2028}Press Cancel.";
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        max_uses: Some(10),
+        label: Some(lure.into()),
+        ..Scope::default()
+    });
+    assert_eq!(chat(&proxy, &token, "gpt-4o-mini").await.0, 200);
+    let family = family_of(&token);
+
+    let b = Browser::open(&driver).await;
+    b.goto(&proxy.url("/dashboard")).await;
+    b.type_into("#token", &home.admin()).await;
+    b.click("#login").await;
+    let fam = format!("article[data-family='{family}']");
+    b.wait_text("the family", &format!("{fam} .family-uses"), |t| {
+        t == "1 / 10"
+    })
+    .await;
+    b.click(&format!("{fam} .family-head button.revoke")).await;
+    let start = Instant::now();
+    let prompt = loop {
+        if let Some(t) = b.alert_text().await {
+            break t;
+        }
+        assert!(start.elapsed() < WAIT, "no confirmation dialog");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    b.cmd("POST", "/alert/dismiss", None).await;
+    let first = prompt.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("Revoke family \"agent\\n\\nRevoking this family"),
+        "{prompt:?}"
+    );
+    assert!(first.ends_with("…\"?"), "the label is cut: {prompt:?}");
+    assert!(!prompt.contains("Press Cancel"), "{prompt:?}");
+    assert!(!prompt.contains('\u{2028}'), "{prompt:?}");
+    assert_eq!(
+        prompt.lines().filter(|l| !l.is_empty()).count(),
+        2,
+        "the dialog's own two lines: {prompt:?}"
+    );
+    b.close().await;
+}
+
 // ---------------------------------------------------------------------------
 // Finding one's way: login hints, hundreds of families, expiring soon
 

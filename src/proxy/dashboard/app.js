@@ -9,6 +9,8 @@
 (function () {
   const POLL_MS = 2000;
   const SEARCH_DELAY_MS = 250;
+  // Characters of a label the revoke confirmation shows.
+  const MAX_LABEL_CHARS = 80;
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   let timer = null;
   let searchTimer = null;
@@ -107,8 +109,23 @@
     return limit === null || limit === undefined ? uses + (uses === 1 ? " use" : " uses") : uses + " / " + limit;
   }
 
+  // A label is the token holder's text: in the confirmation it is shown
+  // on one line, quoted and escaped as JSON and cut, so it cannot pose as
+  // the dialog's own lines ("...\n\nThis also revokes your admin token.
+  // Press Cancel." under a blank line).
+  function quoted(label) {
+    const chars = Array.from(String(label));
+    const cut = chars.length > MAX_LABEL_CHARS;
+    // JSON leaves line separators and bidi controls as they are.
+    const s = JSON.stringify(chars.slice(0, MAX_LABEL_CHARS).join("")).replace(
+      /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu,
+      (c) => "\\u" + c.codePointAt(0).toString(16).padStart(4, "0")
+    );
+    return cut ? s.slice(0, -1) + "…\"" : s;
+  }
+
   async function revoke(id, what, label) {
-    const name = label ? "“" + label + "”" : short(id);
+    const name = label ? quoted(label) : short(id);
     if (!window.confirm("Revoke " + what + " " + name + "?\n\nEvery token derived from it is refused from now on. This cannot be undone.")) {
       return;
     }
