@@ -267,7 +267,7 @@ pub const MAX_REASON_BYTES: usize = 1024;
 /// `s`, or its first `max` bytes (cut on a character boundary) followed by
 /// `…` when it is longer. The line's `truncated` field names the fields
 /// cut: a value may end in `…` as sent.
-fn capped(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+pub(crate) fn capped(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if s.len() <= max {
         return std::borrow::Cow::Borrowed(s);
     }

@@ -51,6 +51,13 @@ pub enum StoreError {
 
 pub use till_core::CounterSpec;
 
+/// Bytes of a block's label the usage view records (then `…`), as the
+/// audit log keeps of each label. A label is whatever text a token holder
+/// wrote, up to the token's 16 KiB, on each of up to
+/// `limits.max_blocks_per_family` keys they mint: recorded whole, 1000 keys
+/// made every dashboard poll and `GET /admin/usage` 13 MB.
+pub const MAX_LABEL_BYTES: usize = crate::monitor::audit::MAX_FIELD_BYTES;
+
 /// What the usage view records about a block.
 impl From<&CounterSpec> for BlockMeta {
     fn from(spec: &CounterSpec) -> Self {
@@ -59,7 +66,10 @@ impl From<&CounterSpec> for BlockMeta {
             family: spec.family.clone(),
             parent: spec.parent.clone(),
             index: spec.index,
-            label: spec.label.clone(),
+            label: spec
+                .label
+                .as_deref()
+                .map(|l| crate::monitor::audit::capped(l, MAX_LABEL_BYTES).into_owned()),
             limit: spec.limit,
             expires: spec.expires,
             rates: spec.rates.clone(),
@@ -320,6 +330,46 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    /// Labels of up to 16 KiB on each of thousands of keys a token holder
+    /// minted made the usage view (every dashboard poll) megabytes per
+    /// key family (red team, wave 2, fourth pass): a recorded label keeps
+    /// its first [`MAX_LABEL_BYTES`], cut on a character boundary.
+    #[tokio::test]
+    async fn regression_a_recorded_label_is_bounded() {
+        let long = "é".repeat(6000);
+        let spec = CounterSpec {
+            label: Some(long.clone()),
+            ..test_block("kid", Some("root"))
+        };
+        let meta = BlockMeta::from(&spec);
+        let label = meta.label.unwrap();
+        assert!(
+            label.len() <= MAX_LABEL_BYTES + "…".len(),
+            "{}",
+            label.len()
+        );
+        assert!(label.ends_with('…') && long.starts_with(label.trim_end_matches('…')));
+        let short = CounterSpec {
+            label: Some("agent".into()),
+            ..test_block("kid", Some("root"))
+        };
+        assert_eq!(BlockMeta::from(&short).label.as_deref(), Some("agent"));
+
+        // What the store records, and the usage view shows.
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store
+            .reserve(&[test_block("root", None), spec])
+            .await
+            .unwrap()
+            .durable
+            .await
+            .unwrap();
+        let blocks = store.blocks().await.unwrap();
+        let kid = blocks.iter().find(|b| b.id == "kid").unwrap();
+        assert!(kid.label.as_deref().unwrap().len() <= MAX_LABEL_BYTES + "…".len());
+    }
 
     #[tokio::test]
     async fn a_dropped_reservation_is_released() {
