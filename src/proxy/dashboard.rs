@@ -570,9 +570,10 @@ async fn state(
     );
     let mut alerts = st.monitor.alerts.history();
     alerts.truncate(FEED);
+    let families: Vec<serde_json::Value> = page.items.into_iter().map(fewer_blocks).collect();
     Json(json!({
         "now": now,
-        "families": page.items,
+        "families": families,
         "total": all.len(),
         "matched": page.matched,
         "page": page.page,
@@ -585,6 +586,33 @@ async fn state(
         "revocations": st.revocations.len(),
     }))
     .into_response()
+}
+
+/// Blocks of one family the page gets. A token holder can mint up to
+/// `limits.max_blocks_per_family` (10,000) keys of one family offline, and
+/// shipping them all every two seconds made each poll megabytes; `till
+/// usage` lists them all.
+const MAX_BLOCKS_SHOWN: usize = 200;
+
+/// `f` with at most [`MAX_BLOCKS_SHOWN`] blocks: the shallowest first (so
+/// parents come before their children), the most recently used first
+/// among those of one depth; `blocks_total` says how many there are.
+fn fewer_blocks(mut f: serde_json::Value) -> serde_json::Value {
+    let Some(blocks) = f.get_mut("blocks").and_then(|b| b.as_array_mut()) else {
+        return f;
+    };
+    let total = blocks.len();
+    if total > MAX_BLOCKS_SHOWN {
+        blocks.sort_by_key(|b| {
+            (
+                b["index"].as_u64().unwrap_or(0),
+                std::cmp::Reverse(b["last_use"].as_u64()),
+            )
+        });
+        blocks.truncate(MAX_BLOCKS_SHOWN);
+    }
+    f["blocks_total"] = json!(total);
+    f
 }
 
 /// Families shown per page unless the page asks otherwise.

@@ -1038,6 +1038,77 @@ fn labels_of(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// A token holder minting many keys of one family offline, each used
+/// once (up to `limits.max_blocks_per_family`, 10,000): every poll shipped
+/// every block of the family, megabytes every two seconds (red team, wave
+/// 2, fourth pass). The page gets at most 200, the shallowest and most
+/// recently used first, and the family's total; `till usage` lists them all.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_family_with_many_keys_sends_the_page_a_bounded_number() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let parent = home.issue(Scope {
+        services: vec!["openai".into()],
+        max_uses: Some(1000),
+        label: Some("many-keys".into()),
+        ..Scope::default()
+    });
+    assert_eq!(chat(&proxy, &parent, "m").await.0, 200);
+    let kids: Vec<String> = (0..230).map(|_| child(&parent, limit(1))).collect();
+    for chunk in kids.chunks(16) {
+        let answers =
+            futures_util::future::join_all(chunk.iter().map(|t| chat(&proxy, t, "m"))).await;
+        for (status, body) in answers {
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    // The newest key, used last.
+    let newest = child(&parent, limit(1));
+    assert_eq!(chat(&proxy, &newest, "m").await.0, 200);
+    let newest_id = till::token::RawToken::parse(&newest)
+        .unwrap()
+        .revocation_ids()[1]
+        .clone();
+
+    let (cookie, _) = session(&proxy, &home.admin()).await;
+    let v = state_page(&proxy, &cookie, "").await;
+    let fam = v["families"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["label"] == "many-keys")
+        .expect("the family is on the first page");
+    let blocks = fam["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 200, "blocks sent to the page");
+    assert_eq!(fam["blocks_total"], 232, "{}", fam["blocks_total"]);
+    assert_eq!(blocks[0]["index"], 0, "the family's own key first");
+    assert!(
+        blocks.iter().any(|b| b["id"] == newest_id.as_str()),
+        "the most recently used keys are shown"
+    );
+    // The admin API still lists every key.
+    let usage: serde_json::Value = serde_json::from_str(
+        &client()
+            .get(proxy.url("/admin/usage"))
+            .bearer_auth(home.admin())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let all = usage["families"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["label"] == "many-keys")
+        .unwrap();
+    assert_eq!(all["blocks"].as_array().unwrap().len(), 232);
+}
+
 /// `n` token families labelled `{prefix}000`, `{prefix}001`, ..., each made
 /// by one allowed request through the proxy (the only way families come to
 /// exist), a few requests at a time.

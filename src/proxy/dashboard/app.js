@@ -244,11 +244,17 @@
             : revokeButton(b.id, "block", b.label)
       );
     });
+    const shown = (f.blocks || []).length;
+    const more =
+      f.blocks_total > shown
+        ? el("p", { class: "more muted", text: "… and " + (f.blocks_total - shown) + " more keys of this family (till usage lists them all)" })
+        : null;
     return el(
       "article",
       { class: "family" + (f.revoked ? " is-revoked" : ""), "data-family": f.family },
       head,
-      el("div", { class: "blocks" }, ...rows)
+      el("div", { class: "blocks" }, ...rows),
+      more
     );
   }
 
