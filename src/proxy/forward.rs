@@ -303,24 +303,32 @@ fn has_method_override(query: &str) -> bool {
 /// value) is `_method` to some framework: any case, `_method[]` and other names
 /// starting with it, percent-encoded up to three times, after leading
 /// spaces and `+`; and as PHP registers it, which turns `.`, ` ` and a
-/// `[` without `]` into `_` (`.method` is `$_POST['_method']`).
+/// `[` without `]` into `_` (`.method` is `$_POST['_method']`). Also after
+/// leading `[` and `]`, which Rack 2 (`normalize_params`) and `qs`
+/// (Express's extended forms) drop: `[_method]` is `_method` to both, and
+/// `Rack::MethodOverride` runs it.
 pub(crate) fn is_method_override_name(name: &[u8]) -> bool {
     let mut name = name.to_vec();
     for _ in 0..3 {
         name = percent_decoded(&name);
     }
-    let start = name
-        .iter()
-        .position(|b| !matches!(b, b' ' | b'+' | b'\t'))
-        .unwrap_or(name.len());
-    name[start..]
-        .iter()
-        .map(|&b| match b {
-            b'.' | b' ' | b'[' => b'_',
-            b => b.to_ascii_lowercase(),
-        })
-        .take(7)
-        .eq(b"_method".iter().copied())
+    let skip = |name: &[u8], skipped: &[u8]| {
+        name.iter()
+            .position(|b| !skipped.contains(b))
+            .unwrap_or(name.len())
+    };
+    let is_it = |name: &[u8]| {
+        name.iter()
+            .map(|&b| match b {
+                b'.' | b' ' | b'[' => b'_',
+                b => b.to_ascii_lowercase(),
+            })
+            .take(7)
+            .eq(b"_method".iter().copied())
+    };
+    let start = skip(&name, b" +\t");
+    let bare = skip(&name, b" +\t[]");
+    is_it(&name[start..]) || is_it(&name[bare..])
 }
 
 fn percent_decoded(s: &[u8]) -> Vec<u8> {
@@ -670,6 +678,24 @@ mod tests {
                 ),
                 other => panic!("{m}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn regression_a_method_override_name_behind_brackets_is_found() {
+        // Rack 2 and `qs` drop leading `[` and `]` from a name.
+        for q in [
+            "[_method]=DELETE",
+            "]_method=DELETE",
+            "[[_method]]=x",
+            "%5B_method%5D=x",
+            "a=1&[_METHOD]=x",
+            "+[_method]=x",
+        ] {
+            assert!(has_method_override(q), "{q}");
+        }
+        for q in ["[my_method]=x", "a[_method]=x", "[]method=x"] {
+            assert!(!has_method_override(q), "{q}");
         }
     }
 

@@ -816,3 +816,96 @@ async fn regression_headers_an_answer_names_in_connection_do_not_reach_the_clien
     assert_eq!(h["content-type"], "application/json");
     assert_eq!(r.text().await.unwrap(), "{}");
 }
+
+/// Regression (red team, wave 2, fifth pass): Rack 2 (`normalize_params`,
+/// the regex `\A[\[\]]*([^\[\]]+)\]*`) and `qs` (Express's extended forms)
+/// read `[_method]=DELETE` as `_method`, so `Rack::MethodOverride` ran a
+/// POST Till authorized as DELETE; and `[model]`, `model]` (Rack 2) and
+/// `model%00` (PHP ends a name at a NUL byte) are `model`, so a second
+/// model passed beside an allowed one. Names are now read as those
+/// frameworks read them, in the query, a form body and a multipart body.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_bracketed_and_nul_spellings_of_method_and_model_names_are_read() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        models: vec!["gpt-4o-mini".into()],
+        max_uses: Some(1),
+        ..Scope::default()
+    });
+    let send = |query: &str, ct: &str, body: &str| {
+        client()
+            .post(proxy.url(&format!("/openai/v1/chat/completions?{query}")))
+            .bearer_auth(&token)
+            .header("content-type", ct)
+            .body(body.to_string())
+            .send()
+    };
+    let form = "application/x-www-form-urlencoded";
+    let multipart = |name: &str| {
+        format!(
+            "--b\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-mini\r\n--b\r\ncontent-disposition: form-data; name=\"{name}\"\r\n\r\nDELETE\r\n--b--\r\n"
+        )
+    };
+    for (query, ct, body) in [
+        ("", form, "model=gpt-4o-mini&[_method]=DELETE".to_string()),
+        ("", form, "model=gpt-4o-mini&]_method=DELETE".to_string()),
+        (
+            "",
+            form,
+            "model=gpt-4o-mini&%5B_method%5D=DELETE".to_string(),
+        ),
+        ("[_method]=DELETE", form, "model=gpt-4o-mini".to_string()),
+        (
+            "",
+            "multipart/form-data; boundary=b",
+            multipart("[_method]"),
+        ),
+    ] {
+        let r = send(query, ct, &body).await.unwrap();
+        let status = r.status();
+        let v = json(&r.text().await.unwrap());
+        assert_eq!(status, 400, "{query} {body}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("_method"),
+            "{v}"
+        );
+    }
+    for (query, body) in [
+        ("", "model=gpt-4o-mini&[model]=gpt-4"),
+        ("", "model=gpt-4o-mini&model]=gpt-4"),
+        ("", "model=gpt-4o-mini&%5Dmodel=gpt-4"),
+        ("", "model=gpt-4o-mini&model%00=gpt-4"),
+        ("", "model=gpt-4o-mini&model%00x=gpt-4"),
+        ("[model]=gpt-4", "model=gpt-4o-mini"),
+    ] {
+        let r = send(query, form, body).await.unwrap();
+        let status = r.status();
+        let v = json(&r.text().await.unwrap());
+        assert_eq!(status, 400, "{query} {body}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("two models")
+                || v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("names the model"),
+            "{v}"
+        );
+    }
+    // Alone, the bracketed model is the model, and judged.
+    let r = send("", form, "[model]=gpt-4").await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // Names that are not `model` or `_method` to anyone still pass, and the
+    // refusals spent nothing.
+    let r = send("", form, "[model]=gpt-4o-mini&[models]=x&my_method=x")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.count(), 1);
+}

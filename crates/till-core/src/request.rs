@@ -258,8 +258,8 @@ pub fn declares_no_body(headers: &http::HeaderMap) -> bool {
 /// Some upstreams read the model from the query: LiteLLM's proxy takes
 /// `?model=` over the JSON body's `model`, and OpenAI's Realtime API names
 /// it only there. A parameter counts as the model when its name is `model`
-/// (any case, also `model[]`, the name percent-encoded up to three times,
-/// as [`model_of`]'s keys and `_method` are matched); its value is decoded
+/// to some framework ([`names_model`]: any case, `model[]`, `[model]`,
+/// percent-encoded up to three times, as `_method` is matched); its value is decoded
 /// once, as a form value. `Err` when the query names two different models,
 /// or one that is not UTF-8 text.
 pub fn model_in_query(query: &str) -> Result<Option<String>, String> {
@@ -287,8 +287,11 @@ pub fn model_in_query(query: &str) -> Result<Option<String>, String> {
 }
 
 /// Whether a query parameter's or a multipart part's name is `model` to
-/// some framework: any case, also `model[]`, percent-encoded up to three
-/// times, after leading spaces.
+/// some framework: any case, percent-encoded up to three times, after
+/// leading spaces, `[` and `]` (Rack 2's `normalize_params` and `qs`, which
+/// Express uses for forms, read `[model]` as `model`), and up to a `[`
+/// (`model[]`), a `]` (Rack 2 reads `model]` as `model`) or a NUL byte
+/// (PHP ends a name there: `model%00x` is `$_POST['model']`).
 pub fn names_model(name: &str) -> bool {
     // Cheap refusal first: most names are not close.
     if name.len() < 5 {
@@ -299,11 +302,9 @@ pub fn names_model(name: &str) -> bool {
         name = decode_form(&name);
     }
     let name = String::from_utf8_lossy(&name);
-    let name = name.trim_start_matches(' ');
-    name.eq_ignore_ascii_case("model")
-        || name
-            .get(..6)
-            .is_some_and(|n| n.eq_ignore_ascii_case("model["))
+    let name = name.trim_start_matches([' ', '[', ']']);
+    let base = name.find(['[', ']', '\0']).map_or(name, |end| &name[..end]);
+    base.eq_ignore_ascii_case("model")
 }
 
 /// A form value decoded once: `+` is a space, then percent escapes.
@@ -393,6 +394,36 @@ mod tests {
                 .unwrap_err()
                 .contains("form body names two")
         );
+    }
+
+    /// Regression (red team, wave 2, fifth pass): Rack 2 and `qs` read
+    /// `[model]`, Rack 2 `model]`, PHP `model%00x` as `model`.
+    #[test]
+    fn regression_a_model_name_behind_brackets_or_before_a_nul_is_the_model() {
+        for q in [
+            "[model]=gpt-4",
+            "%5Bmodel%5D=gpt-4",
+            "]model=gpt-4",
+            "[[model]]=gpt-4",
+            "model]=gpt-4",
+            "model%00=gpt-4",
+            "model%00x=gpt-4",
+            "[MODEL]=gpt-4",
+            "x=1&+[model]=gpt-4",
+        ] {
+            assert_eq!(model_in_query(q).unwrap().as_deref(), Some("gpt-4"), "{q}");
+        }
+        for q in [
+            "[models]=x",
+            "a[model]=x",
+            "model_x=x",
+            "model.=x",
+            "[mode]l=x",
+        ] {
+            assert_eq!(model_in_query(q).unwrap(), None, "{q}");
+        }
+        assert!(model_of_form_request(None, b"model=a&[model]=b").is_err());
+        assert!(model_of_form_request(None, b"model=a&model%00=b").is_err());
     }
 
     #[test]
