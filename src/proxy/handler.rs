@@ -332,6 +332,15 @@ async fn handle(
         true => None,
         false => super::multipart::boundary_of(parts.headers.get(header::CONTENT_TYPE))?,
     };
+    // The media type is a form, and a parameter names JSON: Till (as
+    // Laravel) would read the body as JSON, while Rack, PHP, Go, Starlette
+    // and axum read the form the media type says, where a JSON string
+    // value can hold `&model=gpt-4&_method=DELETE&`.
+    if json && super::forward::is_url_encoded_form(&parts) {
+        return Err(ProxyError::BadRequest(
+            "the Content-Type is a URL-encoded form and names JSON too (`/json` or `+json`), which Laravel reads as JSON and Rack, PHP, Go and Starlette as a form; servers differ on which one they read, so Till refuses it: send one".into(),
+        ));
+    }
     if multipart.is_some() && json {
         return Err(ProxyError::BadRequest(
             "the Content-Type is multipart and names JSON too (`/json` or `+json`), which Laravel reads as JSON; servers differ on which one they read, so Till refuses it: send one".into(),

@@ -909,3 +909,67 @@ async fn regression_bracketed_and_nul_spellings_of_method_and_model_names_are_re
     assert_eq!(r.status(), 200);
     assert_eq!(up.count(), 1);
 }
+
+/// Regression (red team, wave 2, fifth pass): a Content-Type whose media
+/// type is a form and which names JSON in a parameter
+/// (`application/x-www-form-urlencoded; x=/json`) made Till read the body
+/// as JSON (as Laravel does), while Rack, PHP, Go and Starlette read it as
+/// the form its media type says: `{"model":"gpt-4o-mini","x":"&model=gpt-4&_method=DELETE&"}`
+/// was an allowed model to Till and a DELETE of gpt-4 to Rails.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_form_content_type_that_names_json_is_refused() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let restricted = home.issue(Scope {
+        services: vec!["openai".into()],
+        models: vec!["gpt-4o-mini".into()],
+        max_uses: Some(1),
+        ..Scope::default()
+    });
+    let open = home.token("openai", Some(1));
+    let body = r#"{"model":"gpt-4o-mini","x":"&model=gpt-4&_method=DELETE&"}"#;
+    for token in [&restricted, &open] {
+        for ct in [
+            "application/x-www-form-urlencoded; x=/json",
+            "application/x-www-form-urlencoded;charset=utf-8;profile=\"a+json\"",
+            "Application/X-WWW-Form-Urlencoded /json",
+        ] {
+            let r = client()
+                .post(proxy.url("/openai/v1/chat/completions"))
+                .bearer_auth(token)
+                .header("content-type", ct)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let v = json(&r.text().await.unwrap());
+            assert_eq!(status, 400, "{ct}: {v}");
+            assert!(
+                v["error"]["message"].as_str().unwrap().contains("form"),
+                "{v}"
+            );
+        }
+    }
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // Either type alone still passes, and nothing was spent.
+    for (token, ct) in [
+        (&restricted, "application/json; charset=utf-8"),
+        (&open, "application/x-www-form-urlencoded; charset=utf-8"),
+    ] {
+        let r = client()
+            .post(proxy.url("/openai/v1/chat/completions"))
+            .bearer_auth(token)
+            .header("content-type", ct)
+            .body(if ct.contains("json") {
+                r#"{"model":"gpt-4o-mini"}"#
+            } else {
+                "model=gpt-4o-mini"
+            })
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{ct}");
+    }
+}
