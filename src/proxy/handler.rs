@@ -111,7 +111,7 @@ pub(super) fn respond_with(
                 obs.denial = Some(d.kind);
             }
             let code = e.code();
-            let reason = e.message();
+            let reason = e.detail();
             (render(e), code, Some(reason))
         }
     };
