@@ -733,7 +733,10 @@ impl Config {
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
                 return Err(self.err(
                     &format!("{key}.url"),
-                    format!("{:?} must be an http(s) URL with a host", u.url),
+                    format!(
+                        "{} must be an http(s) URL with a host",
+                        shown_unparsed_url(&u.url)
+                    ),
                 ));
             }
             if url.query().is_some() || url.fragment().is_some() {
@@ -1443,6 +1446,9 @@ prefix = "Bearer "
             "https://:hunter2@api.example",
             "http:user:hunter2@api.example",
             "https://user:hunter2@",
+            // Not http(s), or no host: the query may hold the secret.
+            "ftp://files.example/?key=hunter2",
+            "unix:/run/api.sock?token=hunter2",
         ] {
             let e = Config::parse(&format!("[upstreams.a]\nurl = {url:?}"), "x.toml")
                 .unwrap_err()

@@ -276,8 +276,10 @@ impl ProxyError {
             ),
             ProxyError::BadGateway(m) => format!("upstream error: {m}"),
             ProxyError::GatewayTimeout(m) => format!("upstream timed out: {m}"),
-            ProxyError::StoreUnavailable(m) => {
-                format!("counter store unavailable, request not forwarded: {m}")
+            // The cause names the store (a Redis address, a file path):
+            // the operator's, not the caller's (`detail` has it).
+            ProxyError::StoreUnavailable(_) => {
+                "the counter store is unavailable, so the request was not forwarded; retry shortly (the proxy's log and audit have the cause)".into()
             }
             ProxyError::GatewayNotTrusted(s) => format!(
                 "this forward-auth check has no valid x-till-gateway-secret header: checks for upstream {s:?} are answered only to the gateway configured with its forward_auth_secret; send requests through the gateway"
@@ -287,6 +289,15 @@ impl ProxyError {
 }
 
 impl ProxyError {
+    /// [`message`](Self::message) with what only the operator may see: the
+    /// cause of a store failure. For the audit log and the proxy's log.
+    pub fn detail(&self) -> String {
+        match self {
+            ProxyError::StoreUnavailable(m) => format!("{}: {m}", self.message()),
+            _ => self.message(),
+        }
+    }
+
     /// The answer in the shape of `api`.
     pub fn into_response_for(self, api: Api) -> Response {
         let body = match api {
@@ -306,6 +317,9 @@ impl ProxyError {
                 }
             }),
         };
+        if let ProxyError::StoreUnavailable(m) = &self {
+            warn_store_unavailable(m);
+        }
         let mut resp = (self.status(), axum::Json(body)).into_response();
         let h = resp.headers_mut();
         match self.retry() {
@@ -334,6 +348,24 @@ impl ProxyError {
 
 /// The OpenAI shape: for answers outside any upstream (admin plane, unknown
 /// service).
+/// Logs a store failure at most once every 10 s: while the store is down
+/// every request fails alike, and one line per request would bury the rest.
+fn warn_store_unavailable(cause: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if now >= last.saturating_add(10)
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(cause, "counter store unavailable: requests get 503");
+    }
+}
+
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         self.into_response_for(Api::OpenAi)
@@ -343,6 +375,30 @@ impl IntoResponse for ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (red team, wave 2, fourth pass): a store failure's cause
+    /// (a Redis address, the state file's path) went to every agent; it
+    /// now goes only to the audit and the log.
+    #[tokio::test]
+    async fn a_store_failures_cause_is_the_operators_not_the_callers() {
+        let e = || ProxyError::StoreUnavailable("redis at redis://10.0.0.5:6379/0 failed".into());
+        assert!(!e().message().contains("10.0.0.5"), "{}", e().message());
+        assert!(
+            e().detail().contains("redis://10.0.0.5:6379/0"),
+            "{}",
+            e().detail()
+        );
+        for api in [Api::OpenAi, Api::Anthropic, Api::Mcp, Api::Plain] {
+            let resp = e().into_response_for(api);
+            let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            assert!(
+                !String::from_utf8_lossy(&body).contains("10.0.0.5"),
+                "{api:?}"
+            );
+        }
+    }
 
     #[test]
     fn provider_keys_are_recognised_and_till_tokens_are_not() {

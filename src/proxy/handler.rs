@@ -111,7 +111,7 @@ pub(super) fn respond_with(
                 obs.denial = Some(d.kind);
             }
             let code = e.code();
-            let reason = e.message();
+            let reason = e.detail();
             (render(e), code, Some(reason))
         }
     };
@@ -516,7 +516,7 @@ async fn handle(
                 // A handler that parses its body as JSON whatever the
                 // Content-Type (FastAPI's `request.json()`) reads a model
                 // the form does not name.
-                if bytes.trim_ascii_start().starts_with(b"{") && reads_model(st, &token) {
+                if till_core::request::may_read_as_json(&bytes) && reads_model(st, &token) {
                     obs.uses = Some(counts.values);
                     return Err(ProxyError::Denied(Denial::new(
                         DenialKind::Scope,
@@ -535,6 +535,21 @@ async fn handle(
             {
                 obs.uses = Some(counts.values);
                 return Err(ProxyError::Denied(d));
+            }
+            // Allowed without a model, from a JSON body Till could not read
+            // as Python's `json` does (NaN, a byte order mark, UTF-16) or
+            // serde does (an array): the upstream may read one there, and a
+            // deny-list (`reject if model("gpt-4")`) never saw it.
+            if json
+                && facts.model.is_none()
+                && !till_core::request::names_no_model(&bytes)
+                && reads_model(st, &token)
+            {
+                obs.uses = Some(counts.values);
+                return Err(ProxyError::Denied(Denial::new(
+                    DenialKind::Scope,
+                    "this key's scope (or a policy) reads the request's model, and Till cannot read this JSON body the way every upstream does (a byte order mark, UTF-16 or UTF-32, NaN or Infinity, an array, a `model` that is not a string, or malformed JSON): send a UTF-8 JSON object whose `model` is a string",
+                )));
             }
             let d = idem_key
                 .as_ref()

@@ -1088,18 +1088,7 @@ async fn regression_a_family_with_many_keys_sends_the_page_a_bounded_number() {
         "the most recently used keys are shown"
     );
     // The admin API still lists every key.
-    let usage: serde_json::Value = serde_json::from_str(
-        &client()
-            .get(proxy.url("/admin/usage"))
-            .bearer_auth(home.admin())
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let usage: serde_json::Value = admin_json(&proxy, &home, "/admin/usage").await;
     let all = usage["families"]
         .as_array()
         .unwrap()

@@ -939,12 +939,52 @@ async fn regression_a_model_deny_list_is_not_passed_by_a_body_till_does_not_read
         send(&allow_list, post.clone(), form, "model=gpt-4").await.0,
         403
     );
+    // JSON that serde_json cannot read as Python's `json` does (FastAPI,
+    // LiteLLM and vLLM parse the bytes with it), or an array serde reads a
+    // struct from: allowed without a model before; refused for a key reading
+    // the model, as a form or declared JSON alike.
+    let utf16: Vec<u8> = banned.encode_utf16().flat_map(u16::to_be_bytes).collect();
+    let bom = [b"\xEF\xBB\xBF".as_slice(), banned.as_bytes()].concat();
+    let nan = br#"{"model":"gpt-4","messages":[],"temperature":NaN}"#.to_vec();
+    let array = br#"["gpt-4",[]]"#.to_vec();
+    for (ct, body) in [
+        ("application/json", bom.clone()),
+        ("application/json", utf16.clone()),
+        ("application/json", nan.clone()),
+        ("application/json", array),
+        ("application/x-www-form-urlencoded", bom),
+        ("application/x-www-form-urlencoded", utf16),
+        ("application/x-www-form-urlencoded", nan.clone()),
+    ] {
+        let r = client()
+            .post(proxy.url("/openai/v1/chat/completions"))
+            .bearer_auth(&deny_list)
+            .header("content-type", ct)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 403, "{ct} {body:?}: {text}");
+        assert!(text.contains("model"), "{text}");
+    }
+    assert_eq!(up.count(), 3, "{:?}", up.seen());
     // A key whose scope does not read the model is not affected.
+    let r = client()
+        .post(proxy.url("/openai/v1/chat/completions"))
+        .bearer_auth(&open)
+        .header("content-type", "application/json")
+        .body(nan)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
     assert_eq!(
         send(&open, post.clone(), Some("text/plain"), banned)
             .await
             .0,
         200
     );
-    assert_eq!(up.count(), 4, "{:?}", up.seen());
+    assert_eq!(up.count(), 5, "{:?}", up.seen());
 }

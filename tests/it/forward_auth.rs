@@ -230,6 +230,11 @@ impl Drop for Gateway {
 
 /// Till with the `openai` upstream returning its credential to the gateway.
 fn till_for_gateways(home: &Home, up: &Upstream) -> Proxy {
+    till_for_gateways_with(home, up, policies_dir())
+}
+
+/// [`till_for_gateways`] with the policy directory `policies`.
+fn till_for_gateways_with(home: &Home, up: &Upstream, policies: &str) -> Proxy {
     let secret = home.write("gateway.secret", GATEWAY_SECRET);
     let config = home.write(
         "till.toml",
@@ -238,7 +243,7 @@ fn till_for_gateways(home: &Home, up: &Upstream) -> Proxy {
              [upstreams.openai]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n\
              forward_auth_credential = true\nforward_auth_secret = {{ file = {:?} }}\n",
             home.path().to_str().unwrap(),
-            policies_dir(),
+            policies,
             up.url(),
             secret.to_str().unwrap(),
         ),
@@ -903,20 +908,7 @@ async fn regression_forward_auth_refuses_checks_a_policy_reading_the_model_canno
         let mode = if p.is_dir() { 0o700 } else { 0o600 };
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
     }
-    let secret = home.write("gateway.secret", GATEWAY_SECRET);
-    let config = home.write(
-        "till.toml",
-        &format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npolicies = {:?}\n\
-             [upstreams.openai]\nurl = {:?}\ncredential = {{ env = \"TEST_OPENAI_KEY\" }}\n\
-             forward_auth_credential = true\nforward_auth_secret = {{ file = {:?} }}\n",
-            home.path().to_str().unwrap(),
-            policies.to_str().unwrap(),
-            up.url(),
-            secret.to_str().unwrap(),
-        ),
-    );
-    let proxy = Proxy::start_config(&home, &config).expect("proxy starts");
+    let proxy = till_for_gateways_with(&home, &up, policies.to_str().unwrap());
     let token = home.token("openai", Some(1));
     let r = client()
         .post(proxy.url("/auth/openai/v1/chat/completions"))

@@ -898,12 +898,12 @@ async fn regression_bracketed_and_nul_spellings_of_method_and_model_names_are_re
         );
     }
     // Alone, the bracketed model is the model, and judged.
-    let r = send("", form, "[model]=gpt-4").await.unwrap();
+    let r = send("", form, "x=1&[model]=gpt-4").await.unwrap();
     assert_eq!(r.status(), 403);
     assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
     // Names that are not `model` or `_method` to anyone still pass, and the
     // refusals spent nothing.
-    let r = send("", form, "[model]=gpt-4o-mini&[models]=x&my_method=x")
+    let r = send("", form, "x=1&[model]=gpt-4o-mini&[models]=x&my_method=x")
         .await
         .unwrap();
     assert_eq!(r.status(), 200);

@@ -703,6 +703,20 @@ pub fn dead_port() -> (tokio::net::TcpSocket, String) {
 }
 
 /// POST a chat completion with `token` as Bearer; returns (status, body).
+/// `GET path` of the admin API with the home's admin token, as JSON.
+pub async fn admin_json(proxy: &Proxy, home: &Home, path: &str) -> serde_json::Value {
+    let text = client()
+        .get(proxy.url(path))
+        .bearer_auth(home.admin())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"))
+}
+
 pub async fn chat(proxy: &Proxy, token: &str, model: &str) -> (u16, serde_json::Value) {
     let r = client()
         .post(proxy.url("/openai/v1/chat/completions"))

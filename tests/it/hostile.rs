@@ -548,6 +548,13 @@ async fn a_store_file_deleted_while_running_fails_closed() {
     let (s, v) = chat(&proxy, &t, "m").await;
     assert_eq!(s, 503, "{v}");
     assert_eq!(v["error"]["code"], "store_unavailable");
+    // Where the store lives is the operator's business, not the agent's;
+    // the audit keeps the cause.
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        !message.contains(home.path().to_str().unwrap()) && !message.contains("redb"),
+        "{message}"
+    );
     assert_eq!(
         client()
             .get(proxy.url("/readyz"))

@@ -846,18 +846,7 @@ async fn regression_children_minted_offline_cannot_flood_the_alert_channel() {
     let kinds = hook.kinds();
     let thresholds = kinds.iter().filter(|k| *k == "usage_threshold").count();
     assert_eq!(thresholds, 2, "one per threshold for the family: {kinds:?}");
-    let history: serde_json::Value = serde_json::from_str(
-        &client()
-            .get(proxy.url("/admin/alerts"))
-            .bearer_auth(home.admin())
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let history: serde_json::Value = admin_json(&proxy, &home, "/admin/alerts").await;
     let shown = history["alerts"].as_array().unwrap();
     assert_eq!(shown.len(), 3, "{history}");
 }

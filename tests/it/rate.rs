@@ -324,18 +324,7 @@ async fn a_full_window_is_retryable_and_spends_nothing_unlike_exhausted_uses() {
         "{a:?}"
     );
     // The operator hears of it once, however many refusals.
-    let alerts: serde_json::Value = serde_json::from_str(
-        &client()
-            .get(proxy.url("/admin/alerts"))
-            .bearer_auth(home.admin())
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let alerts: serde_json::Value = admin_json(&proxy, &home, "/admin/alerts").await;
     let rate_alerts: Vec<_> = alerts["alerts"]
         .as_array()
         .unwrap()

@@ -325,6 +325,12 @@ async fn redis_killed_under_load_gives_503s_and_loses_no_forwarded_use() {
         let (s, body) = chat(p, &token, "m").await;
         assert_eq!(s, 503, "{body}");
         assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+        // The store's address is the operator's, not the agent's.
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            !message.contains("redis") && !message.contains(&redis.port.to_string()),
+            "{message}"
+        );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(

@@ -359,7 +359,14 @@ pub fn model_of_form_request(query: Option<&str>, body: &[u8]) -> Result<Option<
 
 /// Whether a body is empty or a JSON object without a `model` key, as an
 /// upstream would read it ([`model_of`] has refused keys that fold to it).
-fn names_no_model(body: &[u8]) -> bool {
+///
+/// A JSON body [`model_of`] finds no model in, and for which this is
+/// `false`, is one Till cannot read as every upstream does: Python's `json`
+/// (FastAPI, LiteLLM, vLLM) takes a byte order mark, UTF-16 or UTF-32, and
+/// `NaN` or `Infinity`, which `serde_json` refuses; serde reads a struct
+/// from an array. A key or policy that reads the model cannot be judged on
+/// such a body.
+pub fn names_no_model(body: &[u8]) -> bool {
     if body.iter().all(u8::is_ascii_whitespace) {
         return true;
     }
@@ -369,9 +376,54 @@ fn names_no_model(body: &[u8]) -> bool {
     })
 }
 
+/// Whether an upstream could read `body`, sent as a form or without a
+/// `Content-Type`, as JSON: handlers that parse their body whatever its
+/// type (FastAPI's `request.json()`, Python's `json.loads` of the bytes)
+/// read JSON after whitespace, behind a byte order mark, or in UTF-16 or
+/// UTF-32 (which holds NUL bytes). A form never starts so.
+pub fn may_read_as_json(body: &[u8]) -> bool {
+    let start = body.trim_ascii_start();
+    matches!(start.first(), Some(b'{' | b'[' | 0xEF | 0xFE | 0xFF)) || body.contains(&0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_an_upstream_reads_whatever_the_content_type_is_recognised() {
+        let json = r#"{"model":"gpt-4"}"#;
+        for body in [
+            json.as_bytes().to_vec(),
+            format!(" \r\n\t{json}").into_bytes(),
+            [b"\xEF\xBB\xBF".as_slice(), json.as_bytes()].concat(),
+            json.encode_utf16().flat_map(u16::to_be_bytes).collect(),
+            json.encode_utf16().flat_map(u16::to_le_bytes).collect(),
+            br#"["gpt-4"]"#.to_vec(),
+        ] {
+            assert!(may_read_as_json(&body), "{body:?}");
+        }
+        for form in [
+            "model=gpt-4&x=1",
+            "x=%7B%22model%22%3A1%7D",
+            "",
+            "a=h\u{e9}",
+        ] {
+            assert!(!may_read_as_json(form.as_bytes()), "{form}");
+        }
+        // What serde_json cannot read as Python does names no model for sure.
+        for body in [
+            r#"{"model":"gpt-4","temperature":NaN}"#.as_bytes().to_vec(),
+            [b"\xEF\xBB\xBF".as_slice(), br#"{"model":"gpt-4"}"#].concat(),
+            br#"["gpt-4"]"#.to_vec(),
+            br#"{"model":["gpt-4"]}"#.to_vec(),
+        ] {
+            assert_eq!(model_of(&body), Ok(None), "{body:?}");
+            assert!(!names_no_model(&body), "{body:?}");
+        }
+        assert!(names_no_model(br#"{"messages":[]}"#));
+        assert!(names_no_model(b" "));
+    }
 
     #[test]
     fn a_form_bodys_model_is_read_with_the_querys() {

@@ -190,6 +190,18 @@ where
         let bytes = read_body(body, shared.max_body_bytes).await?;
         facts.model = till_core::request::model_of_json_request(parts.uri.query(), &bytes)
             .map_err(Refusal::BadRequest)?;
+        // No model from a body this layer could not read as the handler
+        // may (a byte order mark, UTF-16, NaN, an array): a deny-list on
+        // the model would never fire.
+        if facts.model.is_none()
+            && !till_core::request::names_no_model(&bytes)
+            && v.first_read(&token, &[names::MODEL]).is_some()
+        {
+            decide(v, &token, revoked, &facts, &counts, Stage::Final).map_err(Refusal::Denied)?;
+            return Err(unseen(
+                "this key's scope (or a policy of this service) depends on the request's model, and this JSON body cannot be read the way every JSON parser reads it (a byte order mark, UTF-16 or UTF-32, NaN or Infinity, an array, a `model` that is not a string, or malformed JSON); send a UTF-8 JSON object whose `model` is a string".into(),
+            ));
+        }
         Body::from(bytes)
     } else {
         // Without a body the query may name the model (`?model=`, which

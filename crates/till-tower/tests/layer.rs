@@ -477,6 +477,25 @@ async fn regression_keys_that_read_facts_the_layer_cannot_see_are_refused() {
     )
     .await;
     assert_eq!(s, 200, "{text}");
+    // JSON the layer cannot read as a handler's parser may (Python's `json`
+    // takes a byte order mark and NaN; serde reads a struct from an array):
+    // it named no model, so the deny-list passed (red team, wave 2, fourth
+    // pass). Refused for a key reading the model.
+    for body in [
+        "\u{feff}{\"model\":\"large\"}",
+        r#"{"model":"large","t":NaN}"#,
+        r#"["large"]"#,
+    ] {
+        let (s, j, text) = send(&app, post_json("/v1/items", &no_large, body)).await;
+        assert_eq!(s, 403, "{body}: {text}");
+        assert!(
+            j["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("UTF-8 JSON object"),
+            "{text}"
+        );
+    }
     // A request without a body names no model.
     assert_eq!(send(&app, get_items(&no_large)).await.0, 200);
     // An expired key is told so first.
