@@ -973,3 +973,55 @@ async fn regression_a_form_content_type_that_names_json_is_refused() {
         assert_eq!(r.status(), 200, "{ct}");
     }
 }
+
+/// Regression (red team, wave 2, fifth pass): a `model` value serde cannot
+/// parse (`1e400`, nesting past 128 levels) made Till read nothing of the
+/// JSON body, so a `_method` key after it was not checked, while PHP's
+/// `json_decode` reads both (INF, 512 levels) and Laravel runs the POST as
+/// DELETE. Any key, model-restricted or not.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_json_method_override_after_an_unparseable_model_value_is_refused() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        methods: vec!["POST".into()],
+        max_uses: Some(1),
+        ..Scope::default()
+    });
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    for body in [
+        r#"{"model":1e400,"_method":"DELETE"}"#.to_string(),
+        format!(r#"{{"model":{deep},"_method":"DELETE"}}"#),
+    ] {
+        let r = client()
+            .post(proxy.url("/openai/v1/files/file-1"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let v = json(&r.text().await.unwrap());
+        assert_eq!(status, 400, "{body}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("_method"),
+            "{v}"
+        );
+    }
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // Such a body without `_method` is the upstream's to judge, and the
+    // refusals spent nothing.
+    let r = client()
+        .post(proxy.url("/openai/v1/files/file-1"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(r#"{"model":1e400}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.count(), 1);
+}

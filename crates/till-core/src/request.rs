@@ -161,7 +161,12 @@ pub fn folds_to(key: &str, name: &str) -> bool {
 /// the same pass over the keys, so it costs no second parse.
 pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
     struct Scan(Result<Option<String>, String>);
-    struct V;
+    /// Whether the `model` value is parsed (to read it) or skipped as every
+    /// other value is.
+    #[derive(Clone, Copy)]
+    struct V {
+        read_model: bool,
+    }
     impl<'de> Visitor<'de> for V {
         type Value = Scan;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -179,10 +184,14 @@ pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
                             "the JSON body has the key \"model\" twice; send it once".to_string()
                         });
                     }
-                    let v = m.next_value::<serde_json::Value>()?;
-                    model = Some(match v {
-                        serde_json::Value::String(s) => Some(s),
-                        _ => None,
+                    model = Some(if self.read_model {
+                        match m.next_value::<serde_json::Value>()? {
+                            serde_json::Value::String(s) => Some(s),
+                            _ => None,
+                        }
+                    } else {
+                        m.next_value::<IgnoredAny>()?;
+                        None
                     });
                 } else {
                     if folds_to(&k, "model") {
@@ -226,20 +235,36 @@ pub fn model_of(body: &[u8]) -> Result<Option<String>, String> {
             d.deserialize_str(K)
         }
     }
-    impl<'de> serde::Deserialize<'de> for Scan {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            d.deserialize_map(V)
+    impl<'de> serde::de::DeserializeSeed<'de> for V {
+        type Value = Scan;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Scan, D::Error> {
+            d.deserialize_map(self)
         }
     }
+    let scan = |text: &str, read_model: bool| -> Result<Scan, serde_json::Error> {
+        use serde::de::DeserializeSeed;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let scan = V { read_model }.deserialize(&mut de)?;
+        de.end()?;
+        Ok(scan)
+    };
     let Ok(text) = std::str::from_utf8(body) else {
         return Ok(None);
     };
     if !text.trim_start().starts_with('{') {
         return Ok(None);
     }
-    match serde_json::from_str::<Scan>(text) {
+    match scan(text, true) {
         Ok(Scan(r)) => r,
-        Err(_) => Ok(None),
+        // A `model` value serde cannot hold (`1e400`, nesting past 128)
+        // fails the whole parse, while PHP's `json_decode` reads it (INF,
+        // 512 levels): Laravel would still find a `_method` key after it.
+        // The keys are checked again with every value skipped; the body
+        // still names no model.
+        Err(_) => match scan(text, false) {
+            Ok(Scan(Err(problem))) => Err(problem),
+            _ => Ok(None),
+        },
     }
 }
 
@@ -446,6 +471,28 @@ mod tests {
                 .unwrap_err()
                 .contains("form body names two")
         );
+    }
+
+    /// Regression (red team, wave 2, fifth pass): a `model` value serde
+    /// cannot parse (`1e400`, nesting past 128, which PHP's `json_decode`
+    /// reads) made the whole body unread, `_method` after it unchecked.
+    #[test]
+    fn regression_method_after_a_model_value_serde_cannot_parse_is_refused() {
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        for body in [
+            r#"{"model":1e400,"_method":"DELETE"}"#.to_string(),
+            r#"{"model":-1e999,"\u005fmethod":"DELETE"}"#.to_string(),
+            format!(r#"{{"model":{deep},"_METHOD":"DELETE"}}"#),
+        ] {
+            let e = model_of(body.as_bytes()).expect_err(&body);
+            assert!(e.to_lowercase().contains("_method"), "{e}");
+        }
+        // Two models, one of them unparseable to serde, are still two.
+        assert!(model_of(br#"{"model":"a","model":1e400}"#).is_err());
+        assert!(model_of(br#"{"model":1e400,"MODEL":"b"}"#).is_err());
+        // Without such a key the body still names no model.
+        assert_eq!(model_of(br#"{"model":1e400,"x":1}"#), Ok(None));
+        assert_eq!(model_of(br#"{"model":1e400,"x":1} x"#), Ok(None));
     }
 
     /// Regression (red team, wave 2, fifth pass): Rack 2 and `qs` read
