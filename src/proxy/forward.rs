@@ -258,9 +258,14 @@ pub fn refuse_unsafe(m: &str, query: Option<&str>) -> Result<(), ProxyError> {
 /// Whether the request's body is a URL-encoded form that frameworks read
 /// for a `_method` field (Rails through Rack, Laravel, Symfony): declared as
 /// `application/x-www-form-urlencoded`, or a POST with a body and no
-/// `Content-Type`, which Rack parses as a form too.
+/// `Content-Type`, which Rack parses as a form too. An empty `Content-Type`
+/// is none: Rack's `Request#content_type` reads `""` as `nil`.
 pub fn is_url_encoded_form(parts: &http::request::Parts) -> bool {
-    match parts.headers.get(header::CONTENT_TYPE) {
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .filter(|v| !v.as_bytes().trim_ascii().is_empty());
+    match content_type {
         // PHP ends the media type at a space as well as at ';' or ','.
         Some(v) => v
             .as_bytes()
@@ -818,6 +823,26 @@ mod tests {
         assert!(refuse_method_in_form(b"a=1&%5Fmethod=DELETE").is_err());
         assert!(refuse_method_in_form(b"a=1&b=_method").is_ok());
         assert!(refuse_method_in_form(b"\xff=1").is_ok());
+    }
+
+    /// Regression (red team, wave 2, fifth pass): Rack reads an empty
+    /// Content-Type as none, so a POST with `Content-Type:` and a body is a
+    /// form to it (`_method=DELETE` ran DELETE), and Till streamed it
+    /// unread.
+    #[test]
+    fn regression_an_empty_content_type_is_none() {
+        let with = |method: &str, v: &str| {
+            let mut p = parts(method, "/openai/v1/x");
+            p.headers
+                .insert(header::CONTENT_TYPE, HeaderValue::from_str(v).unwrap());
+            p.headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("14"));
+            is_url_encoded_form(&p)
+        };
+        assert!(with("POST", ""));
+        assert!(with("POST", " \t"));
+        assert!(!with("PUT", ""));
+        assert!(!with("POST", ";charset=utf-8"));
     }
 
     #[test]

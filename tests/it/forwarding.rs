@@ -1025,3 +1025,41 @@ async fn regression_a_json_method_override_after_an_unparseable_model_value_is_r
     assert_eq!(r.status(), 200);
     assert_eq!(up.count(), 1);
 }
+
+/// Regression (red team, wave 2, fifth pass): Rack's `Request#content_type`
+/// reads an empty `Content-Type` as none, and a POST without one is a form
+/// to it, so `Content-Type:` (empty) with `_method=DELETE` ran DELETE on
+/// Rails for a POST-only key; Till, seeing a Content-Type that was not a
+/// form, streamed the body unread.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_post_with_an_empty_content_type_is_read_as_a_form() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.issue(Scope {
+        services: vec!["openai".into()],
+        methods: vec!["POST".into()],
+        max_uses: Some(1),
+        ..Scope::default()
+    });
+    let post = |body: &'static str| {
+        client()
+            .post(proxy.url("/openai/v1/files/file-1"))
+            .bearer_auth(&token)
+            .header("content-type", "")
+            .body(body)
+            .send()
+    };
+    let r = post("purpose=x&_method=DELETE").await.unwrap();
+    let status = r.status();
+    let v = json(&r.text().await.unwrap());
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("_method"),
+        "{v}"
+    );
+    assert_eq!(up.count(), 0, "nothing forwarded: {:?}", up.seen());
+    // A form without `_method` passes, and the refusal spent nothing.
+    assert_eq!(post("purpose=x").await.unwrap().status(), 200);
+    assert_eq!(up.seen()[0].body, "purpose=x");
+}
