@@ -67,6 +67,9 @@ pub struct Observation {
     pub reserve: Option<Duration>,
     pub upstream_status: Option<u16>,
     pub denial: Option<DenialKind>,
+    /// The use is spent and the request is going to the upstream: if the
+    /// client goes away before the answer, it is still recorded.
+    pub forwarding: bool,
 }
 
 impl Observation {
@@ -87,6 +90,7 @@ impl Observation {
             reserve: None,
             upstream_status: None,
             denial: None,
+            forwarding: false,
         }
     }
 }

@@ -70,7 +70,12 @@ pub async fn proxy_from(
     req: Request,
     peer: Option<std::net::SocketAddr>,
 ) -> Response {
-    let mut obs = Observation::new(RequestId::random(), peer, req.method().as_str());
+    let mut pending = Unanswered {
+        st: &st,
+        obs: Observation::new(RequestId::random(), peer, req.method().as_str()),
+        answered: false,
+    };
+    let obs = &mut pending.obs;
     // Looked up once: the answer's error shape and the forwarding use the
     // same configuration even if a reload lands meanwhile.
     let upstream = split_service(req.uri().path())
@@ -78,11 +83,39 @@ pub async fn proxy_from(
         .and_then(|(svc, _)| st.upstreams.get(svc));
     // An unknown service gets OpenAI's error shape.
     let api = upstream.as_ref().map_or(Api::OpenAi, |u| u.api);
-    if let Some(u) = upstream.as_ref().filter(|_| api == Api::Mcp) {
-        return super::mcp::proxy(&st, req, u.clone(), &mut obs).await;
+    let resp = if let Some(u) = upstream.as_ref().filter(|_| api == Api::Mcp) {
+        super::mcp::proxy(&st, req, u.clone(), obs).await
+    } else {
+        let result = handle(&st, req, upstream, obs).await;
+        respond(&st, obs, result, api)
+    };
+    pending.answered = true;
+    resp
+}
+
+/// A request being handled. When the client goes away, the server drops
+/// the handler where it waits; one dropped while the upstream had the
+/// request (its use spent) is recorded here, or the audit log, metrics and
+/// alerts would miss a use the counters hold: an agent could hang up before
+/// every answer and leave no trace of what it asked.
+struct Unanswered<'a> {
+    st: &'a AppState,
+    obs: Observation,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered && self.obs.forwarding {
+            // 499: the client closed the request (nginx's code for it).
+            self.st.monitor.record(
+                &mut self.obs,
+                499,
+                "ok",
+                Some("the client went away before the upstream answered; the use is spent".into()),
+            );
+        }
     }
-    let result = handle(&st, req, upstream, &mut obs).await;
-    respond(&st, &mut obs, result, api)
 }
 
 /// Records a decided request (metrics, audit line, recent decisions,
@@ -614,7 +647,14 @@ async fn handle(
         // 5. Forward and stream back. The rate slots are spent; in-flight
         // slots stay taken until the response body ends.
         let in_flight = window_guard.map(WindowGuard::forwarded);
-        let mut result = forward(st, &upstream, &parts, &facts.path, body).await;
+        // The request's text goes back to the observation before the
+        // upstream gets the request: a client that goes away meanwhile is
+        // recorded from it when the handler is dropped ([`Unanswered`]).
+        obs.forwarding = true;
+        obs.method = std::mem::take(&mut facts.method);
+        obs.path = std::mem::take(&mut facts.path);
+        obs.model = facts.model.take();
+        let mut result = forward(st, &upstream, &parts, &obs.path, body).await;
         drop(permit);
         // The multipart body was cut off: whatever the upstream made of
         // the part it got, the answer is why.
@@ -633,9 +673,11 @@ async fn handle(
         })
     }
     .await;
-    obs.method = facts.method;
-    obs.path = facts.path;
-    obs.model = facts.model;
+    if !obs.forwarding {
+        obs.method = facts.method;
+        obs.path = facts.path;
+        obs.model = facts.model;
+    }
     result
 }
 

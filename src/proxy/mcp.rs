@@ -375,6 +375,7 @@ async fn handle(
         .map(crate::store::window::WindowGuard::forwarded)
         .filter(crate::store::window::InFlight::holds_slots)
         .collect();
+    obs.forwarding = true;
     let result = forward(st, &upstream, &parts, &path, outgoing).await;
     drop(permit);
     let resp = match result {

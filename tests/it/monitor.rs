@@ -850,3 +850,43 @@ async fn regression_children_minted_offline_cannot_flood_the_alert_channel() {
     let shown = history["alerts"].as_array().unwrap();
     assert_eq!(shown.len(), 3, "{history}");
 }
+
+/// Regression (red team, wave 2, fifth pass): a client that hung up while
+/// the upstream worked on its request had its use counted but left no audit
+/// line, metric or alert: the server drops the handler where it waits, and
+/// the record was written only once the upstream answered. An agent could
+/// ask anything and leave no trace. Such a request is now recorded when the
+/// handler is dropped: status 499, its use, no upstream status.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_request_abandoned_while_the_upstream_works_is_audited() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.token("openai", Some(5));
+    // Refused and abandoned-before-forwarding requests are recorded as
+    // before (the first) or not at all; this one reaches the upstream.
+    let r = client()
+        .post(proxy.url("/openai/hang"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(r#"{"model":"m"}"#)
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up: {r:?}");
+    let lines = audit_lines(&home.path().join("audit.jsonl"), 1).await;
+    let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(v["status"], 499, "{v}");
+    assert_eq!(v["decision"], "allow", "{v}");
+    assert_eq!(v["path"], "/hang", "{v}");
+    assert!(v["upstream_status"].is_null(), "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("went away"), "{v}");
+    assert_eq!(up.count(), 1);
+    // The use it spent is the one the usage view shows.
+    let (status, _) = chat(&proxy, &token, "m").await;
+    assert_eq!(status, 200);
+    let lines = audit_lines(&home.path().join("audit.jsonl"), 2).await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let v: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(v["blocks"][0]["uses"], 2, "{v}");
+}
