@@ -651,6 +651,9 @@ async fn handle(
         // upstream gets the request: a client that goes away meanwhile is
         // recorded from it when the handler is dropped ([`Unanswered`]).
         obs.forwarding = true;
+        if let Some(t) = &mut ticket {
+            t.sent();
+        }
         obs.method = std::mem::take(&mut facts.method);
         obs.path = std::mem::take(&mut facts.path);
         obs.model = facts.model.take();

@@ -101,8 +101,8 @@ pub enum Outcome {
     /// Counted (or replayed) and answered by the upstream below 500: not
     /// free to retry.
     Done,
-    /// Counted (or replayed) and failed or abandoned: the same request may
-    /// be retried for free.
+    /// Counted (or replayed) and failed, or abandoned before it was sent
+    /// on: the same request may be retried for free.
     Failed,
     /// Refused before anything was counted: the key goes back to what it
     /// was before the claim.
@@ -158,11 +158,15 @@ impl Idempotency {
 
 /// A claimed key. Dropped without [`Ticket::finish`], it marks a counted
 /// attempt failed (a retry of the same request is then free) and gives back
-/// a claim that was never counted.
+/// a claim that was never counted; but an attempt already sent to the
+/// upstream is done, not free: the client went away while the upstream had
+/// it, and may have had it acted on (hanging up before each answer made one
+/// use run the same request six times).
 pub struct Ticket {
     settle: Option<Box<dyn Settle>>,
     uses: Option<Vec<u64>>,
     started: bool,
+    sent: bool,
 }
 
 impl Ticket {
@@ -171,7 +175,13 @@ impl Ticket {
             settle: Some(settle),
             uses: None,
             started: false,
+            sent: false,
         }
+    }
+
+    /// The attempt is going to the upstream now.
+    pub fn sent(&mut self) {
+        self.sent = true;
     }
 
     /// The attempt was counted with these uses (or, for a replay, is being
@@ -203,10 +213,10 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         let Some(s) = self.settle.take() else { return };
-        let outcome = if self.started {
-            Outcome::Failed
-        } else {
-            Outcome::Untouched
+        let outcome = match (self.started, self.sent) {
+            (true, true) => Outcome::Done,
+            (true, false) => Outcome::Failed,
+            (false, _) => Outcome::Untouched,
         };
         let fut = s.settle(outcome, self.uses.take());
         // Drop cannot await: the in-process store has settled by the time
@@ -456,9 +466,23 @@ pub(crate) mod conformance {
             panic!("an abandoned counted attempt replays")
         };
         t.finish(false).await; // refused before it was forwarded
-        let Claim::Replay(..) = claim(i, k, B).await else {
+        let Claim::Replay(_, mut t) = claim(i, k, B).await else {
             panic!("still free to retry")
         };
+        // Abandoned once sent to the upstream: done, the next is counted.
+        t.started(None);
+        t.sent();
+        drop(t);
+        for _ in 0..200 {
+            if i.replay_counts(k).await.unwrap().is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let Claim::Fresh(t) = claim(i, k, B).await else {
+            panic!("an attempt abandoned after it was sent is not free to retry")
+        };
+        t.finish(true).await;
     }
 
     /// Regression: the claim was a look-up followed by an insert, so two

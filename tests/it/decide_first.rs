@@ -988,3 +988,42 @@ async fn regression_a_model_deny_list_is_not_passed_by_a_body_till_does_not_read
     );
     assert_eq!(up.count(), 5, "{:?}", up.seen());
 }
+
+/// Regression (red team, wave 2, fifth pass): an attempt with an
+/// `Idempotency-Key` whose client hung up while the upstream had the request
+/// was taken for a failed one, so its retries were free: hanging up before
+/// each answer, one use sent the same request to the upstream six times
+/// (five free retries), each of which it may act on. Once sent, an
+/// abandoned attempt is done: a retry is counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_an_attempt_abandoned_after_it_was_sent_is_not_free_to_retry() {
+    let up = Upstream::start().await;
+    let home = Home::new();
+    let proxy = Proxy::start(&home, &[openai(&up)], "");
+    let token = home.token("openai", Some(1));
+    let send = || {
+        client()
+            .post(proxy.url("/openai/hang"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .header("idempotency-key", "k-1")
+            .body(r#"{"model":"m"}"#)
+            .timeout(Duration::from_millis(500))
+            .send()
+    };
+    assert!(send().await.is_err(), "the client gave up");
+    assert_eq!(up.count(), 1);
+    // The retry is counted, and the one use is spent: refused, not sent.
+    let mut status = 0;
+    for _ in 0..100 {
+        let r = send().await.expect("answered at once");
+        status = r.status().as_u16();
+        // 409 while the abandoned attempt is being settled.
+        if status != 409 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 429);
+    assert_eq!(up.count(), 1, "the retry did not reach the upstream");
+}
