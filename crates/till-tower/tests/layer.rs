@@ -749,3 +749,77 @@ fn the_gateway_secret_never_shows_in_debug_output() {
         "{shown}"
     );
 }
+
+/// Regression (red team, wave 2, fifth pass): a key set document is
+/// signed on its own, not by the feed carrying it, so whoever carries the
+/// feed could swap in an older document (from before `till key retire
+/// --after`), which cancelled the scheduled retirement, and then strip the
+/// document from every later feed: the retired key's tokens kept passing
+/// for good.
+#[tokio::test]
+async fn regression_an_older_or_stripped_key_set_cannot_cancel_a_scheduled_retirement() {
+    use till_core::token::keyset::KeySet;
+
+    let f = Fixture::new();
+    let state = tempfile::tempdir().unwrap();
+    keys::save(&state.path().join(keys::ROOT_KEY_FILE), &f.root, false).unwrap();
+    let mut ks = KeySet::load(state.path()).unwrap();
+    assert_eq!(ks.rotate().unwrap(), 1);
+    let publish = |ks: &KeySet, ids: &[&str], at: u64, doc: Option<till_core::KeysDocument>| {
+        let ids = ids.iter().map(|s| s.to_string()).collect();
+        let feed = Feed::sign_with(ks.active_key(), Some(1), ids, at, doc).unwrap();
+        let tmp = f.feed.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string(&feed).unwrap()).unwrap();
+        std::fs::rename(&tmp, &f.feed).unwrap();
+    };
+    let t0 = now();
+    let before = ks.document(t0 - 5);
+    publish(&ks, &[], t0 - 5, Some(before.clone()));
+    let (app, h) = f.app(UseLimits::Deny, 60).await;
+    let old_key_token = f.items();
+    assert_eq!(send(&app, get_items(&old_key_token)).await.0, 200);
+
+    // The operator schedules key 0's retirement two seconds ahead; the
+    // layer follows it.
+    let after = t0 + 2;
+    ks.retire(0, Some(after)).unwrap();
+    publish(&ks, &["aa"], t0, Some(ks.document(t0)));
+    wait_until(|| h.feed_version() == Some(1), &h).await;
+
+    // A fresh feed carrying the older document is refused...
+    publish(&ks, &["aa", "bb"], t0 + 1, Some(before));
+    wait_until(
+        || {
+            h.last_refresh_error()
+                .is_some_and(|e| e.contains("older than the one already followed"))
+        },
+        &h,
+    )
+    .await;
+    assert_eq!(h.feed_version(), Some(1));
+    // ...and so is one without any.
+    publish(&ks, &["aa", "bb"], t0 + 1, None);
+    wait_until(
+        || {
+            h.last_refresh_error()
+                .is_some_and(|e| e.contains("without its key set"))
+        },
+        &h,
+    )
+    .await;
+    assert_eq!(h.feed_version(), Some(1));
+
+    // Once the scheduled time has passed, key 0's tokens are refused.
+    while now() <= after {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, j, _) = send(&app, get_items(&old_key_token)).await;
+    assert_eq!(
+        (s, j["error"]["code"].as_str()),
+        (401, Some("invalid_token"))
+    );
+    assert!(
+        j["error"]["message"].as_str().unwrap().contains("retired"),
+        "{j}"
+    );
+}
