@@ -142,6 +142,14 @@ where
 
     // 2. The head: token, path, before any cryptography.
     let (parts, body) = req.into_parts();
+    // Inside `Router::nest` axum hands the service the path with the nest's
+    // prefix stripped: judging that would let a key for `/admin/` reach
+    // `/v1/chat/admin/...`. The client's own target is `OriginalUri`, set
+    // by the outermost router (a client cannot set an extension).
+    let uri = parts
+        .extensions
+        .get::<axum::extract::OriginalUri>()
+        .map_or_else(|| parts.uri.clone(), |o| o.0.clone());
     if let Some(why) = till_core::request::lower_case_method(parts.method.as_str()) {
         return Err(Refusal::BadRequest(why));
     }
@@ -149,7 +157,7 @@ where
     // Symfony, ASP.NET, IIS), and middleware composed into a tower
     // service, read these as the method or path to act on, so a key for
     // GET could run DELETE, or reach another route than the one judged.
-    if let Some(why) = request::method_override_in_query(parts.uri.query()) {
+    if let Some(why) = request::method_override_in_query(uri.query()) {
         return Err(Refusal::BadRequest(why.into()));
     }
     if let Some(h) = request::method_or_url_header(&parts.headers) {
@@ -161,7 +169,7 @@ where
         return Err(Refusal::BadRequest(why.into()));
     }
     let text = token_from_headers(&parts.headers).map_err(Refusal::Header)?;
-    let path = parts.uri.path();
+    let path = uri.path();
     let normal = normalize_path(path).map_err(|e| Refusal::BadRequest(e.to_string()))?;
     if normal != path {
         // The router sees the path as sent: authorizing another spelling
@@ -219,12 +227,12 @@ where
         decide(v, &token, revoked, &facts, &counts, Stage::BeforeBody).map_err(Refusal::Denied)?;
         let bytes = read_body(body, shared.max_body_bytes).await?;
         facts.model = if json {
-            request::model_of_json_request(parts.uri.query(), &bytes)
+            request::model_of_json_request(uri.query(), &bytes)
         } else {
             if let Some(why) = request::method_override_in_form(&bytes) {
                 return Err(Refusal::BadRequest(why.into()));
             }
-            request::model_of_form_request(parts.uri.query(), &bytes)
+            request::model_of_form_request(uri.query(), &bytes)
         }
         .map_err(Refusal::BadRequest)?;
         let reads_model = || v.first_read(&token, &[names::MODEL]).is_some();
@@ -256,7 +264,7 @@ where
         // Over HTTP/2 a body needs no `Content-Length` (nor, in process,
         // does a tower request): the body's own end counts too.
         if request::declares_no_body(&parts.headers) && body.is_end_stream() {
-            if let Some(q) = parts.uri.query() {
+            if let Some(q) = uri.query() {
                 facts.model = request::model_in_query(q).map_err(Refusal::BadRequest)?;
             }
         } else if shared
@@ -280,7 +288,7 @@ where
     // 5. Remote count, last: only a request that passed everything here
     // spends a use at the proxy.
     if let Some(remote) = &shared.remote {
-        remote.check(&parts.method, &parts.uri, text).await?;
+        remote.check(&parts.method, &uri, text).await?;
     }
 
     let mut req = Request::from_parts(parts, body);

@@ -970,3 +970,61 @@ async fn a_forms_model_is_judged_like_a_json_bodys() {
     assert_eq!(send(&app, form("model=large")).await.0, 403);
     assert_eq!(send(&app, form("model=small&model=large")).await.0, 400);
 }
+
+/// Regression (red team, wave 2, fifth pass): inside `Router::nest` the
+/// layer saw the path with the nest's prefix stripped, and judged that: a
+/// key for `/admin/` (the outer service's) reached `/v1/chat/admin/...` of
+/// the nested one, and a key for `/v1/chat/` was refused there. The path
+/// judged is the one the client sent (axum's `OriginalUri`).
+#[tokio::test]
+async fn regression_a_nested_router_is_judged_by_the_path_the_client_sent() {
+    let f = Fixture::new();
+    let (layer, h) = TillLayer::builder("items")
+        .public_key(&keys::public_string(&f.root.public()))
+        .feed(FeedSource::File(f.feed.clone()))
+        .refresh_every(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    wait_until(|| h.feed_version().is_some(), &h).await;
+    let inner = Router::new()
+        .route("/admin/users", get(|| async { "nested admin" }))
+        .layer(layer.clone());
+    let app = Router::new()
+        .route("/admin/users", get(|| async { "outer admin" }))
+        .nest("/v1/chat", inner);
+    let scoped = |prefix: &str| {
+        f.token(Scope {
+            services: vec!["items".into()],
+            paths: vec![prefix.into()],
+            ..Scope::default()
+        })
+    };
+    let req = |path: &str, token: &str| {
+        Request::get(path)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (s, _, text) = send(&app, req("/v1/chat/admin/users", &scoped("/admin/"))).await;
+    assert_eq!(s, 403, "{text}");
+    let (s, _, text) = send(&app, req("/v1/chat/admin/users", &scoped("/v1/chat/"))).await;
+    assert_eq!((s, text.as_str()), (200, "|nested admin"));
+    // Also when the whole router is nested under the layer, or nested twice.
+    let twice = Router::new().nest(
+        "/api",
+        Router::new().nest(
+            "/v1/chat",
+            Router::new()
+                .route("/admin/users", get(|| async { "deep" }))
+                .layer(layer),
+        ),
+    );
+    let (s, _, text) = send(&twice, req("/api/v1/chat/admin/users", &scoped("/admin/"))).await;
+    assert_eq!(s, 403, "{text}");
+    let (s, _, text) = send(
+        &twice,
+        req("/api/v1/chat/admin/users", &scoped("/api/v1/chat/")),
+    )
+    .await;
+    assert_eq!(s, 200, "{text}");
+}
