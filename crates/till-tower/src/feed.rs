@@ -181,8 +181,18 @@ impl Refresher {
         Ok(())
     }
 
-    /// Refuses a key set document older than the newest one followed.
+    /// Refuses a key set document older than the newest one followed, or
+    /// dated further ahead than the feed may be: followed, it would make
+    /// every document until its date look older, and the feed go stale.
     fn not_older(&self, issued_at: u64) -> Result<(), String> {
+        let max_age = self.max_age.as_secs();
+        let now = now_unix();
+        if issued_at > now.saturating_add(max_age) {
+            return Err(format!(
+                "refused a key set document issued {} s in the future, more than the allowed {max_age} s; check the clocks of the proxy and this service",
+                issued_at - now
+            ));
+        }
         match self.keys_seen {
             Some(seen) if issued_at < seen => Err(format!(
                 "refused a key set document issued at {issued_at}, older than the one already followed (issued at {seen}): an older document could cancel a scheduled key retirement (a replay?)"

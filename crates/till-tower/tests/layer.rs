@@ -798,7 +798,19 @@ async fn regression_an_older_or_stripped_key_set_cannot_cancel_a_scheduled_retir
     )
     .await;
     assert_eq!(h.feed_version(), Some(1));
-    // ...and so is one without any.
+    // ...and so is one carrying a document dated far ahead, which would
+    // make every later one look older...
+    publish(&ks, &["aa", "bb"], t0 + 1, Some(ks.document(t0 + 3600)));
+    wait_until(
+        || {
+            h.last_refresh_error()
+                .is_some_and(|e| e.contains("key set document issued") && e.contains("future"))
+        },
+        &h,
+    )
+    .await;
+    assert_eq!(h.feed_version(), Some(1));
+    // ...and one without any.
     publish(&ks, &["aa", "bb"], t0 + 1, None);
     wait_until(
         || {
