@@ -11,8 +11,6 @@
 //! client goes away, axum drops the response body, which drops the upstream
 //! request.
 
-use std::borrow::Cow;
-
 use axum::body::{Body, Bytes};
 use axum::response::Response;
 use http::HeaderMap;
@@ -21,6 +19,10 @@ use http::header::{self, HeaderName, HeaderValue};
 use super::error::ProxyError;
 use super::upstream_client::SendError;
 use super::{AppState, Upstream};
+pub(crate) use crate::request::is_method_override_name;
+pub use crate::request::{
+    METHOD_OR_URL_HEADERS, dashed, has_method_override, is_url_encoded_form, method_or_url_header,
+};
 
 /// The request body as it will be sent.
 pub enum Outgoing {
@@ -28,39 +30,6 @@ pub enum Outgoing {
     Buffered(Bytes),
     /// Passed through as it arrives.
     Stream(Body),
-}
-
-/// Headers that frameworks (Rails, Laravel, Express, ASP.NET, Symfony, IIS,
-/// Spring) let replace the method or path that was authorized. The proxy
-/// drops them; forward-auth, whose gateway forwards the client's headers as
-/// they are, refuses a check that carries any ([`method_or_url_header`]).
-pub const METHOD_OR_URL_HEADERS: &[&str] = &[
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-original-url",
-    "x-rewrite-url",
-    "x-forwarded-prefix",
-];
-
-/// A header name with every `_` read as `-`. CGI and WSGI servers (PHP,
-/// wsgiref, many Python stacks) turn both into `_` (`HTTP_X_API_KEY`), so
-/// to them `x_api_key` is `x-api-key`: a header Till removes or sets must be
-/// matched in both spellings. No allocation for a name without `_`.
-pub fn dashed(name: &str) -> Cow<'_, str> {
-    if name.contains('_') {
-        Cow::Owned(name.replace('_', "-"))
-    } else {
-        Cow::Borrowed(name)
-    }
-}
-
-/// The first of `headers` that is one of [`METHOD_OR_URL_HEADERS`], in
-/// either spelling.
-pub fn method_or_url_header(headers: &HeaderMap) -> Option<&HeaderName> {
-    headers
-        .keys()
-        .find(|n| METHOD_OR_URL_HEADERS.contains(&&*dashed(n.as_str())))
 }
 
 /// Headers Till manages itself: never copied from the client (in either
@@ -196,16 +165,8 @@ fn same_dashed_name(sent: &[u8], name: &str) -> bool {
 /// any other coding, while an upstream that decodes request bodies acts on
 /// what is inside.
 pub fn refuse_encoded_body(headers: &HeaderMap) -> Result<(), ProxyError> {
-    let coding = headers
-        .get_all(header::CONTENT_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
-    match coding {
-        Some(c) => Err(ProxyError::UnsupportedEncoding(
-            String::from_utf8_lossy(c).chars().take(40).collect(),
-        )),
+    match crate::request::content_coding(headers) {
+        Some(c) => Err(ProxyError::UnsupportedEncoding(c)),
         None => Ok(()),
     }
 }
@@ -216,22 +177,10 @@ pub fn refuse_encoded_body(headers: &HeaderMap) -> Result<(), ProxyError> {
 /// another), or one whose media type holds a comma (two values folded into
 /// one line).
 fn content_type_once(headers: &HeaderMap) -> Result<(), ProxyError> {
-    let mut all = headers.get_all(header::CONTENT_TYPE).iter();
-    let Some(first) = all.next() else {
-        return Ok(());
-    };
-    if all.next().is_some() {
-        return Err(ProxyError::BadRequest(
-            "the request has more than one Content-Type header; servers differ on which one they read, so Till refuses it: send one".into(),
-        ));
+    match crate::request::ambiguous_content_type(headers) {
+        Some(why) => Err(ProxyError::BadRequest(why.into())),
+        None => Ok(()),
     }
-    let media = first.as_bytes().split(|&b| b == b';').next().unwrap_or(b"");
-    if media.contains(&b',') {
-        return Err(ProxyError::BadRequest(
-            "the Content-Type names more than one media type (a ',' before any ';'); servers differ on which one they read, so Till refuses it: send one".into(),
-        ));
-    }
-    Ok(())
 }
 
 /// [`refuse_unsafe_request`] for a request described by its method and
@@ -247,39 +196,9 @@ pub fn refuse_unsafe(m: &str, query: Option<&str>) -> Result<(), ProxyError> {
     if let Some(why) = crate::request::lower_case_method(m) {
         return Err(ProxyError::BadRequest(why));
     }
-    if query.is_some_and(has_method_override) {
-        return Err(ProxyError::BadRequest(
-            "the query has a `_method` parameter (PHP reads `.method` as `_method` too), which some frameworks use to replace the HTTP method; send the request with the method you mean and without `_method`".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Whether the request's body is a URL-encoded form that frameworks read
-/// for a `_method` field (Rails through Rack, Laravel, Symfony): declared as
-/// `application/x-www-form-urlencoded`, or a POST with a body and no
-/// `Content-Type`, which Rack parses as a form too. An empty `Content-Type`
-/// is none: Rack's `Request#content_type` reads `""` as `nil`.
-pub fn is_url_encoded_form(parts: &http::request::Parts) -> bool {
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .filter(|v| !v.as_bytes().trim_ascii().is_empty());
-    match content_type {
-        // PHP ends the media type at a space as well as at ';' or ','.
-        Some(v) => v
-            .as_bytes()
-            .split(|b| matches!(b, b';' | b',' | b' ' | b'\t'))
-            .next()
-            .is_some_and(|m| m.eq_ignore_ascii_case(b"application/x-www-form-urlencoded")),
-        None => {
-            parts.method == http::Method::POST
-                && (parts.headers.contains_key(header::TRANSFER_ENCODING)
-                    || parts
-                        .headers
-                        .get(header::CONTENT_LENGTH)
-                        .is_some_and(|v| v.as_bytes() != b"0"))
-        }
+    match crate::request::method_override_in_query(query) {
+        Some(why) => Err(ProxyError::BadRequest(why.into())),
+        None => Ok(()),
     }
 }
 
@@ -287,74 +206,10 @@ pub fn is_url_encoded_form(parts: &http::request::Parts) -> bool {
 /// query string ([`has_method_override`]): Rack's `MethodOverride`, Laravel
 /// and Symfony read it from the body as the method to run.
 pub fn refuse_method_in_form(body: &[u8]) -> Result<(), ProxyError> {
-    if has_method_override(&String::from_utf8_lossy(body)) {
-        return Err(ProxyError::BadRequest(
-            "the form body has a `_method` field (PHP reads `.method` as `_method` too), which some frameworks use to replace the HTTP method; send the request with the method you mean and without `_method`".into(),
-        ));
+    match crate::request::method_override_in_form(body) {
+        Some(why) => Err(ProxyError::BadRequest(why.into())),
+        None => Ok(()),
     }
-    Ok(())
-}
-
-/// Whether a query string has a parameter named `_method` to some framework
-/// ([`is_method_override_name`]: also `.method`, which PHP registers as
-/// `_method`). Both `&` and `;` separate parameters in some frameworks.
-fn has_method_override(query: &str) -> bool {
-    query
-        .split(['&', ';'])
-        .any(|pair| is_method_override_name(pair.split('=').next().unwrap_or(pair).as_bytes()))
-}
-
-/// Whether a parameter's or a multipart part's name (or a name parameter's
-/// value) is `_method` to some framework: any case, `_method[]` and other names
-/// starting with it, percent-encoded up to three times, after leading
-/// spaces and `+`; and as PHP registers it, which turns `.`, ` ` and a
-/// `[` without `]` into `_` (`.method` is `$_POST['_method']`). Also after
-/// leading `[` and `]`, which Rack 2 (`normalize_params`) and `qs`
-/// (Express's extended forms) drop: `[_method]` is `_method` to both, and
-/// `Rack::MethodOverride` runs it.
-pub(crate) fn is_method_override_name(name: &[u8]) -> bool {
-    let mut name = name.to_vec();
-    for _ in 0..3 {
-        name = percent_decoded(&name);
-    }
-    let skip = |name: &[u8], skipped: &[u8]| {
-        name.iter()
-            .position(|b| !skipped.contains(b))
-            .unwrap_or(name.len())
-    };
-    let is_it = |name: &[u8]| {
-        name.iter()
-            .map(|&b| match b {
-                b'.' | b' ' | b'[' => b'_',
-                b => b.to_ascii_lowercase(),
-            })
-            .take(7)
-            .eq(b"_method".iter().copied())
-    };
-    let start = skip(&name, b" +\t");
-    let bare = skip(&name, b" +\t[]");
-    is_it(&name[start..]) || is_it(&name[bare..])
-}
-
-fn percent_decoded(s: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16);
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if let (b'%', Some(h), Some(l)) = (
-            s[i],
-            s.get(i + 1).and_then(|&b| hex(b)),
-            s.get(i + 2).and_then(|&b| hex(b)),
-        ) {
-            // Two hex digits: at most 255.
-            out.push((h * 16 + l) as u8);
-            i += 3;
-        } else {
-            out.push(s[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 /// The hop-by-hop headers of an upstream's answer (RFC 9110 §7.6.1).
@@ -704,6 +559,26 @@ mod tests {
         }
     }
 
+    /// Regression (red team, wave 2, fifth pass): Rack reads an empty
+    /// Content-Type as none, so a POST with `Content-Type:` and a body is a
+    /// form to it (`_method=DELETE` ran DELETE), and Till streamed it
+    /// unread.
+    #[test]
+    fn regression_an_empty_content_type_is_none() {
+        let with = |method: &str, v: &str| {
+            let mut p = parts(method, "/openai/v1/x");
+            p.headers
+                .insert(header::CONTENT_TYPE, HeaderValue::from_str(v).unwrap());
+            p.headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("14"));
+            is_url_encoded_form(&p)
+        };
+        assert!(with("POST", ""));
+        assert!(with("POST", " \t"));
+        assert!(!with("PUT", ""));
+        assert!(!with("POST", ";charset=utf-8"));
+    }
+
     #[test]
     fn method_override_query_parameters_are_found_however_encoded() {
         for q in [
@@ -823,26 +698,6 @@ mod tests {
         assert!(refuse_method_in_form(b"a=1&%5Fmethod=DELETE").is_err());
         assert!(refuse_method_in_form(b"a=1&b=_method").is_ok());
         assert!(refuse_method_in_form(b"\xff=1").is_ok());
-    }
-
-    /// Regression (red team, wave 2, fifth pass): Rack reads an empty
-    /// Content-Type as none, so a POST with `Content-Type:` and a body is a
-    /// form to it (`_method=DELETE` ran DELETE), and Till streamed it
-    /// unread.
-    #[test]
-    fn regression_an_empty_content_type_is_none() {
-        let with = |method: &str, v: &str| {
-            let mut p = parts(method, "/openai/v1/x");
-            p.headers
-                .insert(header::CONTENT_TYPE, HeaderValue::from_str(v).unwrap());
-            p.headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("14"));
-            is_url_encoded_form(&p)
-        };
-        assert!(with("POST", ""));
-        assert!(with("POST", " \t"));
-        assert!(!with("PUT", ""));
-        assert!(!with("POST", ";charset=utf-8"));
     }
 
     #[test]

@@ -411,6 +411,182 @@ pub fn may_read_as_json(body: &[u8]) -> bool {
     matches!(start.first(), Some(b'{' | b'[' | 0xEF | 0xFE | 0xFF)) || body.contains(&0)
 }
 
+/// Headers that frameworks (Rails, Laravel, Express, ASP.NET, Symfony, IIS,
+/// Spring) let replace the method or path that was authorized. The proxy
+/// drops them; forward-auth, whose gateway forwards the client's headers as
+/// they are, and the tower layer, whose service sees them as sent, refuse a
+/// request that carries any ([`method_or_url_header`]).
+pub const METHOD_OR_URL_HEADERS: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-prefix",
+];
+
+/// A header name with every `_` read as `-`. CGI and WSGI servers (PHP,
+/// wsgiref, many Python stacks) turn both into `_` (`HTTP_X_API_KEY`), so
+/// to them `x_api_key` is `x-api-key`: a header Till removes or sets must be
+/// matched in both spellings. No allocation for a name without `_`.
+pub fn dashed(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.contains('_') {
+        std::borrow::Cow::Owned(name.replace('_', "-"))
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
+/// The first of `headers` that is one of [`METHOD_OR_URL_HEADERS`], in
+/// either spelling.
+pub fn method_or_url_header(headers: &http::HeaderMap) -> Option<&http::HeaderName> {
+    headers
+        .keys()
+        .find(|n| METHOD_OR_URL_HEADERS.contains(&&*dashed(n.as_str())))
+}
+
+/// Whether the request's body is a URL-encoded form that frameworks read
+/// for a `_method` field (Rails through Rack, Laravel, Symfony): declared as
+/// `application/x-www-form-urlencoded`, or a POST with a body and no
+/// `Content-Type`, which Rack parses as a form too. An empty `Content-Type`
+/// is none: Rack's `Request#content_type` reads `""` as `nil`.
+pub fn is_url_encoded_form(parts: &http::request::Parts) -> bool {
+    let content_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .filter(|v| !v.as_bytes().trim_ascii().is_empty());
+    match content_type {
+        // PHP ends the media type at a space as well as at ';' or ','.
+        Some(v) => v
+            .as_bytes()
+            .split(|b| matches!(b, b';' | b',' | b' ' | b'\t'))
+            .next()
+            .is_some_and(|m| m.eq_ignore_ascii_case(b"application/x-www-form-urlencoded")),
+        None => {
+            parts.method == http::Method::POST
+                && (parts.headers.contains_key(http::header::TRANSFER_ENCODING)
+                    || parts
+                        .headers
+                        .get(http::header::CONTENT_LENGTH)
+                        .is_some_and(|v| v.as_bytes() != b"0"))
+        }
+    }
+}
+
+/// Whether a query string has a parameter named `_method` to some framework
+/// ([`is_method_override_name`]: also `.method`, which PHP registers as
+/// `_method`). Both `&` and `;` separate parameters in some frameworks.
+pub fn has_method_override(query: &str) -> bool {
+    query
+        .split(['&', ';'])
+        .any(|pair| is_method_override_name(pair.split('=').next().unwrap_or(pair).as_bytes()))
+}
+
+/// Whether a parameter's or a multipart part's name (or a name parameter's
+/// value) is `_method` to some framework: any case, `_method[]` and other names
+/// starting with it, percent-encoded up to three times, after leading
+/// spaces and `+`; and as PHP registers it, which turns `.`, ` ` and a
+/// `[` without `]` into `_` (`.method` is `$_POST['_method']`). Also after
+/// leading `[` and `]`, which Rack 2 (`normalize_params`) and `qs`
+/// (Express's extended forms) drop: `[_method]` is `_method` to both, and
+/// `Rack::MethodOverride` runs it.
+pub fn is_method_override_name(name: &[u8]) -> bool {
+    let mut name = name.to_vec();
+    for _ in 0..3 {
+        name = percent_decoded(&name);
+    }
+    let skip = |name: &[u8], skipped: &[u8]| {
+        name.iter()
+            .position(|b| !skipped.contains(b))
+            .unwrap_or(name.len())
+    };
+    let is_it = |name: &[u8]| {
+        name.iter()
+            .map(|&b| match b {
+                b'.' | b' ' | b'[' => b'_',
+                b => b.to_ascii_lowercase(),
+            })
+            .take(7)
+            .eq(b"_method".iter().copied())
+    };
+    let start = skip(&name, b" +\t");
+    let bare = skip(&name, b" +\t[]");
+    is_it(&name[start..]) || is_it(&name[bare..])
+}
+
+fn percent_decoded(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if let (b'%', Some(h), Some(l)) = (
+            s[i],
+            s.get(i + 1).and_then(|&b| hex(b)),
+            s.get(i + 2).and_then(|&b| hex(b)),
+        ) {
+            // Two hex digits: at most 255.
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The first content coding other than `identity` a request declares, if
+/// any. A body Till reads (JSON, a form, MCP messages) is checked as the
+/// bytes arrive (`model`, `_method`, tool names), and Till does not decode
+/// it, while a server that decodes request bodies acts on what is inside:
+/// such a body is refused (415).
+pub fn content_coding(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"))
+        .map(|c| String::from_utf8_lossy(c).chars().take(40).collect())
+}
+
+/// Why the body's type is ambiguous, or `None`: two `Content-Type`
+/// headers (Till reads the first, Werkzeug and others the last, so a JSON
+/// body Till checked the `model` of could be read as a form naming
+/// another), or one whose media type holds a comma (two values folded into
+/// one line).
+pub fn ambiguous_content_type(headers: &http::HeaderMap) -> Option<&'static str> {
+    let mut all = headers.get_all(http::header::CONTENT_TYPE).iter();
+    let first = all.next()?;
+    if all.next().is_some() {
+        return Some(
+            "the request has more than one Content-Type header; servers differ on which one they read, so Till refuses it: send one",
+        );
+    }
+    let media = first.as_bytes().split(|&b| b == b';').next().unwrap_or(b"");
+    media.contains(&b',').then_some(
+        "the Content-Type names more than one media type (a ',' before any ';'); servers differ on which one they read, so Till refuses it: send one",
+    )
+}
+
+/// Why a request's query asks to run another method than its own, or
+/// `None` ([`has_method_override`]).
+pub fn method_override_in_query(query: Option<&str>) -> Option<&'static str> {
+    query.is_some_and(has_method_override).then_some(
+        "the query has a `_method` parameter (PHP reads `.method` as `_method` too), which some frameworks use to replace the HTTP method; send the request with the method you mean and without `_method`",
+    )
+}
+
+/// Why a URL-encoded form body asks to run another method than the
+/// request's, or `None`: a `_method` field found as in a query string
+/// ([`has_method_override`]), which Rack's `MethodOverride`, Laravel and
+/// Symfony read from the body as the method to run.
+pub fn method_override_in_form(body: &[u8]) -> Option<&'static str> {
+    has_method_override(&String::from_utf8_lossy(body)).then_some(
+        "the form body has a `_method` field (PHP reads `.method` as `_method` too), which some frameworks use to replace the HTTP method; send the request with the method you mean and without `_method`",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -269,6 +269,7 @@ impl Builder {
             verifier: verifier.clone(),
             state: state.clone(),
             trusted: self.keys,
+            keys_seen: None,
         }
         .spawn();
         let shared = Arc::new(Shared {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use till_core::{Feed, KeysDocument, PublicKeySet, Verifier};
+use till_core::{Feed, KeysDocument, KeysError, PublicKeySet, Verifier};
 use tokio::task::JoinHandle;
 
 /// Where the signed revocation feed comes from.
@@ -83,6 +83,13 @@ pub(crate) struct Refresher {
     /// The keys trusted so far: the configured ones, then each key set
     /// followed from them (so a retired key stays retired).
     pub trusted: PublicKeySet,
+    /// `issued_at` of the newest key set document followed. A document is
+    /// signed on its own, not by the feed that carries it, so whoever
+    /// carries the feed (the network between the service and the proxy)
+    /// could swap in an older one, from before `till key retire --after`,
+    /// and cancel the scheduled retirement; or strip it and keep every
+    /// later retirement from ever arriving.
+    pub keys_seen: Option<u64>,
 }
 
 impl Refresher {
@@ -107,9 +114,14 @@ impl Refresher {
         let max_age = self.max_age.as_secs();
         if let Some(url) = self.keys_url.clone() {
             let text = self.fetch_url(&url).await?;
-            let set = KeysDocument::follow_text(&text, &self.trusted, now_unix(), max_age)
+            let doc: KeysDocument = serde_json::from_str(&text)
+                .map_err(|e| format!("{url}: {}", KeysError::Json(e.to_string())))?;
+            self.not_older(doc.issued_at)
                 .map_err(|e| format!("{url}: {e}"))?;
-            self.follow(set);
+            let set = doc
+                .follow(&self.trusted, now_unix(), max_age)
+                .map_err(|e| format!("{url}: {e}"))?;
+            self.follow(set, doc.issued_at);
         }
         let text = match &self.source {
             FeedSource::Url(url) => self.fetch_url(&url.clone()).await?,
@@ -117,7 +129,19 @@ impl Refresher {
         };
         let (feed, set) = Feed::verify_with(&text, &self.trusted, now_unix(), max_age)
             .map_err(|e| e.to_string())?;
-        self.follow(set);
+        match &feed.keys {
+            Some(doc) => self.not_older(doc.issued_at)?,
+            // The proxy's feed always carries its key set. One without it
+            // is taken only while none was ever seen (a proxy from before
+            // rotations), or when the set comes from `keys_url`.
+            None if self.keys_seen.is_some() && self.keys_url.is_none() => {
+                return Err(
+                    "refused a revocation feed without its key set: the feeds before it carried one, and without it a key retirement would never reach this service (was the feed altered on the way?)".into(),
+                );
+            }
+            None => {}
+        }
+        let feed_keys_at = feed.keys.as_ref().map(|d| d.issued_at);
         let now = now_unix();
         if feed.issued_at > now.saturating_add(max_age) {
             // Its age would read 0 for that long: a proxy clock far ahead
@@ -143,6 +167,12 @@ impl Refresher {
                 feed.version, feed.issued_at, old.version, old.issued_at
             ));
         }
+        // Only a feed that is taken moves the key set on: a refused one
+        // (older, from the future) must not change what is trusted.
+        match feed_keys_at {
+            Some(at) => self.follow(set, at),
+            None => self.trust(set),
+        }
         self.state.install(Current {
             revoked: feed.ids.into_iter().collect(),
             version: feed.version,
@@ -151,7 +181,32 @@ impl Refresher {
         Ok(())
     }
 
-    fn follow(&mut self, set: PublicKeySet) {
+    /// Refuses a key set document older than the newest one followed, or
+    /// dated further ahead than the feed may be: followed, it would make
+    /// every document until its date look older, and the feed go stale.
+    fn not_older(&self, issued_at: u64) -> Result<(), String> {
+        let max_age = self.max_age.as_secs();
+        let now = now_unix();
+        if issued_at > now.saturating_add(max_age) {
+            return Err(format!(
+                "refused a key set document issued {} s in the future, more than the allowed {max_age} s; check the clocks of the proxy and this service",
+                issued_at - now
+            ));
+        }
+        match self.keys_seen {
+            Some(seen) if issued_at < seen => Err(format!(
+                "refused a key set document issued at {issued_at}, older than the one already followed (issued at {seen}): an older document could cancel a scheduled key retirement (a replay?)"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn follow(&mut self, set: PublicKeySet, issued_at: u64) {
+        self.keys_seen = Some(self.keys_seen.map_or(issued_at, |s| s.max(issued_at)));
+        self.trust(set);
+    }
+
+    fn trust(&mut self, set: PublicKeySet) {
         if self.verifier.keys().replace(set.clone()) {
             tracing::info!("till-tower: root key set changed");
         }

@@ -11,6 +11,7 @@ use axum_core::body::Body;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
+use till_core::request;
 use till_core::token::vocab::names;
 use till_core::{
     CheckMeaning, Denial, DenialKind, MCP_FACTS, RequestFacts, Stage, VerifiedToken, Verifier,
@@ -141,11 +142,34 @@ where
 
     // 2. The head: token, path, before any cryptography.
     let (parts, body) = req.into_parts();
+    // Inside `Router::nest` axum hands the service the path with the nest's
+    // prefix stripped: judging that would let a key for `/admin/` reach
+    // `/v1/chat/admin/...`. The client's own target is `OriginalUri`, set
+    // by the outermost router (a client cannot set an extension).
+    let uri = parts
+        .extensions
+        .get::<axum::extract::OriginalUri>()
+        .map_or_else(|| parts.uri.clone(), |o| o.0.clone());
     if let Some(why) = till_core::request::lower_case_method(parts.method.as_str()) {
         return Err(Refusal::BadRequest(why));
     }
+    // What the proxy and forward-auth refuse: frameworks (Rack, Laravel,
+    // Symfony, ASP.NET, IIS), and middleware composed into a tower
+    // service, read these as the method or path to act on, so a key for
+    // GET could run DELETE, or reach another route than the one judged.
+    if let Some(why) = request::method_override_in_query(uri.query()) {
+        return Err(Refusal::BadRequest(why.into()));
+    }
+    if let Some(h) = request::method_or_url_header(&parts.headers) {
+        return Err(Refusal::BadRequest(format!(
+            "the request carries the header {h}, which frameworks read as the method or path to act on instead of the request's own; send the request without it"
+        )));
+    }
+    if let Some(why) = request::ambiguous_content_type(&parts.headers) {
+        return Err(Refusal::BadRequest(why.into()));
+    }
     let text = token_from_headers(&parts.headers).map_err(Refusal::Header)?;
-    let path = parts.uri.path();
+    let path = uri.path();
     let normal = normalize_path(path).map_err(|e| Refusal::BadRequest(e.to_string()))?;
     if normal != path {
         // The router sees the path as sent: authorizing another spelling
@@ -185,18 +209,44 @@ where
         time: SystemTime::now(),
     };
     let v = &shared.verifier;
-    let body = if is_json(&parts.headers) {
+    let json = is_json(&parts.headers);
+    // A POST with a body and no `Content-Type` is a form to Rack; in
+    // process (or over HTTP/2) such a body needs no `Content-Length`, so
+    // its own end counts too.
+    let form = !json
+        && (request::is_url_encoded_form(&parts)
+            || (parts.method == http::Method::POST
+                && !parts.headers.contains_key(http::header::CONTENT_TYPE)
+                && !body.is_end_stream()));
+    let body = if json || form {
+        // Checked as the bytes arrive: a service that decodes request
+        // bodies would act on what this layer cannot see.
+        if let Some(c) = request::content_coding(&parts.headers) {
+            return Err(Refusal::UnsupportedEncoding(c));
+        }
         decide(v, &token, revoked, &facts, &counts, Stage::BeforeBody).map_err(Refusal::Denied)?;
         let bytes = read_body(body, shared.max_body_bytes).await?;
-        facts.model = till_core::request::model_of_json_request(parts.uri.query(), &bytes)
-            .map_err(Refusal::BadRequest)?;
-        // No model from a body this layer could not read as the handler
-        // may (a byte order mark, UTF-16, NaN, an array): a deny-list on
-        // the model would never fire.
-        if facts.model.is_none()
-            && !till_core::request::names_no_model(&bytes)
-            && v.first_read(&token, &[names::MODEL]).is_some()
-        {
+        facts.model = if json {
+            request::model_of_json_request(uri.query(), &bytes)
+        } else {
+            if let Some(why) = request::method_override_in_form(&bytes) {
+                return Err(Refusal::BadRequest(why.into()));
+            }
+            request::model_of_form_request(uri.query(), &bytes)
+        }
+        .map_err(Refusal::BadRequest)?;
+        let reads_model = || v.first_read(&token, &[names::MODEL]).is_some();
+        // A form a handler may parse as JSON (FastAPI's `request.json()`
+        // whatever the type) names no model here and one to the handler.
+        if !json && request::may_read_as_json(&bytes) && reads_model() {
+            return Err(unseen(
+                "this key's scope (or a policy of this service) depends on the request's model, and this body is JSON sent as a form (or without a Content-Type), which handlers read differently; send it with Content-Type: application/json".into(),
+            ));
+        }
+        // No model from a JSON body this layer could not read as the
+        // handler may (a byte order mark, UTF-16, NaN, an array): a
+        // deny-list on the model would never fire.
+        if json && facts.model.is_none() && !request::names_no_model(&bytes) && reads_model() {
             decide(v, &token, revoked, &facts, &counts, Stage::Final).map_err(Refusal::Denied)?;
             return Err(unseen(
                 "this key's scope (or a policy of this service) depends on the request's model, and this JSON body cannot be read the way every JSON parser reads it (a byte order mark, UTF-16 or UTF-32, NaN or Infinity, an array, a `model` that is not a string, or malformed JSON); send a UTF-8 JSON object whose `model` is a string".into(),
@@ -209,9 +259,9 @@ where
         // another, so then there is no model fact (deny when unsure).
         // Over HTTP/2 a body needs no `Content-Length` (nor, in process,
         // does a tower request): the body's own end counts too.
-        if till_core::request::declares_no_body(&parts.headers) && body.is_end_stream() {
-            if let Some(q) = parts.uri.query() {
-                facts.model = till_core::request::model_in_query(q).map_err(Refusal::BadRequest)?;
+        if request::declares_no_body(&parts.headers) && body.is_end_stream() {
+            if let Some(q) = uri.query() {
+                facts.model = request::model_in_query(q).map_err(Refusal::BadRequest)?;
             }
         } else if shared
             .verifier
@@ -224,7 +274,7 @@ where
             decide(v, &token, revoked, &facts, &counts, Stage::BeforeBody)
                 .map_err(Refusal::Denied)?;
             return Err(unseen(
-                "this key's scope (or a policy of this service) depends on the request's model, and this service's Till layer reads the model only from a JSON body (Content-Type application/json); send the body as JSON, or use a key without a model list here".into(),
+                "this key's scope (or a policy of this service) depends on the request's model, and this service's Till layer reads the model only from a JSON body (Content-Type application/json) or a URL-encoded form; send the body as JSON, or use a key without a model list here".into(),
             ));
         }
         Body::new(body)
@@ -234,7 +284,7 @@ where
     // 5. Remote count, last: only a request that passed everything here
     // spends a use at the proxy.
     if let Some(remote) = &shared.remote {
-        remote.check(&parts, text).await?;
+        remote.check(&parts.method, &uri, text).await?;
     }
 
     let mut req = Request::from_parts(parts, body);

@@ -5,14 +5,17 @@
 //! themselves, without the proxy in the request path:
 //!
 //! 1. reads the token like the proxy does (`Authorization: Bearer` or
-//!    `x-api-key`, bounded);
+//!    `x-api-key`, bounded), and refuses what the proxy refuses as a method
+//!    or path override (`?_method=`, a `_method` form field or JSON key,
+//!    `X-HTTP-Method-Override`, `X-Original-URL`, ...);
 //! 2. refuses everything (503) while the signed revocation feed it follows
 //!    is older than `max_feed_age` — **a stale feed fails closed**;
 //! 3. verifies the token offline against the root public key(s), following
 //!    key rotations through the signed key set the feed carries;
 //! 4. refuses revoked tokens, and decides with [`till_core::decide()`]
-//!    (service = the configured name, method, normalized path, and the
-//!    `model` of a JSON body, read within a bound);
+//!    (service = the configured name, method, the path the client sent
+//!    (axum's `OriginalUri` inside `Router::nest`), normalized, and the
+//!    `model` of a JSON body or URL-encoded form, read within a bound);
 //! 5. handles use limits as configured ([`UseLimits`]): without a counter
 //!    it cannot enforce them, so by default it refuses tokens that carry
 //!    them; or it asks a Till proxy to count;

@@ -29,6 +29,10 @@ pub enum Refusal {
     BadRequest(String),
     /// A JSON body over the layer's `max_body_bytes` (413).
     BodyTooLarge(usize),
+    /// A body the layer reads (JSON, a URL-encoded form) sent with a
+    /// `Content-Encoding` other than `identity`, which it cannot check
+    /// while a decompressing service would act on what is inside (415).
+    UnsupportedEncoding(String),
     /// No verified revocation feed younger than `max_feed_age` (503).
     FeedStale {
         /// Age of the newest accepted feed in seconds; `None` when none
@@ -66,6 +70,7 @@ impl Refusal {
             Refusal::Denied(_) | Refusal::UseLimitsUnenforced => StatusCode::FORBIDDEN,
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             Refusal::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Refusal::FeedStale { .. } | Refusal::CounterUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -89,6 +94,7 @@ impl Refusal {
             Refusal::UseLimitsUnenforced => "use_limits_unenforced",
             Refusal::BadRequest(_) => "bad_request",
             Refusal::BodyTooLarge(_) => "body_too_large",
+            Refusal::UnsupportedEncoding(_) => "unsupported_content_encoding",
             Refusal::FeedStale { .. } => "revocation_feed_stale",
             Refusal::Remote { code, .. } => code,
             Refusal::CounterUnavailable(_) => "counter_unavailable",
@@ -104,7 +110,10 @@ impl Refusal {
             Refusal::Denied(d) => d.reason.clone(),
             Refusal::UseLimitsUnenforced => "this key carries use limits, and this service verifies keys offline with no counter, so it cannot enforce them; it refuses such keys rather than let them be used without limit. Use a key without use limits here, or send the requests through the Till proxy".into(),
             Refusal::BadRequest(m) => format!("bad request: {m}"),
-            Refusal::BodyTooLarge(max) => format!("the JSON body is larger than {max} bytes"),
+            Refusal::BodyTooLarge(max) => format!("the body is larger than {max} bytes"),
+            Refusal::UnsupportedEncoding(c) => format!(
+                "the request body is sent with Content-Encoding {c:?}; this service's Till layer checks this body and cannot read it encoded: send the body uncompressed (no Content-Encoding, or identity)"
+            ),
             Refusal::FeedStale { age: Some(age), max, .. } => format!(
                 "this service cannot check revocations: its revocation feed is {age} s old, more than the allowed {max} s (is the Till proxy reachable?); try again later"
             ),
@@ -149,6 +158,12 @@ impl Refusal {
             None => {
                 h.insert("x-should-retry", HeaderValue::from_static("false"));
             }
+        }
+        if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            h.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
         }
         if status == StatusCode::UNAUTHORIZED {
             h.insert(

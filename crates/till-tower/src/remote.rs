@@ -20,16 +20,20 @@ pub(crate) struct Remote {
 
 impl Remote {
     /// Asks the proxy to count this request; `Ok` when it answered 2xx.
-    pub async fn check(&self, parts: &http::request::Parts, token: &str) -> Result<(), Refusal> {
-        let target = parts.uri.path_and_query().map_or_else(
-            || parts.uri.path().to_string(),
-            |pq| pq.as_str().to_string(),
-        );
+    pub async fn check(
+        &self,
+        method: &http::Method,
+        uri: &http::Uri,
+        token: &str,
+    ) -> Result<(), Refusal> {
+        let target = uri
+            .path_and_query()
+            .map_or_else(|| uri.path().to_string(), |pq| pq.as_str().to_string());
         let mut req = self
             .client
             .get(&self.url)
             .bearer_auth(token)
-            .header("x-forwarded-method", parts.method.as_str())
+            .header("x-forwarded-method", method.as_str())
             .header("x-forwarded-uri", target);
         if let Some(s) = &self.secret {
             req = req.header(GATEWAY_SECRET_HEADER, s);

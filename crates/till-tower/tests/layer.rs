@@ -447,10 +447,11 @@ async fn regression_keys_that_read_facts_the_layer_cannot_see_are_refused() {
             ..Scope::default()
         })
     };
+    // A body the layer does not read (FastAPI handlers `json.loads` any).
     let form = |token: &str, body: &str| {
         Request::post("/v1/items")
             .header("authorization", format!("Bearer {token}"))
-            .header("content-type", "application/x-www-form-urlencoded")
+            .header("content-type", "text/plain")
             .body(Body::from(body.to_string()))
             .unwrap()
     };
@@ -543,7 +544,7 @@ async fn regression_a_body_without_a_content_length_is_not_taken_for_none() {
     });
     let req = Request::post("/v1/items?model=small")
         .header("authorization", format!("Bearer {small}"))
-        .header("content-type", "application/x-www-form-urlencoded")
+        .header("content-type", "text/plain")
         .body(Body::from("model=large"))
         .unwrap();
     assert!(req.headers().get("content-length").is_none());
@@ -748,4 +749,294 @@ fn the_gateway_secret_never_shows_in_debug_output() {
         !shown.contains("s3cret-value") && shown.contains("redacted"),
         "{shown}"
     );
+}
+
+/// Regression (red team, wave 2, fifth pass): a key set document is
+/// signed on its own, not by the feed carrying it, so whoever carries the
+/// feed could swap in an older document (from before `till key retire
+/// --after`), which cancelled the scheduled retirement, and then strip the
+/// document from every later feed: the retired key's tokens kept passing
+/// for good.
+#[tokio::test]
+async fn regression_an_older_or_stripped_key_set_cannot_cancel_a_scheduled_retirement() {
+    use till_core::token::keyset::KeySet;
+
+    let f = Fixture::new();
+    let state = tempfile::tempdir().unwrap();
+    keys::save(&state.path().join(keys::ROOT_KEY_FILE), &f.root, false).unwrap();
+    let mut ks = KeySet::load(state.path()).unwrap();
+    assert_eq!(ks.rotate().unwrap(), 1);
+    let publish = |ks: &KeySet, ids: &[&str], at: u64, doc: Option<till_core::KeysDocument>| {
+        let ids = ids.iter().map(|s| s.to_string()).collect();
+        let feed = Feed::sign_with(ks.active_key(), Some(1), ids, at, doc).unwrap();
+        let tmp = f.feed.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string(&feed).unwrap()).unwrap();
+        std::fs::rename(&tmp, &f.feed).unwrap();
+    };
+    let t0 = now();
+    let before = ks.document(t0 - 5);
+    publish(&ks, &[], t0 - 5, Some(before.clone()));
+    let (app, h) = f.app(UseLimits::Deny, 60).await;
+    let old_key_token = f.items();
+    assert_eq!(send(&app, get_items(&old_key_token)).await.0, 200);
+
+    // The operator schedules key 0's retirement two seconds ahead; the
+    // layer follows it.
+    let after = t0 + 2;
+    ks.retire(0, Some(after)).unwrap();
+    publish(&ks, &["aa"], t0, Some(ks.document(t0)));
+    wait_until(|| h.feed_version() == Some(1), &h).await;
+
+    // A fresh feed carrying the older document is refused...
+    publish(&ks, &["aa", "bb"], t0 + 1, Some(before));
+    wait_until(
+        || {
+            h.last_refresh_error()
+                .is_some_and(|e| e.contains("older than the one already followed"))
+        },
+        &h,
+    )
+    .await;
+    assert_eq!(h.feed_version(), Some(1));
+    // ...and so is one carrying a document dated far ahead, which would
+    // make every later one look older...
+    publish(&ks, &["aa", "bb"], t0 + 1, Some(ks.document(t0 + 3600)));
+    wait_until(
+        || {
+            h.last_refresh_error()
+                .is_some_and(|e| e.contains("key set document issued") && e.contains("future"))
+        },
+        &h,
+    )
+    .await;
+    assert_eq!(h.feed_version(), Some(1));
+    // ...and one without any.
+    publish(&ks, &["aa", "bb"], t0 + 1, None);
+    wait_until(
+        || {
+            h.last_refresh_error()
+                .is_some_and(|e| e.contains("without its key set"))
+        },
+        &h,
+    )
+    .await;
+    assert_eq!(h.feed_version(), Some(1));
+
+    // Once the scheduled time has passed, key 0's tokens are refused.
+    while now() <= after {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, j, _) = send(&app, get_items(&old_key_token)).await;
+    assert_eq!(
+        (s, j["error"]["code"].as_str()),
+        (401, Some("invalid_token"))
+    );
+    assert!(
+        j["error"]["message"].as_str().unwrap().contains("retired"),
+        "{j}"
+    );
+}
+
+/// Regression (red team, wave 2, fifth pass): the layer judged the method
+/// and path of the request head and passed on what the proxy and
+/// forward-auth refuse: `?_method=DELETE`, a `_method` form field,
+/// `X-HTTP-Method-Override` and the URL-rewrite headers, a body compressed
+/// past its checks, two `Content-Type`s. A service whose framework (or a
+/// middleware composed inside the layer) honours them ran DELETE, or
+/// another route, for a key allowed only GET on `/v1/items`.
+#[tokio::test]
+async fn regression_method_and_path_overrides_are_refused_as_the_proxy_refuses_them() {
+    let f = Fixture::new();
+    let (app, _h) = f.app(UseLimits::Deny, 60).await;
+    let get_only = f.token(Scope {
+        services: vec!["items".into()],
+        methods: vec!["GET".into(), "POST".into()],
+        paths: vec!["/v1/items".into()],
+        ..Scope::default()
+    });
+    let req = |method: &str, uri: &str, headers: &[(&str, &str)], body: &str| {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {get_only}"));
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(Body::from(body.to_string())).unwrap()
+    };
+    let refused = |(s, j, text): (u16, serde_json::Value, String), code: u16, what: &str| {
+        assert_eq!(s, code, "{text}");
+        assert!(
+            j["error"]["message"].as_str().unwrap().contains(what),
+            "{what}: {text}"
+        );
+    };
+    for uri in [
+        "/v1/items?_method=DELETE",
+        "/v1/items?a=1;_METHOD=DELETE",
+        "/v1/items?%255Fmethod=DELETE",
+        "/v1/items?.method=DELETE",
+        "/v1/items?_method[]=DELETE",
+    ] {
+        refused(send(&app, req("GET", uri, &[], "")).await, 400, "_method");
+    }
+    for h in [
+        "x-http-method-override",
+        "X-HTTP-Method",
+        "x-method-override",
+        "x_http_method_override",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-forwarded-prefix",
+    ] {
+        let (s, j, text) = send(&app, req("GET", "/v1/items", &[(h, "DELETE")], "")).await;
+        assert_eq!(s, 400, "{h}: {text}");
+        assert!(
+            j["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&h.to_ascii_lowercase()),
+            "{text}"
+        );
+    }
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    for body in ["a=1&_method=DELETE", "%5Fmethod=DELETE", "+.method=DELETE"] {
+        refused(
+            send(&app, req("POST", "/v1/items", &form, body)).await,
+            400,
+            "_method",
+        );
+    }
+    // A POST without a Content-Type is a form to Rack too.
+    refused(
+        send(&app, req("POST", "/v1/items", &[], "_method=DELETE")).await,
+        400,
+        "_method",
+    );
+    refused(
+        send(
+            &app,
+            req(
+                "POST",
+                "/v1/items",
+                &[("content-type", "application/json")],
+                r#"{"_method":"DELETE"}"#,
+            ),
+        )
+        .await,
+        400,
+        "_method",
+    );
+    // A body the layer reads, compressed past its checks.
+    let (s, j, text) = send(
+        &app,
+        req(
+            "POST",
+            "/v1/items",
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("content-encoding", "gzip"),
+            ],
+            "not really gzip",
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, j["error"]["code"].as_str()),
+        (415, Some("unsupported_content_encoding")),
+        "{text}"
+    );
+    let two_types = Request::post("/v1/items")
+        .header("authorization", format!("Bearer {get_only}"))
+        .header("content-type", "application/json")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from(r#"{"a":1}"#))
+        .unwrap();
+    refused(send(&app, two_types).await, 400, "Content-Type");
+
+    // What is not an override passes, and the handler gets the body.
+    let (s, _, text) = send(&app, req("GET", "/v1/items?method=x&a=_method", &[], "")).await;
+    assert_eq!(s, 200, "{text}");
+    let (s, _, text) = send(&app, req("POST", "/v1/items", &form, "a=1&b=_method")).await;
+    assert_eq!((s, text.as_str()), (200, "|a=1&b=_method"));
+}
+
+/// A form's `model` field is read and judged like a JSON body's.
+#[tokio::test]
+async fn a_forms_model_is_judged_like_a_json_bodys() {
+    let f = Fixture::new();
+    let (app, _h) = f.app(UseLimits::Deny, 60).await;
+    let small = f.token(Scope {
+        services: vec!["items".into()],
+        models: vec!["small".into()],
+        ..Scope::default()
+    });
+    let form = |body: &str| {
+        Request::post("/v1/items")
+            .header("authorization", format!("Bearer {small}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    assert_eq!(send(&app, form("model=small&x=1")).await.0, 200);
+    assert_eq!(send(&app, form("model=large")).await.0, 403);
+    assert_eq!(send(&app, form("model=small&model=large")).await.0, 400);
+}
+
+/// Regression (red team, wave 2, fifth pass): inside `Router::nest` the
+/// layer saw the path with the nest's prefix stripped, and judged that: a
+/// key for `/admin/` (the outer service's) reached `/v1/chat/admin/...` of
+/// the nested one, and a key for `/v1/chat/` was refused there. The path
+/// judged is the one the client sent (axum's `OriginalUri`).
+#[tokio::test]
+async fn regression_a_nested_router_is_judged_by_the_path_the_client_sent() {
+    let f = Fixture::new();
+    let (layer, h) = TillLayer::builder("items")
+        .public_key(&keys::public_string(&f.root.public()))
+        .feed(FeedSource::File(f.feed.clone()))
+        .refresh_every(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    wait_until(|| h.feed_version().is_some(), &h).await;
+    let inner = Router::new()
+        .route("/admin/users", get(|| async { "nested admin" }))
+        .layer(layer.clone());
+    let app = Router::new()
+        .route("/admin/users", get(|| async { "outer admin" }))
+        .nest("/v1/chat", inner);
+    let scoped = |prefix: &str| {
+        f.token(Scope {
+            services: vec!["items".into()],
+            paths: vec![prefix.into()],
+            ..Scope::default()
+        })
+    };
+    let req = |path: &str, token: &str| {
+        Request::get(path)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (s, _, text) = send(&app, req("/v1/chat/admin/users", &scoped("/admin/"))).await;
+    assert_eq!(s, 403, "{text}");
+    let (s, _, text) = send(&app, req("/v1/chat/admin/users", &scoped("/v1/chat/"))).await;
+    assert_eq!((s, text.as_str()), (200, "|nested admin"));
+    // Also when the whole router is nested under the layer, or nested twice.
+    let twice = Router::new().nest(
+        "/api",
+        Router::new().nest(
+            "/v1/chat",
+            Router::new()
+                .route("/admin/users", get(|| async { "deep" }))
+                .layer(layer),
+        ),
+    );
+    let (s, _, text) = send(&twice, req("/api/v1/chat/admin/users", &scoped("/admin/"))).await;
+    assert_eq!(s, 403, "{text}");
+    let (s, _, text) = send(
+        &twice,
+        req("/api/v1/chat/admin/users", &scoped("/api/v1/chat/")),
+    )
+    .await;
+    assert_eq!(s, 200, "{text}");
 }
