@@ -210,13 +210,24 @@ where
     };
     let v = &shared.verifier;
     let json = is_json(&parts.headers);
-    // A POST with a body and no `Content-Type` is a form to Rack; in
-    // process (or over HTTP/2) such a body needs no `Content-Length`, so
-    // its own end counts too.
+    // A form's media type naming JSON in a parameter: this layer would
+    // read JSON, a handler's form extractor (axum's `Form`) the form, where
+    // a JSON string can hold `&model=gpt-4&_method=DELETE&`.
+    if json && request::is_url_encoded_form(&parts) {
+        return Err(Refusal::BadRequest(
+            "the Content-Type is a URL-encoded form and names JSON too (`/json` or `+json`); handlers differ on which one they read, so Till refuses it: send one".into(),
+        ));
+    }
+    // A POST with a body and no `Content-Type` (or an empty one) is a form
+    // to Rack; in process (or over HTTP/2) such a body needs no
+    // `Content-Length`, so its own end counts too.
     let form = !json
         && (request::is_url_encoded_form(&parts)
             || (parts.method == http::Method::POST
-                && !parts.headers.contains_key(http::header::CONTENT_TYPE)
+                && parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .is_none_or(|v| v.as_bytes().trim_ascii().is_empty())
                 && !body.is_end_stream()));
     let body = if json || form {
         // Checked as the bytes arrive: a service that decodes request

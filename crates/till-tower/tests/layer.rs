@@ -1040,3 +1040,36 @@ async fn regression_a_nested_router_is_judged_by_the_path_the_client_sent() {
     .await;
     assert_eq!(s, 200, "{text}");
 }
+
+/// Regression (red team, wave 2, fifth pass): a form's media type naming
+/// JSON in a parameter (`application/x-www-form-urlencoded; x=/json`) was
+/// read as JSON by the layer and as a form by the handler's extractor, so
+/// `{"x":"&_method=DELETE&"}` passed; a POST with an empty `Content-Type`
+/// (a form to Rack) and no `Content-Length` was not read at all.
+#[tokio::test]
+async fn regression_a_form_naming_json_or_with_an_empty_content_type_is_checked() {
+    let f = Fixture::new();
+    let (app, _h) = f.app(UseLimits::Deny, 60).await;
+    let token = f.items();
+    let req = |ct: &str, body: &str| {
+        Request::post("/v1/items")
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", ct)
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let (s, _, text) = send(
+        &app,
+        req(
+            "application/x-www-form-urlencoded; x=/json",
+            r#"{"x":"&_method=DELETE&"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(s, 400, "{text}");
+    let (s, _, text) = send(&app, req("", "a=1&_method=DELETE")).await;
+    assert_eq!(s, 400, "{text}");
+    assert!(text.contains("_method"), "{text}");
+    let (s, _, text) = send(&app, req("", "a=1")).await;
+    assert_eq!(s, 200, "{text}");
+}
