@@ -427,21 +427,18 @@ async fn handle(
     // judged, and a deny-list (`reject if model("gpt-4")`) would let every
     // model through.
     if !bodiless && !json && !form && multipart.is_none() && reads_model(st, &token) {
-        return Err(ProxyError::Denied(Denial::new(
-            DenialKind::Scope,
-            format!(
-                "this key's scope (or a policy) reads the request's model, and Till reads the model only from JSON (Content-Type: application/json), URL-encoded form and multipart bodies; this body is {}: send it as JSON",
-                parts.headers.get(header::CONTENT_TYPE).map_or(
-                    "without a Content-Type".to_string(),
-                    |v| format!(
-                        "{:?}",
-                        String::from_utf8_lossy(v.as_bytes())
-                            .chars()
-                            .take(64)
-                            .collect::<String>()
-                    )
+        return Err(model_unseen(format_args!(
+            "Till reads the model only from JSON (Content-Type: application/json), URL-encoded form and multipart bodies; this body is {}: send it as JSON",
+            parts.headers.get(header::CONTENT_TYPE).map_or(
+                "without a Content-Type".to_string(),
+                |v| format!(
+                    "{:?}",
+                    String::from_utf8_lossy(v.as_bytes())
+                        .chars()
+                        .take(64)
+                        .collect::<String>()
                 )
-            ),
+            )
         )));
     }
     let mut counts = match replay_counts {
@@ -506,13 +503,11 @@ async fn handle(
             // one: only a key and policies that never read it may go on.
             if facts.model.is_none() && !whole && reads_model(st, &token) {
                 obs.uses = Some(counts.values);
-                return Err(ProxyError::Denied(Denial::new(
-                    DenialKind::Scope,
-                    format!(
-                        "this key's scope (or a policy) reads the request's model, and Till reads a multipart body's `model` part only within the body's first {} bytes (limits.max_body_bytes) and {} s (limits.body_timeout_secs), and this body is longer or slower: send the `model` part before the file",
+                return Err(model_unseen(format_args!(
+                        "Till reads a multipart body's `model` part only within the body's first {} bytes (limits.max_body_bytes) and {} s (limits.body_timeout_secs), and this body is longer or slower: send the `model` part before the file",
                         st.limits.max_body_bytes, st.limits.body_timeout_secs
                     ),
-                )));
+                ));
             }
             match read.rest {
                 None => {
@@ -551,10 +546,9 @@ async fn handle(
                 // the form does not name.
                 if till_core::request::may_read_as_json(&bytes) && reads_model(st, &token) {
                     obs.uses = Some(counts.values);
-                    return Err(ProxyError::Denied(Denial::new(
-                        DenialKind::Scope,
-                        "this key's scope (or a policy) reads the request's model, and this body is JSON sent as a form (or without a Content-Type), which servers read differently: send it with Content-Type: application/json",
-                    )));
+                    return Err(model_unseen(
+                        "this body is JSON sent as a form (or without a Content-Type), which servers read differently: send it with Content-Type: application/json",
+                    ));
                 }
                 // Frameworks that take forms read a `model` field as the
                 // model (FastAPI's `Form`, Rack's params): judged as a JSON
@@ -575,14 +569,13 @@ async fn handle(
             // deny-list (`reject if model("gpt-4")`) never saw it.
             if json
                 && facts.model.is_none()
-                && !till_core::request::names_no_model(&bytes)
                 && reads_model(st, &token)
+                && !till_core::request::names_no_model(&bytes)
             {
                 obs.uses = Some(counts.values);
-                return Err(ProxyError::Denied(Denial::new(
-                    DenialKind::Scope,
-                    "this key's scope (or a policy) reads the request's model, and Till cannot read this JSON body the way every upstream does (a byte order mark, UTF-16 or UTF-32, NaN or Infinity, an array, a `model` that is not a string, or malformed JSON): send a UTF-8 JSON object whose `model` is a string",
-                )));
+                return Err(model_unseen(
+                    "Till cannot read this JSON body the way every upstream does (a byte order mark, UTF-16 or UTF-32, NaN or Infinity, an array, a `model` that is not a string, or malformed JSON): send a UTF-8 JSON object whose `model` is a string",
+                ));
             }
             let d = idem_key
                 .as_ref()
@@ -709,6 +702,16 @@ fn model_of_multipart(
         (None, q) if whole => q,
         (None, _) => None,
     })
+}
+
+/// The refusal of a request whose model Till cannot see, for a key or
+/// policy that reads it: an allow-list would fail anyway, and a deny-list
+/// (`reject if model("gpt-4")`) would let every model through.
+fn model_unseen(why: impl std::fmt::Display) -> ProxyError {
+    ProxyError::Denied(Denial::new(
+        DenialKind::Scope,
+        format!("this key's scope (or a policy) reads the request's model, and {why}"),
+    ))
 }
 
 /// Whether the key or a policy reads the request's `model`.

@@ -21,12 +21,13 @@ pub const MCP_FACTS: [&str; 4] = [names::MCP, names::TOOL, names::PROMPT, names:
 /// character just before it (`footool(` is another fact). Strings are not
 /// skipped, so a string holding `tool(` counts too: that can only refuse.
 pub fn code_reads(code: &str, name: &str) -> bool {
-    let pattern = format!("{name}(");
-    code.match_indices(&pattern).any(|(i, _)| {
-        code[..i]
-            .chars()
-            .next_back()
-            .is_none_or(|c| !(c.is_alphanumeric() || c == '_'))
+    // Forward-auth asks this on every check: no allocation.
+    code.match_indices(name).any(|(i, _)| {
+        code[i + name.len()..].starts_with('(')
+            && code[..i]
+                .chars()
+                .next_back()
+                .is_none_or(|c| !(c.is_alphanumeric() || c == '_'))
     })
 }
 

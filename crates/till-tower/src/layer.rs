@@ -209,6 +209,7 @@ where
         time: SystemTime::now(),
     };
     let v = &shared.verifier;
+    let reads_model = || v.first_read(&token, &[names::MODEL]).is_some();
     let json = is_json(&parts.headers);
     // A form's media type naming JSON in a parameter: this layer would
     // read JSON, a handler's form extractor (axum's `Form`) the form, where
@@ -246,7 +247,6 @@ where
             request::model_of_form_request(uri.query(), &bytes)
         }
         .map_err(Refusal::BadRequest)?;
-        let reads_model = || v.first_read(&token, &[names::MODEL]).is_some();
         // A form a handler may parse as JSON (FastAPI's `request.json()`
         // whatever the type) names no model here and one to the handler.
         if !json && request::may_read_as_json(&bytes) && reads_model() {
@@ -257,7 +257,7 @@ where
         // No model from a JSON body this layer could not read as the
         // handler may (a byte order mark, UTF-16, NaN, an array): a
         // deny-list on the model would never fire.
-        if json && facts.model.is_none() && !request::names_no_model(&bytes) && reads_model() {
+        if json && facts.model.is_none() && reads_model() && !request::names_no_model(&bytes) {
             decide(v, &token, revoked, &facts, &counts, Stage::Final).map_err(Refusal::Denied)?;
             return Err(unseen(
                 "this key's scope (or a policy of this service) depends on the request's model, and this JSON body cannot be read the way every JSON parser reads it (a byte order mark, UTF-16 or UTF-32, NaN or Infinity, an array, a `model` that is not a string, or malformed JSON); send a UTF-8 JSON object whose `model` is a string".into(),
@@ -274,11 +274,7 @@ where
             if let Some(q) = uri.query() {
                 facts.model = request::model_in_query(q).map_err(Refusal::BadRequest)?;
             }
-        } else if shared
-            .verifier
-            .first_read(&token, &[names::MODEL])
-            .is_some()
-        {
+        } else if reads_model() {
             // A body this layer does not read may name a model the handler
             // reads (a form, a multipart upload): a deny-list on the model
             // (`reject if model("gpt-4")`, a policy) would never fire.
