@@ -871,7 +871,7 @@ impl CounterStore for EmbeddedStore {
             if !st.retired.is_empty() && counters.iter().any(|c| st.retired.contains(&c.id)) {
                 return Err(StoreError::Retired);
             }
-            // Each id is decoded and hashed once here (slot numbers stay
+            // Each id is looked up once here (slot numbers stay
             // valid: nothing is removed while the lock is held).
             let found: smallvec::SmallVec<[Option<u32>; 8]> =
                 counters.iter().map(|c| st.blocks.find(&c.id)).collect();

@@ -13,7 +13,9 @@
 //!
 //! The table hashes with foldhash, seeded at random per process: std's
 //! SipHash of a 64-byte id cost 460 instructions, and every request looks
-//! up each of its blocks (callgrind, benches/README.md). Ids are signatures
+//! up each of its blocks (callgrind, benches/README.md). It hashes an id's
+//! text, so a lookup neither decodes nor allocates: decoding the id first
+//! cost 270 of a lookup's 430 instructions. Ids are signatures
 //! made by token holders, not chosen freely, and the seed is secret.
 //!
 //! Ids that are not lower-case hex of at most 64 bytes (never produced by
@@ -130,9 +132,9 @@ enum Key<'a> {
 }
 
 /// Decodes by hand, in two passes the compiler vectorises: it runs for
-/// every block of every request, twice (600 instructions an id with a
-/// table lookup per digit, callgrind; the `hex` crate's decoder was also a
-/// third of a reopen's CPU time, perf, 200 000 families). Only lower-case
+/// every block a reopen loads (the `hex` crate's decoder was a third of a
+/// reopen's CPU time, perf, 200 000 families) and every block added;
+/// lookups compare text instead ([`matches`]). Only lower-case
 /// digits may be stored as bytes (the `hex` crate also takes upper case,
 /// and `AB` and `ab` are different ids to the store).
 fn key(id: &str) -> Key<'_> {
@@ -182,28 +184,59 @@ pub struct Index {
     hasher: RandomState,
 }
 
-fn hash_key(h: &RandomState, k: &Key<'_>) -> u64 {
-    match k {
-        Key::Bin(b, n) => h.hash_one((0u8, &b[..*n])),
-        Key::Text(s) => h.hash_one((1u8, s.as_bytes())),
+/// An id is hashed as the text its callers spell (a slot holding decoded
+/// bytes is hashed as their lower-case hex, which is that text): a lookup
+/// hashes the text it was given and never decodes it, which is the cost
+/// that counts, every block of every request, twice. Encoding a slot back
+/// happens only when the table grows.
+fn hash_text(h: &RandomState, id: &[u8]) -> u64 {
+    h.hash_one(id)
+}
+
+/// The two lower-case hex digits of `v`, as the little-endian `u16` of
+/// their bytes (the high digit first in memory). Arithmetic in one 16-bit
+/// lane, no branch and no table, so loops over it vectorise: a nibble `k`
+/// becomes `'0' + k`, plus `'a' - '0' - 10` when `k + 6` carries into bit 4.
+fn hex_pair(v: u8) -> u16 {
+    let v = u16::from(v);
+    let nibbles = (v >> 4) | ((v & 15) << 8);
+    let letters = ((nibbles + 0x0606) >> 4) & 0x0101;
+    nibbles + 0x3030 + letters * u16::from(b'a' - b'0' - 10)
+}
+
+/// The lower-case hex of a slot's whole id array. A fixed trip count, so
+/// the compiler vectorises it (over a slice of the id's own length it ran a
+/// byte at a time: 200 instructions a lookup, callgrind); the caller takes
+/// the first `2 * id_len` bytes.
+fn encode(id: &[u8; INLINE]) -> [u8; 2 * INLINE] {
+    let mut out = [0u8; 2 * INLINE];
+    for (pair, &v) in out.as_chunks_mut::<2>().0.iter_mut().zip(id) {
+        *pair = hex_pair(v).to_le_bytes();
     }
+    out
 }
 
 fn hash_slot(h: &RandomState, slots: &[Slot], text: &HashMap<u32, Box<str>>, i: u32) -> u64 {
     let s = &slots[i as usize];
     if s.id_len > 0 {
-        h.hash_one((0u8, &s.id[..usize::from(s.id_len)]))
+        hash_text(h, &encode(&s.id)[..2 * usize::from(s.id_len)])
     } else {
         let t = text.get(&i).map_or(&[][..], |t| t.as_bytes());
-        h.hash_one((1u8, t))
+        hash_text(h, t)
     }
 }
 
-fn matches(slots: &[Slot], text: &HashMap<u32, Box<str>>, i: u32, k: &Key<'_>) -> bool {
+/// Whether slot `i` holds the block spelled `id`. A slot of bytes is
+/// compared by its hex: only lower-case hex text is ever stored as bytes,
+/// and only such text can equal that hex, so every string still names
+/// exactly one slot.
+fn matches(slots: &[Slot], text: &HashMap<u32, Box<str>>, i: u32, id: &str) -> bool {
     let s = &slots[i as usize];
-    match k {
-        Key::Bin(b, n) => usize::from(s.id_len) == *n && s.id[..*n] == b[..*n],
-        Key::Text(t) => s.id_len == 0 && text.get(&i).is_some_and(|x| &**x == *t),
+    let n = usize::from(s.id_len);
+    if n > 0 {
+        id.len() == 2 * n && encode(&s.id)[..2 * n] == *id.as_bytes()
+    } else {
+        text.get(&i).is_some_and(|x| &**x == id)
     }
 }
 
@@ -222,10 +255,9 @@ impl Default for Index {
 impl Index {
     /// The slot of `id`, if present.
     pub fn find(&self, id: &str) -> Option<u32> {
-        let k = key(id);
-        let h = hash_key(&self.hasher, &k);
+        let h = hash_text(&self.hasher, id.as_bytes());
         self.table
-            .find(h, |&i| matches(&self.slots, &self.text, i, &k))
+            .find(h, |&i| matches(&self.slots, &self.text, i, id))
             .copied()
     }
 
@@ -247,14 +279,14 @@ impl Index {
 
     /// The slot of `id`, created empty (only [`OCCUPIED`]) if absent.
     pub fn find_or_insert(&mut self, id: &str) -> u32 {
-        let k = key(id);
-        let h = hash_key(&self.hasher, &k);
+        let h = hash_text(&self.hasher, id.as_bytes());
         if let Some(&i) = self
             .table
-            .find(h, |&i| matches(&self.slots, &self.text, i, &k))
+            .find(h, |&i| matches(&self.slots, &self.text, i, id))
         {
             return i;
         }
+        let k = key(id);
         let mut slot = Slot {
             flags: OCCUPIED,
             ..Slot::default()
@@ -285,10 +317,9 @@ impl Index {
 
     /// Forgets the block of `id`; its slot will be reused.
     pub fn remove(&mut self, id: &str) {
-        let k = key(id);
-        let h = hash_key(&self.hasher, &k);
+        let h = hash_text(&self.hasher, id.as_bytes());
         let (slots, text) = (&self.slots, &self.text);
-        if let Ok(e) = self.table.find_entry(h, |&i| matches(slots, text, i, &k)) {
+        if let Ok(e) = self.table.find_entry(h, |&i| matches(slots, text, i, id)) {
             let (i, _) = e.remove();
             self.slots[i as usize] = Slot::default();
             self.text.remove(&i);
@@ -366,6 +397,49 @@ mod tests {
                 assert_eq!((&b[..n], n), (&want[..], len));
                 assert!(b[n..].iter().all(|&x| x == 0));
             }
+        }
+    }
+
+    #[test]
+    fn encode_is_lower_case_hex() {
+        for start in (0..=255u8).step_by(INLINE) {
+            let mut id = [0u8; INLINE];
+            for (k, b) in id.iter_mut().enumerate() {
+                *b = start.wrapping_add(k as u8);
+            }
+            assert_eq!(encode(&id), *hex::encode(id).as_bytes());
+        }
+    }
+
+    /// The table rehashes slots from their stored form while it grows:
+    /// every id, bytes or text, must still be found by its spelling, and
+    /// near misses (upper case, one digit off, a prefix) by none.
+    #[test]
+    fn ids_are_found_by_their_spelling_after_the_table_grows() {
+        let mut ix = Index::default();
+        let ids: Vec<String> = (0..5000u32)
+            .map(|k| match k % 4 {
+                0 => hex::encode(
+                    (0..INLINE as u32)
+                        .map(|j| (k.wrapping_mul(2_654_435_761) >> (j % 24)) as u8 ^ j as u8)
+                        .collect::<Vec<u8>>(),
+                ),
+                1 => hex::encode(k.to_be_bytes()),
+                2 => format!("label-{k}"),
+                _ => hex::encode(k.to_be_bytes()).to_uppercase() + "Z",
+            })
+            .collect();
+        let slots: Vec<u32> = ids.iter().map(|id| ix.find_or_insert(id)).collect();
+        for (id, &i) in ids.iter().zip(&slots) {
+            assert_eq!(ix.find(id), Some(i), "{id}");
+            assert_eq!(ix.id(i), *id);
+            if id.bytes().any(|b| b.is_ascii_lowercase()) && !id.starts_with("label") {
+                assert_eq!(ix.find(&id.to_uppercase()), None, "{id}");
+            }
+            assert_ne!(ix.find(&id[..id.len() - 2]), Some(i), "{id}");
+            let mut off = id.clone().into_bytes();
+            off[0] = if off[0] == b'0' { b'1' } else { b'0' };
+            assert_ne!(ix.find(std::str::from_utf8(&off).unwrap()), Some(i), "{id}");
         }
     }
 
