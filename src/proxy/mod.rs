@@ -57,6 +57,9 @@ pub struct Upstream {
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     /// `pass_headers`: billing headers forwarded as the client sent them.
     pub pass_headers: Vec<HeaderName>,
+    /// Client headers never forwarded to this upstream, made from
+    /// `header` and `set_headers`.
+    pub dropped_headers: forward::DroppedHeaders,
     /// The shape of Till's own error answers for this upstream.
     pub api: config::Api,
     /// For `api = "mcp"`: the one path requests may go to.

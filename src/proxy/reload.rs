@@ -98,6 +98,7 @@ pub fn build_upstreams(
             file: cfg.file.clone(),
             message: format!("upstreams.{name}.url: {e}"),
         })?;
+        let dropped_headers = super::forward::DroppedHeaders::new(&header, &set_headers);
         upstreams.insert(
             name.clone(),
             Arc::new(Upstream {
@@ -108,6 +109,7 @@ pub fn build_upstreams(
                 credential,
                 set_headers,
                 pass_headers,
+                dropped_headers,
                 api: u.api(name),
                 mcp_endpoint: Arc::from(u.mcp_endpoint()),
                 forward_auth: u.forward_auth(),
