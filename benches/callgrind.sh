@@ -170,17 +170,20 @@ part() { # label "function[ | other name]" [profile text]
           if (hit) { ir = $1; gsub(",", "", ir); printf "  %-44s %6.1f\n", l, ir / n / 1000; found = 1; exit } }
         END { if (!found) printf "  %-44s %6s\n", l, "-" }' "${3:-$OUT/till.inclusive.txt}"
 }
-part "handler (everything after hyper's parse)" 'till::proxy::handler::proxy_from::{{closure}} | till::proxy::handler::proxy::{{closure}}'
+# The handler's outer future (token, counts, path, record) is inlined into
+# a `Map::poll` that no name tells from others; its inner future is named.
+part "handler, inner future:" 'till::proxy::handler::handle::{{closure}}::{{closure}} | till::proxy::handler::proxy_from::{{closure}} | till::proxy::handler::proxy::{{closure}}'
+part "  body read" 'till::proxy::handler::read_body::{{closure}}'
+part "  model from the body" 'till_core::request::model_of_json_request | till_core::request::model_of'
+part "  decide (cached; head and body)" 'till::proxy::handler::Counts::decide::{{closure}}'
+part "  reserve + re-check" 'till::proxy::handler::reserve_and_recheck::{{closure}}'
 part "  forward (request out, response head in)" 'till::proxy::forward::forward::{{closure}}'
 part "    hyper client send_request" 'hyper_util::client::legacy::client::Client<C,B>::send_request::{{closure}}'
-part "  reserve + re-check" 'till::proxy::handler::reserve_and_recheck::{{closure}}'
-part "  counts before deciding" 'till::proxy::handler::Counts::current::{{closure}}'
-part "  decide (cached; head and body)" 'till::proxy::handler::Counts::decide::{{closure}}'
+part "handler, outer future (no total):" '-'
+part "  token from headers" 'till_core::request::token_from_headers | till::proxy::handler::extract_token'
 part "  verify (token cache)" 'till::proxy::handler::verify_token'
-part "  token from headers" 'till::proxy::handler::extract_token'
-part "  model from the body" 'till_core::request::model_of_json_request | till_core::request::model_of'
-part "  body read" 'till::proxy::handler::read_body::{{closure}}'
 part "  path normalisation" 'till_core::path::normalize'
+part "  counts before deciding" 'till::proxy::handler::Counts::current::{{closure}}'
 part "  record (metrics, audit, alerts)" 'till::monitor::Monitor::record'
 part "    audit line" 'till::monitor::audit::AuditSink::log'
 part "hyper server: request head parse" 'hyper::proto::h1::conn::Conn<I,B,T>::poll_read_head'
