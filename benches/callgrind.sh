@@ -179,7 +179,7 @@ part "  decide (cached; head and body)" 'till::proxy::handler::Counts::decide::{
 part "  reserve + re-check" 'till::proxy::handler::reserve_and_recheck::{{closure}}'
 part "  forward (request out, response head in)" 'till::proxy::forward::forward::{{closure}}'
 part "    hyper client send_request" 'hyper_util::client::legacy::client::Client<C,B>::send_request::{{closure}}'
-part "handler, outer future (no total):" '-'
+printf '  %s\n' "handler, outer future (no total of its own):"
 part "  token from headers" 'till_core::request::token_from_headers | till::proxy::handler::extract_token'
 part "  verify (token cache)" 'till::proxy::handler::verify_token'
 part "  path normalisation" 'till_core::path::normalize'

@@ -76,7 +76,7 @@ const MANAGED_HEADERS: [&str; 17] = [
 /// config load, so forwarding asks one hash set per header instead of
 /// comparing it with each list in turn (about 300 instructions a header,
 /// callgrind).
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub struct DroppedHeaders(std::collections::HashSet<Box<str>, foldhash::fast::RandomState>);
 
 impl DroppedHeaders {
